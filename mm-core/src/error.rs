@@ -1,0 +1,138 @@
+//! The one error type of mm-core.
+
+use std::io;
+
+/// Which kind of access was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// A read of guest memory.
+    Read,
+    /// A write of guest memory.
+    Write,
+}
+
+/// Everything that can go wrong in mm-core. Each variant carries the values
+/// that caused it; none of them leaves memory leaked or half-mapped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The address or length is not a multiple of the page size.
+    #[error("address {addr:#x} or length {len:#x} is not page aligned")]
+    Unaligned {
+        /// Guest address given.
+        addr: u64,
+        /// Length given.
+        len: u64,
+    },
+    /// A zero-length range was given where memory is required.
+    #[error("zero-length range at {addr:#x}")]
+    ZeroLength {
+        /// Guest address given.
+        addr: u64,
+    },
+    /// `addr + len` overflows the 64-bit address space.
+    #[error("range {addr:#x} + {len:#x} overflows")]
+    Overflow {
+        /// Guest address given.
+        addr: u64,
+        /// Length given.
+        len: u64,
+    },
+    /// The range reaches past the guest address-space limit.
+    #[error("range {addr:#x} + {len:#x} is outside the guest address space (limit {limit:#x})")]
+    OutOfRange {
+        /// Guest address given.
+        addr: u64,
+        /// Length given.
+        len: u64,
+        /// First address past the guest address space.
+        limit: u64,
+    },
+    /// A fixed mapping would overlap an existing VMA.
+    #[error("range {addr:#x} + {len:#x} overlaps the mapping {vma_start:#x}..{vma_end:#x}")]
+    Overlap {
+        /// Guest address given.
+        addr: u64,
+        /// Length given.
+        len: u64,
+        /// Start of the VMA in the way.
+        vma_start: u64,
+        /// End of the VMA in the way.
+        vma_end: u64,
+    },
+    /// No free guest range of that size is left.
+    #[error("no free guest range of {len:#x} bytes")]
+    NoSpace {
+        /// Length asked for.
+        len: u64,
+    },
+    /// Some page of the range is not mapped.
+    #[error("guest address {addr:#x} is not mapped")]
+    Unmapped {
+        /// First unmapped guest address met.
+        addr: u64,
+    },
+    /// The VMA's protection does not allow this access.
+    #[error("{access:?} access to {addr:#x} is not allowed by the mapping's protection")]
+    Protection {
+        /// Guest address.
+        addr: u64,
+        /// Access refused.
+        access: Access,
+    },
+    /// The address space has been torn down (`mm_users` reached 0).
+    #[error("address space {mm_id} has exited")]
+    Exited {
+        /// Id of the address space.
+        mm_id: u64,
+    },
+    /// The address space was reaped (`MMF_UNSTABLE`): its contents may be
+    /// gone, so no access is allowed; the SIGBUS analogue.
+    #[error("address space {mm_id} is unstable (reaped); access refused")]
+    Unstable {
+        /// Id of the address space.
+        mm_id: u64,
+    },
+    /// The operation is not allowed on this mapping (the kernel's EINVAL).
+    #[error("not allowed at {addr:#x}: {reason}")]
+    NotAllowed {
+        /// Guest address.
+        addr: u64,
+        /// What refused it.
+        reason: &'static str,
+    },
+    /// The host budget cannot cover the pages this operation must populate.
+    #[error("host budget exhausted: {requested} bytes requested, {charged} of {budget} charged")]
+    OutOfMemory {
+        /// Bytes this operation needed.
+        requested: u64,
+        /// Bytes charged when it failed.
+        charged: u64,
+        /// The host budget.
+        budget: u64,
+    },
+    /// No guest with this id is registered.
+    #[error("no guest with id {guest}")]
+    NoSuchGuest {
+        /// Id asked for.
+        guest: u64,
+    },
+    /// A host system call failed.
+    #[error("host {op} failed")]
+    Host {
+        /// The system call (`mmap`, `madvise`, ...).
+        op: &'static str,
+        /// What the kernel said.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl Error {
+    pub(crate) fn host(op: &'static str) -> impl FnOnce(io::Error) -> Error {
+        move |source| Error::Host { op, source }
+    }
+}
+
+/// `Result` with [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,392 @@
+//! `Host`: the registry of guests, the byte budget they share (a memcg
+//! analogue), and the pressure path that runs reclaim plug-ins.
+//!
+//! Charging happens in the fault path (first touch of a page through the
+//! access API, `mlock`); uncharging in every zap (DONTNEED, munmap, the
+//! reaper, teardown). When a charge does not fit, the fault path drops all
+//! its locks and calls [`pressure`], which runs the [`Reclaim`] plug-ins in
+//! order (a KSM pass, a balloon, then the OOM killer that mm-reaper installs
+//! as the last plug-in) and retries a bounded number of times.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+
+use crate::error::{Error, Result};
+use crate::mm::{BoxFuture, Mm, MmConfig, MmGrab, MmUser};
+
+/// Shared byte budget. Counters only grow and shrink by what was really
+/// populated / freed; they never go negative (checked on every uncharge).
+#[derive(Debug)]
+pub struct Budget {
+    limit: AtomicU64,
+    charged: AtomicU64,
+    peak: AtomicU64,
+    failures: AtomicU64,
+}
+
+/// A charge that did not fit.
+#[derive(Debug, Clone, Copy)]
+pub struct OverBudget {
+    /// Bytes asked for.
+    pub requested: u64,
+    /// Bytes charged at the time.
+    pub charged: u64,
+    /// The limit.
+    pub budget: u64,
+}
+
+impl OverBudget {
+    pub(crate) fn into_error(self) -> Error {
+        Error::OutOfMemory {
+            requested: self.requested,
+            charged: self.charged,
+            budget: self.budget,
+        }
+    }
+}
+
+impl Budget {
+    fn new(limit: u64) -> Self {
+        Budget {
+            limit: AtomicU64::new(limit),
+            charged: AtomicU64::new(0),
+            peak: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+        }
+    }
+
+    /// Charges `bytes` if they fit under the limit.
+    pub fn try_charge(&self, bytes: u64) -> std::result::Result<(), OverBudget> {
+        let limit = self.limit.load(Ordering::Relaxed);
+        let mut cur = self.charged.load(Ordering::Relaxed);
+        loop {
+            let new = cur.saturating_add(bytes);
+            if new > limit {
+                self.failures.fetch_add(1, Ordering::Relaxed);
+                return Err(OverBudget {
+                    requested: bytes,
+                    charged: cur,
+                    budget: limit,
+                });
+            }
+            // Relaxed: the budget is a counter, not a publication; the pages
+            // it stands for are published by the page locks.
+            match self
+                .charged
+                .compare_exchange_weak(cur, new, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => {
+                    self.peak.fetch_max(new, Ordering::Relaxed);
+                    return Ok(());
+                }
+                Err(c) => cur = c,
+            }
+        }
+    }
+
+    /// Returns `bytes` to the budget.
+    pub fn uncharge(&self, bytes: u64) {
+        let prev = self.charged.fetch_sub(bytes, Ordering::Relaxed);
+        if prev < bytes {
+            // Never negative: repair and report (a double uncharge is a bug).
+            self.charged.fetch_add(bytes - prev, Ordering::Relaxed);
+            tracing::error!(target: "mm_core::host", prev, bytes, "budget uncharged below zero");
+            debug_assert!(false, "budget underflow: {prev} - {bytes}");
+        }
+    }
+
+    /// Bytes charged now.
+    pub fn charged(&self) -> u64 {
+        self.charged.load(Ordering::Relaxed)
+    }
+
+    /// The limit.
+    pub fn limit(&self) -> u64 {
+        self.limit.load(Ordering::Relaxed)
+    }
+}
+
+/// A way to free memory under pressure, run in registration order before
+/// the next one (a KSM pass, a balloon, finally the OOM killer).
+pub trait Reclaim: Send + Sync {
+    /// Short name for stats and traces.
+    fn name(&self) -> &str;
+    /// Try to make `bytes` available; return the bytes believed freed (0 if
+    /// nothing). Called with no mm lock held by the caller.
+    fn reclaim<'a>(&'a self, host: &'a Host, bytes: u64) -> BoxFuture<'a, u64>;
+}
+
+/// Host configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct HostConfig {
+    /// Byte budget shared by all guests.
+    pub budget_bytes: u64,
+    /// Configuration of every new mm.
+    pub mm: MmConfig,
+}
+
+impl HostConfig {
+    /// A host with `budget_bytes` and default mm settings.
+    pub fn with_budget(budget_bytes: u64) -> Self {
+        HostConfig {
+            budget_bytes,
+            mm: MmConfig::default(),
+        }
+    }
+}
+
+/// Host counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostStats {
+    /// The budget.
+    pub budget_bytes: u64,
+    /// Bytes charged now.
+    pub charged_bytes: u64,
+    /// Highest charge seen.
+    pub peak_charged_bytes: u64,
+    /// Charges that did not fit.
+    pub charge_failures: u64,
+    /// Live guests registered.
+    pub guests: usize,
+}
+
+pub(crate) struct HostInner {
+    budget: Arc<Budget>,
+    config: HostConfig,
+    next_id: AtomicU64,
+    /// Only held for insert/remove/clone, never across an await.
+    guests: Mutex<BTreeMap<u64, Guest>>,
+    /// Only held for push/clone, never across an await.
+    reclaimers: Mutex<Vec<Arc<dyn Reclaim>>>,
+}
+
+/// The host: budget, guest registry, reclaim plug-ins. Cheap to clone.
+#[derive(Clone)]
+pub struct Host {
+    inner: Arc<HostInner>,
+}
+
+impl std::fmt::Debug for Host {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Host").field("stats", &self.stats()).finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Host {
+    /// A host with this configuration.
+    pub fn new(config: HostConfig) -> Host {
+        Host {
+            inner: Arc::new(HostInner {
+                budget: Arc::new(Budget::new(config.budget_bytes)),
+                config,
+                next_id: AtomicU64::new(1),
+                guests: Mutex::new(BTreeMap::new()),
+                reclaimers: Mutex::new(Vec::new()),
+            }),
+        }
+    }
+
+    /// A host with a budget of `budget_bytes` and default settings.
+    pub fn with_budget(budget_bytes: u64) -> Host {
+        Host::new(HostConfig::with_budget(budget_bytes))
+    }
+
+    /// The shared budget.
+    pub fn budget(&self) -> &Arc<Budget> {
+        &self.inner.budget
+    }
+
+    /// A fresh address space charged to this host, not registered as a
+    /// guest (for embedders with their own notion of guests).
+    pub fn new_mm(&self, name: &str) -> MmUser {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        Mm::new_user(
+            id,
+            name.to_owned(),
+            self.inner.budget.clone(),
+            Arc::downgrade(&self.inner),
+            self.inner.config.mm,
+        )
+    }
+
+    /// Creates and registers a guest with a fresh address space.
+    pub fn create_guest(&self, name: &str) -> Guest {
+        let mm = self.new_mm(name);
+        let guest = Guest {
+            inner: Arc::new(GuestInner {
+                id: mm.id(),
+                name: name.to_owned(),
+                mm_id: mm.id(),
+                mm: Mutex::new(Some(mm)),
+                oom_score_adj: AtomicI32::new(0),
+                oom_mm: OnceLock::new(),
+                host: Arc::downgrade(&self.inner),
+                ext: OnceLock::new(),
+            }),
+        };
+        lock(&self.inner.guests).insert(guest.id(), guest.clone());
+        guest
+    }
+
+    /// The registered guest with this id.
+    pub fn guest(&self, id: u64) -> Result<Guest> {
+        lock(&self.inner.guests)
+            .get(&id)
+            .cloned()
+            .ok_or(Error::NoSuchGuest { guest: id })
+    }
+
+    /// All registered guests, by id.
+    pub fn guests(&self) -> Vec<Guest> {
+        lock(&self.inner.guests).values().cloned().collect()
+    }
+
+    /// Adds a reclaim plug-in at the end of the list.
+    pub fn add_reclaim(&self, r: Arc<dyn Reclaim>) {
+        lock(&self.inner.reclaimers).push(r);
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> HostStats {
+        let b = &self.inner.budget;
+        HostStats {
+            budget_bytes: b.limit(),
+            charged_bytes: b.charged(),
+            peak_charged_bytes: b.peak.load(Ordering::Relaxed),
+            charge_failures: b.failures.load(Ordering::Relaxed),
+            guests: lock(&self.inner.guests).len(),
+        }
+    }
+
+    /// Runs the reclaim plug-ins in order until one frees something.
+    /// Returns whether anything was freed.
+    pub async fn reclaim(&self, bytes: u64) -> bool {
+        let list = lock(&self.inner.reclaimers).clone();
+        for r in list {
+            let freed = r.reclaim(self, bytes).await;
+            tracing::debug!(target: "mm_core::host", plugin = r.name(), bytes, freed, "reclaim");
+            if freed > 0 {
+                return true;
+            }
+        }
+        false
+    }
+}
+
+/// The pressure path, called by the fault path with no lock held.
+pub(crate) async fn pressure(inner: &Arc<HostInner>, bytes: u64, mm_id: u64) -> bool {
+    tracing::debug!(target: "mm_core::host", mm_id, bytes, "memory pressure");
+    Host { inner: inner.clone() }.reclaim(bytes).await
+}
+
+struct GuestInner {
+    id: u64,
+    name: String,
+    mm_id: u64,
+    /// `task->mm`: cleared by `exit` (exit_mm). Only held to clone or take.
+    mm: Mutex<Option<MmUser>>,
+    oom_score_adj: AtomicI32,
+    /// `signal->oom_mm`: set at most once (cmpxchg from empty), holding one
+    /// count for as long as the guest record lives (seed 4, I-RP-9).
+    oom_mm: OnceLock<MmGrab>,
+    host: Weak<HostInner>,
+    /// Policy data attached by another crate (mm-reaper's kill hook, …).
+    ext: OnceLock<Arc<dyn std::any::Any + Send + Sync>>,
+}
+
+/// A guest (the task / `signal_struct` analogue): a name, an OOM score, its
+/// address space while it lives, and the OOM victim slot.
+#[derive(Clone)]
+pub struct Guest {
+    inner: Arc<GuestInner>,
+}
+
+impl std::fmt::Debug for Guest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Guest")
+            .field("id", &self.inner.id)
+            .field("name", &self.inner.name)
+            .field("alive", &self.is_alive())
+            .finish()
+    }
+}
+
+impl Guest {
+    /// Guest id (equal to its first mm's id).
+    pub fn id(&self) -> u64 {
+        self.inner.id
+    }
+
+    /// Name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// Id of the guest's address space.
+    pub fn mm_id(&self) -> u64 {
+        self.inner.mm_id
+    }
+
+    /// A user reference to the guest's address space (`get_task_mm`), or
+    /// `Exited` once the guest has passed `exit`.
+    pub fn mm(&self) -> Result<MmUser> {
+        lock(&self.inner.mm)
+            .as_ref()
+            .cloned()
+            .ok_or(Error::Exited { mm_id: self.inner.mm_id })
+    }
+
+    /// Has the guest not yet passed `exit`?
+    pub fn is_alive(&self) -> bool {
+        lock(&self.inner.mm).is_some()
+    }
+
+    /// `oom_score_adj` (-1000 = never kill, 1000 = kill first).
+    pub fn oom_score_adj(&self) -> i32 {
+        self.inner.oom_score_adj.load(Ordering::Relaxed)
+    }
+
+    /// Sets `oom_score_adj`, clamped to -1000..=1000.
+    pub fn set_oom_score_adj(&self, adj: i32) {
+        self.inner.oom_score_adj.store(adj.clamp(-1000, 1000), Ordering::Relaxed);
+    }
+
+    /// `signal->oom_mm`: the victim's mm, pinned by count, once marked.
+    pub fn oom_mm(&self) -> Option<&MmGrab> {
+        self.inner.oom_mm.get()
+    }
+
+    /// Sets `oom_mm` once (the cmpxchg in `mark_oom_victim`); returns false
+    /// if it was already set (the new grab is dropped).
+    pub fn set_oom_mm(&self, grab: MmGrab) -> bool {
+        self.inner.oom_mm.set(grab).is_ok()
+    }
+
+    /// Attaches policy data once (used by mm-reaper for the kill hook).
+    pub fn ext_or_init(&self, f: impl FnOnce() -> Arc<dyn std::any::Any + Send + Sync>) -> &Arc<dyn std::any::Any + Send + Sync> {
+        self.inner.ext.get_or_init(f)
+    }
+
+    /// `exit_mm` + `release_task`: the guest lets go of its address space
+    /// (running the teardown if it held the last user) and leaves the
+    /// registry. Idempotent.
+    pub async fn exit(&self) {
+        let user = lock(&self.inner.mm).take();
+        if let Some(user) = user {
+            user.exit().await;
+        }
+        if let Some(h) = self.inner.host.upgrade() {
+            lock(&h.guests).remove(&self.inner.id);
+        }
+    }
+
+    /// Blocking [`exit`](Self::exit).
+    pub fn exit_blocking(&self) {
+        futures_lite::future::block_on(self.exit())
+    }
+}

@@ -1,0 +1,85 @@
+//! # mm-core: guest address spaces on real host memory
+//!
+//! An [`Mm`] is one guest address space: VMAs in a tree guarded by an async
+//! [`MmapLock`], a 4-level page table, per-mm flags, and the kernel's two
+//! reference counts ([`MmUser`] = `mm_users`, [`MmGrab`] = `mm_count`).
+//! Every VMA is a slice of one real host mapping (anonymous private, or a
+//! memfd mapped shared) whose host pointer an embedder may hand to KVM or
+//! JIT code. Pages are populated on first touch through the access API
+//! (charging the [`Host`] budget), zapped with `madvise(DONTNEED)` /
+//! `fallocate(PUNCH_HOLE)`, and the whole space is torn down by `exit_mmap`
+//! exactly as the current Linux kernel does it (see `exit.rs`).
+//!
+//! # Lock order
+//!
+//! Outer to inner; each line names who takes the lock.
+//!
+//! ```text
+//! ksm scanner mutex            mm-ksm: ksmd per batch, run=unmerge.  Never by ksm_exit
+//!                              (seed 3), never by exit_mmap, never by the reaper.
+//!   Mm::mmap_lock (read)       access/fault path, madvise(DONTNEED), exit_mmap steps 2-6,
+//!                              reaper + mrelease (try_read / killable read), ksmd.
+//!   Mm::mmap_lock (write)      mmap, munmap, mprotect, mlock, munlock, madvise(flags),
+//!                              exit_mmap steps 8-12, ksm_exit barrier (lock + unlock at once).
+//!     ksm slot-list lock       mm-ksm: ksm_enter, ksm_exit, ksmd cursor moves.
+//!                              ksmd releases the mmap lock BEFORE this one when the slot
+//!                              stays listed (after the unlock ksm_exit may free the mm).
+//!     PTE page locks           fault path (populate + copy), zap_range. Taken in ascending
+//!                              page order, never held across an await or a syscall other
+//!                              than the madvise/mprotect of the pages they cover.
+//!       Host budget (atomic)   try_charge under page locks; reclaim runs with NO lock held.
+//!       notifier / hook lists  std mutexes held only to push, take or clone.
+//! reaper queue lock            mm-reaper: push on kill, pop in the reaper; never held with
+//!                              an mm lock.
+//! host guest registry          insert/remove/clone only; never held with an mm lock.
+//! ```
+//!
+//! The mmap lock is async and every acquire/release is a named
+//! [`sched`] point, so the race harness can run each protocol path as a
+//! future and choose the interleaving. No std or dashmap guard is ever held
+//! across an `.await`.
+//!
+//! # Example
+//!
+//! ```
+//! use mm_core::{Host, MapOptions, ProcessMemory};
+//!
+//! let host = Host::with_budget(64 << 20);
+//! let guest = host.create_guest("vm0");
+//! let mm = guest.mm()?;
+//! let addr = mm.mmap_blocking(MapOptions::anon(4 << 20))?;
+//! mm.write_blocking(addr + 100, b"hello")?;
+//! let mut buf = [0u8; 5];
+//! mm.read_blocking(addr + 100, &mut buf)?;
+//! assert_eq!(&buf, b"hello");
+//! assert_eq!(host.stats().charged_bytes, 4096); // one page populated
+//! drop(mm);
+//! guest.exit_blocking(); // last user: exit_mmap runs, the host mapping is gone
+//! assert_eq!(host.stats().charged_bytes, 0);
+//! # let _ = ProcessMemory::current()?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+mod error;
+mod exit;
+mod flags;
+mod host;
+mod mm;
+pub mod mmap_lock;
+pub mod pgtable;
+pub mod procfs;
+pub mod sched;
+mod sys;
+mod vma;
+
+pub use error::{Access, Error, Result};
+pub use flags::{MmFlag, MmFlags};
+pub use host::{Budget, Guest, Host, HostConfig, HostStats, OverBudget, Reclaim};
+pub use mm::{
+    Advice, BoxFuture, ExitHook, MapKind, MapOptions, Mm, MmConfig, MmGrab, MmNotifier, MmState, MmUser,
+    MmWatch, WouldBlock, ZapReason,
+};
+pub use mmap_lock::{MmapLock, MmapReadGuard, MmapWriteGuard};
+pub use procfs::ProcessMemory;
+pub use sys::{HUGE_PAGE_SIZE, PAGE_SIZE};
+pub use vma::{Prot, VmFlags, Vma, VmaTree};

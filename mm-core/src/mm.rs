@@ -1,0 +1,1184 @@
+//! `Mm` (the `mm_struct` analogue), its two reference counts, and the
+//! operations on its VMAs and pages.
+//!
+//! # The two counts
+//!
+//! | kernel | here | keeps alive |
+//! |---|---|---|
+//! | `mm_users` (`mmget`, `mmget_not_zero`, `mmput`) | [`MmUser`] | the contents: VMAs, page tables, host memory |
+//! | `mm_count` (`mmgrab`, `mmdrop`) | [`MmGrab`] | only the struct: id, flags, lock, an empty tree |
+//!
+//! All users together hold one count, dropped by the teardown that the last
+//! user runs. `users` is never raised from 0: [`MmGrab::upgrade`] is
+//! `mmget_not_zero`. The struct is freed exactly when the count reaches 0
+//! (every handle owns an `Arc<Mm>`, and `users > 0 ⇒ count ≥ 1`, so the last
+//! `Arc` goes with the last count; [`MmWatch`] lets a test observe it).
+
+use std::future::Future;
+use std::ops::Range;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use futures_lite::future::block_on;
+
+use crate::error::{Access, Error, Result};
+use crate::flags::{MmFlag, MmFlags};
+use crate::host::{Budget, HostInner};
+use crate::mmap_lock::MmapLock;
+use crate::pgtable::{pte_lock, pte_unlock, PageTable, Pte, MAX_GPN, PAGES_PER_LEAF};
+use crate::sched;
+use crate::sys::{self, HUGE_PAGE_SIZE, PAGE_SIZE};
+use crate::vma::{HostRegion, Prot, VmFlags, Vma, VmaTree};
+
+const PAGE: u64 = PAGE_SIZE as u64;
+
+/// A boxed, sendable future (for hooks called from protocol code).
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A secondary MMU that mirrors this mm (a KVM memslot, vhost, an IOMMU):
+/// the `mmu_notifier` analogue.
+pub trait MmNotifier: Send + Sync {
+    /// The mm is being torn down (`mmu_notifier_release`): drop every
+    /// translation now. Called once, first in `exit_mmap`, with no lock held;
+    /// the notifier is unhooked afterwards.
+    fn release(&self, mm: &Mm);
+
+    /// Guest range `range` is about to lose its pages. `blockable == false`
+    /// (the reaper) means the callee must not sleep and may refuse with
+    /// [`WouldBlock`]; the caller then skips the range and retries later.
+    fn invalidate_range_start(&self, range: Range<u64>, blockable: bool) -> std::result::Result<(), WouldBlock> {
+        let _ = (range, blockable);
+        Ok(())
+    }
+
+    /// The pages of `range` are gone.
+    fn invalidate_range_end(&self, range: Range<u64>) {
+        let _ = range;
+    }
+}
+
+/// A notifier refused a nonblocking invalidation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("mmu notifier would block")]
+pub struct WouldBlock;
+
+/// A background scanner registered with an mm (KSM, a khugepaged analogue)
+/// that must be told before the teardown, the `ksm_exit` hook.
+pub trait ExitHook: Send + Sync {
+    /// Called from the last `mmput` with `users` already 0, before
+    /// `exit_mmap` (I-KSM-3). May take the mmap lock (the write-lock
+    /// barrier), never a scanner mutex (I-KSM-1).
+    fn exit<'a>(&'a self, mm: &'a Mm) -> BoxFuture<'a, ()>;
+}
+
+/// Per-mm configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct MmConfig {
+    /// First address past the guest address space (`TASK_SIZE`).
+    pub va_limit: u64,
+    /// Lowest address `mmap` picks when no address is given (`mmap_min_addr`).
+    pub mmap_floor: u64,
+}
+
+impl Default for MmConfig {
+    fn default() -> Self {
+        MmConfig {
+            va_limit: MAX_GPN * PAGE,
+            mmap_floor: 1 << 20,
+        }
+    }
+}
+
+/// How to map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MapKind {
+    /// Private anonymous memory (`MAP_PRIVATE | MAP_ANONYMOUS`).
+    AnonPrivate,
+    /// Shared memory backed by a memfd this mm owns (`MAP_SHARED`); never
+    /// reaped (the reaper skips `VM_SHARED`).
+    SharedMemfd,
+}
+
+/// Arguments of [`MmUser::mmap`].
+#[derive(Debug, Clone, Copy)]
+pub struct MapOptions {
+    /// Guest address, or `None` to let the mm choose.
+    pub addr: Option<u64>,
+    /// Length in bytes (page aligned, non-zero).
+    pub len: u64,
+    /// Protection.
+    pub prot: Prot,
+    /// Backing.
+    pub kind: MapKind,
+    /// `MADV_HUGEPAGE` from the start (host mapping 2 MiB aligned).
+    pub hugepage: bool,
+    /// Mark `VM_PFNMAP`-like pinned: never reaped.
+    pub pinned: bool,
+}
+
+impl MapOptions {
+    /// Private anonymous read-write memory of `len` bytes anywhere.
+    pub fn anon(len: u64) -> Self {
+        MapOptions {
+            addr: None,
+            len,
+            prot: Prot::READ_WRITE,
+            kind: MapKind::AnonPrivate,
+            hugepage: false,
+            pinned: false,
+        }
+    }
+
+    /// Shared memfd-backed read-write memory of `len` bytes anywhere.
+    pub fn shared(len: u64) -> Self {
+        MapOptions {
+            kind: MapKind::SharedMemfd,
+            ..MapOptions::anon(len)
+        }
+    }
+
+    /// At a fixed guest address (fails with `Overlap` if taken; never replaces).
+    pub fn at(mut self, addr: u64) -> Self {
+        self.addr = Some(addr);
+        self
+    }
+
+    /// With this protection.
+    pub fn prot(mut self, prot: Prot) -> Self {
+        self.prot = prot;
+        self
+    }
+
+    /// With `MADV_HUGEPAGE`.
+    pub fn hugepage(mut self, on: bool) -> Self {
+        self.hugepage = on;
+        self
+    }
+
+    /// Pinned (never reaped).
+    pub fn pinned(mut self, on: bool) -> Self {
+        self.pinned = on;
+        self
+    }
+}
+
+/// `madvise` advice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Advice {
+    /// `MADV_DONTNEED`: private pages are freed and read back as zeros;
+    /// shared pages are only unmapped (their contents stay).
+    DontNeed,
+    /// `MADV_MERGEABLE`: set `VM_MERGEABLE`.
+    Mergeable,
+    /// `MADV_UNMERGEABLE`: clear `VM_MERGEABLE`.
+    Unmergeable,
+    /// `MADV_HUGEPAGE`.
+    HugePage,
+    /// `MADV_NOHUGEPAGE`.
+    NoHugePage,
+}
+
+/// Why pages are being zapped (tracing only; the work is the same).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ZapReason {
+    /// `exit_mmap` step 5 (`unmap_vmas`, fullmm).
+    Exit,
+    /// The OOM reaper or `process_mrelease` (per VMA, nonblocking).
+    Reap,
+    /// `munmap`.
+    Munmap,
+    /// `madvise(DONTNEED)`.
+    DontNeed,
+}
+
+/// What the mmap lock guards: the VMA tree.
+#[derive(Debug, Default)]
+pub struct MmState {
+    vmas: VmaTree,
+}
+
+impl MmState {
+    /// The VMA tree. Empty once `exit_mmap` has run (step 11).
+    pub fn vmas(&self) -> &VmaTree {
+        &self.vmas
+    }
+}
+
+/// One guest address space. Reached through [`MmUser`] or [`MmGrab`].
+pub struct Mm {
+    id: u64,
+    name: String,
+    users: AtomicUsize,
+    count: AtomicUsize,
+    flags: MmFlags,
+    lock: MmapLock<MmState>,
+    pgtable: PageTable,
+    /// Present private pages (`MM_ANONPAGES`).
+    rss_anon: AtomicU64,
+    /// Present shared pages (`MM_SHMEMPAGES`).
+    rss_shmem: AtomicU64,
+    budget: Arc<Budget>,
+    host: Weak<HostInner>,
+    /// Only held for push/take, never across an await.
+    notifiers: Mutex<Vec<Arc<dyn MmNotifier>>>,
+    /// Only held for push/clone, never across an await.
+    exit_hooks: Mutex<Vec<Arc<dyn ExitHook>>>,
+    config: MmConfig,
+}
+
+impl std::fmt::Debug for Mm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mm")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .field("users", &self.users())
+            .field("count", &self.count())
+            .field("flags", &self.flags)
+            .field("rss_pages", &self.rss_pages())
+            .finish()
+    }
+}
+
+fn lock_list<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while pushing to a Vec cannot leave it inconsistent.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Validates a page-aligned, non-empty range below `limit`; returns its end.
+pub(crate) fn check_range(addr: u64, len: u64, limit: u64) -> Result<u64> {
+    if len == 0 {
+        return Err(Error::ZeroLength { addr });
+    }
+    if addr % PAGE != 0 || len % PAGE != 0 {
+        return Err(Error::Unaligned { addr, len });
+    }
+    let end = addr.checked_add(len).ok_or(Error::Overflow { addr, len })?;
+    if end > limit {
+        return Err(Error::OutOfRange { addr, len, limit });
+    }
+    Ok(end)
+}
+
+impl Mm {
+    pub(crate) fn new_user(
+        id: u64,
+        name: String,
+        budget: Arc<Budget>,
+        host: Weak<HostInner>,
+        config: MmConfig,
+    ) -> MmUser {
+        let config = MmConfig {
+            va_limit: config.va_limit.min(MAX_GPN * PAGE) & !(PAGE - 1),
+            mmap_floor: config.mmap_floor,
+        };
+        let mm = Mm {
+            id,
+            name,
+            users: AtomicUsize::new(1),
+            // The one count all users hold together (mm_init).
+            count: AtomicUsize::new(1),
+            flags: MmFlags::default(),
+            lock: MmapLock::new(MmState::default()),
+            pgtable: PageTable::new(),
+            rss_anon: AtomicU64::new(0),
+            rss_shmem: AtomicU64::new(0),
+            budget,
+            host,
+            notifiers: Mutex::new(Vec::new()),
+            exit_hooks: Mutex::new(Vec::new()),
+            config,
+        };
+        MmUser {
+            mm: Some(Arc::new(mm)),
+        }
+    }
+
+    /// Unique id of this address space.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Name given at creation.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `mm_users`.
+    pub fn users(&self) -> usize {
+        self.users.load(Ordering::SeqCst)
+    }
+
+    /// `mm_count`.
+    pub fn count(&self) -> usize {
+        self.count.load(Ordering::SeqCst)
+    }
+
+    /// The `MMF_*` flags.
+    pub fn flags(&self) -> &MmFlags {
+        &self.flags
+    }
+
+    /// The mmap lock.
+    pub fn lock(&self) -> &MmapLock<MmState> {
+        &self.lock
+    }
+
+    /// Configuration.
+    pub fn config(&self) -> MmConfig {
+        self.config
+    }
+
+    /// Present pages (private + shared) as the page table counts them.
+    pub fn rss_pages(&self) -> u64 {
+        self.rss_anon.load(Ordering::Relaxed) + self.rss_shmem.load(Ordering::Relaxed)
+    }
+
+    /// Present private pages.
+    pub fn anon_rss_pages(&self) -> u64 {
+        self.rss_anon.load(Ordering::Relaxed)
+    }
+
+    /// Present shared pages.
+    pub fn shmem_rss_pages(&self) -> u64 {
+        self.rss_shmem.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of page-table nodes (`pgtables_bytes`).
+    pub fn pgtables_bytes(&self) -> u64 {
+        self.pgtable.nodes() as u64 * PAGE
+    }
+
+    /// The page table (for walkers that hold the mmap lock).
+    pub fn page_table(&self) -> &PageTable {
+        &self.pgtable
+    }
+
+    /// Registers a secondary MMU.
+    pub fn register_notifier(&self, n: Arc<dyn MmNotifier>) {
+        lock_list(&self.notifiers).push(n);
+    }
+
+    /// Registers a scanner exit hook (`ksm_exit`).
+    pub fn add_exit_hook(&self, h: Arc<dyn ExitHook>) {
+        lock_list(&self.exit_hooks).push(h);
+    }
+
+    /// `mmu_notifier_invalidate_range_start[_nonblock]` over every notifier.
+    /// On refusal the ones already started are ended again.
+    pub fn notify_invalidate_start(&self, range: Range<u64>, blockable: bool) -> std::result::Result<(), WouldBlock> {
+        let ns = lock_list(&self.notifiers).clone();
+        for (i, n) in ns.iter().enumerate() {
+            if let Err(e) = n.invalidate_range_start(range.clone(), blockable) {
+                for done in &ns[..i] {
+                    done.invalidate_range_end(range.clone());
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// `mmu_notifier_invalidate_range_end`.
+    pub fn notify_invalidate_end(&self, range: Range<u64>) {
+        let ns = lock_list(&self.notifiers).clone();
+        for n in &ns {
+            n.invalidate_range_end(range.clone());
+        }
+    }
+
+    /// Host pages resident (by `mincore`) under every VMA; the kernel's view.
+    pub fn resident_bytes(&self, state: &MmState) -> Result<u64> {
+        let mut pages = 0;
+        for v in state.vmas.iter() {
+            pages += sys::resident_pages(v.host_range(v.start, v.end)).map_err(Error::host("mincore"))?;
+        }
+        Ok(pages as u64 * PAGE)
+    }
+
+    fn uncharge_pages(&self, anon: u64, shmem: u64) {
+        if anon + shmem == 0 {
+            return;
+        }
+        let prev_a = self.rss_anon.fetch_sub(anon, Ordering::Relaxed);
+        let prev_s = self.rss_shmem.fetch_sub(shmem, Ordering::Relaxed);
+        debug_assert!(prev_a >= anon && prev_s >= shmem, "rss underflow");
+        self.budget.uncharge((anon + shmem) * PAGE);
+    }
+
+    /// Zaps `[start, end)` of `vma` (`unmap_page_range`): clears the PTEs,
+    /// frees the host pages and uncharges them. Returns the pages uncharged.
+    ///
+    /// Needs the mmap lock in either mode (`state` is the proof). Pages are
+    /// zapped one leaf (2 MiB) at a time with every PTE of that leaf locked
+    /// in ascending order, so an accessor is never in the middle of copying a
+    /// page whose host memory goes (it holds the page lock), and one that
+    /// comes after sees the PTE empty and, after `UNSTABLE`, fails. Host
+    /// ranges with no leaf were never populated through the API but may have
+    /// been touched directly by the embedder: they are discarded too, in one
+    /// call per run.
+    pub fn zap_range(&self, state: &MmState, vma: &Vma, start: u64, end: u64, reason: ZapReason) -> Result<u64> {
+        let _ = state;
+        debug_assert!(vma.start <= start && end <= vma.end && start < end);
+        if vma.flags.contains(VmFlags::LOCKED) {
+            // madvise(DONTNEED) refuses mlocked host memory; the guest flag
+            // stays (it only changes under the write lock), only the host's
+            // pin on these pages goes. Since 5.18 the reaper reaps VM_LOCKED.
+            sys::lock(vma.host_range(start, end), false).map_err(Error::host("munlock"))?;
+        }
+        let shared = vma.is_shared();
+        let guard = crossbeam_epoch::pin();
+        let (first, last) = (start / PAGE, end / PAGE);
+        let mut freed = 0u64;
+        let mut pending: Option<u64> = None; // start gpn of a leafless run
+        let mut gpn = first;
+        let mut olds = Vec::with_capacity(PAGES_PER_LEAF as usize);
+        while gpn < last {
+            let stop = ((gpn / PAGES_PER_LEAF + 1) * PAGES_PER_LEAF).min(last);
+            match self.pgtable.leaf(gpn, &guard) {
+                None => {
+                    pending.get_or_insert(gpn);
+                }
+                Some(leaf) => {
+                    if let Some(p) = pending.take() {
+                        vma.free_host(p * PAGE, gpn * PAGE)?;
+                    }
+                    olds.clear();
+                    for p in gpn..stop {
+                        olds.push(pte_lock(leaf.pte(p)));
+                    }
+                    let res = vma.free_host(gpn * PAGE, stop * PAGE);
+                    for (i, p) in (gpn..stop).enumerate() {
+                        let old = olds[i];
+                        if res.is_ok() && Pte(old).present() {
+                            freed += 1;
+                            pte_unlock(leaf.pte(p), 0);
+                        } else {
+                            pte_unlock(leaf.pte(p), old);
+                        }
+                    }
+                    res?;
+                }
+            }
+            gpn = stop;
+        }
+        if let Some(p) = pending.take() {
+            vma.free_host(p * PAGE, last * PAGE)?;
+        }
+        if shared {
+            self.uncharge_pages(0, freed);
+        } else {
+            self.uncharge_pages(freed, 0);
+        }
+        tracing::trace!(target: "mm_core::zap", mm_id = self.id, ?reason, start, end, pages = freed);
+        Ok(freed)
+    }
+
+    /// The fault path for `[start, end)` inside one leaf and one VMA: lock the
+    /// PTEs, populate the missing pages (charging the budget), run `f` on the
+    /// host memory, unlock. `f` gets (host pointer, byte offset from `start`).
+    ///
+    /// Returns `Err(NeedMemory)` through `Fault::Budget` when the budget is
+    /// exhausted, so the caller can drop every lock before asking the host
+    /// for room.
+    fn fault_chunk(
+        &self,
+        vma: &Vma,
+        start: u64,
+        end: u64,
+        write: bool,
+        f: &mut dyn FnMut(*mut u8, u64, u64),
+    ) -> std::result::Result<(), Fault> {
+        // Huge VMAs populate the whole 2 MiB block (inside the VMA) at once,
+        // so the charge matches the THP the host maps.
+        let (lo, hi) = if vma.flags.contains(VmFlags::HUGEPAGE) {
+            let hp = HUGE_PAGE_SIZE as u64;
+            ((start & !(hp - 1)).max(vma.start), ((start & !(hp - 1)) + hp).min(vma.end))
+        } else {
+            (start, end)
+        };
+        let guard = crossbeam_epoch::pin();
+        let leaf = self.pgtable.leaf_alloc(lo / PAGE, &guard);
+        let mut olds = [0u64; PAGES_PER_LEAF as usize];
+        let n = ((hi - lo) / PAGE) as usize;
+        for (i, gpn) in (lo / PAGE..hi / PAGE).enumerate() {
+            olds[i] = pte_lock(leaf.pte(gpn));
+        }
+        let unlock_all = |olds: &[u64], set: u64| {
+            for (i, gpn) in (lo / PAGE..hi / PAGE).enumerate() {
+                pte_unlock(leaf.pte(gpn), olds[i] | set);
+            }
+        };
+        let missing = olds[..n].iter().filter(|o| !Pte(**o).present()).count() as u64;
+        if missing > 0 {
+            // I-RP-5 / check_stable_address_space: re-checked under the page
+            // lock after seeing the PTE empty. The reaper sets UNSTABLE
+            // before its first zap and zaps under these same page locks:
+            //
+            //   reaper                       | accessor
+            //   set UNSTABLE                 |
+            //   lock pte, clear, DONTNEED    |
+            //                                | lock pte: empty
+            //                                | UNSTABLE? yes -> Err(Unstable)
+            //
+            // Without this check the accessor would repopulate a zero page
+            // and hand the guest zeros where its data was.
+            if self.flags.test(MmFlag::UNSTABLE) {
+                unlock_all(&olds[..n], 0);
+                return Err(Fault::Err(Error::Unstable { mm_id: self.id }));
+            }
+            if let Err(e) = self.budget.try_charge(missing * PAGE) {
+                unlock_all(&olds[..n], 0);
+                return Err(Fault::Budget(e));
+            }
+            // Populate each run of missing pages with one madvise.
+            let mut i = 0;
+            while i < n {
+                if Pte(olds[i]).present() {
+                    i += 1;
+                    continue;
+                }
+                let j = (i..n).find(|&j| Pte(olds[j]).present()).unwrap_or(n);
+                let r = vma.host_range(lo + i as u64 * PAGE, lo + j as u64 * PAGE);
+                let res = if vma.prot.contains(Prot::WRITE) {
+                    sys::populate_write(r)
+                } else {
+                    sys::populate_read(r)
+                };
+                if let Err(e) = res {
+                    // Pages populated so far in this chunk are not marked
+                    // present; give their charge back and drop them again.
+                    self.budget.uncharge(missing * PAGE);
+                    let _ = vma.free_host(lo, hi);
+                    unlock_all(&olds[..n], 0);
+                    return Err(Fault::Err(Error::Host {
+                        op: "madvise(POPULATE)",
+                        source: e,
+                    }));
+                }
+                i = j;
+            }
+            if vma.is_shared() {
+                self.rss_shmem.fetch_add(missing, Ordering::Relaxed);
+            } else {
+                self.rss_anon.fetch_add(missing, Ordering::Relaxed);
+            }
+        }
+        let base = vma.host_range(start, end).ptr();
+        f(base, 0, end - start);
+        unlock_all(&olds[..n], Pte::PRESENT | if write { Pte::DIRTY } else { 0 });
+        Ok(())
+    }
+
+    /// Runs the fault path over `[addr, addr+len)`, calling `f(host_ptr,
+    /// offset, len)` for each piece, with the pages populated and locked.
+    pub(crate) async fn access(
+        &self,
+        addr: u64,
+        len: u64,
+        access: Access,
+        f: &mut (dyn FnMut(*mut u8, u64, u64) + Send),
+    ) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let end = addr.checked_add(len).ok_or(Error::Overflow { addr, len })?;
+        if end > self.config.va_limit {
+            return Err(Error::OutOfRange {
+                addr,
+                len,
+                limit: self.config.va_limit,
+            });
+        }
+        let mut pos = addr;
+        let mut pressure_rounds = 0;
+        'retry: loop {
+            let state = self.lock.read().await;
+            sched::point("access:locked").await;
+            if self.flags.test(MmFlag::UNSTABLE) {
+                return Err(Error::Unstable { mm_id: self.id });
+            }
+            state.vmas.check_mapped(pos, end)?;
+            let need = match access {
+                Access::Read => Prot::READ,
+                Access::Write => Prot::WRITE,
+            };
+            for vma in state.vmas.overlapping(pos, end) {
+                if !vma.prot.contains(need) {
+                    return Err(Error::Protection {
+                        addr: pos.max(vma.start),
+                        access,
+                    });
+                }
+            }
+            let vmas: Vec<&Vma> = state.vmas.overlapping(pos, end).collect();
+            for vma in vmas {
+                while pos < end.min(vma.end) {
+                    let pstart = pos & !(PAGE - 1);
+                    let leaf_end = ((pstart / PAGE / PAGES_PER_LEAF) + 1) * PAGES_PER_LEAF * PAGE;
+                    let cend = leaf_end.min(vma.end).min(end.next_multiple_of(PAGE));
+                    let (from, to) = (pos, cend.min(end));
+                    let mut g = |host: *mut u8, _off: u64, _n: u64| {
+                        // `host` maps `pstart`; hand out the byte window.
+                        f(host.wrapping_add((from - pstart) as usize), from - addr, to - from);
+                    };
+                    match self.fault_chunk(vma, pstart, cend, access == Access::Write, &mut g) {
+                        Ok(()) => pos = to,
+                        Err(Fault::Err(e)) => return Err(e),
+                        Err(Fault::Budget(e)) => {
+                            // Every page lock is dropped; drop the mmap lock
+                            // too before asking for room, because reclaim
+                            // (KSM, the OOM reaper) takes mmap locks.
+                            drop(state);
+                            pressure_rounds += 1;
+                            let freed = match self.host.upgrade() {
+                                Some(h) if pressure_rounds <= 3 => {
+                                    crate::host::pressure(&h, e.requested, self.id).await
+                                }
+                                _ => false,
+                            };
+                            if !freed {
+                                return Err(e.into_error());
+                            }
+                            continue 'retry;
+                        }
+                    }
+                }
+            }
+            return Ok(());
+        }
+    }
+
+    /// Populates every readable page of `[start, end)` (mlock).
+    async fn populate(&self, start: u64, end: u64) -> Result<()> {
+        let ranges: Vec<(u64, u64, bool)> = {
+            let state = self.lock.read().await;
+            state.vmas.check_mapped(start, end)?;
+            state
+                .vmas
+                .overlapping(start, end)
+                .map(|v| (v.start.max(start), v.end.min(end), v.prot.contains(Prot::READ)))
+                .collect()
+        };
+        for (s, e, readable) in ranges {
+            if readable {
+                self.access(s, e - s, Access::Read, &mut |_, _, _| {}).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How the fault path failed.
+enum Fault {
+    Budget(crate::host::OverBudget),
+    Err(Error),
+}
+
+impl Vma {
+    /// Frees the host pages under guest `[start, end)` of this VMA.
+    fn free_host(&self, start: u64, end: u64) -> Result<()> {
+        if start >= end {
+            return Ok(());
+        }
+        let off = self.region_off + (start - self.start) as usize;
+        self.region.free_pages(off, (end - start) as usize)
+    }
+}
+
+impl Drop for Mm {
+    fn drop(&mut self) {
+        // check_mm (I-RC-3): by the time the struct goes, teardown has left
+        // nothing behind. A failed creation (never mapped) is also clean.
+        let rss = self.rss_pages();
+        let nodes = self.pgtable.nodes();
+        if rss != 0 || nodes != 0 || self.count() != 0 {
+            tracing::error!(target: "mm_core", mm_id = self.id, rss, nodes, count = self.count(), "Bad rss-counter state at mm free");
+            debug_assert!(false, "mm {} freed with rss {rss}, {nodes} page-table nodes, count {}", self.id, self.count());
+        }
+    }
+}
+
+/// A user reference (`mm_users`): keeps the address space's contents alive.
+///
+/// Cloning is `mmget`. Dropping the last one runs the teardown (`__mmput`:
+/// scanner exit hooks, then `exit_mmap`) in the dropping thread; async owners
+/// should call [`MmUser::exit`] instead.
+pub struct MmUser {
+    /// `None` only inside `exit`, which consumes `self`.
+    mm: Option<Arc<Mm>>,
+}
+
+impl std::fmt::Debug for MmUser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("MmUser").field(&**self).finish()
+    }
+}
+
+impl std::ops::Deref for MmUser {
+    type Target = Mm;
+    fn deref(&self) -> &Mm {
+        self.mm.as_deref().expect("MmUser is only empty inside exit()")
+    }
+}
+
+impl Clone for MmUser {
+    /// `mmget`: we hold a user, so `users ≥ 1` and the increment can be relaxed.
+    fn clone(&self) -> Self {
+        self.users.fetch_add(1, Ordering::Relaxed);
+        MmUser { mm: self.mm.clone() }
+    }
+}
+
+impl Drop for MmUser {
+    fn drop(&mut self) {
+        if let Some(mm) = self.mm.take() {
+            if mm.users.fetch_sub(1, Ordering::AcqRel) == 1 {
+                block_on(mm.mmput_last());
+            }
+        }
+    }
+}
+
+impl MmUser {
+    /// `mmput` for async owners: drop this user; if it was the last, run the
+    /// teardown in this task.
+    pub async fn exit(mut self) {
+        let mm = self.mm.take().expect("present until exit");
+        // AcqRel: pairs with the other users' decrements, so the teardown
+        // sees everything they did to the mm.
+        if mm.users.fetch_sub(1, Ordering::AcqRel) == 1 {
+            mm.mmput_last().await;
+        }
+    }
+
+    /// `mmgrab`: a count reference to the struct.
+    pub fn grab(&self) -> MmGrab {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        MmGrab {
+            mm: self.mm.clone().expect("present until exit"),
+        }
+    }
+
+    /// An observer that tells when the struct has been freed.
+    pub fn watch(&self) -> MmWatch {
+        MmWatch(Arc::downgrade(self.mm.as_ref().expect("present until exit")))
+    }
+
+    /// Maps memory (`mmap`); returns the guest address.
+    ///
+    /// The host mapping is created before the lock is taken; a fixed address
+    /// that overlaps an existing VMA fails with `Overlap` (`MAP_FIXED_NOREPLACE`).
+    pub async fn mmap(&self, opts: MapOptions) -> Result<u64> {
+        let limit = self.config.va_limit;
+        let probe = opts.addr.unwrap_or(0);
+        check_range(probe, opts.len, limit)?;
+        let align = if opts.hugepage { HUGE_PAGE_SIZE } else { PAGE_SIZE };
+        let len = usize::try_from(opts.len).map_err(|_| Error::Overflow { addr: probe, len: opts.len })?;
+        let region = match opts.kind {
+            MapKind::AnonPrivate => HostRegion::new_anon(len, align, opts.prot)?,
+            MapKind::SharedMemfd => HostRegion::new_shared(&self.name, len, align, opts.prot)?,
+        };
+        if opts.hugepage {
+            sys::set_hugepage(region.range(0, len), true).map_err(Error::host("madvise(HUGEPAGE)"))?;
+        }
+        let mut flags = VmFlags::EMPTY;
+        flags = flags.with(VmFlags::SHARED, opts.kind == MapKind::SharedMemfd);
+        flags = flags.with(VmFlags::HUGEPAGE, opts.hugepage);
+        flags = flags.with(VmFlags::PINNED, opts.pinned);
+        let region = Arc::new(region);
+        let mut state = self.lock.write().await;
+        sched::point("mmap:locked").await;
+        if self.flags.test(MmFlag::UNSTABLE) {
+            return Err(Error::Unstable { mm_id: self.id });
+        }
+        let addr = match opts.addr {
+            Some(a) => {
+                if let Some(v) = state.vmas.overlapping(a, a + opts.len).next() {
+                    return Err(Error::Overlap {
+                        addr: a,
+                        len: opts.len,
+                        vma_start: v.start,
+                        vma_end: v.end,
+                    });
+                }
+                a
+            }
+            None => state
+                .vmas
+                .find_gap(opts.len, align as u64, self.config.mmap_floor, limit)
+                .ok_or(Error::NoSpace { len: opts.len })?,
+        };
+        state.vmas.insert(Vma {
+            start: addr,
+            end: addr + opts.len,
+            prot: opts.prot,
+            flags,
+            region,
+            region_off: 0,
+        });
+        Ok(addr)
+    }
+
+    /// Unmaps `[addr, addr+len)` (`munmap`): holes inside are fine, as in the
+    /// kernel. Zaps the pages (uncharging them); the host range is made
+    /// `PROT_NONE` so direct touches fault, and a host mapping is unmapped
+    /// when its last VMA goes. Page-table nodes stay until teardown.
+    pub async fn munmap(&self, addr: u64, len: u64) -> Result<()> {
+        let end = check_range(addr, len, self.config.va_limit)?;
+        // Exclusive: VMAs are removed and host mappings freed only under the
+        // write lock (I-EX-1), so no reaper/ksmd reader walks a freed VMA.
+        let mut state = self.lock.write().await;
+        sched::point("munmap:locked").await;
+        let removed = state.vmas.remove_range(addr, end);
+        for vma in &removed {
+            let _ = self.notify_invalidate_start(vma.start..vma.end, true);
+            let res = self.zap_range(&state, vma, vma.start, vma.end, ZapReason::Munmap);
+            self.notify_invalidate_end(vma.start..vma.end);
+            res?;
+            if Arc::strong_count(&vma.region) > 1 {
+                sys::protect(vma.host_range(vma.start, vma.end), Prot::NONE.bits())
+                    .map_err(Error::host("mprotect"))?;
+            }
+        }
+        drop(removed);
+        Ok(())
+    }
+
+    /// Changes protection (`mprotect`); splits and merges VMAs.
+    pub async fn mprotect(&self, addr: u64, len: u64, prot: Prot) -> Result<()> {
+        let end = check_range(addr, len, self.config.va_limit)?;
+        let mut state = self.lock.write().await;
+        sched::point("mprotect:locked").await;
+        state.vmas.check_mapped(addr, end)?;
+        for v in state.vmas.overlapping(addr, end) {
+            let (s, e) = (v.start.max(addr), v.end.min(end));
+            sys::protect(v.host_range(s, e), prot.bits()).map_err(Error::host("mprotect"))?;
+        }
+        state.vmas.modify(addr, end, |v| v.prot = prot);
+        Ok(())
+    }
+
+    /// `mlock`: populates (charging the budget), pins the host pages and sets
+    /// `VM_LOCKED`.
+    pub async fn mlock(&self, addr: u64, len: u64) -> Result<()> {
+        let end = check_range(addr, len, self.config.va_limit)?;
+        // Populate under the read lock first (it may need to wait for room),
+        // then flip the flag under the write lock.
+        self.populate(addr, end).await?;
+        let mut state = self.lock.write().await;
+        sched::point("mlock:locked").await;
+        // VM_LOCKED changes only under the exclusive lock: the reaper (a
+        // reader) must never see it change mid-walk (CVE-2018-1000200).
+        state.vmas.check_mapped(addr, end)?;
+        for v in state.vmas.overlapping(addr, end) {
+            let (s, e) = (v.start.max(addr), v.end.min(end));
+            sys::lock(v.host_range(s, e), true).map_err(Error::host("mlock"))?;
+        }
+        state.vmas.modify(addr, end, |v| v.flags = v.flags.with(VmFlags::LOCKED, true));
+        Ok(())
+    }
+
+    /// `munlock`: clears `VM_LOCKED` under the exclusive lock.
+    pub async fn munlock(&self, addr: u64, len: u64) -> Result<()> {
+        let end = check_range(addr, len, self.config.va_limit)?;
+        let mut state = self.lock.write().await;
+        sched::point("munlock:locked").await;
+        // Exclusive, for the same reason as mlock (CVE-2018-1000200).
+        state.vmas.check_mapped(addr, end)?;
+        for v in state.vmas.overlapping(addr, end) {
+            let (s, e) = (v.start.max(addr), v.end.min(end));
+            sys::lock(v.host_range(s, e), false).map_err(Error::host("munlock"))?;
+        }
+        state.vmas.modify(addr, end, |v| v.flags = v.flags.with(VmFlags::LOCKED, false));
+        Ok(())
+    }
+
+    /// `madvise`.
+    pub async fn madvise(&self, addr: u64, len: u64, advice: Advice) -> Result<()> {
+        let end = check_range(addr, len, self.config.va_limit)?;
+        match advice {
+            Advice::DontNeed => {
+                // Read lock, like the kernel: DONTNEED only zaps pages and
+                // races with faults under the page locks.
+                let state = self.lock.read().await;
+                sched::point("madvise:locked").await;
+                state.vmas.check_mapped(addr, end)?;
+                for v in state.vmas.overlapping(addr, end) {
+                    if v.flags.contains(VmFlags::LOCKED) || v.flags.contains(VmFlags::PINNED) {
+                        return Err(Error::NotAllowed {
+                            addr: v.start.max(addr),
+                            reason: "madvise(DONTNEED) on a locked or pinned mapping",
+                        });
+                    }
+                }
+                for v in state.vmas.overlapping(addr, end) {
+                    let (s, e) = (v.start.max(addr), v.end.min(end));
+                    if v.is_shared() {
+                        // Shared contents stay in the memfd; only this
+                        // mapping's host PTEs go.
+                        sys::discard(v.host_range(s, e)).map_err(Error::host("madvise(DONTNEED)"))?;
+                    } else {
+                        self.zap_range(&state, v, s, e, ZapReason::DontNeed)?;
+                    }
+                }
+                Ok(())
+            }
+            Advice::Mergeable | Advice::Unmergeable | Advice::HugePage | Advice::NoHugePage => {
+                let mut state = self.lock.write().await;
+                sched::point("madvise:locked").await;
+                state.vmas.check_mapped(addr, end)?;
+                let (flag, on) = match advice {
+                    Advice::Mergeable => (VmFlags::MERGEABLE, true),
+                    Advice::Unmergeable => (VmFlags::MERGEABLE, false),
+                    Advice::HugePage => (VmFlags::HUGEPAGE, true),
+                    _ => (VmFlags::HUGEPAGE, false),
+                };
+                if flag == VmFlags::HUGEPAGE {
+                    for v in state.vmas.overlapping(addr, end) {
+                        let (s, e) = (v.start.max(addr), v.end.min(end));
+                        sys::set_hugepage(v.host_range(s, e), on).map_err(Error::host("madvise(HUGEPAGE)"))?;
+                    }
+                }
+                state.vmas.modify(addr, end, |v| v.flags = v.flags.with(flag, on));
+                Ok(())
+            }
+        }
+    }
+
+    /// Reads guest memory into `buf`, populating untouched pages.
+    pub async fn read(&self, addr: u64, buf: &mut [u8]) -> Result<()> {
+        let base = buf.as_mut_ptr() as usize;
+        self.access(addr, buf.len() as u64, Access::Read, &mut |host, off, n| {
+            // SAFETY: the fault path holds the page locks of this window and
+            // the mmap read lock, so the host range is mapped, readable and
+            // not being discarded; `off + n <= buf.len()` by construction.
+            unsafe {
+                sys::copy_from_host(host, std::slice::from_raw_parts_mut((base + off as usize) as *mut u8, n as usize))
+            }
+        })
+        .await
+    }
+
+    /// Writes `data` into guest memory.
+    pub async fn write(&self, addr: u64, data: &[u8]) -> Result<()> {
+        let base = data.as_ptr() as usize;
+        self.access(addr, data.len() as u64, Access::Write, &mut |host, off, n| {
+            // SAFETY: as in `read`, for a writable range (checked above).
+            unsafe {
+                sys::copy_to_host(std::slice::from_raw_parts((base + off as usize) as *const u8, n as usize), host)
+            }
+        })
+        .await
+    }
+
+    /// Fills `[addr, addr+len)` with `byte`.
+    pub async fn fill(&self, addr: u64, len: u64, byte: u8) -> Result<()> {
+        self.access(addr, len, Access::Write, &mut |host, _off, n| {
+            // SAFETY: as in `write`.
+            unsafe { sys::fill_host(host, n as usize, byte) }
+        })
+        .await
+    }
+
+    /// Does guest memory at `addr` equal `data`?
+    pub async fn compare(&self, addr: u64, data: &[u8]) -> Result<bool> {
+        let mut equal = true;
+        let mut page = vec![0u8; 0];
+        let base = data.as_ptr() as usize;
+        self.access(addr, data.len() as u64, Access::Read, &mut |host, off, n| {
+            page.resize(n as usize, 0);
+            // SAFETY: as in `read`.
+            unsafe { sys::copy_from_host(host, &mut page) };
+            // SAFETY: `off + n <= data.len()` by construction of the windows.
+            let want = unsafe { std::slice::from_raw_parts((base + off as usize) as *const u8, n as usize) };
+            equal &= page == want;
+        })
+        .await?;
+        Ok(equal)
+    }
+
+    /// The VMA containing `addr` (a copy of its descriptor). Its
+    /// [`host_ptr`](Vma::host_ptr) is usable while this user is held.
+    pub async fn find_vma(&self, addr: u64) -> Result<Vma> {
+        let state = self.lock.read().await;
+        state.vmas.find(addr).cloned().ok_or(Error::Unmapped { addr })
+    }
+
+    /// All VMAs (copies).
+    pub async fn vmas(&self) -> Vec<Vma> {
+        self.lock.read().await.vmas.iter().cloned().collect()
+    }
+
+    /// Host bytes resident under this mm's VMAs, by `mincore`.
+    pub async fn resident_bytes(&self) -> Result<u64> {
+        let state = self.lock.read().await;
+        (**self).resident_bytes(&state)
+    }
+
+    // Blocking wrappers for synchronous embedders: thin shells over the
+    // async protocol code (they park the thread while waiting for the lock).
+
+    /// Blocking [`mmap`](Self::mmap).
+    pub fn mmap_blocking(&self, opts: MapOptions) -> Result<u64> {
+        block_on(self.mmap(opts))
+    }
+    /// Blocking [`munmap`](Self::munmap).
+    pub fn munmap_blocking(&self, addr: u64, len: u64) -> Result<()> {
+        block_on(self.munmap(addr, len))
+    }
+    /// Blocking [`mprotect`](Self::mprotect).
+    pub fn mprotect_blocking(&self, addr: u64, len: u64, prot: Prot) -> Result<()> {
+        block_on(self.mprotect(addr, len, prot))
+    }
+    /// Blocking [`mlock`](Self::mlock).
+    pub fn mlock_blocking(&self, addr: u64, len: u64) -> Result<()> {
+        block_on(self.mlock(addr, len))
+    }
+    /// Blocking [`munlock`](Self::munlock).
+    pub fn munlock_blocking(&self, addr: u64, len: u64) -> Result<()> {
+        block_on(self.munlock(addr, len))
+    }
+    /// Blocking [`madvise`](Self::madvise).
+    pub fn madvise_blocking(&self, addr: u64, len: u64, advice: Advice) -> Result<()> {
+        block_on(self.madvise(addr, len, advice))
+    }
+    /// Blocking [`read`](Self::read).
+    pub fn read_blocking(&self, addr: u64, buf: &mut [u8]) -> Result<()> {
+        block_on(self.read(addr, buf))
+    }
+    /// Blocking [`write`](Self::write).
+    pub fn write_blocking(&self, addr: u64, data: &[u8]) -> Result<()> {
+        block_on(self.write(addr, data))
+    }
+    /// Blocking [`fill`](Self::fill).
+    pub fn fill_blocking(&self, addr: u64, len: u64, byte: u8) -> Result<()> {
+        block_on(self.fill(addr, len, byte))
+    }
+    /// Blocking [`compare`](Self::compare).
+    pub fn compare_blocking(&self, addr: u64, data: &[u8]) -> Result<bool> {
+        block_on(self.compare(addr, data))
+    }
+    /// Blocking [`find_vma`](Self::find_vma).
+    pub fn find_vma_blocking(&self, addr: u64) -> Result<Vma> {
+        block_on(self.find_vma(addr))
+    }
+    /// Blocking [`vmas`](Self::vmas).
+    pub fn vmas_blocking(&self) -> Vec<Vma> {
+        block_on(self.vmas())
+    }
+    /// Blocking [`resident_bytes`](Self::resident_bytes).
+    pub fn resident_bytes_blocking(&self) -> Result<u64> {
+        block_on(self.resident_bytes())
+    }
+}
+
+/// A count reference (`mm_count`): keeps the struct (id, flags, lock, an
+/// empty tree) alive, never the contents. Check for exit (`users() == 0`,
+/// `OOM_SKIP`, an empty tree) after taking the lock before using contents.
+pub struct MmGrab {
+    mm: Arc<Mm>,
+}
+
+impl std::fmt::Debug for MmGrab {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("MmGrab").field(&*self.mm).finish()
+    }
+}
+
+impl std::ops::Deref for MmGrab {
+    type Target = Mm;
+    fn deref(&self) -> &Mm {
+        &self.mm
+    }
+}
+
+impl Clone for MmGrab {
+    /// `mmgrab` from a held count.
+    fn clone(&self) -> Self {
+        self.mm.count.fetch_add(1, Ordering::Relaxed);
+        MmGrab { mm: self.mm.clone() }
+    }
+}
+
+impl Drop for MmGrab {
+    /// `mmdrop`. When this was the last count, the `Arc` released right
+    /// after is the last one too, and the struct is freed here.
+    fn drop(&mut self) {
+        let prev = self.mm.count.fetch_sub(1, Ordering::AcqRel);
+        debug_assert!(prev >= 1, "mm_count underflow");
+    }
+}
+
+impl MmGrab {
+    /// `mmget_not_zero`: a user reference if the address space still has
+    /// users; never raises `users` from 0 (I-RC-1).
+    pub fn upgrade(&self) -> Option<MmUser> {
+        let mut n = self.mm.users.load(Ordering::Acquire);
+        loop {
+            if n == 0 {
+                return None;
+            }
+            match self
+                .mm
+                .users
+                .compare_exchange_weak(n, n + 1, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return Some(MmUser { mm: Some(self.mm.clone()) }),
+                Err(cur) => n = cur,
+            }
+        }
+    }
+
+    /// An observer that tells when the struct has been freed.
+    pub fn watch(&self) -> MmWatch {
+        MmWatch(Arc::downgrade(&self.mm))
+    }
+}
+
+/// Observes an mm struct without keeping it alive (tests and oracles).
+#[derive(Debug, Clone)]
+pub struct MmWatch(Weak<Mm>);
+
+impl MmWatch {
+    /// Has the struct been freed (count reached 0)?
+    pub fn is_freed(&self) -> bool {
+        self.0.strong_count() == 0
+    }
+}
+
+impl Mm {
+    /// `mmdrop` of the users' collective count, at the end of `__mmput`.
+    fn mmdrop_users_count(&self) {
+        let prev = self.count.fetch_sub(1, Ordering::AcqRel);
+        debug_assert!(prev >= 1, "mm_count underflow");
+    }
+
+    /// `__mmput`: the last user is gone (`users == 0`, never raised again).
+    async fn mmput_last(&self) {
+        debug_assert_eq!(self.users(), 0);
+        sched::point("mmput:start").await;
+        // ksm_exit / khugepaged_exit run before exit_mmap with users already
+        // 0 (I-KSM-3): a scanner that takes the read lock after their barrier
+        // sees users == 0 and leaves the mm alone.
+        let hooks = lock_list(&self.exit_hooks).clone();
+        for h in &hooks {
+            h.exit(self).await;
+        }
+        sched::point("mmput:after_exit_hooks").await;
+        self.exit_mmap().await;
+        sched::point("mmput:before_mmdrop").await;
+        self.mmdrop_users_count();
+    }
+}
+
+// exit_mmap lives in exit.rs.
+impl Mm {
+    pub(crate) fn take_notifiers(&self) -> Vec<Arc<dyn MmNotifier>> {
+        std::mem::take(&mut *lock_list(&self.notifiers))
+    }
+
+    pub(crate) fn state_take_all(state: &mut MmState) -> Vec<Vma> {
+        state.vmas.take_all()
+    }
+}

@@ -1,0 +1,447 @@
+//! VMAs and the VMA tree, with the kernel's split and merge rules.
+//!
+//! A guest mapping made by one `mmap` call is backed by one host mapping, a
+//! [`HostRegion`]. VMAs are slices of regions; splitting a VMA (mprotect,
+//! mlock, madvise of part of it) keeps both halves on the same region, and
+//! two neighbours merge again when they sit on the same region at contiguous
+//! offsets with equal protection and flags. Two separate `mmap` calls never
+//! merge: their host memory is not contiguous (unlike the kernel, whose
+//! anonymous VMAs can merge across calls).
+//!
+//! ```text
+//!   guest   0x10000 ─────────── 0x30000 ──────────── 0x50000
+//!           │ Vma A (RW)        │ Vma B (R, LOCKED)  │
+//!   host    base ─────────────────────────────────── base+0x40000
+//!           └──────────── one HostRegion (one mmap) ─┘
+//! ```
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::ops::BitOr;
+use std::os::fd::OwnedFd;
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::sys::{self, HostRange, PAGE_SIZE};
+
+/// Protection of a VMA (`PROT_*`).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Prot(u8);
+
+impl Prot {
+    /// `PROT_NONE`.
+    pub const NONE: Prot = Prot(0);
+    /// `PROT_READ`.
+    pub const READ: Prot = Prot(1);
+    /// `PROT_WRITE`.
+    pub const WRITE: Prot = Prot(2);
+    /// `PROT_EXEC`.
+    pub const EXEC: Prot = Prot(4);
+    /// `PROT_READ | PROT_WRITE`.
+    pub const READ_WRITE: Prot = Prot(3);
+
+    /// Does `self` include every bit of `other`?
+    pub fn contains(self, other: Prot) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    pub(crate) fn bits(self) -> (bool, bool, bool) {
+        (self.contains(Prot::READ), self.contains(Prot::WRITE), self.contains(Prot::EXEC))
+    }
+}
+
+impl BitOr for Prot {
+    type Output = Prot;
+    fn bitor(self, rhs: Prot) -> Prot {
+        Prot(self.0 | rhs.0)
+    }
+}
+
+impl fmt::Debug for Prot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let c = |p, ch| if self.contains(p) { ch } else { '-' };
+        write!(f, "{}{}{}", c(Prot::READ, 'r'), c(Prot::WRITE, 'w'), c(Prot::EXEC, 'x'))
+    }
+}
+
+/// VMA flags (`VM_*`).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct VmFlags(u32);
+
+impl VmFlags {
+    /// No flags.
+    pub const EMPTY: VmFlags = VmFlags(0);
+    /// `VM_LOCKED`: mlocked. Changes only under the exclusive mmap lock
+    /// (CVE-2018-1000200: a reader must never see it flip mid-walk).
+    pub const LOCKED: VmFlags = VmFlags(1 << 0);
+    /// `VM_MERGEABLE`: KSM may merge its pages.
+    pub const MERGEABLE: VmFlags = VmFlags(1 << 1);
+    /// `VM_SHARED`: memfd-backed shared mapping; never reaped.
+    pub const SHARED: VmFlags = VmFlags(1 << 2);
+    /// `VM_HUGEPAGE`: `MADV_HUGEPAGE` was given; populated in 2 MiB units.
+    pub const HUGEPAGE: VmFlags = VmFlags(1 << 3);
+    /// `VM_PFNMAP`-like: pinned by the embedder (device memory, a pinned DMA
+    /// buffer); never reaped.
+    pub const PINNED: VmFlags = VmFlags(1 << 4);
+
+    /// Does `self` include every bit of `other`?
+    pub fn contains(self, other: VmFlags) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    /// `self` with `other` added (`on`) or removed.
+    pub fn with(self, other: VmFlags, on: bool) -> VmFlags {
+        if on {
+            VmFlags(self.0 | other.0)
+        } else {
+            VmFlags(self.0 & !other.0)
+        }
+    }
+}
+
+impl BitOr for VmFlags {
+    type Output = VmFlags;
+    fn bitor(self, rhs: VmFlags) -> VmFlags {
+        VmFlags(self.0 | rhs.0)
+    }
+}
+
+impl fmt::Debug for VmFlags {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names = [
+            (VmFlags::LOCKED, "LOCKED"),
+            (VmFlags::MERGEABLE, "MERGEABLE"),
+            (VmFlags::SHARED, "SHARED"),
+            (VmFlags::HUGEPAGE, "HUGEPAGE"),
+            (VmFlags::PINNED, "PINNED"),
+        ];
+        f.debug_set()
+            .entries(names.iter().filter(|(fl, _)| self.contains(*fl)).map(|(_, n)| n))
+            .finish()
+    }
+}
+
+/// One host mapping (one `mmap` call) backing guest memory.
+///
+/// Owns the mapping exclusively: it is unmapped when the last VMA that
+/// slices it is removed, which only happens under the exclusive mmap lock.
+pub(crate) struct HostRegion {
+    base: NonNull<u8>,
+    len: usize,
+    memfd: Option<OwnedFd>,
+}
+
+// SAFETY: HostRegion owns its mapping; the pointer is only handed out as a
+// raw address and all kernel-facing operations on it are thread-safe
+// syscalls. No Rust reference into the mapping is ever created.
+unsafe impl Send for HostRegion {}
+// SAFETY: as for Send; shared access only issues syscalls or raw copies
+// serialised by the page locks.
+unsafe impl Sync for HostRegion {}
+
+impl HostRegion {
+    pub(crate) fn new_anon(len: usize, align: usize, prot: Prot) -> Result<Self> {
+        let base = sys::map_anon(len, align, prot.bits()).map_err(Error::host("mmap"))?;
+        Ok(HostRegion {
+            base,
+            len,
+            memfd: None,
+        })
+    }
+
+    pub(crate) fn new_shared(name: &str, len: usize, align: usize, prot: Prot) -> Result<Self> {
+        let (base, fd) =
+            sys::map_memfd(name, len, align, prot.bits()).map_err(Error::host("mmap memfd"))?;
+        Ok(HostRegion {
+            base,
+            len,
+            memfd: Some(fd),
+        })
+    }
+
+    /// The host range `[off, off+len)` of this region.
+    pub(crate) fn range(&self, off: usize, len: usize) -> HostRange {
+        assert!(off % PAGE_SIZE == 0 && len % PAGE_SIZE == 0 && off + len <= self.len);
+        // SAFETY: in bounds (asserted above) of a mapping we own that lives
+        // as long as `self`; page aligned because base and off are.
+        unsafe { HostRange::new(NonNull::new_unchecked(self.base.as_ptr().add(off)), len) }
+    }
+
+    pub(crate) fn base(&self) -> *mut u8 {
+        self.base.as_ptr()
+    }
+
+    /// Frees the host pages of `[off, off+len)`: DONTNEED for anonymous
+    /// memory, PUNCH_HOLE for the memfd (nobody else maps our memfd, so the
+    /// range is dead once the VMA over it goes).
+    pub(crate) fn free_pages(&self, off: usize, len: usize) -> Result<()> {
+        let r = self.range(off, len);
+        match &self.memfd {
+            None => sys::discard(r).map_err(Error::host("madvise(DONTNEED)")),
+            Some(fd) => {
+                sys::discard(r).map_err(Error::host("madvise(DONTNEED)"))?;
+                sys::punch_hole(fd, off, len).map_err(Error::host("fallocate(PUNCH_HOLE)"))
+            }
+        }
+    }
+}
+
+impl Drop for HostRegion {
+    fn drop(&mut self) {
+        // SAFETY: we own the mapping; the last VMA slicing it is gone, and
+        // VMAs are only removed under the exclusive mmap lock, so no page lock
+        // holder or accessor can still be copying from it.
+        let res = unsafe { sys::unmap(self.base, self.len) };
+        // Memory that silently stays mapped is a leak the tests look for;
+        // munmap of our own mapping can only fail on a logic error.
+        debug_assert!(res.is_ok(), "munmap failed: {res:?}");
+        if let Err(e) = res {
+            tracing::error!(target: "mm_core", error = %e, "munmap of a guest region failed");
+        }
+    }
+}
+
+/// A virtual memory area of a guest.
+#[derive(Clone)]
+pub struct Vma {
+    pub(crate) start: u64,
+    pub(crate) end: u64,
+    pub(crate) prot: Prot,
+    pub(crate) flags: VmFlags,
+    pub(crate) region: Arc<HostRegion>,
+    /// Offset of `start` inside `region`.
+    pub(crate) region_off: usize,
+}
+
+impl fmt::Debug for Vma {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "Vma({:#x}..{:#x} {:?} {:?} host={:p})",
+            self.start,
+            self.end,
+            self.prot,
+            self.flags,
+            self.host_ptr()
+        )
+    }
+}
+
+impl Vma {
+    /// First guest address.
+    pub fn start(&self) -> u64 {
+        self.start
+    }
+    /// First guest address past the end.
+    pub fn end(&self) -> u64 {
+        self.end
+    }
+    /// Length in bytes.
+    pub fn len(&self) -> u64 {
+        self.end - self.start
+    }
+    /// Always false: VMAs are never empty.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+    /// Protection.
+    pub fn prot(&self) -> Prot {
+        self.prot
+    }
+    /// Flags.
+    pub fn flags(&self) -> VmFlags {
+        self.flags
+    }
+    /// Is this a shared (memfd) mapping?
+    pub fn is_shared(&self) -> bool {
+        self.flags.contains(VmFlags::SHARED)
+    }
+    /// Host address of `start`. Valid while a user reference is held: host
+    /// mappings are unmapped only by munmap or teardown, never by the reaper.
+    pub fn host_ptr(&self) -> *mut u8 {
+        // Within the region by construction (region_off + len <= region.len).
+        self.region.base().wrapping_add(self.region_off)
+    }
+
+    pub(crate) fn host_range(&self, start: u64, end: u64) -> HostRange {
+        debug_assert!(self.start <= start && end <= self.end);
+        self.region
+            .range(self.region_off + (start - self.start) as usize, (end - start) as usize)
+    }
+
+    /// Can `self` (below) and `next` (above) be one VMA?
+    fn mergeable_with(&self, next: &Vma) -> bool {
+        self.end == next.start
+            && Arc::ptr_eq(&self.region, &next.region)
+            && self.region_off + self.len() as usize == next.region_off
+            && self.prot == next.prot
+            && self.flags == next.flags
+    }
+}
+
+/// The VMA tree of one mm (the maple tree analogue), keyed by start address.
+#[derive(Default)]
+pub struct VmaTree {
+    map: BTreeMap<u64, Vma>,
+}
+
+impl fmt::Debug for VmaTree {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.map.values()).finish()
+    }
+}
+
+impl VmaTree {
+    /// Number of VMAs (`map_count`).
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// No VMAs?
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// All VMAs in ascending order.
+    pub fn iter(&self) -> impl DoubleEndedIterator<Item = &Vma> {
+        self.map.values()
+    }
+
+    /// The VMA containing `addr`.
+    pub fn find(&self, addr: u64) -> Option<&Vma> {
+        self.map
+            .range(..=addr)
+            .next_back()
+            .map(|(_, v)| v)
+            .filter(|v| addr < v.end)
+    }
+
+    /// VMAs overlapping `[start, end)`, ascending.
+    pub fn overlapping(&self, start: u64, end: u64) -> impl Iterator<Item = &Vma> {
+        let first = self.find(start).map_or(start, |v| v.start);
+        self.map.range(first..end).map(|(_, v)| v)
+    }
+
+    /// Fails with `Unmapped` at the first hole in `[start, end)`.
+    pub fn check_mapped(&self, start: u64, end: u64) -> Result<()> {
+        let mut at = start;
+        for v in self.overlapping(start, end) {
+            if v.start > at {
+                return Err(Error::Unmapped { addr: at });
+            }
+            at = v.end;
+        }
+        if at < end {
+            return Err(Error::Unmapped { addr: at });
+        }
+        Ok(())
+    }
+
+    /// Lowest free gap of `len` bytes at an address aligned to `align`, in
+    /// `[floor, limit)`.
+    pub(crate) fn find_gap(&self, len: u64, align: u64, floor: u64, limit: u64) -> Option<u64> {
+        let up = |a: u64| a.checked_add(align - 1).map(|x| x & !(align - 1));
+        let mut cand = up(floor)?;
+        for v in self.map.values() {
+            if v.end <= cand {
+                continue;
+            }
+            if cand.checked_add(len)? <= v.start {
+                return Some(cand);
+            }
+            cand = up(v.end)?;
+        }
+        (cand.checked_add(len)? <= limit).then_some(cand)
+    }
+
+    pub(crate) fn insert(&mut self, vma: Vma) {
+        debug_assert!(self.overlapping(vma.start, vma.end).next().is_none());
+        let start = vma.start;
+        self.map.insert(start, vma);
+        self.merge_at(start);
+        if let Some(v) = self.find(start) {
+            let end = v.end;
+            self.merge_at(end);
+        }
+    }
+
+    /// Splits the VMA containing `addr` so that a VMA starts at `addr`
+    /// (`split_vma`). No-op if `addr` is already a boundary or unmapped.
+    pub(crate) fn split_at(&mut self, addr: u64) {
+        let Some(v) = self.find(addr) else { return };
+        if v.start == addr {
+            return;
+        }
+        let mut hi = v.clone();
+        let lo_start = v.start;
+        hi.region_off += (addr - hi.start) as usize;
+        hi.start = addr;
+        self.map.get_mut(&lo_start).expect("found above").end = addr;
+        self.map.insert(addr, hi);
+    }
+
+    /// Merges the VMA ending at `addr` with the one starting there, if
+    /// compatible (`vma_merge`).
+    pub(crate) fn merge_at(&mut self, addr: u64) {
+        let Some(next) = self.map.get(&addr) else { return };
+        let Some((&lo_start, lo)) = self.map.range(..addr).next_back() else { return };
+        if !lo.mergeable_with(next) {
+            return;
+        }
+        let next_end = next.end;
+        self.map.remove(&addr);
+        self.map.get_mut(&lo_start).expect("found above").end = next_end;
+    }
+
+    /// Splits at both ends of `[start, end)` and applies `f` to every VMA
+    /// inside, then merges what became compatible. The range must be mapped.
+    pub(crate) fn modify(&mut self, start: u64, end: u64, mut f: impl FnMut(&mut Vma)) {
+        self.split_at(start);
+        self.split_at(end);
+        let keys: Vec<u64> = self.map.range(start..end).map(|(k, _)| *k).collect();
+        for k in &keys {
+            f(self.map.get_mut(k).expect("key collected above"));
+        }
+        for k in keys.iter().skip(1) {
+            self.merge_at(*k);
+        }
+        self.merge_at(start);
+        self.merge_at(end);
+    }
+
+    /// Splits at both ends of `[start, end)` and removes every VMA inside.
+    pub(crate) fn remove_range(&mut self, start: u64, end: u64) -> Vec<Vma> {
+        self.split_at(start);
+        self.split_at(end);
+        let keys: Vec<u64> = self.map.range(start..end).map(|(k, _)| *k).collect();
+        keys.iter()
+            .map(|k| self.map.remove(k).expect("key collected above"))
+            .collect()
+    }
+
+    /// Removes every VMA (`tear_down_vmas` + `__mt_destroy`).
+    pub(crate) fn take_all(&mut self) -> Vec<Vma> {
+        std::mem::take(&mut self.map).into_values().collect()
+    }
+
+    /// Debug check: sorted, non-overlapping, non-empty, maximally merged.
+    pub fn check_invariants(&self) -> std::result::Result<(), String> {
+        let mut prev: Option<&Vma> = None;
+        for (k, v) in &self.map {
+            if *k != v.start || v.start >= v.end {
+                return Err(format!("bad vma {v:?}"));
+            }
+            if let Some(p) = prev {
+                if p.end > v.start {
+                    return Err(format!("overlap {p:?} {v:?}"));
+                }
+                if p.mergeable_with(v) {
+                    return Err(format!("unmerged neighbours {p:?} {v:?}"));
+                }
+            }
+            prev = Some(v);
+        }
+        Ok(())
+    }
+}

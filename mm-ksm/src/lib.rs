@@ -1,0 +1,1 @@
+//! mm-ksm: KSM-style deduplication (not built yet; see the mm-ksm issue).

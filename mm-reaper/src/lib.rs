@@ -1,0 +1,1 @@
+//! mm-reaper: the OOM killer, OOM reaper and process_mrelease (in progress).
