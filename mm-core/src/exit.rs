@@ -63,7 +63,8 @@ impl Mm {
         } else {
             // 5. unmap_vmas: zap everything, one pass in address order.
             for vma in state.vmas().iter() {
-                if let Err(e) = self.zap_range(&state, vma, vma.start(), vma.end(), ZapReason::Exit) {
+                if let Err(e) = self.zap_range(&state, vma, vma.start(), vma.end(), ZapReason::Exit)
+                {
                     tracing::error!(target: "mm_core::exit_mmap", mm_id = self.id(), error = %e, "zap failed");
                 }
             }

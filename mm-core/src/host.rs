@@ -92,7 +92,10 @@ impl Budget {
             // Never negative: repair and report (a double uncharge is a bug).
             self.charged.fetch_add(bytes - prev, Ordering::Relaxed);
             tracing::error!(target: "mm_core::host", prev, bytes, "budget uncharged below zero");
-            debug_assert!(false, "budget underflow: {prev} - {bytes}");
+            debug_assert!(
+                std::thread::panicking(),
+                "budget underflow: {prev} - {bytes}"
+            );
         }
     }
 
@@ -169,7 +172,9 @@ pub struct Host {
 
 impl std::fmt::Debug for Host {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Host").field("stats", &self.stats()).finish()
+        f.debug_struct("Host")
+            .field("stats", &self.stats())
+            .finish()
     }
 }
 
@@ -281,7 +286,11 @@ impl Host {
 /// The pressure path, called by the fault path with no lock held.
 pub(crate) async fn pressure(inner: &Arc<HostInner>, bytes: u64, mm_id: u64) -> bool {
     tracing::debug!(target: "mm_core::host", mm_id, bytes, "memory pressure");
-    Host { inner: inner.clone() }.reclaim(bytes).await
+    Host {
+        inner: inner.clone(),
+    }
+    .reclaim(bytes)
+    .await
 }
 
 struct GuestInner {
@@ -335,10 +344,9 @@ impl Guest {
     /// A user reference to the guest's address space (`get_task_mm`), or
     /// `Exited` once the guest has passed `exit`.
     pub fn mm(&self) -> Result<MmUser> {
-        lock(&self.inner.mm)
-            .as_ref()
-            .cloned()
-            .ok_or(Error::Exited { mm_id: self.inner.mm_id })
+        lock(&self.inner.mm).as_ref().cloned().ok_or(Error::Exited {
+            mm_id: self.inner.mm_id,
+        })
     }
 
     /// Has the guest not yet passed `exit`?
@@ -353,7 +361,9 @@ impl Guest {
 
     /// Sets `oom_score_adj`, clamped to -1000..=1000.
     pub fn set_oom_score_adj(&self, adj: i32) {
-        self.inner.oom_score_adj.store(adj.clamp(-1000, 1000), Ordering::Relaxed);
+        self.inner
+            .oom_score_adj
+            .store(adj.clamp(-1000, 1000), Ordering::Relaxed);
     }
 
     /// `signal->oom_mm`: the victim's mm, pinned by count, once marked.
@@ -368,7 +378,10 @@ impl Guest {
     }
 
     /// Attaches policy data once (used by mm-reaper for the kill hook).
-    pub fn ext_or_init(&self, f: impl FnOnce() -> Arc<dyn std::any::Any + Send + Sync>) -> &Arc<dyn std::any::Any + Send + Sync> {
+    pub fn ext_or_init(
+        &self,
+        f: impl FnOnce() -> Arc<dyn std::any::Any + Send + Sync>,
+    ) -> &Arc<dyn std::any::Any + Send + Sync> {
         self.inner.ext.get_or_init(f)
     }
 

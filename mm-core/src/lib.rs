@@ -76,10 +76,13 @@ pub use error::{Access, Error, Result};
 pub use flags::{MmFlag, MmFlags};
 pub use host::{Budget, Guest, Host, HostConfig, HostStats, OverBudget, Reclaim};
 pub use mm::{
-    Advice, BoxFuture, ExitHook, MapKind, MapOptions, Mm, MmConfig, MmGrab, MmNotifier, MmState, MmUser,
-    MmWatch, WouldBlock, ZapReason,
+    Advice, BoxFuture, ExitHook, MapKind, MapOptions, Mm, MmConfig, MmGrab, MmNotifier, MmState,
+    MmUser, MmWatch, WouldBlock, ZapReason,
 };
 pub use mmap_lock::{MmapLock, MmapReadGuard, MmapWriteGuard};
 pub use procfs::ProcessMemory;
 pub use sys::{HUGE_PAGE_SIZE, PAGE_SIZE};
 pub use vma::{Prot, VmFlags, Vma, VmaTree};
+
+#[cfg(test)]
+mod tests;

@@ -47,7 +47,11 @@ pub trait MmNotifier: Send + Sync {
     /// Guest range `range` is about to lose its pages. `blockable == false`
     /// (the reaper) means the callee must not sleep and may refuse with
     /// [`WouldBlock`]; the caller then skips the range and retries later.
-    fn invalidate_range_start(&self, range: Range<u64>, blockable: bool) -> std::result::Result<(), WouldBlock> {
+    fn invalidate_range_start(
+        &self,
+        range: Range<u64>,
+        blockable: bool,
+    ) -> std::result::Result<(), WouldBlock> {
         let _ = (range, blockable);
         Ok(())
     }
@@ -366,7 +370,11 @@ impl Mm {
 
     /// `mmu_notifier_invalidate_range_start[_nonblock]` over every notifier.
     /// On refusal the ones already started are ended again.
-    pub fn notify_invalidate_start(&self, range: Range<u64>, blockable: bool) -> std::result::Result<(), WouldBlock> {
+    pub fn notify_invalidate_start(
+        &self,
+        range: Range<u64>,
+        blockable: bool,
+    ) -> std::result::Result<(), WouldBlock> {
         let ns = lock_list(&self.notifiers).clone();
         for (i, n) in ns.iter().enumerate() {
             if let Err(e) = n.invalidate_range_start(range.clone(), blockable) {
@@ -391,7 +399,8 @@ impl Mm {
     pub fn resident_bytes(&self, state: &MmState) -> Result<u64> {
         let mut pages = 0;
         for v in state.vmas.iter() {
-            pages += sys::resident_pages(v.host_range(v.start, v.end)).map_err(Error::host("mincore"))?;
+            pages += sys::resident_pages(v.host_range(v.start, v.end))
+                .map_err(Error::host("mincore"))?;
         }
         Ok(pages as u64 * PAGE)
     }
@@ -417,7 +426,14 @@ impl Mm {
     /// ranges with no leaf were never populated through the API but may have
     /// been touched directly by the embedder: they are discarded too, in one
     /// call per run.
-    pub fn zap_range(&self, state: &MmState, vma: &Vma, start: u64, end: u64, reason: ZapReason) -> Result<u64> {
+    pub fn zap_range(
+        &self,
+        state: &MmState,
+        vma: &Vma,
+        start: u64,
+        end: u64,
+        reason: ZapReason,
+    ) -> Result<u64> {
         let _ = state;
         debug_assert!(vma.start <= start && end <= vma.end && start < end);
         if vma.flags.contains(VmFlags::LOCKED) {
@@ -493,7 +509,10 @@ impl Mm {
         // so the charge matches the THP the host maps.
         let (lo, hi) = if vma.flags.contains(VmFlags::HUGEPAGE) {
             let hp = HUGE_PAGE_SIZE as u64;
-            ((start & !(hp - 1)).max(vma.start), ((start & !(hp - 1)) + hp).min(vma.end))
+            (
+                (start & !(hp - 1)).max(vma.start),
+                ((start & !(hp - 1)) + hp).min(vma.end),
+            )
         } else {
             (start, end)
         };
@@ -566,7 +585,10 @@ impl Mm {
         }
         let base = vma.host_range(start, end).ptr();
         f(base, 0, end - start);
-        unlock_all(&olds[..n], Pte::PRESENT | if write { Pte::DIRTY } else { 0 });
+        unlock_all(
+            &olds[..n],
+            Pte::PRESENT | if write { Pte::DIRTY } else { 0 },
+        );
         Ok(())
     }
 
@@ -620,7 +642,11 @@ impl Mm {
                     let (from, to) = (pos, cend.min(end));
                     let mut g = |host: *mut u8, _off: u64, _n: u64| {
                         // `host` maps `pstart`; hand out the byte window.
-                        f(host.wrapping_add((from - pstart) as usize), from - addr, to - from);
+                        f(
+                            host.wrapping_add((from - pstart) as usize),
+                            from - addr,
+                            to - from,
+                        );
                     };
                     match self.fault_chunk(vma, pstart, cend, access == Access::Write, &mut g) {
                         Ok(()) => pos = to,
@@ -657,12 +683,19 @@ impl Mm {
             state
                 .vmas
                 .overlapping(start, end)
-                .map(|v| (v.start.max(start), v.end.min(end), v.prot.contains(Prot::READ)))
+                .map(|v| {
+                    (
+                        v.start.max(start),
+                        v.end.min(end),
+                        v.prot.contains(Prot::READ),
+                    )
+                })
                 .collect()
         };
         for (s, e, readable) in ranges {
             if readable {
-                self.access(s, e - s, Access::Read, &mut |_, _, _| {}).await?;
+                self.access(s, e - s, Access::Read, &mut |_, _, _| {})
+                    .await?;
             }
         }
         Ok(())
@@ -694,7 +727,12 @@ impl Drop for Mm {
         let nodes = self.pgtable.nodes();
         if rss != 0 || nodes != 0 || self.count() != 0 {
             tracing::error!(target: "mm_core", mm_id = self.id, rss, nodes, count = self.count(), "Bad rss-counter state at mm free");
-            debug_assert!(false, "mm {} freed with rss {rss}, {nodes} page-table nodes, count {}", self.id, self.count());
+            debug_assert!(
+                std::thread::panicking(),
+                "mm {} freed with rss {rss}, {nodes} page-table nodes, count {}",
+                self.id,
+                self.count()
+            );
         }
     }
 }
@@ -718,7 +756,9 @@ impl std::fmt::Debug for MmUser {
 impl std::ops::Deref for MmUser {
     type Target = Mm;
     fn deref(&self) -> &Mm {
-        self.mm.as_deref().expect("MmUser is only empty inside exit()")
+        self.mm
+            .as_deref()
+            .expect("MmUser is only empty inside exit()")
     }
 }
 
@@ -726,7 +766,9 @@ impl Clone for MmUser {
     /// `mmget`: we hold a user, so `users ≥ 1` and the increment can be relaxed.
     fn clone(&self) -> Self {
         self.users.fetch_add(1, Ordering::Relaxed);
-        MmUser { mm: self.mm.clone() }
+        MmUser {
+            mm: self.mm.clone(),
+        }
     }
 }
 
@@ -762,7 +804,9 @@ impl MmUser {
 
     /// An observer that tells when the struct has been freed.
     pub fn watch(&self) -> MmWatch {
-        MmWatch(Arc::downgrade(self.mm.as_ref().expect("present until exit")))
+        MmWatch(Arc::downgrade(
+            self.mm.as_ref().expect("present until exit"),
+        ))
     }
 
     /// Maps memory (`mmap`); returns the guest address.
@@ -773,14 +817,22 @@ impl MmUser {
         let limit = self.config.va_limit;
         let probe = opts.addr.unwrap_or(0);
         check_range(probe, opts.len, limit)?;
-        let align = if opts.hugepage { HUGE_PAGE_SIZE } else { PAGE_SIZE };
-        let len = usize::try_from(opts.len).map_err(|_| Error::Overflow { addr: probe, len: opts.len })?;
+        let align = if opts.hugepage {
+            HUGE_PAGE_SIZE
+        } else {
+            PAGE_SIZE
+        };
+        let len = usize::try_from(opts.len).map_err(|_| Error::Overflow {
+            addr: probe,
+            len: opts.len,
+        })?;
         let region = match opts.kind {
             MapKind::AnonPrivate => HostRegion::new_anon(len, align, opts.prot)?,
             MapKind::SharedMemfd => HostRegion::new_shared(&self.name, len, align, opts.prot)?,
         };
         if opts.hugepage {
-            sys::set_hugepage(region.range(0, len), true).map_err(Error::host("madvise(HUGEPAGE)"))?;
+            sys::set_hugepage(region.range(0, len), true)
+                .map_err(Error::host("madvise(HUGEPAGE)"))?;
         }
         let mut flags = VmFlags::EMPTY;
         flags = flags.with(VmFlags::SHARED, opts.kind == MapKind::SharedMemfd);
@@ -871,11 +923,25 @@ impl MmUser {
         // VM_LOCKED changes only under the exclusive lock: the reaper (a
         // reader) must never see it change mid-walk (CVE-2018-1000200).
         state.vmas.check_mapped(addr, end)?;
+        // The kernel's mlock fails (ENOMEM) on PROT_NONE ranges it cannot
+        // populate; refuse before pinning anything, so nothing is half-locked.
+        if let Some(v) = state
+            .vmas
+            .overlapping(addr, end)
+            .find(|v| v.prot == Prot::NONE)
+        {
+            return Err(Error::Protection {
+                addr: v.start.max(addr),
+                access: Access::Read,
+            });
+        }
         for v in state.vmas.overlapping(addr, end) {
             let (s, e) = (v.start.max(addr), v.end.min(end));
             sys::lock(v.host_range(s, e), true).map_err(Error::host("mlock"))?;
         }
-        state.vmas.modify(addr, end, |v| v.flags = v.flags.with(VmFlags::LOCKED, true));
+        state
+            .vmas
+            .modify(addr, end, |v| v.flags = v.flags.with(VmFlags::LOCKED, true));
         Ok(())
     }
 
@@ -890,7 +956,9 @@ impl MmUser {
             let (s, e) = (v.start.max(addr), v.end.min(end));
             sys::lock(v.host_range(s, e), false).map_err(Error::host("munlock"))?;
         }
-        state.vmas.modify(addr, end, |v| v.flags = v.flags.with(VmFlags::LOCKED, false));
+        state.vmas.modify(addr, end, |v| {
+            v.flags = v.flags.with(VmFlags::LOCKED, false)
+        });
         Ok(())
     }
 
@@ -917,7 +985,8 @@ impl MmUser {
                     if v.is_shared() {
                         // Shared contents stay in the memfd; only this
                         // mapping's host PTEs go.
-                        sys::discard(v.host_range(s, e)).map_err(Error::host("madvise(DONTNEED)"))?;
+                        sys::discard(v.host_range(s, e))
+                            .map_err(Error::host("madvise(DONTNEED)"))?;
                     } else {
                         self.zap_range(&state, v, s, e, ZapReason::DontNeed)?;
                     }
@@ -937,10 +1006,13 @@ impl MmUser {
                 if flag == VmFlags::HUGEPAGE {
                     for v in state.vmas.overlapping(addr, end) {
                         let (s, e) = (v.start.max(addr), v.end.min(end));
-                        sys::set_hugepage(v.host_range(s, e), on).map_err(Error::host("madvise(HUGEPAGE)"))?;
+                        sys::set_hugepage(v.host_range(s, e), on)
+                            .map_err(Error::host("madvise(HUGEPAGE)"))?;
                     }
                 }
-                state.vmas.modify(addr, end, |v| v.flags = v.flags.with(flag, on));
+                state
+                    .vmas
+                    .modify(addr, end, |v| v.flags = v.flags.with(flag, on));
                 Ok(())
             }
         }
@@ -954,7 +1026,10 @@ impl MmUser {
             // the mmap read lock, so the host range is mapped, readable and
             // not being discarded; `off + n <= buf.len()` by construction.
             unsafe {
-                sys::copy_from_host(host, std::slice::from_raw_parts_mut((base + off as usize) as *mut u8, n as usize))
+                sys::copy_from_host(
+                    host,
+                    std::slice::from_raw_parts_mut((base + off as usize) as *mut u8, n as usize),
+                )
             }
         })
         .await
@@ -963,12 +1038,20 @@ impl MmUser {
     /// Writes `data` into guest memory.
     pub async fn write(&self, addr: u64, data: &[u8]) -> Result<()> {
         let base = data.as_ptr() as usize;
-        self.access(addr, data.len() as u64, Access::Write, &mut |host, off, n| {
-            // SAFETY: as in `read`, for a writable range (checked above).
-            unsafe {
-                sys::copy_to_host(std::slice::from_raw_parts((base + off as usize) as *const u8, n as usize), host)
-            }
-        })
+        self.access(
+            addr,
+            data.len() as u64,
+            Access::Write,
+            &mut |host, off, n| {
+                // SAFETY: as in `read`, for a writable range (checked above).
+                unsafe {
+                    sys::copy_to_host(
+                        std::slice::from_raw_parts((base + off as usize) as *const u8, n as usize),
+                        host,
+                    )
+                }
+            },
+        )
         .await
     }
 
@@ -986,14 +1069,21 @@ impl MmUser {
         let mut equal = true;
         let mut page = vec![0u8; 0];
         let base = data.as_ptr() as usize;
-        self.access(addr, data.len() as u64, Access::Read, &mut |host, off, n| {
-            page.resize(n as usize, 0);
-            // SAFETY: as in `read`.
-            unsafe { sys::copy_from_host(host, &mut page) };
-            // SAFETY: `off + n <= data.len()` by construction of the windows.
-            let want = unsafe { std::slice::from_raw_parts((base + off as usize) as *const u8, n as usize) };
-            equal &= page == want;
-        })
+        self.access(
+            addr,
+            data.len() as u64,
+            Access::Read,
+            &mut |host, off, n| {
+                page.resize(n as usize, 0);
+                // SAFETY: as in `read`.
+                unsafe { sys::copy_from_host(host, &mut page) };
+                // SAFETY: `off + n <= data.len()` by construction of the windows.
+                let want = unsafe {
+                    std::slice::from_raw_parts((base + off as usize) as *const u8, n as usize)
+                };
+                equal &= page == want;
+            },
+        )
         .await?;
         Ok(equal)
     }
@@ -1002,7 +1092,11 @@ impl MmUser {
     /// [`host_ptr`](Vma::host_ptr) is usable while this user is held.
     pub async fn find_vma(&self, addr: u64) -> Result<Vma> {
         let state = self.lock.read().await;
-        state.vmas.find(addr).cloned().ok_or(Error::Unmapped { addr })
+        state
+            .vmas
+            .find(addr)
+            .cloned()
+            .ok_or(Error::Unmapped { addr })
     }
 
     /// All VMAs (copies).
@@ -1097,7 +1191,9 @@ impl Clone for MmGrab {
     /// `mmgrab` from a held count.
     fn clone(&self) -> Self {
         self.mm.count.fetch_add(1, Ordering::Relaxed);
-        MmGrab { mm: self.mm.clone() }
+        MmGrab {
+            mm: self.mm.clone(),
+        }
     }
 }
 
@@ -1124,7 +1220,11 @@ impl MmGrab {
                 .users
                 .compare_exchange_weak(n, n + 1, Ordering::AcqRel, Ordering::Acquire)
             {
-                Ok(_) => return Some(MmUser { mm: Some(self.mm.clone()) }),
+                Ok(_) => {
+                    return Some(MmUser {
+                        mm: Some(self.mm.clone()),
+                    })
+                }
                 Err(cur) => n = cur,
             }
         }

@@ -55,7 +55,12 @@ trait Level: Send + Sync + Sized + 'static {
     const SHIFT: u32;
     fn new() -> Self;
     fn pte<'g>(&'g self, gpn: u64, guard: &'g Guard) -> Option<&'g AtomicU64>;
-    fn leaf<'g>(&'g self, gpn: u64, alloc: Option<&AtomicUsize>, guard: &'g Guard) -> Option<&'g Leaf>;
+    fn leaf<'g>(
+        &'g self,
+        gpn: u64,
+        alloc: Option<&AtomicUsize>,
+        guard: &'g Guard,
+    ) -> Option<&'g Leaf>;
     /// Unlinks and defers the destruction of every node below `self`.
     /// Returns how many nodes were freed.
     fn free_children(&self, guard: &Guard) -> usize;
@@ -93,7 +98,12 @@ impl Level for Leaf {
     fn pte<'g>(&'g self, gpn: u64, _guard: &'g Guard) -> Option<&'g AtomicU64> {
         Some(Leaf::pte(self, gpn))
     }
-    fn leaf<'g>(&'g self, _gpn: u64, _alloc: Option<&AtomicUsize>, _guard: &'g Guard) -> Option<&'g Leaf> {
+    fn leaf<'g>(
+        &'g self,
+        _gpn: u64,
+        _alloc: Option<&AtomicUsize>,
+        _guard: &'g Guard,
+    ) -> Option<&'g Leaf> {
         Some(self)
     }
     fn free_children(&self, _guard: &Guard) -> usize {
@@ -146,7 +156,12 @@ impl<C: Level> Level for Dir<C> {
     fn pte<'g>(&'g self, gpn: u64, guard: &'g Guard) -> Option<&'g AtomicU64> {
         self.child(gpn, None, guard)?.pte(gpn, guard)
     }
-    fn leaf<'g>(&'g self, gpn: u64, alloc: Option<&AtomicUsize>, guard: &'g Guard) -> Option<&'g Leaf> {
+    fn leaf<'g>(
+        &'g self,
+        gpn: u64,
+        alloc: Option<&AtomicUsize>,
+        guard: &'g Guard,
+    ) -> Option<&'g Leaf> {
         self.child(gpn, alloc, guard)?.leaf(gpn, alloc, guard)
     }
     fn free_children(&self, guard: &Guard) -> usize {
@@ -309,7 +324,9 @@ mod tests {
         leaf.pte(5).store(Pte::PRESENT, Ordering::Release);
         assert_eq!(pt.nodes(), 3);
         let far = MAX_GPN - 1;
-        pt.leaf_alloc(far, &guard).pte(far).store(Pte::PRESENT, Ordering::Release);
+        pt.leaf_alloc(far, &guard)
+            .pte(far)
+            .store(Pte::PRESENT, Ordering::Release);
         assert_eq!(pt.nodes(), 6);
         assert_eq!(pt.count_present(0, MAX_GPN), 2);
         drop(guard);
@@ -340,6 +357,9 @@ mod tests {
             t.join().unwrap();
         }
         let guard = crossbeam_epoch::pin();
-        assert_eq!(pt.pte(7, &guard).unwrap().load(Ordering::Acquire) >> 32, 4000);
+        assert_eq!(
+            pt.pte(7, &guard).unwrap().load(Ordering::Acquire) >> 32,
+            4000
+        );
     }
 }

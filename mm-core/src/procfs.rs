@@ -28,7 +28,9 @@ impl ProcessMemory {
         let mut seen_rss = false;
         for line in text.lines() {
             let mut it = line.split_whitespace();
-            let (Some(key), Some(val)) = (it.next(), it.next()) else { continue };
+            let (Some(key), Some(val)) = (it.next(), it.next()) else {
+                continue;
+            };
             let Ok(kb) = val.parse::<u64>() else { continue };
             let bytes = kb * 1024;
             match key {
@@ -43,7 +45,10 @@ impl ProcessMemory {
             }
         }
         if !seen_rss {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "no Rss: line in smaps_rollup"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "no Rss: line in smaps_rollup",
+            ));
         }
         Ok(m)
     }

@@ -106,7 +106,11 @@ fn reserve_aligned(len: usize, align: usize) -> io::Result<NonNull<u8>> {
 
 /// Creates a private anonymous mapping of `len` bytes (a multiple of the page
 /// size), aligned to `align` (a power of two ≥ the page size).
-pub(crate) fn map_anon(len: usize, align: usize, prot: (bool, bool, bool)) -> io::Result<NonNull<u8>> {
+pub(crate) fn map_anon(
+    len: usize,
+    align: usize,
+    prot: (bool, bool, bool),
+) -> io::Result<NonNull<u8>> {
     let base = reserve_aligned(len, align)?;
     // SAFETY: MAP_FIXED over the reserve we own exclusively (created above,
     // not yet published), so nothing else can be replaced.
@@ -145,7 +149,8 @@ pub(crate) fn map_memfd(
     }
     // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let off_len = libc::off_t::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+    let off_len =
+        libc::off_t::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
     // SAFETY: plain syscall on a valid fd.
     check(unsafe { libc::ftruncate(fd.as_raw_fd(), off_len) })?;
     let base = reserve_aligned(len, align)?;
@@ -207,7 +212,14 @@ pub(crate) fn populate_read(r: HostRange) -> io::Result<()> {
 
 /// `MADV_HUGEPAGE` / `MADV_NOHUGEPAGE`.
 pub(crate) fn set_hugepage(r: HostRange, on: bool) -> io::Result<()> {
-    madvise(r, if on { libc::MADV_HUGEPAGE } else { libc::MADV_NOHUGEPAGE })
+    madvise(
+        r,
+        if on {
+            libc::MADV_HUGEPAGE
+        } else {
+            libc::MADV_NOHUGEPAGE
+        },
+    )
 }
 
 /// `mprotect` of a range.
