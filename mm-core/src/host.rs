@@ -9,9 +9,10 @@
 //! as the last plug-in) and retries a bounded number of times.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
+use crate::clock::{Clock, SystemClock};
 use crate::error::{Error, Result};
 use crate::mm::{BoxFuture, Mm, MmConfig, MmGrab, MmUser};
 
@@ -121,12 +122,17 @@ pub trait Reclaim: Send + Sync {
 }
 
 /// Host configuration.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct HostConfig {
     /// Byte budget shared by all guests.
     pub budget_bytes: u64,
     /// Configuration of every new mm.
     pub mm: MmConfig,
+    /// Time source for the pressure path's bounded waits.
+    pub clock: Arc<dyn Clock>,
+    /// How long a faulting access waits in total for the OOM killer and
+    /// reaper to make room before it fails with `OutOfMemory`.
+    pub oom_wait: std::time::Duration,
 }
 
 impl HostConfig {
@@ -135,6 +141,8 @@ impl HostConfig {
         HostConfig {
             budget_bytes,
             mm: MmConfig::default(),
+            clock: Arc::new(SystemClock),
+            oom_wait: std::time::Duration::from_secs(3),
         }
     }
 }
@@ -155,13 +163,16 @@ pub struct HostStats {
 }
 
 pub(crate) struct HostInner {
-    budget: Arc<Budget>,
+    pub(crate) budget: Arc<Budget>,
     config: HostConfig,
     next_id: AtomicU64,
     /// Only held for insert/remove/clone, never across an await.
-    guests: Mutex<BTreeMap<u64, Guest>>,
+    pub(crate) guests: Mutex<BTreeMap<u64, Guest>>,
     /// Only held for push/clone, never across an await.
     reclaimers: Mutex<Vec<Arc<dyn Reclaim>>>,
+    /// The OOM killer's state (`oom_lock`, `oom_victims`, the reaper queue).
+    pub(crate) oom: crate::oom::OomState,
+    pub(crate) clock: Arc<dyn Clock>,
 }
 
 /// The host: budget, guest registry, reclaim plug-ins. Cheap to clone.
@@ -188,10 +199,12 @@ impl Host {
         Host {
             inner: Arc::new(HostInner {
                 budget: Arc::new(Budget::new(config.budget_bytes)),
+                clock: config.clock.clone(),
                 config,
                 next_id: AtomicU64::new(1),
                 guests: Mutex::new(BTreeMap::new()),
                 reclaimers: Mutex::new(Vec::new()),
+                oom: crate::oom::OomState::default(),
             }),
         }
     }
@@ -219,6 +232,19 @@ impl Host {
         )
     }
 
+    /// The host's clock.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.inner.clock
+    }
+
+    pub(crate) fn inner(&self) -> &Arc<HostInner> {
+        &self.inner
+    }
+
+    pub(crate) fn from_inner(inner: Arc<HostInner>) -> Host {
+        Host { inner }
+    }
+
     /// Creates and registers a guest with a fresh address space.
     pub fn create_guest(&self, name: &str) -> Guest {
         let mm = self.new_mm(name);
@@ -231,7 +257,11 @@ impl Host {
                 oom_score_adj: AtomicI32::new(0),
                 oom_mm: OnceLock::new(),
                 host: Arc::downgrade(&self.inner),
-                ext: OnceLock::new(),
+                killed: AtomicBool::new(false),
+                exiting: AtomicBool::new(false),
+                memdie: AtomicBool::new(false),
+                unkillable: AtomicBool::new(false),
+                kill_hook: Mutex::new(None),
             }),
         };
         lock(&self.inner.guests).insert(guest.id(), guest.clone());
@@ -283,17 +313,40 @@ impl Host {
     }
 }
 
-/// The pressure path, called by the fault path with no lock held.
+/// The pressure path, called by the fault path with no lock held: the
+/// reclaim plug-ins, then the OOM killer, then a bounded wait for the
+/// victim's memory to come back (`Host::oom_wait` in total). Returns true
+/// when the caller should retry its charge.
 pub(crate) async fn pressure(inner: &Arc<HostInner>, bytes: u64, mm_id: u64) -> bool {
+    use crate::oom::OomOutcome;
     tracing::debug!(target: "mm_core::host", mm_id, bytes, "memory pressure");
-    Host {
-        inner: inner.clone(),
+    let host = Host::from_inner(inner.clone());
+    let fits = || {
+        let b = &inner.budget;
+        b.limit().saturating_sub(b.charged()) >= bytes
+    };
+    let deadline = inner.clock.now() + inner.config.oom_wait;
+    loop {
+        if fits() {
+            return true;
+        }
+        if host.reclaim(bytes).await && fits() {
+            return true;
+        }
+        match host.out_of_memory(Some(mm_id)).await {
+            OomOutcome::Killed { .. } | OomOutcome::VictimPending { .. } => {}
+            OomOutcome::Disabled | OomOutcome::NoVictim => return fits(),
+        }
+        if inner.clock.now() >= deadline {
+            return fits();
+        }
+        // Like the page allocator's retry after an OOM kill: give the
+        // reaper / the victim's exit a moment, then look again.
+        inner.clock.sleep(std::time::Duration::from_millis(5)).await;
     }
-    .reclaim(bytes)
-    .await
 }
 
-struct GuestInner {
+pub(crate) struct GuestInner {
     id: u64,
     name: String,
     mm_id: u64,
@@ -304,8 +357,16 @@ struct GuestInner {
     /// count for as long as the guest record lives (seed 4, I-RP-9).
     oom_mm: OnceLock<MmGrab>,
     host: Weak<HostInner>,
-    /// Policy data attached by another crate (mm-reaper's kill hook, …).
-    ext: OnceLock<Arc<dyn std::any::Any + Send + Sync>>,
+    /// SIGKILL delivered (`SIGNAL_GROUP_EXIT`): the guest is dying.
+    pub(crate) killed: AtomicBool,
+    /// `exit` has started (`PF_EXITING`).
+    pub(crate) exiting: AtomicBool,
+    /// `TIF_MEMDIE`: marked as OOM victim and not yet through its own exit.
+    pub(crate) memdie: AtomicBool,
+    /// Never chosen by the OOM killer (global init, a control plane).
+    pub(crate) unkillable: AtomicBool,
+    /// The embedder's way to stop the guest (vCPUs, a wasm trap).
+    pub(crate) kill_hook: Mutex<Option<Arc<dyn crate::oom::Kill>>>,
 }
 
 /// A guest (the task / `signal_struct` analogue): a name, an OOM score, its
@@ -373,27 +434,29 @@ impl Guest {
 
     /// Sets `oom_mm` once (the cmpxchg in `mark_oom_victim`); returns false
     /// if it was already set (the new grab is dropped).
-    pub fn set_oom_mm(&self, grab: MmGrab) -> bool {
+    pub(crate) fn set_oom_mm(&self, grab: MmGrab) -> bool {
         self.inner.oom_mm.set(grab).is_ok()
     }
 
-    /// Attaches policy data once (used by mm-reaper for the kill hook).
-    pub fn ext_or_init(
-        &self,
-        f: impl FnOnce() -> Arc<dyn std::any::Any + Send + Sync>,
-    ) -> &Arc<dyn std::any::Any + Send + Sync> {
-        self.inner.ext.get_or_init(f)
+    pub(crate) fn inner(&self) -> &GuestInner {
+        &self.inner
     }
 
     /// `exit_mm` + `release_task`: the guest lets go of its address space
-    /// (running the teardown if it held the last user) and leaves the
-    /// registry. Idempotent.
+    /// (running the teardown if it held the last user), then, if it was an
+    /// OOM victim, clears its own victim mark (`exit_oom_victim`: only ever
+    /// from here, the victim's own exit, after its own mmput — seed 4), and
+    /// leaves the registry. Idempotent.
     pub async fn exit(&self) {
+        self.inner.exiting.store(true, Ordering::SeqCst);
         let user = lock(&self.inner.mm).take();
         if let Some(user) = user {
             user.exit().await;
         }
         if let Some(h) = self.inner.host.upgrade() {
+            if self.inner.memdie.swap(false, Ordering::SeqCst) {
+                crate::oom::exit_oom_victim(&h);
+            }
             lock(&h.guests).remove(&self.inner.id);
         }
     }

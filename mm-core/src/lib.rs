@@ -60,18 +60,21 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod clock;
 mod error;
 mod exit;
 mod flags;
 mod host;
 mod mm;
 pub mod mmap_lock;
+mod oom;
 pub mod pgtable;
 pub mod procfs;
 pub mod sched;
 mod sys;
 mod vma;
 
+pub use clock::{Clock, SystemClock};
 pub use error::{Access, Error, Result};
 pub use flags::{MmFlag, MmFlags};
 pub use host::{Budget, Guest, Host, HostConfig, HostStats, OverBudget, Reclaim};
@@ -80,6 +83,7 @@ pub use mm::{
     MmUser, MmWatch, WouldBlock, ZapReason,
 };
 pub use mmap_lock::{MmapLock, MmapReadGuard, MmapWriteGuard};
+pub use oom::{Kill, OomOutcome, OomReaperQueue, OomStats};
 pub use procfs::ProcessMemory;
 pub use sys::{HUGE_PAGE_SIZE, PAGE_SIZE};
 pub use vma::{Prot, VmFlags, Vma, VmaTree};

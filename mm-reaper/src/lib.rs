@@ -1,1 +1,584 @@
-//! mm-reaper: the OOM killer, OOM reaper and process_mrelease (in progress).
+//! # mm-reaper: the OOM reaper and `process_mrelease` for guests
+//!
+//! The OOM killer lives in mm-core's `Host` (it selects, kills, marks the
+//! victim and queues its mm here). This crate frees a victim's private
+//! memory early, while its threads and its teardown may still be running,
+//! exactly as `mm/oom_kill.c` does:
+//!
+//! 1. **Queue** ([`Reaper`] as `OomReaperQueue`): called once per mm (the
+//!    OOM killer set `OOM_REAP_QUEUED`). The entry pins the guest record and
+//!    the mm's *count* (`oom_mm`, a grab), never a user: the reaper can never
+//!    become the one who runs the teardown (I-EX-6).
+//! 2. **Delay** (`wake_oom_reaper`): after `delay` (kernel: 2 s, so the
+//!    victim's exit can walk its robust futex list first), an mm that
+//!    already has `OOM_SKIP` is dropped ("managed to terminate on its own");
+//!    otherwise it goes on the head of a LIFO list.
+//! 3. **Reap** ([`oom_reap_task`]): up to `max_retries` attempts,
+//!    `retry_interval` apart, of [`oom_reap_task_mm`]:
+//!    `try_read` the mmap lock (never wait for the victim, who may hold it
+//!    forever), then check `OOM_SKIP` **under** the read lock (exit_mmap
+//!    sets it before its write lock, so a reader that gets in after the
+//!    teardown always sees it, I-EX-3), then [`reap_locked`].
+//! 4. **Zap** ([`reap_locked`], `__oom_reap_task_mm`): set `UNSTABLE` before
+//!    the first zap (I-RP-4), then per VMA from the top down: skip shared and
+//!    pinned VMAs, ask the notifiers to invalidate *without blocking* (a
+//!    refusal skips the VMA and makes the result partial, retried), zap.
+//! 5. **Always** set `OOM_SKIP` at the end, reaped or given up (I-RP-6), so
+//!    the OOM killer can move on; drop the pins.
+//!
+//! [`mrelease`] is `process_mrelease`: a synchronous reap of a *dying* guest
+//! (not necessarily an OOM victim), pinning only the count, waiting for the
+//! read lock in an interruptible way, re-checking `OOM_SKIP` under it.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use event_listener::Event;
+use futures_lite::future;
+use mm_core::{
+    Clock, Guest, Host, Mm, MmFlag, MmGrab, MmState, OomReaperQueue, SystemClock, ZapReason,
+};
+
+/// Reaper settings.
+#[derive(Debug, Clone)]
+pub struct ReaperConfig {
+    /// `OOM_REAPER_DELAY`: time between the kill and the reap (kernel: 2 s).
+    pub delay: Duration,
+    /// `MAX_OOM_REAP_RETRIES` (kernel: 10).
+    pub max_retries: u32,
+    /// Sleep between attempts (kernel: 100 ms).
+    pub retry_interval: Duration,
+    /// Threads that zap one large VMA in parallel (1 = the kernel's way).
+    pub zap_threads: usize,
+    /// Time source for the delay and the retry sleeps.
+    pub clock: Arc<dyn Clock>,
+}
+
+impl Default for ReaperConfig {
+    fn default() -> Self {
+        ReaperConfig {
+            delay: Duration::from_secs(2),
+            max_retries: 10,
+            retry_interval: Duration::from_millis(100),
+            zap_threads: 1,
+            clock: Arc::new(SystemClock),
+        }
+    }
+}
+
+/// What one reap attempt did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReapOutcome {
+    /// Every reapable VMA was zapped.
+    Reaped {
+        /// Pages uncharged.
+        pages: u64,
+    },
+    /// Some VMA was skipped because a notifier refused to invalidate
+    /// without blocking; retry later.
+    Partial {
+        /// Pages uncharged.
+        pages: u64,
+    },
+    /// The mmap lock was taken (try_read failed); retry later.
+    Contended,
+    /// `OOM_SKIP` was already set (exit_mmap got there first).
+    Skipped,
+}
+
+/// Reaper counters (`ReaperStats`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReaperStats {
+    /// mms queued by the OOM killer.
+    pub queued: u64,
+    /// mms dropped at the delay because they already had `OOM_SKIP`.
+    pub exited_before_reap: u64,
+    /// mms fully reaped.
+    pub reaped: u64,
+    /// mms the reaper gave up on after its retries.
+    pub gave_up: u64,
+    /// mms found with `OOM_SKIP` under the lock.
+    pub skipped: u64,
+    /// Attempts refused by the lock.
+    pub contended: u64,
+    /// Attempts that were partial.
+    pub partial: u64,
+    /// Pages uncharged by reaps.
+    pub pages_reaped: u64,
+    /// Duration of the last successful reap (lock to unlock), µs.
+    pub last_reap_us: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    queued: AtomicU64,
+    exited_before_reap: AtomicU64,
+    reaped: AtomicU64,
+    gave_up: AtomicU64,
+    skipped: AtomicU64,
+    contended: AtomicU64,
+    partial: AtomicU64,
+    pages_reaped: AtomicU64,
+    last_reap_us: AtomicU64,
+}
+
+struct Entry {
+    /// Pins the guest record while queued (`get_task_struct`).
+    guest: Guest,
+    /// The victim's `oom_mm`: a count, never a user.
+    mm: MmGrab,
+    due: Instant,
+}
+
+struct Inner {
+    config: ReaperConfig,
+    /// Entries waiting for their delay (the per-task timers).
+    timers: Mutex<Vec<Entry>>,
+    /// `oom_reaper_list`: LIFO. Never held together with an mmap lock.
+    list: Mutex<Vec<Entry>>,
+    wake: Event,
+    stop: AtomicBool,
+    stats: Counters,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The OOM reaper. Cheap to clone; run it with [`Reaper::spawn`] (a std
+/// thread) or poll [`Reaper::run`] on any executor.
+#[derive(Clone)]
+pub struct Reaper {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Reaper {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reaper")
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+struct QueueHandle(Arc<Inner>);
+
+impl OomReaperQueue for QueueHandle {
+    /// `queue_oom_reaper` after the test_and_set: arm the delay timer.
+    fn queue_oom_reaper(&self, guest: &Guest, mm: MmGrab) {
+        let due = self.0.config.clock.now() + self.0.config.delay;
+        self.0.stats.queued.fetch_add(1, Ordering::Relaxed);
+        lock(&self.0.timers).push(Entry {
+            guest: guest.clone(),
+            mm,
+            due,
+        });
+        tracing::debug!(target: "mm_reaper::wake_reaper", guest = guest.id(), "wake_reaper");
+        self.0.wake.notify(usize::MAX);
+    }
+}
+
+impl Reaper {
+    /// A reaper with this configuration (not yet installed or running).
+    pub fn new(config: ReaperConfig) -> Reaper {
+        Reaper {
+            inner: Arc::new(Inner {
+                config,
+                timers: Mutex::new(Vec::new()),
+                list: Mutex::new(Vec::new()),
+                wake: Event::new(),
+                stop: AtomicBool::new(false),
+                stats: Counters::default(),
+            }),
+        }
+    }
+
+    /// Makes this the reaper the host's OOM killer queues victims to.
+    pub fn install(&self, host: &Host) {
+        host.set_oom_reaper(Arc::new(QueueHandle(self.inner.clone())));
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> ReaperStats {
+        let s = &self.inner.stats;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        ReaperStats {
+            queued: l(&s.queued),
+            exited_before_reap: l(&s.exited_before_reap),
+            reaped: l(&s.reaped),
+            gave_up: l(&s.gave_up),
+            skipped: l(&s.skipped),
+            contended: l(&s.contended),
+            partial: l(&s.partial),
+            pages_reaped: l(&s.pages_reaped),
+            last_reap_us: l(&s.last_reap_us),
+        }
+    }
+
+    /// Entries queued or waiting for their delay.
+    pub fn pending(&self) -> usize {
+        lock(&self.inner.timers).len() + lock(&self.inner.list).len()
+    }
+
+    /// Asks [`run`](Self::run) to return after its current step.
+    pub fn stop(&self) {
+        self.inner.stop.store(true, Ordering::SeqCst);
+        self.inner.wake.notify(usize::MAX);
+    }
+
+    /// Runs the reaper on a new std thread (`oom_reaper` kthread).
+    pub fn spawn(&self) -> ReaperThread {
+        let me = self.clone();
+        let handle = std::thread::Builder::new()
+            .name("oom_reaper".into())
+            .spawn(move || future::block_on(me.run()))
+            .expect("spawn the oom_reaper thread");
+        ReaperThread {
+            reaper: self.clone(),
+            handle: Some(handle),
+        }
+    }
+
+    /// The reaper loop as a runtime-agnostic future: returns after
+    /// [`stop`](Self::stop).
+    pub async fn run(&self) {
+        while !self.inner.stop.load(Ordering::SeqCst) {
+            let listener = self.inner.wake.listen();
+            if self.step().await {
+                continue;
+            }
+            let now = self.inner.config.clock.now();
+            let next = lock(&self.inner.timers).iter().map(|e| e.due).min();
+            let wait = next.map_or(Duration::from_secs(1), |d| d.saturating_duration_since(now));
+            future::or(listener, self.inner.config.clock.sleep(wait)).await;
+        }
+    }
+
+    /// One step: move due entries to the list, then reap the newest one.
+    /// Returns whether there was anything to reap. (The race harness drives
+    /// this directly.)
+    pub async fn step(&self) -> bool {
+        self.promote_due();
+        let entry = lock(&self.inner.list).pop();
+        match entry {
+            Some(e) => {
+                oom_reap_task(&self.inner.config, &self.inner.stats, e).await;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// `wake_oom_reaper` for every entry whose delay is over.
+    fn promote_due(&self) {
+        let now = self.inner.config.clock.now();
+        let due: Vec<Entry> = {
+            let mut t = lock(&self.inner.timers);
+            let (due, wait): (Vec<Entry>, Vec<Entry>) = t.drain(..).partition(|e| e.due <= now);
+            *t = wait;
+            due
+        };
+        for e in due {
+            if e.mm.flags().test(MmFlag::OOM_SKIP) {
+                // "The victim managed to terminate on its own": drop the pins.
+                self.inner
+                    .stats
+                    .exited_before_reap
+                    .fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            lock(&self.inner.list).push(e);
+        }
+    }
+}
+
+/// A reaper running on its own thread; stops and joins on drop.
+#[derive(Debug)]
+pub struct ReaperThread {
+    reaper: Reaper,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ReaperThread {
+    /// Stops the thread and waits for it.
+    pub fn stop(mut self) {
+        self.join();
+    }
+
+    fn join(&mut self) {
+        self.reaper.stop();
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for ReaperThread {
+    fn drop(&mut self) {
+        self.join();
+    }
+}
+
+/// `oom_reap_task`: the retry policy. Always ends by setting `OOM_SKIP` and
+/// dropping the pins.
+async fn oom_reap_task(config: &ReaperConfig, stats: &Counters, entry: Entry) {
+    let mm: &Mm = &entry.mm;
+    let mut attempts = 0;
+    let done = loop {
+        attempts += 1;
+        let t = Instant::now();
+        match oom_reap_task_mm(mm, config.zap_threads).await {
+            ReapOutcome::Reaped { pages } => {
+                stats
+                    .last_reap_us
+                    .store(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+                stats.reaped.fetch_add(1, Ordering::Relaxed);
+                stats.pages_reaped.fetch_add(pages, Ordering::Relaxed);
+                break true;
+            }
+            ReapOutcome::Skipped => {
+                stats.skipped.fetch_add(1, Ordering::Relaxed);
+                break true;
+            }
+            ReapOutcome::Contended => {
+                stats.contended.fetch_add(1, Ordering::Relaxed);
+            }
+            ReapOutcome::Partial { pages } => {
+                stats.partial.fetch_add(1, Ordering::Relaxed);
+                stats.pages_reaped.fetch_add(pages, Ordering::Relaxed);
+            }
+        }
+        if attempts >= config.max_retries {
+            break false;
+        }
+        config.clock.sleep(config.retry_interval).await;
+    };
+    if !done && !mm.flags().test(MmFlag::OOM_SKIP) {
+        stats.gave_up.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            target: "mm_reaper",
+            guest = entry.guest.id(),
+            attempts,
+            "oom_reaper: unable to reap guest {}",
+            entry.guest.name()
+        );
+    }
+    // I-RP-6: OOM_SKIP always, reaped or given up, so the OOM killer's
+    // selection (which aborts while a victim lacks it) can move on.
+    mm.flags().set(MmFlag::OOM_SKIP);
+    mm_core::sched::point("oom_reap_task:oom_skip_set").await;
+    drop(entry); // put_task_struct + the oom_mm clone
+}
+
+/// `oom_reap_task_mm`: one attempt. Never waits for the victim's lock.
+pub async fn oom_reap_task_mm(mm: &Mm, zap_threads: usize) -> ReapOutcome {
+    mm_core::sched::point("oom_reap_task_mm:try_read").await;
+    let Some(state) = mm.lock().try_read() else {
+        tracing::debug!(target: "mm_reaper::skip_task_reaping", mm_id = mm.id(), "skip_task_reaping (contended)");
+        return ReapOutcome::Contended;
+    };
+    // I-EX-3: OOM_SKIP checked UNDER the read lock. exit_mmap sets it
+    // before asking for the write lock, so if we got the lock after its
+    // teardown we see it here and never walk freed VMAs:
+    //
+    //   exit_mmap                      | reaper
+    //   set OOM_SKIP                   |
+    //   write lock; free; empty tree   |
+    //   write unlock                   |
+    //                                  | try_read ok
+    //                                  | OOM_SKIP? yes -> skip
+    if mm.flags().test(MmFlag::OOM_SKIP) {
+        tracing::debug!(target: "mm_reaper::skip_task_reaping", mm_id = mm.id(), "skip_task_reaping (OOM_SKIP)");
+        return ReapOutcome::Skipped;
+    }
+    tracing::debug!(target: "mm_reaper::start_task_reaping", mm_id = mm.id(), "start_task_reaping");
+    let start = Instant::now();
+    let (complete, pages) = reap_locked(mm, &state, zap_threads);
+    mm_core::sched::point("oom_reap_task_mm:after_reap").await;
+    drop(state);
+    tracing::info!(
+        target: "mm_reaper::finish_task_reaping",
+        mm_id = mm.id(),
+        pages,
+        complete,
+        us = start.elapsed().as_micros() as u64,
+        "oom_reaper: reaped guest mm {}, now anon-rss {} pages",
+        mm.id(),
+        mm.anon_rss_pages()
+    );
+    if complete {
+        ReapOutcome::Reaped { pages }
+    } else {
+        ReapOutcome::Partial { pages }
+    }
+}
+
+/// `__oom_reap_task_mm`: zap every reapable VMA. The caller holds the mmap
+/// lock in read mode (`state`). Returns (complete, pages uncharged).
+pub fn reap_locked(mm: &Mm, state: &MmState, zap_threads: usize) -> (bool, u64) {
+    // I-RP-4: UNSTABLE before the first zap. The fault path re-checks it
+    // under the page lock after finding a PTE empty, so no access ever
+    // sees a zero page where the victim's data was (6b31d5955cb2).
+    mm.flags().set(MmFlag::UNSTABLE);
+    let mut complete = true;
+    let mut pages = 0;
+    // From the top down (2025: "from the other end" than exit_mmap, which
+    // zaps upwards, so the two meet instead of fighting over page locks).
+    for vma in state.vmas().iter().rev() {
+        // I-RP-3: never shared (the memory is not the victim's alone) nor
+        // pinned (PFNMAP-like). VM_LOCKED is reaped (since 5.18).
+        if vma.is_shared() || vma.flags().contains(mm_core::VmFlags::PINNED) {
+            continue;
+        }
+        let range = vma.start()..vma.end();
+        // Per VMA, nonblocking: a secondary MMU that would have to sleep
+        // refuses; skip this VMA and report partial (retried later).
+        if mm.notify_invalidate_start(range.clone(), false).is_err() {
+            complete = false;
+            continue;
+        }
+        match zap_vma(mm, state, vma, zap_threads) {
+            Ok(n) => pages += n,
+            Err(e) => {
+                complete = false;
+                tracing::error!(target: "mm_reaper", mm_id = mm.id(), error = %e, "zap failed");
+            }
+        }
+        mm.notify_invalidate_end(range);
+    }
+    (complete, pages)
+}
+
+/// Zaps one VMA, splitting a large one over `threads` scoped threads.
+fn zap_vma(mm: &Mm, state: &MmState, vma: &mm_core::Vma, threads: usize) -> mm_core::Result<u64> {
+    const CHUNK: u64 = 64 << 20;
+    if threads <= 1 || vma.len() < 2 * CHUNK {
+        return mm.zap_range(state, vma, vma.start(), vma.end(), ZapReason::Reap);
+    }
+    let per = (vma.len() / threads as u64).next_multiple_of(2 << 20);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads as u64)
+            .map(|i| {
+                let start = vma.start() + i * per;
+                let end = (start + per).min(vma.end());
+                s.spawn(move || {
+                    if start < end {
+                        mm.zap_range(state, vma, start, end, ZapReason::Reap)
+                    } else {
+                        Ok(0)
+                    }
+                })
+            })
+            .collect();
+        let mut total = 0;
+        for h in handles {
+            total += h.join().expect("zap thread panicked")?;
+        }
+        Ok(total)
+    })
+}
+
+/// `process_mrelease` errors, with the kernel's errno in the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum MreleaseError {
+    /// ESRCH: no such guest, or it has no address space any more.
+    #[error("no such guest {guest} (ESRCH)")]
+    NoSuchGuest {
+        /// Guest id asked for.
+        guest: u64,
+    },
+    /// EINVAL: the guest is not dying (not killed, not exiting).
+    #[error("guest {guest} is not dying (EINVAL)")]
+    NotDying {
+        /// Guest id.
+        guest: u64,
+    },
+    /// EINTR: interrupted while waiting for the mmap lock.
+    #[error("interrupted while waiting for guest {guest}'s mmap lock (EINTR)")]
+    Interrupted {
+        /// Guest id.
+        guest: u64,
+    },
+    /// EAGAIN: a notifier refused to invalidate without blocking; some
+    /// memory was not reaped. Try again.
+    #[error("guest {guest} only partly reaped, try again (EAGAIN)")]
+    Partial {
+        /// Guest id.
+        guest: u64,
+    },
+}
+
+/// What a successful [`mrelease`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MreleaseOutcome {
+    /// Reaped now.
+    Reaped {
+        /// Pages uncharged.
+        pages: u64,
+    },
+    /// Nothing to do: the work was already done (`OOM_SKIP`).
+    AlreadyDone,
+}
+
+/// `process_mrelease(pidfd, 0)` with an uninterruptible wait.
+pub async fn mrelease(host: &Host, guest: u64) -> Result<MreleaseOutcome, MreleaseError> {
+    mrelease_interruptible(host, guest, future::pending::<()>()).await
+}
+
+/// Blocking [`mrelease`].
+pub fn mrelease_blocking(host: &Host, guest: u64) -> Result<MreleaseOutcome, MreleaseError> {
+    future::block_on(mrelease(host, guest))
+}
+
+/// `process_mrelease` whose wait for the read lock ends with `Interrupted`
+/// when `interrupt` completes first (`mmap_read_lock_killable`).
+pub async fn mrelease_interruptible(
+    host: &Host,
+    guest_id: u64,
+    interrupt: impl Future<Output = ()>,
+) -> Result<MreleaseOutcome, MreleaseError> {
+    let guest = host
+        .guest(guest_id)
+        .map_err(|_| MreleaseError::NoSuchGuest { guest: guest_id })?;
+    // find_lock_task_mm + mmgrab: a COUNT only (since v5.17). A user would
+    // make us the one who runs the teardown if the guest exits meanwhile
+    // (the v5.15 design; exit_aio would then block the caller).
+    let grab = match guest.mm() {
+        Ok(user) => {
+            let g = user.grab();
+            drop(user);
+            g
+        }
+        Err(_) => return Err(MreleaseError::NoSuchGuest { guest: guest_id }),
+    };
+    if !guest.is_dying() {
+        // "Error only if the work has not been done already."
+        return if grab.flags().test(MmFlag::OOM_SKIP) {
+            Ok(MreleaseOutcome::AlreadyDone)
+        } else {
+            Err(MreleaseError::NotDying { guest: guest_id })
+        };
+    }
+    mm_core::sched::point("mrelease:before_lock").await;
+    let state = future::or(async { Some(grab.lock().read().await) }, async {
+        interrupt.await;
+        None
+    })
+    .await
+    .ok_or(MreleaseError::Interrupted { guest: guest_id })?;
+    // Re-check OOM_SKIP under the read lock "to ensure possible change in
+    // exit_mmap is seen" (I-EX-3): a teardown that finished before we got
+    // the lock left an empty tree and OOM_SKIP; one that has not started
+    // its write phase cannot start it while we hold the lock.
+    if grab.flags().test(MmFlag::OOM_SKIP) {
+        return Ok(MreleaseOutcome::AlreadyDone);
+    }
+    let (complete, pages) = reap_locked(&grab, &state, 1);
+    drop(state);
+    if complete {
+        Ok(MreleaseOutcome::Reaped { pages })
+    } else {
+        Err(MreleaseError::Partial { guest: guest_id })
+    }
+}

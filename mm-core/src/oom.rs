@@ -1,0 +1,311 @@
+//! The OOM killer (`mm/oom_kill.c`: `out_of_memory`, `select_bad_process`,
+//! `oom_kill_process`, `mark_oom_victim`, `exit_oom_victim`,
+//! `oom_killer_disable`).
+//!
+//! 1. The pressure path (a charge that does not fit) runs the reclaim
+//!    plug-ins, then [`Host::out_of_memory`] under `oom_lock`.
+//! 2. Selection walks the guests. A guest whose `oom_mm` lacks `OOM_SKIP`
+//!    **aborts** the selection (I-RP-7): a victim is still dying, killing a
+//!    second one would be needless. Victims with `OOM_SKIP` are skipped, as
+//!    are unkillable guests and `oom_score_adj == -1000`.
+//! 3. Badness = resident pages (the larger of the charged RSS and what
+//!    `mincore` says, so directly touched untracked memory counts) + page
+//!    table pages + `oom_score_adj × budget_pages / 1000`.
+//! 4. Kill: a local grab, the embedder's [`Kill`] hook **before**
+//!    `mark_oom_victim` (the kernel sends SIGKILL first), then
+//!    `mark_oom_victim` (`TIF_MEMDIE` once; `oom_mm` set once with its own
+//!    grab, I-RP-9; `oom_victims += 1`), then `queue_oom_reaper` once per mm
+//!    (`OOM_REAP_QUEUED` test-and-set, I-RP-1).
+//! 5. Only the victim's own [`Guest::exit`] calls `exit_oom_victim`, after its
+//!    own mmput (seed 4): the reaper never does, so
+//!    [`Host::oom_killer_disable`] is a real barrier (I-RP-8).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::flags::MmFlag;
+use crate::host::{Guest, Host, HostInner};
+use crate::mm::MmGrab;
+use crate::sys::PAGE_SIZE;
+
+/// The embedder's way to kill a guest: stop its vCPUs, trap the wasm
+/// instance. Called with `oom_lock` held; must not block on the guest (its
+/// mmap lock, its threads).
+pub trait Kill: Send + Sync {
+    /// Deliver the kill.
+    fn kill(&self, guest: &Guest);
+}
+
+/// Where the OOM killer hands a victim's mm for reaping (mm-reaper's
+/// `Reaper` implements it).
+pub trait OomReaperQueue: Send + Sync {
+    /// Queue `mm` (the victim's `oom_mm`) for reaping. Called at most once
+    /// per mm, after `OOM_REAP_QUEUED` was set.
+    fn queue_oom_reaper(&self, guest: &Guest, mm: MmGrab);
+}
+
+/// Result of one [`Host::out_of_memory`] call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OomOutcome {
+    /// A victim was killed.
+    Killed {
+        /// The victim.
+        guest: u64,
+    },
+    /// An earlier victim has not got `OOM_SKIP` yet: nothing killed.
+    VictimPending {
+        /// That victim.
+        guest: u64,
+    },
+    /// The OOM killer is disabled (`oom_killer_disable`).
+    Disabled,
+    /// No eligible guest.
+    NoVictim,
+}
+
+/// OOM killer counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OomStats {
+    /// Victims killed.
+    pub kills: u64,
+    /// Selections aborted because a victim still lacked `OOM_SKIP`.
+    pub aborted: u64,
+    /// Kills made while another victim still lacked `OOM_SKIP` (I-RP-7
+    /// says this stays 0).
+    pub second_kills: u64,
+    /// Marked victims that have not finished their own exit.
+    pub victims_running: usize,
+}
+
+#[derive(Default)]
+pub(crate) struct OomState {
+    /// `oom_lock`: serialises selection, kill and `oom_killer_disable`.
+    lock: async_lock::Mutex<()>,
+    disabled: AtomicBool,
+    /// `oom_victims` + `oom_victims_wait`.
+    victims: Mutex<usize>,
+    victims_cv: Condvar,
+    reaper: Mutex<Option<Arc<dyn OomReaperQueue>>>,
+    kills: AtomicU64,
+    aborted: AtomicU64,
+    second_kills: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// `exit_oom_victim`: called only from the victim's own `Guest::exit`.
+pub(crate) fn exit_oom_victim(h: &HostInner) {
+    let mut v = lock(&h.oom.victims);
+    *v = v.saturating_sub(1);
+    if *v == 0 {
+        h.oom.victims_cv.notify_all();
+    }
+}
+
+impl Guest {
+    /// Sets the embedder's kill hook.
+    pub fn set_kill_hook(&self, hook: Arc<dyn Kill>) {
+        *lock(&self.inner().kill_hook) = Some(hook);
+    }
+
+    /// Never let the OOM killer choose this guest.
+    pub fn set_unkillable(&self, on: bool) {
+        self.inner().unkillable.store(on, Ordering::SeqCst);
+    }
+
+    /// SIGKILL: marks the guest dying and calls its kill hook. Does not
+    /// make it an OOM victim (process_mrelease works on any dying guest).
+    pub fn kill(&self) {
+        if !self.inner().killed.swap(true, Ordering::SeqCst) {
+            let hook = lock(&self.inner().kill_hook).clone();
+            if let Some(h) = hook {
+                h.kill(self);
+            }
+        }
+    }
+
+    /// Dying: killed, or exit started (`task_will_free_mem`'s test).
+    pub fn is_dying(&self) -> bool {
+        self.inner().killed.load(Ordering::SeqCst) || self.inner().exiting.load(Ordering::SeqCst)
+    }
+
+    /// Marked as OOM victim (`tsk_is_oom_victim`: `oom_mm` set).
+    pub fn is_oom_victim(&self) -> bool {
+        self.oom_mm().is_some()
+    }
+
+    /// `TIF_MEMDIE`: marked and not yet through its own exit.
+    pub fn is_running_victim(&self) -> bool {
+        self.inner().memdie.load(Ordering::SeqCst)
+    }
+}
+
+impl Host {
+    /// Registers the reaper the OOM killer queues victims to.
+    pub fn set_oom_reaper(&self, q: Arc<dyn OomReaperQueue>) {
+        *lock(&self.inner().oom.reaper) = Some(q);
+    }
+
+    /// Counters of the OOM killer.
+    pub fn oom_stats(&self) -> OomStats {
+        let o = &self.inner().oom;
+        OomStats {
+            kills: o.kills.load(Ordering::Relaxed),
+            aborted: o.aborted.load(Ordering::Relaxed),
+            second_kills: o.second_kills.load(Ordering::Relaxed),
+            victims_running: *lock(&o.victims),
+        }
+    }
+
+    /// `oom_badness`: None if the guest is not eligible.
+    pub fn badness(&self, guest: &Guest) -> Option<i64> {
+        if guest.inner().unkillable.load(Ordering::SeqCst) || guest.oom_score_adj() == -1000 {
+            return None;
+        }
+        let mm = guest.mm().ok()?;
+        if mm.flags().test(MmFlag::OOM_SKIP) {
+            return None;
+        }
+        // Untracked regions are sampled: what mincore says is resident
+        // counts even if the embedder touched it directly. try_read only:
+        // selection must never wait for a guest's lock.
+        let sampled = mm
+            .lock()
+            .try_read()
+            .and_then(|st| crate::mm::Mm::resident_bytes(&mm, &st).ok())
+            .unwrap_or(0)
+            / PAGE_SIZE as u64;
+        let pages = mm.rss_pages().max(sampled) + mm.pgtables_bytes() / PAGE_SIZE as u64;
+        let total = (self.budget().limit() / PAGE_SIZE as u64).max(1) as i64;
+        Some(pages as i64 + i64::from(guest.oom_score_adj()) * total / 1000)
+    }
+
+    /// `out_of_memory`: select a victim and kill it, unless an earlier
+    /// victim is still dying. Takes `oom_lock`.
+    pub async fn out_of_memory(&self, requester: Option<u64>) -> OomOutcome {
+        let oom = &self.inner().oom;
+        let _oom_lock = oom.lock.lock().await;
+        crate::sched::point("oom:locked").await;
+        if oom.disabled.load(Ordering::SeqCst) {
+            return OomOutcome::Disabled;
+        }
+        // select_bad_process / oom_evaluate_task.
+        let mut chosen: Option<(i64, Guest)> = None;
+        for g in self.guests() {
+            if let Some(mm) = g.oom_mm() {
+                if mm.flags().test(MmFlag::OOM_SKIP) {
+                    continue;
+                }
+                // I-RP-7: someone is already dying and has not released its
+                // memory (no OOM_SKIP from exit_mmap or the reaper): do not
+                // kill more. Counterpart: the reaper always ends with OOM_SKIP
+                // (I-RP-6), so this wait is bounded.
+                oom.aborted.fetch_add(1, Ordering::Relaxed);
+                return OomOutcome::VictimPending { guest: g.id() };
+            }
+            if let Some(points) = self.badness(&g) {
+                if chosen.as_ref().is_none_or(|(p, _)| points > *p) {
+                    chosen = Some((points, g));
+                }
+            }
+        }
+        let Some((points, victim)) = chosen else {
+            tracing::warn!(target: "mm_core::oom", ?requester, "out of memory and no killable guest");
+            return OomOutcome::NoVictim;
+        };
+        self.oom_kill_process(&victim, points)
+    }
+
+    /// `oom_kill_process` / `__oom_kill_process`. Caller holds `oom_lock`.
+    fn oom_kill_process(&self, victim: &Guest, points: i64) -> OomOutcome {
+        let oom = &self.inner().oom;
+        // find_lock_task_mm + mmgrab: a local pin on the victim's mm.
+        let Ok(user) = victim.mm() else {
+            return OomOutcome::NoVictim; // already exiting
+        };
+        let grab = user.grab();
+        drop(user);
+        // SIGKILL before mark_oom_victim, as the kernel does.
+        victim.kill();
+        self.mark_oom_victim(victim, &grab);
+        if self.guests().iter().any(|g| {
+            g.id() != victim.id()
+                && g.oom_mm()
+                    .is_some_and(|m| !m.flags().test(MmFlag::OOM_SKIP))
+        }) {
+            oom.second_kills.fetch_add(1, Ordering::Relaxed);
+        }
+        oom.kills.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            target: "mm_core::oom::mark_victim",
+            guest = victim.id(),
+            name = victim.name(),
+            points,
+            rss_pages = grab.rss_pages(),
+            "Out of memory: killed guest"
+        );
+        self.queue_oom_reaper(victim);
+        OomOutcome::Killed { guest: victim.id() }
+    }
+
+    /// `mark_oom_victim`. Caller holds `oom_lock`, so the killer is not
+    /// disabled meanwhile (I-RP-8).
+    fn mark_oom_victim(&self, victim: &Guest, mm: &MmGrab) {
+        if victim.inner().memdie.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        // signal->oom_mm: set once (cmpxchg from NULL), with its own count,
+        // kept for as long as the guest record lives (seed 4): the reaper
+        // and selection find the mm here even after the guest dropped it.
+        victim.set_oom_mm(mm.clone());
+        *lock(&self.inner().oom.victims) += 1;
+    }
+
+    /// `queue_oom_reaper`: at most once per mm (I-RP-1).
+    fn queue_oom_reaper(&self, victim: &Guest) {
+        let Some(mm) = victim.oom_mm() else { return };
+        if mm.flags().test_and_set(MmFlag::OOM_REAP_QUEUED) {
+            return;
+        }
+        let reaper = lock(&self.inner().oom.reaper).clone();
+        if let Some(r) = reaper {
+            tracing::debug!(target: "mm_core::oom::wake_reaper", guest = victim.id(), "queue_oom_reaper");
+            r.queue_oom_reaper(victim, mm.clone());
+        }
+    }
+
+    /// `oom_killer_disable`: no new victims from now on; waits up to
+    /// `timeout` for every marked victim to finish its own exit. On timeout
+    /// the killer is enabled again and false is returned.
+    pub fn oom_killer_disable(&self, timeout: Duration) -> bool {
+        let oom = &self.inner().oom;
+        {
+            let _g = futures_lite::future::block_on(oom.lock.lock());
+            oom.disabled.store(true, Ordering::SeqCst);
+        }
+        let deadline = Instant::now() + timeout;
+        let mut v = lock(&oom.victims);
+        while *v > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                drop(v);
+                self.oom_killer_enable();
+                return false;
+            }
+            v = oom
+                .victims_cv
+                .wait_timeout(v, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        true
+    }
+
+    /// `oom_killer_enable`.
+    pub fn oom_killer_enable(&self) {
+        self.inner().oom.disabled.store(false, Ordering::SeqCst);
+    }
+}
