@@ -117,6 +117,31 @@ pub enum Error {
         /// Id asked for.
         guest: u64,
     },
+    /// The operation needs a tracked region (`MapOptions::tracked`).
+    #[error("guest address {addr:#x} is not in a tracked region")]
+    NotTracked {
+        /// First guest address that is not tracked.
+        addr: u64,
+    },
+    /// The userfaultfd handler of this mm died; its tracked regions were
+    /// degraded to untracked (see `tracked.rs`, step 9).
+    #[error("the userfaultfd handler of address space {mm_id} died")]
+    TrackerDead {
+        /// Id of the address space.
+        mm_id: u64,
+    },
+    /// The fault-around size is not a power of two from 4 KiB to 2 MiB.
+    #[error("fault-around of {bytes:#x} bytes is not a power of two in 4 KiB..=2 MiB")]
+    BadFaultAround {
+        /// Size given.
+        bytes: u64,
+    },
+    /// The running kernel does not offer a feature this call needs.
+    #[error("not supported by this kernel: {what}")]
+    Unsupported {
+        /// The missing feature.
+        what: &'static str,
+    },
     /// A host system call failed.
     #[error("host {op} failed")]
     Host {

@@ -61,6 +61,12 @@ impl Mm {
             sched::point("exit_mmap:empty_tree").await;
             self.lock().write().await
         } else {
+            // 5a. Tracked regions leave the userfaultfd before the zap
+            //     (tracked.rs step 8): nobody may touch them any more
+            //     (users == 0), and a zap must not wait for the handler to
+            //     read its REMOVE message when this teardown runs on the
+            //     handler thread itself (an OOM kill from its pressure path).
+            self.tracker_forget_all();
             // 5. unmap_vmas: zap everything, one pass in address order.
             for vma in state.vmas().iter() {
                 if let Err(e) = self.zap_range(&state, vma, vma.start(), vma.end(), ZapReason::Exit)
@@ -111,6 +117,11 @@ impl Mm {
 
         // 12. Write unlock.
         drop(state);
+        // 13. Stop and join the userfaultfd handler, with no lock held: it
+        //     may be inside the pressure path, whose reclaim plug-ins take
+        //     mmap locks. Its ranges were unregistered at 5a and their
+        //     regions unmapped at 10, so no fault can be waiting for it.
+        self.tracker_stop();
         sched::point("exit_mmap:done").await;
     }
 }

@@ -29,6 +29,12 @@
 //!                              than the madvise/mprotect of the pages they cover.
 //!       Host budget (atomic)   try_charge under page locks; reclaim runs with NO lock held.
 //!       notifier / hook lists  std mutexes held only to push, take or clone.
+//!       tracked self-zap list  std mutex: pushed/popped by a zap of a tracked region.
+//!     tracked-range registry   std mutex: insert/remove under the write lock, lookup by
+//!                              the uffd handler; never held across a syscall that can block.
+//! uffd handler                 takes NO mmap lock and only TRY-locks PTEs (a zapper holding
+//!                              PTE locks waits in madvise for the handler to read its REMOVE
+//!                              message); runs the pressure path as a polled future.
 //! reaper queue lock            mm-reaper: push on kill, pop in the reaper; never held with
 //!                              an mm lock.
 //! host guest registry          insert/remove/clone only; never held with an mm lock.
@@ -72,6 +78,8 @@ pub mod pgtable;
 pub mod procfs;
 pub mod sched;
 mod sys;
+mod tracked;
+mod uffd;
 mod vma;
 
 pub use clock::{Clock, SystemClock};
@@ -86,6 +94,7 @@ pub use mmap_lock::{MmapLock, MmapReadGuard, MmapWriteGuard};
 pub use oom::{Kill, OomOutcome, OomReaperQueue, OomStats};
 pub use procfs::ProcessMemory;
 pub use sys::{HUGE_PAGE_SIZE, PAGE_SIZE};
+pub use tracked::{TrackedStats, DEFAULT_FAULT_AROUND, PRESSURE_ROUNDS};
 pub use vma::{Prot, VmFlags, Vma, VmaTree};
 
 #[cfg(test)]

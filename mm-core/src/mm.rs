@@ -29,6 +29,7 @@ use crate::mmap_lock::MmapLock;
 use crate::pgtable::{pte_lock, pte_unlock, PageTable, Pte, MAX_GPN, PAGES_PER_LEAF};
 use crate::sched;
 use crate::sys::{self, HUGE_PAGE_SIZE, PAGE_SIZE};
+use crate::tracked::{TrackedStats, Tracker, DEFAULT_FAULT_AROUND};
 use crate::vma::{HostRegion, Prot, VmFlags, Vma, VmaTree};
 
 const PAGE: u64 = PAGE_SIZE as u64;
@@ -119,6 +120,12 @@ pub struct MapOptions {
     pub hugepage: bool,
     /// Mark `VM_PFNMAP`-like pinned: never reaped.
     pub pinned: bool,
+    /// A tracked region: registered with the mm's userfaultfd so direct
+    /// touches are charged (see `tracked.rs`). Private anonymous only.
+    pub tracked: bool,
+    /// Fault-around window of a tracked region, in bytes: a power of two
+    /// from one page to 2 MiB (default 2 MiB), clamped to the VMA.
+    pub fault_around: u64,
 }
 
 impl MapOptions {
@@ -131,6 +138,8 @@ impl MapOptions {
             kind: MapKind::AnonPrivate,
             hugepage: false,
             pinned: false,
+            tracked: false,
+            fault_around: DEFAULT_FAULT_AROUND,
         }
     }
 
@@ -163,6 +172,18 @@ impl MapOptions {
     /// Pinned (never reaped).
     pub fn pinned(mut self, on: bool) -> Self {
         self.pinned = on;
+        self
+    }
+
+    /// Tracked by the mm's userfaultfd (direct touches are charged).
+    pub fn tracked(mut self, on: bool) -> Self {
+        self.tracked = on;
+        self
+    }
+
+    /// Fault-around window of a tracked region (bytes).
+    pub fn fault_around(mut self, bytes: u64) -> Self {
+        self.fault_around = bytes;
         self
     }
 }
@@ -215,15 +236,21 @@ pub struct Mm {
     name: String,
     users: AtomicUsize,
     count: AtomicUsize,
-    flags: MmFlags,
+    pub(crate) flags: MmFlags,
     lock: MmapLock<MmState>,
-    pgtable: PageTable,
+    pub(crate) pgtable: PageTable,
     /// Present private pages (`MM_ANONPAGES`).
-    rss_anon: AtomicU64,
+    pub(crate) rss_anon: AtomicU64,
     /// Present shared pages (`MM_SHMEMPAGES`).
     rss_shmem: AtomicU64,
-    budget: Arc<Budget>,
-    host: Weak<HostInner>,
+    pub(crate) budget: Arc<Budget>,
+    pub(crate) host: Weak<HostInner>,
+    /// The userfaultfd tracker, created by the first tracked mmap (under
+    /// the write lock) and taken by exit_mmap. Held only to clone or take.
+    tracker: Mutex<Option<Arc<Tracker>>>,
+    /// Bytes of present pages served over budget by a failing-open handler
+    /// and not charged; repaid first by every uncharge (`tracked.rs` step 4).
+    pub(crate) debt: AtomicU64,
     /// Only held for push/take, never across an await.
     notifiers: Mutex<Vec<Arc<dyn MmNotifier>>>,
     /// Only held for push/clone, never across an await.
@@ -289,6 +316,8 @@ impl Mm {
             rss_shmem: AtomicU64::new(0),
             budget,
             host,
+            tracker: Mutex::new(None),
+            debt: AtomicU64::new(0),
             notifiers: Mutex::new(Vec::new()),
             exit_hooks: Mutex::new(Vec::new()),
             config,
@@ -405,14 +434,65 @@ impl Mm {
         Ok(pages as u64 * PAGE)
     }
 
-    fn uncharge_pages(&self, anon: u64, shmem: u64) {
+    pub(crate) fn uncharge_pages(&self, anon: u64, shmem: u64) {
         if anon + shmem == 0 {
             return;
         }
         let prev_a = self.rss_anon.fetch_sub(anon, Ordering::Relaxed);
         let prev_s = self.rss_shmem.fetch_sub(shmem, Ordering::Relaxed);
         debug_assert!(prev_a >= anon && prev_s >= shmem, "rss underflow");
-        self.budget.uncharge((anon + shmem) * PAGE);
+        self.budget.uncharge(self.repay_debt((anon + shmem) * PAGE));
+    }
+
+    /// Pays fail-open debt out of `bytes` being freed; returns what is left
+    /// to uncharge, so that `charged = present - debt` stays true.
+    fn repay_debt(&self, bytes: u64) -> u64 {
+        let mut cur = self.debt.load(Ordering::Relaxed);
+        loop {
+            if cur == 0 {
+                return bytes;
+            }
+            let r = cur.min(bytes);
+            // Relaxed: a counter; the pages it stands for are ordered by the
+            // page locks of the zap that frees them.
+            match self.debt.compare_exchange_weak(
+                cur,
+                cur - r,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return bytes - r,
+                Err(c) => cur = c,
+            }
+        }
+    }
+
+    /// The tracker, if a tracked region was ever mapped.
+    pub(crate) fn tracker(&self) -> Option<Arc<Tracker>> {
+        lock_list(&self.tracker).clone()
+    }
+
+    /// Counters of the tracked regions, `None` if none was ever mapped.
+    pub fn tracked_stats(&self) -> Option<TrackedStats> {
+        self.tracker()
+            .map(|t| t.stats(self.debt.load(Ordering::Relaxed)))
+    }
+
+    /// exit_mmap: unregister every tracked range before the zap (see
+    /// `tracked.rs` step 8).
+    pub(crate) fn tracker_forget_all(&self) {
+        if let Some(t) = self.tracker() {
+            t.forget_all();
+        }
+    }
+
+    /// exit_mmap, after the write unlock: stop the handler and drop the
+    /// mm's reference to the tracker (the descriptor closes with the last).
+    pub(crate) fn tracker_stop(&self) {
+        let t = lock_list(&self.tracker).take();
+        if let Some(t) = t {
+            t.stop();
+        }
     }
 
     /// Zaps `[start, end)` of `vma` (`unmap_page_range`): clears the PTEs,
@@ -550,7 +630,11 @@ impl Mm {
                 unlock_all(&olds[..n], 0);
                 return Err(Fault::Budget(e));
             }
-            // Populate each run of missing pages with one madvise.
+            // Populate each run of missing pages with one madvise, or, in a
+            // tracked region, with UFFDIO_COPY/ZEROPAGE: MADV_POPULATE there
+            // would fault into our own handler, and the handler must see the
+            // page as populated by whoever holds its PTE lock first.
+            let tracker = vma.region.tracker().filter(|t| !t.is_dead());
             let mut i = 0;
             while i < n {
                 if Pte(olds[i]).present() {
@@ -559,10 +643,23 @@ impl Mm {
                 }
                 let j = (i..n).find(|&j| Pte(olds[j]).present()).unwrap_or(n);
                 let r = vma.host_range(lo + i as u64 * PAGE, lo + j as u64 * PAGE);
-                let res = if vma.prot.contains(Prot::WRITE) {
-                    sys::populate_write(r)
-                } else {
-                    sys::populate_read(r)
+                let write = vma.prot.contains(Prot::WRITE);
+                let mut done = [false; PAGES_PER_LEAF as usize];
+                let res = match tracker
+                    .as_ref()
+                    .map(|t| t.populate_locked(r.ptr() as usize, &mut done[..j - i], write))
+                {
+                    Some(Ok(true)) => Ok(()),
+                    Some(Err(Error::Host { source, .. })) => Err(source),
+                    Some(Err(other)) => Err(std::io::Error::other(other.to_string())),
+                    // Untracked, or the handler died (ranges unregistered).
+                    Some(Ok(false)) | None => {
+                        if write {
+                            sys::populate_write(r)
+                        } else {
+                            sys::populate_read(r)
+                        }
+                    }
                 };
                 if let Err(e) = res {
                     // Pages populated so far in this chunk are not marked
@@ -826,7 +923,19 @@ impl MmUser {
             addr: probe,
             len: opts.len,
         })?;
-        let region = match opts.kind {
+        if opts.tracked {
+            if opts.kind != MapKind::AnonPrivate || opts.hugepage {
+                return Err(Error::NotAllowed {
+                    addr: probe,
+                    reason: "tracked regions are private anonymous 4 KiB mappings",
+                });
+            }
+            let fa = opts.fault_around;
+            if !fa.is_power_of_two() || !(PAGE..=HUGE_PAGE_SIZE as u64).contains(&fa) {
+                return Err(Error::BadFaultAround { bytes: fa });
+            }
+        }
+        let mut region = match opts.kind {
             MapKind::AnonPrivate => HostRegion::new_anon(len, align, opts.prot)?,
             MapKind::SharedMemfd => HostRegion::new_shared(&self.name, len, align, opts.prot)?,
         };
@@ -838,12 +947,21 @@ impl MmUser {
         flags = flags.with(VmFlags::SHARED, opts.kind == MapKind::SharedMemfd);
         flags = flags.with(VmFlags::HUGEPAGE, opts.hugepage);
         flags = flags.with(VmFlags::PINNED, opts.pinned);
-        let region = Arc::new(region);
+        flags = flags.with(VmFlags::TRACKED, opts.tracked);
         let mut state = self.lock.write().await;
         sched::point("mmap:locked").await;
         if self.flags.test(MmFlag::UNSTABLE) {
             return Err(Error::Unstable { mm_id: self.id });
         }
+        if opts.tracked {
+            // Registered before the VMA is published (tracked.rs step 2): no
+            // one can touch the host range unregistered. The tracker is
+            // created under the write lock, so two tracked mmaps agree on it.
+            let t = self.tracker_or_start()?;
+            t.register(region.range(0, len))?;
+            region.set_tracked(t);
+        }
+        let region = Arc::new(region);
         let addr = match opts.addr {
             Some(a) => {
                 if let Some(v) = state.vmas.overlapping(a, a + opts.len).next() {
@@ -861,6 +979,9 @@ impl MmUser {
                 .find_gap(opts.len, align as u64, self.config.mmap_floor, limit)
                 .ok_or(Error::NoSpace { len: opts.len })?,
         };
+        if let Some(t) = region.tracker() {
+            t.add_range(region.base() as usize, len, addr, opts.fault_around);
+        }
         state.vmas.insert(Vma {
             start: addr,
             end: addr + opts.len,
@@ -870,6 +991,79 @@ impl MmUser {
             region_off: 0,
         });
         Ok(addr)
+    }
+
+    /// The tracker, started at the first tracked mmap (the only thread
+    /// mm-core spawns for an mm). Called under the mmap write lock.
+    fn tracker_or_start(&self) -> Result<Arc<Tracker>> {
+        let mut slot = lock_list(&self.tracker);
+        if let Some(t) = slot.as_ref() {
+            if t.is_dead() {
+                return Err(Error::TrackerDead { mm_id: self.id });
+            }
+            return Ok(t.clone());
+        }
+        let t = Tracker::new(self.id)?;
+        let mm = self.mm.as_ref().map(Arc::downgrade).unwrap_or_default();
+        t.start(mm)?;
+        *slot = Some(t.clone());
+        Ok(t)
+    }
+
+    /// Write-protects the pages of `[addr, addr+len)`, all inside tracked
+    /// regions, after populating them (charging the budget): a direct write
+    /// blocks until [`write_unprotect`](Self::write_unprotect). Pages zapped
+    /// and refaulted meanwhile come back writable.
+    pub async fn write_protect(&self, addr: u64, len: u64) -> Result<()> {
+        self.write_protect_inner(addr, len, true).await
+    }
+
+    /// Lifts the write protection of `[addr, addr+len)` and wakes the
+    /// writers blocked on it.
+    pub async fn write_unprotect(&self, addr: u64, len: u64) -> Result<()> {
+        self.write_protect_inner(addr, len, false).await
+    }
+
+    async fn write_protect_inner(&self, addr: u64, len: u64, wp: bool) -> Result<()> {
+        let end = check_range(addr, len, self.config.va_limit)?;
+        let t = self.tracker().ok_or(Error::NotTracked { addr })?;
+        if t.is_dead() {
+            return Err(Error::TrackerDead { mm_id: self.id });
+        }
+        if !t.wp() {
+            return Err(Error::Unsupported {
+                what: "userfaultfd write-protect (UFFD_FEATURE_PAGEFAULT_FLAG_WP)",
+            });
+        }
+        {
+            let state = self.lock.read().await;
+            state.vmas.check_mapped(addr, end)?;
+            let untracked = state
+                .vmas
+                .overlapping(addr, end)
+                .find(|v| !v.flags.contains(VmFlags::TRACKED))
+                .map(|v| v.start.max(addr));
+            if let Some(addr) = untracked {
+                return Err(Error::NotTracked { addr });
+            }
+        }
+        if wp {
+            // WP only protects present pages: populate first.
+            self.access(addr, len, Access::Read, &mut |_, _, _| {})
+                .await?;
+        }
+        let state = self.lock.read().await;
+        state.vmas.check_mapped(addr, end)?;
+        for v in state.vmas.overlapping(addr, end) {
+            if !v.flags.contains(VmFlags::TRACKED) {
+                return Err(Error::NotTracked {
+                    addr: v.start.max(addr),
+                });
+            }
+            let (s, e) = (v.start.max(addr), v.end.min(end));
+            t.writeprotect(v.host_range(s, e), wp)?;
+        }
+        Ok(())
     }
 
     /// Unmaps `[addr, addr+len)` (`munmap`): holes inside are fine, as in the
@@ -884,6 +1078,13 @@ impl MmUser {
         sched::point("munmap:locked").await;
         let removed = state.vmas.remove_range(addr, end);
         for vma in &removed {
+            if let Some(t) = vma.region.tracker() {
+                // Before the zap (tracked.rs step 2): a handler COPY racing
+                // us lands before the zap, which uncharges it, or fails with
+                // ENOENT once the range is unregistered.
+                let r = vma.host_range(vma.start, vma.end);
+                t.forget(r.ptr() as usize, r.ptr() as usize + r.len());
+            }
             let _ = self.notify_invalidate_start(vma.start..vma.end, true);
             let res = self.zap_range(&state, vma, vma.start, vma.end, ZapReason::Munmap);
             self.notify_invalidate_end(vma.start..vma.end);
@@ -1164,6 +1365,14 @@ impl MmUser {
     /// Blocking [`resident_bytes`](Self::resident_bytes).
     pub fn resident_bytes_blocking(&self) -> Result<u64> {
         block_on(self.resident_bytes())
+    }
+    /// Blocking [`write_protect`](Self::write_protect).
+    pub fn write_protect_blocking(&self, addr: u64, len: u64) -> Result<()> {
+        block_on(self.write_protect(addr, len))
+    }
+    /// Blocking [`write_unprotect`](Self::write_unprotect).
+    pub fn write_unprotect_blocking(&self, addr: u64, len: u64) -> Result<()> {
+        block_on(self.write_unprotect(addr, len))
     }
 }
 

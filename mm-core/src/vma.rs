@@ -24,6 +24,7 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::sys::{self, HostRange, PAGE_SIZE};
+use crate::tracked::Tracker;
 
 /// Protection of a VMA (`PROT_*`).
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -94,6 +95,9 @@ impl VmFlags {
     /// `VM_PFNMAP`-like: pinned by the embedder (device memory, a pinned DMA
     /// buffer); never reaped.
     pub const PINNED: VmFlags = VmFlags(1 << 4);
+    /// A tracked region: registered with the mm's userfaultfd, so direct
+    /// touches of the host range are charged (`MapOptions::tracked`).
+    pub const TRACKED: VmFlags = VmFlags(1 << 5);
 
     /// Does `self` include every bit of `other`?
     pub fn contains(self, other: VmFlags) -> bool {
@@ -125,6 +129,7 @@ impl fmt::Debug for VmFlags {
             (VmFlags::SHARED, "SHARED"),
             (VmFlags::HUGEPAGE, "HUGEPAGE"),
             (VmFlags::PINNED, "PINNED"),
+            (VmFlags::TRACKED, "TRACKED"),
         ];
         f.debug_set()
             .entries(
@@ -145,6 +150,9 @@ pub(crate) struct HostRegion {
     base: NonNull<u8>,
     len: usize,
     memfd: Option<OwnedFd>,
+    /// Set (before publication) when the mapping is registered with the
+    /// mm's userfaultfd.
+    tracked: Option<Arc<Tracker>>,
 }
 
 // SAFETY: HostRegion owns its mapping; the pointer is only handed out as a
@@ -162,6 +170,7 @@ impl HostRegion {
             base,
             len,
             memfd: None,
+            tracked: None,
         })
     }
 
@@ -172,6 +181,7 @@ impl HostRegion {
             base,
             len,
             memfd: Some(fd),
+            tracked: None,
         })
     }
 
@@ -187,11 +197,30 @@ impl HostRegion {
         self.base.as_ptr()
     }
 
+    /// Marks the (registered, unpublished) mapping as tracked by `t`.
+    pub(crate) fn set_tracked(&mut self, t: Arc<Tracker>) {
+        self.tracked = Some(t);
+    }
+
+    /// The tracker, for a tracked mapping.
+    pub(crate) fn tracker(&self) -> Option<&Arc<Tracker>> {
+        self.tracked.as_ref()
+    }
+
     /// Frees the host pages of `[off, off+len)`: DONTNEED for anonymous
     /// memory, PUNCH_HOLE for the memfd (nobody else maps our memfd, so the
     /// range is dead once the VMA over it goes).
     pub(crate) fn free_pages(&self, off: usize, len: usize) -> Result<()> {
         let r = self.range(off, len);
+        if let Some(t) = &self.tracked {
+            // Our own discard: announce it, so the handler does not take the
+            // REMOVE message it produces for an embedder's madvise (which
+            // would uncharge pages a fault re-populated after our zap).
+            let (s, e) = (r.ptr() as usize, r.ptr() as usize + r.len());
+            return t.self_zap(s, e, || {
+                sys::discard(r).map_err(Error::host("madvise(DONTNEED)"))
+            });
+        }
         match &self.memfd {
             None => sys::discard(r).map_err(Error::host("madvise(DONTNEED)")),
             Some(fd) => {
@@ -204,6 +233,14 @@ impl HostRegion {
 
 impl Drop for HostRegion {
     fn drop(&mut self) {
+        if let Some(t) = self.tracked.take() {
+            // Unregister first: munmap of a registered range would queue an
+            // UNMAP message and wait for the handler to read it.
+            t.forget(
+                self.base.as_ptr() as usize,
+                self.base.as_ptr() as usize + self.len,
+            );
+        }
         // SAFETY: we own the mapping; the last VMA slicing it is gone, and
         // VMAs are only removed under the exclusive mmap lock, so no page lock
         // holder or accessor can still be copying from it.

@@ -1,0 +1,493 @@
+//! A small safe layer over userfaultfd(2): every `unsafe` block that talks to
+//! the kernel about a userfaultfd lives here, next to `sys.rs`.
+//!
+//! Definitions come from `linux-raw-sys` (pre-generated, no bindgen at build
+//! time); the two ioctl numbers it lacks (`UFFDIO_POISON`,
+//! `USERFAULTFD_IOC_NEW`) are computed with the kernel's `_IOC` encoding,
+//! which a const assertion checks against the numbers it does have.
+//!
+//! The protocol of one descriptor:
+//!
+//! 1. [`Uffd::open`] gets a descriptor from `userfaultfd(2)` **without**
+//!    `UFFD_USER_MODE_ONLY` (faults taken by the kernel on behalf of the
+//!    process, such as KVM's guest page walks, must reach us too), falling
+//!    back to `/dev/userfaultfd` + `USERFAULTFD_IOC_NEW` when the syscall is
+//!    refused (`vm.unprivileged_userfaultfd = 0` without `CAP_SYS_PTRACE`).
+//! 2. `UFFDIO_API` once, asking for the features we want among those the
+//!    kernel offers (probed on a throwaway descriptor first, because the
+//!    handshake can only be done once per descriptor).
+//! 3. [`Uffd::register`] a range (MISSING, plus WP when offered); faults in it
+//!    now block the faulting thread and queue a message.
+//! 4. The handler [`Uffd::read_events`] and resolves each fault with
+//!    [`Uffd::copy`] / [`Uffd::zeropage`] (which wake the faulter), or
+//!    [`Uffd::poison`] (the faulter gets SIGBUS), or leaves a write-protect
+//!    fault blocked until [`Uffd::writeprotect`] lifts the protection.
+//! 5. [`Uffd::unregister`] before the range is unmapped; closing the
+//!    descriptor unregisters everything and wakes every blocked thread.
+//!
+//! All ioctls that resolve faults write only into ranges registered with this
+//! descriptor, and only guest memory (ranges inside a `HostRegion`) is ever
+//! registered, so none of them can change memory a Rust reference points to.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use linux_raw_sys::general as uapi;
+use linux_raw_sys::ioctl as nr;
+
+use crate::sys::HostRange;
+
+/// `_IOC(dir, type, nr, size)` of the generic (x86-64, arm64) encoding.
+const fn ioc(dir: u32, ty: u32, num: u32, size: usize) -> u32 {
+    (dir << 30) | ((size as u32) << 16) | (ty << 8) | num
+}
+const IOC_READ_WRITE: u32 = 3;
+const IOC_NONE: u32 = 0;
+
+/// `UFFDIO_POISON` = `_IOWR(UFFDIO, _UFFDIO_POISON, struct uffdio_poison)`.
+const UFFDIO_POISON: u32 = ioc(
+    IOC_READ_WRITE,
+    uapi::UFFDIO,
+    uapi::_UFFDIO_POISON,
+    std::mem::size_of::<uapi::uffdio_poison>(),
+);
+/// `UFFDIO_WRITEPROTECT_MODE_WP` (`(__u64)1 << 0` in the uapi header).
+const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1;
+/// `USERFAULTFD_IOC_NEW` = `_IO(0xAA, 0x00)` on `/dev/userfaultfd`.
+const USERFAULTFD_IOC_NEW: u32 = ioc(IOC_NONE, 0xAA, 0, 0);
+
+// The encoding above reproduces the numbers linux-raw-sys does carry.
+const _: () = assert!(
+    ioc(
+        IOC_READ_WRITE,
+        uapi::UFFDIO,
+        uapi::_UFFDIO_COPY,
+        std::mem::size_of::<uapi::uffdio_copy>()
+    ) == nr::UFFDIO_COPY
+);
+const _: () = assert!(
+    ioc(
+        IOC_READ_WRITE,
+        uapi::UFFDIO,
+        uapi::_UFFDIO_ZEROPAGE,
+        std::mem::size_of::<uapi::uffdio_zeropage>()
+    ) == nr::UFFDIO_ZEROPAGE
+);
+const _: () = assert!(std::mem::size_of::<uapi::uffd_msg>() == 32);
+
+/// Feature bits (`UFFD_FEATURE_*`) used by guestmm.
+pub(crate) mod feature {
+    use super::uapi;
+    /// Write-protect faults are reported (anonymous memory).
+    pub(crate) const PAGEFAULT_FLAG_WP: u64 = uapi::UFFD_FEATURE_PAGEFAULT_FLAG_WP as u64;
+    /// `madvise(DONTNEED/REMOVE)` of a registered range is reported.
+    pub(crate) const EVENT_REMOVE: u64 = uapi::UFFD_FEATURE_EVENT_REMOVE as u64;
+    /// `munmap` of a registered range is reported.
+    pub(crate) const EVENT_UNMAP: u64 = uapi::UFFD_FEATURE_EVENT_UNMAP as u64;
+    /// `UFFDIO_POISON` (Linux 6.6).
+    pub(crate) const POISON: u64 = uapi::UFFD_FEATURE_POISON as u64;
+}
+
+/// Register modes.
+pub(crate) mod mode {
+    use super::uapi;
+    /// Faults on missing pages.
+    pub(crate) const MISSING: u64 = uapi::UFFDIO_REGISTER_MODE_MISSING as u64;
+    /// Write faults on write-protected pages.
+    pub(crate) const WP: u64 = uapi::UFFDIO_REGISTER_MODE_WP as u64;
+}
+
+/// One message read from the descriptor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Event {
+    /// A thread faulted at `addr` (page aligned) and is blocked.
+    PageFault {
+        /// Faulting address, rounded down to the page.
+        addr: usize,
+        /// A write fault.
+        write: bool,
+        /// A write to a write-protected page (not a missing page).
+        wp: bool,
+    },
+    /// `madvise(DONTNEED)` (or REMOVE) of `[start, end)`; the caller waits
+    /// until this message has been read, then zaps.
+    Remove {
+        /// First byte.
+        start: usize,
+        /// First byte past the range.
+        end: usize,
+    },
+    /// `munmap` of `[start, end)`; the range is no longer registered.
+    Unmap {
+        /// First byte.
+        start: usize,
+        /// First byte past the range.
+        end: usize,
+    },
+    /// An event we did not ask for (fork, remap).
+    Other(u8),
+}
+
+/// A userfaultfd descriptor after the API handshake.
+#[derive(Debug)]
+pub(crate) struct Uffd {
+    fd: OwnedFd,
+    /// Features granted by `UFFDIO_API`.
+    features: u64,
+}
+
+/// What the kernel says about a resolve ioctl.
+#[derive(Debug)]
+pub(crate) enum Fill {
+    /// Every byte was resolved.
+    Done,
+    /// `EEXIST`: a page of the range is already present; `done` bytes before
+    /// it were resolved.
+    Exists {
+        /// Bytes resolved before the present page.
+        done: usize,
+    },
+    /// `EAGAIN`: the address space is changing (a REMOVE/UNMAP event not yet
+    /// read); `done` bytes were resolved. Drain events and retry.
+    Again {
+        /// Bytes resolved before the kernel gave up.
+        done: usize,
+    },
+}
+
+fn ioctl<T>(fd: &OwnedFd, req: u32, arg: &mut T) -> io::Result<()> {
+    // SAFETY: `fd` is a valid descriptor we own; `arg` is a live, exclusively
+    // borrowed struct of exactly the type the request number encodes (each
+    // caller pairs a request with its struct), so the kernel reads and writes
+    // only inside it.
+    let ret = unsafe { libc::ioctl(fd.as_raw_fd(), req as _, arg as *mut T) };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// A raw descriptor: the syscall, else `/dev/userfaultfd`.
+fn open_raw() -> io::Result<OwnedFd> {
+    let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
+    // SAFETY: userfaultfd(2) takes one int of flags and returns a new fd or
+    // -1; no memory is passed. No UFFD_USER_MODE_ONLY: KVM's faults count.
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
+    if fd >= 0 {
+        // SAFETY: a fresh descriptor owned by nobody else.
+        return Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+    }
+    let sys_err = io::Error::last_os_error();
+    let dev = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/userfaultfd")
+    {
+        Ok(f) => OwnedFd::from(f),
+        Err(_) => return Err(sys_err),
+    };
+    // SAFETY: USERFAULTFD_IOC_NEW takes the flags as its integer argument and
+    // returns a new descriptor; `dev` is a valid open /dev/userfaultfd.
+    let fd = unsafe { libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW as _, flags) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn api(fd: &OwnedFd, features: u64) -> io::Result<u64> {
+    let mut a = uapi::uffdio_api {
+        api: uapi::UFFD_API as u64,
+        features,
+        ioctls: 0,
+    };
+    ioctl(fd, nr::UFFDIO_API, &mut a)?;
+    Ok(a.features)
+}
+
+fn range(start: usize, len: usize) -> uapi::uffdio_range {
+    uapi::uffdio_range {
+        start: start as u64,
+        len: len as u64,
+    }
+}
+
+impl Uffd {
+    /// Opens a descriptor with the wanted features that the kernel offers.
+    pub(crate) fn open(wanted: u64) -> io::Result<Uffd> {
+        // The handshake can be done only once per descriptor, so ask a
+        // throwaway one what the kernel offers.
+        let offered = api(&open_raw()?, 0)?;
+        let fd = open_raw()?;
+        let features = api(&fd, wanted & offered)?;
+        Ok(Uffd { fd, features })
+    }
+
+    /// Does the descriptor have all of `f`?
+    pub(crate) fn has(&self, f: u64) -> bool {
+        self.features & f == f
+    }
+
+    /// The raw descriptor (for `poll`).
+    pub(crate) fn raw(&self) -> i32 {
+        self.fd.as_raw_fd()
+    }
+
+    /// Registers `r` in `mode`; returns the ioctl bitmask the kernel allows
+    /// on it.
+    pub(crate) fn register(&self, r: HostRange, mode: u64) -> io::Result<u64> {
+        let mut reg = uapi::uffdio_register {
+            range: range(r.ptr() as usize, r.len()),
+            mode,
+            ioctls: 0,
+        };
+        ioctl(&self.fd, nr::UFFDIO_REGISTER, &mut reg)?;
+        Ok(reg.ioctls)
+    }
+
+    /// Unregisters `[start, start+len)`; threads blocked in it are woken and
+    /// refault without us.
+    pub(crate) fn unregister(&self, start: usize, len: usize) -> io::Result<()> {
+        let mut r = range(start, len);
+        ioctl(&self.fd, nr::UFFDIO_UNREGISTER, &mut r)
+    }
+
+    /// Wakes threads blocked on `[start, start+len)`.
+    pub(crate) fn wake(&self, start: usize, len: usize) -> io::Result<()> {
+        let mut r = range(start, len);
+        ioctl(&self.fd, nr::UFFDIO_WAKE, &mut r)
+    }
+
+    fn fill_result(ret: io::Result<()>, done: i64, len: usize) -> io::Result<Fill> {
+        match ret {
+            Ok(()) => Ok(Fill::Done),
+            Err(e) => {
+                let done = usize::try_from(done).unwrap_or(0).min(len);
+                match e.raw_os_error() {
+                    Some(libc::EEXIST) => Ok(Fill::Exists { done }),
+                    Some(libc::EAGAIN) => Ok(Fill::Again { done }),
+                    _ => Err(e),
+                }
+            }
+        }
+    }
+
+    /// `UFFDIO_COPY` of `len` bytes from `src` to the missing pages at `dst`,
+    /// waking the threads blocked there when `wake`.
+    ///
+    /// `src` must be readable for `len` bytes (the kernel checks it and
+    /// fails with `EFAULT` otherwise; it never writes through it).
+    pub(crate) fn copy(
+        &self,
+        dst: usize,
+        src: *const u8,
+        len: usize,
+        wake: bool,
+    ) -> io::Result<Fill> {
+        let mut c = uapi::uffdio_copy {
+            dst: dst as u64,
+            src: src as u64,
+            len: len as u64,
+            mode: if wake {
+                0
+            } else {
+                u64::from(uapi::UFFDIO_COPY_MODE_DONTWAKE)
+            },
+            copy: 0,
+        };
+        let ret = ioctl(&self.fd, nr::UFFDIO_COPY, &mut c);
+        Self::fill_result(ret, c.copy, len)
+    }
+
+    /// `UFFDIO_ZEROPAGE`: maps the zero page at the missing pages of
+    /// `[dst, dst+len)` and wakes the threads blocked there.
+    pub(crate) fn zeropage(&self, dst: usize, len: usize) -> io::Result<Fill> {
+        let mut z = uapi::uffdio_zeropage {
+            range: range(dst, len),
+            mode: 0,
+            zeropage: 0,
+        };
+        let ret = ioctl(&self.fd, nr::UFFDIO_ZEROPAGE, &mut z);
+        Self::fill_result(ret, z.zeropage, len)
+    }
+
+    /// `UFFDIO_WRITEPROTECT`: protect (`wp`) or unprotect `[start, start+len)`.
+    /// Unprotecting wakes the writers blocked on the range.
+    pub(crate) fn writeprotect(&self, start: usize, len: usize, wp: bool) -> io::Result<()> {
+        let mut w = uapi::uffdio_writeprotect {
+            range: range(start, len),
+            mode: if wp { UFFDIO_WRITEPROTECT_MODE_WP } else { 0 },
+        };
+        ioctl(&self.fd, nr::UFFDIO_WRITEPROTECT, &mut w)
+    }
+
+    /// `UFFDIO_POISON`: installs poison markers at the missing pages of
+    /// `[start, start+len)` and wakes the threads blocked there; they (and
+    /// every later access until a zap) get SIGBUS.
+    pub(crate) fn poison(&self, start: usize, len: usize) -> io::Result<Fill> {
+        let mut p = uapi::uffdio_poison {
+            range: range(start, len),
+            mode: 0,
+            updated: 0,
+        };
+        let ret = ioctl(&self.fd, UFFDIO_POISON, &mut p);
+        Self::fill_result(ret, p.updated, len)
+    }
+
+    /// Reads every queued message (non-blocking) into `out`; returns how
+    /// many were read (0 when none is queued).
+    pub(crate) fn read_events(&self, out: &mut Vec<Event>) -> io::Result<usize> {
+        const BATCH: usize = 64;
+        let mut buf = [uapi::uffd_msg {
+            event: 0,
+            reserved1: 0,
+            reserved2: 0,
+            reserved3: 0,
+            arg: uapi::uffd_msg__bindgen_ty_1 {
+                reserved: uapi::uffd_msg__bindgen_ty_1__bindgen_ty_5 {
+                    reserved1: 0,
+                    reserved2: 0,
+                    reserved3: 0,
+                },
+            },
+        }; BATCH];
+        let mut total = 0;
+        loop {
+            // SAFETY: `buf` is a live array of BATCH uffd_msg structs and we
+            // pass its exact byte size; the kernel writes whole messages.
+            let n = unsafe {
+                libc::read(
+                    self.fd.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    std::mem::size_of_val(&buf),
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                return match e.raw_os_error() {
+                    Some(libc::EAGAIN) => Ok(total),
+                    Some(libc::EINTR) => continue,
+                    _ => Err(e),
+                };
+            }
+            let count = n as usize / std::mem::size_of::<uapi::uffd_msg>();
+            for m in &buf[..count] {
+                out.push(decode(m));
+            }
+            total += count;
+            if count < BATCH {
+                return Ok(total);
+            }
+        }
+    }
+}
+
+fn decode(m: &uapi::uffd_msg) -> Event {
+    match u32::from(m.event) {
+        uapi::UFFD_EVENT_PAGEFAULT => {
+            // SAFETY: the kernel filled the `pagefault` member for this event
+            // type; every bit pattern is a valid pair of u64s.
+            let pf = unsafe { m.arg.pagefault };
+            Event::PageFault {
+                addr: (pf.address as usize) & !(crate::sys::PAGE_SIZE - 1),
+                write: pf.flags & u64::from(uapi::UFFD_PAGEFAULT_FLAG_WRITE) != 0,
+                wp: pf.flags & u64::from(uapi::UFFD_PAGEFAULT_FLAG_WP) != 0,
+            }
+        }
+        uapi::UFFD_EVENT_REMOVE => {
+            // SAFETY: the kernel filled the `remove` member for this type.
+            let r = unsafe { m.arg.remove };
+            Event::Remove {
+                start: r.start as usize,
+                end: r.end as usize,
+            }
+        }
+        uapi::UFFD_EVENT_UNMAP => {
+            // SAFETY: UNMAP messages use the `remove` layout (start, end).
+            let r = unsafe { m.arg.remove };
+            Event::Unmap {
+                start: r.start as usize,
+                end: r.end as usize,
+            }
+        }
+        other => Event::Other(other as u8),
+    }
+}
+
+/// A non-blocking eventfd used to wake the handler's `poll`.
+#[derive(Debug)]
+pub(crate) struct EventFd(OwnedFd);
+
+impl EventFd {
+    pub(crate) fn new() -> io::Result<EventFd> {
+        // SAFETY: plain syscall returning a new fd or -1.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor owned by nobody else.
+        Ok(EventFd(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// Makes the descriptor readable.
+    pub(crate) fn signal(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64, as eventfd requires. A
+        // failure (counter saturated) still leaves it readable.
+        let _ = unsafe { libc::write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+
+    /// Clears the readable state.
+    pub(crate) fn drain(&self) {
+        let mut v: u64 = 0;
+        // SAFETY: reads 8 bytes into a live u64; non-blocking.
+        let _ = unsafe { libc::read(self.0.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+    }
+
+    pub(crate) fn raw(&self) -> i32 {
+        self.0.as_raw_fd()
+    }
+}
+
+/// Waits until one of `fds` is readable or `timeout_ms` passes (-1 = no
+/// limit); returns which are readable.
+pub(crate) fn poll_readable(fds: &[i32], timeout_ms: i32) -> io::Result<Vec<bool>> {
+    let mut p: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    // SAFETY: `p` is a live array of `p.len()` pollfd structs.
+    let ret = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, timeout_ms) };
+    if ret < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EINTR) {
+            return Ok(vec![false; fds.len()]);
+        }
+        return Err(e);
+    }
+    Ok(p.iter().map(|x| x.revents != 0).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_open_and_features() {
+        let u = Uffd::open(feature::EVENT_REMOVE | feature::POISON).unwrap();
+        assert!(u.has(feature::EVENT_REMOVE));
+        assert!(u.raw() >= 0);
+    }
+
+    #[test]
+    fn test_ioctl_numbers() {
+        assert_eq!(USERFAULTFD_IOC_NEW, 0xAA00);
+        assert_eq!(UFFDIO_POISON, 0xC020_AA08);
+    }
+}

@@ -1,0 +1,324 @@
+//! Tracked regions (userfaultfd) on real memory: direct touches by plain
+//! threads are charged once per page, a reaped tracked page SIGBUSes instead
+//! of reading zeros, teardown leaves no handler thread or descriptor behind,
+//! and bad input gets a named error.
+//!
+//! Tests that need a process of their own (a signal, exact thread and fd
+//! counts) re-run this test binary with `GUESTMM_TRACKED_CHILD` set and one
+//! test selected; the child body runs only in that process.
+
+mod common;
+
+use std::process::Command;
+use std::sync::Arc;
+
+use common::{near, rss, serial, MIB};
+use guestmm::{Error, Host, MapOptions, MmFlag, Prot, ZapReason, PAGE_SIZE};
+
+const CHILD_ENV: &str = "GUESTMM_TRACKED_CHILD";
+
+fn in_child(name: &str) -> bool {
+    std::env::var(CHILD_ENV).as_deref() == Ok(name)
+}
+
+/// Runs test `name` of this binary in a child process (child mode set).
+fn run_child(name: &str) -> std::process::ExitStatus {
+    let exe = std::env::current_exe().expect("current_exe");
+    Command::new(exe)
+        .args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, name)
+        .status()
+        .expect("spawn child")
+}
+
+fn touch(ptr: usize, off: usize, len: usize, byte: u8) {
+    let mut o = off;
+    while o < off + len {
+        // SAFETY: tests touch live tracked mappings they hold a user of.
+        unsafe { ((ptr + o) as *mut u8).write_volatile(byte) };
+        o += PAGE_SIZE;
+    }
+}
+
+#[test]
+fn threads_touching_directly_are_charged_once() {
+    let _g = serial();
+    const LEN: u64 = 64 * MIB;
+    let host = Host::with_budget(256 * MIB);
+    let mm = host.new_mm("tracked");
+    let addr = mm
+        .mmap_blocking(MapOptions::anon(LEN).tracked(true))
+        .unwrap();
+    let ptr = mm.find_vma_blocking(addr).unwrap().host_ptr() as usize;
+    let before = rss();
+    // Four threads, interleaved page by page so they collide on windows.
+    let threads: Vec<_> = (0..4usize)
+        .map(|t| {
+            std::thread::spawn(move || {
+                let mut off = t * PAGE_SIZE;
+                while off < LEN as usize {
+                    let byte = ((off / PAGE_SIZE) % 251) as u8;
+                    // SAFETY: as in `touch`.
+                    unsafe { ((ptr + off) as *mut u8).write_volatile(byte) };
+                    off += 4 * PAGE_SIZE;
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let pages = LEN / PAGE_SIZE as u64;
+    assert_eq!(host.stats().charged_bytes, LEN, "charged once per page");
+    let st = mm.tracked_stats().unwrap();
+    assert_eq!(st.pages_faulted, pages, "{st:?}");
+    assert_eq!(mm.rss_pages(), pages);
+    // The kernel agrees: the process grew by the region (± noise).
+    let grown = rss().saturating_sub(before);
+    assert!(near(grown, LEN, 8 * MIB), "rss grew {grown}, want {LEN}");
+    assert_eq!(mm.resident_bytes_blocking().unwrap(), LEN);
+    // The data is what the threads wrote; reading populates nothing.
+    let mut page = vec![0u8; PAGE_SIZE];
+    for p in (0..pages).step_by(97) {
+        mm.read_blocking(addr + p * PAGE_SIZE as u64, &mut page)
+            .unwrap();
+        assert_eq!(page[0], (p % 251) as u8);
+        assert!(page[1..].iter().all(|b| *b == 0));
+    }
+    assert_eq!(host.stats().charged_bytes, LEN);
+    drop(mm);
+    assert_eq!(host.stats().charged_bytes, 0);
+}
+
+#[test]
+fn api_and_direct_touches_never_double_charge() {
+    let host = Host::with_budget(64 * MIB);
+    let mm = host.new_mm("mixed");
+    const LEN: u64 = 8 * MIB;
+    let addr = mm
+        .mmap_blocking(MapOptions::anon(LEN).tracked(true).fault_around(64 << 10))
+        .unwrap();
+    let ptr = mm.find_vma_blocking(addr).unwrap().host_ptr() as usize;
+    let mm2 = mm.clone();
+    let api = std::thread::spawn(move || {
+        for p in (0..LEN / PAGE_SIZE as u64).step_by(3) {
+            mm2.write_blocking(addr + p * PAGE_SIZE as u64 + 8, &[1])
+                .unwrap();
+        }
+    });
+    touch(ptr, 0, LEN as usize, 2);
+    api.join().unwrap();
+    assert_eq!(host.stats().charged_bytes, LEN);
+    assert_eq!(mm.rss_pages(), LEN / PAGE_SIZE as u64);
+    assert_eq!(mm.resident_bytes_blocking().unwrap(), LEN);
+    // DONTNEED through the API: pages go back, the next touch charges again.
+    mm.madvise_blocking(addr, LEN, guestmm::Advice::DontNeed)
+        .unwrap();
+    assert_eq!(host.stats().charged_bytes, 0);
+    touch(ptr, 0, PAGE_SIZE, 3);
+    assert_eq!(host.stats().charged_bytes, 64 << 10);
+    assert!(mm.compare_blocking(addr, &[3]).unwrap());
+}
+
+#[test]
+fn embedder_madvise_is_seen() {
+    let host = Host::with_budget(64 * MIB);
+    let mm = host.new_mm("balloon");
+    let addr = mm
+        .mmap_blocking(MapOptions::anon(4 * MIB).tracked(true))
+        .unwrap();
+    let ptr = mm.find_vma_blocking(addr).unwrap().host_ptr() as usize;
+    touch(ptr, 0, 4 * MIB as usize, 1);
+    assert_eq!(host.stats().charged_bytes, 4 * MIB);
+    // A balloon driver discards 1 MiB behind our back. The REMOVE message
+    // must be read before madvise returns, so this also proves the handler
+    // answers it.
+    // SAFETY: discarding guest memory we own; no Rust reference into it.
+    let r = unsafe {
+        libc::madvise(
+            (ptr + MIB as usize) as *mut _,
+            MIB as usize,
+            libc::MADV_DONTNEED,
+        )
+    };
+    assert_eq!(r, 0);
+    while mm.tracked_stats().unwrap().foreign_removes == 0 {
+        std::thread::yield_now();
+    }
+    // Uncharged as soon as the handler could lock the pages.
+    while host.stats().charged_bytes != 3 * MIB {
+        std::thread::yield_now();
+    }
+    touch(ptr, MIB as usize, PAGE_SIZE, 4);
+    assert!(mm.compare_blocking(addr + MIB, &[4]).unwrap());
+    assert!(mm.compare_blocking(addr + MIB + 4096, &[0]).unwrap());
+}
+
+#[test]
+fn reaped_tracked_page_sigbus_child() {
+    if !in_child("reaped_tracked_page_sigbus_child") {
+        return;
+    }
+    let host = Host::with_budget(64 * MIB);
+    let mm = host.new_mm("victim");
+    let addr = mm
+        .mmap_blocking(MapOptions::anon(2 * MIB).tracked(true))
+        .unwrap();
+    let ptr = mm.find_vma_blocking(addr).unwrap().host_ptr() as usize;
+    touch(ptr, 0, 2 * MIB as usize, 0x5a);
+    // The reaper's protocol: UNSTABLE first, then zap under the read lock.
+    mm.flags().set(MmFlag::UNSTABLE);
+    {
+        let state = futures_lite::future::block_on(mm.lock().read());
+        for v in state.vmas().iter() {
+            mm.zap_range(&state, v, v.start(), v.end(), ZapReason::Reap)
+                .unwrap();
+        }
+    }
+    eprintln!("child: reaped, reading");
+    // SAFETY: the mapping is live (we hold a user); the page was zapped.
+    let v = unsafe { (ptr as *const u8).read_volatile() };
+    eprintln!("child: read {v:#x} instead of SIGBUS");
+    std::process::exit(3);
+}
+
+#[test]
+fn reaped_tracked_page_sigbus() {
+    if std::env::var(CHILD_ENV).is_ok() {
+        return;
+    }
+    use std::os::unix::process::ExitStatusExt;
+    let st = run_child("reaped_tracked_page_sigbus_child");
+    assert_eq!(st.signal(), Some(libc::SIGBUS), "child ended with {st:?}");
+}
+
+fn count_dir(p: &str) -> usize {
+    std::fs::read_dir(p).unwrap().count()
+}
+
+#[test]
+fn teardown_leaves_no_thread_or_fd_child() {
+    if !in_child("teardown_leaves_no_thread_or_fd_child") {
+        return;
+    }
+    let cycle = |touch_pages: bool| {
+        let host = Host::with_budget(64 * MIB);
+        let guest = host.create_guest("g");
+        let mm = guest.mm().unwrap();
+        let a = mm
+            .mmap_blocking(MapOptions::anon(4 * MIB).tracked(true))
+            .unwrap();
+        let b = mm
+            .mmap_blocking(MapOptions::anon(2 * MIB).tracked(true))
+            .unwrap();
+        assert!(mm.tracked_stats().unwrap().handler_alive);
+        if touch_pages {
+            let pa = mm.find_vma_blocking(a).unwrap().host_ptr() as usize;
+            touch(pa, 0, 4 * MIB as usize, 1);
+            mm.munmap_blocking(b, 2 * MIB).unwrap();
+            mm.write_protect_blocking(a, 8 * PAGE_SIZE as u64).unwrap();
+        }
+        let grab = mm.grab();
+        drop(mm);
+        guest.exit_blocking();
+        assert!(grab.flags().test(MmFlag::OOM_SKIP));
+        assert!(grab.tracked_stats().is_none());
+        assert_eq!(host.stats().charged_bytes, 0);
+    };
+    // Warm up process-wide lazies (the zero source, a timer thread).
+    cycle(false);
+    let (fds, tasks) = (count_dir("/proc/self/fd"), count_dir("/proc/self/task"));
+    for _ in 0..3 {
+        cycle(true);
+    }
+    assert_eq!(count_dir("/proc/self/fd"), fds, "fd leak");
+    assert_eq!(count_dir("/proc/self/task"), tasks, "thread leak");
+}
+
+#[test]
+fn teardown_leaves_no_thread_or_fd() {
+    if std::env::var(CHILD_ENV).is_ok() {
+        return;
+    }
+    let st = run_child("teardown_leaves_no_thread_or_fd_child");
+    assert!(st.success(), "child ended with {st:?}");
+}
+
+#[test]
+fn bad_input_gets_named_errors() {
+    let host = Host::with_budget(64 * MIB);
+    let mm = host.new_mm("bad");
+    let plain = mm.mmap_blocking(MapOptions::anon(MIB)).unwrap();
+    assert!(matches!(
+        mm.write_protect_blocking(plain, 4096),
+        Err(Error::NotTracked { .. })
+    ));
+    assert!(matches!(
+        mm.mmap_blocking(MapOptions::shared(MIB).tracked(true)),
+        Err(Error::NotAllowed { .. })
+    ));
+    assert!(matches!(
+        mm.mmap_blocking(MapOptions::anon(2 * MIB).hugepage(true).tracked(true)),
+        Err(Error::NotAllowed { .. })
+    ));
+    for fa in [0, 3000, 4 * MIB, 12288] {
+        assert!(matches!(
+            mm.mmap_blocking(MapOptions::anon(MIB).tracked(true).fault_around(fa)),
+            Err(Error::BadFaultAround { bytes }) if bytes == fa
+        ));
+    }
+    let t = mm
+        .mmap_blocking(MapOptions::anon(MIB).tracked(true).prot(Prot::READ_WRITE))
+        .unwrap();
+    assert!(matches!(
+        mm.write_protect_blocking(t + 1, 4096),
+        Err(Error::Unaligned { .. })
+    ));
+    assert!(matches!(
+        mm.write_protect_blocking(t, 0),
+        Err(Error::ZeroLength { .. })
+    ));
+    assert!(matches!(
+        mm.write_protect_blocking(t, 2 * MIB),
+        Err(Error::Unmapped { .. })
+    ));
+    // Spanning a tracked and an untracked VMA.
+    let lo = mm
+        .mmap_blocking(MapOptions::anon(MIB).at(0x4000_0000))
+        .unwrap();
+    let hi = mm
+        .mmap_blocking(MapOptions::anon(MIB).at(lo + MIB).tracked(true))
+        .unwrap();
+    assert!(matches!(
+        mm.write_unprotect_blocking(lo, 2 * MIB),
+        Err(Error::NotTracked { addr }) if addr == lo
+    ));
+    let _ = hi;
+    assert_eq!(host.stats().charged_bytes, 0);
+    let _ = Arc::new(());
+}
+
+#[path = "../examples/kvm_guest.rs"]
+#[allow(dead_code)]
+mod kvm_guest;
+
+#[test]
+fn kvm_guest_on_tracked_ram() {
+    if std::env::var(CHILD_ENV).is_ok() {
+        return;
+    }
+    let r = kvm_guest::run(16 * MIB).expect("kvm guest run");
+    if let Some(why) = r.skipped {
+        eprintln!("kvm_guest_on_tracked_ram: skipped ({why})");
+        return;
+    }
+    assert!(r.guest_checksum_ok, "{r:?}");
+    assert_eq!(r.progress_reports, 16); // one per MiB boundary reached
+                                        // Every page but the code page was faulted in by KVM through the handler.
+    assert_eq!(
+        r.pages_faulted + r.pages_populated_api,
+        16 * MIB / 4096,
+        "{r:?}"
+    );
+    assert_eq!(r.charged_bytes, 16 * MIB);
+}
