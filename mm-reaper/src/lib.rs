@@ -452,8 +452,10 @@ pub fn reap_locked(mm: &Mm, state: &MmState, zap_threads: usize) -> (bool, u64) 
 
 /// Zaps one VMA, splitting a large one over `threads` scoped threads.
 fn zap_vma(mm: &Mm, state: &MmState, vma: &mm_core::Vma, threads: usize) -> mm_core::Result<u64> {
-    const CHUNK: u64 = 64 << 20;
-    if threads <= 1 || vma.len() < 2 * CHUNK {
+    const MIN_SPLIT: u64 = 128 << 20;
+    // THP-backed VMAs free 2 MiB per PMD and are done before extra threads
+    // would start.
+    if threads <= 1 || vma.len() < MIN_SPLIT || vma.flags().contains(mm_core::VmFlags::HUGEPAGE) {
         return mm.zap_range(state, vma, vma.start(), vma.end(), ZapReason::Reap);
     }
     let per = (vma.len() / threads as u64).next_multiple_of(2 << 20);
@@ -574,7 +576,10 @@ pub async fn mrelease_interruptible(
     if grab.flags().test(MmFlag::OOM_SKIP) {
         return Ok(MreleaseOutcome::AlreadyDone);
     }
-    let (complete, pages) = reap_locked(&grab, &state, 1);
+    // Synchronous and user-requested: use the CPUs we have (the kernel's
+    // call runs beside the victim's own exit, which zaps too).
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+    let (complete, pages) = reap_locked(&grab, &state, threads);
     drop(state);
     if complete {
         Ok(MreleaseOutcome::Reaped { pages })
