@@ -106,7 +106,9 @@ fn ours_round(len: usize, thp: bool) -> Option<f64> {
     let host = Host::with_budget(u64::MAX / 2);
     let g = host.create_guest("victim");
     let mm = g.mm().ok()?;
-    let a = mm.mmap_blocking(MapOptions::anon(len as u64).hugepage(thp)).ok()?;
+    let a = mm
+        .mmap_blocking(MapOptions::anon(len as u64).hugepage(thp))
+        .ok()?;
     touch(mm.find_vma_blocking(a).ok()?.host_ptr(), len);
     g.kill();
     let t = Instant::now();
@@ -125,7 +127,13 @@ fn main() {
     while let Some(a) = it.next() {
         match a.as_str() {
             "--mib" => mib = it.next().and_then(|v| v.parse().ok()).unwrap_or(mib),
-            "--rounds" => rounds = it.next().and_then(|v| v.parse().ok()).unwrap_or(rounds).max(1),
+            "--rounds" => {
+                rounds = it
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(rounds)
+                    .max(1)
+            }
             "--json" => json = true,
             _ => {
                 eprintln!("bench_reap [--mib N] [--rounds N] [--json]");

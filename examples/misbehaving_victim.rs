@@ -94,10 +94,19 @@ fn main() {
         );
     } else {
         println!("first OOM kill            {}", name(first));
-        println!("OOM while victim pending  {} (no second victim)", name(pending));
-        println!("reaper attempts           {} try_read refused, gave up after {gave_up_ms:.0} ms", s.contended);
+        println!(
+            "OOM while victim pending  {} (no second victim)",
+            name(pending)
+        );
+        println!(
+            "reaper attempts           {} try_read refused, gave up after {gave_up_ms:.0} ms",
+            s.contended
+        );
         println!("OOM_SKIP set anyway       {skip}");
         println!("next OOM kill             {}", name(second));
-        println!("process RSS while stuck   {} MiB (the stuck victim's memory is not freed)", rss_stuck / MIB);
+        println!(
+            "process RSS while stuck   {} MiB (the stuck victim's memory is not freed)",
+            rss_stuck / MIB
+        );
     }
 }

@@ -117,7 +117,10 @@ fn parse() -> Result<Args, String> {
         a.budget_mib = total - a.victim_mib * 3 / 4;
     }
     if a.budget_mib >= total {
-        return Err(format!("budget {} MiB must be below the guests' total {total} MiB", a.budget_mib));
+        return Err(format!(
+            "budget {} MiB must be below the guests' total {total} MiB",
+            a.budget_mib
+        ));
     }
     Ok(a)
 }
@@ -140,7 +143,10 @@ impl Kill for StopWorkers {
     fn kill(&self, _guest: &Guest) {
         // Measured here, before mark_oom_victim queues the mm: the reaper
         // cannot have started yet.
-        self.0.rss_at_kill.store(mapping_rss(self.0.host_base, self.0.bytes), Ordering::SeqCst);
+        self.0.rss_at_kill.store(
+            mapping_rss(self.0.host_base, self.0.bytes),
+            Ordering::SeqCst,
+        );
         *self.0.killed_at.lock().unwrap() = Some(Instant::now());
         self.0.killed.store(true, Ordering::SeqCst);
     }
@@ -160,7 +166,10 @@ fn worker(
     let Ok(mm) = g.guest.mm() else { return };
     let page = 4096u64;
     let pages = g.bytes / page;
-    let (lo, hi) = (pages * index as u64 / workers as u64, pages * (index as u64 + 1) / workers as u64);
+    let (lo, hi) = (
+        pages * index as u64 / workers as u64,
+        pages * (index as u64 + 1) / workers as u64,
+    );
     let start = Instant::now();
     let mut p = lo;
     while !done.load(Ordering::Relaxed) && !g.killed.load(Ordering::SeqCst) {
@@ -176,7 +185,12 @@ fn worker(
             for q in p..end {
                 // SAFETY: the page lies inside the guest's RAM mapping, which
                 // stays mapped while `mm` (a user reference) is held.
-                unsafe { std::ptr::write_volatile((g.host_base + (q * page) as usize) as *mut u8, (q % 251) as u8 + 1) };
+                unsafe {
+                    std::ptr::write_volatile(
+                        (g.host_base + (q * page) as usize) as *mut u8,
+                        (q % 251) as u8 + 1,
+                    )
+                };
                 if g.killed.load(Ordering::Relaxed) {
                     break;
                 }
@@ -201,13 +215,16 @@ fn gib(b: u64) -> String {
 
 /// Rss of the host mapping starting at `base`, from /proc/self/smaps.
 fn mapping_rss(base: usize, len: u64) -> u64 {
-    let Ok(text) = std::fs::read_to_string("/proc/self/smaps") else { return 0 };
+    let Ok(text) = std::fs::read_to_string("/proc/self/smaps") else {
+        return 0;
+    };
     let mut total = 0;
     let mut inside = false;
     for line in text.lines() {
         if let Some((range, _)) = line.split_once(' ') {
             if let Some((s, e)) = range.split_once('-') {
-                if let (Ok(s), Ok(e)) = (usize::from_str_radix(s, 16), usize::from_str_radix(e, 16)) {
+                if let (Ok(s), Ok(e)) = (usize::from_str_radix(s, 16), usize::from_str_radix(e, 16))
+                {
                     inside = s >= base && e <= base + len as usize;
                     continue;
                 }
@@ -215,7 +232,13 @@ fn mapping_rss(base: usize, len: u64) -> u64 {
         }
         if inside {
             if let Some(v) = line.strip_prefix("Rss:") {
-                total += v.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap_or(0) * 1024;
+                total += v
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .unwrap_or(0)
+                    * 1024;
             }
         }
     }
@@ -243,7 +266,11 @@ fn main() {
     let baseline = procfs::statm_rss().unwrap_or(0);
     let mut guests = Vec::new();
     for i in 0..args.guests {
-        let bytes = if i == 0 { args.victim_mib } else { args.other_mib } * MIB;
+        let bytes = if i == 0 {
+            args.victim_mib
+        } else {
+            args.other_mib
+        } * MIB;
         let g = host.create_guest(&format!("guest-{i}"));
         let mm = g.mm().expect("fresh guest");
         let addr = match mm.mmap_blocking(MapOptions::anon(bytes).hugepage(args.thp)) {
@@ -272,12 +299,18 @@ fn main() {
         // The first (largest) guest fills first, alone; the others start
         // when it is full, so the OOM kill meets a fully populated victim.
         let first = Duration::from_millis(args.fill_ms / 2);
-        let fill = if i == 0 { (Duration::ZERO, first) } else { (first, Duration::from_millis(args.fill_ms)) };
+        let fill = if i == 0 {
+            (Duration::ZERO, first)
+        } else {
+            (first, Duration::from_millis(args.fill_ms))
+        };
         for w in 0..args.workers {
             let (g, done) = (g.clone(), done.clone());
             let delay = Duration::from_millis(args.exit_delay_ms);
             let nw = args.workers;
-            workers.push(std::thread::spawn(move || worker(g, w, nw, fill, delay, done)));
+            workers.push(std::thread::spawn(move || {
+                worker(g, w, nw, fill, delay, done)
+            }));
         }
     }
 
@@ -298,14 +331,22 @@ fn main() {
     loop {
         let now = Instant::now();
         let rss = procfs::statm_rss().unwrap_or(0).saturating_sub(baseline);
-        if samples.last().is_none_or(|(t, _)| (now - t0).as_secs_f64() - t >= 0.01) {
+        if samples
+            .last()
+            .is_none_or(|(t, _)| (now - t0).as_secs_f64() - t >= 0.01)
+        {
             samples.push(((now - t0).as_secs_f64(), rss));
         }
         if rss > budget && victim.is_none() {
             exceeded_at.get_or_insert(now);
             let before = procfs::statm_rss().unwrap_or(0);
-            if let OomOutcome::Killed { guest } = futures_lite::future::block_on(host.out_of_memory(None)) {
-                let v = guests.iter().find(|g| g.guest.id() == guest).expect("a demo guest");
+            if let OomOutcome::Killed { guest } =
+                futures_lite::future::block_on(host.out_of_memory(None))
+            {
+                let v = guests
+                    .iter()
+                    .find(|g| g.guest.id() == guest)
+                    .expect("a demo guest");
                 victim_rss_before = v.rss_at_kill.load(Ordering::SeqCst);
                 rss_before_reap = before;
                 victim = Some(v.clone());
@@ -328,13 +369,34 @@ fn main() {
         let every = if tty { 100 } else { 1000 };
         if !args.json && now - last_print >= Duration::from_millis(every) {
             last_print = now;
-            let mut line = format!("{}{:5.1}s rss {} / budget {} |", if tty { "\r" } else { "" }, (now - t0).as_secs_f64(), gib(rss), gib(budget));
+            let mut line = format!(
+                "{}{:5.1}s rss {} / budget {} |",
+                if tty { "\r" } else { "" },
+                (now - t0).as_secs_f64(),
+                gib(rss),
+                gib(budget)
+            );
             for g in &guests {
-                let state = if g.killed.load(Ordering::Relaxed) { "✝" } else { "" };
-                let _ = write!(line, " {}{} {:.0}M", g.guest.name(), state, mapping_rss(g.host_base, g.bytes) as f64 / MIB as f64);
+                let state = if g.killed.load(Ordering::Relaxed) {
+                    "✝"
+                } else {
+                    ""
+                };
+                let _ = write!(
+                    line,
+                    " {}{} {:.0}M",
+                    g.guest.name(),
+                    state,
+                    mapping_rss(g.host_base, g.bytes) as f64 / MIB as f64
+                );
             }
             let s = reaper.stats();
-            let _ = write!(line, " | kills {} reaps {}   ", host.oom_stats().kills, s.reaped);
+            let _ = write!(
+                line,
+                " | kills {} reaps {}   ",
+                host.oom_stats().kills,
+                s.reaped
+            );
             if tty {
                 eprint!("{line}");
             } else {
@@ -362,7 +424,9 @@ fn main() {
                 g.guest.name().to_owned(),
                 g.bytes,
                 g.killed.load(Ordering::SeqCst),
-                g.guest.oom_mm().is_some_and(|m| m.flags().test(guestmm::MmFlag::UNSTABLE)),
+                g.guest
+                    .oom_mm()
+                    .is_some_and(|m| m.flags().test(guestmm::MmFlag::UNSTABLE)),
             )
         })
         .collect();
@@ -379,7 +443,9 @@ fn main() {
         (Some(a), Some(b)) => (b - a).as_secs_f64() * 1e3,
         _ => -1.0,
     };
-    let victim_name = victim.as_ref().map_or("none".to_owned(), |v| v.guest.name().to_owned());
+    let victim_name = victim
+        .as_ref()
+        .map_or("none".to_owned(), |v| v.guest.name().to_owned());
     let reaped = rss_before_reap.saturating_sub(rss_after_reap);
 
     if let Some(path) = &args.plot {
@@ -387,7 +453,15 @@ fn main() {
             .as_ref()
             .and_then(|v| *v.killed_at.lock().unwrap())
             .map(|t| (t - t0).as_secs_f64());
-        if let Err(e) = std::fs::write(path, svg(&samples, budget, kill_t, back_at.map(|t| (t - t0).as_secs_f64()))) {
+        if let Err(e) = std::fs::write(
+            path,
+            svg(
+                &samples,
+                budget,
+                kill_t,
+                back_at.map(|t| (t - t0).as_secs_f64()),
+            ),
+        ) {
             eprintln!("oom_demo: writing {path}: {e}");
         }
     }
@@ -428,12 +502,24 @@ fn main() {
         println!("budget                     {}", gib(budget));
         println!("victim                     {victim_name} ({} resident before the kill, /proc/self/smaps)", gib(victim_rss_before));
         println!("process RSS before reap    {}", gib(rss_before_reap));
-        println!("process RSS after reap     {}  ({} returned)", gib(rss_after_reap), gib(reaped));
+        println!(
+            "process RSS after reap     {}  ({} returned)",
+            gib(rss_after_reap),
+            gib(reaped)
+        );
         println!("victim users at reap       {victim_users_at_reap} (teardown had not started)");
-        println!("reap took                  {:.1} ms (reaper delay {} ms)", rstats.last_reap_us as f64 / 1e3, args.reaper_delay_ms);
+        println!(
+            "reap took                  {:.1} ms (reaper delay {} ms)",
+            rstats.last_reap_us as f64 / 1e3,
+            args.reaper_delay_ms
+        );
         println!("OOM latency                {latency_ms:.1} ms (budget first exceeded -> victim's memory back, RSS from /proc)");
         println!("OOM kills                  {} (second kills while a victim lacked OOM_SKIP: {}, selections aborted: {})", oom.kills, oom.second_kills, oom.aborted);
-        println!("process RSS at the end     {} with guests, {} after their teardown", gib(rss_end_guests), gib(rss_end));
+        println!(
+            "process RSS at the end     {} with guests, {} after their teardown",
+            gib(rss_end_guests),
+            gib(rss_end)
+        );
         if let Some(p) = &args.plot {
             println!("plot                       {p}");
         }
@@ -451,18 +537,40 @@ fn svg(samples: &[(f64, u64)], budget: u64, kill: Option<f64>, back: Option<f64>
     let mut s = format!(
         "<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' font-family='sans-serif' font-size='12'>\n<rect width='100%' height='100%' fill='white'/>\n"
     );
-    let pts: Vec<String> = samples.iter().map(|(t, b)| format!("{:.1},{:.1}", x(*t), y(*b as f64))).collect();
-    let _ = writeln!(s, "<polyline fill='none' stroke='#1f77b4' stroke-width='2' points='{}'/>", pts.join(" "));
+    let pts: Vec<String> = samples
+        .iter()
+        .map(|(t, b)| format!("{:.1},{:.1}", x(*t), y(*b as f64)))
+        .collect();
+    let _ = writeln!(
+        s,
+        "<polyline fill='none' stroke='#1f77b4' stroke-width='2' points='{}'/>",
+        pts.join(" ")
+    );
     let by = y(budget as f64);
     let _ = writeln!(s, "<line x1='{m}' x2='{}' y1='{by:.1}' y2='{by:.1}' stroke='#d62728' stroke-dasharray='6 4'/>", w - m);
-    let _ = writeln!(s, "<text x='{}' y='{:.1}' fill='#d62728'>budget {}</text>", w - m - 120.0, by - 5.0, gib(budget));
-    for (t, label, color) in [(kill, "OOM kill", "#ff7f0e"), (back, "memory back", "#2ca02c")] {
+    let _ = writeln!(
+        s,
+        "<text x='{}' y='{:.1}' fill='#d62728'>budget {}</text>",
+        w - m - 120.0,
+        by - 5.0,
+        gib(budget)
+    );
+    for (t, label, color) in [
+        (kill, "OOM kill", "#ff7f0e"),
+        (back, "memory back", "#2ca02c"),
+    ] {
         if let Some(t) = t {
             let _ = writeln!(s, "<line x1='{0:.1}' x2='{0:.1}' y1='{m}' y2='{1}' stroke='{color}'/><text x='{2:.1}' y='{3}' fill='{color}'>{label}</text>", x(t), h - m, x(t) + 4.0, m + 14.0);
         }
     }
     let _ = writeln!(s, "<line x1='{m}' x2='{m}' y1='{m}' y2='{0}' stroke='black'/><line x1='{m}' x2='{1}' y1='{0}' y2='{0}' stroke='black'/>", h - m, w - m);
-    let _ = writeln!(s, "<text x='{m}' y='{}'>0 s</text><text x='{}' y='{}'>{tmax:.1} s</text>", h - m + 16.0, w - m - 30.0, h - m + 16.0);
+    let _ = writeln!(
+        s,
+        "<text x='{m}' y='{}'>0 s</text><text x='{}' y='{}'>{tmax:.1} s</text>",
+        h - m + 16.0,
+        w - m - 30.0,
+        h - m + 16.0
+    );
     let _ = writeln!(s, "<text x='5' y='{}'>{}</text>", m - 5.0, gib(ymax as u64));
     let _ = writeln!(s, "<text x='{}' y='20' font-size='14'>guestmm oom_demo: process RSS (from /proc/self/statm) over time</text>", m);
     s.push_str("</svg>\n");
