@@ -489,7 +489,7 @@ fn main() {
     } else {
         eprintln!();
         println!();
-        println!("{:<10} {:>10}  {:<8} {}", "guest", "ram", "state", "");
+        println!("guest             ram  state");
         for (name, bytes, killed, reaped) in &final_rows {
             let state = match (killed, reaped) {
                 (true, true) => "killed, reaped",
