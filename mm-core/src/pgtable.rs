@@ -339,11 +339,13 @@ mod tests {
     #[test]
     fn test_pte_lock_excludes() {
         let pt = std::sync::Arc::new(PageTable::new());
-        let threads: Vec<_> = (0..4)
+        // Smaller under Miri, which interprets every instruction.
+        let (nthreads, iters) = if cfg!(miri) { (2, 20) } else { (4, 1000) };
+        let threads: Vec<_> = (0..nthreads)
             .map(|_| {
                 let pt = pt.clone();
                 std::thread::spawn(move || {
-                    for _ in 0..1000 {
+                    for _ in 0..iters {
                         let guard = crossbeam_epoch::pin();
                         let pte = pt.leaf_alloc(7, &guard).pte(7);
                         let old = pte_lock(pte);
