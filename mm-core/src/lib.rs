@@ -24,9 +24,13 @@
 //!     ksm slot-list lock       mm-ksm: ksm_enter, ksm_exit, ksmd cursor moves.
 //!                              ksmd releases the mmap lock BEFORE this one when the slot
 //!                              stays listed (after the unlock ksm_exit may free the mm).
-//!     PTE page locks           fault path (populate + copy), zap_range. Taken in ascending
-//!                              page order, never held across an await or a syscall other
-//!                              than the madvise/mprotect of the pages they cover.
+//!     PTE page locks           fault path (populate + copy), zap_range, ksmd's merge
+//!                              (merge.rs). Taken in ascending page order, never held
+//!                              across an await or a syscall other than the madvise /
+//!                              mprotect / mmap(MAP_FIXED) / uffd WP+WAKE / pwrite / pread
+//!                              of the pages they cover (the mmap of a merge waits for the
+//!                              uffd handler to read its UNMAP message; the handler never
+//!                              waits for a PTE lock).
 //!       Host budget (atomic)   try_charge under page locks; reclaim runs with NO lock held.
 //!       notifier / hook lists  std mutexes held only to push, take or clone.
 //!       tracked self-zap list  std mutex: pushed/popped by a zap of a tracked region.
@@ -71,6 +75,7 @@ mod error;
 mod exit;
 mod flags;
 mod host;
+mod merge;
 mod mm;
 pub mod mmap_lock;
 mod oom;
@@ -86,6 +91,7 @@ pub use clock::{Clock, SystemClock};
 pub use error::{Access, Error, Result};
 pub use flags::{MmFlag, MmFlags};
 pub use host::{Budget, Guest, Host, HostConfig, HostStats, OverBudget, Reclaim};
+pub use merge::{KsmMerge, KsmPage, StableStore};
 pub use mm::{
     Advice, BoxFuture, ExitHook, MapKind, MapOptions, Mm, MmConfig, MmGrab, MmNotifier, MmState,
     MmUser, MmWatch, WouldBlock, ZapReason,

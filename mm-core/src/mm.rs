@@ -382,6 +382,11 @@ impl Mm {
         self.pgtable.nodes() as u64 * PAGE
     }
 
+    /// The host budget this mm is charged to.
+    pub fn budget(&self) -> &Arc<Budget> {
+        &self.budget
+    }
+
     /// The page table (for walkers that hold the mmap lock).
     pub fn page_table(&self) -> &PageTable {
         &self.pgtable
@@ -446,7 +451,7 @@ impl Mm {
 
     /// Pays fail-open debt out of `bytes` being freed; returns what is left
     /// to uncharge, so that `charged = present - debt` stays true.
-    fn repay_debt(&self, bytes: u64) -> u64 {
+    pub(crate) fn repay_debt(&self, bytes: u64) -> u64 {
         let mut cur = self.debt.load(Ordering::Relaxed);
         loop {
             if cur == 0 {
@@ -543,11 +548,22 @@ impl Mm {
                     for p in gpn..stop {
                         olds.push(pte_lock(leaf.pte(p)));
                     }
-                    let res = vma.free_host(gpn * PAGE, stop * PAGE);
+                    let mut res = vma.free_host(gpn * PAGE, stop * PAGE);
+                    if res.is_ok() && matches!(reason, ZapReason::DontNeed | ZapReason::Reap) {
+                        // Merged pages (KSM): the host range is a private
+                        // mapping of the KSM memfd, where DONTNEED only drops
+                        // a private copy and a later touch would read the
+                        // stable page, not zeros. Put anonymous memory back
+                        // (munmap and exit_mmap leave the range dead anyway).
+                        res = self.restore_anon_runs(vma, gpn, &olds);
+                    }
                     for (i, p) in (gpn..stop).enumerate() {
                         let old = olds[i];
-                        if res.is_ok() && Pte(old).present() {
-                            freed += 1;
+                        if res.is_ok() {
+                            if Pte(old).present() {
+                                freed += 1;
+                            }
+                            // Present, KSM, FILEMAP, KSM_ZERO: all gone.
                             pte_unlock(leaf.pte(p), 0);
                         } else {
                             pte_unlock(leaf.pte(p), old);
@@ -568,6 +584,27 @@ impl Mm {
         }
         tracing::trace!(target: "mm_core::zap", mm_id = self.id, ?reason, start, end, pages = freed);
         Ok(freed)
+    }
+
+    /// Maps anonymous memory back over every run of `FILEMAP` pages among
+    /// `olds` (the locked PTE words of the pages from `first_gpn`), and
+    /// registers the runs with the tracker again in a tracked region.
+    fn restore_anon_runs(&self, vma: &Vma, first_gpn: u64, olds: &[u64]) -> Result<()> {
+        let is_file = |o: u64| o & Pte::FILEMAP != 0;
+        let mut i = 0;
+        while i < olds.len() {
+            if !is_file(olds[i]) {
+                i += 1;
+                continue;
+            }
+            let j = (i..olds.len())
+                .find(|&j| !is_file(olds[j]))
+                .unwrap_or(olds.len());
+            let (s, e) = ((first_gpn + i as u64) * PAGE, (first_gpn + j as u64) * PAGE);
+            crate::merge::restore_anon(vma, s, e)?;
+            i = j;
+        }
+        Ok(())
     }
 
     /// The fault path for `[start, end)` inside one leaf and one VMA: lock the
@@ -608,8 +645,18 @@ impl Mm {
                 pte_unlock(leaf.pte(gpn), olds[i] | set);
             }
         };
-        let missing = olds[..n].iter().filter(|o| !Pte(**o).present()).count() as u64;
-        if missing > 0 {
+        // A KSM page (mm-ksm, `merge.rs`) is mapped but not present: a read
+        // sees the stable page as it is; a write copies it (the kernel's
+        // copy-on-write of the private file mapping, done by `f` below) and
+        // the copy is charged here like a populated page.
+        let needs = |o: u64| !Pte(o).present() && !Pte(o).ksm();
+        let missing = olds[..n].iter().filter(|o| needs(**o)).count() as u64;
+        let cow = if write {
+            olds[..n].iter().filter(|o| Pte(**o).ksm()).count() as u64
+        } else {
+            0
+        };
+        if missing + cow > 0 {
             // I-RP-5 / check_stable_address_space: re-checked under the page
             // lock after seeing the PTE empty. The reaper sets UNSTABLE
             // before its first zap and zaps under these same page locks:
@@ -622,11 +669,11 @@ impl Mm {
             //
             // Without this check the accessor would repopulate a zero page
             // and hand the guest zeros where its data was.
-            if self.flags.test(MmFlag::UNSTABLE) {
+            if missing > 0 && self.flags.test(MmFlag::UNSTABLE) {
                 unlock_all(&olds[..n], 0);
                 return Err(Fault::Err(Error::Unstable { mm_id: self.id }));
             }
-            if let Err(e) = self.budget.try_charge(missing * PAGE) {
+            if let Err(e) = self.budget.try_charge((missing + cow) * PAGE) {
                 unlock_all(&olds[..n], 0);
                 return Err(Fault::Budget(e));
             }
@@ -637,11 +684,11 @@ impl Mm {
             let tracker = vma.region.tracker().filter(|t| !t.is_dead());
             let mut i = 0;
             while i < n {
-                if Pte(olds[i]).present() {
+                if !needs(olds[i]) {
                     i += 1;
                     continue;
                 }
-                let j = (i..n).find(|&j| Pte(olds[j]).present()).unwrap_or(n);
+                let j = (i..n).find(|&j| !needs(olds[j])).unwrap_or(n);
                 let r = vma.host_range(lo + i as u64 * PAGE, lo + j as u64 * PAGE);
                 let write = vma.prot.contains(Prot::WRITE);
                 let mut done = [false; PAGES_PER_LEAF as usize];
@@ -664,7 +711,7 @@ impl Mm {
                 if let Err(e) = res {
                     // Pages populated so far in this chunk are not marked
                     // present; give their charge back and drop them again.
-                    self.budget.uncharge(missing * PAGE);
+                    self.budget.uncharge((missing + cow) * PAGE);
                     let _ = vma.free_host(lo, hi);
                     unlock_all(&olds[..n], 0);
                     return Err(Fault::Err(Error::Host {
@@ -675,17 +722,26 @@ impl Mm {
                 i = j;
             }
             if vma.is_shared() {
-                self.rss_shmem.fetch_add(missing, Ordering::Relaxed);
+                self.rss_shmem.fetch_add(missing + cow, Ordering::Relaxed);
             } else {
-                self.rss_anon.fetch_add(missing, Ordering::Relaxed);
+                self.rss_anon.fetch_add(missing + cow, Ordering::Relaxed);
             }
         }
         let base = vma.host_range(start, end).ptr();
         f(base, 0, end - start);
-        unlock_all(
-            &olds[..n],
-            Pte::PRESENT | if write { Pte::DIRTY } else { 0 },
-        );
+        let dirty = if write { Pte::DIRTY } else { 0 };
+        for (i, gpn) in (lo / PAGE..hi / PAGE).enumerate() {
+            let o = Pte(olds[i]);
+            let new = match (o.ksm(), write) {
+                // Read of a KSM page: still shared, still uncharged.
+                (true, false) => o.0,
+                // Written: now a private copy (FILEMAP stays: the host range
+                // is still the file mapping until a zap).
+                (true, true) => (o.flags() & !Pte::KSM) | Pte::PRESENT | dirty,
+                (false, _) => o.0 | Pte::PRESENT | dirty,
+            };
+            pte_unlock(leaf.pte(gpn), new);
+        }
         Ok(())
     }
 
@@ -807,7 +863,7 @@ enum Fault {
 
 impl Vma {
     /// Frees the host pages under guest `[start, end)` of this VMA.
-    fn free_host(&self, start: u64, end: u64) -> Result<()> {
+    pub(crate) fn free_host(&self, start: u64, end: u64) -> Result<()> {
         if start >= end {
             return Ok(());
         }

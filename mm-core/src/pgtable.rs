@@ -42,10 +42,39 @@ impl Pte {
     pub const LOCK: u64 = 1 << 1;
     /// Written through the access API since population.
     pub const DIRTY: u64 = 1 << 2;
+    /// KSM: the page maps stable page [`Pte::stable_id`] of the KSM memfd
+    /// (shared, read-only until a write copies it). Not `PRESENT`: the guest
+    /// is not charged for it; the stable page is charged once.
+    pub const KSM: u64 = 1 << 3;
+    /// KSM: the host range of this page is a private mapping of the KSM
+    /// memfd (set by a merge, kept after a copy-on-write, cleared when a zap
+    /// puts anonymous memory back).
+    pub const FILEMAP: u64 = 1 << 4;
+    /// KSM: discarded as an all-zero page (`use_zero_pages`); unpopulated,
+    /// reads back as zeros. Left set by a later population until the
+    /// scanner sees it.
+    pub const KSM_ZERO: u64 = 1 << 5;
+    /// First bit of the stable page id (`KSM` pages only).
+    pub const STABLE_SHIFT: u32 = 16;
 
     /// Is the page present?
     pub fn present(self) -> bool {
         self.0 & Self::PRESENT != 0
+    }
+
+    /// Does the page map a KSM stable page?
+    pub fn ksm(self) -> bool {
+        self.0 & Self::KSM != 0
+    }
+
+    /// The stable page id of a `KSM` page.
+    pub fn stable_id(self) -> u64 {
+        self.0 >> Self::STABLE_SHIFT
+    }
+
+    /// The bits below the stable id (flags only).
+    pub fn flags(self) -> u64 {
+        self.0 & ((1 << Self::STABLE_SHIFT) - 1)
     }
 }
 

@@ -298,3 +298,200 @@ pub(crate) fn resident_pages(r: HostRange) -> io::Result<usize> {
     check(unsafe { libc::mincore(r.ptr().cast(), r.len(), vec.as_mut_ptr()) })?;
     Ok(vec.iter().filter(|b| **b & 1 != 0).count())
 }
+
+// ---------------------------------------------------------------------------
+// KSM merging (merge.rs): the stable-page memfd, remapping guest pages onto
+// it, and reading the kernel's view of a page (pagemap).
+
+/// Creates a memfd of `len` bytes (sparse: no memory until written).
+pub(crate) fn memfd_sized(name: &str, len: u64) -> io::Result<OwnedFd> {
+    let cname = std::ffi::CString::new(name.replace('\0', "_"))
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: `cname` is a valid NUL-terminated string for the whole call.
+    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let len = libc::off_t::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+    // SAFETY: plain syscall on a valid fd.
+    check(unsafe { libc::ftruncate(fd.as_raw_fd(), len) })?;
+    Ok(fd)
+}
+
+/// `pwrite` of the host pages `src` into `fd` at byte offset `off`.
+pub(crate) fn write_pages_to(fd: &OwnedFd, src: HostRange, off: u64) -> io::Result<()> {
+    let mut done = 0usize;
+    while done < src.len() {
+        let at = libc::off_t::try_from(off + done as u64)
+            .map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+        // SAFETY: `src` lies inside a live mapping we own (HostRange
+        // invariant) and is readable (the caller maps it readable); the
+        // kernel only reads from it. `done < src.len()` keeps the pointer
+        // and length in bounds.
+        let n = unsafe {
+            libc::pwrite(
+                fd.as_raw_fd(),
+                src.ptr().add(done).cast(),
+                src.len() - done,
+                at,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        done += n as usize;
+    }
+    Ok(())
+}
+
+/// `pread` of `dst.len()` bytes of `fd` at byte offset `off` (a hole reads
+/// as zeros).
+pub(crate) fn read_from(fd: &OwnedFd, dst: &mut [u8], off: u64) -> io::Result<()> {
+    let mut done = 0usize;
+    while done < dst.len() {
+        let at = libc::off_t::try_from(off + done as u64)
+            .map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+        let rest = &mut dst[done..];
+        // SAFETY: `rest` is a live, writable Rust buffer of `rest.len()` bytes.
+        let n = unsafe { libc::pread(fd.as_raw_fd(), rest.as_mut_ptr().cast(), rest.len(), at) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        done += n as usize;
+    }
+    Ok(())
+}
+
+/// Maps `r.len()` bytes of `fd` at byte offset `off` over `r` with
+/// `MAP_FIXED | MAP_PRIVATE`: the pages that backed `r` are freed by the
+/// kernel, reads see the file's pages, and a write (by anyone) is
+/// copy-on-write into a fresh private page. `ENOMEM` when the process is
+/// at `vm.max_map_count`.
+pub(crate) fn map_file_private_fixed(
+    r: HostRange,
+    fd: &OwnedFd,
+    off: u64,
+    prot: (bool, bool, bool),
+) -> io::Result<()> {
+    let off = libc::off_t::try_from(off).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+    // SAFETY: `r` lies inside a live guest mapping we own (HostRange
+    // invariant), so MAP_FIXED replaces only our own pages. No Rust
+    // reference points into guest memory (it is accessed through raw
+    // pointers only, under page locks the caller holds), and the caller
+    // write-protected the range, so the contents do not change across the
+    // replacement: the file pages hold the same bytes.
+    let raw = unsafe {
+        libc::mmap(
+            r.ptr().cast(),
+            r.len(),
+            prot_bits(prot.0, prot.1, prot.2),
+            libc::MAP_PRIVATE | libc::MAP_FIXED,
+            fd.as_raw_fd(),
+            off,
+        )
+    };
+    if raw == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    debug_assert_eq!(raw.cast::<u8>(), r.ptr());
+    Ok(())
+}
+
+/// Maps fresh private anonymous memory over `r` (`MAP_FIXED`): every page
+/// reads as zeros again. Used by zaps of merged pages, where `DONTNEED`
+/// alone would expose the file page under a private copy.
+pub(crate) fn map_anon_fixed(r: HostRange, prot: (bool, bool, bool)) -> io::Result<()> {
+    // SAFETY: as in `map_file_private_fixed`: only our own guest pages are
+    // replaced, and the caller holds the page locks of the whole range
+    // (it is discarding their contents anyway).
+    let raw = unsafe {
+        libc::mmap(
+            r.ptr().cast(),
+            r.len(),
+            prot_bits(prot.0, prot.1, prot.2),
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
+            -1,
+            0,
+        )
+    };
+    if raw == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Compares host pages `r` with `expect` (same length).
+///
+/// # Safety
+///
+/// No one may write `r` during the call: the caller holds the page locks
+/// of the range and has write-protected it (userfaultfd WP), so neither
+/// the access API nor a direct writer can change it.
+pub(crate) unsafe fn host_equals(r: HostRange, expect: &[u8]) -> bool {
+    debug_assert_eq!(r.len(), expect.len());
+    // SAFETY: `r` is a live readable mapping (HostRange invariant) and, by
+    // the caller's guarantee, not written while this shared slice exists.
+    let have = unsafe { std::slice::from_raw_parts(r.ptr().cast_const(), r.len()) };
+    have == expect
+}
+
+/// Is every byte of host pages `r` zero?
+///
+/// # Safety
+///
+/// As [`host_equals`].
+pub(crate) unsafe fn host_is_zero(r: HostRange) -> bool {
+    // SAFETY: as in `host_equals`.
+    let have = unsafe { std::slice::from_raw_parts(r.ptr().cast_const(), r.len()) };
+    let (pre, words, post) = {
+        // SAFETY: u64 has no invalid bit patterns; `align_to` only splits.
+        unsafe { have.align_to::<u64>() }
+    };
+    pre.iter().all(|b| *b == 0) && words.iter().all(|w| *w == 0) && post.iter().all(|b| *b == 0)
+}
+
+/// `/proc/self/pagemap` bits (Documentation/admin-guide/mm/pagemap.rst).
+pub(crate) mod pagemap {
+    /// Bit 63: page present.
+    pub(crate) const PRESENT: u64 = 1 << 63;
+    /// Bit 61: page is a file page or shared anonymous.
+    pub(crate) const FILE: u64 = 1 << 61;
+}
+
+/// Reads the pagemap entries of `r` (one `u64` per page) into `out`.
+pub(crate) fn pagemap(r: HostRange, out: &mut [u64]) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    use std::sync::OnceLock;
+    static FILE: OnceLock<std::fs::File> = OnceLock::new();
+    let f = match FILE.get() {
+        Some(f) => f,
+        None => {
+            let f = std::fs::File::open("/proc/self/pagemap")?;
+            FILE.get_or_init(|| f)
+        }
+    };
+    let pages = r.len() / PAGE_SIZE;
+    assert!(out.len() >= pages);
+    let mut bytes = vec![0u8; pages * 8];
+    f.read_exact_at(&mut bytes, (r.ptr() as u64 / PAGE_SIZE as u64) * 8)?;
+    for (o, c) in out.iter_mut().zip(bytes.chunks_exact(8)) {
+        *o = u64::from_ne_bytes(c.try_into().expect("8-byte chunk"));
+    }
+    Ok(())
+}

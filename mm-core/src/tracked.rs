@@ -158,6 +158,8 @@ pub(crate) struct Tracker {
     /// the death path.
     uffd: RwLock<Option<Uffd>>,
     wp: bool,
+    /// Write-protect also works on memfd mappings (KSM's merged pages).
+    wp_shmem: bool,
     poison: bool,
     wake: EventFd,
     stop: AtomicBool,
@@ -218,14 +220,17 @@ impl Tracker {
         let wanted = uffd::feature::PAGEFAULT_FLAG_WP
             | uffd::feature::EVENT_REMOVE
             | uffd::feature::EVENT_UNMAP
-            | uffd::feature::POISON;
+            | uffd::feature::POISON
+            | uffd::feature::WP_HUGETLBFS_SHMEM;
         let u = Uffd::open(wanted).map_err(Error::host("userfaultfd"))?;
         let wp = u.has(uffd::feature::PAGEFAULT_FLAG_WP);
+        let wp_shmem = wp && u.has(uffd::feature::WP_HUGETLBFS_SHMEM);
         let poison = u.has(uffd::feature::POISON);
         Ok(Arc::new(Tracker {
             mm_id,
             uffd: RwLock::new(Some(u)),
             wp,
+            wp_shmem,
             poison,
             wake: EventFd::new().map_err(Error::host("eventfd"))?,
             stop: AtomicBool::new(false),
@@ -277,6 +282,22 @@ impl Tracker {
         let mode = uffd::mode::MISSING | if self.wp { uffd::mode::WP } else { 0 };
         self.with_uffd(|u| u.register(r, mode))
             .map_err(Error::host("UFFDIO_REGISTER"))?;
+        Ok(())
+    }
+
+    /// Can merged pages (private memfd mappings) be write-protected?
+    pub(crate) fn wp_shmem(&self) -> bool {
+        self.wp_shmem
+    }
+
+    /// Registers a KSM merged range (a private memfd mapping) for
+    /// write-protect only, so that its pages can be merged again.
+    pub(crate) fn register_wp_only(&self, r: HostRange) -> Result<()> {
+        if self.is_dead() || !self.wp_shmem {
+            return Ok(());
+        }
+        self.with_uffd(|u| u.register(r, uffd::mode::WP))
+            .map_err(Error::host("UFFDIO_REGISTER(WP)"))?;
         Ok(())
     }
 
@@ -367,6 +388,12 @@ impl Tracker {
         lock(&self.self_zaps)
             .iter()
             .any(|&(s, e)| s <= start && end <= e)
+    }
+
+    /// Wakes the threads blocked on `r` (a KSM merge, after the remap).
+    pub(crate) fn wake_range(&self, r: HostRange) -> Result<()> {
+        self.with_uffd(|u| u.wake(r.ptr() as usize, r.len()))
+            .map_err(Error::host("UFFDIO_WAKE"))
     }
 
     /// `UFFDIO_WRITEPROTECT` over a host range.
@@ -577,6 +604,12 @@ fn handler_loop(t: &Arc<Tracker>, mm_weak: &Weak<Mm>) -> std::io::Result<()> {
                         removes.push((start, end));
                     }
                 }
+                Event::Unmap { start, end } if t.is_self_zap(start, end) => {
+                    // A KSM merge mapping the stable page over tracked pages
+                    // (`merge.rs`): the pages are accounted by the merge,
+                    // and the registry keeps the range (a zap maps
+                    // anonymous memory back and registers it again).
+                }
                 Event::Unmap { start, end } => {
                     t.counters.foreign_removes.fetch_add(1, Ordering::Relaxed);
                     removes.push((start, end));
@@ -728,7 +761,9 @@ impl Mm {
                 held[i] = o;
             }
         }
-        let want = |i: usize| held[i] != 0 && !Pte(held[i]).present();
+        // KSM pages are mapped (the stable page) though not PRESENT: never
+        // fill them (their host range is a memfd mapping, not MISSING-registered).
+        let want = |i: usize| held[i] != 0 && !Pte(held[i]).present() && !Pte(held[i]).ksm();
         let unlock = |held: &[u64], present: &[bool]| {
             for (i, gpn) in (lo / PAGE..hi / PAGE).enumerate() {
                 if held[i] != 0 {

@@ -84,6 +84,9 @@ pub(crate) mod feature {
     pub(crate) const EVENT_REMOVE: u64 = uapi::UFFD_FEATURE_EVENT_REMOVE as u64;
     /// `munmap` of a registered range is reported.
     pub(crate) const EVENT_UNMAP: u64 = uapi::UFFD_FEATURE_EVENT_UNMAP as u64;
+    /// Write-protect on shmem/hugetlbfs mappings (KSM's merged pages are
+    /// private mappings of a memfd).
+    pub(crate) const WP_HUGETLBFS_SHMEM: u64 = uapi::UFFD_FEATURE_WP_HUGETLBFS_SHMEM as u64;
     /// `UFFDIO_POISON` (Linux 6.6).
     pub(crate) const POISON: u64 = uapi::UFFD_FEATURE_POISON as u64;
 }

@@ -1,1 +1,751 @@
-//! mm-ksm: KSM-style deduplication (not built yet; see the mm-ksm issue).
+//! # mm-ksm: KSM-style deduplication of guest memory
+//!
+//! Identical pages of guests (the same kernel image, the same module data,
+//! zeroed memory) are merged onto one **stable page**, and the host really
+//! frees the copies: the stable pages live in a memfd, and a merge maps the
+//! stable page over the guest page with `MAP_FIXED | MAP_PRIVATE` inside a
+//! userfaultfd write-protect window (mm-core's `merge.rs` has the mechanism
+//! and its race diagram). A later write by anyone (vCPU, JIT code, the copy
+//! API) is copy-on-write in the kernel. Savings show in PSS, not RSS.
+//!
+//! # Overview (mm/ksm.c `DOC: Overview`, adapted)
+//!
+//! * **Slots** ([`Ksm::enter`], `__ksm_enter`): one per registered mm, in a
+//!   dashmap keyed by mm id and in the ordered scan list, each holding one
+//!   grab (`mm_count`, never a user) on its mm. `VM_MERGEABLE` is set on the
+//!   mm and an [`ExitHook`](mm_core::ExitHook) (`ksm_exit`) is registered.
+//! * **Rmap items**: one per scanned page, with the page's last checksum
+//!   and, once merged, its stable page. Owned by the scanner (under the
+//!   scanner mutex, `ksm_thread_mutex`); a slot publishes only its count.
+//! * **Unstable tree**: checksum → the first page seen with it **in this
+//!   pass**, for pages whose checksum did not change since the last pass
+//!   (volatile pages are skipped). Reset at the start of every full pass
+//!   and never trusted: a hit is compared byte for byte inside the merge's
+//!   write-protect window.
+//! * **Stable tree**: checksum → stable pages with that content, each with
+//!   its number of mappers (at most `max_page_sharing`). It holds no page
+//!   reference: a mapper that was copied (pagemap shows an anonymous page),
+//!   zapped or unmapped is found by the next pass and dropped; a stable page
+//!   with no mapper left is freed (hole punched).
+//!
+//! # The scan (`ksm_do_scan`, PROTOCOL §9.4)
+//!
+//! 1. Take the scanner mutex for one batch of `pages_to_scan` pages.
+//! 2. Under the slot-list lock: empty list → done; cursor at the head → a
+//!    new pass: reset the unstable tree, move the cursor to the first slot.
+//! 3. Take the slot's mmap read lock, then check `users == 0`
+//!    (`ksm_test_exit`, I-KSM-2) **before** looking at any VMA: `ksm_exit`
+//!    publishes `users == 0` before its write-lock barrier, so a scanner
+//!    that gets the lock after the barrier sees it and backs out.
+//! 4. Walk the mergeable VMAs from the cursor address, one leaf (2 MiB) at a
+//!    time: copy each page out under its page lock, checksum it (xxh3),
+//!    skip it if the checksum changed since the last pass, else look it up
+//!    in the stable tree, else in the unstable tree, else insert it there.
+//!    Runs of consecutive hits are merged with one `mmap` each (onto
+//!    consecutive stable pages); all-zero runs are discarded
+//!    (`use_zero_pages`). `users == 0` is checked again before every leaf.
+//! 5. At the end of the mm: drop the rmap items past the last VMA.
+//! 6. Under the slot-list lock, advance the cursor. If the mm is exiting
+//!    (or has no mergeable VMA left), remove the slot, clear `VM_MERGEABLE`
+//!    and drop its grab. Otherwise release the **mmap lock first, then the
+//!    slot-list lock** (I-KSM-5): once the list lock is dropped, with the
+//!    cursor past the slot, `ksm_exit` may take its fast path and free the
+//!    mm struct under us.
+//! 7. Unstable hits in another mm are merged after this mm's lock is
+//!    dropped (never two mmap locks at once), under that mm's read lock
+//!    and its own `users == 0` check.
+//! 8. Release the scanner mutex; sleep `sleep` through the clock.
+//!
+//! # Exit (`__ksm_exit`, PROTOCOL §9.5, seed 3)
+//!
+//! Called from the last `mmput` with `users` already 0, before `exit_mmap`;
+//! **never takes the scanner mutex** (seed 3: a scanner holding it while it
+//! allocates can wait for the memory only this exit frees). Under the
+//! slot-list lock: no slot → nothing (the scanner freed it); the slot at the
+//! cursor → slow; no rmap items → **fast**: remove it, then clear the flags
+//! and drop the grab (required: with the scanner stopped the pin would leak
+//! for ever); else move it right after the cursor → slow. Slow: the
+//! write-lock barrier `drop(mm.lock().write().await)`, which waits for a
+//! scanner still inside under the read lock; the scanner (or unmerge-all)
+//! frees the slot when it next sees `users == 0`.
+//!
+//! # Example
+//!
+//! ```
+//! use mm_core::{Advice, Host, MapOptions};
+//! use mm_ksm::{Ksm, KsmConfig, Run};
+//!
+//! let host = Host::with_budget(64 << 20);
+//! let ksm = Ksm::new(KsmConfig::default())?;
+//! let (a, b) = (host.create_guest("a"), host.create_guest("b"));
+//! let (ma, mb) = (a.mm()?, b.mm()?);
+//! for mm in [&ma, &mb] {
+//!     let addr = mm.mmap_blocking(MapOptions::anon(1 << 20).tracked(true))?;
+//!     mm.fill_blocking(addr, 1 << 20, 0x5a)?; // identical pages
+//!     ksm.madvise_blocking(mm, addr, 1 << 20, Advice::Mergeable)?;
+//! }
+//! ksm.set_run_blocking(Run::Merge)?;
+//! ksm.set_pages_to_scan(1000)?;
+//! while ksm.stats().full_scans < 3 {
+//!     ksm.scan_step_blocking();
+//! }
+//! assert!(ksm.stats().pages_sharing > 0);
+//! # drop((ma, mb)); a.exit_blocking(); b.exit_blocking();
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+mod error;
+mod scan;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use event_listener::Event;
+use futures_lite::future;
+use mm_core::{
+    sched, Advice, BoxFuture, Clock, ExitHook, Mm, MmFlag, MmGrab, MmUser, StableStore,
+    SystemClock, VmFlags,
+};
+
+pub use error::{Error, Result};
+
+use crate::scan::Scanner;
+
+/// The `run` knob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Run {
+    /// 0: ksmd does not scan; merged pages stay merged.
+    Stop,
+    /// 1: ksmd scans and merges.
+    Merge,
+    /// 2: every merged page is unmerged (`unmerge_and_remove_all_rmap_items`);
+    /// slots of live guests stay registered.
+    Unmerge,
+}
+
+impl Run {
+    fn to_u8(self) -> u8 {
+        match self {
+            Run::Stop => 0,
+            Run::Merge => 1,
+            Run::Unmerge => 2,
+        }
+    }
+    fn from_u8(v: u8) -> Run {
+        match v {
+            1 => Run::Merge,
+            2 => Run::Unmerge,
+            _ => Run::Stop,
+        }
+    }
+}
+
+/// Scanner settings (the sysfs knobs at start).
+#[derive(Debug, Clone)]
+pub struct KsmConfig {
+    /// `pages_to_scan`: pages per batch (kernel default 100).
+    pub pages_to_scan: u64,
+    /// `sleep_millisecs` between batches (kernel default 20 ms).
+    pub sleep: Duration,
+    /// `max_page_sharing`: mappers per stable page (kernel default 256).
+    pub max_page_sharing: u64,
+    /// `use_zero_pages`: discard all-zero pages instead of merging them.
+    pub use_zero_pages: bool,
+    /// `smart_scan`: skip pages that did not merge in recent passes.
+    pub smart_scan: bool,
+    /// Time source for the sleeps.
+    pub clock: Arc<dyn Clock>,
+}
+
+impl Default for KsmConfig {
+    fn default() -> Self {
+        KsmConfig {
+            pages_to_scan: 100,
+            sleep: Duration::from_millis(20),
+            max_page_sharing: 256,
+            use_zero_pages: false,
+            smart_scan: true,
+            clock: Arc::new(SystemClock),
+        }
+    }
+}
+
+/// Counters with the kernel's sysfs names (`/sys/kernel/mm/ksm/*`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KsmStats {
+    /// Stable pages in use.
+    pub pages_shared: u64,
+    /// Further mappings of them: the pages saved.
+    pub pages_sharing: u64,
+    /// Pages in the unstable tree (waiting for a twin).
+    pub pages_unshared: u64,
+    /// `rmap_items - shared - sharing - unshared`, clamped at 0.
+    pub pages_volatile: u64,
+    /// Pages looked at by the scanner.
+    pub pages_scanned: u64,
+    /// Pages skipped by smart scan.
+    pub pages_skipped: u64,
+    /// Completed full passes (`ksm_scan.seqnr`).
+    pub full_scans: u64,
+    /// Pages discarded as zero pages (`use_zero_pages`) and not touched since.
+    pub ksm_zero_pages: u64,
+    /// `(pages_sharing + ksm_zero_pages) * 4096 - rmap_items * sizeof(rmap_item)`.
+    pub general_profit: i64,
+    /// Rmap items (pages tracked by the scanner).
+    pub rmap_items: u64,
+    /// Registered mms.
+    pub mm_slots: u64,
+    /// Merges refused with `ENOMEM` by `vm.max_map_count`.
+    pub map_limit_hits: u64,
+    /// Stable pages freed (no mapper left).
+    pub stable_pages_freed: u64,
+    /// Slots freed by `ksm_exit`'s fast path.
+    pub slots_freed_by_exit: u64,
+    /// Slots freed by the scanner or unmerge-all.
+    pub slots_freed_by_scanner: u64,
+}
+
+/// Per-guest counters (`/proc/<pid>/ksm_stat`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KsmProcessStat {
+    /// `ksm_rmap_items`.
+    pub rmap_items: u64,
+    /// `ksm_merging_pages`: pages of this mm that map a stable page.
+    pub merging_pages: u64,
+    /// `ksm_zero_pages`.
+    pub zero_pages: u64,
+}
+
+/// One registered mm (`ksm_mm_slot`).
+pub(crate) struct Slot {
+    /// The pin taken by `__ksm_enter` (`mmgrab`); dropped exactly once,
+    /// with the slot.
+    pub(crate) mm: MmGrab,
+    /// Rmap items of this mm, published by the scanner before it moves the
+    /// cursor past the slot; read by `ksm_exit` for its fast-path test.
+    pub(crate) rmap_items: AtomicU64,
+    pub(crate) merging_pages: AtomicU64,
+    pub(crate) zero_pages: AtomicU64,
+}
+
+impl Slot {
+    pub(crate) fn id(&self) -> u64 {
+        self.mm.id()
+    }
+}
+
+/// The ordered scan list and its cursor, under the slot-list lock
+/// (`ksm_mmlist_lock`): a std mutex held only briefly, never across an
+/// await, taken inside an mmap read lock (never the other way round).
+#[derive(Default)]
+pub(crate) struct ScanList {
+    pub(crate) order: Vec<Arc<Slot>>,
+    /// Mm id of the slot being scanned; `None` = at the head (between
+    /// passes).
+    pub(crate) cursor: Option<u64>,
+}
+
+impl ScanList {
+    pub(crate) fn position(&self, id: u64) -> Option<usize> {
+        self.order.iter().position(|s| s.id() == id)
+    }
+}
+
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub(crate) pages_shared: AtomicU64,
+    pub(crate) pages_sharing: AtomicU64,
+    pub(crate) pages_unshared: AtomicU64,
+    pub(crate) rmap_items: AtomicU64,
+    pub(crate) pages_scanned: AtomicU64,
+    pub(crate) pages_skipped: AtomicU64,
+    pub(crate) full_scans: AtomicU64,
+    pub(crate) ksm_zero_pages: AtomicU64,
+    pub(crate) map_limit_hits: AtomicU64,
+    pub(crate) stable_pages_freed: AtomicU64,
+    pub(crate) slots_freed_by_exit: AtomicU64,
+    pub(crate) slots_freed_by_scanner: AtomicU64,
+}
+
+pub(crate) struct Inner {
+    pub(crate) pages_to_scan: AtomicU64,
+    pub(crate) sleep_ms: AtomicU64,
+    pub(crate) max_page_sharing: AtomicU64,
+    pub(crate) use_zero_pages: AtomicBool,
+    pub(crate) smart_scan: AtomicBool,
+    pub(crate) run: AtomicU8,
+    pub(crate) clock: Arc<dyn Clock>,
+    /// `ksm_thread_mutex`: the trees and rmap items; held by the scanner for
+    /// a batch and by unmerge-all. Never taken by `ksm_exit` (seed 3).
+    pub(crate) scanner: async_lock::Mutex<Scanner>,
+    /// The slot hash (`mm_slots_hash`).
+    pub(crate) slots: DashMap<u64, Arc<Slot>>,
+    /// The slot-list lock.
+    pub(crate) list: Mutex<ScanList>,
+    pub(crate) store: StableStore,
+    pub(crate) counters: Counters,
+    /// Wakes the scan loop (knob changes, first slot, stop).
+    pub(crate) wake: Event,
+    pub(crate) stop: AtomicBool,
+}
+
+pub(crate) fn lock(m: &Mutex<ScanList>) -> std::sync::MutexGuard<'_, ScanList> {
+    // The list is only pushed, removed from and re-pointed under the lock;
+    // a panic cannot leave it half-updated.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The KSM scanner (ksmd) and its registry. Cheap to clone; run it with
+/// [`Ksm::spawn`] (a std thread) or poll [`Ksm::run`] on any executor; a
+/// race harness can drive [`Ksm::scan_step`] itself.
+#[derive(Clone)]
+pub struct Ksm {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Ksm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ksm")
+            .field("run", &self.run_mode())
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+/// The `ksm_exit` hook registered on every entered mm. Holds the scanner
+/// weakly: a dropped `Ksm` leaves nothing to do.
+struct KsmExitHook(Weak<Inner>);
+
+impl ExitHook for KsmExitHook {
+    fn exit<'a>(&'a self, mm: &'a Mm) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            if let Some(inner) = self.0.upgrade() {
+                ksm_exit(&inner, mm).await;
+            }
+        })
+    }
+}
+
+/// What `ksm_exit` decided under the slot-list lock.
+enum ExitPath {
+    /// No slot: the scanner already freed it.
+    None,
+    /// Removed here; free it after the unlock.
+    Fast(Arc<Slot>),
+    /// Left to the scanner: barrier.
+    Slow,
+}
+
+/// `__ksm_exit` (PROTOCOL §9.5). `users` is already 0.
+async fn ksm_exit(inner: &Inner, mm: &Mm) {
+    debug_assert_eq!(mm.users(), 0);
+    // Only mms that entered (MMF_VM_MERGEABLE).
+    if !mm.flags().test(MmFlag::VM_MERGEABLE) {
+        return;
+    }
+    sched::point("ksm_exit:start").await;
+    let path = {
+        let mut list = lock(&inner.list);
+        match inner.slots.get(&mm.id()).map(|s| s.clone()) {
+            None => ExitPath::None,
+            // At the cursor: the scanner is (or will be) inside this mm;
+            // exit must not free the slot under it.
+            Some(_) if list.cursor == Some(mm.id()) => ExitPath::Slow,
+            Some(slot) if slot.rmap_items.load(Ordering::SeqCst) == 0 => {
+                // Fast path: nothing of this mm is in the scanner's trees.
+                inner.slots.remove(&mm.id());
+                if let Some(i) = list.position(mm.id()) {
+                    list.order.remove(i);
+                }
+                ExitPath::Fast(slot)
+            }
+            Some(_) => {
+                // Move it right after the cursor: the scanner meets it next,
+                // sees users == 0 and frees it.
+                if let Some(i) = list.position(mm.id()) {
+                    let s = list.order.remove(i);
+                    let at = match list.cursor.and_then(|c| list.position(c)) {
+                        Some(c) => c + 1,
+                        None => 0,
+                    };
+                    list.order.insert(at, s);
+                }
+                ExitPath::Slow
+            }
+        }
+    };
+    match path {
+        ExitPath::None => {
+            tracing::debug!(target: "mm_ksm::ksm_exit", mm_id = mm.id(), path = "gone", "ksm_exit");
+        }
+        ExitPath::Fast(slot) => {
+            mm.flags().clear(MmFlag::VM_MERGE_ANY);
+            mm.flags().clear(MmFlag::VM_MERGEABLE);
+            inner
+                .counters
+                .slots_freed_by_exit
+                .fetch_add(1, Ordering::Relaxed);
+            sched::point("ksm_exit:fast").await;
+            // mmdrop: the slot's grab goes with the last Arc (this one; the
+            // list and the hash no longer hold it, and the scanner only
+            // holds the cursor slot or slots with rmap items).
+            drop(slot);
+            tracing::debug!(target: "mm_ksm::ksm_exit", mm_id = mm.id(), path = "fast", "ksm_exit");
+        }
+        ExitPath::Slow => {
+            sched::point("ksm_exit:barrier").await;
+            // The write-lock barrier (I-LO-2): users == 0 was published
+            // before it (by the last mmput), and the scanner re-checks it
+            // after every read lock. This waits for a scanner still inside;
+            // any later one backs out without touching the VMAs.
+            //
+            //   ksm_exit                        | ksmd
+            //                                   | read lock; users == 0? no
+            //   users = 0 (mmput)               | merging a run ...
+            //   write lock (waits)              | ... read unlock
+            //   write unlock; exit_mmap         | read lock; users == 0? yes:
+            //                                   |   back out, free the slot
+            drop(mm.lock().write().await);
+            sched::point("ksm_exit:after_barrier").await;
+            tracing::debug!(target: "mm_ksm::ksm_exit", mm_id = mm.id(), path = "barrier", "ksm_exit");
+        }
+    }
+}
+
+impl Ksm {
+    /// A scanner with this configuration: `run` is [`Run::Stop`], nothing
+    /// registered, no thread started.
+    pub fn new(config: KsmConfig) -> Result<Ksm> {
+        check_pages_to_scan(config.pages_to_scan)?;
+        check_max_page_sharing(config.max_page_sharing)?;
+        let store = StableStore::new("guestmm-ksm").map_err(|source| Error::Store { source })?;
+        Ok(Ksm {
+            inner: Arc::new(Inner {
+                pages_to_scan: AtomicU64::new(config.pages_to_scan),
+                sleep_ms: AtomicU64::new(config.sleep.as_millis() as u64),
+                max_page_sharing: AtomicU64::new(config.max_page_sharing),
+                use_zero_pages: AtomicBool::new(config.use_zero_pages),
+                smart_scan: AtomicBool::new(config.smart_scan),
+                run: AtomicU8::new(Run::Stop.to_u8()),
+                clock: config.clock,
+                scanner: async_lock::Mutex::new(Scanner::default()),
+                slots: DashMap::new(),
+                list: Mutex::new(ScanList::default()),
+                store,
+                counters: Counters::default(),
+                wake: Event::new(),
+                stop: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    /// `__ksm_enter`: registers `mm` (idempotent). The slot pins the mm
+    /// struct with a grab (never a user); `VM_MERGEABLE` is set and the
+    /// `ksm_exit` hook registered.
+    pub fn enter(&self, mm: &MmUser) -> Result<()> {
+        let inner = &self.inner;
+        let was_empty;
+        {
+            let mut list = lock(&inner.list);
+            if inner.slots.contains_key(&mm.id()) {
+                return Ok(());
+            }
+            let slot = Arc::new(Slot {
+                mm: mm.grab(),
+                rmap_items: AtomicU64::new(0),
+                merging_pages: AtomicU64::new(0),
+                zero_pages: AtomicU64::new(0),
+            });
+            was_empty = list.order.is_empty();
+            inner.slots.insert(mm.id(), slot.clone());
+            // Merge/stop: just behind the cursor (list_add_tail(slot,
+            // cursor)), so a new mm is not scanned at once; at the head
+            // that is the end of the list. Unmerge: at the tail, so the
+            // unmerge pass does not miss it.
+            let at = match (self.run_mode(), list.cursor.and_then(|c| list.position(c))) {
+                (Run::Unmerge, _) | (_, None) => list.order.len(),
+                (_, Some(c)) => c,
+            };
+            list.order.insert(at, slot);
+        }
+        mm.add_exit_hook(Arc::new(KsmExitHook(Arc::downgrade(inner))));
+        mm.flags().set(MmFlag::VM_MERGEABLE);
+        tracing::debug!(target: "mm_ksm::ksm_enter", mm_id = mm.id(), "ksm_enter");
+        if was_empty {
+            inner.wake.notify(usize::MAX);
+        }
+        Ok(())
+    }
+
+    /// `madvise` with KSM's part: `Mergeable` sets `VM_MERGEABLE` and
+    /// enters the mm; `Unmergeable` clears it and unmerges the range's
+    /// pages (`unmerge_ksm_pages`). Other advice is passed to mm-core.
+    pub async fn madvise(&self, mm: &MmUser, addr: u64, len: u64, advice: Advice) -> Result<()> {
+        let id = mm.id();
+        mm.madvise(addr, len, advice).await.map_err(Error::mm(id))?;
+        match advice {
+            Advice::Mergeable => self.enter(mm),
+            Advice::Unmergeable => {
+                let state = mm.lock().read().await;
+                sched::point("ksm_madvise:read_locked").await;
+                mm.ksm_unshare(&state, addr, len).map_err(Error::mm(id))?;
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Blocking [`madvise`](Self::madvise).
+    pub fn madvise_blocking(&self, mm: &MmUser, addr: u64, len: u64, advice: Advice) -> Result<()> {
+        future::block_on(self.madvise(mm, addr, len, advice))
+    }
+
+    /// The whole-guest switch (`prctl(PR_SET_MEMORY_MERGE)`): on, every
+    /// compatible VMA is considered (`VM_MERGE_ANY`) and the mm entered;
+    /// off, the flag goes and the pages of VMAs without `VM_MERGEABLE` are
+    /// unmerged.
+    pub async fn set_merge_any(&self, mm: &MmUser, on: bool) -> Result<()> {
+        if on {
+            mm.flags().set(MmFlag::VM_MERGE_ANY);
+            return self.enter(mm);
+        }
+        mm.flags().clear(MmFlag::VM_MERGE_ANY);
+        let state = mm.lock().read().await;
+        sched::point("ksm_merge_any:read_locked").await;
+        for v in state.vmas().iter() {
+            if !v.flags().contains(VmFlags::MERGEABLE) {
+                mm.ksm_unshare(&state, v.start(), v.len())
+                    .map_err(Error::mm(mm.id()))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Blocking [`set_merge_any`](Self::set_merge_any).
+    pub fn set_merge_any_blocking(&self, mm: &MmUser, on: bool) -> Result<()> {
+        future::block_on(self.set_merge_any(mm, on))
+    }
+
+    /// The `run` knob. `Unmerge` unmerges everything before it returns
+    /// (under the scanner mutex, as the sysfs write does); on error `run`
+    /// falls back to `Stop`.
+    pub async fn set_run(&self, run: Run) -> Result<()> {
+        let inner = &self.inner;
+        match run {
+            Run::Unmerge => {
+                let mut sc = inner.scanner.lock().await;
+                inner.run.store(run.to_u8(), Ordering::SeqCst);
+                if let Err(e) = scan::unmerge_all(inner, &mut sc).await {
+                    inner.run.store(Run::Stop.to_u8(), Ordering::SeqCst);
+                    return Err(e);
+                }
+            }
+            Run::Stop | Run::Merge => inner.run.store(run.to_u8(), Ordering::SeqCst),
+        }
+        inner.wake.notify(usize::MAX);
+        Ok(())
+    }
+
+    /// Blocking [`set_run`](Self::set_run).
+    pub fn set_run_blocking(&self, run: Run) -> Result<()> {
+        future::block_on(self.set_run(run))
+    }
+
+    /// The `run` knob's value.
+    pub fn run_mode(&self) -> Run {
+        Run::from_u8(self.inner.run.load(Ordering::SeqCst))
+    }
+
+    /// `pages_to_scan` (> 0).
+    pub fn set_pages_to_scan(&self, n: u64) -> Result<()> {
+        check_pages_to_scan(n)?;
+        self.inner.pages_to_scan.store(n, Ordering::Relaxed);
+        self.inner.wake.notify(usize::MAX);
+        Ok(())
+    }
+
+    /// `sleep_millisecs`.
+    pub fn set_sleep(&self, d: Duration) {
+        self.inner
+            .sleep_ms
+            .store(d.as_millis() as u64, Ordering::Relaxed);
+        self.inner.wake.notify(usize::MAX);
+    }
+
+    /// `max_page_sharing` (≥ 2). Applies to later merges.
+    pub fn set_max_page_sharing(&self, n: u64) -> Result<()> {
+        check_max_page_sharing(n)?;
+        self.inner.max_page_sharing.store(n, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// `use_zero_pages`.
+    pub fn set_use_zero_pages(&self, on: bool) {
+        self.inner.use_zero_pages.store(on, Ordering::Relaxed);
+    }
+
+    /// `smart_scan`.
+    pub fn set_smart_scan(&self, on: bool) {
+        self.inner.smart_scan.store(on, Ordering::Relaxed);
+    }
+
+    /// One batch (`ksm_do_scan(pages_to_scan)`) if `run` is `Merge`, under
+    /// the scanner mutex. Returns the pages scanned.
+    pub async fn scan_step(&self) -> u64 {
+        if self.run_mode() != Run::Merge {
+            return 0;
+        }
+        let mut sc = self.inner.scanner.lock().await;
+        sched::point("ksm:batch_locked").await;
+        let n = self.inner.pages_to_scan.load(Ordering::Relaxed);
+        scan::do_scan(&self.inner, &mut sc, n).await
+    }
+
+    /// Blocking [`scan_step`](Self::scan_step).
+    pub fn scan_step_blocking(&self) -> u64 {
+        future::block_on(self.scan_step())
+    }
+
+    /// The scan loop (`ksm_scan_thread`): batches while `run` is `Merge`,
+    /// `sleep` apart (through the clock); waits for a knob change otherwise.
+    /// Returns after [`Ksm::stop`].
+    pub async fn run(&self) {
+        let inner = &self.inner;
+        loop {
+            if inner.stop.load(Ordering::SeqCst) {
+                return;
+            }
+            self.scan_step().await;
+            // Listen before testing, so a wake between the test and the
+            // wait is not lost.
+            let listener = inner.wake.listen();
+            if inner.stop.load(Ordering::SeqCst) {
+                return;
+            }
+            let should_run = self.run_mode() == Run::Merge && !inner.slots.is_empty();
+            if should_run {
+                let d = Duration::from_millis(inner.sleep_ms.load(Ordering::Relaxed));
+                if !d.is_zero() {
+                    future::or(inner.clock.sleep(d), listener).await;
+                }
+            } else {
+                listener.await;
+            }
+        }
+    }
+
+    /// Starts [`run`](Self::run) on a std thread named `ksmd`.
+    pub fn spawn(&self) -> std::io::Result<KsmThread> {
+        self.inner.stop.store(false, Ordering::SeqCst);
+        let k = self.clone();
+        let handle = std::thread::Builder::new()
+            .name("ksmd".into())
+            .spawn(move || future::block_on(k.run()))?;
+        Ok(KsmThread {
+            ksm: self.clone(),
+            handle: Some(handle),
+        })
+    }
+
+    /// Asks [`run`](Self::run) to return.
+    pub fn stop(&self) {
+        self.inner.stop.store(true, Ordering::SeqCst);
+        self.inner.wake.notify(usize::MAX);
+    }
+
+    /// Counters (lock-free; each is exact, together they may be one batch apart).
+    pub fn stats(&self) -> KsmStats {
+        let c = &self.inner.counters;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let (shared, sharing, unshared, items, zero) = (
+            l(&c.pages_shared),
+            l(&c.pages_sharing),
+            l(&c.pages_unshared),
+            l(&c.rmap_items),
+            l(&c.ksm_zero_pages),
+        );
+        KsmStats {
+            pages_shared: shared,
+            pages_sharing: sharing,
+            pages_unshared: unshared,
+            pages_volatile: items.saturating_sub(shared + sharing + unshared),
+            pages_scanned: l(&c.pages_scanned),
+            pages_skipped: l(&c.pages_skipped),
+            full_scans: l(&c.full_scans),
+            ksm_zero_pages: zero,
+            general_profit: ((sharing + zero) * mm_core::PAGE_SIZE as u64) as i64
+                - (items * scan::RMAP_ITEM_BYTES) as i64,
+            rmap_items: items,
+            mm_slots: self.inner.slots.len() as u64,
+            map_limit_hits: l(&c.map_limit_hits),
+            stable_pages_freed: l(&c.stable_pages_freed),
+            slots_freed_by_exit: l(&c.slots_freed_by_exit),
+            slots_freed_by_scanner: l(&c.slots_freed_by_scanner),
+        }
+    }
+
+    /// Per-guest counters of a registered mm.
+    pub fn process_stat(&self, mm_id: u64) -> Option<KsmProcessStat> {
+        self.inner.slots.get(&mm_id).map(|s| KsmProcessStat {
+            rmap_items: s.rmap_items.load(Ordering::Relaxed),
+            merging_pages: s.merging_pages.load(Ordering::Relaxed),
+            zero_pages: s.zero_pages.load(Ordering::Relaxed),
+        })
+    }
+
+    /// Is `mm_id` registered (has a slot)?
+    pub fn is_registered(&self, mm_id: u64) -> bool {
+        self.inner.slots.contains_key(&mm_id)
+    }
+}
+
+fn check_pages_to_scan(n: u64) -> Result<()> {
+    if n == 0 {
+        return Err(Error::BadKnob {
+            knob: "pages_to_scan",
+            value: n,
+            reason: "must be at least 1",
+        });
+    }
+    Ok(())
+}
+
+fn check_max_page_sharing(n: u64) -> Result<()> {
+    if n < 2 {
+        return Err(Error::BadKnob {
+            knob: "max_page_sharing",
+            value: n,
+            reason: "must be at least 2",
+        });
+    }
+    Ok(())
+}
+
+/// A running [`Ksm::spawn`] thread; stopped and joined on drop.
+#[derive(Debug)]
+pub struct KsmThread {
+    ksm: Ksm,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl KsmThread {
+    /// Stops the loop and joins the thread.
+    pub fn stop(mut self) {
+        self.join();
+    }
+
+    fn join(&mut self) {
+        self.ksm.stop();
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for KsmThread {
+    fn drop(&mut self) {
+        self.join();
+    }
+}

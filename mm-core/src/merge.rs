@@ -1,0 +1,563 @@
+//! Page-merging primitives for a KSM scanner (`mm-ksm`): the host side of a
+//! merge, so that a merge frees real host memory and the scanner itself
+//! needs no `unsafe`.
+//!
+//! # The mechanism
+//!
+//! Stable pages live in one memfd per scanner, the [`StableStore`]. A merge
+//! of guest pages onto stable pages:
+//!
+//! 1. locks the PTEs of the run (ascending; excludes the access API and
+//!    zaps) and checks each page is still present and private;
+//! 2. write-protects the run with userfaultfd (tracked regions only): from
+//!    here a direct writer (vCPU, JIT code) blocks in its fault;
+//! 3. compares the run with the stable pages (or, for a new stable run,
+//!    writes it into them): the contents cannot change inside the window;
+//! 4. maps the stable pages over the run with `MAP_FIXED | MAP_PRIVATE`,
+//!    announced as our own zap so the handler ignores the `UNMAP` message.
+//!    The kernel frees the old anonymous pages; a later write by anyone is
+//!    copy-on-write into a fresh private page;
+//! 5. populates the mapping for reads (`MADV_POPULATE_READ`: the guest
+//!    really maps the shared page, and PSS shows it), wakes the writers
+//!    blocked at 2 (they refault on the new mapping and copy), and sets the
+//!    PTEs to `KSM | FILEMAP | stable id`, not `PRESENT`: the guest is
+//!    uncharged; the stable page is charged once (to the budget of the mm
+//!    whose page filled it).
+//!
+//! ```text
+//!   ksmd (ksm_merge)                    | vCPU
+//!   lock PTEs; present + private?       |
+//!   UFFDIO_WRITEPROTECT                 |
+//!   compare with the stable page: equal | write -> WP fault, blocks
+//!   mmap(MAP_FIXED|MAP_PRIVATE, memfd)  |
+//!   UFFDIO_WAKE                         | refault: CoW of the stable page,
+//!   PTE = KSM | id; unlock              |   the write lands in its own copy
+//! ```
+//!
+//! Without step 2 the write could land in the old page between the compare
+//! and the remap, and be lost with it.
+//!
+//! Breaking the sharing: the access API's writes copy (and charge) in the
+//! fault path; direct writes are found by [`Mm::ksm_snapshot`] through
+//! `/proc/self/pagemap` (the page is anonymous again) and charged there. A
+//! zap of merged pages (`DONTNEED`, the reaper) maps anonymous memory back,
+//! since `DONTNEED` on a private file mapping would expose the stable page
+//! again instead of zeros. Stable pages are never reused at the same memfd
+//! offset (the offsets only grow), so a stale private file mapping can only
+//! ever read a hole (zeros), never another guest's data.
+
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::error::{Error, Result};
+use crate::mm::{Mm, MmState};
+use crate::pgtable::{pte_lock, pte_unlock, Pte, PAGES_PER_LEAF};
+use crate::sys::{self, pagemap, PAGE_SIZE};
+use crate::vma::{Prot, VmFlags, Vma};
+
+const PAGE: u64 = PAGE_SIZE as u64;
+/// Offsets of the store (in pages). The memfd is sparse; offsets are never
+/// reused, so this bounds the stable pages ever created (2^36 pages).
+const STORE_PAGES: u64 = 1 << 36;
+
+/// The KSM memfd that holds the stable pages.
+#[derive(Debug)]
+pub struct StableStore {
+    fd: OwnedFd,
+    /// Next free page offset (bump allocation; offsets are never reused).
+    next: AtomicU64,
+    /// Pages released (hole punched).
+    released: AtomicU64,
+}
+
+impl StableStore {
+    /// A new, empty store.
+    pub fn new(name: &str) -> Result<StableStore> {
+        let fd = sys::memfd_sized(name, STORE_PAGES * PAGE).map_err(Error::host("memfd_create"))?;
+        Ok(StableStore {
+            fd,
+            next: AtomicU64::new(0),
+            released: AtomicU64::new(0),
+        })
+    }
+
+    /// Reserves `n` consecutive stable pages; `None` when the offsets are
+    /// exhausted.
+    pub fn alloc(&self, n: u64) -> Option<u64> {
+        // Relaxed: a counter; the pages are published by the merge's page
+        // locks and the scanner mutex.
+        let first = self.next.fetch_add(n, Ordering::Relaxed);
+        (first + n <= STORE_PAGES).then_some(first)
+    }
+
+    /// Frees stable page `id` (`fallocate(PUNCH_HOLE)`). The caller knows no
+    /// guest maps it any more; a stale private mapping reads zeros.
+    pub fn release(&self, id: u64) -> Result<()> {
+        let off = usize::try_from(id * PAGE).map_err(|_| Error::Overflow {
+            addr: id * PAGE,
+            len: PAGE,
+        })?;
+        sys::punch_hole(&self.fd, off, PAGE_SIZE).map_err(Error::host("fallocate(PUNCH_HOLE)"))?;
+        self.released.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Reads stable pages from `id` into `buf` (a multiple of the page size).
+    pub fn read(&self, id: u64, buf: &mut [u8]) -> Result<()> {
+        sys::read_from(&self.fd, buf, id * PAGE).map_err(Error::host("pread"))
+    }
+
+    /// Stable pages allocated so far, and released so far.
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.next.load(Ordering::Relaxed).min(STORE_PAGES),
+            self.released.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// One page as the KSM scanner sees it ([`Mm::ksm_snapshot`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KsmPage {
+    /// Not populated: nothing to merge.
+    Absent,
+    /// A private page (its contents were copied out when asked).
+    Private,
+    /// Maps stable page `id`.
+    Stable(u64),
+    /// Discarded as a zero page by KSM and not populated since.
+    Zero,
+}
+
+/// What a merge attempt did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KsmMerge {
+    /// The run now maps the stable pages (or was discarded as zeros).
+    Merged,
+    /// Some page was absent, already merged, or different: nothing done.
+    Changed,
+    /// `mmap` failed with `ENOMEM`: the process is at `vm.max_map_count`.
+    MapLimit,
+    /// The VMA cannot be merged (see [`Vma::ksm_capable`]).
+    NotEligible,
+}
+
+impl Vma {
+    /// Can the mechanism merge this VMA's pages? Private, 4 KiB, readable,
+    /// not locked or pinned, and tracked with userfaultfd write-protect
+    /// (step 2 needs it). Whether KSM *should* (`VM_MERGEABLE`) is the
+    /// scanner's business.
+    pub fn ksm_capable(&self) -> bool {
+        let no = [
+            VmFlags::SHARED,
+            VmFlags::HUGEPAGE,
+            VmFlags::LOCKED,
+            VmFlags::PINNED,
+        ];
+        !no.iter().any(|f| self.flags.contains(*f))
+            && self.flags.contains(VmFlags::TRACKED)
+            && self.prot.contains(Prot::READ)
+            && self
+                .region
+                .tracker()
+                .is_some_and(|t| !t.is_dead() && t.wp())
+    }
+}
+
+/// Maps anonymous memory back over guest `[s, e)` of `vma` (a zap of merged
+/// pages) and registers it again with the tracker of a tracked region.
+pub(crate) fn restore_anon(vma: &Vma, s: u64, e: u64) -> Result<()> {
+    let r = vma.host_range(s, e);
+    let map =
+        || sys::map_anon_fixed(r, vma.prot.bits()).map_err(Error::host("mmap(MAP_FIXED anon)"));
+    match vma.region.tracker() {
+        Some(t) => {
+            // The merged range may be registered (write-protect only): our
+            // own replacement, whose UNMAP message the handler ignores.
+            let (hs, he) = (r.ptr() as usize, r.ptr() as usize + r.len());
+            t.self_zap(hs, he, map)?;
+            if !t.is_dead() {
+                t.register(r)?;
+            }
+        }
+        None => map()?,
+    }
+    Ok(())
+}
+
+/// A locked run of PTEs inside one leaf.
+struct Locked<'g> {
+    leaf: &'g crate::pgtable::Leaf,
+    first: u64,
+    olds: Vec<u64>,
+}
+
+impl Locked<'_> {
+    fn unlock_with(self, f: impl Fn(usize, u64) -> u64) {
+        for (i, o) in self.olds.iter().enumerate() {
+            pte_unlock(self.leaf.pte(self.first + i as u64), f(i, *o));
+        }
+    }
+}
+
+impl Mm {
+    /// The VMA that holds `[addr, addr + n pages)` inside one leaf, if the
+    /// mechanism can merge it.
+    fn ksm_vma<'s>(&self, state: &'s MmState, addr: u64, n: u64) -> Option<&'s Vma> {
+        let end = addr.checked_add(n.checked_mul(PAGE)?)?;
+        let vma = state.vmas().find(addr)?;
+        let same_leaf = addr / PAGE / PAGES_PER_LEAF == (end - PAGE) / PAGE / PAGES_PER_LEAF;
+        (n > 0 && addr % PAGE == 0 && end <= vma.end && same_leaf && vma.ksm_capable())
+            .then_some(vma)
+    }
+
+    fn lock_run<'g>(
+        &'g self,
+        addr: u64,
+        n: u64,
+        guard: &'g crossbeam_epoch::Guard,
+    ) -> Option<Locked<'g>> {
+        let first = addr / PAGE;
+        let leaf = self.pgtable.leaf(first, guard)?;
+        let olds = (first..first + n).map(|g| pte_lock(leaf.pte(g))).collect();
+        Some(Locked { leaf, first, olds })
+    }
+
+    /// Charges one page that the kernel already allocated (a copy-on-write
+    /// of a merged page): over budget, it becomes fail-open debt, as in the
+    /// tracked handler, so `charged = present - debt` holds.
+    fn charge_existing(&self) {
+        if self.budget.try_charge(PAGE).is_err() {
+            // Relaxed: a counter, read back by `uncharge_pages`.
+            self.debt.fetch_add(PAGE, Ordering::Relaxed);
+        }
+        self.rss_anon.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The scanner's look at `want.len()` pages from `addr` (one VMA, one
+    /// leaf; the mmap lock held, `state` is the proof). For each page, under
+    /// its PTE lock: a private page asked for in `want` is copied to its
+    /// slot of `buf`; a merged page whose sharing a direct write broke
+    /// (pagemap: anonymous again) is turned into a charged private page
+    /// first. `out[i]` says what page `i` is now.
+    pub fn ksm_snapshot(
+        &self,
+        state: &MmState,
+        addr: u64,
+        want: &[bool],
+        buf: &mut [u8],
+        out: &mut [KsmPage],
+    ) -> Result<()> {
+        let n = want.len();
+        assert!(buf.len() >= n * PAGE_SIZE && out.len() >= n);
+        let end = addr + n as u64 * PAGE;
+        let vma = state
+            .vmas()
+            .find(addr)
+            .filter(|v| end <= v.end)
+            .ok_or(Error::Unmapped { addr })?;
+        let guard = crossbeam_epoch::pin();
+        let first = addr / PAGE;
+        let Some(leaf) = self.pgtable.leaf(first, &guard) else {
+            out[..n].fill(KsmPage::Absent);
+            return Ok(());
+        };
+        // Pagemap only when some page maps a stable page (a lock-free peek;
+        // re-checked under the lock below).
+        let any_ksm = (0..n as u64).any(|i| Pte(leaf.pte(first + i).load(Ordering::Relaxed)).ksm());
+        let mut pm = Vec::new();
+        if any_ksm {
+            pm.resize(n, 0);
+            sys::pagemap(vma.host_range(addr, end), &mut pm).map_err(Error::host("pagemap"))?;
+        }
+        for i in 0..n {
+            let pte = leaf.pte(first + i as u64);
+            let o = Pte(pte_lock(pte));
+            let (new, page) = if o.ksm() {
+                // Copied by a direct write since the merge? The copy is a
+                // private page again; charge it (the fault path does the
+                // same for writes through the API).
+                let e = pm.get(i).copied().unwrap_or(0);
+                if e & pagemap::PRESENT != 0 && e & pagemap::FILE == 0 {
+                    self.charge_existing();
+                    ((o.flags() & !Pte::KSM) | Pte::PRESENT, KsmPage::Private)
+                } else {
+                    (o.0, KsmPage::Stable(o.stable_id()))
+                }
+            } else if o.present() {
+                (o.0 & !Pte::KSM_ZERO, KsmPage::Private)
+            } else if o.0 & Pte::KSM_ZERO != 0 {
+                (o.0, KsmPage::Zero)
+            } else {
+                (o.0, KsmPage::Absent)
+            };
+            if page == KsmPage::Private && want[i] {
+                let at = addr + i as u64 * PAGE;
+                let host = vma.host_range(at, at + PAGE).ptr();
+                // SAFETY: we hold the page lock of a present page under the
+                // mmap lock, so the host page is mapped, readable and not
+                // being discarded; the slot is inside `buf` (asserted above).
+                unsafe { sys::copy_from_host(host, &mut buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]) };
+            }
+            pte_unlock(pte, new);
+            out[i] = page;
+        }
+        Ok(())
+    }
+
+    /// Merges the `n` pages from `addr` (one VMA, one leaf, all present and
+    /// private) onto stable pages `first..first + n` of `store`; with `fill`
+    /// the stable pages are new and get this run's contents, else the run
+    /// must equal them. Steps 1-5 of the module docs. The mmap lock is held
+    /// (`state`) and the caller checked `users > 0`.
+    pub fn ksm_merge(
+        &self,
+        state: &MmState,
+        addr: u64,
+        n: u64,
+        store: &StableStore,
+        first: u64,
+        fill: bool,
+    ) -> Result<KsmMerge> {
+        let Some(vma) = self.ksm_vma(state, addr, n) else {
+            return Ok(KsmMerge::NotEligible);
+        };
+        let Some(t) = vma.region.tracker() else {
+            return Ok(KsmMerge::NotEligible);
+        };
+        let end = addr + n * PAGE;
+        let guard = crossbeam_epoch::pin();
+        // 1. Page locks: no accessor, zap or handler fill in the window.
+        let Some(locked) = self.lock_run(addr, n, &guard) else {
+            return Ok(KsmMerge::Changed);
+        };
+        if !locked
+            .olds
+            .iter()
+            .all(|o| Pte(*o).present() && !Pte(*o).ksm())
+        {
+            locked.unlock_with(|_, o| o);
+            return Ok(KsmMerge::Changed);
+        }
+        if !t.wp_shmem() && locked.olds.iter().any(|o| o & Pte::FILEMAP != 0) {
+            // A private copy inside a merged range, which this kernel cannot
+            // write-protect: not mergeable until a zap restores it.
+            locked.unlock_with(|_, o| o);
+            return Ok(KsmMerge::NotEligible);
+        }
+        let r = vma.host_range(addr, end);
+        // 2. Write-protect: direct writers block from here.
+        if let Err(e) = t.writeprotect(r, true) {
+            locked.unlock_with(|_, o| o);
+            return Err(e);
+        }
+        let fail = |locked: Locked<'_>| {
+            // Unprotecting wakes the writers; their writes land in the
+            // page they wrote to, which stays.
+            let res = t.writeprotect(r, false);
+            locked.unlock_with(|_, o| o);
+            res
+        };
+        // 3. Compare (or fill): the contents are frozen.
+        let same = if fill {
+            sys::write_pages_to(&store.fd, r, first * PAGE).map(|()| true)
+        } else {
+            let mut want = vec![0u8; r.len()];
+            sys::read_from(&store.fd, &mut want, first * PAGE).map(|()| {
+                // SAFETY: page locks held and the range write-protected
+                // (steps 1-2): nobody writes it during the compare.
+                unsafe { sys::host_equals(r, &want) }
+            })
+        };
+        match same {
+            Ok(true) => {}
+            Ok(false) => {
+                fail(locked)?;
+                return Ok(KsmMerge::Changed);
+            }
+            Err(e) => {
+                fail(locked)?;
+                return Err(Error::Host {
+                    op: "ksm fill/compare",
+                    source: e,
+                });
+            }
+        }
+        // 4. Map the stable pages over the run; the handler ignores the
+        //    UNMAP message of our own replacement.
+        let (hs, he) = (r.ptr() as usize, r.ptr() as usize + r.len());
+        let mapped = t.self_zap(hs, he, || {
+            sys::map_file_private_fixed(r, &store.fd, first * PAGE, vma.prot.bits())
+        });
+        if let Err(e) = mapped {
+            fail(locked)?;
+            if e.raw_os_error() == Some(libc::ENOMEM) {
+                return Ok(KsmMerge::MapLimit);
+            }
+            return Err(Error::Host {
+                op: "mmap(MAP_FIXED|MAP_PRIVATE memfd)",
+                source: e,
+            });
+        }
+        // 5. Map the pages for reads, wake the writers blocked at 2 (they
+        //    refault on the new mapping: copy-on-write), publish the PTEs.
+        let _ = sys::populate_read(r);
+        // Register the merged range for write-protect (memfd mappings need
+        // UFFD_FEATURE_WP_HUGETLBFS_SHMEM), so a private copy made later can
+        // be merged again; MISSING stays off (the file always has the page).
+        if let Err(e) = t.register_wp_only(r) {
+            tracing::debug!(target: "mm_core::ksm", mm_id = self.id(), addr, error = %e, "merged range not write-protectable");
+        }
+        let _ = t.wake_range(r);
+        locked.unlock_with(|i, o| {
+            (Pte(o).flags() & !(Pte::PRESENT | Pte::DIRTY | Pte::KSM_ZERO))
+                | Pte::KSM
+                | Pte::FILEMAP
+                | ((first + i as u64) << Pte::STABLE_SHIFT)
+        });
+        // Relaxed: a counter (as everywhere for rss).
+        let prev = self.rss_anon.fetch_sub(n, Ordering::Relaxed);
+        debug_assert!(prev >= n, "rss underflow");
+        if !fill {
+            // The stable pages are charged already (to whoever filled them).
+            self.budget.uncharge(self.repay_debt(n * PAGE));
+        }
+        tracing::trace!(target: "mm_core::ksm", mm_id = self.id(), addr, pages = n, stable = first, fill, "ksm_merge_one_page");
+        Ok(KsmMerge::Merged)
+    }
+
+    /// `use_zero_pages`: discards the `n` pages from `addr` if they are all
+    /// zeros, inside the same write-protect window as a merge; they read
+    /// back as zeros (a later touch populates a fresh page).
+    pub fn ksm_zero(&self, state: &MmState, addr: u64, n: u64) -> Result<KsmMerge> {
+        let Some(vma) = self.ksm_vma(state, addr, n) else {
+            return Ok(KsmMerge::NotEligible);
+        };
+        let Some(t) = vma.region.tracker() else {
+            return Ok(KsmMerge::NotEligible);
+        };
+        let end = addr + n * PAGE;
+        let guard = crossbeam_epoch::pin();
+        let Some(locked) = self.lock_run(addr, n, &guard) else {
+            return Ok(KsmMerge::Changed);
+        };
+        if !locked
+            .olds
+            .iter()
+            .all(|o| Pte(*o).present() && !Pte(*o).ksm())
+        {
+            locked.unlock_with(|_, o| o);
+            return Ok(KsmMerge::Changed);
+        }
+        let r = vma.host_range(addr, end);
+        if let Err(e) = t.writeprotect(r, true) {
+            locked.unlock_with(|_, o| o);
+            return Err(e);
+        }
+        // SAFETY: page locks held and the range write-protected.
+        if !unsafe { sys::host_is_zero(r) } {
+            let res = t.writeprotect(r, false);
+            locked.unlock_with(|_, o| o);
+            res?;
+            return Ok(KsmMerge::Changed);
+        }
+        // Announced as our own zap (free_pages), so the handler ignores the
+        // REMOVE message. Writers blocked on WP refault on an empty PTE and
+        // the handler populates them once we unlock.
+        let res = vma.free_host(addr, end);
+        let _ = t.wake_range(r);
+        if let Err(e) = res {
+            let _ = t.writeprotect(r, false);
+            locked.unlock_with(|_, o| o);
+            return Err(e);
+        }
+        locked.unlock_with(|_, o| (Pte(o).flags() & !(Pte::PRESENT | Pte::DIRTY)) | Pte::KSM_ZERO);
+        self.uncharge_pages(n, 0);
+        Ok(KsmMerge::Merged)
+    }
+
+    /// Breaks the sharing of every merged page in `[addr, addr + len)`
+    /// (`break_ksm` / unmerge): each becomes a charged private copy with the
+    /// same contents (`MADV_POPULATE_WRITE` makes the kernel copy it). The
+    /// mmap lock is held (`state`). Returns the pages unshared.
+    pub fn ksm_unshare(&self, state: &MmState, addr: u64, len: u64) -> Result<u64> {
+        let end = addr.saturating_add(len);
+        let guard = crossbeam_epoch::pin();
+        let mut done = 0;
+        for vma in state.vmas().overlapping(addr, end) {
+            let (s, e) = (vma.start.max(addr), vma.end.min(end));
+            let mut gpn = s / PAGE;
+            while gpn < e / PAGE {
+                let stop = ((gpn / PAGES_PER_LEAF + 1) * PAGES_PER_LEAF).min(e / PAGE);
+                let Some(leaf) = self.pgtable.leaf(gpn, &guard) else {
+                    gpn = stop;
+                    continue;
+                };
+                let peek = (gpn..stop).any(|g| Pte(leaf.pte(g).load(Ordering::Relaxed)).ksm());
+                if peek {
+                    done += self.unshare_leaf(vma, leaf, gpn, stop)?;
+                }
+                gpn = stop;
+            }
+        }
+        Ok(done)
+    }
+
+    fn unshare_leaf(
+        &self,
+        vma: &Vma,
+        leaf: &crate::pgtable::Leaf,
+        gpn: u64,
+        stop: u64,
+    ) -> Result<u64> {
+        let olds: Vec<u64> = (gpn..stop).map(|g| pte_lock(leaf.pte(g))).collect();
+        let locked = Locked {
+            leaf,
+            first: gpn,
+            olds,
+        };
+        let writable = vma.prot.contains(Prot::WRITE);
+        let mut res = Ok(());
+        let mut copied = vec![false; locked.olds.len()];
+        let n = locked.olds.len();
+        let mut i = 0;
+        while i < n && res.is_ok() {
+            if !Pte(locked.olds[i]).ksm() {
+                i += 1;
+                continue;
+            }
+            let j = (i..n).find(|&j| !Pte(locked.olds[j]).ksm()).unwrap_or(n);
+            let r = vma.host_range((gpn + i as u64) * PAGE, (gpn + j as u64) * PAGE);
+            // A read-only VMA is made writable on the host for the copy only
+            // (the guest cannot write it: its VMA says read-only).
+            let rw = (true, true, vma.prot.contains(Prot::EXEC));
+            res = (|| {
+                if !writable {
+                    sys::protect(r, rw)?;
+                }
+                let p = sys::populate_write(r);
+                if !writable {
+                    sys::protect(r, vma.prot.bits())?;
+                }
+                p
+            })()
+            .map_err(Error::host("madvise(POPULATE_WRITE) unshare"));
+            if res.is_ok() {
+                copied[i..j].iter_mut().for_each(|c| *c = true);
+                for _ in i..j {
+                    self.charge_existing();
+                }
+            }
+            i = j;
+        }
+        let count = copied.iter().filter(|c| **c).count() as u64;
+        locked.unlock_with(|i, o| {
+            if copied[i] {
+                (Pte(o).flags() & !Pte::KSM) | Pte::PRESENT
+            } else {
+                o
+            }
+        });
+        res.map(|()| count)
+    }
+}

@@ -1,0 +1,43 @@
+//! The one error type of mm-ksm.
+
+/// Everything that can go wrong in mm-ksm. Contention and "nothing to do"
+/// are outcomes, not errors.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A knob was given a value the kernel's sysfs would refuse (`EINVAL`).
+    #[error("ksm knob {knob} = {value}: {reason}")]
+    BadKnob {
+        /// The sysfs name of the knob.
+        knob: &'static str,
+        /// Value given.
+        value: u64,
+        /// Why it is refused.
+        reason: &'static str,
+    },
+    /// An operation on one guest address space failed (bad range, a host
+    /// syscall, ...).
+    #[error("ksm on mm {mm_id}: {source}")]
+    Mm {
+        /// Id of the address space.
+        mm_id: u64,
+        /// What mm-core said.
+        #[source]
+        source: mm_core::Error,
+    },
+    /// The stable-page store (the KSM memfd) could not be created or used.
+    #[error("ksm stable store: {source}")]
+    Store {
+        /// What mm-core said.
+        #[source]
+        source: mm_core::Error,
+    },
+}
+
+/// `Result` with [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub(crate) fn mm(mm_id: u64) -> impl FnOnce(mm_core::Error) -> Error {
+        move |source| Error::Mm { mm_id, source }
+    }
+}

@@ -1,0 +1,437 @@
+//! KSM on real memory: merges free host memory (PSS from /proc), writes
+//! after a merge stay private to their guest, ksm_exit's two paths free
+//! each slot and each pin exactly once, unmerge restores private pages.
+#![allow(clippy::undocumented_unsafe_blocks)]
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use guestmm::ksm::{Ksm, KsmConfig, Run};
+use guestmm::{Advice, Host, MapOptions, MmUser, ProcessMemory, PAGE_SIZE};
+
+const PAGE: u64 = PAGE_SIZE as u64;
+
+/// Page `i` of the shared pattern: identical in every guest, distinct
+/// within one guest.
+fn shared_page(i: u64) -> Vec<u8> {
+    let mut p = vec![0u8; PAGE_SIZE];
+    for (k, c) in p.chunks_exact_mut(8).enumerate() {
+        c.copy_from_slice(&(i.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ k as u64).to_le_bytes());
+    }
+    p
+}
+
+fn ksm(pages_to_scan: u64) -> Ksm {
+    let k = Ksm::new(KsmConfig {
+        pages_to_scan,
+        sleep: Duration::ZERO,
+        ..KsmConfig::default()
+    })
+    .expect("ksm");
+    k.set_run_blocking(Run::Merge).unwrap();
+    k
+}
+
+/// A guest with `pages` of the shared pattern in one tracked, mergeable VMA.
+fn guest(host: &Host, k: &Ksm, name: &str, pages: u64) -> (MmUser, u64) {
+    let mm = host.new_mm(name);
+    let addr = mm
+        .mmap_blocking(MapOptions::anon(pages * PAGE).tracked(true))
+        .unwrap();
+    for i in 0..pages {
+        mm.write_blocking(addr + i * PAGE, &shared_page(i)).unwrap();
+    }
+    k.madvise_blocking(&mm, addr, pages * PAGE, Advice::Mergeable)
+        .unwrap();
+    (mm, addr)
+}
+
+/// Scans until `done` or `max_passes` more full passes (never by time).
+fn scan_until(k: &Ksm, max_passes: u64, done: impl Fn(&Ksm) -> bool) {
+    let stop = k.stats().full_scans + max_passes;
+    while !done(k) && k.stats().full_scans < stop {
+        k.scan_step_blocking();
+    }
+}
+
+fn host_ptr(mm: &MmUser, addr: u64) -> *mut u8 {
+    let v = mm.find_vma_blocking(addr).unwrap();
+    v.host_ptr().wrapping_add((addr - v.start()) as usize)
+}
+
+#[test]
+fn test_merge_lowers_pss_by_duplicate_bytes() {
+    let _serial = common::serial();
+    let host = Host::with_budget(1 << 30);
+    let k = ksm(4096);
+    let (guests, pages) = (4u64, 2048u64);
+    let gs: Vec<(MmUser, u64)> = (0..guests)
+        .map(|g| guest(&host, &k, &format!("g{g}"), pages))
+        .collect();
+    let before = ProcessMemory::current().unwrap().pss;
+    let dup = (guests - 1) * pages;
+    scan_until(&k, 8, |k| k.stats().pages_sharing >= dup);
+    let s = k.stats();
+    assert_eq!(s.pages_shared, pages, "{s:?}");
+    assert_eq!(s.pages_sharing, dup, "{s:?}");
+    // Read every merged page so it is really mapped, and check it.
+    let mut buf = vec![0u8; PAGE_SIZE];
+    for (mm, addr) in &gs {
+        for i in 0..pages {
+            mm.read_blocking(addr + i * PAGE, &mut buf).unwrap();
+            assert!(buf == shared_page(i), "page {i} changed by the merge");
+            let p = host_ptr(mm, addr + i * PAGE);
+            assert_eq!(unsafe { p.read_volatile() }, buf[0]);
+        }
+    }
+    let after = ProcessMemory::current().unwrap().pss;
+    let saved = before.saturating_sub(after);
+    let dup_bytes = dup * PAGE;
+    assert!(
+        saved * 10 >= dup_bytes * 8,
+        "PSS {before} -> {after}: saved {saved} of {dup_bytes} duplicate bytes"
+    );
+    // The guests are uncharged, the stable pages charged once.
+    assert_eq!(host.stats().charged_bytes, pages * PAGE);
+    for (mm, _) in &gs {
+        let st = k.process_stat(mm.id()).unwrap();
+        assert_eq!(st.merging_pages, pages);
+    }
+    drop(gs);
+    // Scanned guests take the barrier path; the scanner frees their slots.
+    scan_until(&k, 2, |k| k.stats().mm_slots == 0);
+    assert_eq!(k.stats().mm_slots, 0);
+    assert_eq!(k.stats().pages_shared, 0, "every stable page freed");
+}
+
+#[test]
+fn test_write_after_merge_is_private() {
+    let _serial = common::serial();
+    let host = Host::with_budget(1 << 30);
+    let k = ksm(4096);
+    let pages = 64;
+    let gs: Vec<(MmUser, u64)> = (0..3)
+        .map(|g| guest(&host, &k, &format!("w{g}"), pages))
+        .collect();
+    scan_until(&k, 8, |k| k.stats().pages_sharing >= 2 * pages);
+    assert_eq!(k.stats().pages_sharing, 2 * pages);
+    // Guest 0 writes page 5 through the API, guest 1 page 9 directly.
+    let (m0, a0) = &gs[0];
+    let (m1, a1) = &gs[1];
+    m0.write_blocking(a0 + 5 * PAGE, b"guest zero").unwrap();
+    unsafe { host_ptr(m1, a1 + 9 * PAGE).write_volatile(0xee) };
+    let mut buf = vec![0u8; PAGE_SIZE];
+    for (g, (mm, addr)) in gs.iter().enumerate() {
+        for i in [5u64, 9] {
+            mm.read_blocking(addr + i * PAGE, &mut buf).unwrap();
+            let mut want = shared_page(i);
+            if g == 0 && i == 5 {
+                want[..10].copy_from_slice(b"guest zero");
+            }
+            if g == 1 && i == 9 {
+                want[0] = 0xee;
+            }
+            assert!(buf == want, "guest {g} page {i}");
+        }
+    }
+    // The next pass notices both copies (API: fault path; direct: pagemap).
+    let passes = k.stats().full_scans;
+    scan_until(&k, 2, |k| k.stats().full_scans >= passes + 2);
+    let s = k.stats();
+    assert_eq!(s.pages_sharing + s.pages_shared, 3 * pages - 2, "{s:?}");
+    // Charged: the stable pages once, plus the two private copies.
+    assert_eq!(host.stats().charged_bytes, (pages + 2) * PAGE);
+}
+
+#[test]
+fn test_writers_during_scans_no_lost_write_no_leak() {
+    let _serial = common::serial();
+    let host = Host::with_budget(1 << 30);
+    let k = ksm(256);
+    let pages = 256u64;
+    let guests = 3u64;
+    let gs: Vec<(MmUser, u64)> = (0..guests)
+        .map(|g| guest(&host, &k, &format!("s{g}"), pages))
+        .collect();
+    let ksmd = k.spawn().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = gs
+        .iter()
+        .enumerate()
+        .map(|(g, (mm, addr))| {
+            let (mm, addr, stop) = (mm.clone(), *addr, stop.clone());
+            std::thread::spawn(move || {
+                // last[i] = the last value this guest wrote to page i.
+                let mut last = vec![None::<u64>; pages as usize];
+                let mut x = 0x1234_5678u64 + g as u64;
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) || n < 2000 {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    // Only the first half: the rest stays merged.
+                    let i = x % (pages / 2);
+                    n += 1;
+                    // Tag: guest in the top byte, a sequence number below.
+                    let v = ((g as u64 + 1) << 56) | n;
+                    if x & 1 == 0 {
+                        mm.write_blocking(addr + i * PAGE + 64, &v.to_le_bytes())
+                            .unwrap();
+                    } else {
+                        let p = host_ptr(&mm, addr + i * PAGE + 64) as *mut u64;
+                        unsafe { p.write_volatile(v) };
+                    }
+                    last[i as usize] = Some(v);
+                    if n % 64 == 0 {
+                        std::thread::yield_now();
+                    }
+                }
+                (mm, addr, last)
+            })
+        })
+        .collect();
+    // Let the scanner make passes while the writers run (progress, not time).
+    let start = k.stats().full_scans;
+    while k.stats().full_scans < start + 6 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let results: Vec<_> = writers.into_iter().map(|w| w.join().unwrap()).collect();
+    ksmd.stop();
+    let s = k.stats();
+    assert!(s.pages_sharing >= pages, "{s:?}");
+    let (mut lost, mut leaks) = (0, 0);
+    let mut buf = vec![0u8; PAGE_SIZE];
+    for (g, (mm, addr, last)) in results.iter().enumerate() {
+        for i in 0..pages {
+            mm.read_blocking(addr + i * PAGE, &mut buf).unwrap();
+            let word = u64::from_le_bytes(buf[64..72].try_into().unwrap());
+            match last[i as usize] {
+                Some(v) if word != v => {
+                    lost += 1;
+                    if word >> 56 != 0 && word >> 56 != g as u64 + 1 {
+                        leaks += 1;
+                    }
+                }
+                None if buf != shared_page(i) => leaks += 1,
+                _ => {}
+            }
+            let mut rest = shared_page(i);
+            rest[64..72].copy_from_slice(&buf[64..72]);
+            assert!(
+                buf == rest,
+                "guest {g} page {i}: bytes outside the tag changed"
+            );
+        }
+    }
+    assert_eq!((lost, leaks), (0, 0), "lost writes, cross-guest leaks");
+    drop(results);
+    drop(gs);
+}
+
+#[test]
+fn test_exit_fast_path_frees_slot_and_pin() {
+    let host = Host::with_budget(1 << 30);
+    let k = ksm(64);
+    let (mm, _) = guest(&host, &k, "fast", 16);
+    let watch = mm.watch();
+    assert!(k.is_registered(mm.id()));
+    drop(mm); // not at the cursor, no rmap items: the fast path
+    let s = k.stats();
+    assert_eq!(
+        (s.slots_freed_by_exit, s.slots_freed_by_scanner, s.mm_slots),
+        (1, 0, 0)
+    );
+    assert!(watch.is_freed());
+    // With the scanner stopped too.
+    k.set_run_blocking(Run::Stop).unwrap();
+    let (mm, _) = guest(&host, &k, "fast2", 16);
+    let watch = mm.watch();
+    drop(mm);
+    assert_eq!(k.stats().slots_freed_by_exit, 2);
+    assert!(watch.is_freed());
+}
+
+#[test]
+fn test_exit_barrier_path_scanner_frees_once() {
+    let host = Host::with_budget(1 << 30);
+    // Small batches: the cursor stops in the middle of the guest.
+    let k = ksm(16);
+    let (other, _) = guest(&host, &k, "other", 16);
+    let (mm, _) = guest(&host, &k, "cursor", 256);
+    let id = mm.id();
+    let watch = mm.watch();
+    while k.process_stat(id).is_none_or(|s| s.rmap_items == 0) {
+        k.scan_step_blocking();
+    }
+    drop(mm); // at the cursor (or with rmap items): barrier, slot kept
+    assert!(k.is_registered(id));
+    assert!(!watch.is_freed(), "the slot still pins the struct");
+    assert_eq!(k.stats().slots_freed_by_exit, 0);
+    // The scanner meets it, sees users == 0, frees it.
+    let passes = k.stats().full_scans;
+    scan_until(&k, 2, |k| !k.is_registered(id));
+    assert!(k.stats().full_scans <= passes + 2);
+    assert!(!k.is_registered(id));
+    assert!(watch.is_freed());
+    assert_eq!(k.stats().slots_freed_by_scanner, 1);
+    drop(other); // scanned: rmap items, so the barrier path again
+    scan_until(&k, 2, |k| k.stats().mm_slots == 0);
+    let s = k.stats();
+    assert_eq!(s.slots_freed_by_scanner + s.slots_freed_by_exit, 2);
+    assert_eq!(s.mm_slots, 0);
+}
+
+#[test]
+fn test_exit_barrier_path_with_scanner_stopped_then_unmerge() {
+    let host = Host::with_budget(1 << 30);
+    let k = ksm(4096);
+    let (a, _) = guest(&host, &k, "a", 32);
+    let (b, _) = guest(&host, &k, "b", 32);
+    scan_until(&k, 6, |k| k.stats().pages_sharing >= 32);
+    assert_eq!(k.stats().pages_sharing, 32);
+    k.set_run_blocking(Run::Stop).unwrap();
+    let (ida, wa) = (a.id(), a.watch());
+    drop(a); // has rmap items: barrier, left for the scanner
+    assert!(k.is_registered(ida) && !wa.is_freed());
+    // Unmerge-all frees the exited slot, keeps the live one.
+    k.set_run_blocking(Run::Unmerge).unwrap();
+    assert!(!k.is_registered(ida));
+    assert!(wa.is_freed());
+    assert!(k.is_registered(b.id()));
+    let s = k.stats();
+    assert_eq!(
+        (s.pages_shared, s.pages_sharing, s.rmap_items),
+        (0, 0, 0),
+        "{s:?}"
+    );
+    assert_eq!(s.slots_freed_by_scanner, 1);
+}
+
+#[test]
+fn test_exit_while_scanner_runs_each_slot_freed_once() {
+    let host = Host::with_budget(1 << 30);
+    let k = ksm(32);
+    let ksmd = k.spawn().unwrap();
+    let mut watches = Vec::new();
+    let rounds = 24;
+    for r in 0..rounds {
+        let (mm, _) = guest(&host, &k, &format!("e{r}"), 48 + (r % 5) * 16);
+        watches.push(mm.watch());
+        // Let the scanner get into it a varying amount (progress-based).
+        let target = k.stats().pages_scanned + (r % 4) * 40;
+        while k.stats().pages_scanned < target {
+            std::thread::yield_now();
+        }
+        drop(mm);
+    }
+    // The scanner frees the slow-path slots on its next visits.
+    while k.stats().mm_slots > 0 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    ksmd.stop();
+    let s = k.stats();
+    assert_eq!(
+        s.slots_freed_by_exit + s.slots_freed_by_scanner,
+        rounds,
+        "{s:?}"
+    );
+    assert!(watches.iter().all(|w| w.is_freed()));
+    assert_eq!((s.pages_shared, s.rmap_items), (0, 0), "{s:?}");
+}
+
+#[test]
+fn test_unmerge_restores_private_pages() {
+    let _serial = common::serial();
+    let host = Host::with_budget(1 << 30);
+    let k = ksm(4096);
+    let pages = 128;
+    let gs: Vec<(MmUser, u64)> = (0..3)
+        .map(|g| guest(&host, &k, &format!("u{g}"), pages))
+        .collect();
+    scan_until(&k, 8, |k| k.stats().pages_sharing >= 2 * pages);
+    assert_eq!(host.stats().charged_bytes, pages * PAGE);
+    k.set_run_blocking(Run::Unmerge).unwrap();
+    let s = k.stats();
+    assert_eq!((s.pages_shared, s.pages_sharing), (0, 0), "{s:?}");
+    assert_eq!(host.stats().charged_bytes, 3 * pages * PAGE);
+    let mut buf = vec![0u8; PAGE_SIZE];
+    for (mm, addr) in &gs {
+        assert_eq!(mm.anon_rss_pages(), pages);
+        for i in 0..pages {
+            mm.read_blocking(addr + i * PAGE, &mut buf).unwrap();
+            assert!(buf == shared_page(i));
+        }
+    }
+    // Private again: a write stays in its guest.
+    gs[0].0.fill_blocking(gs[0].1, PAGE, 0x77).unwrap();
+    gs[1].0.read_blocking(gs[1].1, &mut buf).unwrap();
+    assert!(buf == shared_page(0));
+    // Slots of live guests stay; merging again works.
+    assert_eq!(k.stats().mm_slots, 3);
+    k.set_run_blocking(Run::Merge).unwrap();
+    scan_until(&k, 8, |k| k.stats().pages_sharing >= 2 * pages - 2);
+    assert!(k.stats().pages_sharing >= 2 * pages - 2);
+}
+
+#[test]
+fn test_zap_of_merged_pages_reads_zeros_and_zero_pages() {
+    let host = Host::with_budget(1 << 30);
+    let k = ksm(4096);
+    k.set_use_zero_pages(true);
+    let (a, aa) = guest(&host, &k, "za", 32);
+    let (b, ab) = guest(&host, &k, "zb", 32);
+    // Eight zero pages in b (written as zeros: populated).
+    b.fill_blocking(ab + 16 * PAGE, 8 * PAGE, 0).unwrap();
+    scan_until(&k, 6, |k| {
+        k.stats().ksm_zero_pages >= 8 && k.stats().pages_sharing >= 24
+    });
+    let s = k.stats();
+    assert_eq!(s.ksm_zero_pages, 8, "{s:?}");
+    let mut buf = vec![1u8; PAGE_SIZE];
+    b.read_blocking(ab + 16 * PAGE, &mut buf).unwrap();
+    assert!(buf.iter().all(|x| *x == 0));
+    // DONTNEED of merged pages: zeros, not the stable page.
+    a.madvise_blocking(aa, 4 * PAGE, Advice::DontNeed).unwrap();
+    a.read_blocking(aa + PAGE, &mut buf).unwrap();
+    assert!(
+        buf.iter().all(|x| *x == 0),
+        "zapped merged page must read zeros"
+    );
+    unsafe { host_ptr(&a, aa + 2 * PAGE).write_volatile(3) };
+    b.read_blocking(ab + 2 * PAGE, &mut buf).unwrap();
+    assert!(buf == shared_page(2));
+    drop((a, b));
+}
+
+#[test]
+fn test_bad_input_is_an_error() {
+    let host = Host::with_budget(1 << 30);
+    let k = Ksm::new(KsmConfig::default()).unwrap();
+    assert!(k.set_pages_to_scan(0).is_err());
+    assert!(k.set_max_page_sharing(1).is_err());
+    assert!(Ksm::new(KsmConfig {
+        pages_to_scan: 0,
+        ..KsmConfig::default()
+    })
+    .is_err());
+    let mm = host.new_mm("bad");
+    let addr = mm.mmap_blocking(MapOptions::anon(4 * PAGE)).unwrap();
+    let e = k.madvise_blocking(&mm, addr + 1, PAGE, Advice::Mergeable);
+    assert!(matches!(e, Err(guestmm::ksm::Error::Mm { .. })), "{e:?}");
+    assert!(k
+        .madvise_blocking(&mm, addr + (1 << 40), PAGE, Advice::Mergeable)
+        .is_err());
+    // Untracked mergeable memory is registered but never merged.
+    k.madvise_blocking(&mm, addr, 4 * PAGE, Advice::Mergeable)
+        .unwrap();
+    mm.fill_blocking(addr, 4 * PAGE, 9).unwrap();
+    k.set_run_blocking(Run::Merge).unwrap();
+    for _ in 0..4 {
+        k.scan_step_blocking();
+    }
+    assert_eq!(k.stats().pages_sharing, 0);
+}
