@@ -514,6 +514,9 @@ impl Mm {
         end: u64,
         reason: ZapReason,
     ) -> Result<u64> {
+        // I-EX-4: no zap after free_pgtables (the reaper vs teardown race
+        // the write lock in exit_mmap step 8 closes).
+        sched::check(!self.pgtable.is_freed(), "I-EX-4: page table zapped after free_pgtables");
         let _ = state;
         debug_assert!(vma.start <= start && end <= vma.end && start < end);
         if vma.flags.contains(VmFlags::LOCKED) {
@@ -585,6 +588,7 @@ impl Mm {
         write: bool,
         f: &mut dyn FnMut(*mut u8, u64, u64),
     ) -> std::result::Result<(), Fault> {
+        sched::check(!self.pgtable.is_freed(), "I-EX-4: page table populated after free_pgtables");
         // Huge VMAs populate the whole 2 MiB block (inside the VMA) at once,
         // so the charge matches the THP the host maps.
         let (lo, hi) = if vma.flags.contains(VmFlags::HUGEPAGE) {
@@ -737,6 +741,10 @@ impl Mm {
                     let leaf_end = ((pstart / PAGE / PAGES_PER_LEAF) + 1) * PAGES_PER_LEAF * PAGE;
                     let cend = leaf_end.min(vma.end).min(end.next_multiple_of(PAGE));
                     let (from, to) = (pos, cend.min(end));
+                    // A step between the early UNSTABLE check and the page
+                    // lock: the reaper may set UNSTABLE and zap right here,
+                    // which is what the check under the page lock is for.
+                    sched::point("access:fault").await;
                     let mut g = |host: *mut u8, _off: u64, _n: u64| {
                         // `host` maps `pstart`; hand out the byte window.
                         f(
@@ -822,6 +830,7 @@ impl Drop for Mm {
         // nothing behind. A failed creation (never mapped) is also clean.
         let rss = self.rss_pages();
         let nodes = self.pgtable.nodes();
+        crate::sched::check(self.count() == 0, "I-RC-2: mm struct freed while its count was not 0");
         if rss != 0 || nodes != 0 || self.count() != 0 {
             tracing::error!(target: "mm_core", mm_id = self.id, rss, nodes, count = self.count(), "Bad rss-counter state at mm free");
             debug_assert!(

@@ -165,8 +165,10 @@ impl Host {
         if guest.inner().unkillable.load(Ordering::SeqCst) || guest.oom_score_adj() == -1000 {
             return None;
         }
-        let mm = guest.mm().ok()?;
-        if mm.flags().test(MmFlag::OOM_SKIP) {
+        // A count, not a user: selection must never be the one that drops
+        // the last user and runs a teardown.
+        let mm = guest.mm_grab()?;
+        if mm.users() == 0 || mm.flags().test(MmFlag::OOM_SKIP) {
             return None;
         }
         // Untracked regions are sampled: what mincore says is resident
@@ -223,11 +225,9 @@ impl Host {
     fn oom_kill_process(&self, victim: &Guest, points: i64) -> OomOutcome {
         let oom = &self.inner().oom;
         // find_lock_task_mm + mmgrab: a local pin on the victim's mm.
-        let Ok(user) = victim.mm() else {
+        let Some(grab) = victim.mm_grab() else {
             return OomOutcome::NoVictim; // already exiting
         };
-        let grab = user.grab();
-        drop(user);
         // SIGKILL before mark_oom_victim, as the kernel does.
         victim.kill();
         self.mark_oom_victim(victim, &grab);

@@ -188,6 +188,9 @@ type Root = Dir<Dir<Dir<Leaf>>>;
 pub struct PageTable {
     root: Box<Root>,
     nodes: AtomicUsize,
+    /// Freed marker: set by `free_pgtables`. Nothing may use the table
+    /// afterwards (I-EX-4); protocol code checks it with `sched::check`.
+    freed: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for PageTable {
@@ -210,7 +213,13 @@ impl PageTable {
         PageTable {
             root: Box::new(Root::new()),
             nodes: AtomicUsize::new(0),
+            freed: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Has `free_pgtables` run?
+    pub fn is_freed(&self) -> bool {
+        self.freed.load(Ordering::SeqCst)
     }
 
     /// Page-table nodes allocated below the root (`pgtables_bytes / 4096`).
@@ -245,6 +254,7 @@ impl PageTable {
     /// the read lock) can be allocating meanwhile.
     pub fn free_pgtables<T>(&self, _write_locked: &mut T) -> usize {
         let guard = crossbeam_epoch::pin();
+        self.freed.store(true, Ordering::SeqCst);
         let freed = self.root.free_children(&guard);
         self.nodes.fetch_sub(freed, Ordering::Relaxed);
         guard.flush();
