@@ -516,7 +516,10 @@ impl Mm {
     ) -> Result<u64> {
         // I-EX-4: no zap after free_pgtables (the reaper vs teardown race
         // the write lock in exit_mmap step 8 closes).
-        sched::check(!self.pgtable.is_freed(), "I-EX-4: page table zapped after free_pgtables");
+        sched::check(
+            !self.pgtable.is_freed(),
+            "I-EX-4: page table zapped after free_pgtables",
+        );
         let _ = state;
         debug_assert!(vma.start <= start && end <= vma.end && start < end);
         if vma.flags.contains(VmFlags::LOCKED) {
@@ -588,7 +591,10 @@ impl Mm {
         write: bool,
         f: &mut dyn FnMut(*mut u8, u64, u64),
     ) -> std::result::Result<(), Fault> {
-        sched::check(!self.pgtable.is_freed(), "I-EX-4: page table populated after free_pgtables");
+        sched::check(
+            !self.pgtable.is_freed(),
+            "I-EX-4: page table populated after free_pgtables",
+        );
         // Huge VMAs populate the whole 2 MiB block (inside the VMA) at once,
         // so the charge matches the THP the host maps.
         let (lo, hi) = if vma.flags.contains(VmFlags::HUGEPAGE) {
@@ -830,7 +836,10 @@ impl Drop for Mm {
         // nothing behind. A failed creation (never mapped) is also clean.
         let rss = self.rss_pages();
         let nodes = self.pgtable.nodes();
-        crate::sched::check(self.count() == 0, "I-RC-2: mm struct freed while its count was not 0");
+        crate::sched::check(
+            self.count() == 0,
+            "I-RC-2: mm struct freed while its count was not 0",
+        );
         if rss != 0 || nodes != 0 || self.count() != 0 {
             tracing::error!(target: "mm_core", mm_id = self.id, rss, nodes, count = self.count(), "Bad rss-counter state at mm free");
             debug_assert!(

@@ -94,7 +94,10 @@ pub fn point(name: &'static str) -> impl Future<Output = ()> {
 /// A yield point in async protocol code, e.g. `point("exit_mmap:after_unmap")`.
 #[cfg(feature = "sched")]
 pub fn point(name: &'static str) -> impl Future<Output = ()> {
-    imp::Point { name, yielded: false }
+    imp::Point {
+        name,
+        yielded: false,
+    }
 }
 
 /// A step that cannot yield (a guard release in `Drop`); recorded for traces.

@@ -192,7 +192,8 @@ impl HostRegion {
 
     /// Marks the region removed (`remove_vma` in exit_mmap).
     pub(crate) fn mark_removed(&self) {
-        self.removed.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.removed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// The host range `[off, off+len)` of this region.

@@ -77,6 +77,13 @@ impl mm_core::sched::Hook for Hook {
     }
     fn violation(&self, what: &'static str) {
         let mut s = self.0.borrow_mut();
+        // Shown as a step of the actor that broke it.
+        if let Some(a) = s.current {
+            s.trace.push(Step {
+                actor: a,
+                name: "!! INVARIANT BROKEN",
+            });
+        }
         let at = s.trace.len();
         s.violations.push((what.to_owned(), at));
     }
@@ -248,7 +255,7 @@ impl Report {
                 out.push_str(&format!("{cell:<w$}| "));
             }
             if let Some((v, _)) = self.violations.iter().find(|(_, at)| *at == i + 1) {
-                out.push_str(&format!("  <== {v}"));
+                out.push_str(&format!(" {v}"));
             }
             out.push('\n');
         }

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use arbitrary::{Arbitrary, Unstructured};
 use mm_core::{
-    Advice, Error, Guest, Host, HostConfig, MapOptions, Mm, MmFlag, MmNotifier, MmUser, MmWatch, WouldBlock,
-    PAGE_SIZE,
+    Advice, Error, Guest, Host, HostConfig, MapOptions, Mm, MmFlag, MmNotifier, MmUser, MmWatch,
+    WouldBlock, PAGE_SIZE,
 };
 use mm_reaper::{Reaper, ReaperConfig};
 
@@ -136,7 +136,11 @@ impl std::fmt::Display for Finding {
 struct Refuse;
 impl MmNotifier for Refuse {
     fn release(&self, _mm: &Mm) {}
-    fn invalidate_range_start(&self, _r: std::ops::Range<u64>, blockable: bool) -> Result<(), WouldBlock> {
+    fn invalidate_range_start(
+        &self,
+        _r: std::ops::Range<u64>,
+        blockable: bool,
+    ) -> Result<(), WouldBlock> {
         if blockable {
             Ok(())
         } else {
@@ -163,11 +167,24 @@ fn build_guest(host: &Host, name: &str, setup: &Setup) -> Option<GuestSetup> {
     let mm = guest.mm().ok()?;
     let watch = mm.watch();
     let mut vmas = Vec::new();
-    let default = [VmaSpec { pages: 2, shared: false, locked: false, fill: 0x5a }];
-    let specs = if setup.vmas.is_empty() { &default[..] } else { &setup.vmas[..] };
+    let default = [VmaSpec {
+        pages: 2,
+        shared: false,
+        locked: false,
+        fill: 0x5a,
+    }];
+    let specs = if setup.vmas.is_empty() {
+        &default[..]
+    } else {
+        &setup.vmas[..]
+    };
     for v in specs.iter().take(4) {
         let pages = u64::from(v.pages % 8) + 1;
-        let opts = if v.shared { MapOptions::shared(pages * P) } else { MapOptions::anon(pages * P) };
+        let opts = if v.shared {
+            MapOptions::shared(pages * P)
+        } else {
+            MapOptions::anon(pages * P)
+        };
         let a = futures_lite::future::block_on(mm.mmap(opts)).ok()?;
         let _ = futures_lite::future::block_on(mm.fill(a, pages * P, v.fill | 1));
         if v.locked {
@@ -196,7 +213,9 @@ pub fn steps_executed() -> u64 {
 /// Runs one input against a target; `None` = no finding.
 pub fn run(target: Target, data: &[u8]) -> Option<Finding> {
     let mut u = Unstructured::new(data);
-    let Ok(setup) = Setup::arbitrary(&mut u) else { return None };
+    let Ok(setup) = Setup::arbitrary(&mut u) else {
+        return None;
+    };
     let schedule = u.take_rest().to_vec();
     run_setup(target, &setup, &schedule)
 }
@@ -225,7 +244,11 @@ pub fn run_setup(target: Target, setup: &Setup, schedule: &[u8]) -> Option<Findi
     } else {
         None
     };
-    let watches: Vec<MmWatch> = [Some(&g0), g1.as_ref()].into_iter().flatten().map(|g| g.watch.clone()).collect();
+    let watches: Vec<MmWatch> = [Some(&g0), g1.as_ref()]
+        .into_iter()
+        .flatten()
+        .map(|g| g.watch.clone())
+        .collect();
     let observed = Rc::new(RefCell::new(Observed::default()));
     let oom_done = Rc::new(std::cell::Cell::new(false));
     let cancellable = target == Target::KillAnywhere || target == Target::FullSystem;
@@ -250,7 +273,11 @@ pub fn run_setup(target: Target, setup: &Setup, schedule: &[u8]) -> Option<Findi
         let mut ops: Vec<GuestOp> = setup.ops.iter().take(6).cloned().collect();
         if ops.is_empty() {
             ops = vec![
-                GuestOp::Write { vma: 0, page: 0, byte: 0x42 },
+                GuestOp::Write {
+                    vma: 0,
+                    page: 0,
+                    byte: 0x42,
+                },
                 GuestOp::Read { vma: 0, page: 0 },
                 GuestOp::Read { vma: 0, page: 1 },
             ];
@@ -259,7 +286,9 @@ pub fn run_setup(target: Target, setup: &Setup, schedule: &[u8]) -> Option<Findi
         let obs = observed.clone();
         let fut = async move {
             let _release = release;
-            let Some(user) = slot.borrow().clone() else { return };
+            let Some(user) = slot.borrow().clone() else {
+                return;
+            };
             vcpu(&user, &vmas, &ops, &obs).await;
         };
         if cancellable {
@@ -362,7 +391,10 @@ pub fn run_setup(target: Target, setup: &Setup, schedule: &[u8]) -> Option<Findi
     }
     // I-RP-7: never a second victim while one lacks OOM_SKIP.
     if host.oom_stats().second_kills != 0 {
-        return finding(&report, "I-RP-7: second victim chosen while the first lacked OOM_SKIP".into());
+        return finding(
+            &report,
+            "I-RP-7: second victim chosen while the first lacked OOM_SKIP".into(),
+        );
     }
     // I-RP-6: a victim ends with OOM_SKIP (reaper or exit_mmap).
     if let Some(m) = g0.guest.oom_mm() {
@@ -372,7 +404,10 @@ pub fn run_setup(target: Target, setup: &Setup, schedule: &[u8]) -> Option<Findi
     }
     // I-RP-1: queued at most once.
     if reaper.stats().queued > 2 {
-        return finding(&report, "I-RP-1: an mm was queued for reaping more than once".into());
+        return finding(
+            &report,
+            "I-RP-1: an mm was queued for reaping more than once".into(),
+        );
     }
     // Everything returned: budget 0, no guest left, every struct freed at
     // count 0 once the last holders (guest records, reaper) are gone.
@@ -380,11 +415,17 @@ pub fn run_setup(target: Target, setup: &Setup, schedule: &[u8]) -> Option<Findi
     drop((g0, g1, reaper));
     report.trace.shrink_to_fit();
     if charged != 0 {
-        return finding(&report, format!("I-RC-3: {charged} bytes still charged after every exit"));
+        return finding(
+            &report,
+            format!("I-RC-3: {charged} bytes still charged after every exit"),
+        );
     }
     drop(host);
     if let Some(i) = watches.iter().position(|w| !w.is_freed()) {
-        return finding(&report, format!("I-RC-2: mm struct {i} not freed after every reference was dropped"));
+        return finding(
+            &report,
+            format!("I-RC-2: mm struct {i} not freed after every reference was dropped"),
+        );
     }
     None
 }
@@ -394,7 +435,8 @@ async fn vcpu(user: &MmUser, vmas: &[(u64, u64)], ops: &[GuestOp], obs: &Rc<RefC
         return;
     }
     // The model: last known byte of each (vma, page); None once unknown.
-    let mut model: std::collections::HashMap<(usize, u64), Option<u8>> = std::collections::HashMap::new();
+    let mut model: std::collections::HashMap<(usize, u64), Option<u8>> =
+        std::collections::HashMap::new();
     let pick = |v: u8| usize::from(v) % vmas.len();
     for op in ops {
         match *op {

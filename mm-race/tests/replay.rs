@@ -8,8 +8,13 @@ use std::path::Path;
 use mm_race::{run, Target};
 
 fn files(dir: &Path) -> Vec<std::path::PathBuf> {
-    let Ok(rd) = std::fs::read_dir(dir) else { return Vec::new() };
-    let mut v: Vec<_> = rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_file()).collect();
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut v: Vec<_> = rd
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file())
+        .collect();
     v.sort();
     v
 }
@@ -61,6 +66,10 @@ fn random_schedules_find_nothing_under_the_current_protocol() {
         let steps = mm_race::steps_executed() - before;
         eprintln!("{}: {rounds} runs, {steps} protocol steps", t.name());
         // The inputs must really run the actors, not bail out in setup.
-        assert!(steps >= rounds as u64 * 10, "{}: only {steps} steps in {rounds} runs", t.name());
+        assert!(
+            steps >= rounds as u64 * 10,
+            "{}: only {steps} steps in {rounds} runs",
+            t.name()
+        );
     }
 }
