@@ -30,8 +30,8 @@ for name in "${patches[@]}"; do
   scratch=$(mktemp -d)
   git -C "$root" worktree add -q --detach "$scratch" HEAD
   git -C "$scratch" apply "$patch"
-  (cd "$scratch" && cargo +nightly fuzz build $targets >/dev/null 2>&1 &&
-     cargo build -q --release -p mm-race --example hunt 2>/dev/null)
+  (cd "$scratch" && cargo build -q --release -p mm-race --example hunt 2>/dev/null)
+  for t in $targets; do (cd "$scratch" && cargo +nightly fuzz build "$t" >/dev/null 2>&1); done
   for t in $targets; do
     times=(); found=0; rtimes=(); rfound=0
     for s in $(seq 1 "$seeds"); do
