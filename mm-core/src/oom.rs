@@ -194,6 +194,18 @@ impl Host {
         if oom.disabled.load(Ordering::SeqCst) {
             return OomOutcome::Disabled;
         }
+        // task_will_free_mem(current): the guest asking for memory is itself
+        // dying. Mark it and queue its mm (at most once: OOM_REAP_QUEUED)
+        // instead of killing someone else.
+        if let Some(g) = requester.and_then(|id| self.guests().into_iter().find(|g| g.mm_id() == id)) {
+            if let Some(grab) = g.mm_grab() {
+                if g.is_dying() && !grab.flags().test(MmFlag::OOM_SKIP) {
+                    self.mark_oom_victim(&g, &grab);
+                    self.queue_oom_reaper(&g);
+                    return OomOutcome::VictimPending { guest: g.id() };
+                }
+            }
+        }
         // select_bad_process / oom_evaluate_task.
         let mut chosen: Option<(i64, Guest)> = None;
         for g in self.guests() {

@@ -324,9 +324,12 @@ pub fn run_setup(target: Target, setup: &Setup, schedule: &[u8]) -> Option<Findi
             });
         }
         _ => {
-            let (h, done) = (host.clone(), oom_done.clone());
+            let (h, done, id) = (host.clone(), oom_done.clone(), g0.guest.mm_id());
             sim.spawn("oom", async move {
                 let _ = h.out_of_memory(None).await;
+                // The victim itself then runs short while dying
+                // (task_will_free_mem(current)): it must not be queued twice.
+                let _ = h.out_of_memory(Some(id)).await;
                 done.set(true);
             });
             let (r, done, c) = (reaper.clone(), oom_done.clone(), clock.clone());
@@ -402,8 +405,9 @@ pub fn run_setup(target: Target, setup: &Setup, schedule: &[u8]) -> Option<Findi
             return finding(&report, "I-RP-6: victim never got OOM_SKIP".into());
         }
     }
-    // I-RP-1: queued at most once.
-    if reaper.stats().queued > 2 {
+    // I-RP-1: each mm queued at most once.
+    let victims = [Some(&g0), g1.as_ref()].into_iter().flatten().filter(|g| g.guest.oom_mm().is_some()).count();
+    if reaper.stats().queued > victims as u64 {
         return finding(
             &report,
             "I-RP-1: an mm was queued for reaping more than once".into(),
