@@ -462,7 +462,7 @@ impl Guest {
         }
         if let Some(h) = self.inner.host.upgrade() {
             if self.inner.memdie.swap(false, Ordering::SeqCst) {
-                crate::oom::exit_oom_victim(&h);
+                crate::oom::exit_oom_victim(&h, self);
             }
             lock(&h.guests).remove(&self.inner.id);
         }

@@ -97,7 +97,14 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// `exit_oom_victim`: called only from the victim's own `Guest::exit`.
-pub(crate) fn exit_oom_victim(h: &HostInner) {
+pub(crate) fn exit_oom_victim(h: &HostInner, victim: &Guest) {
+    // I-RP-8 / seed 4: only the victim, in its own exit, after its own
+    // mmput; otherwise oom_killer_disable() could return while the victim
+    // still runs (the 74070542099c race).
+    crate::sched::check(
+        victim.inner().exiting.load(Ordering::SeqCst),
+        "I-RP-8: exit_oom_victim called outside the victim's own exit",
+    );
     let mut v = lock(&h.oom.victims);
     *v = v.saturating_sub(1);
     if *v == 0 {
