@@ -204,7 +204,9 @@ impl Host {
         // task_will_free_mem(current): the guest asking for memory is itself
         // dying. Mark it and queue its mm (at most once: OOM_REAP_QUEUED)
         // instead of killing someone else.
-        if let Some(g) = requester.and_then(|id| self.guests().into_iter().find(|g| g.mm_id() == id)) {
+        if let Some(g) =
+            requester.and_then(|id| self.guests().into_iter().find(|g| g.mm_id() == id))
+        {
             if let Some(grab) = g.mm_grab() {
                 if g.is_dying() && !grab.flags().test(MmFlag::OOM_SKIP) {
                     self.mark_oom_victim(&g, &grab);

@@ -149,11 +149,13 @@ impl MmNotifier for Refuse {
     }
 }
 
+/// One read of the vCPU: (vma, page, expected byte if known, result).
+type Read = (usize, u64, Option<u8>, Result<u8, String>);
+
 /// What the vCPU saw, checked against the model afterwards.
 #[derive(Debug, Default)]
 struct Observed {
-    /// (vma, page, expected byte or None if unknown, result)
-    reads: Vec<(usize, u64, Option<u8>, Result<u8, String>)>,
+    reads: Vec<Read>,
 }
 
 struct GuestSetup {
@@ -406,7 +408,11 @@ pub fn run_setup(target: Target, setup: &Setup, schedule: &[u8]) -> Option<Findi
         }
     }
     // I-RP-1: each mm queued at most once.
-    let victims = [Some(&g0), g1.as_ref()].into_iter().flatten().filter(|g| g.guest.oom_mm().is_some()).count();
+    let victims = [Some(&g0), g1.as_ref()]
+        .into_iter()
+        .flatten()
+        .filter(|g| g.guest.oom_mm().is_some())
+        .count();
     if reaper.stats().queued > victims as u64 {
         return finding(
             &report,
