@@ -13,8 +13,9 @@
 //! 3. A thread touching a missing page blocks in the kernel; the handler
 //!    reads the message and resolves it under the per-page locks, exactly as
 //!    the access path does: lock the PTEs of the fault-around window
-//!    (try-locks only, see 6), re-check `UNSTABLE` after seeing the faulting
-//!    PTE empty, charge the budget for every missing page of the window,
+//!    (try-locks only, see 6; held by a guard that unlocks on unwind),
+//!    re-check `UNSTABLE` once every lock of the window is held, charge the
+//!    budget for every missing page of the window,
 //!    `UFFDIO_COPY` each run of missing pages from a zero source (this also
 //!    wakes the faulter), set `PRESENT`, unlock. The access path populates
 //!    tracked pages with the same ioctl under the same locks, so a page is
@@ -25,7 +26,9 @@
 //!    `poll(2)` rounds, so it keeps reading REMOVE/UNMAP messages while
 //!    reclaim waits (a reaper zapping a tracked region blocks in
 //!    `madvise(DONTNEED)` until its REMOVE message is read). After
-//!    [`PRESSURE_ROUNDS`] rounds that free nothing it **fails open**: the
+//!    [`PRESSURE_ROUNDS`] rounds that free nothing it **fails open**, and
+//!    stays so until a `try_charge` succeeds or a pressure run frees memory
+//!    (not one pressure cycle per page): the
 //!    page is served anyway, uncharged, and recorded as this mm's
 //!    overcommit debt; the first pages freed from the mm later pay the debt
 //!    before the budget sees them (`charged = present − debt` holds
@@ -43,16 +46,23 @@
 //!    a PTE lock**: it try-locks, and a fault whose page is locked stays
 //!    queued and is retried after the next round of reading messages. Our own
 //!    zaps announce their range first ([`Tracker::self_zap`]), and the
-//!    handler ignores REMOVE messages inside an announced range; a REMOVE or
+//!    handler ignores REMOVE messages inside an announced range (kept as
+//!    "retired" after the zap returns, until the handler's next read: the
+//!    read itself lets the zapper's madvise return); a REMOVE or
 //!    UNMAP from the embedder's own `madvise` / `munmap` clears and uncharges
 //!    the present PTEs of the range (deferred while locked).
 //!    `UFFDIO_COPY` fails with `EAGAIN` while such a message is unread: the
 //!    handler drains and retries; the access path retries with backoff
 //!    (it holds PTE locks, but reading a message never needs one).
 //! 7. Write-protect: [`MmUser::write_protect`](crate::MmUser::write_protect)
-//!    populates then protects; a writer blocks (its WP message is left
-//!    unanswered) until [`MmUser::write_unprotect`](crate::MmUser::write_unprotect)
-//!    lifts the protection, which wakes it.
+//!    populates then protects, setting `Pte::WP` on the present pages with
+//!    the PTE locks held across the ioctl; a direct writer blocks (its WP
+//!    message is left unanswered) until
+//!    [`MmUser::write_unprotect`](crate::MmUser::write_unprotect) lifts the
+//!    protection, which wakes it. An API write never copies into a `WP`
+//!    page: it drops its PTE locks and the mmap lock and waits for the WP
+//!    generation to move (unprotect, a zap of the page, the handler's
+//!    death), so it never blocks in the kernel holding locks.
 //! 8. Teardown: `exit_mmap` unregisters every tracked range before it zaps
 //!    (`users == 0`, nobody may touch the memory any more, and a zap running
 //!    on the handler thread itself, from an OOM kill inside the pressure
