@@ -42,6 +42,12 @@ impl Pte {
     pub const LOCK: u64 = 1 << 1;
     /// Written through the access API since population.
     pub const DIRTY: u64 = 1 << 2;
+    /// Write-protected through `write_protect` (tracked regions): the host
+    /// page is userfaultfd-WP, so a store to it blocks in the kernel until
+    /// `write_unprotect`. The access path never writes such a page while
+    /// holding locks; it drops them and waits. Set and cleared under the
+    /// page lock; a zap (PTE back to 0) clears it.
+    pub const WP: u64 = 1 << 3;
 
     /// Is the page present?
     pub fn present(self) -> bool {
