@@ -86,6 +86,13 @@ fn main() {
     let bytes = arg(&args, "--mib", 1024).max(2) << 20;
     let rounds = arg(&args, "--rounds", 5).max(1);
     let fa = arg(&args, "--fault-around-kib", 2048) << 10;
+    if !(4..=2048).contains(&(fa >> 10)) || !fa.is_power_of_two() {
+        eprintln!(
+            "bench_first_touch: --fault-around-kib must be a power of two from 4 to 2048, got {}",
+            fa >> 10
+        );
+        std::process::exit(2);
+    }
     let (mut tr, mut kr) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
         // Alternate so drift (other load, page cache) hits both alike.

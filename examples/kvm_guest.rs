@@ -80,6 +80,11 @@ pub fn run(ram: u64) -> Result<Report, String> {
         guest_ram_bytes: ram,
         ..Report::default()
     };
+    // Declared before the VM: locals drop in reverse order, so on every
+    // path (the `?` returns included) the VM and its memslot over the
+    // tracked mapping go before `mm`, which keeps the mapping alive.
+    let host = Host::with_budget(ram + (16 << 20));
+    let mm = host.new_mm("kvm-guest");
     let kvm = match Kvm::new() {
         Ok(k) => k,
         Err(e) => {
@@ -94,8 +99,6 @@ pub fn run(ram: u64) -> Result<Report, String> {
             return Ok(rep);
         }
     };
-    let host = Host::with_budget(ram + (16 << 20));
-    let mm = host.new_mm("kvm-guest");
     let base = match mm.mmap_blocking(MapOptions::anon(ram).tracked(true)) {
         Ok(b) => b,
         Err(e) => {
@@ -120,7 +123,8 @@ pub fn run(ram: u64) -> Result<Report, String> {
     };
     // SAFETY: `host_ptr..host_ptr+ram` is the tracked mapping, which stays
     // mapped while `mm` (a user reference) lives; the VM (and its memslot)
-    // is dropped before `mm` below.
+    // is dropped before `mm`: explicitly below, and on an early return
+    // because `mm` is declared first.
     unsafe { vm.set_user_memory_region(region) }.map_err(|e| e.to_string())?;
     let mut vcpu = vm.create_vcpu(0).map_err(|e| e.to_string())?;
     let mut sregs = vcpu.get_sregs().map_err(|e| e.to_string())?;

@@ -134,6 +134,8 @@ struct DemoGuest {
     killed_at: Mutex<Option<Instant>>,
     /// Rss of the guest's mapping (/proc/self/smaps) when it was killed.
     rss_at_kill: AtomicU64,
+    /// Workers that have written every page of their slice.
+    workers_filled: AtomicU64,
 }
 
 struct StopWorkers(Arc<DemoGuest>);
@@ -196,6 +198,9 @@ fn worker(
                 }
             }
             p = end;
+            if p == hi {
+                g.workers_filled.fetch_add(1, Ordering::SeqCst);
+            }
         } else {
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -288,6 +293,7 @@ fn main() {
             killed: AtomicBool::new(false),
             killed_at: Mutex::new(None),
             rss_at_kill: AtomicU64::new(0),
+            workers_filled: AtomicU64::new(0),
         });
         g.set_kill_hook(Arc::new(StopWorkers(dg.clone())));
         guests.push(dg);
@@ -404,10 +410,17 @@ fn main() {
             }
             let _ = std::io::stderr().flush();
         }
-        if now - t0 > finish_after && (victim.is_none() || back_at.is_some()) {
+        // Done when the victim's memory is back (and the others had a
+        // moment to finish), or when every guest filled without a kill; the
+        // fill pace is a target, not a promise, on a loaded machine.
+        let all_filled = guests.iter().all(|g| {
+            g.killed.load(Ordering::SeqCst)
+                || g.workers_filled.load(Ordering::SeqCst) == args.workers as u64
+        });
+        if now - t0 > finish_after && all_filled && (victim.is_none() || back_at.is_some()) {
             break;
         }
-        if now - t0 > finish_after + Duration::from_secs(20) {
+        if now - t0 > finish_after + Duration::from_secs(120) {
             eprintln!("\noom_demo: gave up waiting for the victim's memory to come back");
             break;
         }

@@ -102,6 +102,9 @@ impl Mm {
         //    (I-EX-1, the 2022 `mm->mmap = NULL` fix). Dropping the last VMA
         //    of a host region unmaps it.
         let vmas = Mm::state_take_all(&mut state);
+        for v in &vmas {
+            v.region.mark_removed();
+        }
         let map_count = vmas.len();
         drop(vmas);
         debug_assert!(state.vmas().is_empty());

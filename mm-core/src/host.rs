@@ -410,6 +410,13 @@ impl Guest {
         })
     }
 
+    /// A count reference to the guest's address space while it has one
+    /// (`find_lock_task_mm` + `mmgrab` under `task_lock`): never a user, so
+    /// dropping it can never run the teardown.
+    pub fn mm_grab(&self) -> Option<MmGrab> {
+        lock(&self.inner.mm).as_ref().map(MmUser::grab)
+    }
+
     /// Has the guest not yet passed `exit`?
     pub fn is_alive(&self) -> bool {
         lock(&self.inner.mm).is_some()
@@ -455,7 +462,7 @@ impl Guest {
         }
         if let Some(h) = self.inner.host.upgrade() {
             if self.inner.memdie.swap(false, Ordering::SeqCst) {
-                crate::oom::exit_oom_victim(&h);
+                crate::oom::exit_oom_victim(&h, self);
             }
             lock(&h.guests).remove(&self.inner.id);
         }

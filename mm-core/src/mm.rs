@@ -519,6 +519,12 @@ impl Mm {
         end: u64,
         reason: ZapReason,
     ) -> Result<u64> {
+        // I-EX-4: no zap after free_pgtables (the reaper vs teardown race
+        // the write lock in exit_mmap step 8 closes).
+        sched::check(
+            !self.pgtable.is_freed(),
+            "I-EX-4: page table zapped after free_pgtables",
+        );
         let _ = state;
         debug_assert!(vma.start <= start && end <= vma.end && start < end);
         if vma.flags.contains(VmFlags::LOCKED) {
@@ -534,6 +540,7 @@ impl Mm {
         let mut pending: Option<u64> = None; // start gpn of a leafless run
         let mut gpn = first;
         let mut olds = Vec::with_capacity(PAGES_PER_LEAF as usize);
+        let mut wp_cleared = false;
         while gpn < last {
             let stop = ((gpn / PAGES_PER_LEAF + 1) * PAGES_PER_LEAF).min(last);
             match self.pgtable.leaf(gpn, &guard) {
@@ -563,7 +570,8 @@ impl Mm {
                             if Pte(old).present() {
                                 freed += 1;
                             }
-                            // Present, KSM, FILEMAP, KSM_ZERO: all gone.
+                            wp_cleared |= old & Pte::WP != 0;
+                            // Present, KSM, FILEMAP, KSM_ZERO, WP: all gone.
                             pte_unlock(leaf.pte(p), 0);
                         } else {
                             pte_unlock(leaf.pte(p), old);
@@ -576,6 +584,13 @@ impl Mm {
         }
         if let Some(p) = pending.take() {
             vma.free_host(p * PAGE, last * PAGE)?;
+        }
+        if wp_cleared {
+            // API writers waiting for these pages' unprotect (step 7 of
+            // tracked.rs): the pages are gone, so is the protection.
+            if let Some(t) = vma.region.tracker() {
+                t.wp_changed();
+            }
         }
         if shared {
             self.uncharge_pages(0, freed);
@@ -622,6 +637,10 @@ impl Mm {
         write: bool,
         f: &mut dyn FnMut(*mut u8, u64, u64),
     ) -> std::result::Result<(), Fault> {
+        sched::check(
+            !self.pgtable.is_freed(),
+            "I-EX-4: page table populated after free_pgtables",
+        );
         // Huge VMAs populate the whole 2 MiB block (inside the VMA) at once,
         // so the charge matches the THP the host maps.
         let (lo, hi) = if vma.flags.contains(VmFlags::HUGEPAGE) {
@@ -645,6 +664,22 @@ impl Mm {
                 pte_unlock(leaf.pte(gpn), olds[i] | set);
             }
         };
+        if write && olds[..n].iter().any(|o| o & Pte::WP != 0) {
+            // A write-protected page (tracked.rs step 7): the copy below
+            // would block in the kernel's WP fault while we hold these PTE
+            // locks and the caller holds the mmap read lock; zaps and the
+            // reaper would then spin on the locks, and a queued munmap
+            // (writer) would keep `write_unprotect` (a reader) from ever
+            // running. Back off instead: the caller drops every lock and
+            // waits for the generation read here (under the locks that
+            // showed the bit) to move.
+            if let Some(t) = vma.region.tracker().filter(|t| !t.is_dead()) {
+                let gen = t.wp_gen();
+                let t = t.clone();
+                unlock_all(&olds[..n], 0);
+                return Err(Fault::WriteProtected(t, gen));
+            }
+        }
         // A KSM page (mm-ksm, `merge.rs`) is mapped but not present: a read
         // sees the stable page as it is; a write copies it (the kernel's
         // copy-on-write of the private file mapping, done by `f` below) and
@@ -697,27 +732,33 @@ impl Mm {
                     .map(|t| t.populate_locked(r.ptr() as usize, &mut done[..j - i], write))
                 {
                     Some(Ok(true)) => Ok(()),
-                    Some(Err(Error::Host { source, .. })) => Err(source),
-                    Some(Err(other)) => Err(std::io::Error::other(other.to_string())),
+                    Some(Err(e)) => Err(e),
                     // Untracked, or the handler died (ranges unregistered).
-                    Some(Ok(false)) | None => {
-                        if write {
-                            sys::populate_write(r)
-                        } else {
-                            sys::populate_read(r)
-                        }
+                    Some(Ok(false)) | None => if write {
+                        sys::populate_write(r)
+                    } else {
+                        sys::populate_read(r)
                     }
+                    .map_err(Error::host("madvise(POPULATE)")),
                 };
                 if let Err(e) = res {
                     // Pages populated so far in this chunk are not marked
                     // present; give their charge back and drop them again.
+                    // Only the runs that were missing: present (and KSM)
+                    // pages of the window hold data and keep their PTE.
                     self.budget.uncharge((missing + cow) * PAGE);
-                    let _ = vma.free_host(lo, hi);
+                    let mut k = 0;
+                    while k < n {
+                        if !needs(olds[k]) {
+                            k += 1;
+                            continue;
+                        }
+                        let m = (k..n).find(|&m| !needs(olds[m])).unwrap_or(n);
+                        let _ = vma.free_host(lo + k as u64 * PAGE, lo + m as u64 * PAGE);
+                        k = m;
+                    }
                     unlock_all(&olds[..n], 0);
-                    return Err(Fault::Err(Error::Host {
-                        op: "madvise(POPULATE)",
-                        source: e,
-                    }));
+                    return Err(Fault::Err(e));
                 }
                 i = j;
             }
@@ -793,6 +834,10 @@ impl Mm {
                     let leaf_end = ((pstart / PAGE / PAGES_PER_LEAF) + 1) * PAGES_PER_LEAF * PAGE;
                     let cend = leaf_end.min(vma.end).min(end.next_multiple_of(PAGE));
                     let (from, to) = (pos, cend.min(end));
+                    // A step between the early UNSTABLE check and the page
+                    // lock: the reaper may set UNSTABLE and zap right here,
+                    // which is what the check under the page lock is for.
+                    sched::point("access:fault").await;
                     let mut g = |host: *mut u8, _off: u64, _n: u64| {
                         // `host` maps `pstart`; hand out the byte window.
                         f(
@@ -804,6 +849,14 @@ impl Mm {
                     match self.fault_chunk(vma, pstart, cend, access == Access::Write, &mut g) {
                         Ok(()) => pos = to,
                         Err(Fault::Err(e)) => return Err(e),
+                        Err(Fault::WriteProtected(t, gen)) => {
+                            // Every page lock is dropped; drop the mmap lock
+                            // too (write_unprotect, munmap and the reaper need
+                            // it) and wait for the protection to go.
+                            drop(state);
+                            t.wait_wp(gen).await;
+                            continue 'retry;
+                        }
                         Err(Fault::Budget(e)) => {
                             // Every page lock is dropped; drop the mmap lock
                             // too before asking for room, because reclaim
@@ -858,6 +911,9 @@ impl Mm {
 /// How the fault path failed.
 enum Fault {
     Budget(crate::host::OverBudget),
+    /// A write hit a `Pte::WP` page: wait for this tracker's WP generation
+    /// to move past the one given, with no lock held.
+    WriteProtected(Arc<Tracker>, u64),
     Err(Error),
 }
 
@@ -878,6 +934,10 @@ impl Drop for Mm {
         // nothing behind. A failed creation (never mapped) is also clean.
         let rss = self.rss_pages();
         let nodes = self.pgtable.nodes();
+        crate::sched::check(
+            self.count() == 0,
+            "I-RC-2: mm struct freed while its count was not 0",
+        );
         if rss != 0 || nodes != 0 || self.count() != 0 {
             tracing::error!(target: "mm_core", mm_id = self.id, rss, nodes, count = self.count(), "Bad rss-counter state at mm free");
             debug_assert!(
@@ -1110,14 +1170,63 @@ impl MmUser {
         }
         let state = self.lock.read().await;
         state.vmas.check_mapped(addr, end)?;
+        let mut res = Ok(());
         for v in state.vmas.overlapping(addr, end) {
             if !v.flags.contains(VmFlags::TRACKED) {
-                return Err(Error::NotTracked {
+                res = Err(Error::NotTracked {
                     addr: v.start.max(addr),
                 });
+                break;
             }
             let (s, e) = (v.start.max(addr), v.end.min(end));
-            t.writeprotect(v.host_range(s, e), wp)?;
+            res = self.writeprotect_locked(&t, v, s, e, wp);
+            if res.is_err() {
+                break;
+            }
+        }
+        drop(state);
+        if !wp {
+            // After the bits are cleared: wake API writers waiting for them.
+            t.wp_changed();
+        }
+        res
+    }
+
+    /// (Un)protects `[s, e)` of tracked `v` one leaf at a time, with the
+    /// PTE locks of the leaf held across the ioctl and the `Pte::WP` bits.
+    /// Holding them closes the race where a page is zapped and refaulted
+    /// between setting its bit and the ioctl (the kernel would protect the
+    /// new page while our bit says writable, and an API write under its
+    /// locks would block in the kernel). The ioctl never waits for a PTE
+    /// lock or for us: its only wait is `EAGAIN` while the handler (which
+    /// takes no PTE lock to read messages) has a REMOVE unread.
+    fn writeprotect_locked(&self, t: &Tracker, v: &Vma, s: u64, e: u64, wp: bool) -> Result<()> {
+        let guard = crossbeam_epoch::pin();
+        let mut gpn = s / PAGE;
+        let last = e / PAGE;
+        let mut olds = Vec::with_capacity(PAGES_PER_LEAF as usize);
+        while gpn < last {
+            let stop = ((gpn / PAGES_PER_LEAF + 1) * PAGES_PER_LEAF).min(last);
+            let leaf = self.pgtable.leaf_alloc(gpn, &guard);
+            olds.clear();
+            for p in gpn..stop {
+                olds.push(pte_lock(leaf.pte(p)));
+            }
+            let res = t.writeprotect(v.host_range(gpn * PAGE, stop * PAGE), wp);
+            for (i, p) in (gpn..stop).enumerate() {
+                let old = olds[i];
+                // WP only protects present pages (no WP_UNPOPULATED).
+                let new = if res.is_ok() && wp && Pte(old).present() {
+                    old | Pte::WP
+                } else if res.is_ok() && !wp {
+                    old & !Pte::WP
+                } else {
+                    old
+                };
+                pte_unlock(leaf.pte(p), new);
+            }
+            res?;
+            gpn = stop;
         }
         Ok(())
     }

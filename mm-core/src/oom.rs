@@ -97,7 +97,14 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// `exit_oom_victim`: called only from the victim's own `Guest::exit`.
-pub(crate) fn exit_oom_victim(h: &HostInner) {
+pub(crate) fn exit_oom_victim(h: &HostInner, victim: &Guest) {
+    // I-RP-8 / seed 4: only the victim, in its own exit, after its own
+    // mmput; otherwise oom_killer_disable() could return while the victim
+    // still runs (the 74070542099c race).
+    crate::sched::check(
+        victim.inner().exiting.load(Ordering::SeqCst),
+        "I-RP-8: exit_oom_victim called outside the victim's own exit",
+    );
     let mut v = lock(&h.oom.victims);
     *v = v.saturating_sub(1);
     if *v == 0 {
@@ -165,8 +172,10 @@ impl Host {
         if guest.inner().unkillable.load(Ordering::SeqCst) || guest.oom_score_adj() == -1000 {
             return None;
         }
-        let mm = guest.mm().ok()?;
-        if mm.flags().test(MmFlag::OOM_SKIP) {
+        // A count, not a user: selection must never be the one that drops
+        // the last user and runs a teardown.
+        let mm = guest.mm_grab()?;
+        if mm.users() == 0 || mm.flags().test(MmFlag::OOM_SKIP) {
             return None;
         }
         // Untracked regions are sampled: what mincore says is resident
@@ -191,6 +200,20 @@ impl Host {
         crate::sched::point("oom:locked").await;
         if oom.disabled.load(Ordering::SeqCst) {
             return OomOutcome::Disabled;
+        }
+        // task_will_free_mem(current): the guest asking for memory is itself
+        // dying. Mark it and queue its mm (at most once: OOM_REAP_QUEUED)
+        // instead of killing someone else.
+        if let Some(g) =
+            requester.and_then(|id| self.guests().into_iter().find(|g| g.mm_id() == id))
+        {
+            if let Some(grab) = g.mm_grab() {
+                if g.is_dying() && !grab.flags().test(MmFlag::OOM_SKIP) {
+                    self.mark_oom_victim(&g, &grab);
+                    self.queue_oom_reaper(&g);
+                    return OomOutcome::VictimPending { guest: g.id() };
+                }
+            }
         }
         // select_bad_process / oom_evaluate_task.
         let mut chosen: Option<(i64, Guest)> = None;
@@ -223,11 +246,9 @@ impl Host {
     fn oom_kill_process(&self, victim: &Guest, points: i64) -> OomOutcome {
         let oom = &self.inner().oom;
         // find_lock_task_mm + mmgrab: a local pin on the victim's mm.
-        let Ok(user) = victim.mm() else {
+        let Some(grab) = victim.mm_grab() else {
             return OomOutcome::NoVictim; // already exiting
         };
-        let grab = user.grab();
-        drop(user);
         // SIGKILL before mark_oom_victim, as the kernel does.
         victim.kill();
         self.mark_oom_victim(victim, &grab);

@@ -56,6 +56,12 @@ impl Pte {
     pub const KSM_ZERO: u64 = 1 << 5;
     /// First bit of the stable page id (`KSM` pages only).
     pub const STABLE_SHIFT: u32 = 16;
+    /// Write-protected through `write_protect` (tracked regions): the host
+    /// page is userfaultfd-WP, so a store to it blocks in the kernel until
+    /// `write_unprotect`. The access path never writes such a page while
+    /// holding locks; it drops them and waits. Set and cleared under the
+    /// page lock; a zap (PTE back to 0) clears it.
+    pub const WP: u64 = 1 << 6;
 
     /// Is the page present?
     pub fn present(self) -> bool {
@@ -217,6 +223,9 @@ type Root = Dir<Dir<Dir<Leaf>>>;
 pub struct PageTable {
     root: Box<Root>,
     nodes: AtomicUsize,
+    /// Freed marker: set by `free_pgtables`. Nothing may use the table
+    /// afterwards (I-EX-4); protocol code checks it with `sched::check`.
+    freed: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for PageTable {
@@ -239,7 +248,13 @@ impl PageTable {
         PageTable {
             root: Box::new(Root::new()),
             nodes: AtomicUsize::new(0),
+            freed: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Has `free_pgtables` run?
+    pub fn is_freed(&self) -> bool {
+        self.freed.load(Ordering::SeqCst)
     }
 
     /// Page-table nodes allocated below the root (`pgtables_bytes / 4096`).
@@ -274,6 +289,7 @@ impl PageTable {
     /// the read lock) can be allocating meanwhile.
     pub fn free_pgtables<T>(&self, _write_locked: &mut T) -> usize {
         let guard = crossbeam_epoch::pin();
+        self.freed.store(true, Ordering::SeqCst);
         let freed = self.root.free_children(&guard);
         self.nodes.fetch_sub(freed, Ordering::Relaxed);
         guard.flush();

@@ -289,6 +289,17 @@ pub(crate) unsafe fn fill_host(dst: *mut u8, len: usize, byte: u8) {
     unsafe { std::ptr::write_bytes(dst, byte, len) }
 }
 
+/// Is the host page at `addr` (page aligned) resident? `mincore` only
+/// writes the one-byte vector; an unmapped address gives `ENOMEM`.
+pub(crate) fn page_resident(addr: usize) -> io::Result<bool> {
+    let mut v = 0u8;
+    // SAFETY: mincore reads no user memory at `addr` (it walks page tables
+    // and fails with ENOMEM on an unmapped range); it writes one byte, the
+    // live `v`, for the one page asked about.
+    check(unsafe { libc::mincore(addr as *mut libc::c_void, PAGE_SIZE, &mut v) })?;
+    Ok(v & 1 != 0)
+}
+
 /// `mincore` over a range: how many of its pages are resident in host RAM.
 pub(crate) fn resident_pages(r: HostRange) -> io::Result<usize> {
     let pages = r.len() / PAGE_SIZE;

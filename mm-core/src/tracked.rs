@@ -13,8 +13,9 @@
 //! 3. A thread touching a missing page blocks in the kernel; the handler
 //!    reads the message and resolves it under the per-page locks, exactly as
 //!    the access path does: lock the PTEs of the fault-around window
-//!    (try-locks only, see 6), re-check `UNSTABLE` after seeing the faulting
-//!    PTE empty, charge the budget for every missing page of the window,
+//!    (try-locks only, see 6; held by a guard that unlocks on unwind),
+//!    re-check `UNSTABLE` once every lock of the window is held, charge the
+//!    budget for every missing page of the window,
 //!    `UFFDIO_COPY` each run of missing pages from a zero source (this also
 //!    wakes the faulter), set `PRESENT`, unlock. The access path populates
 //!    tracked pages with the same ioctl under the same locks, so a page is
@@ -25,7 +26,9 @@
 //!    `poll(2)` rounds, so it keeps reading REMOVE/UNMAP messages while
 //!    reclaim waits (a reaper zapping a tracked region blocks in
 //!    `madvise(DONTNEED)` until its REMOVE message is read). After
-//!    [`PRESSURE_ROUNDS`] rounds that free nothing it **fails open**: the
+//!    [`PRESSURE_ROUNDS`] rounds that free nothing it **fails open**, and
+//!    stays so until a `try_charge` succeeds or a pressure run frees memory
+//!    (not one pressure cycle per page): the
 //!    page is served anyway, uncharged, and recorded as this mm's
 //!    overcommit debt; the first pages freed from the mm later pay the debt
 //!    before the budget sees them (`charged = present − debt` holds
@@ -43,16 +46,23 @@
 //!    a PTE lock**: it try-locks, and a fault whose page is locked stays
 //!    queued and is retried after the next round of reading messages. Our own
 //!    zaps announce their range first ([`Tracker::self_zap`]), and the
-//!    handler ignores REMOVE messages inside an announced range; a REMOVE or
+//!    handler ignores REMOVE messages inside an announced range (kept as
+//!    "retired" after the zap returns, until the handler's next read: the
+//!    read itself lets the zapper's madvise return); a REMOVE or
 //!    UNMAP from the embedder's own `madvise` / `munmap` clears and uncharges
 //!    the present PTEs of the range (deferred while locked).
 //!    `UFFDIO_COPY` fails with `EAGAIN` while such a message is unread: the
 //!    handler drains and retries; the access path retries with backoff
 //!    (it holds PTE locks, but reading a message never needs one).
 //! 7. Write-protect: [`MmUser::write_protect`](crate::MmUser::write_protect)
-//!    populates then protects; a writer blocks (its WP message is left
-//!    unanswered) until [`MmUser::write_unprotect`](crate::MmUser::write_unprotect)
-//!    lifts the protection, which wakes it.
+//!    populates then protects, setting `Pte::WP` on the present pages with
+//!    the PTE locks held across the ioctl; a direct writer blocks (its WP
+//!    message is left unanswered) until
+//!    [`MmUser::write_unprotect`](crate::MmUser::write_unprotect) lifts the
+//!    protection, which wakes it. An API write never copies into a `WP`
+//!    page: it drops its PTE locks and the mmap lock and waits for the WP
+//!    generation to move (unprotect, a zap of the page, the handler's
+//!    death), so it never blocks in the kernel holding locks.
 //! 8. Teardown: `exit_mmap` unregisters every tracked range before it zaps
 //!    (`users == 0`, nobody may touch the memory any more, and a zap running
 //!    on the handler thread itself, from an OOM kill inside the pressure
@@ -75,11 +85,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::task::{Context, Poll, Wake, Waker};
 use std::thread::{JoinHandle, ThreadId};
+use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::flags::MmFlag;
 use crate::mm::Mm;
-use crate::pgtable::{Pte, PAGES_PER_LEAF};
+use crate::pgtable::{Leaf, Pte, PAGES_PER_LEAF};
 use crate::sys::{self, HostRange, HUGE_PAGE_SIZE, PAGE_SIZE};
 use crate::uffd::{self, Event, EventFd, Fill, Uffd};
 
@@ -89,9 +100,11 @@ const PAGE: u64 = PAGE_SIZE as u64;
 pub const DEFAULT_FAULT_AROUND: u64 = HUGE_PAGE_SIZE as u64;
 /// Pressure rounds that free nothing before the handler fails open.
 pub const PRESSURE_ROUNDS: u32 = 3;
-/// Handler rounds a fault may find its page locked before the handler
-/// resolves that one page without the lock (see `resolve_busy`).
-const BUSY_ROUNDS: u32 = 50;
+/// How long a fault may find its page locked before the handler resolves
+/// that one page without the lock (see `resolve_busy`). Time, not handler
+/// rounds: a round can be a 1 ms poll or a burst of messages, and a
+/// legitimate zapper holds the lock for one madvise of at most 2 MiB.
+const BUSY_TIMEOUT: Duration = Duration::from_millis(100);
 /// `EAGAIN` retries of the access path before it gives up.
 const API_EAGAIN_TRIES: u32 = 20_000;
 
@@ -120,10 +133,16 @@ pub struct TrackedStats {
     pub overcommit_bytes: u64,
     /// Faults resolved without the page lock after it stayed busy.
     pub busy_breaks: u64,
+    /// API writes that found a write-protected page and waited for
+    /// `write_unprotect` with no lock held.
+    pub api_wp_waits: u64,
     /// Is the handler thread running?
     pub handler_alive: bool,
     /// Is write-protect mode available on tracked regions?
     pub write_protect: bool,
+    /// Is `UFFDIO_POISON` available (Linux 6.6+)? Without it a fault after
+    /// `UNSTABLE` stays blocked instead of getting SIGBUS.
+    pub poison: bool,
 }
 
 #[derive(Debug, Default)]
@@ -138,6 +157,7 @@ struct Counters {
     pressure_runs: AtomicU64,
     fail_open_pages: AtomicU64,
     busy_breaks: AtomicU64,
+    api_wp_waits: AtomicU64,
 }
 
 /// One registered host range.
@@ -167,14 +187,49 @@ pub(crate) struct Tracker {
     /// Host start → range. Leaf lock: held only to insert, remove or copy
     /// out an entry, never with a PTE lock held by the same thread.
     ranges: Mutex<BTreeMap<usize, Range>>,
-    /// Host ranges our own zaps are discarding right now (step 6). Leaf
-    /// lock, taken under PTE locks by the zapper and alone by the handler.
-    self_zaps: Mutex<Vec<(usize, usize)>>,
+    /// Host ranges our own zaps are discarding right now, and those that
+    /// finished since the handler's last read (step 6). Leaf lock, taken
+    /// under PTE locks by the zapper and alone by the handler.
+    self_zaps: Mutex<SelfZaps>,
+    /// Bumped (then `wp_event` notified) whenever `Pte::WP` bits are
+    /// cleared: an API writer that found a write-protected page waits for
+    /// it with no lock held (step 7).
+    wp_gen: AtomicU64,
+    wp_event: event_listener::Event,
     counters: Counters,
     handler: Mutex<Option<JoinHandle<()>>>,
     handler_id: OnceLock<ThreadId>,
     #[cfg(test)]
     pub(crate) panic_next_fault: AtomicBool,
+    /// Test hook: panic in `tracked_fault` with the window locked and
+    /// charged.
+    #[cfg(test)]
+    pub(crate) panic_after_lock: AtomicBool,
+    /// Test hook: set `UNSTABLE` in `tracked_fault` after the faulting page
+    /// is locked and before the rest of the window is (a reaper racing).
+    #[cfg(test)]
+    pub(crate) unstable_after_first_lock: AtomicBool,
+    /// Test hook: after reading a REMOVE, wait until the zapper has popped
+    /// its `self_zap` entry before classifying the message.
+    #[cfg(test)]
+    pub(crate) hold_after_read: AtomicBool,
+    /// Test hook: the next `populate_locked` fails.
+    #[cfg(test)]
+    pub(crate) fail_next_populate: AtomicBool,
+}
+
+/// Our own zaps' host ranges (step 6).
+#[derive(Debug, Default)]
+struct SelfZaps {
+    /// Zaps in progress.
+    live: Vec<(usize, usize)>,
+    /// Zaps that ended since the handler last started a read. A zapper's
+    /// madvise returns as soon as the handler has *read* its REMOVE, so it
+    /// can pop its entry before the handler looks the message up; keeping
+    /// popped entries until the next read closes that race (without it our
+    /// own REMOVE is taken as foreign and uncharges pages a fault
+    /// re-populated after our zap).
+    retired: Vec<(usize, usize)>,
 }
 
 impl std::fmt::Debug for Tracker {
@@ -206,7 +261,13 @@ fn zero_source() -> Result<*const u8> {
 
 /// What resolving one fault came to.
 enum Outcome {
+    /// Served after a successful `try_charge` of the missing pages.
+    Charged,
+    /// Served without a new charge (refault of a charged page, poison,
+    /// fail-open, range gone).
     Served,
+    /// Served without the page lock (`resolve_busy`); to be settled.
+    Unlocked,
     /// A page lock of the faulting page is held (a zap or an accessor).
     Busy,
     /// The budget cannot cover `bytes`.
@@ -236,12 +297,22 @@ impl Tracker {
             stop: AtomicBool::new(false),
             dead: AtomicBool::new(false),
             ranges: Mutex::new(BTreeMap::new()),
-            self_zaps: Mutex::new(Vec::new()),
+            self_zaps: Mutex::new(SelfZaps::default()),
+            wp_gen: AtomicU64::new(0),
+            wp_event: event_listener::Event::new(),
             counters: Counters::default(),
             handler: Mutex::new(None),
             handler_id: OnceLock::new(),
             #[cfg(test)]
             panic_next_fault: AtomicBool::new(false),
+            #[cfg(test)]
+            panic_after_lock: AtomicBool::new(false),
+            #[cfg(test)]
+            unstable_after_first_lock: AtomicBool::new(false),
+            #[cfg(test)]
+            hold_after_read: AtomicBool::new(false),
+            #[cfg(test)]
+            fail_next_populate: AtomicBool::new(false),
         }))
     }
 
@@ -375,18 +446,29 @@ impl Tracker {
     /// Runs `f` (a discard of `[start, end)`) announced as our own zap, so
     /// the handler ignores the REMOVE message it produces (step 6).
     pub(crate) fn self_zap<R>(&self, start: usize, end: usize, f: impl FnOnce() -> R) -> R {
-        lock(&self.self_zaps).push((start, end));
+        lock(&self.self_zaps).live.push((start, end));
         let r = f();
         let mut z = lock(&self.self_zaps);
-        if let Some(i) = z.iter().position(|x| *x == (start, end)) {
-            z.swap_remove(i);
+        if let Some(i) = z.live.iter().position(|x| *x == (start, end)) {
+            z.live.swap_remove(i);
         }
+        // Kept until the handler's next read: it may have read our REMOVE
+        // (which let madvise return) and not looked it up yet.
+        z.retired.push((start, end));
         r
     }
 
+    /// The handler is about to read messages: zaps that ended before this
+    /// point had their REMOVE read already, so their entries can go.
+    fn clear_retired_zaps(&self) {
+        lock(&self.self_zaps).retired.clear();
+    }
+
     fn is_self_zap(&self, start: usize, end: usize) -> bool {
-        lock(&self.self_zaps)
+        let z = lock(&self.self_zaps);
+        z.live
             .iter()
+            .chain(z.retired.iter())
             .any(|&(s, e)| s <= start && end <= e)
     }
 
@@ -396,13 +478,58 @@ impl Tracker {
             .map_err(Error::host("UFFDIO_WAKE"))
     }
 
-    /// `UFFDIO_WRITEPROTECT` over a host range.
+    /// The current generation of `Pte::WP` clearings (step 7). Read under
+    /// the PTE lock that showed the bit set.
+    pub(crate) fn wp_gen(&self) -> u64 {
+        self.wp_gen.load(Ordering::SeqCst)
+    }
+
+    /// Some `Pte::WP` bits were cleared (unprotect, a zap, death): wake the
+    /// API writers waiting for them. Called after the bits are cleared.
+    pub(crate) fn wp_changed(&self) {
+        self.wp_gen.fetch_add(1, Ordering::SeqCst);
+        self.wp_event.notify(usize::MAX);
+    }
+
+    /// Waits (async, no lock held) until the `Pte::WP` generation moves
+    /// past `gen` or the tracker dies.
+    pub(crate) async fn wait_wp(&self, gen: u64) {
+        self.counters.api_wp_waits.fetch_add(1, Ordering::Relaxed);
+        loop {
+            // Listen first, then re-check: a clearing between our unlock and
+            // `listen` bumped the generation, so it is never missed.
+            let l = self.wp_event.listen();
+            if self.wp_gen() != gen || self.is_dead() {
+                return;
+            }
+            l.await;
+        }
+    }
+
+    /// `UFFDIO_WRITEPROTECT` over a host range. The caller holds the PTE
+    /// locks of the range; `EAGAIN` (a REMOVE/UNMAP not yet read) is retried
+    /// with backoff, as in `populate_locked`: the handler reads messages
+    /// without any page lock.
     pub(crate) fn writeprotect(&self, r: HostRange, wp: bool) -> Result<()> {
         if self.is_dead() {
             return Err(Error::TrackerDead { mm_id: self.mm_id });
         }
-        self.with_uffd(|u| u.writeprotect(r.ptr() as usize, r.len(), wp))
-            .map_err(Error::host("UFFDIO_WRITEPROTECT"))
+        let mut tries = 0u32;
+        loop {
+            match self.with_uffd(|u| u.writeprotect(r.ptr() as usize, r.len(), wp)) {
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && tries < API_EAGAIN_TRIES => {
+                    tries += 1;
+                    self.counters.eagain_retries.fetch_add(1, Ordering::Relaxed);
+                    if tries < 64 {
+                        std::thread::yield_now();
+                    } else {
+                        std::thread::sleep(Duration::from_micros(50));
+                    }
+                }
+                Err(_) if self.is_dead() => return Err(Error::TrackerDead { mm_id: self.mm_id }),
+                res => return res.map_err(Error::host("UFFDIO_WRITEPROTECT")),
+            }
+        }
     }
 
     /// Populates the run `[host, host + n pages)` for the access path, under
@@ -416,6 +543,13 @@ impl Tracker {
         done: &mut [bool],
         write: bool,
     ) -> Result<bool> {
+        #[cfg(test)]
+        if self.fail_next_populate.swap(false, Ordering::SeqCst) {
+            return Err(Error::Host {
+                op: "UFFDIO_COPY",
+                source: std::io::Error::from_raw_os_error(libc::EIO),
+            });
+        }
         let src = zero_source()?;
         let n = done.len();
         let mut i = 0;
@@ -491,8 +625,10 @@ impl Tracker {
             fail_open_pages: l(&c.fail_open_pages),
             overcommit_bytes: debt,
             busy_breaks: l(&c.busy_breaks),
+            api_wp_waits: l(&c.api_wp_waits),
             handler_alive: !self.is_dead() && !self.stop.load(Ordering::SeqCst),
             write_protect: self.wp,
+            poison: self.poison,
         }
     }
 
@@ -528,6 +664,9 @@ impl Tracker {
         // (a REMOVE racing the unregister) is completed by the kernel.
         let closed = self.uffd.write().unwrap_or_else(|e| e.into_inner()).take();
         drop(closed);
+        // API writers waiting for an unprotect: nobody will unprotect now,
+        // and unregistering lifted the protection (step 9).
+        self.wp_changed();
     }
 }
 
@@ -563,7 +702,8 @@ type Pressure = Pin<Box<dyn Future<Output = bool> + Send>>;
 
 struct Queued {
     addr: usize,
-    busy_rounds: u32,
+    /// When the handler first found the faulting page locked.
+    busy_since: Option<Instant>,
 }
 
 fn handler_loop(t: &Arc<Tracker>, mm_weak: &Weak<Mm>) -> std::io::Result<()> {
@@ -572,11 +712,14 @@ fn handler_loop(t: &Arc<Tracker>, mm_weak: &Weak<Mm>) -> std::io::Result<()> {
     let mut faults: VecDeque<Queued> = VecDeque::new();
     let mut removes: Vec<(usize, usize)> = Vec::new();
     let mut unmaps: Vec<(usize, usize)> = Vec::new();
+    // Pages served without their lock (`resolve_busy`), to be charged once
+    // the lock is free and the PTE is still empty.
+    let mut settle: Vec<usize> = Vec::new();
     let mut pressure: Option<Pressure> = None;
     let mut failed_rounds = 0u32;
     let raw = t.with_uffd(|u| Ok(u.raw()))?;
     loop {
-        let timeout = if faults.is_empty() && removes.is_empty() {
+        let timeout = if faults.is_empty() && removes.is_empty() && settle.is_empty() {
             -1
         } else {
             1
@@ -587,7 +730,30 @@ fn handler_loop(t: &Arc<Tracker>, mm_weak: &Weak<Mm>) -> std::io::Result<()> {
             return Ok(());
         }
         events.clear();
+        // Before the read (step 6): a zap that ended before this point had
+        // its REMOVE read in an earlier round.
+        t.clear_retired_zaps();
         t.with_uffd(|u| u.read_events(&mut events))?;
+        #[cfg(test)]
+        if t.hold_after_read.load(Ordering::SeqCst)
+            && events.iter().any(|e| matches!(e, Event::Remove { .. }))
+        {
+            // Let the zappers' madvise return and pop their entries first
+            // (bounded: a zap that never pops must not hang the handler).
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let read: Vec<(usize, usize)> = events
+                .iter()
+                .filter_map(|e| match *e {
+                    Event::Remove { start, end } => Some((start, end)),
+                    _ => None,
+                })
+                .collect();
+            while lock(&t.self_zaps).live.iter().any(|z| read.contains(z))
+                && Instant::now() < deadline
+            {
+                std::thread::yield_now();
+            }
+        }
         for ev in &events {
             match *ev {
                 Event::PageFault { wp: true, .. } => {
@@ -596,7 +762,7 @@ fn handler_loop(t: &Arc<Tracker>, mm_weak: &Weak<Mm>) -> std::io::Result<()> {
                 }
                 Event::PageFault { addr, .. } => faults.push_back(Queued {
                     addr,
-                    busy_rounds: 0,
+                    busy_since: None,
                 }),
                 Event::Remove { start, end } => {
                     if !t.is_self_zap(start, end) {
@@ -633,13 +799,16 @@ fn handler_loop(t: &Arc<Tracker>, mm_weak: &Weak<Mm>) -> std::io::Result<()> {
         for (s, e) in unmaps.drain(..) {
             t.forget_registry(s, e);
         }
+        settle.retain(|&a| !mm.settle_busy(t, a));
 
         if let Some(p) = pressure.as_mut() {
             match p.as_mut().poll(&mut Context::from_waker(&waker)) {
                 Poll::Pending => continue,
                 Poll::Ready(freed) => {
                     pressure = None;
-                    if !freed {
+                    if freed {
+                        failed_rounds = 0;
+                    } else {
                         failed_rounds += 1;
                     }
                 }
@@ -655,12 +824,21 @@ fn handler_loop(t: &Arc<Tracker>, mm_weak: &Weak<Mm>) -> std::io::Result<()> {
                 panic!("injected handler panic");
             }
             let fail_open = failed_rounds >= PRESSURE_ROUNDS;
-            match mm.tracked_fault(t, q.addr, fail_open, q.busy_rounds >= BUSY_ROUNDS) {
-                Outcome::Served => {
+            let force = q.busy_since.is_some_and(|s| s.elapsed() >= BUSY_TIMEOUT);
+            match mm.tracked_fault(t, q.addr, fail_open, force) {
+                Outcome::Charged => {
+                    // A real charge succeeded: memory is back, leave
+                    // fail-open. Not on `Served`: a page served over budget
+                    // (or a poison, a refault of a charged page) says nothing
+                    // about room, and resetting there would cost every
+                    // further fault a full pressure cycle (up to `oom_wait`
+                    // each with an OOM victim pending).
                     failed_rounds = 0;
                 }
+                Outcome::Served => {}
+                Outcome::Unlocked => settle.push(q.addr),
                 Outcome::Busy => {
-                    q.busy_rounds += 1;
+                    q.busy_since.get_or_insert_with(Instant::now);
                     faults.push_back(q);
                 }
                 Outcome::NeedMemory(bytes) => {
@@ -673,7 +851,9 @@ fn handler_loop(t: &Arc<Tracker>, mm_weak: &Weak<Mm>) -> std::io::Result<()> {
                                 Box::pin(async move { crate::host::pressure(&h, bytes, id).await });
                             match fut.as_mut().poll(&mut Context::from_waker(&waker)) {
                                 Poll::Ready(freed) => {
-                                    if !freed {
+                                    if freed {
+                                        failed_rounds = 0;
+                                    } else {
                                         failed_rounds += 1;
                                     }
                                     // Retried on the next round (1 ms).
@@ -688,6 +868,56 @@ fn handler_loop(t: &Arc<Tracker>, mm_weak: &Weak<Mm>) -> std::io::Result<()> {
             }
         }
         drop(mm);
+    }
+}
+
+/// The PTE locks the handler holds on one fault-around window. Unlocks on
+/// drop: a panic between locking and unlocking (caught by `handler_main`,
+/// step 9) must not leave `LOCK` bits set, or every later `pte_lock` of
+/// those pages (zaps, the reaper, the access path) would spin forever.
+/// Until [`WindowLocks::commit`] the drop restores the words as locked and
+/// gives back the charge taken for the window.
+struct WindowLocks<'a> {
+    mm: &'a Mm,
+    leaf: &'a Leaf,
+    lo_gpn: u64,
+    n: usize,
+    /// Old word | LOCK, 0 = not held.
+    held: [u64; PAGES_PER_LEAF as usize],
+    /// Pages to unlock as `PRESENT` (after `commit`).
+    present: [bool; PAGES_PER_LEAF as usize],
+    /// Bytes charged for the window and not yet accounted as present.
+    charged: u64,
+    committed: bool,
+}
+
+impl WindowLocks<'_> {
+    /// The pages are accounted: unlock with `PRESENT` where populated.
+    fn commit(mut self, present: &[bool]) {
+        self.present[..present.len()].copy_from_slice(present);
+        self.charged = 0;
+        self.committed = true;
+    }
+}
+
+impl Drop for WindowLocks<'_> {
+    fn drop(&mut self) {
+        for i in 0..self.n {
+            if self.held[i] != 0 {
+                let set = if self.committed && self.present[i] {
+                    Pte::PRESENT
+                } else {
+                    0
+                };
+                crate::pgtable::pte_unlock(
+                    self.leaf.pte(self.lo_gpn + i as u64),
+                    self.held[i] | set,
+                );
+            }
+        }
+        if self.charged > 0 {
+            self.mm.budget.uncharge(self.charged);
+        }
     }
 }
 
@@ -721,10 +951,23 @@ impl Mm {
             }
             return Outcome::Busy;
         };
+        let n = ((hi - lo) / PAGE) as usize;
+        let fi = (gpn_f - lo / PAGE) as usize;
+        let mut w = WindowLocks {
+            mm: self,
+            leaf,
+            lo_gpn: lo / PAGE,
+            n,
+            held: [0; PAGES_PER_LEAF as usize],
+            present: [false; PAGES_PER_LEAF as usize],
+            charged: 0,
+            committed: false,
+        };
+        w.held[fi] = old_f;
         if Pte(old_f).present() {
             // Charged, but the host page is gone (the embedder's own
             // DONTNEED): bring it back without charging again.
-            crate::pgtable::pte_unlock(leaf.pte(gpn_f), old_f);
+            drop(w);
             let src = match zero_source() {
                 Ok(s) => s,
                 Err(_) => return Outcome::Served,
@@ -735,7 +978,19 @@ impl Mm {
             });
             return Outcome::Served;
         }
-        // check_stable_address_space under the page lock (step 5), the
+        #[cfg(test)]
+        if t.unstable_after_first_lock.swap(false, Ordering::SeqCst) {
+            self.flags.set(MmFlag::UNSTABLE);
+        }
+        // The rest of the window, ascending, try-locks only (skip busy pages).
+        for (i, gpn) in (lo / PAGE..hi / PAGE).enumerate() {
+            if gpn != gpn_f {
+                if let Some(o) = try_lock(leaf.pte(gpn)) {
+                    w.held[i] = o;
+                }
+            }
+        }
+        // check_stable_address_space under the page locks (step 5), the
         // counterpart of the reaper's "set UNSTABLE, then zap under the page
         // locks":
         //
@@ -745,35 +1000,18 @@ impl Mm {
         //                                | try-lock pte: empty
         //                                | UNSTABLE? yes -> POISON (SIGBUS)
         //
-        // Without it the faulter would get a fresh zero page where its data
-        // was.
+        // Checked only once *every* lock of the window is held: the reaper
+        // zaps per VMA, so it may set UNSTABLE and zap pages of the window
+        // between our locking of the faulting page and of the others; a check
+        // before that would let us COPY zeros over pages it just reaped.
         if self.flags.test(MmFlag::UNSTABLE) {
-            crate::pgtable::pte_unlock(leaf.pte(gpn_f), old_f);
+            drop(w);
             return self.poison_fault(t, addr);
         }
-        // The rest of the window, ascending, try-locks only (skip busy pages).
-        let n = ((hi - lo) / PAGE) as usize;
-        let mut held = [0u64; PAGES_PER_LEAF as usize]; // old word | LOCK, 0 = not held
-        for (i, gpn) in (lo / PAGE..hi / PAGE).enumerate() {
-            if gpn == gpn_f {
-                held[i] = old_f;
-            } else if let Some(o) = try_lock(leaf.pte(gpn)) {
-                held[i] = o;
-            }
-        }
-        // KSM pages are mapped (the stable page) though not PRESENT: never
-        // fill them (their host range is a memfd mapping, not MISSING-registered).
-        let want = |i: usize| held[i] != 0 && !Pte(held[i]).present() && !Pte(held[i]).ksm();
-        let unlock = |held: &[u64], present: &[bool]| {
-            for (i, gpn) in (lo / PAGE..hi / PAGE).enumerate() {
-                if held[i] != 0 {
-                    let set = if present[i] { Pte::PRESENT } else { 0 };
-                    crate::pgtable::pte_unlock(leaf.pte(gpn), held[i] | set);
-                }
-            }
+        let want = |w: &WindowLocks<'_>, i: usize| {
+            w.held[i] != 0 && !Pte(w.held[i]).present() && !Pte(w.held[i]).ksm()
         };
-        let fi = (gpn_f - lo / PAGE) as usize;
-        let mut missing: u64 = (0..n).filter(|&i| want(i)).count() as u64;
+        let mut missing: u64 = (0..n).filter(|&i| want(&w, i)).count() as u64;
         let mut only_faulting = false;
         let mut overcommit = false;
         if self.budget.try_charge(missing * PAGE).is_err() {
@@ -786,11 +1024,18 @@ impl Mm {
                 missing = 1;
                 overcommit = true;
             } else {
-                unlock(&held[..n], &[false; PAGES_PER_LEAF as usize][..n]);
+                drop(w);
                 return Outcome::NeedMemory(PAGE);
             }
         }
-        let selected = |i: usize| want(i) && (!only_faulting || i == fi);
+        if !overcommit {
+            w.charged = missing * PAGE;
+        }
+        #[cfg(test)]
+        if t.panic_after_lock.swap(false, Ordering::SeqCst) {
+            panic!("injected handler panic with the window locked");
+        }
+        let selected = |i: usize| want(&w, i) && (!only_faulting || i == fi);
         let mut present = [false; PAGES_PER_LEAF as usize];
         let src = zero_source().ok();
         let mut i = 0;
@@ -819,13 +1064,17 @@ impl Mm {
         t.counters
             .pages_faulted
             .fetch_add(populated, Ordering::Relaxed);
-        unlock(&held[..n], &present[..n]);
+        w.commit(&present[..n]);
         // Wake every thread blocked in the window (COPY ran with DONTWAKE).
         // If COPY failed for the faulting page (EAGAIN: a REMOVE is queued;
         // or the range went away) it refaults and is queued again, behind
         // the message we must read first.
         let _ = t.with_uffd(|u| u.wake(host_of(lo), (hi - lo) as usize));
-        Outcome::Served
+        if overcommit || missing == 0 {
+            Outcome::Served
+        } else {
+            Outcome::Charged
+        }
     }
 
     /// `UFFDIO_COPY` of one run for the handler, marking `present` pages.
@@ -887,12 +1136,13 @@ impl Mm {
         Outcome::Served
     }
 
-    /// The faulting page stayed locked for [`BUSY_ROUNDS`] rounds: most
-    /// likely an accessor faulted on it while holding its lock (its page was
-    /// discarded behind our back by the embedder). Populate that one page
-    /// without the lock and without a charge, so it can finish; if the
-    /// holder was a slow zapper instead, the page is resident but uncharged
-    /// until the next zap of it (a one-page, self-healing under-count).
+    /// The faulting page stayed locked for [`BUSY_TIMEOUT`]: most likely an
+    /// accessor faulted on it while holding its lock (its page was discarded
+    /// behind our back by the embedder). Populate that one page without the
+    /// lock, so it can finish, and return [`Outcome::Unlocked`]: the handler
+    /// then settles the charge with [`Mm::settle_busy`] once the lock is
+    /// free (the holder may have been a slow zapper that leaves the PTE
+    /// empty over the page we just mapped).
     fn resolve_busy(&self, t: &Tracker, addr: usize) -> Outcome {
         t.counters.busy_breaks.fetch_add(1, Ordering::Relaxed);
         if self.flags.test(MmFlag::UNSTABLE) {
@@ -904,7 +1154,40 @@ impl Mm {
                 _ => u.wake(addr, PAGE_SIZE),
             });
         }
-        Outcome::Served
+        Outcome::Unlocked
+    }
+
+    /// After `resolve_busy` mapped the page at `addr` without its lock:
+    /// try-lock it; if the PTE is still empty while the host page is
+    /// resident, account it now (charge, or fail-open debt when the budget
+    /// is full: the page exists either way) and mark it `PRESENT`, so that
+    /// `charged = present − debt` holds again and the next zap uncharges it.
+    /// Returns `false` while the page is still locked (retry next round).
+    fn settle_busy(&self, t: &Tracker, addr: usize) -> bool {
+        let Some((hs, r)) = t.lookup(addr) else {
+            return true; // unmapped meanwhile: nothing to account
+        };
+        let gpn = (r.guest_start + (addr - hs) as u64) / PAGE;
+        let guard = crossbeam_epoch::pin();
+        let Some(leaf) = self.pgtable.leaf(gpn, &guard) else {
+            return true;
+        };
+        let Some(old) = try_lock(leaf.pte(gpn)) else {
+            return false;
+        };
+        let mut new = old;
+        if !Pte(old).present() && sys::page_resident(addr).unwrap_or(false) {
+            if self.budget.try_charge(PAGE).is_err() {
+                // Relaxed: a counter, read back by `uncharge_pages`.
+                self.debt.fetch_add(PAGE, Ordering::Relaxed);
+                t.counters.fail_open_pages.fetch_add(1, Ordering::Relaxed);
+            }
+            self.rss_anon.fetch_add(1, Ordering::Relaxed);
+            t.counters.pages_faulted.fetch_add(1, Ordering::Relaxed);
+            new |= Pte::PRESENT;
+        }
+        crate::pgtable::pte_unlock(leaf.pte(gpn), new);
+        true
     }
 
     /// The embedder discarded `[start, end)` itself (REMOVE / UNMAP): clear
@@ -925,6 +1208,7 @@ impl Mm {
             let stop = r.host_end.min(end);
             let guard = crossbeam_epoch::pin();
             let mut freed = 0u64;
+            let mut wp_cleared = false;
             let mut a = host;
             while a < stop {
                 let gpn = (r.guest_start + (a - hs) as u64) / PAGE;
@@ -933,6 +1217,7 @@ impl Mm {
                         Some(old) => {
                             let new = if Pte(old).present() {
                                 freed += 1;
+                                wp_cleared |= old & Pte::WP != 0;
                                 0
                             } else {
                                 old
@@ -945,6 +1230,9 @@ impl Mm {
                 a += PAGE_SIZE;
             }
             self.uncharge_pages(freed, 0);
+            if wp_cleared {
+                t.wp_changed();
+            }
             host = stop;
         }
     }
@@ -964,6 +1252,19 @@ fn try_lock(pte: &std::sync::atomic::AtomicU64) -> Option<u64> {
 mod tests {
     use super::*;
     use crate::{Host, MapOptions};
+
+    /// Spins until `cond` holds; panics (instead of hanging) after two
+    /// minutes. A bound on a hang, never a measurement.
+    fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        while !cond() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "still waiting for {what}"
+            );
+            std::thread::yield_now();
+        }
+    }
 
     fn touch(ptr: *mut u8, len: usize, byte: u8) {
         let mut off = 0;
@@ -1058,13 +1359,287 @@ mod tests {
         });
         // The writer blocks until the protection goes (no timed assertion:
         // wait until the handler has seen its WP fault).
-        while mm.tracked_stats().unwrap().wp_faults == 0 {
-            std::thread::yield_now();
-        }
+        wait_until("the WP fault", || {
+            mm.tracked_stats().unwrap().wp_faults != 0
+        });
         assert!(!wrote.load(Ordering::SeqCst));
         mm.write_unprotect_blocking(addr, 2 * PAGE).unwrap();
         th.join().unwrap();
         assert!(wrote.load(Ordering::SeqCst));
         assert!(mm.compare_blocking(addr, &[5]).unwrap());
+    }
+}
+
+#[cfg(test)]
+mod review_tests {
+    //! Regression tests for the review findings (see each test's comment).
+    use super::*;
+    use crate::{Advice, Host, MapOptions};
+    use std::sync::mpsc;
+
+    /// Fails (instead of hanging) if a result does not arrive in two
+    /// minutes. A bound on a hang, never a measurement.
+    const HANG: Duration = Duration::from_secs(120);
+
+    fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+        let deadline = Instant::now() + HANG;
+        while !cond() {
+            assert!(Instant::now() < deadline, "still waiting for {what}");
+            std::thread::yield_now();
+        }
+    }
+
+    fn touch(ptr: *mut u8, len: usize, byte: u8) {
+        let mut off = 0;
+        while off < len {
+            // SAFETY: test-only direct touch of a live tracked mapping.
+            unsafe { ptr.add(off).write_volatile(byte) };
+            off += PAGE_SIZE;
+        }
+    }
+
+    /// Finding 2: an API write to a write-protected page must not block in
+    /// the kernel holding PTE locks and the mmap read lock. With a munmap
+    /// (writer) queued behind it, `write_unprotect` (a reader) could never
+    /// run: nothing completed.
+    #[test]
+    fn test_wp_api_write_waits_without_locks() {
+        let host = Host::with_budget(64 << 20);
+        let mm = host.new_mm("t");
+        let addr = mm
+            .mmap_blocking(MapOptions::anon(1 << 20).tracked(true))
+            .unwrap();
+        if !mm.tracked_stats().unwrap().write_protect {
+            eprintln!("skipped: no userfaultfd write-protect");
+            return;
+        }
+        let other = mm.mmap_blocking(MapOptions::anon(1 << 20)).unwrap();
+        mm.write_blocking(addr, &[1]).unwrap();
+        mm.write_protect_blocking(addr, PAGE).unwrap();
+        let (tx, rx) = mpsc::channel();
+        let mm2 = mm.clone();
+        let writer = std::thread::spawn(move || {
+            mm2.write_blocking(addr, &[2]).unwrap();
+            tx.send(()).unwrap();
+        });
+        wait_until("the API writer to wait", || {
+            mm.tracked_stats().unwrap().api_wp_waits != 0
+        });
+        // A writer of the mmap lock: must not wait for the API writer.
+        let (tx2, rx2) = mpsc::channel();
+        let mm3 = mm.clone();
+        let unmapper = std::thread::spawn(move || {
+            tx2.send(mm3.munmap_blocking(other, 1 << 20)).unwrap();
+        });
+        rx2.recv_timeout(HANG)
+            .expect("munmap stuck behind a write-protected API write")
+            .unwrap();
+        unmapper.join().unwrap();
+        assert!(
+            rx.try_recv().is_err(),
+            "the API write ignored the protection"
+        );
+        mm.write_unprotect_blocking(addr, PAGE).unwrap();
+        rx.recv_timeout(HANG)
+            .expect("API writer not woken by unprotect");
+        writer.join().unwrap();
+        assert!(mm.compare_blocking(addr, &[2]).unwrap());
+    }
+
+    /// Finding 3: once failed open, stay failed open until a real charge
+    /// succeeds: one pressure cycle in all, not one per page.
+    #[test]
+    fn test_fail_open_is_not_a_pressure_cycle_per_page() {
+        let host = Host::with_budget(1 << 20);
+        let mm = host.new_mm("t");
+        let addr = mm
+            .mmap_blocking(MapOptions::anon(4 << 20).tracked(true).fault_around(PAGE))
+            .unwrap();
+        let ptr = mm.find_vma_blocking(addr).unwrap().host_ptr();
+        touch(ptr, 2 << 20, 1);
+        let s = mm.tracked_stats().unwrap();
+        assert_eq!(s.fail_open_pages, 256, "{s:?}");
+        assert_eq!(s.overcommit_bytes, 1 << 20, "{s:?}");
+        assert!(
+            s.pressure_runs <= 2 * u64::from(PRESSURE_ROUNDS),
+            "a pressure cycle per page: {s:?}"
+        );
+        assert_eq!(host.stats().charged_bytes, 1 << 20);
+        drop(mm);
+        assert_eq!(host.stats().charged_bytes, 0);
+    }
+
+    /// Finding 4: `UNSTABLE` set (and the window zapped) after the faulting
+    /// page is locked but before the rest of the window is: the fault must
+    /// be poisoned, not served with zeros.
+    #[test]
+    fn test_unstable_rechecked_with_the_whole_window_locked() {
+        let host = Host::with_budget(64 << 20);
+        let mm = host.new_mm("t");
+        let addr = mm
+            .mmap_blocking(MapOptions::anon(2 << 20).tracked(true))
+            .unwrap();
+        let t = mm.tracker().unwrap();
+        if !t.poison {
+            eprintln!("skipped: no UFFDIO_POISON (a poisoned fault would hang)");
+            return;
+        }
+        let ptr = mm.find_vma_blocking(addr).unwrap().host_ptr();
+        t.unstable_after_first_lock.store(true, Ordering::SeqCst);
+        // Fault the page from the kernel (write(2) reads it into a pipe): a
+        // poisoned page gives EFAULT here instead of SIGBUS to the test.
+        let mut fds = [0i32; 2];
+        // SAFETY: pipe(2) writes two descriptors into the live array.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: reads 16 bytes of a live tracked mapping; fds[1] is ours.
+        let r = unsafe { libc::write(fds[1], ptr.cast(), 16) };
+        let err = std::io::Error::last_os_error();
+        for fd in fds {
+            // SAFETY: closing descriptors we own and no longer use.
+            unsafe { libc::close(fd) };
+        }
+        assert_eq!(r, -1, "served zeros after UNSTABLE");
+        assert_eq!(err.raw_os_error(), Some(libc::EFAULT));
+        // POISON wakes the faulter before the handler bumps its counter.
+        wait_until("the poison counter", || {
+            mm.tracked_stats().unwrap().pages_poisoned != 0
+        });
+        let s = mm.tracked_stats().unwrap();
+        assert_eq!((s.pages_poisoned, s.pages_faulted), (1, 0), "{s:?}");
+        assert_eq!(host.stats().charged_bytes, 0);
+    }
+
+    /// Finding 5: our own zap's madvise returns once the handler has read
+    /// its REMOVE, so it may pop its entry before the handler looks the
+    /// message up; it must still not be taken for the embedder's.
+    #[test]
+    fn test_own_remove_not_foreign_after_zapper_returned() {
+        let host = Host::with_budget(64 << 20);
+        let mm = host.new_mm("t");
+        let addr = mm
+            .mmap_blocking(MapOptions::anon(2 << 20).tracked(true))
+            .unwrap();
+        let ptr = mm.find_vma_blocking(addr).unwrap().host_ptr();
+        touch(ptr, PAGE_SIZE, 1);
+        // The fault-around window of the first page (clamped to the VMA).
+        let window = host.stats().charged_bytes;
+        assert!(window >= PAGE);
+        let t = mm.tracker().unwrap();
+        t.hold_after_read.store(true, Ordering::SeqCst);
+        mm.madvise_blocking(addr, 2 << 20, Advice::DontNeed)
+            .unwrap();
+        t.hold_after_read.store(false, Ordering::SeqCst);
+        assert_eq!(host.stats().charged_bytes, 0);
+        // This fault is answered after the round that classified the REMOVE.
+        touch(ptr, PAGE_SIZE, 2);
+        let s = mm.tracked_stats().unwrap();
+        assert_eq!(s.foreign_removes, 0, "{s:?}");
+        assert_eq!(host.stats().charged_bytes, window);
+        assert!(mm.compare_blocking(addr, &[2]).unwrap());
+    }
+
+    /// Finding 6: a handler panic with the window locked releases the PTE
+    /// locks and the charge (a leaked LOCK bit made every later
+    /// `pte_lock` spin forever).
+    #[test]
+    fn test_handler_panic_after_lock_releases_locks() {
+        let host = Host::with_budget(64 << 20);
+        let mm = host.new_mm("t");
+        let addr = mm
+            .mmap_blocking(MapOptions::anon(2 << 20).tracked(true))
+            .unwrap();
+        let ptr = mm.find_vma_blocking(addr).unwrap().host_ptr();
+        let t = mm.tracker().unwrap();
+        t.panic_after_lock.store(true, Ordering::SeqCst);
+        touch(ptr, PAGE_SIZE, 9);
+        assert!(t.is_dead());
+        {
+            let guard = crossbeam_epoch::pin();
+            for gpn in addr / PAGE..(addr + (2 << 20)) / PAGE {
+                if let Some(p) = mm.page_table().pte(gpn, &guard) {
+                    let w = p.load(Ordering::Acquire);
+                    assert_eq!(w & Pte::LOCK, 0, "PTE {gpn:#x} left locked: {w:#x}");
+                    assert!(!Pte(w).present());
+                }
+            }
+        }
+        assert_eq!(host.stats().charged_bytes, 0);
+        let (tx, rx) = mpsc::channel();
+        let mm2 = mm.clone();
+        let th = std::thread::spawn(move || {
+            tx.send(mm2.write_blocking(addr, b"x")).unwrap();
+        });
+        rx.recv_timeout(HANG)
+            .expect("access path stuck on a leaked PTE lock")
+            .unwrap();
+        th.join().unwrap();
+        assert!(mm.compare_blocking(addr, b"x").unwrap());
+        drop(mm);
+        assert_eq!(host.stats().charged_bytes, 0);
+    }
+
+    /// Finding 7: a page served without its lock (the lock stayed busy) is
+    /// charged once the lock is free if its PTE is still empty.
+    #[test]
+    fn test_busy_break_is_charged_after_the_lock_goes() {
+        let host = Host::with_budget(64 << 20);
+        let mm = host.new_mm("t");
+        let addr = mm
+            .mmap_blocking(MapOptions::anon(1 << 20).tracked(true).fault_around(PAGE))
+            .unwrap();
+        let ptr = mm.find_vma_blocking(addr).unwrap().host_ptr() as usize;
+        let state = futures_lite::future::block_on(mm.lock().read());
+        let guard = crossbeam_epoch::pin();
+        let pte = mm
+            .page_table()
+            .leaf_alloc(addr / PAGE, &guard)
+            .pte(addr / PAGE);
+        // A "zapper" holding the page lock, leaving the PTE empty.
+        let old = crate::pgtable::pte_lock(pte);
+        let (tx, rx) = mpsc::channel();
+        let th = std::thread::spawn(move || {
+            touch(ptr as *mut u8, PAGE_SIZE, 3);
+            tx.send(()).unwrap();
+        });
+        rx.recv_timeout(HANG).expect("busy fault never resolved");
+        th.join().unwrap();
+        assert_eq!(mm.tracked_stats().unwrap().busy_breaks, 1);
+        crate::pgtable::pte_unlock(pte, old);
+        drop(guard);
+        drop(state);
+        wait_until("the busy page to be charged", || {
+            host.stats().charged_bytes == PAGE
+        });
+        assert_eq!(mm.rss_pages(), 1);
+        assert!(mm.compare_blocking(addr, &[3]).unwrap());
+        drop(mm);
+        assert_eq!(host.stats().charged_bytes, 0);
+    }
+
+    /// Finding 9: a failed tracked populate drops only the pages that were
+    /// missing (the present ones keep their data) and returns the tracker's
+    /// error unchanged.
+    #[test]
+    fn test_populate_error_keeps_present_pages() {
+        let host = Host::with_budget(64 << 20);
+        let mm = host.new_mm("t");
+        let addr = mm
+            .mmap_blocking(MapOptions::anon(2 << 20).tracked(true).fault_around(PAGE))
+            .unwrap();
+        let at = addr + 100 * PAGE;
+        mm.write_blocking(at, &[7]).unwrap();
+        mm.tracker()
+            .unwrap()
+            .fail_next_populate
+            .store(true, Ordering::SeqCst);
+        let r = mm.write_blocking(at + PAGE - 1, &[1, 2]);
+        assert!(
+            matches!(&r, Err(Error::Host { op: "UFFDIO_COPY", source }) if source.raw_os_error() == Some(libc::EIO)),
+            "{r:?}"
+        );
+        assert_eq!(host.stats().charged_bytes, PAGE);
+        assert!(mm.compare_blocking(at, &[7]).unwrap(), "present page lost");
+        drop(mm);
+        assert_eq!(host.stats().charged_bytes, 0);
     }
 }

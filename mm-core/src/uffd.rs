@@ -158,11 +158,18 @@ pub(crate) enum Fill {
     },
 }
 
-fn ioctl<T>(fd: &OwnedFd, req: u32, arg: &mut T) -> io::Result<()> {
+/// `ioctl(fd, req, arg)`.
+///
+/// # Safety
+///
+/// `T` must be exactly the argument struct the request number `req` encodes
+/// (the kernel reads and writes `size_of` that struct through the pointer),
+/// and the request must not write memory other than `*arg` and, for the
+/// resolve ioctls, ranges registered with this descriptor.
+unsafe fn ioctl<T>(fd: &OwnedFd, req: u32, arg: &mut T) -> io::Result<()> {
     // SAFETY: `fd` is a valid descriptor we own; `arg` is a live, exclusively
-    // borrowed struct of exactly the type the request number encodes (each
-    // caller pairs a request with its struct), so the kernel reads and writes
-    // only inside it.
+    // borrowed struct of the type `req` encodes (the caller's contract), so
+    // the kernel reads and writes only inside it.
     let ret = unsafe { libc::ioctl(fd.as_raw_fd(), req as _, arg as *mut T) };
     if ret < 0 {
         Err(io::Error::last_os_error())
@@ -206,7 +213,8 @@ fn api(fd: &OwnedFd, features: u64) -> io::Result<u64> {
         features,
         ioctls: 0,
     };
-    ioctl(fd, nr::UFFDIO_API, &mut a)?;
+    // SAFETY: a uffdio_api with UFFDIO_API, the pair its number encodes.
+    unsafe { ioctl(fd, nr::UFFDIO_API, &mut a) }?;
     Ok(a.features)
 }
 
@@ -246,7 +254,8 @@ impl Uffd {
             mode,
             ioctls: 0,
         };
-        ioctl(&self.fd, nr::UFFDIO_REGISTER, &mut reg)?;
+        // SAFETY: a uffdio_register with UFFDIO_REGISTER, the pair its number encodes.
+        unsafe { ioctl(&self.fd, nr::UFFDIO_REGISTER, &mut reg) }?;
         Ok(reg.ioctls)
     }
 
@@ -254,13 +263,15 @@ impl Uffd {
     /// refault without us.
     pub(crate) fn unregister(&self, start: usize, len: usize) -> io::Result<()> {
         let mut r = range(start, len);
-        ioctl(&self.fd, nr::UFFDIO_UNREGISTER, &mut r)
+        // SAFETY: a uffdio_range with UFFDIO_UNREGISTER, the pair its number encodes.
+        unsafe { ioctl(&self.fd, nr::UFFDIO_UNREGISTER, &mut r) }
     }
 
     /// Wakes threads blocked on `[start, start+len)`.
     pub(crate) fn wake(&self, start: usize, len: usize) -> io::Result<()> {
         let mut r = range(start, len);
-        ioctl(&self.fd, nr::UFFDIO_WAKE, &mut r)
+        // SAFETY: a uffdio_range with UFFDIO_WAKE, the pair its number encodes.
+        unsafe { ioctl(&self.fd, nr::UFFDIO_WAKE, &mut r) }
     }
 
     fn fill_result(ret: io::Result<()>, done: i64, len: usize) -> io::Result<Fill> {
@@ -300,7 +311,8 @@ impl Uffd {
             },
             copy: 0,
         };
-        let ret = ioctl(&self.fd, nr::UFFDIO_COPY, &mut c);
+        // SAFETY: a uffdio_copy with UFFDIO_COPY (writes only the registered dst range), the pair its number encodes.
+        let ret = unsafe { ioctl(&self.fd, nr::UFFDIO_COPY, &mut c) };
         Self::fill_result(ret, c.copy, len)
     }
 
@@ -312,7 +324,8 @@ impl Uffd {
             mode: 0,
             zeropage: 0,
         };
-        let ret = ioctl(&self.fd, nr::UFFDIO_ZEROPAGE, &mut z);
+        // SAFETY: a uffdio_zeropage with UFFDIO_ZEROPAGE (registered range only), the pair its number encodes.
+        let ret = unsafe { ioctl(&self.fd, nr::UFFDIO_ZEROPAGE, &mut z) };
         Self::fill_result(ret, z.zeropage, len)
     }
 
@@ -323,7 +336,8 @@ impl Uffd {
             range: range(start, len),
             mode: if wp { UFFDIO_WRITEPROTECT_MODE_WP } else { 0 },
         };
-        ioctl(&self.fd, nr::UFFDIO_WRITEPROTECT, &mut w)
+        // SAFETY: a uffdio_writeprotect with UFFDIO_WRITEPROTECT, the pair its number encodes.
+        unsafe { ioctl(&self.fd, nr::UFFDIO_WRITEPROTECT, &mut w) }
     }
 
     /// `UFFDIO_POISON`: installs poison markers at the missing pages of
@@ -335,7 +349,8 @@ impl Uffd {
             mode: 0,
             updated: 0,
         };
-        let ret = ioctl(&self.fd, UFFDIO_POISON, &mut p);
+        // SAFETY: a uffdio_poison with UFFDIO_POISON (registered range only), the pair its number encodes.
+        let ret = unsafe { ioctl(&self.fd, UFFDIO_POISON, &mut p) };
         Self::fill_result(ret, p.updated, len)
     }
 

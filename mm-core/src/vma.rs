@@ -147,6 +147,9 @@ impl fmt::Debug for VmFlags {
 /// Owns the mapping exclusively: it is unmapped when the last VMA that
 /// slices it is removed, which only happens under the exclusive mmap lock.
 pub(crate) struct HostRegion {
+    /// Freed marker: set when `exit_mmap` removes the VMAs over this
+    /// region. Using the region afterwards is a protocol violation (I-EX-1).
+    removed: std::sync::atomic::AtomicBool,
     base: NonNull<u8>,
     len: usize,
     memfd: Option<OwnedFd>,
@@ -167,6 +170,7 @@ impl HostRegion {
     pub(crate) fn new_anon(len: usize, align: usize, prot: Prot) -> Result<Self> {
         let base = sys::map_anon(len, align, prot.bits()).map_err(Error::host("mmap"))?;
         Ok(HostRegion {
+            removed: std::sync::atomic::AtomicBool::new(false),
             base,
             len,
             memfd: None,
@@ -178,6 +182,7 @@ impl HostRegion {
         let (base, fd) =
             sys::map_memfd(name, len, align, prot.bits()).map_err(Error::host("mmap memfd"))?;
         Ok(HostRegion {
+            removed: std::sync::atomic::AtomicBool::new(false),
             base,
             len,
             memfd: Some(fd),
@@ -185,8 +190,18 @@ impl HostRegion {
         })
     }
 
+    /// Marks the region removed (`remove_vma` in exit_mmap).
+    pub(crate) fn mark_removed(&self) {
+        self.removed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// The host range `[off, off+len)` of this region.
     pub(crate) fn range(&self, off: usize, len: usize) -> HostRange {
+        crate::sched::check(
+            !self.removed.load(std::sync::atomic::Ordering::SeqCst),
+            "I-EX-1: a VMA was used after exit_mmap removed it",
+        );
         assert!(off % PAGE_SIZE == 0 && len % PAGE_SIZE == 0 && off + len <= self.len);
         // SAFETY: in bounds (asserted above) of a mapping we own that lives
         // as long as `self`; page aligned because base and off are.

@@ -392,6 +392,7 @@ pub async fn oom_reap_task_mm(mm: &Mm, zap_threads: usize) -> ReapOutcome {
         tracing::debug!(target: "mm_reaper::skip_task_reaping", mm_id = mm.id(), "skip_task_reaping (OOM_SKIP)");
         return ReapOutcome::Skipped;
     }
+    mm_core::sched::point("oom_reap_task_mm:checked").await;
     tracing::debug!(target: "mm_reaper::start_task_reaping", mm_id = mm.id(), "start_task_reaping");
     let start = Instant::now();
     let (complete, pages) = reap_locked(mm, &state, zap_threads);
@@ -546,14 +547,9 @@ pub async fn mrelease_interruptible(
     // find_lock_task_mm + mmgrab: a COUNT only (since v5.17). A user would
     // make us the one who runs the teardown if the guest exits meanwhile
     // (the v5.15 design; exit_aio would then block the caller).
-    let grab = match guest.mm() {
-        Ok(user) => {
-            let g = user.grab();
-            drop(user);
-            g
-        }
-        Err(_) => return Err(MreleaseError::NoSuchGuest { guest: guest_id }),
-    };
+    let grab = guest
+        .mm_grab()
+        .ok_or(MreleaseError::NoSuchGuest { guest: guest_id })?;
     if !guest.is_dying() {
         // "Error only if the work has not been done already."
         return if grab.flags().test(MmFlag::OOM_SKIP) {
@@ -576,6 +572,7 @@ pub async fn mrelease_interruptible(
     if grab.flags().test(MmFlag::OOM_SKIP) {
         return Ok(MreleaseOutcome::AlreadyDone);
     }
+    mm_core::sched::point("mrelease:checked").await;
     // Synchronous and user-requested: use the CPUs we have (the kernel's
     // call runs beside the victim's own exit, which zaps too).
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));

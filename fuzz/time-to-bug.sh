@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# For each protocol-history patch: build the patched tree in a scratch
+# worktree, fuzz its targets from an EMPTY corpus with several seeds on one
+# core, and print one line per (patch, target):
+#
+#   NAME target=T median_s=X found=K/N random_median_s=Y random_found=K/N
+#
+# "random" runs the same actors with uniformly random inputs (mm-race's
+# `hunt` example) for the same time budget, so the value of coverage
+# guidance is a measured number. Not measured here: the same actors on
+# plain OS threads (they are futures sharing Rc state; see FUZZING.md).
+#
+# Usage: fuzz/time-to-bug.sh [SEEDS=5] [MAX_SECONDS=60] [PATCH_NAME...]
+set -euo pipefail
+root=$(git rev-parse --show-toplevel)
+seeds=${1:-5}
+max=${2:-60}
+shift $(( $# > 2 ? 2 : $# )) || true
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$root/target/time-to-bug}
+median() { sort -g | awk '{a[NR]=$1} END {print (NR ? a[int((NR+1)/2)] : "nan")}'; }
+
+patches=("$@")
+if [ ${#patches[@]} -eq 0 ]; then
+  for p in "$root"/fuzz/history/*.patch; do patches+=("$(basename "$p" .patch)"); done
+fi
+
+for name in "${patches[@]}"; do
+  patch="$root/fuzz/history/$name.patch"
+  targets=$(sed -n 's/^Targets: //p' "$patch" | tr -d ',.')
+  scratch=$(mktemp -d)
+  git -C "$root" worktree add -q --detach "$scratch" HEAD
+  git -C "$scratch" apply "$patch"
+  (cd "$scratch" && cargo build -q --release -p mm-race --example hunt 2>/dev/null)
+  for t in $targets; do (cd "$scratch" && cargo +nightly fuzz build "$t" >/dev/null 2>&1); done
+  for t in $targets; do
+    times=(); found=0; rtimes=(); rfound=0
+    for s in $(seq 1 "$seeds"); do
+      corpus=$(mktemp -d)
+      start=$(date +%s.%N)
+      if (cd "$scratch" && timeout $((max + 30)) cargo +nightly fuzz run "$t" "$corpus" -- \
+            -seed="$s" -max_total_time="$max" -rss_limit_mb=4096 -artifact_prefix="$corpus/" >/dev/null 2>&1); then
+        times+=("$max")
+      else
+        found=$((found + 1))
+        times+=("$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.2f", b - a }')")
+      fi
+      rm -rf "$corpus"
+      line=$("$CARGO_TARGET_DIR/release/examples/hunt" "$t" "$max" "$s" 2>/dev/null || true)
+      rtimes+=("$(echo "$line" | sed -n 's/.*after_s=\([0-9.]*\).*/\1/p')")
+      case "$line" in found=1*) rfound=$((rfound + 1));; esac
+    done
+    printf '%s target=%s median_s=%s found=%d/%d random_median_s=%s random_found=%d/%d\n' \
+      "$name" "$t" "$(printf '%s\n' "${times[@]}" | median)" "$found" "$seeds" \
+      "$(printf '%s\n' "${rtimes[@]}" | median)" "$rfound" "$seeds"
+  done
+  git -C "$root" worktree remove --force "$scratch"
+done

@@ -1,0 +1,57 @@
+//! Random inputs against one target until a finding or a time limit: the
+//! "random schedules" baseline of `fuzz/time-to-bug.sh`, and a quick way to
+//! check a history patch.
+//!
+//! `cargo run --release -p mm-race --example hunt -- TARGET SECONDS SEED [SAVE_AS]`
+//! (with SAVE_AS, the input of a finding is written there: how the seed
+//! corpus of classic interleavings was made, on the history patches)
+//! prints one line: `found=1 after_s=X runs=N` (plus the finding on stderr)
+//! or `found=0 after_s=SECONDS runs=N`.
+
+use std::time::Instant;
+
+use mm_race::{run, Target};
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let target = args
+        .get(1)
+        .and_then(|n| Target::ALL.into_iter().find(|t| t.name() == n))
+        .unwrap_or_else(|| {
+            eprintln!(
+                "usage: hunt TARGET SECONDS SEED (targets: {:?})",
+                Target::ALL.map(Target::name)
+            );
+            std::process::exit(2)
+        });
+    let secs: f64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(10.0);
+    let mut x: u64 = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(1) | 1;
+    let t0 = Instant::now();
+    let mut runs = 0u64;
+    while t0.elapsed().as_secs_f64() < secs {
+        let len = 32 + (x % 400) as usize;
+        let data: Vec<u8> = (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        runs += 1;
+        if let Some(f) = run(target, &data) {
+            eprintln!("{f}");
+            if let Some(path) = args.get(4) {
+                if let Err(e) = std::fs::write(path, &data) {
+                    eprintln!("hunt: writing {path}: {e}");
+                }
+            }
+            println!(
+                "found=1 after_s={:.3} runs={runs}",
+                t0.elapsed().as_secs_f64()
+            );
+            return;
+        }
+    }
+    println!("found=0 after_s={secs:.3} runs={runs}");
+}

@@ -1,0 +1,507 @@
+//! Scenarios: a setup decoded from the input, the actors of one race, and
+//! the oracles checked after the run.
+//!
+//! Input layout (what the fuzz targets feed): an `arbitrary`-decoded
+//! [`Setup`] first, then the remaining bytes are the schedule.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arbitrary::{Arbitrary, Unstructured};
+use mm_core::{
+    Advice, Error, Guest, Host, HostConfig, MapOptions, Mm, MmFlag, MmNotifier, MmUser, MmWatch,
+    WouldBlock, PAGE_SIZE,
+};
+use mm_reaper::{Reaper, ReaperConfig};
+
+use crate::exec::{Ending, Report, Sim};
+
+const P: u64 = PAGE_SIZE as u64;
+
+/// Which actors race.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// Teardown vs the OOM killer and reaper.
+    TeardownVsReaper,
+    /// process_mrelease vs the guest's exit.
+    MreleaseVsExit,
+    /// A vCPU's faults (the access API) vs the reaper.
+    FaultVsReap,
+    /// Everything, with SIGKILL-like cancellation of cancellable actors.
+    KillAnywhere,
+    /// Several guests, every actor.
+    FullSystem,
+}
+
+impl Target {
+    /// All targets, in order.
+    pub const ALL: [Target; 5] = [
+        Target::TeardownVsReaper,
+        Target::MreleaseVsExit,
+        Target::FaultVsReap,
+        Target::KillAnywhere,
+        Target::FullSystem,
+    ];
+
+    /// Name used by the fuzz targets and the corpus directories.
+    pub fn name(self) -> &'static str {
+        match self {
+            Target::TeardownVsReaper => "teardown_vs_reaper",
+            Target::MreleaseVsExit => "mrelease_vs_exit",
+            Target::FaultVsReap => "fault_vs_reap",
+            Target::KillAnywhere => "kill_anywhere",
+            Target::FullSystem => "full_system",
+        }
+    }
+}
+
+/// One mapping of a guest.
+#[derive(Debug, Clone, Arbitrary)]
+pub struct VmaSpec {
+    pages: u8,
+    shared: bool,
+    locked: bool,
+    fill: u8,
+}
+
+/// One operation of a vCPU actor.
+#[derive(Debug, Clone, Arbitrary)]
+pub enum GuestOp {
+    /// Read one byte.
+    Read {
+        /// Which VMA.
+        vma: u8,
+        /// Which page of it.
+        page: u8,
+    },
+    /// Write one byte.
+    Write {
+        /// Which VMA.
+        vma: u8,
+        /// Which page of it.
+        page: u8,
+        /// The byte (0 is written as 1, so data differs from a zero page).
+        byte: u8,
+    },
+    /// madvise(DONTNEED) the VMA.
+    DontNeed {
+        /// Which VMA.
+        vma: u8,
+    },
+    /// mlock the VMA.
+    Mlock {
+        /// Which VMA.
+        vma: u8,
+    },
+    /// munlock the VMA.
+    Munlock {
+        /// Which VMA.
+        vma: u8,
+    },
+    /// munmap the VMA.
+    Munmap {
+        /// Which VMA.
+        vma: u8,
+    },
+}
+
+/// The decoded setup.
+#[derive(Debug, Clone, Arbitrary)]
+pub struct Setup {
+    vmas: Vec<VmaSpec>,
+    ops: Vec<GuestOp>,
+    reaper_delay_ms: u8,
+    notifier_refuses: bool,
+    second_guest: bool,
+}
+
+/// A finding: which invariant broke, and the trace that broke it.
+#[derive(Debug, Clone)]
+pub struct Finding {
+    /// The invariant (PROTOCOL.md §12 name first).
+    pub invariant: String,
+    /// The schedule as an N-column trace.
+    pub trace: String,
+}
+
+impl std::fmt::Display for Finding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "invariant broken: {}", self.invariant)?;
+        write!(f, "{}", self.trace)
+    }
+}
+
+struct Refuse;
+impl MmNotifier for Refuse {
+    fn release(&self, _mm: &Mm) {}
+    fn invalidate_range_start(
+        &self,
+        _r: std::ops::Range<u64>,
+        blockable: bool,
+    ) -> Result<(), WouldBlock> {
+        if blockable {
+            Ok(())
+        } else {
+            Err(WouldBlock)
+        }
+    }
+}
+
+/// One read of the vCPU: (vma, page, expected byte if known, result).
+type Read = (usize, u64, Option<u8>, Result<u8, String>);
+
+/// What the vCPU saw, checked against the model afterwards.
+#[derive(Debug, Default)]
+struct Observed {
+    reads: Vec<Read>,
+}
+
+struct GuestSetup {
+    guest: Guest,
+    watch: MmWatch,
+    vmas: Vec<(u64, u64)>, // (addr, pages)
+}
+
+fn build_guest(host: &Host, name: &str, setup: &Setup) -> Option<GuestSetup> {
+    let guest = host.create_guest(name);
+    let mm = guest.mm().ok()?;
+    let watch = mm.watch();
+    let mut vmas = Vec::new();
+    let default = [VmaSpec {
+        pages: 2,
+        shared: false,
+        locked: false,
+        fill: 0x5a,
+    }];
+    let specs = if setup.vmas.is_empty() {
+        &default[..]
+    } else {
+        &setup.vmas[..]
+    };
+    for v in specs.iter().take(4) {
+        let pages = u64::from(v.pages % 8) + 1;
+        let opts = if v.shared {
+            MapOptions::shared(pages * P)
+        } else {
+            MapOptions::anon(pages * P)
+        };
+        let a = futures_lite::future::block_on(mm.mmap(opts)).ok()?;
+        let _ = futures_lite::future::block_on(mm.fill(a, pages * P, v.fill | 1));
+        if v.locked {
+            let _ = futures_lite::future::block_on(mm.mlock(a, pages * P));
+        }
+        vmas.push((a, pages));
+    }
+    if setup.notifier_refuses {
+        mm.register_notifier(Arc::new(Refuse));
+    }
+    // Drop the setup user clone while the guest still holds one: not last.
+    drop(mm);
+    Some(GuestSetup { guest, watch, vmas })
+}
+
+thread_local! {
+    static STEPS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Protocol steps executed on this thread so far (coverage of the schedule
+/// space; the tests check that inputs really run).
+pub fn steps_executed() -> u64 {
+    STEPS.with(|s| s.get())
+}
+
+/// Runs one input against a target; `None` = no finding.
+pub fn run(target: Target, data: &[u8]) -> Option<Finding> {
+    let mut u = Unstructured::new(data);
+    let Ok(setup) = Setup::arbitrary(&mut u) else {
+        return None;
+    };
+    let schedule = u.take_rest().to_vec();
+    run_setup(target, &setup, &schedule)
+}
+
+/// Runs a decoded setup with an explicit schedule.
+pub fn run_setup(target: Target, setup: &Setup, schedule: &[u8]) -> Option<Finding> {
+    let mut sim = Sim::new(schedule);
+    let clock = Arc::new(sim.clock.clone());
+    let host = Host::new(HostConfig {
+        clock: clock.clone(),
+        oom_wait: Duration::from_millis(300),
+        ..HostConfig::with_budget(1 << 30)
+    });
+    let reaper = Reaper::new(ReaperConfig {
+        delay: Duration::from_millis(u64::from(setup.reaper_delay_ms % 4) * 100),
+        max_retries: 3,
+        retry_interval: Duration::from_millis(100),
+        zap_threads: 1,
+        clock: clock.clone(),
+    });
+    reaper.install(&host);
+
+    let g0 = build_guest(&host, "g0", setup)?;
+    let g1 = if target == Target::FullSystem && setup.second_guest {
+        build_guest(&host, "g1", setup)
+    } else {
+        None
+    };
+    let watches: Vec<MmWatch> = [Some(&g0), g1.as_ref()]
+        .into_iter()
+        .flatten()
+        .map(|g| g.watch.clone())
+        .collect();
+    let observed = Rc::new(RefCell::new(Observed::default()));
+    let oom_done = Rc::new(std::cell::Cell::new(false));
+    let cancellable = target == Target::KillAnywhere || target == Target::FullSystem;
+
+    // The vCPU: its own user reference in a slot the harness can take back
+    // if the actor is cancelled (the killed task's exit still runs).
+    let vcpu_slot: Rc<RefCell<Option<MmUser>>> = Rc::new(RefCell::new(g0.guest.mm().ok()));
+    {
+        // The ops run in a cancellable actor holding a clone (never the
+        // last user); the slot's own user exits in a separate actor once the
+        // ops finish or are cancelled (the dropped future releases the
+        // semaphore), as a killed task still runs its exit.
+        let done = Arc::new(async_lock::Semaphore::new(0));
+        struct Release(Arc<async_lock::Semaphore>);
+        impl Drop for Release {
+            fn drop(&mut self) {
+                self.0.add_permits(1);
+            }
+        }
+        let release = Release(done.clone());
+        let slot = vcpu_slot.clone();
+        let mut ops: Vec<GuestOp> = setup.ops.iter().take(6).cloned().collect();
+        if ops.is_empty() {
+            ops = vec![
+                GuestOp::Write {
+                    vma: 0,
+                    page: 0,
+                    byte: 0x42,
+                },
+                GuestOp::Read { vma: 0, page: 0 },
+                GuestOp::Read { vma: 0, page: 1 },
+            ];
+        }
+        let vmas = g0.vmas.clone();
+        let obs = observed.clone();
+        let fut = async move {
+            let _release = release;
+            let Some(user) = slot.borrow().clone() else {
+                return;
+            };
+            vcpu(&user, &vmas, &ops, &obs).await;
+        };
+        if cancellable {
+            sim.spawn_cancellable("vcpu", fut);
+        } else {
+            sim.spawn("vcpu", fut);
+        }
+        let slot = vcpu_slot.clone();
+        sim.spawn("vcpu-exit", async move {
+            let _permit = done.acquire().await;
+            let own = slot.borrow_mut().take();
+            if let Some(u) = own {
+                u.exit().await;
+            }
+        });
+    }
+
+    match target {
+        Target::MreleaseVsExit => {
+            let g = g0.guest.clone();
+            sim.spawn("kill", async move { g.kill() });
+            let (h, id) = (host.clone(), g0.guest.id());
+            sim.spawn("mrelease", async move {
+                let _ = mm_reaper::mrelease(&h, id).await;
+            });
+        }
+        Target::FaultVsReap => {
+            let grab = g0.guest.mm_grab()?;
+            let g = g0.guest.clone();
+            sim.spawn("reaper", async move {
+                g.kill();
+                let _ = mm_reaper::oom_reap_task_mm(&grab, 1).await;
+            });
+        }
+        _ => {
+            let (h, done, id) = (host.clone(), oom_done.clone(), g0.guest.mm_id());
+            sim.spawn("oom", async move {
+                let _ = h.out_of_memory(None).await;
+                // The victim itself then runs short while dying
+                // (task_will_free_mem(current)): it must not be queued twice.
+                let _ = h.out_of_memory(Some(id)).await;
+                done.set(true);
+            });
+            let (r, done, c) = (reaper.clone(), oom_done.clone(), clock.clone());
+            sim.spawn("reaper", async move {
+                loop {
+                    if r.step().await {
+                        continue;
+                    }
+                    if done.get() && r.pending() == 0 {
+                        break;
+                    }
+                    mm_core::Clock::sleep(&*c, Duration::from_millis(50)).await;
+                }
+            });
+            if cancellable {
+                let (h, id) = (host.clone(), g0.guest.id());
+                sim.spawn_cancellable("mrelease", async move {
+                    let _ = mm_reaper::mrelease(&h, id).await;
+                });
+            }
+        }
+    }
+    let g = g0.guest.clone();
+    sim.spawn("exit", async move { g.exit().await });
+    if let Some(g1) = &g1 {
+        let g = g1.guest.clone();
+        sim.spawn("g1-exit", async move { g.exit().await });
+    }
+
+    let mut report = sim.run(20_000);
+    STEPS.with(|s| s.set(s.get() + report.trace.len() as u64));
+    // A cancelled vCPU still exits (its user is in the slot): run that exit
+    // as the harness, outside the schedule.
+    if let Some(u) = vcpu_slot.borrow_mut().take() {
+        futures_lite::future::block_on(u.exit());
+    }
+    let finding = |report: &Report, what: String| {
+        Some(Finding {
+            invariant: what,
+            trace: report.trace_table(60),
+        })
+    };
+    match &report.ending {
+        Ending::Done => {}
+        Ending::Deadlock(last) => return finding(&report, format!("deadlock: {last:?}")),
+        Ending::StepLimit => return finding(&report, "livelock: step limit".into()),
+    }
+    if let Some((v, _)) = report.violations.first() {
+        return finding(&report, v.clone());
+    }
+    // Content model: a successful read returns what the vCPU wrote (or
+    // the fill); never zeros where data was (I-RP-5).
+    for (vma, page, want, got) in &observed.borrow().reads {
+        if let (Some(w), Ok(b)) = (want, got) {
+            if w != b {
+                return finding(
+                    &report,
+                    format!("I-RP-5: read of vma {vma} page {page} returned {b:#x}, expected {w:#x} (zero page after UNSTABLE?)"),
+                );
+            }
+        }
+    }
+    // I-RP-7: never a second victim while one lacks OOM_SKIP.
+    if host.oom_stats().second_kills != 0 {
+        return finding(
+            &report,
+            "I-RP-7: second victim chosen while the first lacked OOM_SKIP".into(),
+        );
+    }
+    // I-RP-6: a victim ends with OOM_SKIP (reaper or exit_mmap).
+    if let Some(m) = g0.guest.oom_mm() {
+        if !m.flags().test(MmFlag::OOM_SKIP) {
+            return finding(&report, "I-RP-6: victim never got OOM_SKIP".into());
+        }
+    }
+    // I-RP-1: each mm queued at most once.
+    let victims = [Some(&g0), g1.as_ref()]
+        .into_iter()
+        .flatten()
+        .filter(|g| g.guest.oom_mm().is_some())
+        .count();
+    if reaper.stats().queued > victims as u64 {
+        return finding(
+            &report,
+            "I-RP-1: an mm was queued for reaping more than once".into(),
+        );
+    }
+    // Everything returned: budget 0, no guest left, every struct freed at
+    // count 0 once the last holders (guest records, reaper) are gone.
+    let charged = host.stats().charged_bytes;
+    drop((g0, g1, reaper));
+    report.trace.shrink_to_fit();
+    if charged != 0 {
+        return finding(
+            &report,
+            format!("I-RC-3: {charged} bytes still charged after every exit"),
+        );
+    }
+    drop(host);
+    if let Some(i) = watches.iter().position(|w| !w.is_freed()) {
+        return finding(
+            &report,
+            format!("I-RC-2: mm struct {i} not freed after every reference was dropped"),
+        );
+    }
+    None
+}
+
+async fn vcpu(user: &MmUser, vmas: &[(u64, u64)], ops: &[GuestOp], obs: &Rc<RefCell<Observed>>) {
+    if vmas.is_empty() {
+        return;
+    }
+    // The model: last known byte of each (vma, page); None once unknown.
+    let mut model: std::collections::HashMap<(usize, u64), Option<u8>> =
+        std::collections::HashMap::new();
+    let pick = |v: u8| usize::from(v) % vmas.len();
+    for op in ops {
+        match *op {
+            GuestOp::Read { vma, page } => {
+                let i = pick(vma);
+                let (a, pages) = vmas[i];
+                let p = u64::from(page) % pages;
+                let mut b = [0u8];
+                let r = user.read(a + p * P, &mut b).await;
+                let want = model.get(&(i, p)).copied().flatten();
+                let got = match r {
+                    Ok(()) => Ok(b[0]),
+                    Err(e) => Err(e.to_string()),
+                };
+                obs.borrow_mut().reads.push((i, p, want, got));
+            }
+            GuestOp::Write { vma, page, byte } => {
+                let i = pick(vma);
+                let (a, pages) = vmas[i];
+                let p = u64::from(page) % pages;
+                let byte = byte | 1;
+                match user.write(a + p * P, &[byte]).await {
+                    Ok(()) => {
+                        model.insert((i, p), Some(byte));
+                    }
+                    Err(Error::Unstable { .. }) | Err(_) => {
+                        model.insert((i, p), None);
+                    }
+                }
+            }
+            GuestOp::DontNeed { vma } => {
+                let i = pick(vma);
+                let (a, pages) = vmas[i];
+                let _ = user.madvise(a, pages * P, Advice::DontNeed).await;
+                for p in 0..pages {
+                    model.insert((i, p), None);
+                }
+            }
+            GuestOp::Mlock { vma } | GuestOp::Munlock { vma } => {
+                let i = pick(vma);
+                let (a, pages) = vmas[i];
+                let _ = if matches!(op, GuestOp::Mlock { .. }) {
+                    user.mlock(a, pages * P).await
+                } else {
+                    user.munlock(a, pages * P).await
+                };
+            }
+            GuestOp::Munmap { vma } => {
+                let i = pick(vma);
+                let (a, pages) = vmas[i];
+                let _ = user.munmap(a, pages * P).await;
+                for p in 0..pages {
+                    model.insert((i, p), None);
+                }
+            }
+        }
+    }
+}
