@@ -234,6 +234,8 @@ fn test_writers_during_scans_no_lost_write_no_leak() {
 
 #[test]
 fn test_exit_fast_path_frees_slot_and_pin() {
+    // Process-wide numbers (PSS) are read by other tests of this binary.
+    let _serial = common::serial();
     let host = Host::with_budget(1 << 30);
     let k = ksm(64);
     let (mm, _) = guest(&host, &k, "fast", 16);
@@ -257,6 +259,8 @@ fn test_exit_fast_path_frees_slot_and_pin() {
 
 #[test]
 fn test_exit_barrier_path_scanner_frees_once() {
+    // Process-wide numbers (PSS) are read by other tests of this binary.
+    let _serial = common::serial();
     let host = Host::with_budget(1 << 30);
     // Small batches: the cursor stops in the middle of the guest.
     let k = ksm(16);
@@ -287,6 +291,8 @@ fn test_exit_barrier_path_scanner_frees_once() {
 
 #[test]
 fn test_exit_barrier_path_with_scanner_stopped_then_unmerge() {
+    // Process-wide numbers (PSS) are read by other tests of this binary.
+    let _serial = common::serial();
     let host = Host::with_budget(1 << 30);
     let k = ksm(4096);
     let (a, _) = guest(&host, &k, "a", 32);
@@ -313,6 +319,8 @@ fn test_exit_barrier_path_with_scanner_stopped_then_unmerge() {
 
 #[test]
 fn test_exit_while_scanner_runs_each_slot_freed_once() {
+    // Process-wide numbers (PSS) are read by other tests of this binary.
+    let _serial = common::serial();
     let host = Host::with_budget(1 << 30);
     let k = ksm(32);
     let ksmd = k.spawn().unwrap();
@@ -379,6 +387,8 @@ fn test_unmerge_restores_private_pages() {
 
 #[test]
 fn test_zap_of_merged_pages_reads_zeros_and_zero_pages() {
+    // Process-wide numbers (PSS) are read by other tests of this binary.
+    let _serial = common::serial();
     let host = Host::with_budget(1 << 30);
     let k = ksm(4096);
     k.set_use_zero_pages(true);
@@ -409,6 +419,8 @@ fn test_zap_of_merged_pages_reads_zeros_and_zero_pages() {
 
 #[test]
 fn test_bad_input_is_an_error() {
+    // Process-wide numbers (PSS) are read by other tests of this binary.
+    let _serial = common::serial();
     let host = Host::with_budget(1 << 30);
     let k = Ksm::new(KsmConfig::default()).unwrap();
     assert!(k.set_pages_to_scan(0).is_err());
