@@ -447,3 +447,29 @@ fn test_bad_input_is_an_error() {
     }
     assert_eq!(k.stats().pages_sharing, 0);
 }
+
+#[test]
+fn test_user_write_protect_and_merge_never_mix() {
+    // Process-wide numbers (PSS) are read by other tests of this binary.
+    let _serial = common::serial();
+    let host = Host::with_budget(1 << 30);
+    let k = ksm(4096);
+    let pages = 16;
+    // Guest a: its pages are write-protected by the user before any scan.
+    let (a, aa) = guest(&host, &k, "wp", pages);
+    a.write_protect_blocking(aa, pages * PAGE).unwrap();
+    let (b, ba) = guest(&host, &k, "b", pages);
+    let (c, ca) = guest(&host, &k, "c", pages);
+    scan_until(&k, 6, |k| k.stats().pages_sharing >= pages);
+    // b and c merged with each other; a's protected pages were left alone
+    // (merging would have unprotected them and woken their writers).
+    assert_eq!(k.stats().pages_sharing, pages, "{:?}", k.stats());
+    assert_eq!(k.stats().pages_shared, pages, "{:?}", k.stats());
+    a.write_unprotect_blocking(aa, pages * PAGE).unwrap();
+    // Write-protecting merged pages is refused with a named error, not a
+    // later deadlock, and leaves nothing protected behind.
+    let e = b.write_protect_blocking(ba, pages * PAGE).unwrap_err();
+    assert!(matches!(e, guestmm::Error::NotAllowed { .. }), "{e:?}");
+    b.write_blocking(ba, b"still writable").unwrap();
+    c.write_blocking(ca + PAGE, b"also").unwrap();
+}

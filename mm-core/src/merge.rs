@@ -334,7 +334,9 @@ impl Mm {
         if !locked
             .olds
             .iter()
-            .all(|o| Pte(*o).present() && !Pte(*o).ksm())
+            // A page the user write-protected (`Pte::WP`) is not ours to
+            // merge: the merge would unprotect it and wake its writers.
+            .all(|o| Pte(*o).present() && !Pte(*o).ksm() && *o & Pte::WP == 0)
         {
             locked.unlock_with(|_, o| o);
             return Ok(KsmMerge::Changed);
@@ -444,7 +446,9 @@ impl Mm {
         if !locked
             .olds
             .iter()
-            .all(|o| Pte(*o).present() && !Pte(*o).ksm())
+            // A page the user write-protected (`Pte::WP`) is not ours to
+            // merge: the merge would unprotect it and wake its writers.
+            .all(|o| Pte(*o).present() && !Pte(*o).ksm() && *o & Pte::WP == 0)
         {
             locked.unlock_with(|_, o| o);
             return Ok(KsmMerge::Changed);

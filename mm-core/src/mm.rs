@@ -1212,6 +1212,23 @@ impl MmUser {
             for p in gpn..stop {
                 olds.push(pte_lock(leaf.pte(p)));
             }
+            // Merged (KSM) pages are refused: the ioctl would protect the
+            // memfd mapping under them, and a later unshare or API write
+            // would then block in the kernel while holding these page locks,
+            // which `write_unprotect` needs (a deadlock). Undo what this call
+            // already protected and say why.
+            if wp && olds.iter().any(|o| Pte(*o).ksm()) {
+                for (i, p) in (gpn..stop).enumerate() {
+                    pte_unlock(leaf.pte(p), olds[i]);
+                }
+                if gpn * PAGE > s {
+                    self.writeprotect_locked(t, v, s, gpn * PAGE, false)?;
+                }
+                return Err(Error::NotAllowed {
+                    addr: gpn * PAGE,
+                    reason: "write-protect of KSM-merged pages (unmerge them first)",
+                });
+            }
             let res = t.writeprotect(v.host_range(gpn * PAGE, stop * PAGE), wp);
             for (i, p) in (gpn..stop).enumerate() {
                 let old = olds[i];
