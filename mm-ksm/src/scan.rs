@@ -775,6 +775,14 @@ async fn merge_pending(inner: &Inner, sc: &mut Scanner, pending: Vec<Pending>) {
         if slot.mm.users() == 0 {
             continue;
         }
+        // The first half's mm may have exited while we waited for this
+        // lock, dropping its items and with them the stable pages this run
+        // would map (their memfd range punched). Mapping a freed stable
+        // page would read a hole that allocates an uncharged shmem page:
+        // skip the run, the next pass pairs these pages again.
+        if (p.first..p.first + p.n).any(|id| !sc.stable.contains_key(&id)) {
+            continue;
+        }
         let mut items = sc.items.remove(&p.mm_id).unwrap_or_default();
         merge_stable(
             inner, sc, &slot.mm, &state, &mut items, p.addr, p.n, p.first,
