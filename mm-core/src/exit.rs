@@ -40,6 +40,7 @@ impl Mm {
     /// Runs the teardown. Called only from `__mmput` (the last user).
     pub(crate) async fn exit_mmap(&self) {
         debug_assert_eq!(self.users(), 0);
+        self.mark_exit_started();
 
         // 1. mmu_notifier_release, no lock: every secondary MMU drops its
         //    translations before any page goes (I-EX-5), and is unhooked, so

@@ -14,7 +14,9 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use crate::clock::{Clock, SystemClock};
 use crate::error::{Error, Result};
+use crate::flags::MmFlag;
 use crate::mm::{BoxFuture, Mm, MmConfig, MmGrab, MmUser};
+use crate::sched;
 
 /// Shared byte budget. Counters only grow and shrink by what was really
 /// populated / freed; they never go negative (checked on every uncharge).
@@ -315,11 +317,12 @@ impl Host {
 
 /// The pressure path, called by the fault path with no lock held: the
 /// reclaim plug-ins, then the OOM killer, then a bounded wait for the
-/// victim's memory to come back (`Host::oom_wait` in total). Returns true
-/// when the caller should retry its charge.
-pub(crate) async fn pressure(inner: &Arc<HostInner>, bytes: u64, mm_id: u64) -> bool {
+/// victim's memory to come back (`Host::oom_wait` in total). `requester` is
+/// the mm whose task allocates (`None`: a host thread, such as KSM's
+/// unmerge). Returns true when the caller should retry its charge.
+pub(crate) async fn pressure(inner: &Arc<HostInner>, bytes: u64, requester: Option<u64>) -> bool {
     use crate::oom::OomOutcome;
-    tracing::debug!(target: "mm_core::host", mm_id, bytes, "memory pressure");
+    tracing::debug!(target: "mm_core::host", mm_id = requester, bytes, "memory pressure");
     let host = Host::from_inner(inner.clone());
     let fits = || {
         let b = &inner.budget;
@@ -333,11 +336,22 @@ pub(crate) async fn pressure(inner: &Arc<HostInner>, bytes: u64, mm_id: u64) -> 
         if host.reclaim(bytes).await && fits() {
             return true;
         }
-        match host.out_of_memory(Some(mm_id)).await {
-            OomOutcome::Killed { .. } | OomOutcome::VictimPending { .. } => {}
+        let victim = match host.out_of_memory(requester).await {
+            OomOutcome::Killed { guest } | OomOutcome::VictimPending { guest } => guest,
             OomOutcome::Disabled | OomOutcome::NoVictim => return fits(),
-        }
+        };
         if inner.clock.now() >= deadline {
+            // Oracle of I-KSM-1 (a wait-for cycle; PROTOCOL §10.1): the
+            // victim's teardown started (users == 0) but never reached
+            // OOM_SKIP in the whole wait. Between the two it only waits for
+            // its mmap lock and, in the seed-3 bug, for a lock this
+            // allocation holds (ksm_thread_mutex): no progress.
+            if let Some(m) = host.guest(victim).ok().and_then(|g| g.oom_mm().cloned()) {
+                sched::check(
+                    m.users() > 0 || m.flags().test(MmFlag::OOM_SKIP),
+                    "I-KSM-1: the OOM victim's exit made no progress while an allocation waited for its memory (wait-for cycle)",
+                );
+            }
             return fits();
         }
         // Like the page allocator's retry after an OOM kill: give the

@@ -52,6 +52,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crate::error::{Error, Result};
 use crate::mm::{Mm, MmState};
 use crate::pgtable::{pte_lock, pte_unlock, Pte, PAGES_PER_LEAF};
+use crate::sched;
 use crate::sys::{self, pagemap, PAGE_SIZE};
 use crate::vma::{Prot, VmFlags, Vma};
 
@@ -248,6 +249,13 @@ impl Mm {
         buf: &mut [u8],
         out: &mut [KsmPage],
     ) -> Result<()> {
+        // I-KSM-2 oracle: every scanner path tests `users == 0` after its
+        // read lock, and ksm_exit's write-lock barrier waits for one that
+        // is still inside, so no KSM operation runs once exit_mmap began.
+        sched::check(
+            !self.exit_started(),
+            "I-KSM-2: KSM touched an mm's pages after its exit_mmap began",
+        );
         let n = want.len();
         assert!(buf.len() >= n * PAGE_SIZE && out.len() >= n);
         let end = addr + n as u64 * PAGE;
@@ -319,6 +327,13 @@ impl Mm {
         first: u64,
         fill: bool,
     ) -> Result<KsmMerge> {
+        // I-KSM-2 oracle: every scanner path tests `users == 0` after its
+        // read lock, and ksm_exit's write-lock barrier waits for one that
+        // is still inside, so no KSM operation runs once exit_mmap began.
+        sched::check(
+            !self.exit_started(),
+            "I-KSM-2: KSM touched an mm's pages after its exit_mmap began",
+        );
         let Some(vma) = self.ksm_vma(state, addr, n) else {
             return Ok(KsmMerge::NotEligible);
         };
@@ -432,6 +447,13 @@ impl Mm {
     /// zeros, inside the same write-protect window as a merge; they read
     /// back as zeros (a later touch populates a fresh page).
     pub fn ksm_zero(&self, state: &MmState, addr: u64, n: u64) -> Result<KsmMerge> {
+        // I-KSM-2 oracle: every scanner path tests `users == 0` after its
+        // read lock, and ksm_exit's write-lock barrier waits for one that
+        // is still inside, so no KSM operation runs once exit_mmap began.
+        sched::check(
+            !self.exit_started(),
+            "I-KSM-2: KSM touched an mm's pages after its exit_mmap began",
+        );
         let Some(vma) = self.ksm_vma(state, addr, n) else {
             return Ok(KsmMerge::NotEligible);
         };
@@ -480,11 +502,49 @@ impl Mm {
         Ok(KsmMerge::Merged)
     }
 
+    /// Waits, holding no lock, until the budget has room for `bytes` (the
+    /// copies an unmerge of this mm is about to make), through the pressure
+    /// path (reclaim, OOM kill, bounded wait), as `break_ksm`'s page
+    /// allocation does in the kernel. Called by unmerge-all *before* it
+    /// takes this mm's read lock, so the wait never holds a lock the
+    /// victim's exit needs; the caller still holds `ksm_thread_mutex`,
+    /// which is why `ksm_exit` must never take it (seed 3, I-KSM-1).
+    /// Returns at once when the mm is exiting: nothing will be unshared.
+    pub async fn ksm_reserve(&self, bytes: u64) -> Result<()> {
+        loop {
+            let b = &self.budget;
+            if self.users() == 0 || b.limit().saturating_sub(b.charged()) >= bytes {
+                return Ok(());
+            }
+            let Some(host) = self.host.upgrade() else {
+                return Ok(());
+            };
+            sched::point("ksm_reserve:pressure").await;
+            if !crate::host::pressure(&host, bytes, None).await {
+                if self.users() == 0 {
+                    return Ok(());
+                }
+                return Err(Error::OutOfMemory {
+                    requested: bytes,
+                    charged: b.charged(),
+                    budget: b.limit(),
+                });
+            }
+        }
+    }
+
     /// Breaks the sharing of every merged page in `[addr, addr + len)`
     /// (`break_ksm` / unmerge): each becomes a charged private copy with the
     /// same contents (`MADV_POPULATE_WRITE` makes the kernel copy it). The
     /// mmap lock is held (`state`). Returns the pages unshared.
     pub fn ksm_unshare(&self, state: &MmState, addr: u64, len: u64) -> Result<u64> {
+        // I-KSM-2 oracle: every scanner path tests `users == 0` after its
+        // read lock, and ksm_exit's write-lock barrier waits for one that
+        // is still inside, so no KSM operation runs once exit_mmap began.
+        sched::check(
+            !self.exit_started(),
+            "I-KSM-2: KSM touched an mm's pages after its exit_mmap began",
+        );
         let end = addr.saturating_add(len);
         let guard = crossbeam_epoch::pin();
         let mut done = 0;

@@ -17,7 +17,7 @@
 use std::future::Future;
 use std::ops::Range;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use futures_lite::future::block_on;
@@ -255,6 +255,10 @@ pub struct Mm {
     notifiers: Mutex<Vec<Arc<dyn MmNotifier>>>,
     /// Only held for push/clone, never across an await.
     exit_hooks: Mutex<Vec<Arc<dyn ExitHook>>>,
+    /// exit_mmap has begun (set at its step 1). Not a protocol flag (the
+    /// kernel has none: `ksm_test_exit` is `users == 0`); only the oracle
+    /// of I-KSM-2 reads it, to catch a scanner inside a teardown.
+    exit_started: AtomicBool,
     config: MmConfig,
 }
 
@@ -320,6 +324,7 @@ impl Mm {
             debt: AtomicU64::new(0),
             notifiers: Mutex::new(Vec::new()),
             exit_hooks: Mutex::new(Vec::new()),
+            exit_started: AtomicBool::new(false),
             config,
         };
         MmUser {
@@ -335,6 +340,16 @@ impl Mm {
     /// Name given at creation.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Has exit_mmap begun? (Diagnostics and oracles only; scanners test
+    /// `users == 0`, as the kernel's `ksm_test_exit`.)
+    pub fn exit_started(&self) -> bool {
+        self.exit_started.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn mark_exit_started(&self) {
+        self.exit_started.store(true, Ordering::SeqCst);
     }
 
     /// `mm_users`.
@@ -865,7 +880,7 @@ impl Mm {
                             pressure_rounds += 1;
                             let freed = match self.host.upgrade() {
                                 Some(h) if pressure_rounds <= 3 => {
-                                    crate::host::pressure(&h, e.requested, self.id).await
+                                    crate::host::pressure(&h, e.requested, Some(self.id)).await
                                 }
                                 _ => false,
                             };

@@ -847,8 +847,9 @@ fn handler_loop(t: &Arc<Tracker>, mm_weak: &Weak<Mm>) -> std::io::Result<()> {
                     match mm.host.upgrade() {
                         Some(h) => {
                             let id = mm.id();
-                            let mut fut: Pressure =
-                                Box::pin(async move { crate::host::pressure(&h, bytes, id).await });
+                            let mut fut: Pressure = Box::pin(async move {
+                                crate::host::pressure(&h, bytes, Some(id)).await
+                            });
                             match fut.as_mut().poll(&mut Context::from_waker(&waker)) {
                                 Poll::Ready(freed) => {
                                     if freed {

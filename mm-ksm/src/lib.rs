@@ -390,7 +390,14 @@ async fn ksm_exit(inner: &Inner, mm: &Mm) {
             sched::point("ksm_exit:fast").await;
             // mmdrop: the slot's grab goes with the last Arc (this one; the
             // list and the hash no longer hold it, and the scanner only
-            // holds the cursor slot or slots with rmap items).
+            // holds the cursor slot or slots with rmap items, and lets go
+            // of a slot with its mmap lock, before the list lock).
+            // Oracle of I-KSM-5: anyone else still holding it would be
+            // using a freed mm in the kernel.
+            sched::check(
+                Arc::strong_count(&slot) == 1,
+                "I-KSM-5: ksm_exit freed a slot (mmdrop) that ksmd still uses: its mmap unlock would touch a freed mm",
+            );
             drop(slot);
             tracing::debug!(target: "mm_ksm::ksm_exit", mm_id = mm.id(), path = "fast", "ksm_exit");
         }

@@ -332,6 +332,7 @@ pub(crate) async fn do_scan(inner: &Inner, sc: &mut Scanner, budget: u64) -> u64
                 budget - scanned,
                 &mut pending,
             )
+            .await
         };
         scanned += visit.scanned;
         sched::point("ksm:visited").await;
@@ -371,15 +372,19 @@ pub(crate) async fn do_scan(inner: &Inner, sc: &mut Scanner, budget: u64) -> u64
                 let done = advance(&mut list, id);
                 // I-KSM-5: the mmap lock first, then the slot-list lock.
                 // After the list unlock, with the cursor past this slot,
-                // ksm_exit may take its fast path and free the mm struct;
-                // an mmap unlock after that would touch freed memory (in
-                // the kernel; here the slot's Arc keeps it, but the order
-                // is the protocol).
+                // ksm_exit may take its fast path and free the mm struct
+                // (mmdrop); an mmap unlock after that would touch freed
+                // memory. Our reference to the slot (the kernel's `mm`
+                // pointer) goes with the mmap lock, so the fast path can
+                // check that nobody still uses what it frees.
                 drop(state);
+                drop(slot);
                 drop(list);
                 done
             } else {
+                // The slot stays at the cursor: exit leaves it to us.
                 drop(state);
+                drop(slot);
                 false
             }
         };
@@ -404,7 +409,7 @@ pub(crate) async fn do_scan(inner: &Inner, sc: &mut Scanner, budget: u64) -> u64
 }
 
 /// Step 4: walk the mergeable VMAs of the cursor mm from `sc.address`.
-fn scan_mm(
+async fn scan_mm(
     inner: &Inner,
     sc: &mut Scanner,
     slot: &Slot,
@@ -451,7 +456,7 @@ fn scan_mm(
             let e = ve
                 .min(leaf_end)
                 .min(a + (budget - scanned).min(CHUNK_PAGES) * PAGE);
-            scan_chunk(inner, sc, mm, state, items, a, e, pending);
+            scan_chunk(inner, sc, mm, state, items, a, e, pending).await;
             scanned += (e - a) / PAGE;
             a = e;
         }
@@ -469,7 +474,7 @@ fn scan_mm(
 
 /// Step 4 for one leaf-bounded chunk `[a, e)`: snapshot, classify, merge.
 #[allow(clippy::too_many_arguments)]
-fn scan_chunk(
+async fn scan_chunk(
     inner: &Inner,
     sc: &mut Scanner,
     mm: &Mm,
@@ -599,6 +604,10 @@ fn scan_chunk(
         }
     }
     sc.buf = buf;
+    // The read lock is still held: a last mmput may have run meanwhile, but
+    // ksm_exit's barrier waits for this reader, so exit_mmap cannot begin
+    // before these merges are done (I-LO-2).
+    sched::point("ksm:chunk_classified").await;
 
     // Runs of consecutive hits: one mmap each.
     let mut i = 0;
@@ -810,6 +819,17 @@ pub(crate) async fn unmerge_all(inner: &Inner, sc: &mut Scanner) -> Result<()> {
             }
         };
         let id = slot.id();
+        // Room for the copies before the read lock (break_ksm allocates):
+        // this may OOM-kill and wait for a victim's exit while we hold the
+        // scanner mutex, which is safe only because ksm_exit never takes it
+        // (seed 3). Holding no mmap lock here, the wait cannot block the
+        // victim's write-lock barrier either.
+        let merging = sc.items.get(&id).map_or(0, |it| it.merging);
+        if let Err(source) = slot.mm.ksm_reserve(merging * PAGE).await {
+            lock(&inner.list).cursor = None;
+            publish(inner, sc);
+            return Err(Error::Mm { mm_id: id, source });
+        }
         let state = slot.mm.lock().read().await;
         sched::point("ksm_unmerge:read_locked").await;
         // ksm_test_exit right after the read lock (I-KSM-2).
@@ -831,33 +851,32 @@ pub(crate) async fn unmerge_all(inner: &Inner, sc: &mut Scanner) -> Result<()> {
         }
         sc.drop_all_items(inner, &mut items);
         publish_slot(&slot, &items);
-        let exiting = {
+        {
             let mut list = lock(&inner.list);
             advance(&mut list, id);
             if alive {
-                // I-KSM-5, as in the scan: the mmap lock first, the list
-                // lock at the end of this block.
+                // I-KSM-5, as in the scan: the mmap lock (and our use of
+                // the slot) first, the list lock at the end of this block.
                 drop(state);
-                None
+                drop(slot);
             } else {
                 inner.slots.remove(&id);
                 if let Some(i) = list.position(id) {
                     list.order.remove(i);
                 }
-                Some(state)
+                drop(list);
+                slot.mm.flags().clear(MmFlag::VM_MERGE_ANY);
+                slot.mm.flags().clear(MmFlag::VM_MERGEABLE);
+                drop(state);
+                inner
+                    .counters
+                    .slots_freed_by_scanner
+                    .fetch_add(1, Ordering::Relaxed);
+                // mmdrop: the last Arc of the removed slot.
+                drop(slot);
             }
-        };
-        if let Some(state) = exiting {
-            slot.mm.flags().clear(MmFlag::VM_MERGE_ANY);
-            slot.mm.flags().clear(MmFlag::VM_MERGEABLE);
-            drop(state);
-            inner
-                .counters
-                .slots_freed_by_scanner
-                .fetch_add(1, Ordering::Relaxed);
         }
         sched::point("ksm_unmerge:slot_done").await;
-        // mmdrop of a removed slot: its last Arc goes with `slot` here.
     }
     sc.unstable.clear();
     sc.address = 0;

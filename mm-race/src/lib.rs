@@ -17,6 +17,7 @@
 
 pub mod clock;
 pub mod exec;
+pub mod ksm_scenario;
 pub mod scenario;
 
 pub use scenario::{run, steps_executed, Finding, Target};

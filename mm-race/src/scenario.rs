@@ -33,16 +33,19 @@ pub enum Target {
     KillAnywhere,
     /// Several guests, every actor.
     FullSystem,
+    /// Guest exits vs ksmd and unmerge-all (seed 3; [`crate::ksm_scenario`]).
+    TeardownVsKsm,
 }
 
 impl Target {
     /// All targets, in order.
-    pub const ALL: [Target; 5] = [
+    pub const ALL: [Target; 6] = [
         Target::TeardownVsReaper,
         Target::MreleaseVsExit,
         Target::FaultVsReap,
         Target::KillAnywhere,
         Target::FullSystem,
+        Target::TeardownVsKsm,
     ];
 
     /// Name used by the fuzz targets and the corpus directories.
@@ -53,6 +56,7 @@ impl Target {
             Target::FaultVsReap => "fault_vs_reap",
             Target::KillAnywhere => "kill_anywhere",
             Target::FullSystem => "full_system",
+            Target::TeardownVsKsm => "teardown_vs_ksm",
         }
     }
 }
@@ -212,8 +216,15 @@ pub fn steps_executed() -> u64 {
     STEPS.with(|s| s.get())
 }
 
+pub(crate) fn count_steps(n: u64) {
+    STEPS.with(|s| s.set(s.get() + n));
+}
+
 /// Runs one input against a target; `None` = no finding.
 pub fn run(target: Target, data: &[u8]) -> Option<Finding> {
+    if target == Target::TeardownVsKsm {
+        return crate::ksm_scenario::run(data);
+    }
     let mut u = Unstructured::new(data);
     let Ok(setup) = Setup::arbitrary(&mut u) else {
         return None;

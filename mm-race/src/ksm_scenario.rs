@@ -1,0 +1,372 @@
+//! `teardown_vs_ksm`: guests exiting while ksmd scans and an admin unmerges
+//! (PROTOCOL.md §9, seed 3 and its second-order bugs, §10.1).
+//!
+//! Every guest maps one tracked, mergeable region: `dup` pages with the
+//! same content in every guest, then `unique` pages of its own, and maybe a
+//! second mergeable region it never touches (a slot with no rmap items:
+//! `ksm_exit`'s fast path). A few passes may run before the race, so some
+//! pages are already merged and the exits meet rmap items (the barrier
+//! path). The actors:
+//!
+//! * `ksmd`: a few batches of `pages_to_scan` ([`Ksm::scan_step`]);
+//! * `unmerge`: the admin writing `run = 2` ([`Ksm::set_run`]); with a tight
+//!   budget its copies do not fit, so it OOM-kills a guest and waits for its
+//!   memory while it holds the scanner mutex (seed 3's allocation);
+//! * `vcpu`: reads and writes of guest 0 through the API, `DONTNEED`,
+//!   `UNMERGEABLE`, `munmap`, then the exit of its own user;
+//! * `gN-exit`: each guest's exit (the last `mmput` runs `ksm_exit` then
+//!   `exit_mmap`); guest 1 may stay alive to be checked for leaks.
+//!
+//! No reaper runs here: it would free the victim's memory without its exit
+//! and hide the seed-3 cycle (2009 had no reaper).
+//!
+//! Oracles: the run ends (a deadlock prints each actor's last step); the
+//! `sched::check`s of I-KSM-1 (the victim's exit makes no progress while an
+//! allocation waits for it), I-KSM-2 (a KSM operation after exit_mmap
+//! began) and I-KSM-5 (exit frees a slot ksmd still uses); guest 0's reads
+//! match the model; guest 1 reads its own contents (no cross-guest leak);
+//! then, once every guest exited and ksmd ran: every slot freed exactly once
+//! (I-KSM-4, I-KSM-9), no stable page left (I-KSM-7), nothing charged
+//! (I-RC-3) and every mm struct freed (I-RC-2).
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arbitrary::{Arbitrary, Unstructured};
+use futures_lite::future::block_on;
+use mm_core::{Advice, Host, HostConfig, MapOptions, MmUser, MmWatch, PAGE_SIZE};
+use mm_ksm::{Ksm, KsmConfig, Run};
+
+use crate::exec::{Ending, Report, Sim};
+use crate::scenario::Finding;
+
+const P: u64 = PAGE_SIZE as u64;
+
+/// One operation of guest 0's vCPU.
+#[derive(Debug, Clone, Arbitrary)]
+pub enum KsmOp {
+    /// Read one byte of a page of the mergeable region.
+    Read {
+        /// Which page (modulo the region).
+        page: u8,
+    },
+    /// Write one byte (a merged page is copied: copy-on-write).
+    Write {
+        /// Which page.
+        page: u8,
+        /// The byte (0x80 is or-ed in, so it differs from every fill).
+        byte: u8,
+    },
+    /// `madvise(DONTNEED)` of the region.
+    DontNeed,
+    /// `madvise(UNMERGEABLE)` of the region (unshares its merged pages).
+    Unmergeable,
+    /// `munmap` of the region.
+    Munmap,
+}
+
+/// The decoded setup of `teardown_vs_ksm`.
+#[derive(Debug, Clone, Arbitrary)]
+pub struct KsmSetup {
+    guests: u8,
+    dup_pages: u8,
+    unique_pages: u8,
+    empty_pages: u8,
+    pre_scans: u8,
+    pages_to_scan: u8,
+    scan_steps: u8,
+    unmerge: bool,
+    tight_budget: bool,
+    use_zero_pages: bool,
+    zero_dups: bool,
+    g1_stays: bool,
+    ops: Vec<KsmOp>,
+}
+
+struct G {
+    guest: mm_core::Guest,
+    watch: MmWatch,
+    addr: u64,
+    pages: u64,
+    /// Initial byte of each page of the region.
+    fill: Vec<u8>,
+}
+
+/// One read of the vCPU: (page, expected, got).
+type Read = (u64, Option<u8>, Result<u8, String>);
+
+/// Runs one input (setup first, then the schedule).
+pub fn run(data: &[u8]) -> Option<Finding> {
+    let mut u = Unstructured::new(data);
+    let setup = KsmSetup::arbitrary(&mut u).ok()?;
+    let schedule = u.take_rest().to_vec();
+    run_setup(&setup, &schedule)
+}
+
+/// Runs a decoded setup with an explicit schedule.
+pub fn run_setup(setup: &KsmSetup, schedule: &[u8]) -> Option<Finding> {
+    let mut sim = Sim::new(schedule);
+    let clock = Arc::new(sim.clock.clone());
+    let nguests = 2 + u64::from(setup.guests % 2);
+    let dup = 1 + u64::from(setup.dup_pages % 8);
+    let unique = u64::from(setup.unique_pages % 4);
+    let empty = u64::from(setup.empty_pages % 3);
+    // Tight: exactly the populated pages fit, so an unmerge (copies while
+    // the stable pages are still charged) must go through the OOM killer.
+    let budget = if setup.tight_budget {
+        nguests * (dup + unique) * P
+    } else {
+        1 << 30
+    };
+    let host = Host::new(HostConfig {
+        clock: clock.clone(),
+        oom_wait: Duration::from_millis(300),
+        ..HostConfig::with_budget(budget)
+    });
+    let ksm = Ksm::new(KsmConfig {
+        pages_to_scan: 1 + u64::from(setup.pages_to_scan % 32),
+        sleep: Duration::ZERO,
+        use_zero_pages: setup.use_zero_pages,
+        clock: clock.clone(),
+        ..KsmConfig::default()
+    })
+    .ok()?;
+
+    let mut gs = Vec::new();
+    for g in 0..nguests {
+        let guest = host.create_guest(&format!("g{g}"));
+        let mm = guest.mm().ok()?;
+        let watch = mm.watch();
+        let pages = dup + unique;
+        let addr = block_on(mm.mmap(MapOptions::anon(pages * P).tracked(true))).ok()?;
+        let dup_byte = if setup.zero_dups { 0 } else { 0x5a };
+        let fill: Vec<u8> = (0..pages)
+            .map(|i| {
+                if i < dup {
+                    dup_byte
+                } else {
+                    0x10 + (g * 4 + (i - dup)) as u8
+                }
+            })
+            .collect();
+        for (i, b) in fill.iter().enumerate() {
+            block_on(mm.fill(addr + i as u64 * P, P, *b)).ok()?;
+        }
+        block_on(ksm.madvise(&mm, addr, pages * P, Advice::Mergeable)).ok()?;
+        if empty > 0 {
+            let e = block_on(mm.mmap(MapOptions::anon(empty * P).tracked(true))).ok()?;
+            block_on(ksm.madvise(&mm, e, empty * P, Advice::Mergeable)).ok()?;
+        }
+        drop(mm);
+        gs.push(G {
+            guest,
+            watch,
+            addr,
+            pages,
+            fill,
+        });
+    }
+    block_on(ksm.set_run(Run::Merge)).ok()?;
+    let pre = u64::from(setup.pre_scans % 4);
+    for _ in 0..64 {
+        if ksm.stats().full_scans >= pre {
+            break;
+        }
+        block_on(ksm.scan_step());
+    }
+
+    let reads: Rc<RefCell<Vec<Read>>> = Rc::default();
+    // ksmd.
+    {
+        let k = ksm.clone();
+        let steps = 1 + setup.scan_steps % 6;
+        sim.spawn("ksmd", async move {
+            for _ in 0..steps {
+                k.scan_step().await;
+            }
+        });
+    }
+    // The admin writing run = 2.
+    if setup.unmerge {
+        let k = ksm.clone();
+        sim.spawn("unmerge", async move {
+            // ENOMEM is a legal outcome (run falls back to stop).
+            let _ = k.set_run(Run::Unmerge).await;
+        });
+    }
+    // Guest 0's vCPU, on its own user reference.
+    let vcpu_user: Option<MmUser> = gs[0].guest.mm().ok();
+    if let Some(user) = vcpu_user {
+        let mut ops: Vec<KsmOp> = setup.ops.iter().take(6).cloned().collect();
+        if ops.is_empty() {
+            ops = vec![
+                KsmOp::Write { page: 0, byte: 1 },
+                KsmOp::Read { page: 0 },
+                KsmOp::Read { page: 1 },
+            ];
+        }
+        let (k, reads) = (ksm.clone(), reads.clone());
+        let (addr, pages, fill) = (gs[0].addr, gs[0].pages, gs[0].fill.clone());
+        sim.spawn("vcpu", async move {
+            vcpu(&k, &user, addr, pages, &fill, &ops, &reads).await;
+            user.exit().await;
+        });
+    }
+    for (i, g) in gs.iter().enumerate() {
+        if i == 1 && setup.g1_stays {
+            continue;
+        }
+        let guest = g.guest.clone();
+        let name: &'static str = ["g0-exit", "g1-exit", "g2-exit"][i];
+        sim.spawn(name, async move { guest.exit().await });
+    }
+
+    let report = sim.run(20_000);
+    crate::scenario::count_steps(report.trace.len() as u64);
+    let finding = |report: &Report, what: String| {
+        Some(Finding {
+            invariant: what,
+            trace: report.trace_table(60),
+        })
+    };
+    match &report.ending {
+        Ending::Done => {}
+        Ending::Deadlock(last) => return finding(&report, format!("deadlock: {last:?}")),
+        Ending::StepLimit => return finding(&report, "livelock: step limit".into()),
+    }
+    if let Some((v, _)) = report.violations.first() {
+        return finding(&report, v.clone());
+    }
+    for (page, want, got) in reads.borrow().iter() {
+        if let (Some(w), Ok(b)) = (want, got) {
+            if w != b {
+                return finding(
+                    &report,
+                    format!("content: guest 0 page {page} read {b:#x}, expected {w:#x} (a merge or unmerge lost data)"),
+                );
+            }
+        }
+    }
+    // Guest 1 (alive if it stayed): its own contents, whatever guest 0 wrote.
+    if setup.g1_stays {
+        if let Ok(mm) = gs[1].guest.mm() {
+            for (i, want) in gs[1].fill.iter().enumerate() {
+                let mut b = [0u8; 2];
+                let at = gs[1].addr + i as u64 * P;
+                if block_on(mm.read(at, &mut b[..1])).is_ok()
+                    && block_on(mm.read(at + P - 1, &mut b[1..])).is_ok()
+                    && b != [*want; 2]
+                {
+                    return finding(
+                        &report,
+                        format!("isolation: guest 1 page {i} reads {b:#x?}, its own content is {want:#x} (cross-guest leak)"),
+                    );
+                }
+            }
+        }
+    }
+    // Everyone exits; ksmd then frees what exits left to it (run = merge).
+    for g in &gs {
+        block_on(g.guest.exit());
+    }
+    if block_on(ksm.set_run(Run::Merge)).is_err() {
+        return finding(&report, "run = merge refused after every exit".into());
+    }
+    for _ in 0..64 {
+        if ksm.stats().mm_slots == 0 {
+            break;
+        }
+        block_on(ksm.scan_step());
+    }
+    let st = ksm.stats();
+    if st.mm_slots != 0 {
+        return finding(
+            &report,
+            format!("I-KSM-9: {} slot(s) left (mms pinned for ever) after every exit and 64 batches of ksmd", st.mm_slots),
+        );
+    }
+    let freed = st.slots_freed_by_exit + st.slots_freed_by_scanner;
+    if freed != nguests {
+        return finding(
+            &report,
+            format!(
+                "I-KSM-4: {freed} slot frees for {nguests} slots (by exit {}, by ksmd {})",
+                st.slots_freed_by_exit, st.slots_freed_by_scanner
+            ),
+        );
+    }
+    if st.pages_shared != 0 || st.rmap_items != 0 {
+        return finding(
+            &report,
+            format!(
+                "I-KSM-7: {} stable page(s), {} rmap item(s) left with no mm",
+                st.pages_shared, st.rmap_items
+            ),
+        );
+    }
+    let watches: Vec<MmWatch> = gs.iter().map(|g| g.watch.clone()).collect();
+    drop((gs, ksm));
+    let charged = host.stats().charged_bytes;
+    if charged != 0 {
+        return finding(
+            &report,
+            format!("I-RC-3: {charged} bytes still charged after every exit"),
+        );
+    }
+    drop(host);
+    if let Some(i) = watches.iter().position(|w| !w.is_freed()) {
+        return finding(
+            &report,
+            format!("I-RC-2: mm struct {i} not freed after every reference was dropped"),
+        );
+    }
+    None
+}
+
+async fn vcpu(
+    ksm: &Ksm,
+    user: &MmUser,
+    addr: u64,
+    pages: u64,
+    fill: &[u8],
+    ops: &[KsmOp],
+    reads: &Rc<RefCell<Vec<Read>>>,
+) {
+    let mut model: Vec<Option<u8>> = fill.iter().map(|b| Some(*b)).collect();
+    let len = pages * P;
+    for op in ops {
+        match *op {
+            KsmOp::Read { page } => {
+                let p = u64::from(page) % pages;
+                let mut b = [0u8];
+                let got = match user.read(addr + p * P, &mut b).await {
+                    Ok(()) => Ok(b[0]),
+                    Err(e) => Err(e.to_string()),
+                };
+                reads.borrow_mut().push((p, model[p as usize], got));
+            }
+            KsmOp::Write { page, byte } => {
+                let p = u64::from(page) % pages;
+                let byte = byte | 0x80;
+                model[p as usize] = match user.write(addr + p * P, &[byte]).await {
+                    Ok(()) => Some(byte),
+                    Err(_) => None,
+                };
+            }
+            KsmOp::DontNeed => {
+                let _ = user.madvise(addr, len, Advice::DontNeed).await;
+                model.iter_mut().for_each(|m| *m = None);
+            }
+            KsmOp::Unmergeable => {
+                // Contents stay; an error (e.g. out of memory) changes nothing.
+                let _ = ksm.madvise(user, addr, len, Advice::Unmergeable).await;
+            }
+            KsmOp::Munmap => {
+                let _ = user.munmap(addr, len).await;
+                model.iter_mut().for_each(|m| *m = None);
+            }
+        }
+    }
+}
