@@ -509,6 +509,13 @@ impl Ksm {
     pub async fn set_merge_any(&self, mm: &MmUser, on: bool) -> Result<()> {
         if on {
             mm.flags().set(MmFlag::VM_MERGE_ANY);
+            // Untracked VMAs need their write-protect registration before
+            // they can merge (mm-core `ksm_prepare_all`; later mmaps get it
+            // at creation while the flag is set).
+            let failed = mm.ksm_prepare_all().await.map_err(Error::mm(mm.id()))?;
+            if failed > 0 {
+                tracing::warn!(target: "mm_ksm", mm_id = mm.id(), vmas = failed, "merge-any: VMAs without userfaultfd write-protect will not merge");
+            }
             return self.enter(mm);
         }
         mm.flags().clear(MmFlag::VM_MERGE_ANY);

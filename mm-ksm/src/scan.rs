@@ -61,8 +61,11 @@ pub(crate) struct SlotItems {
 struct StableNode {
     checksum: u64,
     mappers: u64,
-    /// The budget charged for this page (of the mm whose page filled it).
-    budget: Arc<Budget>,
+    /// The budget charged for this page: of the mm whose charged page
+    /// filled it, or, if that page was never charged (touched through the
+    /// host pointer of an untracked region), of the first charged page
+    /// merged onto it later; `None` while no charge was moved here.
+    budget: Option<Arc<Budget>>,
 }
 
 /// A run of another mm's pages (the unstable tree's side of a pair) to be
@@ -147,7 +150,9 @@ impl Scanner {
         if let Err(e) = inner.store.release(id) {
             tracing::warn!(target: "mm_ksm", id, error = %e, "stable page release failed");
         }
-        n.budget.uncharge(PAGE);
+        if let Some(b) = &n.budget {
+            b.uncharge(PAGE);
+        }
         inner
             .counters
             .stable_pages_freed
@@ -155,7 +160,7 @@ impl Scanner {
         tracing::trace!(target: "mm_ksm::ksm_remove_ksm_page", id, "ksm_remove_ksm_page");
     }
 
-    fn new_node(&mut self, id: u64, checksum: u64, budget: Arc<Budget>) {
+    fn new_node(&mut self, id: u64, checksum: u64, budget: Option<Arc<Budget>>) {
         self.stable.insert(
             id,
             StableNode {
@@ -693,11 +698,26 @@ fn merge_stable(
     if sc.map_limited {
         return;
     }
-    match mm.ksm_merge(state, addr, n, &inner.store, first, false) {
+    let mut charged = vec![false; n as usize];
+    match mm.ksm_merge(state, addr, n, &inner.store, first, false, &mut charged) {
         Ok(KsmMerge::Merged) => {
+            // Budget: a charged page's charge moves to a stable page that
+            // has none yet (it was filled by a never-charged page), else it
+            // is given back; a never-charged page gives nothing back.
+            let mut give_back = 0;
             for k in 0..n {
                 sc.record_merged(items, addr + k * PAGE, first + k);
+                if !charged[k as usize] {
+                    continue;
+                }
+                match sc.stable.get_mut(&(first + k)) {
+                    Some(node) if node.budget.is_none() => {
+                        node.budget = Some(mm.budget().clone());
+                    }
+                    _ => give_back += 1,
+                }
             }
+            mm.ksm_uncharge(give_back);
             tracing::trace!(target: "mm_ksm::ksm_merge_with_ksm_page", mm_id = mm.id(), addr, pages = n, stable = first, "ksm_merge_with_ksm_page");
         }
         Ok(KsmMerge::Changed) if n > 1 => {
@@ -736,11 +756,15 @@ fn merge_new(
             let _ = inner.store.release(first + k);
         }
     };
-    match mm.ksm_merge(state, addr, n, &inner.store, first, true) {
+    let mut charged = vec![false; n as usize];
+    match mm.ksm_merge(state, addr, n, &inner.store, first, true, &mut charged) {
         Ok(KsmMerge::Merged) => {
             for (k, sum) in sums.iter().enumerate() {
+                // The filling page's charge (if it had one) moves to the
+                // stable page: nothing is uncharged here.
+                let budget = charged[k].then(|| mm.budget().clone());
                 let k = k as u64;
-                sc.new_node(first + k, *sum, mm.budget().clone());
+                sc.new_node(first + k, *sum, budget);
                 sc.record_merged(items, addr + k * PAGE, first + k);
             }
             tracing::trace!(target: "mm_ksm::ksm_merge_one_page", mm_id = mm.id(), addr, pages = n, stable = first, "ksm_merge_one_page");
