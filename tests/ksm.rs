@@ -783,3 +783,21 @@ fn test_merge_any_off_unmerges_only_unmadvised() {
     scan_until(&k, 2, |k| k.stats().mm_slots == 0);
     assert_eq!(host.stats().charged_bytes, 0);
 }
+
+/// Review finding (a): a slot freed early (its mm exited while the cursor
+/// stood inside it) must not leave the walk address behind for the next
+/// slot, whose lower VMAs would be skipped (and the slot freed for having
+/// "nothing mergeable").
+#[test]
+fn test_freed_slot_resets_the_walk_address() {
+    let _serial = common::serial();
+    let host = Host::with_budget(1 << 30);
+    let k = ksm(16);
+    let (a, _) = guest(&host, &k, "big", 256);
+    let (b, _) = guest(&host, &k, "small", 16);
+    k.scan_step_blocking(); // 16 pages into a
+    drop(a); // at the cursor: barrier path, the scanner frees the slot
+    k.scan_step_blocking(); // frees a, then walks b in the same batch
+    assert!(k.is_registered(b.id()), "b dropped after a stale walk");
+    assert_eq!(k.process_stat(b.id()).unwrap().rmap_items, 16);
+}

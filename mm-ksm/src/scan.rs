@@ -339,6 +339,12 @@ pub(crate) async fn do_scan(inner: &Inner, sc: &mut Scanner, budget: u64) -> u64
             )
         };
         scanned += visit.scanned;
+        if visit.end {
+            // The walk of this mm is over, however it ended (users == 0
+            // before or during the walk, nothing mergeable left): the next
+            // slot's walk starts at 0, never at where this one stopped.
+            sc.address = 0;
+        }
         sched::point("ksm:visited").await;
 
         // 5-6. Leave the slot.
