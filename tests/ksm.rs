@@ -801,3 +801,36 @@ fn test_freed_slot_resets_the_walk_address() {
     assert!(k.is_registered(b.id()), "b dropped after a stale walk");
     assert_eq!(k.process_stat(b.id()).unwrap().rmap_items, 16);
 }
+
+/// Review finding (b): `max_page_sharing` holds within one chunk.
+#[test]
+fn test_max_page_sharing_within_one_chunk() {
+    let _serial = common::serial();
+    let host = Host::with_budget(1 << 30);
+    let k = ksm(4096);
+    let max = 3;
+    k.set_max_page_sharing(max).unwrap();
+    let (_a, _) = guest(&host, &k, "ma", 1);
+    let (_b, _) = guest(&host, &k, "mb", 1);
+    scan_until(&k, 4, |k| k.stats().pages_sharing >= 1);
+    assert_eq!(k.stats().pages_sharing, 1);
+    // Four more copies of the same page in one chunk of one guest.
+    let c = host.new_mm("mc");
+    let ca = c
+        .mmap_blocking(MapOptions::anon(4 * PAGE).tracked(true))
+        .unwrap();
+    for i in 0..4 {
+        c.write_blocking(ca + i * PAGE, &shared_page(0)).unwrap();
+    }
+    k.madvise_blocking(&c, ca, 4 * PAGE, Advice::Mergeable)
+        .unwrap();
+    let passes = k.stats().full_scans;
+    scan_until(&k, 6, |k| k.stats().full_scans >= passes + 6);
+    let s = k.stats();
+    // Six mappers of one content, at most three per stable page.
+    assert_eq!(s.pages_shared + s.pages_sharing, 6, "{s:?}");
+    assert!(
+        s.pages_sharing <= s.pages_shared * (max - 1),
+        "a stable page has more than {max} mappers: {s:?}"
+    );
+}

@@ -172,13 +172,16 @@ impl Scanner {
         self.by_sum.entry(checksum).or_default().push(id);
     }
 
-    /// A stable page with this checksum and room for one more mapper.
-    fn find_stable(&self, checksum: u64, max: u64) -> Option<u64> {
-        self.by_sum
-            .get(&checksum)?
-            .iter()
-            .copied()
-            .find(|id| self.stable.get(id).is_some_and(|n| n.mappers < max))
+    /// A stable page with this checksum and room for one more mapper,
+    /// counting the mappers `planned` for it earlier in the same chunk
+    /// (classified, not merged yet): without them a run of identical pages
+    /// would all pick the same page and overshoot `max_page_sharing`.
+    fn find_stable(&self, checksum: u64, max: u64, planned: &HashMap<u64, u64>) -> Option<u64> {
+        self.by_sum.get(&checksum)?.iter().copied().find(|id| {
+            self.stable
+                .get(id)
+                .is_some_and(|n| n.mappers + planned.get(id).copied().unwrap_or(0) < max)
+        })
     }
 
     /// Forgets what `item` held: its mapper, its zero page.
@@ -530,6 +533,8 @@ fn scan_chunk(
     }
     let mut class = vec![Class::None; n];
     let mut sums = vec![0u64; n];
+    // Mappers this chunk will add to each stable page (max_page_sharing).
+    let mut planned: HashMap<u64, u64> = HashMap::new();
     for i in 0..n {
         let addr = a + i as u64 * PAGE;
         match out[i] {
@@ -592,7 +597,8 @@ fn scan_chunk(
                 }
                 if use_zero && sum == zero_sum() && page.iter().all(|b| *b == 0) {
                     class[i] = Class::Zero;
-                } else if let Some(id) = sc.find_stable(sum, max_sharing) {
+                } else if let Some(id) = sc.find_stable(sum, max_sharing, &planned) {
+                    *planned.entry(id).or_default() += 1;
                     class[i] = Class::Stable(id);
                 } else {
                     match sc.unstable.entry(sum) {
