@@ -160,6 +160,19 @@ impl Scanner {
         tracing::trace!(target: "mm_ksm::ksm_remove_ksm_page", id, "ksm_remove_ksm_page");
     }
 
+    /// Frees a stable page that ended up with no mapper (the merge that
+    /// created it recorded none): released like `drop_mapper` does.
+    fn release_if_unmapped(&mut self, inner: &Inner, id: u64) {
+        if self.stable.get(&id).is_some_and(|n| n.mappers == 0) {
+            // drop_mapper's accounting expects one mapper to drop.
+            if let Some(n) = self.stable.get_mut(&id) {
+                n.mappers = 1;
+            }
+            self.mappers += 1;
+            self.drop_mapper(inner, id);
+        }
+    }
+
     fn new_node(&mut self, id: u64, checksum: u64, budget: Option<Arc<Budget>>) {
         self.stable.insert(
             id,
@@ -763,6 +776,9 @@ fn merge_new(
     }
     let n = sums.len() as u64;
     let first = inner.store.alloc(n)?;
+    // Ids that end up unused (the merge did not happen) are released at
+    // once: punching a hole that was never filled is harmless, and the
+    // store's allocated-minus-released count stays the pages in use.
     let release = |inner: &Inner| {
         for k in 0..n {
             let _ = inner.store.release(first + k);
@@ -778,6 +794,10 @@ fn merge_new(
                 let k = k as u64;
                 sc.new_node(first + k, *sum, budget);
                 sc.record_merged(items, addr + k * PAGE, first + k);
+                // Every new node has this run's page as its mapper; one
+                // without (cannot happen while record_merged adds one) would
+                // never be freed by drop_mapper.
+                sc.release_if_unmapped(inner, first + k);
             }
             tracing::trace!(target: "mm_ksm::ksm_merge_one_page", mm_id = mm.id(), addr, pages = n, stable = first, "ksm_merge_one_page");
             Some(first)
@@ -787,7 +807,10 @@ fn merge_new(
             map_limit(inner, sc, mm);
             None
         }
-        Ok(_) => None,
+        Ok(_) => {
+            release(inner);
+            None
+        }
         Err(e) => {
             release(inner);
             tracing::warn!(target: "mm_ksm", mm_id = mm.id(), addr, error = %e, "merge failed");
@@ -902,4 +925,52 @@ pub(crate) async fn unmerge_all(inner: &Inner, sc: &mut Scanner) -> Result<()> {
     inner.counters.full_scans.store(0, Ordering::Relaxed);
     publish(inner, sc);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use mm_core::{Host, MapOptions};
+
+    use super::*;
+    use crate::{Ksm, KsmConfig};
+
+    /// Review finding (c): the stable ids of a pair run whose merge did not
+    /// happen (the page changed) are released, not left allocated.
+    #[test]
+    fn test_unused_stable_ids_released() {
+        let host = Host::with_budget(64 << 20);
+        let k = Ksm::new(KsmConfig::default()).unwrap();
+        let inner = &k.inner;
+        let mm = host.new_mm("c");
+        let addr = mm
+            .mmap_blocking(MapOptions::anon(4 * PAGE).tracked(true))
+            .unwrap();
+        let mut sc = Scanner::default();
+        let mut items = SlotItems::default();
+        let state = futures_lite::future::block_on(mm.lock().read());
+        // Never populated: the merge finds the pages absent (Changed).
+        let first = merge_new(inner, &mut sc, &mm, &state, &mut items, addr, &[1, 2]);
+        assert_eq!(first, None);
+        assert_eq!(inner.store.counts(), (2, 2), "allocated ids not released");
+        assert!(sc.stable.is_empty() && items.map.is_empty());
+        drop(state);
+    }
+
+    /// A stable page left with no mapper is freed (hole punched, its
+    /// charge given back).
+    #[test]
+    fn test_unmapped_stable_page_released_and_uncharged() {
+        let host = Host::with_budget(64 << 20);
+        let k = Ksm::new(KsmConfig::default()).unwrap();
+        let inner = &k.inner;
+        let mut sc = Scanner::default();
+        host.budget().try_charge(PAGE).unwrap();
+        let id = inner.store.alloc(1).unwrap();
+        sc.new_node(id, 7, Some(host.budget().clone()));
+        sc.release_if_unmapped(inner, id);
+        assert!(sc.stable.is_empty() && sc.by_sum.is_empty());
+        assert_eq!(sc.mappers, 0);
+        assert_eq!(inner.store.counts(), (1, 1));
+        assert_eq!(host.budget().charged(), 0);
+    }
 }
