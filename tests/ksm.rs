@@ -834,3 +834,26 @@ fn test_max_page_sharing_within_one_chunk() {
         "a stable page has more than {max} mappers: {s:?}"
     );
 }
+
+/// Review finding (d): one `ksm_exit` hook per mm, however often it leaves
+/// KSM and enters again.
+#[test]
+fn test_reenter_registers_one_exit_hook() {
+    let _serial = common::serial();
+    let host = Host::with_budget(1 << 30);
+    let k = ksm(4096);
+    let (mm, addr) = guest(&host, &k, "re", 4);
+    for _ in 0..3 {
+        k.madvise_blocking(&mm, addr, 4 * PAGE, Advice::Unmergeable)
+            .unwrap();
+        // Nothing mergeable left: the scanner frees the slot.
+        scan_until(&k, 2, |k| !k.is_registered(mm.id()));
+        assert!(!k.is_registered(mm.id()));
+        k.madvise_blocking(&mm, addr, 4 * PAGE, Advice::Mergeable)
+            .unwrap();
+        assert!(k.is_registered(mm.id()));
+    }
+    assert_eq!(mm.exit_hook_count(), 1);
+    drop(mm);
+    assert_eq!(k.stats().mm_slots, 0);
+}

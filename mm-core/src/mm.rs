@@ -407,6 +407,11 @@ impl Mm {
         lock_list(&self.exit_hooks).push(h);
     }
 
+    /// Scanner exit hooks registered so far.
+    pub fn exit_hook_count(&self) -> usize {
+        lock_list(&self.exit_hooks).len()
+    }
+
     /// `mmu_notifier_invalidate_range_start[_nonblock]` over every notifier.
     /// On refusal the ones already started are ended again.
     pub fn notify_invalidate_start(

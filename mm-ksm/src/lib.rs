@@ -286,6 +286,10 @@ pub(crate) struct Inner {
     pub(crate) list: Mutex<ScanList>,
     pub(crate) store: StableStore,
     pub(crate) counters: Counters,
+    /// Mm ids whose `ksm_exit` hook is registered: one hook per mm, however
+    /// often it leaves KSM (its slot freed by the scanner) and enters again.
+    /// Inserted under the slot-list lock by `enter`, removed by the hook.
+    pub(crate) hooked: DashMap<u64, ()>,
     /// Wakes the scan loop (knob changes, first slot, stop).
     pub(crate) wake: Event,
     pub(crate) stop: AtomicBool,
@@ -341,6 +345,8 @@ enum ExitPath {
 /// `__ksm_exit` (PROTOCOL §9.5). `users` is already 0.
 async fn ksm_exit(inner: &Inner, mm: &Mm) {
     debug_assert_eq!(mm.users(), 0);
+    // The hook runs once per mm: forget it (mm ids are never reused).
+    inner.hooked.remove(&mm.id());
     // Only mms that entered (MMF_VM_MERGEABLE).
     if !mm.flags().test(MmFlag::VM_MERGEABLE) {
         return;
@@ -435,6 +441,7 @@ impl Ksm {
                 list: Mutex::new(ScanList::default()),
                 store,
                 counters: Counters::default(),
+                hooked: DashMap::new(),
                 wake: Event::new(),
                 stop: AtomicBool::new(false),
             }),
@@ -443,15 +450,18 @@ impl Ksm {
 
     /// `__ksm_enter`: registers `mm` (idempotent). The slot pins the mm
     /// struct with a grab (never a user); `VM_MERGEABLE` is set and the
-    /// `ksm_exit` hook registered.
+    /// `ksm_exit` hook registered, once per mm: an mm whose slot the scanner
+    /// freed and that enters again keeps its one hook.
     pub fn enter(&self, mm: &MmUser) -> Result<()> {
         let inner = &self.inner;
         let was_empty;
+        let needs_hook;
         {
             let mut list = lock(&inner.list);
             if inner.slots.contains_key(&mm.id()) {
                 return Ok(());
             }
+            needs_hook = inner.hooked.insert(mm.id(), ()).is_none();
             let slot = Arc::new(Slot {
                 mm: mm.grab(),
                 rmap_items: AtomicU64::new(0),
@@ -470,7 +480,9 @@ impl Ksm {
             };
             list.order.insert(at, slot);
         }
-        mm.add_exit_hook(Arc::new(KsmExitHook(Arc::downgrade(inner))));
+        if needs_hook {
+            mm.add_exit_hook(Arc::new(KsmExitHook(Arc::downgrade(inner))));
+        }
         mm.flags().set(MmFlag::VM_MERGEABLE);
         tracing::debug!(target: "mm_ksm::ksm_enter", mm_id = mm.id(), "ksm_enter");
         if was_empty {
