@@ -768,3 +768,154 @@ impl Drop for KsmThread {
         self.join();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use mm_core::{Host, MapOptions, PAGE_SIZE};
+
+    use super::*;
+
+    const PAGE: u64 = PAGE_SIZE as u64;
+
+    #[test]
+    fn test_knob_validation_errors() {
+        let e = Ksm::new(KsmConfig {
+            pages_to_scan: 0,
+            ..KsmConfig::default()
+        })
+        .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::BadKnob {
+                    knob: "pages_to_scan",
+                    value: 0,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        let e = Ksm::new(KsmConfig {
+            max_page_sharing: 1,
+            ..KsmConfig::default()
+        })
+        .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::BadKnob {
+                    knob: "max_page_sharing",
+                    value: 1,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        let k = Ksm::new(KsmConfig::default()).unwrap();
+        k.set_pages_to_scan(5).unwrap();
+        assert!(matches!(
+            k.set_pages_to_scan(0),
+            Err(Error::BadKnob {
+                knob: "pages_to_scan",
+                ..
+            })
+        ));
+        assert_eq!(k.inner.pages_to_scan.load(Ordering::Relaxed), 5, "kept");
+        k.set_max_page_sharing(2).unwrap();
+        assert!(matches!(
+            k.set_max_page_sharing(0),
+            Err(Error::BadKnob {
+                knob: "max_page_sharing",
+                ..
+            })
+        ));
+        assert_eq!(k.inner.max_page_sharing.load(Ordering::Relaxed), 2, "kept");
+    }
+
+    #[test]
+    fn test_run_round_trip() {
+        for r in [Run::Stop, Run::Merge, Run::Unmerge] {
+            assert_eq!(Run::from_u8(r.to_u8()), r);
+        }
+        assert_eq!(Run::from_u8(3), Run::Stop);
+        assert_eq!(Run::from_u8(u8::MAX), Run::Stop);
+        let k = Ksm::new(KsmConfig::default()).unwrap();
+        assert_eq!(k.run_mode(), Run::Stop);
+        for r in [Run::Merge, Run::Unmerge, Run::Stop] {
+            k.set_run_blocking(r).unwrap();
+            assert_eq!(k.run_mode(), r);
+        }
+    }
+
+    #[test]
+    fn test_stats_formulas() {
+        let k = Ksm::new(KsmConfig::default()).unwrap();
+        let c = &k.inner.counters;
+        let set = |items, shared, sharing, unshared, zero| {
+            c.rmap_items.store(items, Ordering::Relaxed);
+            c.pages_shared.store(shared, Ordering::Relaxed);
+            c.pages_sharing.store(sharing, Ordering::Relaxed);
+            c.pages_unshared.store(unshared, Ordering::Relaxed);
+            c.ksm_zero_pages.store(zero, Ordering::Relaxed);
+        };
+        let item = scan::RMAP_ITEM_BYTES as i64;
+        // Volatile = items - shared - sharing - unshared ...
+        set(10, 1, 2, 3, 0);
+        let s = k.stats();
+        assert_eq!(s.pages_volatile, 4);
+        assert_eq!(s.general_profit, 2 * PAGE as i64 - 10 * item);
+        // ... clamped at 0 (the counters are published one batch apart).
+        set(3, 2, 4, 1, 0);
+        assert_eq!(k.stats().pages_volatile, 0);
+        // Profit is negative when the items cost more than the sharing saves.
+        set(1000, 0, 0, 0, 0);
+        let s = k.stats();
+        assert_eq!(s.general_profit, -1000 * item);
+        assert!(s.general_profit < 0);
+        // Zero pages count as saved.
+        set(0, 0, 0, 0, 5);
+        assert_eq!(k.stats().general_profit, 5 * PAGE as i64);
+    }
+
+    /// `ksm_exit`: no rmap items and not at the cursor → the fast path
+    /// frees the slot; with rmap items → the barrier path leaves it to the
+    /// scanner, which frees it at its next visit.
+    #[test]
+    fn test_exit_fast_path_vs_slow_path() {
+        let host = Host::with_budget(64 << 20);
+        let k = Ksm::new(KsmConfig::default()).unwrap();
+        let map = |name: &str| {
+            let mm = host.new_mm(name);
+            let a = mm
+                .mmap_blocking(MapOptions::anon(4 * PAGE).tracked(true))
+                .unwrap();
+            mm.fill_blocking(a, 4 * PAGE, 1).unwrap();
+            k.enter(&mm).unwrap();
+            mm
+        };
+        let fast = map("fast");
+        let (id, watch) = (fast.id(), fast.watch());
+        drop(fast);
+        let s = k.stats();
+        assert_eq!((s.slots_freed_by_exit, s.mm_slots), (1, 0), "{s:?}");
+        assert!(!k.is_registered(id) && watch.is_freed());
+
+        let slow = map("slow");
+        let (id, watch) = (slow.id(), slow.watch());
+        k.inner
+            .slots
+            .get(&id)
+            .unwrap()
+            .rmap_items
+            .store(4, Ordering::SeqCst);
+        drop(slow);
+        assert_eq!(k.stats().slots_freed_by_exit, 1, "slow path frees nothing");
+        assert!(k.is_registered(id), "left for the scanner");
+        assert!(!watch.is_freed(), "the slot still pins the struct");
+        k.set_run_blocking(Run::Merge).unwrap();
+        k.scan_step_blocking();
+        assert!(!k.is_registered(id));
+        assert!(watch.is_freed());
+        assert_eq!(k.stats().slots_freed_by_scanner, 1);
+    }
+}
