@@ -9,8 +9,10 @@
 //!
 //! 1. locks the PTEs of the run (ascending; excludes the access API and
 //!    zaps) and checks each page is still present and private;
-//! 2. write-protects the run with userfaultfd (tracked regions only): from
-//!    here a direct writer (vCPU, JIT code) blocks in its fault;
+//! 2. write-protects the run with userfaultfd (a tracked region, or an
+//!    untracked one registered for write-protect only when it became
+//!    mergeable, see `MmUser::madvise`): from here a direct writer (vCPU,
+//!    JIT code) blocks in its fault;
 //! 3. compares the run with the stable pages (or, for a new stable run,
 //!    writes it into them): the contents cannot change inside the window;
 //! 4. maps the stable pages over the run with `MAP_FIXED | MAP_PRIVATE`,
@@ -20,9 +22,11 @@
 //! 5. populates the mapping for reads (`MADV_POPULATE_READ`: the guest
 //!    really maps the shared page, and PSS shows it), wakes the writers
 //!    blocked at 2 (they refault on the new mapping and copy), and sets the
-//!    PTEs to `KSM | FILEMAP | stable id`, not `PRESENT`: the guest is
-//!    uncharged; the stable page is charged once (to the budget of the mm
-//!    whose page filled it).
+//!    PTEs to `KSM | FILEMAP | stable id`, not `PRESENT`. The caller gets
+//!    which pages were charged (PTE `PRESENT`; a page an embedder touched
+//!    through the host pointer of an untracked region never was) and moves
+//!    or gives back exactly those charges: each stable page is charged at
+//!    most once.
 //!
 //! ```text
 //!   ksmd (ksm_merge)                    | vCPU
@@ -44,7 +48,8 @@
 //! since `DONTNEED` on a private file mapping would expose the stable page
 //! again instead of zeros. Stable pages are never reused at the same memfd
 //! offset (the offsets only grow), so a stale private file mapping can only
-//! ever read a hole (zeros), never another guest's data.
+//! ever read a hole (zeros; shmem allocates a page there, uncharged, see
+//! DESIGN-NOTES.md), never another guest's data.
 
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -8,6 +8,15 @@
 //! and its race diagram). A later write by anyone (vCPU, JIT code, the copy
 //! API) is copy-on-write in the kernel. Savings show in PSS, not RSS.
 //!
+//! Tracked and untracked private anonymous 4 KiB VMAs merge. An untracked
+//! one is registered with the mm's userfaultfd for write-protect only when
+//! it becomes a candidate ([`Ksm::madvise`] `Mergeable`,
+//! [`Ksm::set_merge_any`]); pages the embedder touched through the host
+//! pointer are found with pagemap and, never having been charged, are not
+//! uncharged by their merge. Without userfaultfd write-protect such a VMA is
+//! registered but never merged (`Mm::ksm_wp_failures`, a `warn` event).
+//! THP, shared, mlocked and pinned VMAs never merge.
+//!
 //! # Overview (mm/ksm.c `DOC: Overview`, adapted)
 //!
 //! * **Slots** ([`Ksm::enter`], `__ksm_enter`): one per registered mm, in a
@@ -491,9 +500,10 @@ impl Ksm {
         Ok(())
     }
 
-    /// `madvise` with KSM's part: `Mergeable` sets `VM_MERGEABLE` and
-    /// enters the mm; `Unmergeable` clears it and unmerges the range's
-    /// pages (`unmerge_ksm_pages`). Other advice is passed to mm-core.
+    /// `madvise` with KSM's part: `Mergeable` sets `VM_MERGEABLE` (mm-core
+    /// registers untracked VMAs for userfaultfd write-protect) and enters
+    /// the mm; `Unmergeable` clears it and unmerges the range's pages
+    /// (`unmerge_ksm_pages`). Other advice is passed to mm-core.
     pub async fn madvise(&self, mm: &MmUser, addr: u64, len: u64, advice: Advice) -> Result<()> {
         let id = mm.id();
         mm.madvise(addr, len, advice).await.map_err(Error::mm(id))?;
