@@ -371,9 +371,9 @@ impl Mm {
                 } else {
                     (o.0, KsmPage::Stable(o.stable_id()))
                 }
-            } else if o.present() {
-                (o.0 & !Pte::KSM_ZERO, KsmPage::Private)
-            } else if untracked && direct_private(e) {
+            } else if o.present() || (untracked && direct_private(e)) {
+                // Populated through the API (charged), or by the embedder
+                // through the host pointer of an untracked region (not).
                 (o.0 & !Pte::KSM_ZERO, KsmPage::Private)
             } else if o.0 & Pte::KSM_ZERO != 0 {
                 (o.0, KsmPage::Zero)

@@ -638,7 +638,6 @@ impl Mm {
         if let Some(p) = pending.take() {
             flush(p, last, &mut zap_leaf)?;
         }
-        drop(zap_leaf);
         if wp_cleared {
             // API writers waiting for these pages' unprotect (step 7 of
             // tracked.rs): the pages are gone, so is the protection.
