@@ -5,8 +5,8 @@
 //! page pair. Ours: two guests (tracked regions, `MADV_MERGEABLE`), the
 //! scanner driven on this thread with `pages_to_scan = 4096`, sleep 0.
 //! Kernel: one `MADV_MERGEABLE` anonymous mapping holding both copies,
-//! `/sys/kernel/mm/ksm` set to run=1, pages_to_scan=4096,
-//! sleep_millisecs=0; every knob it touches is restored by a guard (also
+//! `/sys/kernel/mm/ksm` set to run=1, advisor_mode=none (where it
+//! exists), pages_to_scan=4096, sleep_millisecs=0; every knob it touches is restored by a guard (also
 //! on error or panic; not on a kill signal). Kernel progress is read from
 //! `/proc/self/ksm_merging_pages` (this process only). Both sides need two passes (a page merges only once
 //! its checksum held for a pass). Rates are pages merged per wall second
@@ -102,7 +102,12 @@ struct KnobGuard {
 impl KnobGuard {
     fn set(&mut self, knob: &str, value: &str) -> std::io::Result<()> {
         let path = format!("{KSM_SYS}/{knob}");
-        let old = std::fs::read_to_string(&path)?.trim().to_string();
+        let old = std::fs::read_to_string(&path)?;
+        // Choice knobs read as `[selected] other`: restore the selected one.
+        let old = match (old.find('['), old.find(']')) {
+            (Some(a), Some(b)) if a < b => old[a + 1..b].to_string(),
+            _ => old.trim().to_string(),
+        };
         std::fs::write(&path, value)?;
         if !self.saved.iter().any(|(k, _)| k == knob) {
             self.saved.push((knob.to_string(), old));
@@ -185,6 +190,13 @@ fn kernel(pages: u64) -> Result<Option<Side>, Box<dyn std::error::Error>> {
     }
     let mut guard = KnobGuard { saved: Vec::new() };
     guard.set("run", "0")?;
+    // Linux 6.9+: with the scan-time advisor on, the kernel tunes
+    // pages_to_scan itself and a write to it fails with EINVAL. Off for the
+    // run (restored after pages_to_scan, since the guard restores in
+    // reverse order).
+    if std::path::Path::new(&format!("{KSM_SYS}/advisor_mode")).exists() {
+        guard.set("advisor_mode", "none")?;
+    }
     guard.set("pages_to_scan", "4096")?;
     guard.set("sleep_millisecs", "0")?;
     let c0 = ksmd_cpu().ok_or("no ksmd thread")?;

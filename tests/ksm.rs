@@ -57,6 +57,52 @@ fn scan_until(k: &Ksm, max_passes: u64, done: impl Fn(&Ksm) -> bool) {
     }
 }
 
+/// A bound on every wait of these tests: reaching it is a failure (a hang
+/// made visible), never a measurement.
+const HANG: Duration = Duration::from_secs(120);
+
+/// Sleeps in 1 ms steps until `cond` holds; panics after [`HANG`].
+fn wait_for(what: &str, cond: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + HANG;
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still waiting for {what} after {HANG:?}: {:?}",
+            std::thread::current().name()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// A guest with `pages` of the shared pattern in one **untracked**
+/// mergeable VMA. Page `i` is written through the API (populated and
+/// charged) when `api(i)`, else through the host pointer (never charged).
+fn untracked_guest(
+    host: &Host,
+    k: &Ksm,
+    name: &str,
+    pages: u64,
+    api: impl Fn(u64) -> bool,
+) -> (MmUser, u64) {
+    let mm = host.new_mm(name);
+    let addr = mm.mmap_blocking(MapOptions::anon(pages * PAGE)).unwrap();
+    let p = host_ptr(&mm, addr);
+    for i in 0..pages {
+        let page = shared_page(i);
+        if api(i) {
+            mm.write_blocking(addr + i * PAGE, &page).unwrap();
+        } else {
+            unsafe {
+                std::ptr::copy_nonoverlapping(page.as_ptr(), p.add((i * PAGE) as usize), PAGE_SIZE)
+            };
+        }
+    }
+    k.madvise_blocking(&mm, addr, pages * PAGE, Advice::Mergeable)
+        .unwrap();
+    assert_eq!(mm.ksm_wp_failures(), 0, "no userfaultfd write-protect here");
+    (mm, addr)
+}
+
 fn host_ptr(mm: &MmUser, addr: u64) -> *mut u8 {
     let v = mm.find_vma_blocking(addr).unwrap();
     v.host_ptr().wrapping_add((addr - v.start()) as usize)
@@ -195,9 +241,9 @@ fn test_writers_during_scans_no_lost_write_no_leak() {
         .collect();
     // Let the scanner make passes while the writers run (progress, not time).
     let start = k.stats().full_scans;
-    while k.stats().full_scans < start + 6 {
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for("six full scans while the writers run", || {
+        k.stats().full_scans >= start + 6
+    });
     stop.store(true, Ordering::Relaxed);
     let results: Vec<_> = writers.into_iter().map(|w| w.join().unwrap()).collect();
     ksmd.stop();
@@ -268,9 +314,16 @@ fn test_exit_barrier_path_scanner_frees_once() {
     let (mm, _) = guest(&host, &k, "cursor", 256);
     let id = mm.id();
     let watch = mm.watch();
-    while k.process_stat(id).is_none_or(|s| s.rmap_items == 0) {
+    for _ in 0..64 {
+        if k.process_stat(id).is_some_and(|s| s.rmap_items > 0) {
+            break;
+        }
         k.scan_step_blocking();
     }
+    assert!(
+        k.process_stat(id).is_some_and(|s| s.rmap_items > 0),
+        "64 batches and the scanner never reached the guest"
+    );
     drop(mm); // at the cursor (or with rmap items): barrier, slot kept
     assert!(k.is_registered(id));
     assert!(!watch.is_freed(), "the slot still pins the struct");
@@ -331,15 +384,13 @@ fn test_exit_while_scanner_runs_each_slot_freed_once() {
         watches.push(mm.watch());
         // Let the scanner get into it a varying amount (progress-based).
         let target = k.stats().pages_scanned + (r % 4) * 40;
-        while k.stats().pages_scanned < target {
-            std::thread::yield_now();
-        }
+        wait_for("the scanner to get into the guest", || {
+            k.stats().pages_scanned >= target
+        });
         drop(mm);
     }
     // The scanner frees the slow-path slots on its next visits.
-    while k.stats().mm_slots > 0 {
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    wait_for("the scanner to free every slot", || k.stats().mm_slots == 0);
     ksmd.stop();
     let s = k.stats();
     assert_eq!(
@@ -437,7 +488,8 @@ fn test_bad_input_is_an_error() {
     assert!(k
         .madvise_blocking(&mm, addr + (1 << 40), PAGE, Advice::Mergeable)
         .is_err());
-    // Untracked mergeable memory is registered but never merged.
+    // Untracked mergeable memory merges too (registered for write-protect
+    // only): four identical pages of one guest pair up.
     k.madvise_blocking(&mm, addr, 4 * PAGE, Advice::Mergeable)
         .unwrap();
     mm.fill_blocking(addr, 4 * PAGE, 9).unwrap();
@@ -445,7 +497,9 @@ fn test_bad_input_is_an_error() {
     for _ in 0..4 {
         k.scan_step_blocking();
     }
-    assert_eq!(k.stats().pages_sharing, 0);
+    assert_eq!(k.stats().pages_sharing, 2, "{:?}", k.stats());
+    assert_eq!(mm.ksm_wp_failures(), 0);
+    assert!(mm.compare_blocking(addr, &[9u8; 4 * PAGE_SIZE]).unwrap());
 }
 
 #[test]
@@ -472,4 +526,334 @@ fn test_user_write_protect_and_merge_never_mix() {
     assert!(matches!(e, guestmm::Error::NotAllowed { .. }), "{e:?}");
     b.write_blocking(ba, b"still writable").unwrap();
     c.write_blocking(ca + PAGE, b"also").unwrap();
+}
+
+#[test]
+fn test_untracked_merge_lowers_pss_by_duplicate_bytes() {
+    let _serial = common::serial();
+    let host = Host::with_budget(1 << 30);
+    let k = ksm(4096);
+    let (guests, pages) = (4u64, 2048u64);
+    // Every page written through the host pointer: nothing charged.
+    let gs: Vec<(MmUser, u64)> = (0..guests)
+        .map(|g| untracked_guest(&host, &k, &format!("u{g}"), pages, |_| false))
+        .collect();
+    assert_eq!(host.stats().charged_bytes, 0);
+    let before = ProcessMemory::current().unwrap().pss;
+    let dup = (guests - 1) * pages;
+    scan_until(&k, 8, |k| k.stats().pages_sharing >= dup);
+    let s = k.stats();
+    assert_eq!((s.pages_shared, s.pages_sharing), (pages, dup), "{s:?}");
+    let mut buf = vec![0u8; PAGE_SIZE];
+    for (mm, addr) in &gs {
+        for i in 0..pages {
+            mm.read_blocking(addr + i * PAGE, &mut buf).unwrap();
+            assert!(buf == shared_page(i), "page {i} changed by the merge");
+            let p = host_ptr(mm, addr + i * PAGE);
+            assert_eq!(unsafe { p.add(8).read_volatile() }, buf[8]);
+        }
+    }
+    let after = ProcessMemory::current().unwrap().pss;
+    let saved = before.saturating_sub(after);
+    let dup_bytes = dup * PAGE;
+    assert!(
+        saved * 10 >= dup_bytes * 8,
+        "PSS {before} -> {after}: saved {saved} of {dup_bytes} duplicate bytes"
+    );
+    // Never charged, so nothing was uncharged either (no underflow), and
+    // reading merged pages charges nothing.
+    assert_eq!(host.stats().charged_bytes, 0);
+    for (mm, _) in &gs {
+        assert_eq!(k.process_stat(mm.id()).unwrap().merging_pages, pages);
+        let t = mm.tracked_stats().expect("write-protect tracker started");
+        assert!(t.handler_alive && t.write_protect, "{t:?}");
+        assert_eq!(t.pages_faulted, 0, "no MISSING mode: {t:?}");
+    }
+    drop(gs);
+    scan_until(&k, 2, |k| k.stats().mm_slots == 0);
+    assert_eq!(k.stats().pages_shared, 0, "every stable page freed");
+    assert_eq!(host.stats().charged_bytes, 0);
+}
+
+#[test]
+fn test_untracked_write_after_merge_is_private() {
+    let _serial = common::serial();
+    let host = Host::with_budget(1 << 30);
+    let k = ksm(4096);
+    let pages = 64;
+    let gs: Vec<(MmUser, u64)> = (0..3)
+        .map(|g| untracked_guest(&host, &k, &format!("uw{g}"), pages, |_| false))
+        .collect();
+    scan_until(&k, 8, |k| k.stats().pages_sharing >= 2 * pages);
+    assert_eq!(k.stats().pages_sharing, 2 * pages);
+    // Guest 0 writes page 3 through the host pointer (the kernel copies it:
+    // not charged, as any direct touch of an untracked region); guest 1
+    // writes page 5 through the API (copied and charged).
+    unsafe {
+        host_ptr(&gs[0].0, gs[0].1 + 3 * PAGE)
+            .add(100)
+            .write_volatile(0xee)
+    };
+    gs[1]
+        .0
+        .write_blocking(gs[1].1 + 5 * PAGE + 7, b"mine")
+        .unwrap();
+    let mut buf = vec![0u8; PAGE_SIZE];
+    for (g, (mm, addr)) in gs.iter().enumerate() {
+        for i in [3u64, 5] {
+            mm.read_blocking(addr + i * PAGE, &mut buf).unwrap();
+            let mut want = shared_page(i);
+            if g == 0 && i == 3 {
+                want[100] = 0xee;
+            }
+            if g == 1 && i == 5 {
+                want[7..11].copy_from_slice(b"mine");
+            }
+            assert!(
+                buf == want,
+                "guest {g} page {i}: another guest's write leaked"
+            );
+        }
+    }
+    assert_eq!(host.stats().charged_bytes, PAGE, "only the API copy");
+    // The next pass sees both copies (API: the fault path; direct: pagemap).
+    let passes = k.stats().full_scans;
+    scan_until(&k, 2, |k| k.stats().full_scans >= passes + 2);
+    let s = k.stats();
+    assert_eq!(s.pages_sharing + s.pages_shared, 3 * pages - 2, "{s:?}");
+    drop(gs);
+    scan_until(&k, 2, |k| k.stats().mm_slots == 0);
+    assert_eq!(host.stats().charged_bytes, 0);
+}
+
+#[test]
+fn test_untracked_budget_returns_to_zero() {
+    let _serial = common::serial();
+    let host = Host::with_budget(1 << 30);
+    let k = ksm(4096);
+    let pages = 64;
+    // a: every page through the API (charged); b: through the host
+    // pointer (never charged); c: every other page each way.
+    let (a, aa) = untracked_guest(&host, &k, "ba", pages, |_| true);
+    let (b, ba) = untracked_guest(&host, &k, "bb", pages, |_| false);
+    let (c, ca) = untracked_guest(&host, &k, "bc", pages, |i| i % 2 == 0);
+    let charged = (pages + pages / 2) * PAGE;
+    assert_eq!(host.stats().charged_bytes, charged);
+    scan_until(&k, 8, |k| k.stats().pages_sharing >= 2 * pages);
+    let s = k.stats();
+    assert_eq!(
+        (s.pages_shared, s.pages_sharing),
+        (pages, 2 * pages),
+        "{s:?}"
+    );
+    // Each stable page holds at most one charge; the charges of the other
+    // charged copies went back. Every stable page has a charged mapper
+    // (a's), so every stable page is charged once.
+    assert_eq!(host.stats().charged_bytes, pages * PAGE);
+    // DONTNEED of merged pages through the API: zeros, nothing uncharged
+    // that was not charged.
+    b.madvise_blocking(ba, 8 * PAGE, Advice::DontNeed).unwrap();
+    let mut buf = vec![1u8; PAGE_SIZE];
+    b.read_blocking(ba + 2 * PAGE, &mut buf).unwrap();
+    assert!(
+        buf.iter().all(|x| *x == 0),
+        "zapped merged page must read zeros"
+    );
+    // Unmerge everything: every page becomes a charged private copy.
+    k.set_run_blocking(Run::Unmerge).unwrap();
+    for (mm, addr, skip) in [(&a, aa, 0), (&b, ba, 8), (&c, ca, 0)] {
+        for i in skip..pages {
+            assert!(mm
+                .compare_blocking(addr + i * PAGE, &shared_page(i))
+                .unwrap());
+        }
+    }
+    assert_eq!(k.stats().pages_shared, 0);
+    drop((a, b, c));
+    assert_eq!(host.stats().charged_bytes, 0, "budget back to 0 after exit");
+}
+
+/// Guests whose VMAs are never madvised, in an untracked and a tracked
+/// region; `set_merge_any` alone makes them merge.
+#[test]
+fn test_merge_any_merges_vmas_never_madvised() {
+    let _serial = common::serial();
+    let host = Host::with_budget(1 << 30);
+    let k = ksm(4096);
+    let pages = 1024u64;
+    let mut gs = Vec::new();
+    for g in 0..3 {
+        let mm = host.new_mm(&format!("any{g}"));
+        let u = mm.mmap_blocking(MapOptions::anon(pages * PAGE)).unwrap();
+        let t = mm
+            .mmap_blocking(MapOptions::anon(pages * PAGE).tracked(true))
+            .unwrap();
+        for i in 0..pages {
+            let p = shared_page(i);
+            unsafe {
+                std::ptr::copy_nonoverlapping(p.as_ptr(), host_ptr(&mm, u + i * PAGE), PAGE_SIZE)
+            };
+            mm.write_blocking(t + i * PAGE, &shared_page(pages + i))
+                .unwrap();
+        }
+        k.set_merge_any_blocking(&mm, true).unwrap();
+        assert!(k.is_registered(mm.id()));
+        gs.push((mm, u, t));
+    }
+    // An mmap after merge-any is on is a candidate from the start.
+    let late = gs[0].0.mmap_blocking(MapOptions::anon(4 * PAGE)).unwrap();
+    gs[0].0.fill_blocking(late, 4 * PAGE, 0x77).unwrap();
+    let before = ProcessMemory::current().unwrap().pss;
+    let dup = 2 * 2 * pages;
+    scan_until(&k, 8, |k| k.stats().pages_sharing >= dup + 2);
+    let s = k.stats();
+    assert_eq!(s.pages_sharing, dup + 2, "{s:?}");
+    let after = ProcessMemory::current().unwrap().pss;
+    let saved = before.saturating_sub(after);
+    assert!(
+        saved * 10 >= dup * PAGE * 8,
+        "PSS {before} -> {after}: saved {saved} of {} duplicate bytes",
+        dup * PAGE
+    );
+    for (mm, u, t) in &gs {
+        for i in 0..pages {
+            assert!(mm.compare_blocking(u + i * PAGE, &shared_page(i)).unwrap());
+            assert!(mm
+                .compare_blocking(t + i * PAGE, &shared_page(pages + i))
+                .unwrap());
+        }
+    }
+    drop(gs);
+    scan_until(&k, 2, |k| k.stats().mm_slots == 0);
+    assert_eq!(host.stats().charged_bytes, 0);
+}
+
+/// Merge-any off unmerges the pages of VMAs that were never madvised and
+/// keeps the madvised ones merged.
+#[test]
+fn test_merge_any_off_unmerges_only_unmadvised() {
+    let _serial = common::serial();
+    let host = Host::with_budget(1 << 30);
+    let k = ksm(4096);
+    let pages = 128u64;
+    let mut gs = Vec::new();
+    for g in 0..2 {
+        let mm = host.new_mm(&format!("off{g}"));
+        let m = mm.mmap_blocking(MapOptions::anon(pages * PAGE)).unwrap();
+        let n = mm.mmap_blocking(MapOptions::anon(pages * PAGE)).unwrap();
+        for i in 0..pages {
+            mm.write_blocking(m + i * PAGE, &shared_page(i)).unwrap();
+            mm.write_blocking(n + i * PAGE, &shared_page(pages + i))
+                .unwrap();
+        }
+        k.madvise_blocking(&mm, m, pages * PAGE, Advice::Mergeable)
+            .unwrap();
+        k.set_merge_any_blocking(&mm, true).unwrap();
+        gs.push((mm, m, n));
+    }
+    scan_until(&k, 8, |k| k.stats().pages_sharing >= 2 * pages);
+    assert_eq!(k.stats().pages_sharing, 2 * pages);
+    let (mm0, m0, n0) = &gs[0];
+    let merged_pss = ProcessMemory::current().unwrap().pss;
+    k.set_merge_any_blocking(mm0, false).unwrap();
+    // The never-madvised VMA of guest 0 has private copies again (PSS up
+    // by about its size); the madvised one is still merged.
+    let unmerged_pss = ProcessMemory::current().unwrap().pss;
+    assert!(
+        unmerged_pss >= merged_pss + pages * PAGE * 8 / 10,
+        "PSS {merged_pss} -> {unmerged_pss}: not unmerged"
+    );
+    let passes = k.stats().full_scans;
+    scan_until(&k, 2, |k| k.stats().full_scans >= passes + 2);
+    let st = k.process_stat(mm0.id()).unwrap();
+    assert_eq!(
+        st.merging_pages, pages,
+        "the madvised VMA stays merged: {st:?}"
+    );
+    assert_eq!(k.stats().pages_sharing, pages, "{:?}", k.stats());
+    for i in 0..pages {
+        assert!(mm0
+            .compare_blocking(m0 + i * PAGE, &shared_page(i))
+            .unwrap());
+        assert!(mm0
+            .compare_blocking(n0 + i * PAGE, &shared_page(pages + i))
+            .unwrap());
+    }
+    drop(gs);
+    scan_until(&k, 2, |k| k.stats().mm_slots == 0);
+    assert_eq!(host.stats().charged_bytes, 0);
+}
+
+/// Review finding (a): a slot freed early (its mm exited while the cursor
+/// stood inside it) must not leave the walk address behind for the next
+/// slot, whose lower VMAs would be skipped (and the slot freed for having
+/// "nothing mergeable").
+#[test]
+fn test_freed_slot_resets_the_walk_address() {
+    let _serial = common::serial();
+    let host = Host::with_budget(1 << 30);
+    let k = ksm(16);
+    let (a, _) = guest(&host, &k, "big", 256);
+    let (b, _) = guest(&host, &k, "small", 16);
+    k.scan_step_blocking(); // 16 pages into a
+    drop(a); // at the cursor: barrier path, the scanner frees the slot
+    k.scan_step_blocking(); // frees a, then walks b in the same batch
+    assert!(k.is_registered(b.id()), "b dropped after a stale walk");
+    assert_eq!(k.process_stat(b.id()).unwrap().rmap_items, 16);
+}
+
+/// Review finding (b): `max_page_sharing` holds within one chunk.
+#[test]
+fn test_max_page_sharing_within_one_chunk() {
+    let _serial = common::serial();
+    let host = Host::with_budget(1 << 30);
+    let k = ksm(4096);
+    let max = 3;
+    k.set_max_page_sharing(max).unwrap();
+    let (_a, _) = guest(&host, &k, "ma", 1);
+    let (_b, _) = guest(&host, &k, "mb", 1);
+    scan_until(&k, 4, |k| k.stats().pages_sharing >= 1);
+    assert_eq!(k.stats().pages_sharing, 1);
+    // Four more copies of the same page in one chunk of one guest.
+    let c = host.new_mm("mc");
+    let ca = c
+        .mmap_blocking(MapOptions::anon(4 * PAGE).tracked(true))
+        .unwrap();
+    for i in 0..4 {
+        c.write_blocking(ca + i * PAGE, &shared_page(0)).unwrap();
+    }
+    k.madvise_blocking(&c, ca, 4 * PAGE, Advice::Mergeable)
+        .unwrap();
+    let passes = k.stats().full_scans;
+    scan_until(&k, 6, |k| k.stats().full_scans >= passes + 6);
+    let s = k.stats();
+    // Six mappers of one content, at most three per stable page.
+    assert_eq!(s.pages_shared + s.pages_sharing, 6, "{s:?}");
+    assert!(
+        s.pages_sharing <= s.pages_shared * (max - 1),
+        "a stable page has more than {max} mappers: {s:?}"
+    );
+}
+
+/// Review finding (d): one `ksm_exit` hook per mm, however often it leaves
+/// KSM and enters again.
+#[test]
+fn test_reenter_registers_one_exit_hook() {
+    let _serial = common::serial();
+    let host = Host::with_budget(1 << 30);
+    let k = ksm(4096);
+    let (mm, addr) = guest(&host, &k, "re", 4);
+    for _ in 0..3 {
+        k.madvise_blocking(&mm, addr, 4 * PAGE, Advice::Unmergeable)
+            .unwrap();
+        // Nothing mergeable left: the scanner frees the slot.
+        scan_until(&k, 2, |k| !k.is_registered(mm.id()));
+        assert!(!k.is_registered(mm.id()));
+        k.madvise_blocking(&mm, addr, 4 * PAGE, Advice::Mergeable)
+            .unwrap();
+        assert!(k.is_registered(mm.id()));
+    }
+    assert_eq!(mm.exit_hook_count(), 1);
+    drop(mm);
+    assert_eq!(k.stats().mm_slots, 0);
 }

@@ -320,6 +320,68 @@ fn teardown_leaves_no_thread_or_fd() {
     assert!(st.success(), "child ended with {st:?}");
 }
 
+/// Untracked mergeable regions get a write-protect-only registration (and
+/// the mm a handler thread); munmap, DONTNEED and teardown must leave no
+/// descriptor or thread behind.
+#[test]
+fn mergeable_untracked_leaves_no_thread_or_fd_child() {
+    if !in_child("mergeable_untracked_leaves_no_thread_or_fd_child") {
+        return;
+    }
+    let cycle = || {
+        let host = Host::with_budget(64 * MIB);
+        let guest = host.create_guest("g");
+        let mm = guest.mm().unwrap();
+        let a = mm.mmap_blocking(MapOptions::anon(4 * MIB)).unwrap();
+        let b = mm.mmap_blocking(MapOptions::anon(2 * MIB)).unwrap();
+        let pa = mm.find_vma_blocking(a).unwrap().host_ptr() as usize;
+        touch(pa, 0, 4 * MIB as usize, 1);
+        mm.write_blocking(b, &[2]).unwrap();
+        assert!(mm.tracked_stats().is_none(), "untracked: no handler yet");
+        mm.madvise_blocking(a, 4 * MIB, guestmm::Advice::Mergeable)
+            .unwrap();
+        mm.madvise_blocking(b, 2 * MIB, guestmm::Advice::Mergeable)
+            .unwrap();
+        let st = mm.tracked_stats().expect("write-protect tracker started");
+        assert!(st.handler_alive, "{st:?}");
+        // The embedder's own DONTNEED on the host pointer: a REMOVE message
+        // the handler must read (else this madvise would block for ever).
+        // SAFETY: madvise(DONTNEED) of our own live mapping; no Rust
+        // reference points into it.
+        let r =
+            unsafe { libc::madvise(pa as *mut libc::c_void, MIB as usize, libc::MADV_DONTNEED) };
+        assert_eq!(r, 0);
+        mm.madvise_blocking(a + MIB, MIB, guestmm::Advice::DontNeed)
+            .unwrap();
+        mm.munmap_blocking(b, 2 * MIB).unwrap();
+        let grab = mm.grab();
+        drop(mm);
+        guest.exit_blocking();
+        assert!(grab.tracked_stats().is_none());
+        assert_eq!(host.stats().charged_bytes, 0);
+    };
+    futures_lite::future::block_on(guestmm::Clock::sleep(
+        &guestmm::SystemClock,
+        std::time::Duration::from_millis(1),
+    ));
+    let (fds, tasks) = (count_dir("/proc/self/fd"), settled_tasks());
+    for _ in 0..3 {
+        cycle();
+    }
+    assert_eq!(count_dir("/proc/self/fd"), fds, "fd leak");
+    assert_eq!(settled_tasks(), tasks, "thread leak: {:?}", thread_names());
+}
+
+#[test]
+fn mergeable_untracked_leaves_no_thread_or_fd() {
+    if std::env::var(CHILD_ENV).is_ok() {
+        return;
+    }
+    let _g = serial();
+    let st = run_child("mergeable_untracked_leaves_no_thread_or_fd_child");
+    assert!(st.success(), "child ended with {st:?}");
+}
+
 #[test]
 fn bad_input_gets_named_errors() {
     let _g = serial();

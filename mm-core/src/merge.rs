@@ -9,8 +9,10 @@
 //!
 //! 1. locks the PTEs of the run (ascending; excludes the access API and
 //!    zaps) and checks each page is still present and private;
-//! 2. write-protects the run with userfaultfd (tracked regions only): from
-//!    here a direct writer (vCPU, JIT code) blocks in its fault;
+//! 2. write-protects the run with userfaultfd (a tracked region, or an
+//!    untracked one registered for write-protect only when it became
+//!    mergeable, see `MmUser::madvise`): from here a direct writer (vCPU,
+//!    JIT code) blocks in its fault;
 //! 3. compares the run with the stable pages (or, for a new stable run,
 //!    writes it into them): the contents cannot change inside the window;
 //! 4. maps the stable pages over the run with `MAP_FIXED | MAP_PRIVATE`,
@@ -20,9 +22,11 @@
 //! 5. populates the mapping for reads (`MADV_POPULATE_READ`: the guest
 //!    really maps the shared page, and PSS shows it), wakes the writers
 //!    blocked at 2 (they refault on the new mapping and copy), and sets the
-//!    PTEs to `KSM | FILEMAP | stable id`, not `PRESENT`: the guest is
-//!    uncharged; the stable page is charged once (to the budget of the mm
-//!    whose page filled it).
+//!    PTEs to `KSM | FILEMAP | stable id`, not `PRESENT`. The caller gets
+//!    which pages were charged (PTE `PRESENT`; a page an embedder touched
+//!    through the host pointer of an untracked region never was) and moves
+//!    or gives back exactly those charges: each stable page is charged at
+//!    most once.
 //!
 //! ```text
 //!   ksmd (ksm_merge)                    | vCPU
@@ -44,7 +48,8 @@
 //! since `DONTNEED` on a private file mapping would expose the stable page
 //! again instead of zeros. Stable pages are never reused at the same memfd
 //! offset (the offsets only grow), so a stale private file mapping can only
-//! ever read a hole (zeros), never another guest's data.
+//! ever read a hole (zeros; shmem allocates a page there, uncharged, see
+//! DESIGN-NOTES.md), never another guest's data.
 
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -145,9 +150,12 @@ pub enum KsmMerge {
 
 impl Vma {
     /// Can the mechanism merge this VMA's pages? Private, 4 KiB, readable,
-    /// not locked or pinned, and tracked with userfaultfd write-protect
-    /// (step 2 needs it). Whether KSM *should* (`VM_MERGEABLE`) is the
-    /// scanner's business.
+    /// not locked or pinned, and registered with userfaultfd write-protect
+    /// (step 2 needs it): a tracked region, or an untracked one registered
+    /// for write-protect only when it became mergeable
+    /// ([`MmUser::madvise`](crate::MmUser::madvise) `Mergeable`,
+    /// [`Mm::ksm_prepare_all`], an mmap under `VM_MERGE_ANY`). Whether KSM
+    /// *should* (`VM_MERGEABLE`) is the scanner's business.
     pub fn ksm_capable(&self) -> bool {
         let no = [
             VmFlags::SHARED,
@@ -156,12 +164,21 @@ impl Vma {
             VmFlags::PINNED,
         ];
         !no.iter().any(|f| self.flags.contains(*f))
-            && self.flags.contains(VmFlags::TRACKED)
             && self.prot.contains(Prot::READ)
             && self
                 .region
-                .tracker()
+                .wp_tracker()
                 .is_some_and(|t| !t.is_dead() && t.wp())
+    }
+
+    /// Could this VMA be merged if its host range were registered for
+    /// write-protect (private anonymous 4 KiB, not tracked)?
+    pub(crate) fn ksm_wp_candidate(&self) -> bool {
+        !self.flags.contains(VmFlags::SHARED)
+            && !self.flags.contains(VmFlags::HUGEPAGE)
+            && !self.flags.contains(VmFlags::TRACKED)
+            && self.region.is_anon()
+            && self.region.tracker().is_none()
     }
 }
 
@@ -171,19 +188,33 @@ pub(crate) fn restore_anon(vma: &Vma, s: u64, e: u64) -> Result<()> {
     let r = vma.host_range(s, e);
     let map =
         || sys::map_anon_fixed(r, vma.prot.bits()).map_err(Error::host("mmap(MAP_FIXED anon)"));
-    match vma.region.tracker() {
+    let full = vma.region.tracker().is_some();
+    match vma.region.wp_tracker() {
         Some(t) => {
             // The merged range may be registered (write-protect only): our
             // own replacement, whose UNMAP message the handler ignores.
             let (hs, he) = (r.ptr() as usize, r.ptr() as usize + r.len());
             t.self_zap(hs, he, map)?;
             if !t.is_dead() {
-                t.register(r)?;
+                // The new mapping is not registered: as the region was
+                // (tracked: MISSING + WP; untracked: WP only).
+                if full {
+                    t.register(r)?;
+                } else {
+                    t.register_wp_anon(r)?;
+                }
             }
         }
         None => map()?,
     }
     Ok(())
+}
+
+/// A pagemap entry of a page the embedder populated itself in an
+/// untracked region: present, anonymous, mapped only here (the shared zero
+/// page a read fault maps is not exclusive, and merging it frees nothing).
+fn direct_private(e: u64) -> bool {
+    e & pagemap::PRESENT != 0 && e & pagemap::FILE == 0 && e & pagemap::EXCLUSIVE != 0
 }
 
 /// A locked run of PTEs inside one leaf.
@@ -235,12 +266,52 @@ impl Mm {
         self.rss_anon.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Which pages of a locked run can be merged, and which of them are
+    /// charged: `Some(charged)` when every page is private and mergeable
+    /// (`charged[i]`: PTE `PRESENT`, populated through the API; else a page
+    /// of an untracked region the embedder touched directly, found through
+    /// pagemap, never charged), `None` when some page is absent, merged,
+    /// or write-protected by the user (`Pte::WP`: not ours to merge, the
+    /// merge would unprotect it and wake its writers).
+    fn run_charged(vma: &Vma, r: crate::sys::HostRange, olds: &[u64]) -> Result<Option<Vec<bool>>> {
+        let untracked = !vma.flags.contains(VmFlags::TRACKED);
+        let mut pm = Vec::new();
+        let mut charged = Vec::with_capacity(olds.len());
+        for (i, o) in olds.iter().enumerate() {
+            let p = Pte(*o);
+            if p.ksm() || *o & Pte::WP != 0 {
+                return Ok(None);
+            }
+            if p.present() {
+                charged.push(true);
+                continue;
+            }
+            if !untracked {
+                return Ok(None);
+            }
+            if pm.is_empty() {
+                pm.resize(olds.len(), 0);
+                sys::pagemap(r, &mut pm).map_err(Error::host("pagemap"))?;
+            }
+            if !direct_private(pm[i]) {
+                return Ok(None);
+            }
+            charged.push(false);
+        }
+        Ok(Some(charged))
+    }
+
     /// The scanner's look at `want.len()` pages from `addr` (one VMA, one
     /// leaf; the mmap lock held, `state` is the proof). For each page, under
     /// its PTE lock: a private page asked for in `want` is copied to its
     /// slot of `buf`; a merged page whose sharing a direct write broke
-    /// (pagemap: anonymous again) is turned into a charged private page
-    /// first. `out[i]` says what page `i` is now.
+    /// (pagemap: anonymous again) is turned into a private page first
+    /// (charged in a tracked region, as the handler would have; uncharged
+    /// in an untracked one, like any page touched through the host
+    /// pointer). In an untracked region a page the embedder touched
+    /// directly (pagemap: present, anonymous, exclusive; the PTE says
+    /// nothing) is a private, uncharged page. `out[i]` says what page `i`
+    /// is now.
     pub fn ksm_snapshot(
         &self,
         state: &MmState,
@@ -266,33 +337,51 @@ impl Mm {
             .ok_or(Error::Unmapped { addr })?;
         let guard = crossbeam_epoch::pin();
         let first = addr / PAGE;
-        let Some(leaf) = self.pgtable.leaf(first, &guard) else {
-            out[..n].fill(KsmPage::Absent);
-            return Ok(());
+        // An untracked region's pages may be populated with no PTE (touched
+        // through the host pointer): allocate the leaf, so that the merge
+        // holds real page locks against the access path and our zaps.
+        let untracked = !vma.flags.contains(VmFlags::TRACKED);
+        let leaf = if untracked {
+            self.pgtable.leaf_alloc(first, &guard)
+        } else {
+            match self.pgtable.leaf(first, &guard) {
+                Some(l) => l,
+                None => {
+                    out[..n].fill(KsmPage::Absent);
+                    return Ok(());
+                }
+            }
         };
-        // Pagemap only when some page maps a stable page (a lock-free peek;
-        // re-checked under the lock below).
+        // Pagemap when some page maps a stable page (a lock-free peek;
+        // re-checked under the lock below), and always for an untracked
+        // region (direct touches leave no trace in the PTEs).
         let any_ksm = (0..n as u64).any(|i| Pte(leaf.pte(first + i).load(Ordering::Relaxed)).ksm());
         let mut pm = Vec::new();
-        if any_ksm {
+        if any_ksm || untracked {
             pm.resize(n, 0);
             sys::pagemap(vma.host_range(addr, end), &mut pm).map_err(Error::host("pagemap"))?;
         }
         for i in 0..n {
             let pte = leaf.pte(first + i as u64);
             let o = Pte(pte_lock(pte));
+            let e = pm.get(i).copied().unwrap_or(0);
             let (new, page) = if o.ksm() {
                 // Copied by a direct write since the merge? The copy is a
-                // private page again; charge it (the fault path does the
-                // same for writes through the API).
-                let e = pm.get(i).copied().unwrap_or(0);
+                // private page again; in a tracked region charge it (the
+                // fault path does the same for writes through the API).
                 if e & pagemap::PRESENT != 0 && e & pagemap::FILE == 0 {
-                    self.charge_existing();
-                    ((o.flags() & !Pte::KSM) | Pte::PRESENT, KsmPage::Private)
+                    if untracked {
+                        (o.flags() & !Pte::KSM, KsmPage::Private)
+                    } else {
+                        self.charge_existing();
+                        ((o.flags() & !Pte::KSM) | Pte::PRESENT, KsmPage::Private)
+                    }
                 } else {
                     (o.0, KsmPage::Stable(o.stable_id()))
                 }
-            } else if o.present() {
+            } else if o.present() || (untracked && direct_private(e)) {
+                // Populated through the API (charged), or by the embedder
+                // through the host pointer of an untracked region (not).
                 (o.0 & !Pte::KSM_ZERO, KsmPage::Private)
             } else if o.0 & Pte::KSM_ZERO != 0 {
                 (o.0, KsmPage::Zero)
@@ -302,10 +391,18 @@ impl Mm {
             if page == KsmPage::Private && want[i] {
                 let at = addr + i as u64 * PAGE;
                 let host = vma.host_range(at, at + PAGE).ptr();
-                // SAFETY: we hold the page lock of a present page under the
-                // mmap lock, so the host page is mapped, readable and not
-                // being discarded; the slot is inside `buf` (asserted above).
-                unsafe { sys::copy_from_host(host, &mut buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]) };
+                // SAFETY: the page is inside a VMA of this mm and we hold
+                // the mmap lock (no munmap can unmap it) and its page lock
+                // (no zap of ours, no API populate); `host` is page aligned
+                // and the slot is one page inside `buf` (asserted above).
+                // A vCPU or the embedder may write (or discard) the page
+                // during the copy: `copy_from_host_racy` reads it word by
+                // word with volatile loads, and the bytes are only a hint
+                // for the checksum; the merge compares again inside its
+                // write-protect window (step 3).
+                unsafe {
+                    sys::copy_from_host_racy(host, &mut buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE])
+                };
             }
             pte_unlock(pte, new);
             out[i] = page;
@@ -313,11 +410,19 @@ impl Mm {
         Ok(())
     }
 
-    /// Merges the `n` pages from `addr` (one VMA, one leaf, all present and
-    /// private) onto stable pages `first..first + n` of `store`; with `fill`
-    /// the stable pages are new and get this run's contents, else the run
-    /// must equal them. Steps 1-5 of the module docs. The mmap lock is held
+    /// Merges the `n` pages from `addr` (one VMA, one leaf, all private)
+    /// onto stable pages `first..first + n` of `store`; with `fill` the
+    /// stable pages are new and get this run's contents, else the run must
+    /// equal them. Steps 1-5 of the module docs. The mmap lock is held
     /// (`state`) and the caller checked `users > 0`.
+    ///
+    /// The budget is left to the caller: on `Merged`, `charged[i]` (at
+    /// least `n` long) says whether page `i` was charged to this mm (PTE
+    /// `PRESENT`; pages an embedder touched directly in an untracked region
+    /// never were). The caller moves that charge to the stable page or
+    /// gives it back with [`Mm::ksm_uncharge`]; a page that was never
+    /// charged must not be uncharged. This mm's rss is already lowered.
+    #[allow(clippy::too_many_arguments)]
     pub fn ksm_merge(
         &self,
         state: &MmState,
@@ -326,6 +431,7 @@ impl Mm {
         store: &StableStore,
         first: u64,
         fill: bool,
+        charged: &mut [bool],
     ) -> Result<KsmMerge> {
         // I-KSM-2 oracle: every scanner path tests `users == 0` after its
         // read lock, and ksm_exit's write-lock barrier waits for one that
@@ -337,32 +443,34 @@ impl Mm {
         let Some(vma) = self.ksm_vma(state, addr, n) else {
             return Ok(KsmMerge::NotEligible);
         };
-        let Some(t) = vma.region.tracker() else {
+        let Some(t) = vma.region.wp_tracker() else {
             return Ok(KsmMerge::NotEligible);
         };
+        assert!(charged.len() as u64 >= n);
         let end = addr + n * PAGE;
+        let r = vma.host_range(addr, end);
         let guard = crossbeam_epoch::pin();
         // 1. Page locks: no accessor, zap or handler fill in the window.
         let Some(locked) = self.lock_run(addr, n, &guard) else {
             return Ok(KsmMerge::Changed);
         };
-        if !locked
-            .olds
-            .iter()
-            // A page the user write-protected (`Pte::WP`) is not ours to
-            // merge: the merge would unprotect it and wake its writers.
-            .all(|o| Pte(*o).present() && !Pte(*o).ksm() && *o & Pte::WP == 0)
-        {
-            locked.unlock_with(|_, o| o);
-            return Ok(KsmMerge::Changed);
-        }
+        let was_charged = match Self::run_charged(vma, r, &locked.olds) {
+            Ok(Some(c)) => c,
+            Ok(None) => {
+                locked.unlock_with(|_, o| o);
+                return Ok(KsmMerge::Changed);
+            }
+            Err(e) => {
+                locked.unlock_with(|_, o| o);
+                return Err(e);
+            }
+        };
         if !t.wp_shmem() && locked.olds.iter().any(|o| o & Pte::FILEMAP != 0) {
             // A private copy inside a merged range, which this kernel cannot
             // write-protect: not mergeable until a zap restores it.
             locked.unlock_with(|_, o| o);
             return Ok(KsmMerge::NotEligible);
         }
-        let r = vma.host_range(addr, end);
         // 2. Write-protect: direct writers block from here.
         if let Err(e) = t.writeprotect(r, true) {
             locked.unlock_with(|_, o| o);
@@ -432,13 +540,12 @@ impl Mm {
                 | Pte::FILEMAP
                 | ((first + i as u64) << Pte::STABLE_SHIFT)
         });
+        // Only the pages that were PRESENT were counted (and charged).
+        let present = was_charged.iter().filter(|c| **c).count() as u64;
+        charged[..n as usize].copy_from_slice(&was_charged);
         // Relaxed: a counter (as everywhere for rss).
-        let prev = self.rss_anon.fetch_sub(n, Ordering::Relaxed);
-        debug_assert!(prev >= n, "rss underflow");
-        if !fill {
-            // The stable pages are charged already (to whoever filled them).
-            self.budget.uncharge(self.repay_debt(n * PAGE));
-        }
+        let prev = self.rss_anon.fetch_sub(present, Ordering::Relaxed);
+        debug_assert!(prev >= present, "rss underflow");
         tracing::trace!(target: "mm_core::ksm", mm_id = self.id(), addr, pages = n, stable = first, fill, "ksm_merge_one_page");
         Ok(KsmMerge::Merged)
     }
@@ -457,25 +564,26 @@ impl Mm {
         let Some(vma) = self.ksm_vma(state, addr, n) else {
             return Ok(KsmMerge::NotEligible);
         };
-        let Some(t) = vma.region.tracker() else {
+        let Some(t) = vma.region.wp_tracker() else {
             return Ok(KsmMerge::NotEligible);
         };
         let end = addr + n * PAGE;
+        let r = vma.host_range(addr, end);
         let guard = crossbeam_epoch::pin();
         let Some(locked) = self.lock_run(addr, n, &guard) else {
             return Ok(KsmMerge::Changed);
         };
-        if !locked
-            .olds
-            .iter()
-            // A page the user write-protected (`Pte::WP`) is not ours to
-            // merge: the merge would unprotect it and wake its writers.
-            .all(|o| Pte(*o).present() && !Pte(*o).ksm() && *o & Pte::WP == 0)
-        {
-            locked.unlock_with(|_, o| o);
-            return Ok(KsmMerge::Changed);
-        }
-        let r = vma.host_range(addr, end);
+        let charged = match Self::run_charged(vma, r, &locked.olds) {
+            Ok(Some(c)) => c.iter().filter(|c| **c).count() as u64,
+            Ok(None) => {
+                locked.unlock_with(|_, o| o);
+                return Ok(KsmMerge::Changed);
+            }
+            Err(e) => {
+                locked.unlock_with(|_, o| o);
+                return Err(e);
+            }
+        };
         if let Err(e) = t.writeprotect(r, true) {
             locked.unlock_with(|_, o| o);
             return Err(e);
@@ -498,7 +606,9 @@ impl Mm {
             return Err(e);
         }
         locked.unlock_with(|_, o| (Pte(o).flags() & !(Pte::PRESENT | Pte::DIRTY)) | Pte::KSM_ZERO);
-        self.uncharge_pages(n, 0);
+        // Only what was charged: a page touched through the host pointer of
+        // an untracked region never was.
+        self.uncharge_pages(charged, 0);
         Ok(KsmMerge::Merged)
     }
 
@@ -530,6 +640,14 @@ impl Mm {
                     budget: b.limit(),
                 });
             }
+        }
+    }
+
+    /// Gives back the charge of `pages` merged pages of this mm (see
+    /// [`Mm::ksm_merge`]): fail-open debt is repaid first, as by a zap.
+    pub fn ksm_uncharge(&self, pages: u64) {
+        if pages > 0 {
+            self.budget.uncharge(self.repay_debt(pages * PAGE));
         }
     }
 

@@ -251,6 +251,10 @@ pub struct Mm {
     /// Bytes of present pages served over budget by a failing-open handler
     /// and not charged; repaid first by every uncharge (`tracked.rs` step 4).
     pub(crate) debt: AtomicU64,
+    /// Mergeable untracked VMAs whose host range could not be registered
+    /// for userfaultfd write-protect (no userfaultfd, no WP): KSM skips
+    /// them (see [`Mm::ksm_wp_failures`]).
+    ksm_wp_failures: AtomicU64,
     /// Only held for push/take, never across an await.
     notifiers: Mutex<Vec<Arc<dyn MmNotifier>>>,
     /// Only held for push/clone, never across an await.
@@ -322,6 +326,7 @@ impl Mm {
             host,
             tracker: Mutex::new(None),
             debt: AtomicU64::new(0),
+            ksm_wp_failures: AtomicU64::new(0),
             notifiers: Mutex::new(Vec::new()),
             exit_hooks: Mutex::new(Vec::new()),
             exit_started: AtomicBool::new(false),
@@ -417,6 +422,11 @@ impl Mm {
         lock_list(&self.exit_hooks).push(h);
     }
 
+    /// Scanner exit hooks registered so far.
+    pub fn exit_hook_count(&self) -> usize {
+        lock_list(&self.exit_hooks).len()
+    }
+
     /// `mmu_notifier_invalidate_range_start[_nonblock]` over every notifier.
     /// On refusal the ones already started are ended again.
     pub fn notify_invalidate_start(
@@ -492,6 +502,15 @@ impl Mm {
         lock_list(&self.tracker).clone()
     }
 
+    /// Mergeable untracked VMAs that KSM cannot merge because their host
+    /// range could not be registered for userfaultfd write-protect (no
+    /// userfaultfd, or a kernel without `UFFD_FEATURE_PAGEFAULT_FLAG_WP`):
+    /// the fallback is today's behaviour (registered with KSM, never
+    /// merged), made visible here and by a `warn` event.
+    pub fn ksm_wp_failures(&self) -> u64 {
+        self.ksm_wp_failures.load(Ordering::Relaxed)
+    }
+
     /// Counters of the tracked regions, `None` if none was ever mapped.
     pub fn tracked_stats(&self) -> Option<TrackedStats> {
         self.tracker()
@@ -556,6 +575,66 @@ impl Mm {
         let mut gpn = first;
         let mut olds = Vec::with_capacity(PAGES_PER_LEAF as usize);
         let mut wp_cleared = false;
+        // One leaf's pages, under all of its PTE locks.
+        let mut zap_leaf = |leaf: &crate::pgtable::Leaf, gpn: u64, stop: u64| -> Result<()> {
+            olds.clear();
+            for p in gpn..stop {
+                olds.push(pte_lock(leaf.pte(p)));
+            }
+            let mut res = vma.free_host(gpn * PAGE, stop * PAGE);
+            if res.is_ok() && matches!(reason, ZapReason::DontNeed | ZapReason::Reap) {
+                // Merged pages (KSM): the host range is a private
+                // mapping of the KSM memfd, where DONTNEED only drops
+                // a private copy and a later touch would read the
+                // stable page, not zeros. Put anonymous memory back
+                // (munmap and exit_mmap leave the range dead anyway).
+                res = self.restore_anon_runs(vma, gpn, &olds);
+            }
+            for (i, p) in (gpn..stop).enumerate() {
+                let old = olds[i];
+                if res.is_ok() {
+                    if Pte(old).present() {
+                        freed += 1;
+                    }
+                    wp_cleared |= old & Pte::WP != 0;
+                    // Present, KSM, FILEMAP, KSM_ZERO, WP: all gone.
+                    pte_unlock(leaf.pte(p), 0);
+                } else {
+                    pte_unlock(leaf.pte(p), old);
+                }
+            }
+            res
+        };
+        // A leafless run is discarded without page locks. A leaf may appear
+        // under it meanwhile (the access path, or the KSM scanner's
+        // snapshot of an untracked region, both under the read lock too):
+        // look again after the discard and zap any such leaf under its
+        // locks, so nothing populated or merged there survives the zap.
+        //
+        //   zap (DONTNEED)               | ksmd (untracked region)
+        //   leaf? none                   |
+        //                                | leaf_alloc, lock, merge: the
+        //                                |   range maps the stable page
+        //   DONTNEED: drops nothing      |
+        //   leaf? yes: lock, restore anon|
+        //
+        // Without the second look the guest would read the merged contents
+        // back after its DONTNEED instead of zeros.
+        let flush = |p: u64,
+                     q: u64,
+                     zap_leaf: &mut dyn FnMut(&crate::pgtable::Leaf, u64, u64) -> Result<()>|
+         -> Result<()> {
+            vma.free_host(p * PAGE, q * PAGE)?;
+            let mut g = p;
+            while g < q {
+                let stop = ((g / PAGES_PER_LEAF + 1) * PAGES_PER_LEAF).min(q);
+                if let Some(leaf) = self.pgtable.leaf(g, &guard) {
+                    zap_leaf(leaf, g, stop)?;
+                }
+                g = stop;
+            }
+            Ok(())
+        };
         while gpn < last {
             let stop = ((gpn / PAGES_PER_LEAF + 1) * PAGES_PER_LEAF).min(last);
             match self.pgtable.leaf(gpn, &guard) {
@@ -564,41 +643,15 @@ impl Mm {
                 }
                 Some(leaf) => {
                     if let Some(p) = pending.take() {
-                        vma.free_host(p * PAGE, gpn * PAGE)?;
+                        flush(p, gpn, &mut zap_leaf)?;
                     }
-                    olds.clear();
-                    for p in gpn..stop {
-                        olds.push(pte_lock(leaf.pte(p)));
-                    }
-                    let mut res = vma.free_host(gpn * PAGE, stop * PAGE);
-                    if res.is_ok() && matches!(reason, ZapReason::DontNeed | ZapReason::Reap) {
-                        // Merged pages (KSM): the host range is a private
-                        // mapping of the KSM memfd, where DONTNEED only drops
-                        // a private copy and a later touch would read the
-                        // stable page, not zeros. Put anonymous memory back
-                        // (munmap and exit_mmap leave the range dead anyway).
-                        res = self.restore_anon_runs(vma, gpn, &olds);
-                    }
-                    for (i, p) in (gpn..stop).enumerate() {
-                        let old = olds[i];
-                        if res.is_ok() {
-                            if Pte(old).present() {
-                                freed += 1;
-                            }
-                            wp_cleared |= old & Pte::WP != 0;
-                            // Present, KSM, FILEMAP, KSM_ZERO, WP: all gone.
-                            pte_unlock(leaf.pte(p), 0);
-                        } else {
-                            pte_unlock(leaf.pte(p), old);
-                        }
-                    }
-                    res?;
+                    zap_leaf(leaf, gpn, stop)?;
                 }
             }
             gpn = stop;
         }
         if let Some(p) = pending.take() {
-            vma.free_host(p * PAGE, last * PAGE)?;
+            flush(p, last, &mut zap_leaf)?;
         }
         if wp_cleared {
             // API writers waiting for these pages' unprotect (step 7 of
@@ -1113,20 +1166,100 @@ impl MmUser {
         if let Some(t) = region.tracker() {
             t.add_range(region.base() as usize, len, addr, opts.fault_around);
         }
-        state.vmas.insert(Vma {
+        let vma = Vma {
             start: addr,
             end: addr + opts.len,
             prot: opts.prot,
             flags,
             region,
             region_off: 0,
-        });
+        };
+        // `prctl(PR_SET_MEMORY_MERGE)` is on: a new VMA is a KSM candidate
+        // from the start (the kernel's `ksm_add_vma`). Tested under the
+        // write lock, which `ksm_prepare_all` takes after setting the flag,
+        // so no mmap slips between the two.
+        if self.flags.test(MmFlag::VM_MERGE_ANY) {
+            self.ksm_wp_register(&vma);
+        }
+        state.vmas.insert(vma);
         Ok(addr)
+    }
+
+    /// Registers the host mapping under `vma` (an untracked private
+    /// anonymous 4 KiB VMA becoming a KSM candidate) with the mm's
+    /// userfaultfd for **write-protect only**, starting the tracker and its
+    /// handler if this mm had no tracked region. No MISSING mode: first
+    /// touches stay the kernel's, so the region keeps its untracked
+    /// charging (pages touched through the host pointer are not charged).
+    /// The merge (`merge.rs`) then has its write-protect window; the
+    /// handler leaves write faults blocked until the window closes. The
+    /// whole host mapping is registered at once (slices of it can become
+    /// VMAs of their own); munmap, a region's drop and exit_mmap unregister
+    /// it like a tracked one. Returns whether the VMA can now be merged;
+    /// failures (no userfaultfd, no WP) are counted in
+    /// [`Mm::ksm_wp_failures`] and logged: the VMA is then never merged.
+    /// Called under the mmap write lock.
+    pub(crate) fn ksm_wp_register(&self, vma: &Vma) -> bool {
+        if !vma.ksm_wp_candidate() {
+            return vma.region.wp_tracker().is_some();
+        }
+        if vma.region.ksm_wp().is_some() {
+            return true;
+        }
+        let len = vma.region.len();
+        let res = self.tracker_or_start_wp().and_then(|t| {
+            t.register_wp_anon(vma.region.range(0, len))?;
+            Ok(t)
+        });
+        match res {
+            Ok(t) => {
+                // Guest address of the mapping's first byte: VMAs slice
+                // their region at contiguous offsets.
+                let guest = vma.start - vma.region_off as u64;
+                t.add_range(vma.region.base() as usize, len, guest, PAGE);
+                vma.region.set_ksm_wp(t);
+                true
+            }
+            Err(e) => {
+                self.ksm_wp_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(target: "mm_core::ksm", mm_id = self.id, start = vma.start, end = vma.end, error = %e, "mergeable VMA cannot be write-protected with userfaultfd: KSM will not merge it");
+                false
+            }
+        }
+    }
+
+    /// `VM_MERGE_ANY` was just set (mm-ksm's `set_merge_any`): registers
+    /// every untracked VMA that KSM may now merge, as `madvise(MERGEABLE)`
+    /// does for its range (see `ksm_wp_register`). Takes the write lock.
+    /// Returns how many VMAs cannot be merged for lack of write-protect.
+    pub async fn ksm_prepare_all(&self) -> Result<u64> {
+        let state = self.lock.write().await;
+        sched::point("ksm_prepare:locked").await;
+        if self.flags.test(MmFlag::UNSTABLE) {
+            return Err(Error::Unstable { mm_id: self.id });
+        }
+        let mut failed = 0;
+        for v in state.vmas.iter() {
+            if v.ksm_wp_candidate() && !self.ksm_wp_register(v) {
+                failed += 1;
+            }
+        }
+        Ok(failed)
     }
 
     /// The tracker, started at the first tracked mmap (the only thread
     /// mm-core spawns for an mm). Called under the mmap write lock.
     fn tracker_or_start(&self) -> Result<Arc<Tracker>> {
+        self.tracker_or_start_if(|_| true)
+    }
+
+    /// The tracker for a write-protect-only registration: a new one is only
+    /// started (thread and all) if the kernel offers WP.
+    fn tracker_or_start_wp(&self) -> Result<Arc<Tracker>> {
+        self.tracker_or_start_if(|t| t.wp())
+    }
+
+    fn tracker_or_start_if(&self, usable: impl Fn(&Tracker) -> bool) -> Result<Arc<Tracker>> {
         let mut slot = lock_list(&self.tracker);
         if let Some(t) = slot.as_ref() {
             if t.is_dead() {
@@ -1135,6 +1268,11 @@ impl MmUser {
             return Ok(t.clone());
         }
         let t = Tracker::new(self.id)?;
+        if !usable(&t) {
+            return Err(Error::Unsupported {
+                what: "userfaultfd write-protect (UFFD_FEATURE_PAGEFAULT_FLAG_WP)",
+            });
+        }
         let mm = self.mm.as_ref().map(Arc::downgrade).unwrap_or_default();
         t.start(mm)?;
         *slot = Some(t.clone());
@@ -1275,7 +1413,7 @@ impl MmUser {
         sched::point("munmap:locked").await;
         let removed = state.vmas.remove_range(addr, end);
         for vma in &removed {
-            if let Some(t) = vma.region.tracker() {
+            if let Some(t) = vma.region.wp_tracker() {
                 // Before the zap (tracked.rs step 2): a handler COPY racing
                 // us lands before the zap, which uncharges it, or fails with
                 // ENOENT once the range is unregistered.
@@ -1411,6 +1549,16 @@ impl MmUser {
                 state
                     .vmas
                     .modify(addr, end, |v| v.flags = v.flags.with(flag, on));
+                if advice == Advice::Mergeable {
+                    // An untracked VMA needs its write-protect registration
+                    // before KSM can merge it (`ksm_wp_register`). Kept on
+                    // UNMERGEABLE: harmless, and undone by munmap/exit.
+                    for v in state.vmas.overlapping(addr, end) {
+                        if v.ksm_wp_candidate() {
+                            self.ksm_wp_register(v);
+                        }
+                    }
+                }
                 Ok(())
             }
         }

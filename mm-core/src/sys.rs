@@ -269,6 +269,39 @@ pub(crate) unsafe fn copy_from_host(src: *const u8, dst: &mut [u8]) {
     unsafe { std::ptr::copy_nonoverlapping(src, dst.as_mut_ptr(), dst.len()) }
 }
 
+/// Copies one or more guest pages at `src` into `dst` while a vCPU (or the
+/// embedder's own code) may be writing them: KSM's checksum copy
+/// (`ksm_snapshot`). The page locks exclude the access API and our zaps,
+/// not direct writers, so the bytes may change under the copy.
+///
+/// Each 8-byte word is read with one volatile load: the compiler neither
+/// assumes the memory is unchanging nor forms a Rust reference to it (a
+/// `&[u8]` over memory someone else writes would be UB), and an aligned
+/// word load cannot tear below 8 bytes on the hosts we support. The result
+/// may mix old and new words; callers use it only as a hint (a checksum)
+/// and compare the real contents again inside the merge's write-protect
+/// window, where nobody can write them.
+///
+/// # Safety
+///
+/// `src` is page aligned, `dst.len()` is a multiple of the page size, and
+/// `src..src+dst.len()` lies inside a live, readable host mapping we own
+/// that stays mapped for the call (the caller holds the mmap lock, so no
+/// munmap, and the page locks of API-populated pages). A page discarded
+/// meanwhile by the embedder reads back as zeros or the stable page (a
+/// read fault the kernel serves), never as unmapped memory.
+pub(crate) unsafe fn copy_from_host_racy(src: *const u8, dst: &mut [u8]) {
+    debug_assert!(src as usize % PAGE_SIZE == 0 && dst.len() % PAGE_SIZE == 0);
+    let words = src.cast::<u64>();
+    for (i, c) in dst.chunks_exact_mut(8).enumerate() {
+        // SAFETY: `src + 8 * i` is 8-aligned (page-aligned base) and inside
+        // the live mapping (caller's guarantee); a volatile load of a `u64`
+        // (no invalid bit patterns) creates no reference to the racy memory.
+        let w = unsafe { words.add(i).read_volatile() };
+        c.copy_from_slice(&w.to_ne_bytes());
+    }
+}
+
 /// Copies `src` into guest memory at `dst`.
 ///
 /// # Safety
@@ -483,6 +516,9 @@ pub(crate) mod pagemap {
     pub(crate) const PRESENT: u64 = 1 << 63;
     /// Bit 61: page is a file page or shared anonymous.
     pub(crate) const FILE: u64 = 1 << 61;
+    /// Bit 56: page exclusively mapped (never set for the shared zero
+    /// page, which a read fault of untouched anonymous memory maps).
+    pub(crate) const EXCLUSIVE: u64 = 1 << 56;
 }
 
 /// Reads the pagemap entries of `r` (one `u64` per page) into `out`.

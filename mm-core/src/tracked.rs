@@ -372,6 +372,25 @@ impl Tracker {
         Ok(())
     }
 
+    /// Registers an untracked private anonymous mapping for write-protect
+    /// only (KSM on an untracked region): no MISSING mode, so first touches
+    /// stay the kernel's and the handler only ever sees write-protect
+    /// faults (left blocked until the merge's window closes) and the
+    /// REMOVE/UNMAP messages of the range. `Unsupported` without WP.
+    pub(crate) fn register_wp_anon(&self, r: HostRange) -> Result<()> {
+        if self.is_dead() {
+            return Err(Error::TrackerDead { mm_id: self.mm_id });
+        }
+        if !self.wp {
+            return Err(Error::Unsupported {
+                what: "userfaultfd write-protect (UFFD_FEATURE_PAGEFAULT_FLAG_WP)",
+            });
+        }
+        self.with_uffd(|u| u.register(r, uffd::mode::WP))
+            .map_err(Error::host("UFFDIO_REGISTER(WP)"))?;
+        Ok(())
+    }
+
     /// Enters a registered range in the registry, under the mmap write lock.
     pub(crate) fn add_range(&self, host: usize, len: usize, guest: u64, fault_around: u64) {
         lock(&self.ranges).insert(

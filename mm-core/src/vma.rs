@@ -156,6 +156,11 @@ pub(crate) struct HostRegion {
     /// Set (before publication) when the mapping is registered with the
     /// mm's userfaultfd.
     tracked: Option<Arc<Tracker>>,
+    /// Set once when an untracked mapping is registered with the mm's
+    /// userfaultfd for **write-protect only** (no MISSING: first touches
+    /// stay the kernel's), so that KSM can merge its pages
+    /// (`merge.rs`). Never set together with `tracked`.
+    ksm_wp: std::sync::OnceLock<Arc<Tracker>>,
 }
 
 // SAFETY: HostRegion owns its mapping; the pointer is only handed out as a
@@ -175,6 +180,7 @@ impl HostRegion {
             len,
             memfd: None,
             tracked: None,
+            ksm_wp: std::sync::OnceLock::new(),
         })
     }
 
@@ -187,6 +193,7 @@ impl HostRegion {
             len,
             memfd: Some(fd),
             tracked: None,
+            ksm_wp: std::sync::OnceLock::new(),
         })
     }
 
@@ -222,12 +229,41 @@ impl HostRegion {
         self.tracked.as_ref()
     }
 
+    /// Host length of the mapping.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Is this a private anonymous mapping (not a memfd)?
+    pub(crate) fn is_anon(&self) -> bool {
+        self.memfd.is_none()
+    }
+
+    /// The tracker of an untracked mapping registered for write-protect
+    /// only (KSM), if it was.
+    pub(crate) fn ksm_wp(&self) -> Option<&Arc<Tracker>> {
+        self.ksm_wp.get()
+    }
+
+    /// Records the write-protect-only registration (once; `false` if it was
+    /// already recorded).
+    pub(crate) fn set_ksm_wp(&self, t: Arc<Tracker>) -> bool {
+        debug_assert!(self.tracked.is_none());
+        self.ksm_wp.set(t).is_ok()
+    }
+
+    /// The tracker whose write-protect a merge can use: the full one of a
+    /// tracked mapping, or the write-protect-only one.
+    pub(crate) fn wp_tracker(&self) -> Option<&Arc<Tracker>> {
+        self.tracked.as_ref().or(self.ksm_wp.get())
+    }
+
     /// Frees the host pages of `[off, off+len)`: DONTNEED for anonymous
     /// memory, PUNCH_HOLE for the memfd (nobody else maps our memfd, so the
     /// range is dead once the VMA over it goes).
     pub(crate) fn free_pages(&self, off: usize, len: usize) -> Result<()> {
         let r = self.range(off, len);
-        if let Some(t) = &self.tracked {
+        if let Some(t) = self.wp_tracker() {
             // Our own discard: announce it, so the handler does not take the
             // REMOVE message it produces for an embedder's madvise (which
             // would uncharge pages a fault re-populated after our zap).
@@ -248,7 +284,7 @@ impl HostRegion {
 
 impl Drop for HostRegion {
     fn drop(&mut self) {
-        if let Some(t) = self.tracked.take() {
+        if let Some(t) = self.tracked.take().or_else(|| self.ksm_wp.take()) {
             // Unregister first: munmap of a registered range would queue an
             // UNMAP message and wait for the handler to read it.
             t.forget(

@@ -8,6 +8,15 @@
 //! and its race diagram). A later write by anyone (vCPU, JIT code, the copy
 //! API) is copy-on-write in the kernel. Savings show in PSS, not RSS.
 //!
+//! Tracked and untracked private anonymous 4 KiB VMAs merge. An untracked
+//! one is registered with the mm's userfaultfd for write-protect only when
+//! it becomes a candidate ([`Ksm::madvise`] `Mergeable`,
+//! [`Ksm::set_merge_any`]); pages the embedder touched through the host
+//! pointer are found with pagemap and, never having been charged, are not
+//! uncharged by their merge. Without userfaultfd write-protect such a VMA is
+//! registered but never merged (`Mm::ksm_wp_failures`, a `warn` event).
+//! THP, shared, mlocked and pinned VMAs never merge.
+//!
 //! # Overview (mm/ksm.c `DOC: Overview`, adapted)
 //!
 //! * **Slots** ([`Ksm::enter`], `__ksm_enter`): one per registered mm, in a
@@ -286,6 +295,10 @@ pub(crate) struct Inner {
     pub(crate) list: Mutex<ScanList>,
     pub(crate) store: StableStore,
     pub(crate) counters: Counters,
+    /// Mm ids whose `ksm_exit` hook is registered: one hook per mm, however
+    /// often it leaves KSM (its slot freed by the scanner) and enters again.
+    /// Inserted under the slot-list lock by `enter`, removed by the hook.
+    pub(crate) hooked: DashMap<u64, ()>,
     /// Wakes the scan loop (knob changes, first slot, stop).
     pub(crate) wake: Event,
     pub(crate) stop: AtomicBool,
@@ -341,6 +354,8 @@ enum ExitPath {
 /// `__ksm_exit` (PROTOCOL §9.5). `users` is already 0.
 async fn ksm_exit(inner: &Inner, mm: &Mm) {
     debug_assert_eq!(mm.users(), 0);
+    // The hook runs once per mm: forget it (mm ids are never reused).
+    inner.hooked.remove(&mm.id());
     // Only mms that entered (MMF_VM_MERGEABLE).
     if !mm.flags().test(MmFlag::VM_MERGEABLE) {
         return;
@@ -442,6 +457,7 @@ impl Ksm {
                 list: Mutex::new(ScanList::default()),
                 store,
                 counters: Counters::default(),
+                hooked: DashMap::new(),
                 wake: Event::new(),
                 stop: AtomicBool::new(false),
             }),
@@ -450,15 +466,18 @@ impl Ksm {
 
     /// `__ksm_enter`: registers `mm` (idempotent). The slot pins the mm
     /// struct with a grab (never a user); `VM_MERGEABLE` is set and the
-    /// `ksm_exit` hook registered.
+    /// `ksm_exit` hook registered, once per mm: an mm whose slot the scanner
+    /// freed and that enters again keeps its one hook.
     pub fn enter(&self, mm: &MmUser) -> Result<()> {
         let inner = &self.inner;
         let was_empty;
+        let needs_hook;
         {
             let mut list = lock(&inner.list);
             if inner.slots.contains_key(&mm.id()) {
                 return Ok(());
             }
+            needs_hook = inner.hooked.insert(mm.id(), ()).is_none();
             let slot = Arc::new(Slot {
                 mm: mm.grab(),
                 rmap_items: AtomicU64::new(0),
@@ -477,7 +496,9 @@ impl Ksm {
             };
             list.order.insert(at, slot);
         }
-        mm.add_exit_hook(Arc::new(KsmExitHook(Arc::downgrade(inner))));
+        if needs_hook {
+            mm.add_exit_hook(Arc::new(KsmExitHook(Arc::downgrade(inner))));
+        }
         mm.flags().set(MmFlag::VM_MERGEABLE);
         tracing::debug!(target: "mm_ksm::ksm_enter", mm_id = mm.id(), "ksm_enter");
         if was_empty {
@@ -486,9 +507,10 @@ impl Ksm {
         Ok(())
     }
 
-    /// `madvise` with KSM's part: `Mergeable` sets `VM_MERGEABLE` and
-    /// enters the mm; `Unmergeable` clears it and unmerges the range's
-    /// pages (`unmerge_ksm_pages`). Other advice is passed to mm-core.
+    /// `madvise` with KSM's part: `Mergeable` sets `VM_MERGEABLE` (mm-core
+    /// registers untracked VMAs for userfaultfd write-protect) and enters
+    /// the mm; `Unmergeable` clears it and unmerges the range's pages
+    /// (`unmerge_ksm_pages`). Other advice is passed to mm-core.
     pub async fn madvise(&self, mm: &MmUser, addr: u64, len: u64, advice: Advice) -> Result<()> {
         let id = mm.id();
         mm.madvise(addr, len, advice).await.map_err(Error::mm(id))?;
@@ -516,6 +538,13 @@ impl Ksm {
     pub async fn set_merge_any(&self, mm: &MmUser, on: bool) -> Result<()> {
         if on {
             mm.flags().set(MmFlag::VM_MERGE_ANY);
+            // Untracked VMAs need their write-protect registration before
+            // they can merge (mm-core `ksm_prepare_all`; later mmaps get it
+            // at creation while the flag is set).
+            let failed = mm.ksm_prepare_all().await.map_err(Error::mm(mm.id()))?;
+            if failed > 0 {
+                tracing::warn!(target: "mm_ksm", mm_id = mm.id(), vmas = failed, "merge-any: VMAs without userfaultfd write-protect will not merge");
+            }
             return self.enter(mm);
         }
         mm.flags().clear(MmFlag::VM_MERGE_ANY);
@@ -754,5 +783,156 @@ impl KsmThread {
 impl Drop for KsmThread {
     fn drop(&mut self) {
         self.join();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use mm_core::{Host, MapOptions, PAGE_SIZE};
+
+    use super::*;
+
+    const PAGE: u64 = PAGE_SIZE as u64;
+
+    #[test]
+    fn test_knob_validation_errors() {
+        let e = Ksm::new(KsmConfig {
+            pages_to_scan: 0,
+            ..KsmConfig::default()
+        })
+        .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::BadKnob {
+                    knob: "pages_to_scan",
+                    value: 0,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        let e = Ksm::new(KsmConfig {
+            max_page_sharing: 1,
+            ..KsmConfig::default()
+        })
+        .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::BadKnob {
+                    knob: "max_page_sharing",
+                    value: 1,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        let k = Ksm::new(KsmConfig::default()).unwrap();
+        k.set_pages_to_scan(5).unwrap();
+        assert!(matches!(
+            k.set_pages_to_scan(0),
+            Err(Error::BadKnob {
+                knob: "pages_to_scan",
+                ..
+            })
+        ));
+        assert_eq!(k.inner.pages_to_scan.load(Ordering::Relaxed), 5, "kept");
+        k.set_max_page_sharing(2).unwrap();
+        assert!(matches!(
+            k.set_max_page_sharing(0),
+            Err(Error::BadKnob {
+                knob: "max_page_sharing",
+                ..
+            })
+        ));
+        assert_eq!(k.inner.max_page_sharing.load(Ordering::Relaxed), 2, "kept");
+    }
+
+    #[test]
+    fn test_run_round_trip() {
+        for r in [Run::Stop, Run::Merge, Run::Unmerge] {
+            assert_eq!(Run::from_u8(r.to_u8()), r);
+        }
+        assert_eq!(Run::from_u8(3), Run::Stop);
+        assert_eq!(Run::from_u8(u8::MAX), Run::Stop);
+        let k = Ksm::new(KsmConfig::default()).unwrap();
+        assert_eq!(k.run_mode(), Run::Stop);
+        for r in [Run::Merge, Run::Unmerge, Run::Stop] {
+            k.set_run_blocking(r).unwrap();
+            assert_eq!(k.run_mode(), r);
+        }
+    }
+
+    #[test]
+    fn test_stats_formulas() {
+        let k = Ksm::new(KsmConfig::default()).unwrap();
+        let c = &k.inner.counters;
+        let set = |items, shared, sharing, unshared, zero| {
+            c.rmap_items.store(items, Ordering::Relaxed);
+            c.pages_shared.store(shared, Ordering::Relaxed);
+            c.pages_sharing.store(sharing, Ordering::Relaxed);
+            c.pages_unshared.store(unshared, Ordering::Relaxed);
+            c.ksm_zero_pages.store(zero, Ordering::Relaxed);
+        };
+        let item = scan::RMAP_ITEM_BYTES as i64;
+        // Volatile = items - shared - sharing - unshared ...
+        set(10, 1, 2, 3, 0);
+        let s = k.stats();
+        assert_eq!(s.pages_volatile, 4);
+        assert_eq!(s.general_profit, 2 * PAGE as i64 - 10 * item);
+        // ... clamped at 0 (the counters are published one batch apart).
+        set(3, 2, 4, 1, 0);
+        assert_eq!(k.stats().pages_volatile, 0);
+        // Profit is negative when the items cost more than the sharing saves.
+        set(1000, 0, 0, 0, 0);
+        let s = k.stats();
+        assert_eq!(s.general_profit, -1000 * item);
+        assert!(s.general_profit < 0);
+        // Zero pages count as saved.
+        set(0, 0, 0, 0, 5);
+        assert_eq!(k.stats().general_profit, 5 * PAGE as i64);
+    }
+
+    /// `ksm_exit`: no rmap items and not at the cursor → the fast path
+    /// frees the slot; with rmap items → the barrier path leaves it to the
+    /// scanner, which frees it at its next visit.
+    #[test]
+    fn test_exit_fast_path_vs_slow_path() {
+        let host = Host::with_budget(64 << 20);
+        let k = Ksm::new(KsmConfig::default()).unwrap();
+        let map = |name: &str| {
+            let mm = host.new_mm(name);
+            let a = mm
+                .mmap_blocking(MapOptions::anon(4 * PAGE).tracked(true))
+                .unwrap();
+            mm.fill_blocking(a, 4 * PAGE, 1).unwrap();
+            k.enter(&mm).unwrap();
+            mm
+        };
+        let fast = map("fast");
+        let (id, watch) = (fast.id(), fast.watch());
+        drop(fast);
+        let s = k.stats();
+        assert_eq!((s.slots_freed_by_exit, s.mm_slots), (1, 0), "{s:?}");
+        assert!(!k.is_registered(id) && watch.is_freed());
+
+        let slow = map("slow");
+        let (id, watch) = (slow.id(), slow.watch());
+        k.inner
+            .slots
+            .get(&id)
+            .unwrap()
+            .rmap_items
+            .store(4, Ordering::SeqCst);
+        drop(slow);
+        assert_eq!(k.stats().slots_freed_by_exit, 1, "slow path frees nothing");
+        assert!(k.is_registered(id), "left for the scanner");
+        assert!(!watch.is_freed(), "the slot still pins the struct");
+        k.set_run_blocking(Run::Merge).unwrap();
+        k.scan_step_blocking();
+        assert!(!k.is_registered(id));
+        assert!(watch.is_freed());
+        assert_eq!(k.stats().slots_freed_by_scanner, 1);
     }
 }

@@ -61,8 +61,11 @@ pub(crate) struct SlotItems {
 struct StableNode {
     checksum: u64,
     mappers: u64,
-    /// The budget charged for this page (of the mm whose page filled it).
-    budget: Arc<Budget>,
+    /// The budget charged for this page: of the mm whose charged page
+    /// filled it, or, if that page was never charged (touched through the
+    /// host pointer of an untracked region), of the first charged page
+    /// merged onto it later; `None` while no charge was moved here.
+    budget: Option<Arc<Budget>>,
 }
 
 /// A run of another mm's pages (the unstable tree's side of a pair) to be
@@ -147,7 +150,9 @@ impl Scanner {
         if let Err(e) = inner.store.release(id) {
             tracing::warn!(target: "mm_ksm", id, error = %e, "stable page release failed");
         }
-        n.budget.uncharge(PAGE);
+        if let Some(b) = &n.budget {
+            b.uncharge(PAGE);
+        }
         inner
             .counters
             .stable_pages_freed
@@ -155,7 +160,20 @@ impl Scanner {
         tracing::trace!(target: "mm_ksm::ksm_remove_ksm_page", id, "ksm_remove_ksm_page");
     }
 
-    fn new_node(&mut self, id: u64, checksum: u64, budget: Arc<Budget>) {
+    /// Frees a stable page that ended up with no mapper (the merge that
+    /// created it recorded none): released like `drop_mapper` does.
+    fn release_if_unmapped(&mut self, inner: &Inner, id: u64) {
+        if self.stable.get(&id).is_some_and(|n| n.mappers == 0) {
+            // drop_mapper's accounting expects one mapper to drop.
+            if let Some(n) = self.stable.get_mut(&id) {
+                n.mappers = 1;
+            }
+            self.mappers += 1;
+            self.drop_mapper(inner, id);
+        }
+    }
+
+    fn new_node(&mut self, id: u64, checksum: u64, budget: Option<Arc<Budget>>) {
         self.stable.insert(
             id,
             StableNode {
@@ -167,13 +185,16 @@ impl Scanner {
         self.by_sum.entry(checksum).or_default().push(id);
     }
 
-    /// A stable page with this checksum and room for one more mapper.
-    fn find_stable(&self, checksum: u64, max: u64) -> Option<u64> {
-        self.by_sum
-            .get(&checksum)?
-            .iter()
-            .copied()
-            .find(|id| self.stable.get(id).is_some_and(|n| n.mappers < max))
+    /// A stable page with this checksum and room for one more mapper,
+    /// counting the mappers `planned` for it earlier in the same chunk
+    /// (classified, not merged yet): without them a run of identical pages
+    /// would all pick the same page and overshoot `max_page_sharing`.
+    fn find_stable(&self, checksum: u64, max: u64, planned: &HashMap<u64, u64>) -> Option<u64> {
+        self.by_sum.get(&checksum)?.iter().copied().find(|id| {
+            self.stable
+                .get(id)
+                .is_some_and(|n| n.mappers + planned.get(id).copied().unwrap_or(0) < max)
+        })
     }
 
     /// Forgets what `item` held: its mapper, its zero page.
@@ -335,6 +356,12 @@ pub(crate) async fn do_scan(inner: &Inner, sc: &mut Scanner, budget: u64) -> u64
             .await
         };
         scanned += visit.scanned;
+        if visit.end {
+            // The walk of this mm is over, however it ended (users == 0
+            // before or during the walk, nothing mergeable left): the next
+            // slot's walk starts at 0, never at where this one stopped.
+            sc.address = 0;
+        }
         sched::point("ksm:visited").await;
 
         // 5-6. Leave the slot.
@@ -524,6 +551,8 @@ async fn scan_chunk(
     }
     let mut class = vec![Class::None; n];
     let mut sums = vec![0u64; n];
+    // Mappers this chunk will add to each stable page (max_page_sharing).
+    let mut planned: HashMap<u64, u64> = HashMap::new();
     for i in 0..n {
         let addr = a + i as u64 * PAGE;
         match out[i] {
@@ -586,7 +615,8 @@ async fn scan_chunk(
                 }
                 if use_zero && sum == zero_sum() && page.iter().all(|b| *b == 0) {
                     class[i] = Class::Zero;
-                } else if let Some(id) = sc.find_stable(sum, max_sharing) {
+                } else if let Some(id) = sc.find_stable(sum, max_sharing, &planned) {
+                    *planned.entry(id).or_default() += 1;
                     class[i] = Class::Stable(id);
                 } else {
                     match sc.unstable.entry(sum) {
@@ -702,11 +732,26 @@ fn merge_stable(
     if sc.map_limited {
         return;
     }
-    match mm.ksm_merge(state, addr, n, &inner.store, first, false) {
+    let mut charged = vec![false; n as usize];
+    match mm.ksm_merge(state, addr, n, &inner.store, first, false, &mut charged) {
         Ok(KsmMerge::Merged) => {
+            // Budget: a charged page's charge moves to a stable page that
+            // has none yet (it was filled by a never-charged page), else it
+            // is given back; a never-charged page gives nothing back.
+            let mut give_back = 0;
             for k in 0..n {
                 sc.record_merged(items, addr + k * PAGE, first + k);
+                if !charged[k as usize] {
+                    continue;
+                }
+                match sc.stable.get_mut(&(first + k)) {
+                    Some(node) if node.budget.is_none() => {
+                        node.budget = Some(mm.budget().clone());
+                    }
+                    _ => give_back += 1,
+                }
             }
+            mm.ksm_uncharge(give_back);
             tracing::trace!(target: "mm_ksm::ksm_merge_with_ksm_page", mm_id = mm.id(), addr, pages = n, stable = first, "ksm_merge_with_ksm_page");
         }
         Ok(KsmMerge::Changed) if n > 1 => {
@@ -740,17 +785,28 @@ fn merge_new(
     }
     let n = sums.len() as u64;
     let first = inner.store.alloc(n)?;
+    // Ids that end up unused (the merge did not happen) are released at
+    // once: punching a hole that was never filled is harmless, and the
+    // store's allocated-minus-released count stays the pages in use.
     let release = |inner: &Inner| {
         for k in 0..n {
             let _ = inner.store.release(first + k);
         }
     };
-    match mm.ksm_merge(state, addr, n, &inner.store, first, true) {
+    let mut charged = vec![false; n as usize];
+    match mm.ksm_merge(state, addr, n, &inner.store, first, true, &mut charged) {
         Ok(KsmMerge::Merged) => {
             for (k, sum) in sums.iter().enumerate() {
+                // The filling page's charge (if it had one) moves to the
+                // stable page: nothing is uncharged here.
+                let budget = charged[k].then(|| mm.budget().clone());
                 let k = k as u64;
-                sc.new_node(first + k, *sum, mm.budget().clone());
+                sc.new_node(first + k, *sum, budget);
                 sc.record_merged(items, addr + k * PAGE, first + k);
+                // Every new node has this run's page as its mapper; one
+                // without (cannot happen while record_merged adds one) would
+                // never be freed by drop_mapper.
+                sc.release_if_unmapped(inner, first + k);
             }
             tracing::trace!(target: "mm_ksm::ksm_merge_one_page", mm_id = mm.id(), addr, pages = n, stable = first, "ksm_merge_one_page");
             Some(first)
@@ -760,7 +816,10 @@ fn merge_new(
             map_limit(inner, sc, mm);
             None
         }
-        Ok(_) => None,
+        Ok(_) => {
+            release(inner);
+            None
+        }
         Err(e) => {
             release(inner);
             tracing::warn!(target: "mm_ksm", mm_id = mm.id(), addr, error = %e, "merge failed");
@@ -885,4 +944,52 @@ pub(crate) async fn unmerge_all(inner: &Inner, sc: &mut Scanner) -> Result<()> {
     inner.counters.full_scans.store(0, Ordering::Relaxed);
     publish(inner, sc);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use mm_core::{Host, MapOptions};
+
+    use super::*;
+    use crate::{Ksm, KsmConfig};
+
+    /// Review finding (c): the stable ids of a pair run whose merge did not
+    /// happen (the page changed) are released, not left allocated.
+    #[test]
+    fn test_unused_stable_ids_released() {
+        let host = Host::with_budget(64 << 20);
+        let k = Ksm::new(KsmConfig::default()).unwrap();
+        let inner = &k.inner;
+        let mm = host.new_mm("c");
+        let addr = mm
+            .mmap_blocking(MapOptions::anon(4 * PAGE).tracked(true))
+            .unwrap();
+        let mut sc = Scanner::default();
+        let mut items = SlotItems::default();
+        let state = futures_lite::future::block_on(mm.lock().read());
+        // Never populated: the merge finds the pages absent (Changed).
+        let first = merge_new(inner, &mut sc, &mm, &state, &mut items, addr, &[1, 2]);
+        assert_eq!(first, None);
+        assert_eq!(inner.store.counts(), (2, 2), "allocated ids not released");
+        assert!(sc.stable.is_empty() && items.map.is_empty());
+        drop(state);
+    }
+
+    /// A stable page left with no mapper is freed (hole punched, its
+    /// charge given back).
+    #[test]
+    fn test_unmapped_stable_page_released_and_uncharged() {
+        let host = Host::with_budget(64 << 20);
+        let k = Ksm::new(KsmConfig::default()).unwrap();
+        let inner = &k.inner;
+        let mut sc = Scanner::default();
+        host.budget().try_charge(PAGE).unwrap();
+        let id = inner.store.alloc(1).unwrap();
+        sc.new_node(id, 7, Some(host.budget().clone()));
+        sc.release_if_unmapped(inner, id);
+        assert!(sc.stable.is_empty() && sc.by_sum.is_empty());
+        assert_eq!(sc.mappers, 0);
+        assert_eq!(inner.store.counts(), (1, 1));
+        assert_eq!(host.budget().charged(), 0);
+    }
 }
