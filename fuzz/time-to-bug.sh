@@ -16,6 +16,7 @@
 # A median of a column where nothing was found is the budget itself.
 #
 # Usage: fuzz/time-to-bug.sh [SEEDS=5] [MAX_SECONDS=60] [PATCH_NAME...]
+# (TTB_VERBOSE=1: each threads run's line, with the invariant, on stderr)
 set -euo pipefail
 root=$(git rev-parse --show-toplevel)
 seeds=${1:-5}
@@ -56,6 +57,7 @@ for name in "${patches[@]}"; do
       line=$("$CARGO_TARGET_DIR/release/examples/threads" "$t" "$max" "$s" 2>/dev/null || true)
       ttimes+=("$(echo "$line" | sed -n 's/.*after_s=\([0-9.]*\).*/\1/p')")
       case "$line" in found=1*) tfound=$((tfound + 1));; esac
+      [ -z "${TTB_VERBOSE:-}" ] || echo "  $name $t seed=$s threads: $line" >&2
     done
     printf '%s target=%s median_s=%s found=%d/%d random_median_s=%s random_found=%d/%d threads_median_s=%s threads_found=%d/%d\n' \
       "$name" "$t" "$(printf '%s\n' "${times[@]}" | median)" "$found" "$seeds" \
