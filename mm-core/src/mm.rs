@@ -734,12 +734,15 @@ impl Mm {
                     Some(Ok(true)) => Ok(()),
                     Some(Err(e)) => Err(e),
                     // Untracked, or the handler died (ranges unregistered).
-                    Some(Ok(false)) | None => if write {
-                        sys::populate_write(r)
-                    } else {
-                        sys::populate_read(r)
+                    Some(Ok(false)) | None => {
+                        if crate::sched::fail("fail:madvise(POPULATE)") {
+                            Err(crate::vma::injected("madvise(POPULATE)"))
+                        } else if write {
+                            sys::populate_write(r).map_err(Error::host("madvise(POPULATE)"))
+                        } else {
+                            sys::populate_read(r).map_err(Error::host("madvise(POPULATE)"))
+                        }
                     }
-                    .map_err(Error::host("madvise(POPULATE)")),
                 };
                 if let Err(e) = res {
                     // Pages populated so far in this chunk are not marked
