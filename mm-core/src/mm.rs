@@ -541,50 +541,70 @@ impl Mm {
         let mut gpn = first;
         let mut olds = Vec::with_capacity(PAGES_PER_LEAF as usize);
         let mut wp_cleared = false;
-        while gpn < last {
-            let stop = ((gpn / PAGES_PER_LEAF + 1) * PAGES_PER_LEAF).min(last);
-            match self.pgtable.leaf(gpn, &guard) {
-                None => {
-                    pending.get_or_insert(gpn);
-                }
-                Some(leaf) => {
-                    if let Some(p) = pending.take() {
-                        vma.free_host(p * PAGE, gpn * PAGE)?;
-                    }
-                    olds.clear();
-                    for p in gpn..stop {
-                        olds.push(pte_lock(leaf.pte(p)));
-                    }
-                    let mut res = vma.free_host(gpn * PAGE, stop * PAGE);
-                    if res.is_ok() && matches!(reason, ZapReason::DontNeed | ZapReason::Reap) {
-                        // Merged pages (KSM): the host range is a private
-                        // mapping of the KSM memfd, where DONTNEED only drops
-                        // a private copy and a later touch would read the
-                        // stable page, not zeros. Put anonymous memory back
-                        // (munmap and exit_mmap leave the range dead anyway).
-                        res = self.restore_anon_runs(vma, gpn, &olds);
-                    }
-                    for (i, p) in (gpn..stop).enumerate() {
-                        let old = olds[i];
-                        if res.is_ok() {
-                            if Pte(old).present() {
-                                freed += 1;
-                            }
-                            wp_cleared |= old & Pte::WP != 0;
-                            // Present, KSM, FILEMAP, KSM_ZERO, WP: all gone.
-                            pte_unlock(leaf.pte(p), 0);
-                        } else {
-                            pte_unlock(leaf.pte(p), old);
-                        }
-                    }
-                    res?;
-                }
+        // Found by Nth-failure injection (kill_anywhere): a failed host free
+        // used to abort the zap, and exit_mmap / munmap, whose VMA is
+        // already out of every guest's reach, then dropped the VMA with its
+        // pages still charged (I-RC-3: budget never back to 0). For those
+        // two the pages count as freed anyway: the host mapping under them
+        // is unmapped when its region goes (exit_mmap step 10; munmap once
+        // the last VMA slicing the region is gone), which frees them.
+        let free_host = |s: u64, e: u64| match (vma.free_host(s, e), reason) {
+            (Err(err), ZapReason::Exit | ZapReason::Munmap) => {
+                tracing::warn!(target: "mm_core::zap", mm_id = self.id, ?reason, error = %err,
+                    "host free failed; pages freed with the mapping");
+                Ok(())
             }
-            gpn = stop;
-        }
-        if let Some(p) = pending.take() {
-            vma.free_host(p * PAGE, last * PAGE)?;
-        }
+            (res, _) => res,
+        };
+        // Whatever fails, what was zapped so far is uncharged below (a
+        // multi-leaf zap used to return before uncharging earlier leaves).
+        let res = (|| -> Result<()> {
+            while gpn < last {
+                let stop = ((gpn / PAGES_PER_LEAF + 1) * PAGES_PER_LEAF).min(last);
+                match self.pgtable.leaf(gpn, &guard) {
+                    None => {
+                        pending.get_or_insert(gpn);
+                    }
+                    Some(leaf) => {
+                        if let Some(p) = pending.take() {
+                            free_host(p * PAGE, gpn * PAGE)?;
+                        }
+                        olds.clear();
+                        for p in gpn..stop {
+                            olds.push(pte_lock(leaf.pte(p)));
+                        }
+                        let mut res = free_host(gpn * PAGE, stop * PAGE);
+                        if res.is_ok() && matches!(reason, ZapReason::DontNeed | ZapReason::Reap) {
+                            // Merged pages (KSM): the host range is a private
+                            // mapping of the KSM memfd, where DONTNEED only drops
+                            // a private copy and a later touch would read the
+                            // stable page, not zeros. Put anonymous memory back
+                            // (munmap and exit_mmap leave the range dead anyway).
+                            res = self.restore_anon_runs(vma, gpn, &olds);
+                        }
+                        for (i, p) in (gpn..stop).enumerate() {
+                            let old = olds[i];
+                            if res.is_ok() {
+                                if Pte(old).present() {
+                                    freed += 1;
+                                }
+                                wp_cleared |= old & Pte::WP != 0;
+                                // Present, KSM, FILEMAP, KSM_ZERO, WP: all gone.
+                                pte_unlock(leaf.pte(p), 0);
+                            } else {
+                                pte_unlock(leaf.pte(p), old);
+                            }
+                        }
+                        res?;
+                    }
+                }
+                gpn = stop;
+            }
+            if let Some(p) = pending.take() {
+                free_host(p * PAGE, last * PAGE)?;
+            }
+            Ok(())
+        })();
         if wp_cleared {
             // API writers waiting for these pages' unprotect (step 7 of
             // tracked.rs): the pages are gone, so is the protection.
@@ -597,6 +617,7 @@ impl Mm {
         } else {
             self.uncharge_pages(freed, 0);
         }
+        res?;
         tracing::trace!(target: "mm_core::zap", mm_id = self.id, ?reason, start, end, pages = freed);
         Ok(freed)
     }
