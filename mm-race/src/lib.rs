@@ -25,4 +25,4 @@ pub mod mode;
 pub mod scenario;
 
 pub use mode::Mode;
-pub use scenario::{run, run_mode, steps_executed, Finding, Target};
+pub use scenario::{failures_injected, run, run_mode, steps_executed, Finding, Target};

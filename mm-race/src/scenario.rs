@@ -221,6 +221,13 @@ fn build_guest(host: &Host, name: &str, setup: &Setup) -> Option<GuestSetup> {
 
 thread_local! {
     static STEPS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    static INJECTED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Runs on this thread so far in which a failure was injected (the tests
+/// check that the fallible sites are really reached).
+pub fn failures_injected() -> u64 {
+    INJECTED.with(|s| s.get())
 }
 
 /// Protocol steps executed on this thread so far (coverage of the schedule
@@ -242,7 +249,7 @@ pub fn run_mode(target: Target, data: &[u8], mode: &Mode) -> Option<Finding> {
         return None;
     };
     if target == Target::KillAnywhere {
-        setup.fail_nth = u.int_in_range(0..=63).unwrap_or(0);
+        setup.fail_nth = u.int_in_range(0..=15).unwrap_or(0);
     }
     let schedule = u.take_rest().to_vec();
     run_setup_mode(target, &setup, &schedule, mode)
@@ -409,6 +416,9 @@ pub fn run_setup_mode(
 
     let mut report = sim.run(20_000);
     STEPS.with(|s| s.set(s.get() + report.trace.len() as u64));
+    if report.injected.is_some() {
+        INJECTED.with(|s| s.set(s.get() + 1));
+    }
     let threads = sim.is_threads();
     let finding = |report: &Report, what: String| {
         let what = match report.injected {
