@@ -4,13 +4,19 @@
 # core, and print one line per (patch, target):
 #
 #   NAME target=T median_s=X found=K/N random_median_s=Y random_found=K/N
+#        threads_median_s=Z threads_found=K/N
 #
 # "random" runs the same actors with uniformly random inputs (mm-race's
 # `hunt` example) for the same time budget, so the value of coverage
-# guidance is a measured number. Not measured here: the same actors on
-# plain OS threads (they are futures sharing Rc state; see FUZZING.md).
+# guidance is a measured number. "threads" runs the same random setups with
+# the same actors each on its own plain OS thread (mm-race's `threads`
+# example: no yield hook, real time, the real blocking mmap lock, a 2 s
+# wall-clock limit per run reported as deadlock/hang), for the same budget,
+# so the value of the deterministic executor is a measured number too.
+# A median of a column where nothing was found is the budget itself.
 #
 # Usage: fuzz/time-to-bug.sh [SEEDS=5] [MAX_SECONDS=60] [PATCH_NAME...]
+# (TTB_VERBOSE=1: each threads run's line, with the invariant, on stderr)
 set -euo pipefail
 root=$(git rev-parse --show-toplevel)
 seeds=${1:-5}
@@ -30,10 +36,10 @@ for name in "${patches[@]}"; do
   scratch=$(mktemp -d)
   git -C "$root" worktree add -q --detach "$scratch" HEAD
   git -C "$scratch" apply "$patch"
-  (cd "$scratch" && cargo build -q --release -p mm-race --example hunt 2>/dev/null)
+  (cd "$scratch" && cargo build -q --release -p mm-race --example hunt --example threads 2>/dev/null)
   for t in $targets; do (cd "$scratch" && cargo +nightly fuzz build "$t" >/dev/null 2>&1); done
   for t in $targets; do
-    times=(); found=0; rtimes=(); rfound=0
+    times=(); found=0; rtimes=(); rfound=0; ttimes=(); tfound=0
     for s in $(seq 1 "$seeds"); do
       corpus=$(mktemp -d)
       start=$(date +%s.%N)
@@ -48,10 +54,15 @@ for name in "${patches[@]}"; do
       line=$("$CARGO_TARGET_DIR/release/examples/hunt" "$t" "$max" "$s" 2>/dev/null || true)
       rtimes+=("$(echo "$line" | sed -n 's/.*after_s=\([0-9.]*\).*/\1/p')")
       case "$line" in found=1*) rfound=$((rfound + 1));; esac
+      line=$("$CARGO_TARGET_DIR/release/examples/threads" "$t" "$max" "$s" 2>/dev/null || true)
+      ttimes+=("$(echo "$line" | sed -n 's/.*after_s=\([0-9.]*\).*/\1/p')")
+      case "$line" in found=1*) tfound=$((tfound + 1));; esac
+      [ -z "${TTB_VERBOSE:-}" ] || echo "  $name $t seed=$s threads: $line" >&2
     done
-    printf '%s target=%s median_s=%s found=%d/%d random_median_s=%s random_found=%d/%d\n' \
+    printf '%s target=%s median_s=%s found=%d/%d random_median_s=%s random_found=%d/%d threads_median_s=%s threads_found=%d/%d\n' \
       "$name" "$t" "$(printf '%s\n' "${times[@]}" | median)" "$found" "$seeds" \
-      "$(printf '%s\n' "${rtimes[@]}" | median)" "$rfound" "$seeds"
+      "$(printf '%s\n' "${rtimes[@]}" | median)" "$rfound" "$seeds" \
+      "$(printf '%s\n' "${ttimes[@]}" | median)" "$tfound" "$seeds"
   done
   git -C "$root" worktree remove --force "$scratch"
 done

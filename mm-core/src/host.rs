@@ -63,6 +63,16 @@ impl Budget {
     pub fn try_charge(&self, bytes: u64) -> std::result::Result<(), OverBudget> {
         let limit = self.limit.load(Ordering::Relaxed);
         let mut cur = self.charged.load(Ordering::Relaxed);
+        // An allocation failure injected by the race harness: the same
+        // refusal as a charge over the limit.
+        if crate::sched::fail("fail:charge") {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+            return Err(OverBudget {
+                requested: bytes,
+                charged: cur,
+                budget: limit,
+            });
+        }
         loop {
             let new = cur.saturating_add(bytes);
             if new > limit {

@@ -575,13 +575,28 @@ impl Mm {
         let mut gpn = first;
         let mut olds = Vec::with_capacity(PAGES_PER_LEAF as usize);
         let mut wp_cleared = false;
+        // Found by Nth-failure injection (kill_anywhere): a failed host free
+        // used to abort the zap, and exit_mmap / munmap, whose VMA is
+        // already out of every guest's reach, then dropped the VMA with its
+        // pages still charged (I-RC-3: budget never back to 0). For those
+        // two the pages count as freed anyway: the host mapping under them
+        // is unmapped when its region goes (exit_mmap step 10; munmap once
+        // the last VMA slicing the region is gone), which frees them.
+        let free_host = |s: u64, e: u64| match (vma.free_host(s, e), reason) {
+            (Err(err), ZapReason::Exit | ZapReason::Munmap) => {
+                tracing::warn!(target: "mm_core::zap", mm_id = self.id, ?reason, error = %err,
+                    "host free failed; pages freed with the mapping");
+                Ok(())
+            }
+            (res, _) => res,
+        };
         // One leaf's pages, under all of its PTE locks.
         let mut zap_leaf = |leaf: &crate::pgtable::Leaf, gpn: u64, stop: u64| -> Result<()> {
             olds.clear();
             for p in gpn..stop {
                 olds.push(pte_lock(leaf.pte(p)));
             }
-            let mut res = vma.free_host(gpn * PAGE, stop * PAGE);
+            let mut res = free_host(gpn * PAGE, stop * PAGE);
             if res.is_ok() && matches!(reason, ZapReason::DontNeed | ZapReason::Reap) {
                 // Merged pages (KSM): the host range is a private
                 // mapping of the KSM memfd, where DONTNEED only drops
@@ -624,7 +639,7 @@ impl Mm {
                      q: u64,
                      zap_leaf: &mut dyn FnMut(&crate::pgtable::Leaf, u64, u64) -> Result<()>|
          -> Result<()> {
-            vma.free_host(p * PAGE, q * PAGE)?;
+            free_host(p * PAGE, q * PAGE)?;
             let mut g = p;
             while g < q {
                 let stop = ((g / PAGES_PER_LEAF + 1) * PAGES_PER_LEAF).min(q);
@@ -635,24 +650,29 @@ impl Mm {
             }
             Ok(())
         };
-        while gpn < last {
-            let stop = ((gpn / PAGES_PER_LEAF + 1) * PAGES_PER_LEAF).min(last);
-            match self.pgtable.leaf(gpn, &guard) {
-                None => {
-                    pending.get_or_insert(gpn);
-                }
-                Some(leaf) => {
-                    if let Some(p) = pending.take() {
-                        flush(p, gpn, &mut zap_leaf)?;
+        // Whatever fails, what was zapped so far is uncharged below (a
+        // multi-leaf zap used to return before uncharging earlier leaves).
+        let res = (|| -> Result<()> {
+            while gpn < last {
+                let stop = ((gpn / PAGES_PER_LEAF + 1) * PAGES_PER_LEAF).min(last);
+                match self.pgtable.leaf(gpn, &guard) {
+                    None => {
+                        pending.get_or_insert(gpn);
                     }
-                    zap_leaf(leaf, gpn, stop)?;
+                    Some(leaf) => {
+                        if let Some(p) = pending.take() {
+                            flush(p, gpn, &mut zap_leaf)?;
+                        }
+                        zap_leaf(leaf, gpn, stop)?;
+                    }
                 }
+                gpn = stop;
             }
-            gpn = stop;
-        }
-        if let Some(p) = pending.take() {
-            flush(p, last, &mut zap_leaf)?;
-        }
+            if let Some(p) = pending.take() {
+                flush(p, last, &mut zap_leaf)?;
+            }
+            Ok(())
+        })();
         if wp_cleared {
             // API writers waiting for these pages' unprotect (step 7 of
             // tracked.rs): the pages are gone, so is the protection.
@@ -665,6 +685,7 @@ impl Mm {
         } else {
             self.uncharge_pages(freed, 0);
         }
+        res?;
         tracing::trace!(target: "mm_core::zap", mm_id = self.id, ?reason, start, end, pages = freed);
         Ok(freed)
     }
@@ -802,12 +823,15 @@ impl Mm {
                     Some(Ok(true)) => Ok(()),
                     Some(Err(e)) => Err(e),
                     // Untracked, or the handler died (ranges unregistered).
-                    Some(Ok(false)) | None => if write {
-                        sys::populate_write(r)
-                    } else {
-                        sys::populate_read(r)
+                    Some(Ok(false)) | None => {
+                        if crate::sched::fail("fail:madvise(POPULATE)") {
+                            Err(crate::vma::injected("madvise(POPULATE)"))
+                        } else if write {
+                            sys::populate_write(r).map_err(Error::host("madvise(POPULATE)"))
+                        } else {
+                            sys::populate_read(r).map_err(Error::host("madvise(POPULATE)"))
+                        }
                     }
-                    .map_err(Error::host("madvise(POPULATE)")),
                 };
                 if let Err(e) = res {
                     // Pages populated so far in this chunk are not marked

@@ -14,6 +14,13 @@
 //! [`check`] lets protocol code state an invariant at the place where a
 //! broken protocol would first be visible (a page table touched after
 //! `free_pgtables`); the hook records the violation with the current step.
+//! A thread with no hook (the harness's OS-threads mode) can still have its
+//! violations recorded: [`record_unhooked`] turns on a process-global
+//! fallback recorder instead of the debug assertion.
+//!
+//! [`fail`] marks a fallible site (a host mmap, a populate, a budget
+//! charge): the hook may ask it to fail (Nth-failure injection), and the
+//! site then takes the error path a real failure would take.
 
 use std::future::Future;
 
@@ -31,25 +38,83 @@ mod imp {
         fn step(&self, name: &'static str) -> bool;
         /// An invariant was broken at the current step.
         fn violation(&self, what: &'static str);
+        /// A fallible site is reached: return true to make it fail as the
+        /// real operation would (default: never).
+        fn fail(&self, name: &'static str) -> bool {
+            let _ = name;
+            false
+        }
     }
 
     thread_local! {
         static HOOK: RefCell<Option<Rc<dyn Hook>>> = const { RefCell::new(None) };
     }
 
-    /// Installs `hook` on this thread until the returned guard drops.
+    /// Installs `hook` on this thread until the returned guard drops (the
+    /// hook installed before, if any, is then put back).
     pub fn install(hook: Rc<dyn Hook>) -> Installed {
-        HOOK.with(|h| *h.borrow_mut() = Some(hook));
-        Installed(())
+        let prev = HOOK.with(|h| h.borrow_mut().replace(hook));
+        Installed(prev)
     }
 
-    /// Removes the hook when dropped.
-    #[derive(Debug)]
-    pub struct Installed(());
+    /// Puts the previous hook back when dropped.
+    pub struct Installed(Option<Rc<dyn Hook>>);
+
+    impl std::fmt::Debug for Installed {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("Installed").finish_non_exhaustive()
+        }
+    }
 
     impl Drop for Installed {
         fn drop(&mut self) {
-            HOOK.with(|h| *h.borrow_mut() = None);
+            let prev = self.0.take();
+            HOOK.with(|h| *h.borrow_mut() = prev);
+        }
+    }
+
+    /// Violations of threads with no hook, while a [`Recording`] is live.
+    static UNHOOKED: std::sync::Mutex<Option<Vec<&'static str>>> = std::sync::Mutex::new(None);
+
+    fn unhooked() -> std::sync::MutexGuard<'static, Option<Vec<&'static str>>> {
+        UNHOOKED.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts the process-global fallback recorder: until the returned
+    /// guard drops, a [`check`](super::check) that fails on a thread with no
+    /// hook is recorded (and logged) instead of tripping the debug
+    /// assertion. For a harness running actors on plain OS threads; one
+    /// recording at a time per process (a second one shares the list).
+    pub fn record_unhooked() -> Recording {
+        unhooked().get_or_insert_with(Vec::new).clear();
+        Recording(())
+    }
+
+    /// A live fallback recording (see [`record_unhooked`]).
+    #[derive(Debug)]
+    pub struct Recording(());
+
+    impl Recording {
+        /// The violations recorded so far (and clears them).
+        pub fn take(&self) -> Vec<&'static str> {
+            unhooked().as_mut().map(std::mem::take).unwrap_or_default()
+        }
+    }
+
+    impl Drop for Recording {
+        fn drop(&mut self) {
+            *unhooked() = None;
+        }
+    }
+
+    /// Records `what` if a recording is live; false if none is.
+    pub(super) fn record(what: &'static str) -> bool {
+        match unhooked().as_mut() {
+            Some(v) => {
+                v.push(what);
+                true
+            }
+            None => false,
         }
     }
 
@@ -81,7 +146,7 @@ mod imp {
 }
 
 #[cfg(feature = "sched")]
-pub use imp::{install, Hook, Installed};
+pub use imp::{install, record_unhooked, Hook, Installed, Recording};
 
 /// A yield point in async protocol code, e.g. `point("exit_mmap:after_unmap")`.
 #[cfg(not(feature = "sched"))]
@@ -122,6 +187,25 @@ pub fn check(ok: bool, what: &'static str) {
         h.violation(what);
         return;
     }
+    #[cfg(feature = "sched")]
+    if imp::record(what) {
+        tracing::error!(target: "mm_core::sched", what, "protocol invariant broken (recorded)");
+        return;
+    }
     debug_assert!(ok, "protocol invariant broken: {what}");
     tracing::error!(target: "mm_core::sched", what, "protocol invariant broken");
+}
+
+/// A fallible site (host mmap, populate, budget charge, ...): true if the
+/// installed hook injects a failure here, and the caller must then take the
+/// same error path a real failure takes. Always false without the `sched`
+/// feature or without a hook.
+#[inline(always)]
+pub fn fail(name: &'static str) -> bool {
+    #[cfg(feature = "sched")]
+    if let Some(h) = imp::current() {
+        return h.fail(name);
+    }
+    let _ = name;
+    false
 }

@@ -171,8 +171,20 @@ unsafe impl Send for HostRegion {}
 // serialised by the page locks.
 unsafe impl Sync for HostRegion {}
 
+/// The error a host call `op` returns when the race harness injects its
+/// failure (`sched::fail`): the ENOMEM a real one could return.
+pub(crate) fn injected(op: &'static str) -> Error {
+    Error::Host {
+        op,
+        source: std::io::Error::from_raw_os_error(libc::ENOMEM),
+    }
+}
+
 impl HostRegion {
     pub(crate) fn new_anon(len: usize, align: usize, prot: Prot) -> Result<Self> {
+        if crate::sched::fail("fail:mmap") {
+            return Err(injected("mmap"));
+        }
         let base = sys::map_anon(len, align, prot.bits()).map_err(Error::host("mmap"))?;
         Ok(HostRegion {
             removed: std::sync::atomic::AtomicBool::new(false),
@@ -185,6 +197,9 @@ impl HostRegion {
     }
 
     pub(crate) fn new_shared(name: &str, len: usize, align: usize, prot: Prot) -> Result<Self> {
+        if crate::sched::fail("fail:memfd_create") {
+            return Err(injected("mmap memfd"));
+        }
         let (base, fd) =
             sys::map_memfd(name, len, align, prot.bits()).map_err(Error::host("mmap memfd"))?;
         Ok(HostRegion {
@@ -263,6 +278,9 @@ impl HostRegion {
     /// range is dead once the VMA over it goes).
     pub(crate) fn free_pages(&self, off: usize, len: usize) -> Result<()> {
         let r = self.range(off, len);
+        if crate::sched::fail("fail:madvise(DONTNEED)") {
+            return Err(injected("madvise(DONTNEED)"));
+        }
         if let Some(t) = self.wp_tracker() {
             // Our own discard: announce it, so the handler does not take the
             // REMOVE message it produces for an embedder's madvise (which

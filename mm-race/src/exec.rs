@@ -59,6 +59,11 @@ struct Shared {
     trace: Vec<Step>,
     violations: Vec<(String, usize)>,
     last: Vec<&'static str>,
+    /// Nth-failure injection: fail the `fail_nth`-th `sched::fail` call
+    /// (1-based; 0 = never).
+    fail_nth: u32,
+    fail_calls: u32,
+    injected: Option<&'static str>,
 }
 
 struct Hook(Rc<RefCell<Shared>>);
@@ -86,6 +91,24 @@ impl mm_core::sched::Hook for Hook {
         }
         let at = s.trace.len();
         s.violations.push((what.to_owned(), at));
+    }
+    fn fail(&self, name: &'static str) -> bool {
+        let mut s = self.0.borrow_mut();
+        s.fail_calls = s.fail_calls.saturating_add(1);
+        if s.fail_nth == 0 || s.fail_calls != s.fail_nth {
+            return false;
+        }
+        s.injected = Some(name);
+        // Shown as a step of the actor that got the failure (none during
+        // the setup, which runs outside the actors).
+        if let Some(a) = s.current {
+            s.trace.push(Step {
+                actor: a,
+                name: "!! INJECTED FAILURE",
+            });
+            s.trace.push(Step { actor: a, name });
+        }
+        true
     }
 }
 
@@ -122,6 +145,8 @@ pub struct Report {
     pub violations: Vec<(String, usize)>,
     /// Actor names.
     pub names: Vec<String>,
+    /// The fallible site whose call failed by injection, if any.
+    pub injected: Option<&'static str>,
 }
 
 impl Sim {
@@ -139,6 +164,20 @@ impl Sim {
             clock: VirtualClock::new(),
             cancelled: Vec::new(),
         }
+    }
+
+    /// Nth-failure injection: the `n`-th call of `sched::fail` while this
+    /// run's hook is installed (setup under [`Sim::install`] included) fails;
+    /// 0 = none.
+    pub fn fail_nth(&mut self, n: u32) {
+        self.shared.borrow_mut().fail_nth = n;
+    }
+
+    /// Installs this run's hook outside [`Sim::run`] (for the setup): no
+    /// step yields or is traced there, but failure injection counts and
+    /// violations are recorded.
+    pub fn install(&self) -> mm_core::sched::Installed {
+        mm_core::sched::install(Rc::new(Hook(self.shared.clone())))
     }
 
     /// Adds an actor.
@@ -227,6 +266,7 @@ impl Sim {
             trace: s.trace.clone(),
             violations: s.violations.clone(),
             names: self.names.clone(),
+            injected: s.injected,
         }
     }
 }

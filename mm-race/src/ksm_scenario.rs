@@ -29,9 +29,7 @@
 //! (I-KSM-4, I-KSM-9), no stable page left (I-KSM-7), nothing charged
 //! (I-RC-3) and every mm struct freed (I-RC-2).
 
-use std::cell::RefCell;
-use std::rc::Rc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arbitrary::{Arbitrary, Unstructured};
@@ -39,7 +37,8 @@ use futures_lite::future::block_on;
 use mm_core::{Advice, Host, HostConfig, MapOptions, MmUser, MmWatch, PAGE_SIZE};
 use mm_ksm::{Ksm, KsmConfig, Run};
 
-use crate::exec::{Ending, Report, Sim};
+use crate::exec::{Ending, Report};
+use crate::mode::{Mode, Runner};
 use crate::scenario::Finding;
 
 const P: u64 = PAGE_SIZE as u64;
@@ -97,18 +96,23 @@ struct G {
 /// One read of the vCPU: (page, expected, got).
 type Read = (u64, Option<u8>, Result<u8, String>);
 
-/// Runs one input (setup first, then the schedule).
+/// Runs one input (setup first, then the schedule) on the executor.
 pub fn run(data: &[u8]) -> Option<Finding> {
+    run_mode(data, &Mode::Sim)
+}
+
+/// Runs one input in `mode` (the executor, or OS threads).
+pub fn run_mode(data: &[u8], mode: &Mode) -> Option<Finding> {
     let mut u = Unstructured::new(data);
     let setup = KsmSetup::arbitrary(&mut u).ok()?;
     let schedule = u.take_rest().to_vec();
-    run_setup(&setup, &schedule)
+    run_setup(&setup, &schedule, mode)
 }
 
-/// Runs a decoded setup with an explicit schedule.
-pub fn run_setup(setup: &KsmSetup, schedule: &[u8]) -> Option<Finding> {
-    let mut sim = Sim::new(schedule);
-    let clock = Arc::new(sim.clock.clone());
+/// Runs a decoded setup with an explicit schedule in `mode`.
+pub fn run_setup(setup: &KsmSetup, schedule: &[u8], mode: &Mode) -> Option<Finding> {
+    let mut sim = Runner::new(mode, schedule);
+    let clock = sim.clock();
     let nguests = 2 + u64::from(setup.guests % 2);
     let dup = 1 + u64::from(setup.dup_pages % 8);
     let unique = u64::from(setup.unique_pages % 4);
@@ -122,7 +126,7 @@ pub fn run_setup(setup: &KsmSetup, schedule: &[u8]) -> Option<Finding> {
     };
     let host = Host::new(HostConfig {
         clock: clock.clone(),
-        oom_wait: Duration::from_millis(300),
+        oom_wait: sim.time(Duration::from_millis(300)),
         ..HostConfig::with_budget(budget)
     });
     let ksm = Ksm::new(KsmConfig {
@@ -177,7 +181,7 @@ pub fn run_setup(setup: &KsmSetup, schedule: &[u8]) -> Option<Finding> {
         block_on(ksm.scan_step());
     }
 
-    let reads: Rc<RefCell<Vec<Read>>> = Rc::default();
+    let reads: Arc<Mutex<Vec<Read>>> = Arc::default();
     // ksmd.
     {
         let k = ksm.clone();
@@ -239,7 +243,7 @@ pub fn run_setup(setup: &KsmSetup, schedule: &[u8]) -> Option<Finding> {
     if let Some((v, _)) = report.violations.first() {
         return finding(&report, v.clone());
     }
-    for (page, want, got) in reads.borrow().iter() {
+    for (page, want, got) in reads.lock().unwrap_or_else(|e| e.into_inner()).iter() {
         if let (Some(w), Ok(b)) = (want, got) {
             if w != b {
                 return finding(
@@ -332,7 +336,7 @@ async fn vcpu(
     pages: u64,
     fill: &[u8],
     ops: &[KsmOp],
-    reads: &Rc<RefCell<Vec<Read>>>,
+    reads: &Mutex<Vec<Read>>,
 ) {
     let mut model: Vec<Option<u8>> = fill.iter().map(|b| Some(*b)).collect();
     let len = pages * P;
@@ -345,7 +349,10 @@ async fn vcpu(
                     Ok(()) => Ok(b[0]),
                     Err(e) => Err(e.to_string()),
                 };
-                reads.borrow_mut().push((p, model[p as usize], got));
+                reads
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push((p, model[p as usize], got));
             }
             KsmOp::Write { page, byte } => {
                 let p = u64::from(page) % pages;

@@ -11,6 +11,10 @@
 //! ([`scenario::run`]); a finding names the broken invariant and prints the
 //! schedule as an N-column trace.
 //!
+//! [`mode::Mode::Threads`] runs the same setup and actors each on its own
+//! OS thread instead (no hook, real time), the baseline the executor is
+//! measured against.
+//!
 //! The same input always replays the same interleaving, so the fuzz targets
 //! in `fuzz/` are thin wrappers, and `cargo test` replays the committed
 //! corpus and bounded random schedules on stable.
@@ -18,6 +22,8 @@
 pub mod clock;
 pub mod exec;
 pub mod ksm_scenario;
+pub mod mode;
 pub mod scenario;
 
-pub use scenario::{run, steps_executed, Finding, Target};
+pub use mode::Mode;
+pub use scenario::{failures_injected, run, run_mode, steps_executed, Finding, Target};

@@ -2,11 +2,14 @@
 //! the oracles checked after the run.
 //!
 //! Input layout (what the fuzz targets feed): an `arbitrary`-decoded
-//! [`Setup`] first, then the remaining bytes are the schedule.
+//! [`Setup`] first, then (`kill_anywhere` only) one byte choosing the
+//! Nth-failure injection, then the remaining bytes are the schedule.
+//!
+//! The actors share only `Send` state (`Arc`, `Mutex`, atomics), so the
+//! same run can go on the executor or on OS threads ([`crate::mode`]).
 
-use std::cell::RefCell;
-use std::rc::Rc;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arbitrary::{Arbitrary, Unstructured};
@@ -16,7 +19,8 @@ use mm_core::{
 };
 use mm_reaper::{Reaper, ReaperConfig};
 
-use crate::exec::{Ending, Report, Sim};
+use crate::exec::{Ending, Report};
+use crate::mode::{Mode, Runner};
 
 const P: u64 = PAGE_SIZE as u64;
 
@@ -119,6 +123,12 @@ pub struct Setup {
     reaper_delay_ms: u8,
     notifier_refuses: bool,
     second_guest: bool,
+    /// Nth-failure injection: the Nth fallible site reached (host mmap,
+    /// populate, budget charge, memfd, zap) fails; 0 = none. Decoded after
+    /// the setup for `kill_anywhere` only, so the other targets' inputs
+    /// keep their meaning.
+    #[arbitrary(default)]
+    fail_nth: u8,
 }
 
 /// A finding: which invariant broke, and the trace that broke it.
@@ -168,6 +178,10 @@ struct GuestSetup {
     vmas: Vec<(u64, u64)>, // (addr, pages)
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn build_guest(host: &Host, name: &str, setup: &Setup) -> Option<GuestSetup> {
     let guest = host.create_guest(name);
     let mm = guest.mm().ok()?;
@@ -191,7 +205,10 @@ fn build_guest(host: &Host, name: &str, setup: &Setup) -> Option<GuestSetup> {
         } else {
             MapOptions::anon(pages * P)
         };
-        let a = futures_lite::future::block_on(mm.mmap(opts)).ok()?;
+        // A failed mmap (only by injection) leaves this VMA out.
+        let Ok(a) = futures_lite::future::block_on(mm.mmap(opts)) else {
+            continue;
+        };
         let _ = futures_lite::future::block_on(mm.fill(a, pages * P, v.fill | 1));
         if v.locked {
             let _ = futures_lite::future::block_on(mm.mlock(a, pages * P));
@@ -208,6 +225,13 @@ fn build_guest(host: &Host, name: &str, setup: &Setup) -> Option<GuestSetup> {
 
 thread_local! {
     static STEPS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    static INJECTED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Runs on this thread so far in which a failure was injected (the tests
+/// check that the fallible sites are really reached).
+pub fn failures_injected() -> u64 {
+    INJECTED.with(|s| s.get())
 }
 
 /// Protocol steps executed on this thread so far (coverage of the schedule
@@ -220,37 +244,63 @@ pub(crate) fn count_steps(n: u64) {
     STEPS.with(|s| s.set(s.get() + n));
 }
 
-/// Runs one input against a target; `None` = no finding.
+/// Runs one input against a target on the deterministic executor; `None`
+/// = no finding.
 pub fn run(target: Target, data: &[u8]) -> Option<Finding> {
-    if target == Target::TeardownVsKsm {
-        return crate::ksm_scenario::run(data);
-    }
-    let mut u = Unstructured::new(data);
-    let Ok(setup) = Setup::arbitrary(&mut u) else {
-        return None;
-    };
-    let schedule = u.take_rest().to_vec();
-    run_setup(target, &setup, &schedule)
+    run_mode(target, data, &Mode::Sim)
 }
 
-/// Runs a decoded setup with an explicit schedule.
+/// Runs one input against a target in `mode`.
+pub fn run_mode(target: Target, data: &[u8], mode: &Mode) -> Option<Finding> {
+    if target == Target::TeardownVsKsm {
+        return crate::ksm_scenario::run_mode(data, mode);
+    }
+    let mut u = Unstructured::new(data);
+    let Ok(mut setup) = Setup::arbitrary(&mut u) else {
+        return None;
+    };
+    if target == Target::KillAnywhere {
+        setup.fail_nth = u.int_in_range(0..=15).unwrap_or(0);
+    }
+    let schedule = u.take_rest().to_vec();
+    run_setup_mode(target, &setup, &schedule, mode)
+}
+
+/// Runs a decoded setup with an explicit schedule on the executor.
 pub fn run_setup(target: Target, setup: &Setup, schedule: &[u8]) -> Option<Finding> {
-    let mut sim = Sim::new(schedule);
-    let clock = Arc::new(sim.clock.clone());
+    run_setup_mode(target, setup, schedule, &Mode::Sim)
+}
+
+/// Runs a decoded setup in `mode` (the schedule drives the executor, or
+/// the kill delays on threads).
+pub fn run_setup_mode(
+    target: Target,
+    setup: &Setup,
+    schedule: &[u8],
+    mode: &Mode,
+) -> Option<Finding> {
+    let mut sim = Runner::new(mode, schedule);
+    sim.fail_nth(u32::from(setup.fail_nth));
+    let clock = sim.clock();
     let host = Host::new(HostConfig {
         clock: clock.clone(),
-        oom_wait: Duration::from_millis(300),
+        oom_wait: sim.time(Duration::from_millis(300)),
         ..HostConfig::with_budget(1 << 30)
     });
     let reaper = Reaper::new(ReaperConfig {
-        delay: Duration::from_millis(u64::from(setup.reaper_delay_ms % 4) * 100),
+        delay: sim.time(Duration::from_millis(
+            u64::from(setup.reaper_delay_ms % 4) * 100,
+        )),
         max_retries: 3,
-        retry_interval: Duration::from_millis(100),
+        retry_interval: sim.time(Duration::from_millis(100)),
         zap_threads: 1,
         clock: clock.clone(),
     });
     reaper.install(&host);
 
+    // The setup runs under the run's hook (failure injection counts there
+    // too), outside any actor: nothing yields.
+    let hook = sim.install_for_setup();
     let g0 = build_guest(&host, "g0", setup)?;
     let g1 = if target == Target::FullSystem && setup.second_guest {
         build_guest(&host, "g1", setup)
@@ -262,13 +312,14 @@ pub fn run_setup(target: Target, setup: &Setup, schedule: &[u8]) -> Option<Findi
         .flatten()
         .map(|g| g.watch.clone())
         .collect();
-    let observed = Rc::new(RefCell::new(Observed::default()));
-    let oom_done = Rc::new(std::cell::Cell::new(false));
+    drop(hook);
+    let observed = Arc::new(Mutex::new(Observed::default()));
+    let oom_done = Arc::new(AtomicBool::new(false));
     let cancellable = target == Target::KillAnywhere || target == Target::FullSystem;
 
     // The vCPU: its own user reference in a slot the harness can take back
     // if the actor is cancelled (the killed task's exit still runs).
-    let vcpu_slot: Rc<RefCell<Option<MmUser>>> = Rc::new(RefCell::new(g0.guest.mm().ok()));
+    let vcpu_slot: Arc<Mutex<Option<MmUser>>> = Arc::new(Mutex::new(g0.guest.mm().ok()));
     {
         // The ops run in a cancellable actor holding a clone (never the
         // last user); the slot's own user exits in a separate actor once the
@@ -299,7 +350,8 @@ pub fn run_setup(target: Target, setup: &Setup, schedule: &[u8]) -> Option<Findi
         let obs = observed.clone();
         let fut = async move {
             let _release = release;
-            let Some(user) = slot.borrow().clone() else {
+            let user = lock(&slot).clone();
+            let Some(user) = user else {
                 return;
             };
             vcpu(&user, &vmas, &ops, &obs).await;
@@ -312,7 +364,7 @@ pub fn run_setup(target: Target, setup: &Setup, schedule: &[u8]) -> Option<Findi
         let slot = vcpu_slot.clone();
         sim.spawn("vcpu-exit", async move {
             let _permit = done.acquire().await;
-            let own = slot.borrow_mut().take();
+            let own = lock(&slot).take();
             if let Some(u) = own {
                 u.exit().await;
             }
@@ -343,18 +395,19 @@ pub fn run_setup(target: Target, setup: &Setup, schedule: &[u8]) -> Option<Findi
                 // The victim itself then runs short while dying
                 // (task_will_free_mem(current)): it must not be queued twice.
                 let _ = h.out_of_memory(Some(id)).await;
-                done.set(true);
+                done.store(true, Ordering::SeqCst);
             });
             let (r, done, c) = (reaper.clone(), oom_done.clone(), clock.clone());
+            let poll = sim.time(Duration::from_millis(50));
             sim.spawn("reaper", async move {
                 loop {
                     if r.step().await {
                         continue;
                     }
-                    if done.get() && r.pending() == 0 {
+                    if done.load(Ordering::SeqCst) && r.pending() == 0 {
                         break;
                     }
-                    mm_core::Clock::sleep(&*c, Duration::from_millis(50)).await;
+                    mm_core::Clock::sleep(&*c, poll).await;
                 }
             });
             if cancellable {
@@ -374,17 +427,37 @@ pub fn run_setup(target: Target, setup: &Setup, schedule: &[u8]) -> Option<Findi
 
     let mut report = sim.run(20_000);
     STEPS.with(|s| s.set(s.get() + report.trace.len() as u64));
-    // A cancelled vCPU still exits (its user is in the slot): run that exit
-    // as the harness, outside the schedule.
-    if let Some(u) = vcpu_slot.borrow_mut().take() {
-        futures_lite::future::block_on(u.exit());
+    if report.injected.is_some() {
+        INJECTED.with(|s| s.set(s.get() + 1));
     }
+    let threads = sim.is_threads();
     let finding = |report: &Report, what: String| {
+        let what = match report.injected {
+            Some(site) => format!("{what} (after an injected failure at {site})"),
+            None => what,
+        };
         Some(Finding {
             invariant: what,
-            trace: report.trace_table(60),
+            trace: if threads {
+                "(thread mode: no step trace)\n".to_owned()
+            } else {
+                report.trace_table(60)
+            },
         })
     };
+    if threads {
+        if let Ending::Deadlock(last) = &report.ending {
+            // Threads still hold the state (and maybe the mmap lock): no
+            // oracle can run; they are leaked.
+            return finding(&report, format!("deadlock/hang: {last:?}"));
+        }
+    }
+    // A cancelled vCPU still exits (its user is in the slot): run that exit
+    // as the harness, outside the schedule.
+    let own = lock(&vcpu_slot).take();
+    if let Some(u) = own {
+        futures_lite::future::block_on(u.exit());
+    }
     match &report.ending {
         Ending::Done => {}
         Ending::Deadlock(last) => return finding(&report, format!("deadlock: {last:?}")),
@@ -395,7 +468,7 @@ pub fn run_setup(target: Target, setup: &Setup, schedule: &[u8]) -> Option<Findi
     }
     // Content model: a successful read returns what the vCPU wrote (or
     // the fill); never zeros where data was (I-RP-5).
-    for (vma, page, want, got) in &observed.borrow().reads {
+    for (vma, page, want, got) in &lock(&observed).reads {
         if let (Some(w), Ok(b)) = (want, got) {
             if w != b {
                 return finding(
@@ -451,7 +524,7 @@ pub fn run_setup(target: Target, setup: &Setup, schedule: &[u8]) -> Option<Findi
     None
 }
 
-async fn vcpu(user: &MmUser, vmas: &[(u64, u64)], ops: &[GuestOp], obs: &Rc<RefCell<Observed>>) {
+async fn vcpu(user: &MmUser, vmas: &[(u64, u64)], ops: &[GuestOp], obs: &Mutex<Observed>) {
     if vmas.is_empty() {
         return;
     }
@@ -472,7 +545,7 @@ async fn vcpu(user: &MmUser, vmas: &[(u64, u64)], ops: &[GuestOp], obs: &Rc<RefC
                     Ok(()) => Ok(b[0]),
                     Err(e) => Err(e.to_string()),
                 };
-                obs.borrow_mut().reads.push((i, p, want, got));
+                lock(obs).reads.push((i, p, want, got));
             }
             GuestOp::Write { vma, page, byte } => {
                 let i = pick(vma);

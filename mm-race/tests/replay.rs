@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use mm_race::{run, Target};
+use mm_race::{run, run_mode, Mode, Target};
 
 fn files(dir: &Path) -> Vec<std::path::PathBuf> {
     let Ok(rd) = std::fs::read_dir(dir) else {
@@ -71,5 +71,38 @@ fn random_schedules_find_nothing_under_the_current_protocol() {
             "{}: only {steps} steps in {rounds} runs",
             t.name()
         );
+    }
+}
+
+#[test]
+fn injected_failures_reach_the_fallible_sites_and_break_nothing() {
+    let rounds = if cfg!(debug_assertions) { 300 } else { 3000 };
+    let before = mm_race::failures_injected();
+    for (i, data) in inputs(0x5EED_FA11, rounds).enumerate() {
+        if let Some(finding) = run(Target::KillAnywhere, &data) {
+            panic!("kill_anywhere input #{i} {:02x?}:\n{finding}", data);
+        }
+    }
+    let injected = mm_race::failures_injected() - before;
+    eprintln!("kill_anywhere: {injected} of {rounds} runs had an injected failure");
+    assert!(
+        injected >= rounds as u64 / 10,
+        "only {injected} of {rounds} runs reached an injected failure"
+    );
+}
+
+#[test]
+fn thread_mode_runs_every_target_and_finds_nothing() {
+    let mode = Mode::threads();
+    for t in Target::ALL {
+        for (i, data) in inputs(0x7A2E ^ t.name().len() as u64, 25).enumerate() {
+            if let Some(finding) = run_mode(t, &data, &mode) {
+                panic!(
+                    "{} (threads) input #{i} {:02x?}:\n{finding}",
+                    t.name(),
+                    data
+                );
+            }
+        }
     }
 }
