@@ -857,3 +857,33 @@ fn test_reenter_registers_one_exit_hook() {
     drop(mm);
     assert_eq!(k.stats().mm_slots, 0);
 }
+
+/// Review finding M2: scanning untracked mergeable memory nobody touched
+/// must not build page tables for it (a leaf per 2 MiB, never charged,
+/// kept until teardown); a touched chunk gets its leaf.
+#[test]
+fn test_untracked_scan_of_untouched_memory_allocates_no_page_tables() {
+    let _serial = common::serial();
+    let host = Host::with_budget(1 << 30);
+    let k = ksm(1 << 16);
+    let mm = host.new_mm("sparse");
+    let len = 64 << 20; // 32 leaves' worth
+    let a = mm.mmap_blocking(MapOptions::anon(len)).unwrap();
+    k.madvise_blocking(&mm, a, len, Advice::Mergeable).unwrap();
+    let before = mm.page_table().nodes();
+    scan_until(&k, 3, |k| k.stats().full_scans >= 3);
+    assert_eq!(
+        mm.page_table().nodes(),
+        before,
+        "untouched untracked memory got page-table nodes"
+    );
+    // One direct touch: that chunk's leaf appears (and only a few nodes).
+    unsafe { *host_ptr(&mm, a + (8 << 20)) = 7 };
+    let full = k.stats().full_scans;
+    scan_until(&k, 3, |k| k.stats().full_scans >= full + 2);
+    let grown = mm.page_table().nodes() - before;
+    assert!(
+        (1..=4).contains(&grown),
+        "{grown} nodes for one touched page"
+    );
+}

@@ -341,25 +341,35 @@ impl Mm {
         // through the host pointer): allocate the leaf, so that the merge
         // holds real page locks against the access path and our zaps.
         let untracked = !vma.flags.contains(VmFlags::TRACKED);
-        let leaf = if untracked {
-            self.pgtable.leaf_alloc(first, &guard)
-        } else {
-            match self.pgtable.leaf(first, &guard) {
-                Some(l) => l,
-                None => {
-                    out[..n].fill(KsmPage::Absent);
-                    return Ok(());
-                }
+        // Pagemap always for an untracked region (direct touches leave no
+        // trace in the PTEs), else only when some page maps a stable page
+        // (a lock-free peek; re-checked under the lock below).
+        let mut pm = Vec::new();
+        let read_pagemap = |pm: &mut Vec<u64>| {
+            pm.resize(n, 0);
+            sys::pagemap(vma.host_range(addr, end), pm).map_err(Error::host("pagemap"))
+        };
+        if untracked {
+            read_pagemap(&mut pm)?;
+        }
+        let leaf = match self.pgtable.leaf(first, &guard) {
+            Some(l) => l,
+            // A page of an untracked region touched through the host
+            // pointer has no PTE: allocate the leaf so that the merge holds
+            // real page locks against the access path and our zaps. Only
+            // then: a leaf per 2 MiB of memory nobody touched would cost
+            // uncharged page-table memory until teardown.
+            None if untracked && pm.iter().any(|e| direct_private(*e)) => {
+                self.pgtable.leaf_alloc(first, &guard)
+            }
+            None => {
+                out[..n].fill(KsmPage::Absent);
+                return Ok(());
             }
         };
-        // Pagemap when some page maps a stable page (a lock-free peek;
-        // re-checked under the lock below), and always for an untracked
-        // region (direct touches leave no trace in the PTEs).
         let any_ksm = (0..n as u64).any(|i| Pte(leaf.pte(first + i).load(Ordering::Relaxed)).ksm());
-        let mut pm = Vec::new();
-        if any_ksm || untracked {
-            pm.resize(n, 0);
-            sys::pagemap(vma.host_range(addr, end), &mut pm).map_err(Error::host("pagemap"))?;
+        if any_ksm && !untracked {
+            read_pagemap(&mut pm)?;
         }
         for i in 0..n {
             let pte = leaf.pte(first + i as u64);
@@ -542,7 +552,17 @@ impl Mm {
         });
         // Only the pages that were PRESENT were counted (and charged).
         let present = was_charged.iter().filter(|c| **c).count() as u64;
-        charged[..n as usize].copy_from_slice(&was_charged);
+        // Fail-open debt first (charged = present - debt): only the pages
+        // beyond the mm's debt were really charged, and only their charge
+        // may move to a stable page or be given back (a debt moved as a
+        // charge would be uncharged later without ever being charged).
+        let mut real = self.repay_debt(present * PAGE) / PAGE;
+        for (c, w) in charged[..n as usize].iter_mut().zip(&was_charged) {
+            *c = *w && real > 0;
+            if *c {
+                real -= 1;
+            }
+        }
         // Relaxed: a counter (as everywhere for rss).
         let prev = self.rss_anon.fetch_sub(present, Ordering::Relaxed);
         debug_assert!(prev >= present, "rss underflow");
@@ -643,11 +663,13 @@ impl Mm {
         }
     }
 
-    /// Gives back the charge of `pages` merged pages of this mm (see
-    /// [`Mm::ksm_merge`]): fail-open debt is repaid first, as by a zap.
+    /// Gives back the charge of `pages` merged pages of this mm, as
+    /// reported by [`Mm::ksm_merge`] (which already repaid the mm's
+    /// fail-open debt with the merged pages).
     pub fn ksm_uncharge(&self, pages: u64) {
         if pages > 0 {
-            self.budget.uncharge(self.repay_debt(pages * PAGE));
+            // Debt was repaid by ksm_merge already: these were charged.
+            self.budget.uncharge(pages * PAGE);
         }
     }
 

@@ -194,7 +194,9 @@ pub enum Advice {
     /// `MADV_DONTNEED`: private pages are freed and read back as zeros;
     /// shared pages are only unmapped (their contents stay).
     DontNeed,
-    /// `MADV_MERGEABLE`: set `VM_MERGEABLE`.
+    /// `MADV_MERGEABLE`: set `VM_MERGEABLE`. Do not use it on memory that
+    /// is the target of kernel I/O (`O_DIRECT`, io_uring registered
+    /// buffers, vhost): a merge cannot see the device's pin (DESIGN-NOTES).
     Mergeable,
     /// `MADV_UNMERGEABLE`: clear `VM_MERGEABLE`.
     Unmergeable,
