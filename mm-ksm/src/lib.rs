@@ -495,11 +495,15 @@ impl Ksm {
                 (_, Some(c)) => c,
             };
             list.order.insert(at, slot);
+            // Under the list lock: the scanner clears it under the same
+            // lock when it frees a slot, so the two cannot interleave into
+            // a slot without the flag (ksm_exit would skip it and its grab
+            // would leak).
+            mm.flags().set(MmFlag::VM_MERGEABLE);
         }
         if needs_hook {
             mm.add_exit_hook(Arc::new(KsmExitHook(Arc::downgrade(inner))));
         }
-        mm.flags().set(MmFlag::VM_MERGEABLE);
         tracing::debug!(target: "mm_ksm::ksm_enter", mm_id = mm.id(), "ksm_enter");
         if was_empty {
             inner.wake.notify(usize::MAX);

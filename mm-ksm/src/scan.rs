@@ -378,9 +378,13 @@ pub(crate) async fn do_scan(inner: &Inner, sc: &mut Scanner, budget: u64) -> u64
                 if let Some(i) = list.position(id) {
                     list.order.remove(i);
                 }
+                // Under the list lock, like Ksm::enter's set: a racing
+                // enter of this (live) mm then either finds our slot or
+                // inserts its own after this clear, so a slot never exists
+                // without the flag ksm_exit tests (else its grab leaks).
+                slot.mm.flags().clear(MmFlag::VM_MERGEABLE);
                 done
             };
-            slot.mm.flags().clear(MmFlag::VM_MERGEABLE);
             drop(state);
             sched::point("ksm:slot_removed").await;
             inner
