@@ -177,7 +177,6 @@ pub struct HostStats {
 pub(crate) struct HostInner {
     pub(crate) budget: Arc<Budget>,
     config: HostConfig,
-    next_id: AtomicU64,
     /// Only held for insert/remove/clone, never across an await.
     pub(crate) guests: Mutex<BTreeMap<u64, Guest>>,
     /// Only held for push/clone, never across an await.
@@ -213,7 +212,6 @@ impl Host {
                 budget: Arc::new(Budget::new(config.budget_bytes)),
                 clock: config.clock.clone(),
                 config,
-                next_id: AtomicU64::new(1),
                 guests: Mutex::new(BTreeMap::new()),
                 reclaimers: Mutex::new(Vec::new()),
                 oom: crate::oom::OomState::default(),
@@ -234,7 +232,10 @@ impl Host {
     /// A fresh address space charged to this host, not registered as a
     /// guest (for embedders with their own notion of guests).
     pub fn new_mm(&self, name: &str) -> MmUser {
-        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        // Process-wide, never reused: scanners that serve several hosts
+        // (one `Ksm` for all) key their slots and hooks by mm id.
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         Mm::new_user(
             id,
             name.to_owned(),
