@@ -136,6 +136,13 @@ pub enum Error {
         /// Size given.
         bytes: u64,
     },
+    /// An argument that no valid call passes (a buffer too short for the
+    /// range, a run that crosses a page-table leaf).
+    #[error("invalid argument: {what}")]
+    InvalidArgument {
+        /// What was wrong.
+        what: &'static str,
+    },
     /// The running kernel does not offer a feature this call needs.
     #[error("not supported by this kernel: {what}")]
     Unsupported {

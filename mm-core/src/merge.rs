@@ -328,8 +328,26 @@ impl Mm {
             "I-KSM-2: KSM touched an mm's pages after its exit_mmap began",
         );
         let n = want.len();
-        assert!(buf.len() >= n * PAGE_SIZE && out.len() >= n);
+        if buf.len() < n * PAGE_SIZE || out.len() < n {
+            return Err(Error::InvalidArgument {
+                what: "ksm_snapshot: buf or out shorter than want",
+            });
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        if addr % PAGE != 0 {
+            return Err(Error::Unaligned {
+                addr,
+                len: n as u64 * PAGE,
+            });
+        }
         let end = addr + n as u64 * PAGE;
+        if addr / PAGE / PAGES_PER_LEAF != (end - PAGE) / PAGE / PAGES_PER_LEAF {
+            return Err(Error::InvalidArgument {
+                what: "ksm_snapshot: the pages cross a page-table leaf (2 MiB)",
+            });
+        }
         let vma = state
             .vmas()
             .find(addr)
@@ -456,7 +474,11 @@ impl Mm {
         let Some(t) = vma.region.wp_tracker() else {
             return Ok(KsmMerge::NotEligible);
         };
-        assert!(charged.len() as u64 >= n);
+        if (charged.len() as u64) < n {
+            return Err(Error::InvalidArgument {
+                what: "ksm_merge: charged shorter than the run",
+            });
+        }
         let end = addr + n * PAGE;
         let r = vma.host_range(addr, end);
         let guard = crossbeam_epoch::pin();

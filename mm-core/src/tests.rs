@@ -491,3 +491,36 @@ impl Mm {
         block_on(self.lock().read()).vmas().len()
     }
 }
+
+#[test]
+fn test_ksm_calls_with_bad_arguments_are_errors() {
+    let host = host();
+    let mm = host.new_mm("ksm-args");
+    let a = mm
+        .mmap_blocking(MapOptions::anon(4 * PAGE_SIZE as u64).tracked(true))
+        .unwrap();
+    mm.fill_blocking(a, 4 * PAGE_SIZE as u64, 1).unwrap();
+    let state = block_on(mm.lock().read());
+    let want = [true; 2];
+    let mut buf = vec![0u8; 2 * PAGE_SIZE];
+    let mut out = [KsmPage::Absent; 2];
+    assert!(matches!(
+        mm.ksm_snapshot(&state, a + 1, &want, &mut buf, &mut out),
+        Err(Error::Unaligned { .. })
+    ));
+    assert!(matches!(
+        mm.ksm_snapshot(&state, a, &want, &mut buf[..PAGE_SIZE], &mut out),
+        Err(Error::InvalidArgument { .. })
+    ));
+    // A run crossing a 2 MiB leaf boundary.
+    let leaf = 512 * PAGE_SIZE as u64;
+    let across = (a / leaf + 1) * leaf - PAGE_SIZE as u64;
+    assert!(matches!(
+        mm.ksm_snapshot(&state, across, &want, &mut buf, &mut out),
+        Err(Error::InvalidArgument { .. })
+    ));
+    assert!(mm
+        .ksm_snapshot(&state, a, &want, &mut buf, &mut out)
+        .is_ok());
+    assert_eq!(out, [KsmPage::Private; 2]);
+}

@@ -545,7 +545,14 @@ impl Ksm {
             // Untracked VMAs need their write-protect registration before
             // they can merge (mm-core `ksm_prepare_all`; later mmaps get it
             // at creation while the flag is set).
-            let failed = mm.ksm_prepare_all().await.map_err(Error::mm(mm.id()))?;
+            let failed = match mm.ksm_prepare_all().await {
+                Ok(f) => f,
+                Err(e) => {
+                    // Not entered: leave no flag that says otherwise.
+                    mm.flags().clear(MmFlag::VM_MERGE_ANY);
+                    return Err(Error::mm(mm.id())(e));
+                }
+            };
             if failed > 0 {
                 tracing::warn!(target: "mm_ksm", mm_id = mm.id(), vmas = failed, "merge-any: VMAs without userfaultfd write-protect will not merge");
             }
