@@ -17,6 +17,9 @@
 //! ```text
 //! ksm scanner mutex            mm-ksm: ksmd per batch, run=unmerge.  Never by ksm_exit
 //!                              (seed 3), never by exit_mmap, never by the reaper.
+//!                              run=unmerge runs the pressure path (OOM kill + wait) under
+//!                              it, holding no mmap lock (`Mm::ksm_reserve`): safe only
+//!                              because no exit path takes this mutex (I-KSM-1).
 //!   Mm::mmap_lock (read)       access/fault path, madvise(DONTNEED), exit_mmap steps 2-6,
 //!                              reaper + mrelease (try_read / killable read), ksmd.
 //!   Mm::mmap_lock (write)      mmap, munmap, mprotect, mlock, munlock, madvise(flags),

@@ -313,20 +313,8 @@ pub fn run_setup(setup: &KsmSetup, schedule: &[u8], mode: &Mode) -> Option<Findi
     let watches: Vec<MmWatch> = gs.iter().map(|g| g.watch.clone()).collect();
     drop((gs, ksm));
     let charged = host.stats().charged_bytes;
-    if charged != 0 {
-        return finding(
-            &report,
-            format!("I-RC-3: {charged} bytes still charged after every exit"),
-        );
-    }
-    drop(host);
-    if let Some(i) = watches.iter().position(|w| !w.is_freed()) {
-        return finding(
-            &report,
-            format!("I-RC-2: mm struct {i} not freed after every reference was dropped"),
-        );
-    }
-    None
+    crate::scenario::end_of_run_oracles(charged, host, &watches)
+        .and_then(|what| finding(&report, what))
 }
 
 async fn vcpu(

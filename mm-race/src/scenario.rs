@@ -508,20 +508,23 @@ pub fn run_setup_mode(
     let charged = host.stats().charged_bytes;
     drop((g0, g1, reaper));
     report.trace.shrink_to_fit();
+    end_of_run_oracles(charged, host, &watches).and_then(|what| finding(&report, what))
+}
+
+/// I-RC-3 and I-RC-2 once every actor and guest record is gone: `charged`
+/// (read before the last drops) is 0, and every mm struct is freed once
+/// the host goes too. Shared by every scenario.
+pub(crate) fn end_of_run_oracles(charged: u64, host: Host, watches: &[MmWatch]) -> Option<String> {
     if charged != 0 {
-        return finding(
-            &report,
-            format!("I-RC-3: {charged} bytes still charged after every exit"),
-        );
+        return Some(format!(
+            "I-RC-3: {charged} bytes still charged after every exit"
+        ));
     }
     drop(host);
-    if let Some(i) = watches.iter().position(|w| !w.is_freed()) {
-        return finding(
-            &report,
-            format!("I-RC-2: mm struct {i} not freed after every reference was dropped"),
-        );
-    }
-    None
+    watches
+        .iter()
+        .position(|w| !w.is_freed())
+        .map(|i| format!("I-RC-2: mm struct {i} not freed after every reference was dropped"))
 }
 
 async fn vcpu(user: &MmUser, vmas: &[(u64, u64)], ops: &[GuestOp], obs: &Mutex<Observed>) {
