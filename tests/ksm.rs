@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use guestmm::ksm::{Ksm, KsmConfig, Run};
-use guestmm::{Advice, Host, MapOptions, MmUser, ProcessMemory, PAGE_SIZE};
+use guestmm::{Advice, Host, MapOptions, MmUser, ProcessMemory, Prot, PAGE_SIZE};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 
@@ -886,4 +886,75 @@ fn test_untracked_scan_of_untouched_memory_allocates_no_page_tables() {
         (1..=4).contains(&grown),
         "{grown} nodes for one touched page"
     );
+}
+
+/// Sets up the data-loss window of issue 16: guests `a` and `b` share 64
+/// merged pages, and a batch of 16 pages leaves the walk inside `a`
+/// (`ksm_scan.address` > 0). Returns `(a, a_addr, b)`.
+fn merged_pair_with_walk_inside_a(host: &Host, k: &Ksm) -> (MmUser, u64, MmUser) {
+    let (a, a_addr) = guest(host, k, "a", 64);
+    let (b, _) = guest(host, k, "b", 64);
+    scan_until(k, 8, |k| k.stats().pages_sharing >= 64);
+    assert_eq!(k.stats().pages_sharing, 64, "{:?}", k.stats());
+    // Finish the pass, so the next batch starts at the head (`a`).
+    scan_until(k, 1, |_| false);
+    k.set_pages_to_scan(16).unwrap();
+    k.scan_step_blocking(); // pages 0..16 of a; the walk stops at page 16
+    (a, a_addr, b)
+}
+
+/// After `b` exits and the scanner drops its items, `a` must still read its
+/// own contents on every page.
+fn a_keeps_its_pages(k: &Ksm, a: &MmUser, a_addr: u64, b: MmUser) {
+    let b_id = b.id();
+    drop(b);
+    k.set_pages_to_scan(4096).unwrap();
+    scan_until(k, 4, |k| !k.is_registered(b_id));
+    assert!(!k.is_registered(b_id));
+    let mut buf = vec![0u8; PAGE_SIZE];
+    for i in 0..64 {
+        a.read_blocking(a_addr + i * PAGE, &mut buf).unwrap();
+        assert!(
+            buf == shared_page(i),
+            "page {i} lost its contents (read {:#x}..): an rmap item was dropped before its page was unshared",
+            buf[0]
+        );
+    }
+}
+
+/// Issue 16 §1 (the `teardown_vs_ksm` data-loss input): a guest whose
+/// mergeable VMAs all stop being mergeable while the walk is inside it.
+/// The scanner used to unshare only the pages at or after the walk address
+/// and drop the lower pages' rmap items anyway; when the other mapper
+/// exited, the stable pages were punched and the guest read zeros.
+#[test]
+fn test_nothing_mergeable_left_mid_walk_unshares_every_page() {
+    let _serial = common::serial();
+    let host = Host::with_budget(1 << 30);
+    let k = ksm(4096);
+    let (a, a_addr, b) = merged_pair_with_walk_inside_a(&host, &k);
+    // PROT_NONE: the VMA stays MERGEABLE but cannot merge (not
+    // ksm_capable), and its pages still map the stable pages.
+    a.mprotect_blocking(a_addr, 64 * PAGE, Prot::NONE).unwrap();
+    k.scan_step_blocking(); // a has nothing mergeable: its slot is freed
+    assert!(!k.is_registered(a.id()), "the slot of a stays");
+    a.mprotect_blocking(a_addr, 64 * PAGE, Prot::READ | Prot::WRITE)
+        .unwrap();
+    a_keeps_its_pages(&k, &a, a_addr, b);
+}
+
+/// The same window through mm-core's own `madvise(UNMERGEABLE)` (not the
+/// KSM wrapper): the pages are unshared under the same write lock that
+/// clears `VM_MERGEABLE`, as the kernel's `ksm_madvise` does, so no scan
+/// can see the flag gone with merged pages left.
+#[test]
+fn test_mm_madvise_unmergeable_mid_walk_keeps_contents() {
+    let _serial = common::serial();
+    let host = Host::with_budget(1 << 30);
+    let k = ksm(4096);
+    let (a, a_addr, b) = merged_pair_with_walk_inside_a(&host, &k);
+    a.madvise_blocking(a_addr, 64 * PAGE, Advice::Unmergeable)
+        .unwrap();
+    k.scan_step_blocking();
+    a_keeps_its_pages(&k, &a, a_addr, b);
 }

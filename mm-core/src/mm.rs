@@ -1565,6 +1565,16 @@ impl MmUser {
                     Advice::HugePage => (VmFlags::HUGEPAGE, true),
                     _ => (VmFlags::HUGEPAGE, false),
                 };
+                if advice == Advice::Unmergeable {
+                    // `unmerge_ksm_pages` before the flag goes, under the same
+                    // write lock (the kernel's ksm_madvise order): a scanner
+                    // that finds the range no longer mergeable drops its rmap
+                    // items, and with them the stable pages' mappers; a page
+                    // still mapping one then would read zeros once the
+                    // other mappers left (issue 16's data-loss input had the
+                    // unshare in a later, separate lock section).
+                    self.ksm_unshare(&state, addr, end - addr)?;
+                }
                 if flag == VmFlags::HUGEPAGE {
                     for v in state.vmas.overlapping(addr, end) {
                         let (s, e) = (v.start.max(addr), v.end.min(end));

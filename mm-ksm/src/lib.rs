@@ -513,19 +513,15 @@ impl Ksm {
 
     /// `madvise` with KSM's part: `Mergeable` sets `VM_MERGEABLE` (mm-core
     /// registers untracked VMAs for userfaultfd write-protect) and enters
-    /// the mm; `Unmergeable` clears it and unmerges the range's pages
-    /// (`unmerge_ksm_pages`). Other advice is passed to mm-core.
+    /// the mm; `Unmergeable` unmerges the range's pages
+    /// (`unmerge_ksm_pages`) and clears it, under one write lock. Other advice is passed to mm-core.
     pub async fn madvise(&self, mm: &MmUser, addr: u64, len: u64, advice: Advice) -> Result<()> {
         let id = mm.id();
         mm.madvise(addr, len, advice).await.map_err(Error::mm(id))?;
         match advice {
             Advice::Mergeable => self.enter(mm),
-            Advice::Unmergeable => {
-                let state = mm.lock().read().await;
-                sched::point("ksm_madvise:read_locked").await;
-                mm.ksm_unshare(&state, addr, len).map_err(Error::mm(id))?;
-                Ok(())
-            }
+            // Unmergeable: mm-core unshared the range under the write lock
+            // that cleared the flag (`unmerge_ksm_pages`).
             _ => Ok(()),
         }
     }

@@ -240,11 +240,34 @@ impl Scanner {
         }
     }
 
-    fn drop_all_items(&mut self, inner: &Inner, items: &mut SlotItems) {
-        for (_, it) in std::mem::take(&mut items.map) {
-            self.forget_item(inner, items, it);
+    /// Drops every rmap item of `mm` (its read lock held), keeping the
+    /// rule that an item is dropped only after its page was unshared: the
+    /// item holds the stable page's mapper, and a stable page without
+    /// mappers is punched, so a page of a live mm still mapping it would
+    /// read zeros (issue 16, the `teardown_vs_ksm` data-loss input). A live
+    /// mm (`users > 0`) has every merged page unshared first, over its
+    /// whole address space, not only from where the walk resumed; an
+    /// exiting one is not touched (its exit_mmap zaps everything, and
+    /// ksm_exit's write-lock barrier keeps that from starting before we
+    /// unlock). Returns whether every item went: a page whose unshare
+    /// failed keeps its item, and the caller must keep the slot.
+    fn drop_all_items(
+        &mut self,
+        inner: &Inner,
+        mm: &Mm,
+        state: &MmState,
+        items: &mut SlotItems,
+    ) -> bool {
+        if mm.users() > 0 {
+            self.drop_items_range(inner, mm, Some(state), items, 0, u64::MAX);
+        } else {
+            for (_, it) in std::mem::take(&mut items.map) {
+                self.forget_item(inner, items, it);
+            }
         }
-        debug_assert_eq!((items.merging, items.zero), (0, 0));
+        let empty = items.map.is_empty();
+        debug_assert!(!empty || (items.merging, items.zero) == (0, 0));
+        empty
     }
 
     fn record_merged(&mut self, items: &mut SlotItems, addr: u64, id: u64) {
@@ -364,12 +387,11 @@ pub(crate) async fn do_scan(inner: &Inner, sc: &mut Scanner, budget: u64) -> u64
         }
         sched::point("ksm:visited").await;
 
-        // 5-6. Leave the slot.
-        let pass_done = if visit.end && !visit.keep {
-            // Exiting (or nothing mergeable left): no unshare for an exiting
-            // mm (its teardown zaps everything); a live one was unshared by
-            // drop_items_range.
-            sc.drop_all_items(inner, &mut items);
+        // 5-6. Leave the slot. Exiting, or nothing mergeable left: free it
+        // once every rmap item is gone (a live mm's pages unshared first).
+        let free_slot =
+            visit.end && !visit.keep && sc.drop_all_items(inner, &slot.mm, &state, &mut items);
+        let pass_done = if free_slot {
             publish_slot(&slot, &items);
             let done = {
                 let mut list = lock(&inner.list);
@@ -912,8 +934,14 @@ pub(crate) async fn unmerge_all(inner: &Inner, sc: &mut Scanner) -> Result<()> {
                 }
             }
         }
-        sc.drop_all_items(inner, &mut items);
-        publish_slot(&slot, &items);
+        // Unshared above (alive), so this only forgets; an item whose page
+        // still could not be unshared stays with its mapper.
+        if !sc.drop_all_items(inner, &slot.mm, &state, &mut items) {
+            publish_slot(&slot, &items);
+            sc.items.insert(id, items);
+        } else {
+            publish_slot(&slot, &items);
+        }
         {
             let mut list = lock(&inner.list);
             advance(&mut list, id);
