@@ -23,8 +23,10 @@
 //! Oracles: the run ends (a deadlock prints each actor's last step); the
 //! `sched::check`s of I-KSM-1 (the victim's exit makes no progress while an
 //! allocation waits for it), I-KSM-2 (a KSM operation after exit_mmap
-//! began) and I-KSM-5 (exit frees a slot ksmd still uses); guest 0's reads
-//! match the model; guest 1 reads its own contents (no cross-guest leak);
+//! began) and I-KSM-5 (exit frees a slot ksmd still uses); no second OOM
+//! victim while the first lacks OOM_SKIP (I-RP-7); guest 0's reads
+//! (its `Read`s, then a read-back of every page before its vCPU's user
+//! exits) match the model; guest 1 reads its own contents (no cross-guest leak);
 //! then, once every guest exited and ksmd ran: every slot freed exactly once
 //! (I-KSM-4, I-KSM-9), no stable page left (I-KSM-7), nothing charged
 //! (I-RC-3) and every mm struct freed (I-RC-2).
@@ -253,6 +255,15 @@ pub fn run_setup(setup: &KsmSetup, schedule: &[u8], mode: &Mode) -> Option<Findi
             }
         }
     }
+    // I-RP-7: unmerge's pressure loop calls the OOM killer again and again
+    // with 2-3 guests; it must never pick a second victim while the first
+    // still lacks OOM_SKIP.
+    if host.oom_stats().second_kills != 0 {
+        return finding(
+            &report,
+            "I-RP-7: second victim chosen while the first lacked OOM_SKIP".into(),
+        );
+    }
     // Guest 1 (alive if it stayed): its own contents, whatever guest 0 wrote.
     if setup.g1_stays {
         if let Ok(mm) = gs[1].guest.mm() {
@@ -363,5 +374,21 @@ async fn vcpu(
                 model.iter_mut().for_each(|m| *m = None);
             }
         }
+    }
+    // The audit: every page read back once more before this user exits.
+    // A loss (an rmap item dropped before its page was unshared, a stable
+    // page freed under a mapper) shows on whichever page it hit, not only
+    // when a random `Read` names that page at the right moment: the
+    // issue-16 data-loss bug needed both and ten-minute campaigns missed it.
+    for p in 0..pages {
+        let mut b = [0u8];
+        let got = match user.read(addr + p * P, &mut b).await {
+            Ok(()) => Ok(b[0]),
+            Err(e) => Err(e.to_string()),
+        };
+        reads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((p, model[p as usize], got));
     }
 }
