@@ -3,7 +3,7 @@
 //! under the read lock of the mm it merges in, after its `users == 0`
 //! check.
 
-use mm_core::KsmMerge;
+use mm_core::{sched, KsmMerge};
 
 use super::classify::Class;
 use super::{publish_slot, MmCtx, Scanner};
@@ -222,7 +222,7 @@ pub(super) async fn merge_pending(inner: &Inner, sc: &mut Scanner, pending: Vec<
             continue;
         };
         let state = slot.mm.lock().read().await;
-        mm_core::sched::point("ksm:pair_read_locked").await;
+        sched::point("ksm:pair_read_locked").await;
         if slot.mm.users() == 0 {
             continue;
         }
