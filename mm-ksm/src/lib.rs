@@ -105,22 +105,26 @@
 
 mod error;
 mod scan;
+mod slots;
+mod stats;
+mod types;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dashmap::DashMap;
 use event_listener::Event;
 use futures_lite::future;
-use mm_core::{
-    sched, Advice, BoxFuture, Clock, ExitHook, Mm, MmFlag, MmGrab, MmUser, StableStore,
-    SystemClock, VmFlags,
-};
+use mm_core::{sched, Advice, Clock, MmFlag, MmUser, StableStore, SystemClock, VmFlags};
 
 pub use error::{Error, Result};
+pub use stats::{KsmProcessStat, KsmStats};
 
 use crate::scan::Scanner;
+use crate::slots::{ScanList, Slot};
+use crate::stats::Counters;
+use crate::types::MmId;
 
 /// The `run` knob.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -181,103 +185,6 @@ impl Default for KsmConfig {
     }
 }
 
-/// Counters with the kernel's sysfs names (`/sys/kernel/mm/ksm/*`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct KsmStats {
-    /// Stable pages in use.
-    pub pages_shared: u64,
-    /// Further mappings of them: the pages saved.
-    pub pages_sharing: u64,
-    /// Pages in the unstable tree (waiting for a twin).
-    pub pages_unshared: u64,
-    /// `rmap_items - shared - sharing - unshared`, clamped at 0.
-    pub pages_volatile: u64,
-    /// Pages looked at by the scanner.
-    pub pages_scanned: u64,
-    /// Pages skipped by smart scan.
-    pub pages_skipped: u64,
-    /// Completed full passes (`ksm_scan.seqnr`).
-    pub full_scans: u64,
-    /// Pages discarded as zero pages (`use_zero_pages`) and not touched since.
-    pub ksm_zero_pages: u64,
-    /// `(pages_sharing + ksm_zero_pages) * 4096 - rmap_items * sizeof(rmap_item)`.
-    pub general_profit: i64,
-    /// Rmap items (pages tracked by the scanner).
-    pub rmap_items: u64,
-    /// Registered mms.
-    pub mm_slots: u64,
-    /// Merges refused with `ENOMEM` by `vm.max_map_count`.
-    pub map_limit_hits: u64,
-    /// Stable pages freed (no mapper left).
-    pub stable_pages_freed: u64,
-    /// Slots freed by `ksm_exit`'s fast path.
-    pub slots_freed_by_exit: u64,
-    /// Slots freed by the scanner or unmerge-all.
-    pub slots_freed_by_scanner: u64,
-}
-
-/// Per-guest counters (`/proc/<pid>/ksm_stat`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct KsmProcessStat {
-    /// `ksm_rmap_items`.
-    pub rmap_items: u64,
-    /// `ksm_merging_pages`: pages of this mm that map a stable page.
-    pub merging_pages: u64,
-    /// `ksm_zero_pages`.
-    pub zero_pages: u64,
-}
-
-/// One registered mm (`ksm_mm_slot`).
-pub(crate) struct Slot {
-    /// The pin taken by `__ksm_enter` (`mmgrab`); dropped exactly once,
-    /// with the slot.
-    pub(crate) mm: MmGrab,
-    /// Rmap items of this mm, published by the scanner before it moves the
-    /// cursor past the slot; read by `ksm_exit` for its fast-path test.
-    pub(crate) rmap_items: AtomicU64,
-    pub(crate) merging_pages: AtomicU64,
-    pub(crate) zero_pages: AtomicU64,
-}
-
-impl Slot {
-    pub(crate) fn id(&self) -> u64 {
-        self.mm.id()
-    }
-}
-
-/// The ordered scan list and its cursor, under the slot-list lock
-/// (`ksm_mmlist_lock`): a std mutex held only briefly, never across an
-/// await, taken inside an mmap read lock (never the other way round).
-#[derive(Default)]
-pub(crate) struct ScanList {
-    pub(crate) order: Vec<Arc<Slot>>,
-    /// Mm id of the slot being scanned; `None` = at the head (between
-    /// passes).
-    pub(crate) cursor: Option<u64>,
-}
-
-impl ScanList {
-    pub(crate) fn position(&self, id: u64) -> Option<usize> {
-        self.order.iter().position(|s| s.id() == id)
-    }
-}
-
-#[derive(Default)]
-pub(crate) struct Counters {
-    pub(crate) pages_shared: AtomicU64,
-    pub(crate) pages_sharing: AtomicU64,
-    pub(crate) pages_unshared: AtomicU64,
-    pub(crate) rmap_items: AtomicU64,
-    pub(crate) pages_scanned: AtomicU64,
-    pub(crate) pages_skipped: AtomicU64,
-    pub(crate) full_scans: AtomicU64,
-    pub(crate) ksm_zero_pages: AtomicU64,
-    pub(crate) map_limit_hits: AtomicU64,
-    pub(crate) stable_pages_freed: AtomicU64,
-    pub(crate) slots_freed_by_exit: AtomicU64,
-    pub(crate) slots_freed_by_scanner: AtomicU64,
-}
-
 pub(crate) struct Inner {
     pub(crate) pages_to_scan: AtomicU64,
     pub(crate) sleep_ms: AtomicU64,
@@ -290,7 +197,7 @@ pub(crate) struct Inner {
     /// a batch and by unmerge-all. Never taken by `ksm_exit` (seed 3).
     pub(crate) scanner: async_lock::Mutex<Scanner>,
     /// The slot hash (`mm_slots_hash`).
-    pub(crate) slots: DashMap<u64, Arc<Slot>>,
+    pub(crate) slots: DashMap<MmId, Arc<Slot>>,
     /// The slot-list lock.
     pub(crate) list: Mutex<ScanList>,
     pub(crate) store: StableStore,
@@ -298,16 +205,10 @@ pub(crate) struct Inner {
     /// Mm ids whose `ksm_exit` hook is registered: one hook per mm, however
     /// often it leaves KSM (its slot freed by the scanner) and enters again.
     /// Inserted under the slot-list lock by `enter`, removed by the hook.
-    pub(crate) hooked: DashMap<u64, ()>,
+    pub(crate) hooked: DashMap<MmId, ()>,
     /// Wakes the scan loop (knob changes, first slot, stop).
     pub(crate) wake: Event,
     pub(crate) stop: AtomicBool,
-}
-
-pub(crate) fn lock(m: &Mutex<ScanList>) -> std::sync::MutexGuard<'_, ScanList> {
-    // The list is only pushed, removed from and re-pointed under the lock;
-    // a panic cannot leave it half-updated.
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The KSM scanner (ksmd) and its registry. Cheap to clone; run it with
@@ -324,115 +225,6 @@ impl std::fmt::Debug for Ksm {
             .field("run", &self.run_mode())
             .field("stats", &self.stats())
             .finish()
-    }
-}
-
-/// The `ksm_exit` hook registered on every entered mm. Holds the scanner
-/// weakly: a dropped `Ksm` leaves nothing to do.
-struct KsmExitHook(Weak<Inner>);
-
-impl ExitHook for KsmExitHook {
-    fn exit<'a>(&'a self, mm: &'a Mm) -> BoxFuture<'a, ()> {
-        Box::pin(async move {
-            if let Some(inner) = self.0.upgrade() {
-                ksm_exit(&inner, mm).await;
-            }
-        })
-    }
-}
-
-/// What `ksm_exit` decided under the slot-list lock.
-enum ExitPath {
-    /// No slot: the scanner already freed it.
-    None,
-    /// Removed here; free it after the unlock.
-    Fast(Arc<Slot>),
-    /// Left to the scanner: barrier.
-    Slow,
-}
-
-/// `__ksm_exit` (PROTOCOL §9.5). `users` is already 0.
-async fn ksm_exit(inner: &Inner, mm: &Mm) {
-    debug_assert_eq!(mm.users(), 0);
-    // The hook runs once per mm: forget it (mm ids are never reused).
-    inner.hooked.remove(&mm.id());
-    // Only mms that entered (MMF_VM_MERGEABLE).
-    if !mm.flags().test(MmFlag::VM_MERGEABLE) {
-        return;
-    }
-    sched::point("ksm_exit:start").await;
-    let path = {
-        let mut list = lock(&inner.list);
-        match inner.slots.get(&mm.id()).map(|s| s.clone()) {
-            None => ExitPath::None,
-            // At the cursor: the scanner is (or will be) inside this mm;
-            // exit must not free the slot under it.
-            Some(_) if list.cursor == Some(mm.id()) => ExitPath::Slow,
-            Some(slot) if slot.rmap_items.load(Ordering::SeqCst) == 0 => {
-                // Fast path: nothing of this mm is in the scanner's trees.
-                inner.slots.remove(&mm.id());
-                if let Some(i) = list.position(mm.id()) {
-                    list.order.remove(i);
-                }
-                ExitPath::Fast(slot)
-            }
-            Some(_) => {
-                // Move it right after the cursor: the scanner meets it next,
-                // sees users == 0 and frees it.
-                if let Some(i) = list.position(mm.id()) {
-                    let s = list.order.remove(i);
-                    let at = match list.cursor.and_then(|c| list.position(c)) {
-                        Some(c) => c + 1,
-                        None => 0,
-                    };
-                    list.order.insert(at, s);
-                }
-                ExitPath::Slow
-            }
-        }
-    };
-    match path {
-        ExitPath::None => {
-            tracing::debug!(target: "mm_ksm::ksm_exit", mm_id = mm.id(), path = "gone", "ksm_exit");
-        }
-        ExitPath::Fast(slot) => {
-            mm.flags().clear(MmFlag::VM_MERGE_ANY);
-            mm.flags().clear(MmFlag::VM_MERGEABLE);
-            inner
-                .counters
-                .slots_freed_by_exit
-                .fetch_add(1, Ordering::Relaxed);
-            sched::point("ksm_exit:fast").await;
-            // mmdrop: the slot's grab goes with the last Arc (this one; the
-            // list and the hash no longer hold it, and the scanner only
-            // holds the cursor slot or slots with rmap items, and lets go
-            // of a slot with its mmap lock, before the list lock).
-            // Oracle of I-KSM-5: anyone else still holding it would be
-            // using a freed mm in the kernel.
-            sched::check(
-                Arc::strong_count(&slot) == 1,
-                "I-KSM-5: ksm_exit freed a slot (mmdrop) that ksmd still uses: its mmap unlock would touch a freed mm",
-            );
-            drop(slot);
-            tracing::debug!(target: "mm_ksm::ksm_exit", mm_id = mm.id(), path = "fast", "ksm_exit");
-        }
-        ExitPath::Slow => {
-            sched::point("ksm_exit:barrier").await;
-            // The write-lock barrier (I-LO-2): users == 0 was published
-            // before it (by the last mmput), and the scanner re-checks it
-            // after every read lock. This waits for a scanner still inside;
-            // any later one backs out without touching the VMAs.
-            //
-            //   ksm_exit                        | ksmd
-            //                                   | read lock; users == 0? no
-            //   users = 0 (mmput)               | merging a run ...
-            //   write lock (waits)              | ... read unlock
-            //   write unlock; exit_mmap         | read lock; users == 0? yes:
-            //                                   |   back out, free the slot
-            drop(mm.lock().write().await);
-            sched::point("ksm_exit:after_barrier").await;
-            tracing::debug!(target: "mm_ksm::ksm_exit", mm_id = mm.id(), path = "barrier", "ksm_exit");
-        }
     }
 }
 
@@ -469,46 +261,7 @@ impl Ksm {
     /// `ksm_exit` hook registered, once per mm: an mm whose slot the scanner
     /// freed and that enters again keeps its one hook.
     pub fn enter(&self, mm: &MmUser) -> Result<()> {
-        let inner = &self.inner;
-        let was_empty;
-        let needs_hook;
-        {
-            let mut list = lock(&inner.list);
-            if inner.slots.contains_key(&mm.id()) {
-                return Ok(());
-            }
-            needs_hook = inner.hooked.insert(mm.id(), ()).is_none();
-            let slot = Arc::new(Slot {
-                mm: mm.grab(),
-                rmap_items: AtomicU64::new(0),
-                merging_pages: AtomicU64::new(0),
-                zero_pages: AtomicU64::new(0),
-            });
-            was_empty = list.order.is_empty();
-            inner.slots.insert(mm.id(), slot.clone());
-            // Merge/stop: just behind the cursor (list_add_tail(slot,
-            // cursor)), so a new mm is not scanned at once; at the head
-            // that is the end of the list. Unmerge: at the tail, so the
-            // unmerge pass does not miss it.
-            let at = match (self.run_mode(), list.cursor.and_then(|c| list.position(c))) {
-                (Run::Unmerge, _) | (_, None) => list.order.len(),
-                (_, Some(c)) => c,
-            };
-            list.order.insert(at, slot);
-            // Under the list lock: the scanner clears it under the same
-            // lock when it frees a slot, so the two cannot interleave into
-            // a slot without the flag (ksm_exit would skip it and its grab
-            // would leak).
-            mm.flags().set(MmFlag::VM_MERGEABLE);
-        }
-        if needs_hook {
-            mm.add_exit_hook(Arc::new(KsmExitHook(Arc::downgrade(inner))));
-        }
-        tracing::debug!(target: "mm_ksm::ksm_enter", mm_id = mm.id(), "ksm_enter");
-        if was_empty {
-            inner.wake.notify(usize::MAX);
-        }
-        Ok(())
+        slots::enter(&self.inner, mm, self.run_mode())
     }
 
     /// `madvise` with KSM's part: `Mergeable` sets `VM_MERGEABLE` (mm-core
@@ -731,7 +484,7 @@ impl Ksm {
 
     /// Per-guest counters of a registered mm.
     pub fn process_stat(&self, mm_id: u64) -> Option<KsmProcessStat> {
-        self.inner.slots.get(&mm_id).map(|s| KsmProcessStat {
+        self.inner.slots.get(&MmId(mm_id)).map(|s| KsmProcessStat {
             rmap_items: s.rmap_items.load(Ordering::Relaxed),
             merging_pages: s.merging_pages.load(Ordering::Relaxed),
             zero_pages: s.zero_pages.load(Ordering::Relaxed),
@@ -740,7 +493,7 @@ impl Ksm {
 
     /// Is `mm_id` registered (has a slot)?
     pub fn is_registered(&self, mm_id: u64) -> bool {
-        self.inner.slots.contains_key(&mm_id)
+        self.inner.slots.contains_key(&MmId(mm_id))
     }
 }
 
@@ -795,7 +548,7 @@ impl Drop for KsmThread {
 
 #[cfg(test)]
 mod tests {
-    use mm_core::{Host, MapOptions, PAGE_SIZE};
+    use mm_core::PAGE_SIZE;
 
     use super::*;
 
@@ -899,47 +652,5 @@ mod tests {
         // Zero pages count as saved.
         set(0, 0, 0, 0, 5);
         assert_eq!(k.stats().general_profit, 5 * PAGE as i64);
-    }
-
-    /// `ksm_exit`: no rmap items and not at the cursor → the fast path
-    /// frees the slot; with rmap items → the barrier path leaves it to the
-    /// scanner, which frees it at its next visit.
-    #[test]
-    fn test_exit_fast_path_vs_slow_path() {
-        let host = Host::with_budget(64 << 20);
-        let k = Ksm::new(KsmConfig::default()).unwrap();
-        let map = |name: &str| {
-            let mm = host.new_mm(name);
-            let a = mm
-                .mmap_blocking(MapOptions::anon(4 * PAGE).tracked(true))
-                .unwrap();
-            mm.fill_blocking(a, 4 * PAGE, 1).unwrap();
-            k.enter(&mm).unwrap();
-            mm
-        };
-        let fast = map("fast");
-        let (id, watch) = (fast.id(), fast.watch());
-        drop(fast);
-        let s = k.stats();
-        assert_eq!((s.slots_freed_by_exit, s.mm_slots), (1, 0), "{s:?}");
-        assert!(!k.is_registered(id) && watch.is_freed());
-
-        let slow = map("slow");
-        let (id, watch) = (slow.id(), slow.watch());
-        k.inner
-            .slots
-            .get(&id)
-            .unwrap()
-            .rmap_items
-            .store(4, Ordering::SeqCst);
-        drop(slow);
-        assert_eq!(k.stats().slots_freed_by_exit, 1, "slow path frees nothing");
-        assert!(k.is_registered(id), "left for the scanner");
-        assert!(!watch.is_freed(), "the slot still pins the struct");
-        k.set_run_blocking(Run::Merge).unwrap();
-        k.scan_step_blocking();
-        assert!(!k.is_registered(id));
-        assert!(watch.is_freed());
-        assert_eq!(k.stats().slots_freed_by_scanner, 1);
     }
 }

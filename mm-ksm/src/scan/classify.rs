@@ -1,0 +1,200 @@
+//! Step 4 for one leaf-bounded chunk: which pages to read (smart scan),
+//! the snapshot (each page copied out under its page lock), and the
+//! classification of each page by checksum: volatile, an all-zero page, a
+//! hit in the stable tree, a pair in the unstable tree. The merges of the
+//! resulting runs are in `merge.rs`.
+
+use std::collections::hash_map::Entry;
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+
+use mm_core::{sched, KsmPage, PAGE_SIZE};
+use xxhash_rust::xxh3::xxh3_64;
+
+use super::merge::{self, Pending};
+use super::{zero_sum, MmCtx, SMART_AGE, SMART_MAX_SKIPS};
+use crate::types::{GuestAddr, MmId, PageCount, StableId, PAGE};
+
+/// How a page should be merged (classification before the runs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Class {
+    None,
+    Zero,
+    Stable(StableId),
+    /// The unstable tree's page with the same contents, in this or another
+    /// mm.
+    Pair(MmId, GuestAddr),
+}
+
+/// The knobs, read once per chunk.
+struct Knobs {
+    use_zero: bool,
+    max_sharing: u64,
+}
+
+/// Step 4 for the chunk of `n` pages at `a`: snapshot, classify, merge.
+pub(super) async fn scan_chunk(
+    cx: &mut MmCtx<'_>,
+    a: GuestAddr,
+    n: PageCount,
+    pending: &mut Vec<Pending>,
+) {
+    let n = n.0 as usize;
+    let knobs = Knobs {
+        use_zero: cx.inner.use_zero_pages.load(Ordering::Relaxed),
+        max_sharing: cx.inner.max_page_sharing.load(Ordering::Relaxed),
+    };
+    let want = smart_skip(cx, a, n);
+    let mut buf = std::mem::take(&mut cx.sc.buf);
+    buf.resize(n * PAGE_SIZE, 0);
+    let mut out = vec![KsmPage::Absent; n];
+    if let Err(e) = cx.mm.ksm_snapshot(cx.state, a.0, &want, &mut buf, &mut out) {
+        tracing::warn!(target: "mm_ksm", mm_id = cx.mm.id(), addr = a.0, error = %e, "snapshot failed");
+        cx.sc.buf = buf;
+        return;
+    }
+    let mut class = vec![Class::None; n];
+    let mut sums = vec![0u64; n];
+    // Mappers this chunk will add to each stable page (max_page_sharing).
+    let mut planned: HashMap<StableId, u64> = HashMap::new();
+    for i in 0..n {
+        let addr = a.add_pages(i as u64);
+        let page = want[i].then(|| &buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]);
+        (class[i], sums[i]) = match out[i] {
+            KsmPage::Private => classify_private(cx, addr, page, &knobs, &mut planned),
+            other => {
+                note_page(cx, addr, other);
+                (Class::None, 0)
+            }
+        };
+    }
+    cx.sc.buf = buf;
+    // The read lock is still held: a last mmput may have run meanwhile, but
+    // ksm_exit's barrier waits for this reader, so exit_mmap cannot begin
+    // before these merges are done (I-LO-2).
+    sched::point("ksm:chunk_classified").await;
+    merge::merge_runs(cx, a, &class, &sums, pending);
+}
+
+/// Smart scan: which pages of the chunk to read. A page that did not
+/// merge for `SMART_AGE` passes is skipped for up to `SMART_MAX_SKIPS`.
+fn smart_skip(cx: &mut MmCtx<'_>, a: GuestAddr, n: usize) -> Vec<bool> {
+    let smart = cx.inner.smart_scan.load(Ordering::Relaxed);
+    let mut skipped = 0;
+    let want = (0..n)
+        .map(|i| {
+            let Some(it) = cx.items.map.get_mut(&a.add_pages(i as u64)) else {
+                return true;
+            };
+            if !smart || it.stable.is_some() || it.zero || it.checksum.is_none() {
+                return true;
+            }
+            if it.skips > 0 {
+                it.skips -= 1;
+                skipped += 1;
+                return false;
+            }
+            let age = it.age;
+            it.age = it.age.saturating_add(1);
+            if age >= SMART_AGE {
+                it.skips = age.min(SMART_MAX_SKIPS);
+            }
+            true
+        })
+        .collect();
+    cx.inner
+        .counters
+        .pages_skipped
+        .fetch_add(skipped, Ordering::Relaxed);
+    want
+}
+
+/// A page that is absent, a zero page or merged: bring its rmap item up
+/// to date.
+fn note_page(cx: &mut MmCtx<'_>, addr: GuestAddr, page: KsmPage) {
+    let items = &mut *cx.items;
+    match page {
+        KsmPage::Absent => {
+            if let Some(it) = items.map.remove(&addr) {
+                cx.sc.forget_item(cx.inner, items, it);
+            }
+        }
+        KsmPage::Zero => {
+            let it = items.map.entry(addr).or_default();
+            if !it.zero {
+                it.zero = true;
+                items.zero += 1;
+            }
+        }
+        KsmPage::Stable(id) => {
+            let it = items.map.entry(addr).or_default();
+            if it.stable != Some(StableId(id)) {
+                // Not a merge we recorded (cannot happen while items are
+                // only dropped after an unshare): unshare rather than
+                // leave a mapping the stable tree does not count.
+                debug_assert!(false, "unrecorded merged page {:#x}", addr.0);
+                let _ = cx.mm.ksm_unshare(cx.state, addr.0, PAGE);
+            }
+        }
+        KsmPage::Private => unreachable!("classified by classify_private"),
+    }
+}
+
+/// A private page: its sharing, if any, was broken (copied by a write, or
+/// zapped and refaulted); if it was read (`page`), checksum it and look it
+/// up. Returns its class and checksum.
+fn classify_private(
+    cx: &mut MmCtx<'_>,
+    addr: GuestAddr,
+    page: Option<&[u8]>,
+    knobs: &Knobs,
+    planned: &mut HashMap<StableId, u64>,
+) -> (Class, u64) {
+    let items = &mut *cx.items;
+    let mut it = *items.map.entry(addr).or_default();
+    if let Some(old) = it.stable.take() {
+        items.merging -= 1;
+        cx.sc.drop_mapper(cx.inner, old);
+    }
+    if it.zero {
+        it.zero = false;
+        items.zero -= 1;
+    }
+    let Some(page) = page else {
+        items.map.insert(addr, it);
+        return (Class::None, 0);
+    };
+    let sum = xxh3_64(page);
+    if it.checksum != Some(sum) {
+        // Volatile (or first seen): remember and wait a pass.
+        it.checksum = Some(sum);
+        it.age = 0;
+        it.skips = 0;
+        items.map.insert(addr, it);
+        return (Class::None, sum);
+    }
+    items.map.insert(addr, it);
+    if cx.sc.map_limited {
+        return (Class::None, sum);
+    }
+    let class = if knobs.use_zero && sum == zero_sum() && page.iter().all(|b| *b == 0) {
+        Class::Zero
+    } else if let Some(id) = cx.sc.find_stable(sum, knobs.max_sharing, planned) {
+        *planned.entry(id).or_default() += 1;
+        Class::Stable(id)
+    } else {
+        let me = (MmId::of(cx.mm), addr);
+        match cx.sc.trees.unstable.entry(sum) {
+            Entry::Occupied(o) if *o.get() != me => {
+                let (om, oa) = o.remove();
+                Class::Pair(om, oa)
+            }
+            Entry::Occupied(_) => Class::None,
+            Entry::Vacant(v) => {
+                v.insert(me);
+                Class::None
+            }
+        }
+    };
+    (class, sum)
+}

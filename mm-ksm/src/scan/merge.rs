@@ -1,0 +1,288 @@
+//! The merges: runs of classified pages, one `mmap` each (step 4), and
+//! the unstable tree's side of a pair in another mm (step 7). Each runs
+//! under the read lock of the mm it merges in, after its `users == 0`
+//! check.
+
+use mm_core::{sched, KsmMerge};
+
+use super::classify::Class;
+use super::{publish_slot, MmCtx, Scanner};
+use crate::types::{GuestAddr, MmId, PageCount, StableId};
+use crate::Inner;
+
+/// A run of another mm's pages (the unstable tree's side of a pair) to be
+/// merged onto stable pages this batch created, after the current mm's
+/// lock is dropped (step 7).
+pub(super) struct Pending {
+    mm_id: MmId,
+    addr: GuestAddr,
+    n: PageCount,
+    first: StableId,
+}
+
+/// Step 4, the merges of one classified chunk at `a`: runs of consecutive
+/// hits, one `mmap` each (onto consecutive stable pages).
+pub(super) fn merge_runs(
+    cx: &mut MmCtx<'_>,
+    a: GuestAddr,
+    class: &[Class],
+    sums: &[u64],
+    pending: &mut Vec<Pending>,
+) {
+    let n = class.len();
+    let mut i = 0;
+    while i < n {
+        let start = a.add_pages(i as u64);
+        let run = |f: &dyn Fn(u64, Class) -> bool| {
+            (i + 1..n)
+                .find(|&j| !f((j - i) as u64, class[j]))
+                .unwrap_or(n)
+        };
+        let j = match class[i] {
+            Class::None => i + 1,
+            Class::Zero => {
+                let j = run(&|_, c| c == Class::Zero);
+                merge_zero(cx, start, PageCount((j - i) as u64));
+                j
+            }
+            Class::Stable(id) => {
+                let j = run(&|k, c| c == Class::Stable(id.nth(k)));
+                merge_stable(cx, start, PageCount((j - i) as u64), id);
+                j
+            }
+            Class::Pair(om, oa) => {
+                let j = run(&|k, c| c == Class::Pair(om, oa.add_pages(k)));
+                if let Some(first) = merge_new(cx, start, &sums[i..j]) {
+                    pending.push(Pending {
+                        mm_id: om,
+                        addr: oa,
+                        n: PageCount((j - i) as u64),
+                        first,
+                    });
+                }
+                j
+            }
+        };
+        i = j;
+    }
+}
+
+fn map_limit(cx: &mut MmCtx<'_>) {
+    if !cx.sc.map_limited {
+        tracing::warn!(target: "mm_ksm", mm_id = cx.mm.id(), "vm.max_map_count reached: merging stops until the next pass");
+    }
+    cx.sc.map_limited = true;
+    cx.inner
+        .counters
+        .map_limit_hits
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Discards `n` all-zero pages from `addr` (`use_zero_pages`).
+fn merge_zero(cx: &mut MmCtx<'_>, addr: GuestAddr, n: PageCount) {
+    match cx.mm.ksm_zero(cx.state, addr.0, n.0) {
+        Ok(KsmMerge::Merged) => {
+            for k in 0..n.0 {
+                let it = cx.items.map.entry(addr.add_pages(k)).or_default();
+                if !it.zero {
+                    it.zero = true;
+                    cx.items.zero += 1;
+                }
+                it.age = 0;
+            }
+        }
+        Ok(KsmMerge::MapLimit) => map_limit(cx),
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(target: "mm_ksm", mm_id = cx.mm.id(), addr = addr.0, error = %e, "zero-page merge failed")
+        }
+    }
+}
+
+/// Merges `n` pages from `addr` onto existing stable pages `first..`
+/// (`try_to_merge_with_ksm_page`); a changed run is retried page by page.
+fn merge_stable(cx: &mut MmCtx<'_>, addr: GuestAddr, n: PageCount, first: StableId) {
+    if cx.sc.map_limited {
+        return;
+    }
+    let mm = cx.mm;
+    let mut charged = vec![false; n.0 as usize];
+    match mm.ksm_merge(
+        cx.state,
+        addr.0,
+        n.0,
+        &cx.inner.store,
+        first.0,
+        false,
+        &mut charged,
+    ) {
+        Ok(KsmMerge::Merged) => {
+            // Budget: a charged page's charge moves to a stable page that
+            // has none yet (it was filled by a never-charged page), else it
+            // is given back; a never-charged page gives nothing back.
+            let mut give_back = 0;
+            for k in 0..n.0 {
+                cx.sc
+                    .record_merged(cx.items, addr.add_pages(k), first.nth(k));
+                if !charged[k as usize] {
+                    continue;
+                }
+                match cx.sc.trees.stable.get_mut(&first.nth(k)) {
+                    Some(node) if node.budget.is_none() => {
+                        node.budget = Some(mm.budget().clone());
+                    }
+                    _ => give_back += 1,
+                }
+            }
+            mm.ksm_uncharge(give_back);
+            tracing::trace!(target: "mm_ksm::ksm_merge_with_ksm_page", mm_id = mm.id(), addr = addr.0, pages = n.0, stable = first.0, "ksm_merge_with_ksm_page");
+        }
+        Ok(KsmMerge::Changed) if n.0 > 1 => {
+            for k in 0..n.0 {
+                merge_stable(cx, addr.add_pages(k), PageCount(1), first.nth(k));
+            }
+        }
+        Ok(KsmMerge::MapLimit) => map_limit(cx),
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(target: "mm_ksm", mm_id = mm.id(), addr = addr.0, error = %e, "merge failed")
+        }
+    }
+}
+
+/// Makes new stable pages from the run at `addr` (the current page of an
+/// unstable-tree pair, `try_to_merge_two_pages` + `stable_tree_insert`);
+/// returns the first stable page for the other side.
+fn merge_new(cx: &mut MmCtx<'_>, addr: GuestAddr, sums: &[u64]) -> Option<StableId> {
+    if cx.sc.map_limited {
+        return None;
+    }
+    let (inner, mm) = (cx.inner, cx.mm);
+    let n = sums.len() as u64;
+    let first = StableId(inner.store.alloc(n)?);
+    // Ids that end up unused (the merge did not happen) are released at
+    // once: punching a hole that was never filled is harmless, and the
+    // store's allocated-minus-released count stays the pages in use.
+    let release = || {
+        for k in 0..n {
+            let _ = inner.store.release(first.nth(k).0);
+        }
+    };
+    let mut charged = vec![false; n as usize];
+    match mm.ksm_merge(
+        cx.state,
+        addr.0,
+        n,
+        &inner.store,
+        first.0,
+        true,
+        &mut charged,
+    ) {
+        Ok(KsmMerge::Merged) => {
+            for (k, sum) in sums.iter().enumerate() {
+                // The filling page's charge (if it had one) moves to the
+                // stable page: nothing is uncharged here.
+                let budget = charged[k].then(|| mm.budget().clone());
+                let id = first.nth(k as u64);
+                cx.sc.new_node(id, *sum, budget);
+                cx.sc.record_merged(cx.items, addr.add_pages(k as u64), id);
+                // Every new node has this run's page as its mapper; one
+                // without (cannot happen while record_merged adds one) would
+                // never be freed by drop_mapper.
+                cx.sc.release_if_unmapped(inner, id);
+            }
+            tracing::trace!(target: "mm_ksm::ksm_merge_one_page", mm_id = mm.id(), addr = addr.0, pages = n, stable = first.0, "ksm_merge_one_page");
+            Some(first)
+        }
+        Ok(KsmMerge::MapLimit) => {
+            release();
+            map_limit(cx);
+            None
+        }
+        Ok(_) => {
+            release();
+            None
+        }
+        Err(e) => {
+            release();
+            tracing::warn!(target: "mm_ksm", mm_id = mm.id(), addr = addr.0, error = %e, "merge failed");
+            None
+        }
+    }
+}
+
+/// Step 7: the unstable side of this batch's pairs, each under its own
+/// mm's read lock and `users == 0` check.
+pub(super) async fn merge_pending(inner: &Inner, sc: &mut Scanner, pending: Vec<Pending>) {
+    for p in pending {
+        // The slot cannot be freed meanwhile: ksm_exit's fast path needs no
+        // rmap items (this mm has the unstable-tree item), and only the
+        // scanner (us, holding the scanner mutex) frees the others.
+        let Some(slot) = inner.slots.get(&p.mm_id).map(|s| s.clone()) else {
+            continue;
+        };
+        let state = slot.mm.lock().read().await;
+        sched::point("ksm:pair_read_locked").await;
+        if slot.mm.users() == 0 {
+            continue;
+        }
+        // The first half's mm may have exited while we waited for this
+        // lock, dropping its items and with them the stable pages this run
+        // would map (their memfd range punched). Mapping a freed stable
+        // page would read a hole that allocates an uncharged shmem page:
+        // skip the run, the next pass pairs these pages again.
+        if (0..p.n.0).any(|k| !sc.trees.stable.contains_key(&p.first.nth(k))) {
+            continue;
+        }
+        let mut items = sc.items.remove(&p.mm_id).unwrap_or_default();
+        let mut cx = MmCtx {
+            inner,
+            sc: &mut *sc,
+            mm: &slot.mm,
+            state: &state,
+            items: &mut items,
+        };
+        merge_stable(&mut cx, p.addr, p.n, p.first);
+        publish_slot(&slot, &items);
+        sc.items.insert(p.mm_id, items);
+        drop(state);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use mm_core::{Host, MapOptions};
+
+    use super::*;
+    use crate::scan::SlotItems;
+    use crate::types::PAGE;
+    use crate::{Ksm, KsmConfig};
+
+    /// The stable ids of a pair run whose merge did not happen (the page
+    /// changed) are released, not left allocated.
+    #[test]
+    fn test_unused_stable_ids_released() {
+        let host = Host::with_budget(64 << 20);
+        let k = Ksm::new(KsmConfig::default()).unwrap();
+        let mm = host.new_mm("c");
+        let addr = mm
+            .mmap_blocking(MapOptions::anon(4 * PAGE).tracked(true))
+            .unwrap();
+        let mut sc = Scanner::default();
+        let mut items = SlotItems::default();
+        let state = futures_lite::future::block_on(mm.lock().read());
+        let mut cx = MmCtx {
+            inner: &k.inner,
+            sc: &mut sc,
+            mm: &mm,
+            state: &state,
+            items: &mut items,
+        };
+        // Never populated: the merge finds the pages absent (Changed).
+        let first = merge_new(&mut cx, GuestAddr(addr), &[1, 2]);
+        assert_eq!(first, None);
+        assert_eq!(k.inner.store.counts(), (2, 2), "allocated ids not released");
+        assert!(sc.trees.stable.is_empty() && items.map.is_empty());
+        drop(state);
+    }
+}

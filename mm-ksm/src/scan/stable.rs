@@ -1,0 +1,271 @@
+//! The stable tree (stable pages and their mappers), the rmap items, and
+//! the rule that ties them: **an rmap item is dropped only after its page
+//! was unshared** (the item holds its stable page's mapper, and a stable
+//! page without mappers is punched). Everything here runs under the scanner
+//! mutex.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use mm_core::{Budget, Mm, MmState};
+
+use super::Scanner;
+use crate::types::{GuestAddr, MmId, StableId, PAGE};
+use crate::Inner;
+
+/// One scanned page (`ksm_rmap_item`).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct RmapItem {
+    /// Checksum at the last look (`oldchecksum`); `None` before the first.
+    pub(super) checksum: Option<u64>,
+    /// The stable page this page maps (when merged).
+    pub(super) stable: Option<StableId>,
+    /// Discarded as a zero page and not touched since.
+    pub(super) zero: bool,
+    /// Passes without a merge (smart scan).
+    pub(super) age: u8,
+    /// Passes left to skip (smart scan).
+    pub(super) skips: u8,
+}
+
+/// Memory cost of one rmap item, for `general_profit` (item + key + tree
+/// overhead, roughly).
+pub(crate) const RMAP_ITEM_BYTES: u64 = std::mem::size_of::<(GuestAddr, RmapItem)>() as u64 + 16;
+
+/// The rmap items of one mm, by page address, with the counts a slot
+/// publishes.
+#[derive(Default)]
+pub(crate) struct SlotItems {
+    pub(super) map: BTreeMap<GuestAddr, RmapItem>,
+    /// Items with `stable` set.
+    pub(super) merging: u64,
+    /// Items with `zero` set.
+    pub(super) zero: u64,
+}
+
+/// One stable page (`ksm_stable_node`). Holds no page reference: its
+/// mappers are counted through the rmap items, and a mapper whose page was
+/// copied or zapped is dropped when the scanner next looks (I-KSM-7).
+pub(super) struct StableNode {
+    checksum: u64,
+    mappers: u64,
+    /// The budget charged for this page: of the mm whose charged page
+    /// filled it, or, if that page was never charged (touched through the
+    /// host pointer of an untracked region), of the first charged page
+    /// merged onto it later; `None` while no charge was moved here.
+    pub(super) budget: Option<Arc<Budget>>,
+}
+
+/// The trees. The unstable one (checksum → the first page seen with it
+/// this pass) is reset at the start of every pass and never trusted: a hit
+/// is compared byte for byte inside the merge's write-protect window.
+#[derive(Default)]
+pub(super) struct Trees {
+    /// The unstable tree: checksum → (mm, address) seen this pass.
+    pub(super) unstable: HashMap<u64, (MmId, GuestAddr)>,
+    /// The stable tree: stable page → node ...
+    pub(super) stable: HashMap<StableId, StableNode>,
+    /// ... and checksum → stable pages with that content.
+    pub(super) by_sum: HashMap<u64, Vec<StableId>>,
+    /// Mappers of all stable pages.
+    pub(super) mappers: u64,
+}
+
+impl Scanner {
+    fn add_mapper(&mut self, id: StableId) {
+        if let Some(n) = self.trees.stable.get_mut(&id) {
+            n.mappers += 1;
+            self.trees.mappers += 1;
+        }
+    }
+
+    /// Drops one mapper; a stable page nobody maps is freed (its hole
+    /// punched) and uncharged.
+    pub(super) fn drop_mapper(&mut self, inner: &Inner, id: StableId) {
+        let t = &mut self.trees;
+        let Some(n) = t.stable.get_mut(&id) else {
+            return;
+        };
+        n.mappers -= 1;
+        t.mappers -= 1;
+        if n.mappers > 0 {
+            return;
+        }
+        let n = t.stable.remove(&id).expect("found above");
+        if let Some(v) = t.by_sum.get_mut(&n.checksum) {
+            v.retain(|x| *x != id);
+            if v.is_empty() {
+                t.by_sum.remove(&n.checksum);
+            }
+        }
+        if let Err(e) = inner.store.release(id.0) {
+            tracing::warn!(target: "mm_ksm", id = id.0, error = %e, "stable page release failed");
+        }
+        if let Some(b) = &n.budget {
+            b.uncharge(PAGE);
+        }
+        inner
+            .counters
+            .stable_pages_freed
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::trace!(target: "mm_ksm::ksm_remove_ksm_page", id = id.0, "ksm_remove_ksm_page");
+    }
+
+    /// Frees a stable page that ended up with no mapper (the merge that
+    /// created it recorded none): released like `drop_mapper` does.
+    pub(super) fn release_if_unmapped(&mut self, inner: &Inner, id: StableId) {
+        if let Some(n) = self.trees.stable.get_mut(&id) {
+            if n.mappers == 0 {
+                // drop_mapper's accounting expects one mapper to drop.
+                n.mappers = 1;
+                self.trees.mappers += 1;
+                self.drop_mapper(inner, id);
+            }
+        }
+    }
+
+    pub(super) fn new_node(&mut self, id: StableId, checksum: u64, budget: Option<Arc<Budget>>) {
+        self.trees.stable.insert(
+            id,
+            StableNode {
+                checksum,
+                mappers: 0,
+                budget,
+            },
+        );
+        self.trees.by_sum.entry(checksum).or_default().push(id);
+    }
+
+    /// A stable page with this checksum and room for one more mapper,
+    /// counting the mappers `planned` for it earlier in the same chunk
+    /// (classified, not merged yet): without them a run of identical pages
+    /// would all pick the same page and overshoot `max_page_sharing`.
+    pub(super) fn find_stable(
+        &self,
+        checksum: u64,
+        max: u64,
+        planned: &HashMap<StableId, u64>,
+    ) -> Option<StableId> {
+        let t = &self.trees;
+        t.by_sum.get(&checksum)?.iter().copied().find(|id| {
+            t.stable
+                .get(id)
+                .is_some_and(|n| n.mappers + planned.get(id).copied().unwrap_or(0) < max)
+        })
+    }
+
+    /// Forgets what `item` held: its mapper, its zero page.
+    pub(super) fn forget_item(&mut self, inner: &Inner, items: &mut SlotItems, item: RmapItem) {
+        if let Some(id) = item.stable {
+            items.merging -= 1;
+            self.drop_mapper(inner, id);
+        }
+        if item.zero {
+            items.zero -= 1;
+        }
+    }
+
+    /// Removes the rmap items of `[lo, hi)` (pages no longer in a mergeable
+    /// VMA) of a live mm whose lock is held: a page that still maps its
+    /// stable page is unshared first, since its mapper is about to be
+    /// dropped and a stable page without mappers is freed.
+    pub(super) fn drop_items_range(
+        &mut self,
+        inner: &Inner,
+        mm: &Mm,
+        state: &MmState,
+        items: &mut SlotItems,
+        lo: GuestAddr,
+        hi: GuestAddr,
+    ) {
+        if lo >= hi {
+            return;
+        }
+        let keys: Vec<GuestAddr> = items.map.range(lo..hi).map(|(k, _)| *k).collect();
+        for k in keys {
+            let it = items.map[&k];
+            if it.stable.is_some() {
+                if let Err(e) = mm.ksm_unshare(state, k.0, PAGE) {
+                    // Keep the item (and the mapper): freeing the stable
+                    // page under a mapping would lose its contents.
+                    tracing::warn!(target: "mm_ksm", mm_id = mm.id(), addr = k.0, error = %e, "unshare failed");
+                    continue;
+                }
+            }
+            items.map.remove(&k);
+            self.forget_item(inner, items, it);
+        }
+    }
+
+    /// Drops every rmap item of `mm` (its read lock held), keeping the
+    /// rule that an item is dropped only after its page was unshared: the
+    /// item holds the stable page's mapper, and a stable page without
+    /// mappers is punched, so a page of a live mm still mapping it would
+    /// read zeros. A live mm (`users > 0`) has every merged page unshared
+    /// first, over its whole address space, not only from where the walk
+    /// resumed; an exiting one is not touched (its exit_mmap zaps
+    /// everything, and ksm_exit's write-lock barrier keeps that from
+    /// starting before we unlock). Returns whether every item went: a page
+    /// whose unshare failed keeps its item, and the caller must keep the
+    /// slot.
+    pub(super) fn drop_all_items(
+        &mut self,
+        inner: &Inner,
+        mm: &Mm,
+        state: &MmState,
+        items: &mut SlotItems,
+    ) -> bool {
+        if mm.users() > 0 {
+            let all = (GuestAddr(0), GuestAddr(u64::MAX));
+            self.drop_items_range(inner, mm, state, items, all.0, all.1);
+        } else {
+            for (_, it) in std::mem::take(&mut items.map) {
+                self.forget_item(inner, items, it);
+            }
+        }
+        let empty = items.map.is_empty();
+        debug_assert!(!empty || (items.merging, items.zero) == (0, 0));
+        empty
+    }
+
+    /// Records that the page at `addr` now maps stable page `id`.
+    pub(super) fn record_merged(&mut self, items: &mut SlotItems, addr: GuestAddr, id: StableId) {
+        let it = items.map.entry(addr).or_default();
+        if let Some(old) = it.stable {
+            debug_assert_eq!(old, id, "a merged page was merged again");
+            return;
+        }
+        it.stable = Some(id);
+        it.age = 0;
+        it.skips = 0;
+        items.merging += 1;
+        self.add_mapper(id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use mm_core::Host;
+
+    use super::*;
+    use crate::{Ksm, KsmConfig};
+
+    /// A stable page left with no mapper is freed (hole punched, its
+    /// charge given back).
+    #[test]
+    fn test_unmapped_stable_page_released_and_uncharged() {
+        let host = Host::with_budget(64 << 20);
+        let k = Ksm::new(KsmConfig::default()).unwrap();
+        let inner = &k.inner;
+        let mut sc = Scanner::default();
+        host.budget().try_charge(PAGE).unwrap();
+        let id = StableId(inner.store.alloc(1).unwrap());
+        sc.new_node(id, 7, Some(host.budget().clone()));
+        sc.release_if_unmapped(inner, id);
+        assert!(sc.trees.stable.is_empty() && sc.trees.by_sum.is_empty());
+        assert_eq!(sc.trees.mappers, 0);
+        assert_eq!(inner.store.counts(), (1, 1));
+        assert_eq!(host.budget().charged(), 0);
+    }
+}

@@ -1,0 +1,72 @@
+//! Step 4: the visit of one mm, its mergeable VMAs walked from where the
+//! last batch stopped (`ksm_scan.address`), one leaf-bounded chunk at a
+//! time; step 5 (`remove_trailing_rmap_items`) at its end.
+
+use mm_core::{MmFlag, VmFlags};
+
+use super::merge::Pending;
+use super::{classify, MmCtx, Visit, CHUNK_PAGES, LEAF_BYTES};
+use crate::types::{GuestAddr, PageCount, PAGE};
+
+/// Step 4: walk the mergeable VMAs of the cursor mm from `sc.address`, at
+/// most `budget` pages. The read lock is held and `users` was non-zero
+/// after it was taken.
+pub(super) async fn scan_mm(cx: &mut MmCtx<'_>, budget: u64, pending: &mut Vec<Pending>) -> Visit {
+    let mm = cx.mm;
+    let merge_any = mm.flags().test(MmFlag::VM_MERGE_ANY);
+    let mut addr = cx.sc.address;
+    let mut scanned = 0;
+    let mut saw = merge_any;
+    let vmas: Vec<(GuestAddr, GuestAddr)> = cx
+        .state
+        .vmas()
+        .iter()
+        .filter(|v| v.end() > addr.0)
+        .filter(|v| (merge_any || v.flags().contains(VmFlags::MERGEABLE)) && v.ksm_capable())
+        .map(|v| (GuestAddr(v.start()), GuestAddr(v.end())))
+        .collect();
+    for (vs, ve) in vmas {
+        saw = true;
+        let mut a = addr.max(vs);
+        // Items between two mergeable VMAs: their pages left KSM.
+        cx.sc
+            .drop_items_range(cx.inner, mm, cx.state, cx.items, addr, a);
+        while a < ve {
+            if scanned >= budget {
+                cx.sc.address = a;
+                return Visit {
+                    scanned,
+                    end: false,
+                    keep: true,
+                };
+            }
+            // ksm_test_exit before every leaf: the last user may have gone
+            // while we hold the read lock (its barrier waits for us).
+            if mm.users() == 0 {
+                return Visit {
+                    scanned,
+                    end: true,
+                    keep: false,
+                };
+            }
+            let leaf_end = GuestAddr((a.0 / LEAF_BYTES + 1) * LEAF_BYTES);
+            let e = ve
+                .min(leaf_end)
+                .min(a.add_pages((budget - scanned).min(CHUNK_PAGES)));
+            let n = PageCount((e.0 - a.0) / PAGE);
+            classify::scan_chunk(cx, a, n, pending).await;
+            scanned += n.0;
+            a = e;
+        }
+        addr = a;
+    }
+    // 5. remove_trailing_rmap_items.
+    cx.sc
+        .drop_items_range(cx.inner, mm, cx.state, cx.items, addr, GuestAddr(u64::MAX));
+    cx.sc.address = GuestAddr(0);
+    Visit {
+        scanned,
+        end: true,
+        keep: saw,
+    }
+}
