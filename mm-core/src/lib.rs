@@ -73,6 +73,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod budget;
 mod clock;
 mod error;
 mod exit;
@@ -87,23 +88,26 @@ pub mod procfs;
 pub mod sched;
 mod sys;
 mod tracked;
+mod types;
 mod uffd;
 mod vma;
 
+pub use budget::{Budget, OverBudget};
 pub use clock::{Clock, SystemClock};
 pub use error::{Access, Error, Result};
 pub use flags::{MmFlag, MmFlags};
-pub use host::{Budget, Guest, Host, HostConfig, HostStats, OverBudget, Reclaim};
+pub use host::{Guest, Host, HostConfig, HostStats, Reclaim};
 pub use merge::{KsmMerge, KsmPage, StableStore};
 pub use mm::{
-    Advice, BoxFuture, ExitHook, MapKind, MapOptions, Mm, MmConfig, MmGrab, MmNotifier, MmState,
-    MmUser, MmWatch, WouldBlock, ZapReason,
+    Advice, ExitHook, MapKind, MapOptions, Mm, MmConfig, MmGrab, MmNotifier, MmState, MmUser,
+    MmWatch, WouldBlock, ZapReason,
 };
 pub use mmap_lock::{MmapLock, MmapReadGuard, MmapWriteGuard};
 pub use oom::{Kill, OomOutcome, OomReaperQueue, OomStats};
 pub use procfs::ProcessMemory;
 pub use sys::{HUGE_PAGE_SIZE, PAGE_SIZE};
 pub use tracked::{TrackedStats, DEFAULT_FAULT_AROUND, PRESSURE_ROUNDS};
+pub use types::BoxFuture;
 pub use vma::{Prot, VmFlags, Vma, VmaTree};
 
 #[cfg(test)]

@@ -654,37 +654,6 @@ impl Mm {
         Ok(KsmMerge::Merged)
     }
 
-    /// Waits, holding no lock, until the budget has room for `bytes` (the
-    /// copies an unmerge of this mm is about to make), through the pressure
-    /// path (reclaim, OOM kill, bounded wait), as `break_ksm`'s page
-    /// allocation does in the kernel. Called by unmerge-all *before* it
-    /// takes this mm's read lock, so the wait never holds a lock the
-    /// victim's exit needs; the caller still holds `ksm_thread_mutex`,
-    /// which is why `ksm_exit` must never take it (seed 3, I-KSM-1).
-    /// Returns at once when the mm is exiting: nothing will be unshared.
-    pub async fn ksm_reserve(&self, bytes: u64) -> Result<()> {
-        loop {
-            let b = &self.budget;
-            if self.users() == 0 || b.limit().saturating_sub(b.charged()) >= bytes {
-                return Ok(());
-            }
-            let Some(host) = self.host.upgrade() else {
-                return Ok(());
-            };
-            sched::point("ksm_reserve:pressure").await;
-            if !crate::host::pressure(&host, bytes, None).await {
-                if self.users() == 0 {
-                    return Ok(());
-                }
-                return Err(Error::OutOfMemory {
-                    requested: bytes,
-                    charged: b.charged(),
-                    budget: b.limit(),
-                });
-            }
-        }
-    }
-
     /// Gives back the charge of `pages` merged pages of this mm, as
     /// reported by [`Mm::ksm_merge`] (which already repaid the mm's
     /// fail-open debt with the merged pages).

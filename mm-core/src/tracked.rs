@@ -22,7 +22,7 @@
 //!    populated and charged once, by whoever holds its lock first; the other
 //!    sees `PRESENT` (or `EEXIST`) and only wakes.
 //! 4. Budget exhausted: the handler keeps the fault queued and runs the
-//!    pressure path ([`crate::host::pressure`]) as a future it polls between
+//!    pressure path (the mm's injected [`Pressure`](crate::types::Pressure) hook) as a future it polls between
 //!    `poll(2)` rounds, so it keeps reading REMOVE/UNMAP messages while
 //!    reclaim waits (a reaper zapping a tracked region blocks in
 //!    `madvise(DONTNEED)` until its REMOVE message is read). After
@@ -863,25 +863,19 @@ fn handler_loop(t: &Arc<Tracker>, mm_weak: &Weak<Mm>) -> std::io::Result<()> {
                 Outcome::NeedMemory(bytes) => {
                     faults.push_front(q);
                     t.counters.pressure_runs.fetch_add(1, Ordering::Relaxed);
-                    match mm.host.upgrade() {
-                        Some(h) => {
-                            let id = mm.id();
-                            let mut fut: Pressure = Box::pin(async move {
-                                crate::host::pressure(&h, bytes, Some(id)).await
-                            });
-                            match fut.as_mut().poll(&mut Context::from_waker(&waker)) {
-                                Poll::Ready(freed) => {
-                                    if freed {
-                                        failed_rounds = 0;
-                                    } else {
-                                        failed_rounds += 1;
-                                    }
-                                    // Retried on the next round (1 ms).
-                                }
-                                Poll::Pending => pressure = Some(fut),
+                    let (relief, id) = (mm.pressure.clone(), mm.id());
+                    let mut fut: Pressure =
+                        Box::pin(async move { relief.relieve(bytes, Some(id)).await });
+                    match fut.as_mut().poll(&mut Context::from_waker(&waker)) {
+                        Poll::Ready(freed) => {
+                            if freed {
+                                failed_rounds = 0;
+                            } else {
+                                failed_rounds += 1;
                             }
+                            // Retried on the next round (1 ms).
                         }
-                        None => failed_rounds = PRESSURE_ROUNDS,
+                        Poll::Pending => pressure = Some(fut),
                     }
                     break;
                 }

@@ -910,7 +910,7 @@ pub(crate) async fn unmerge_all(inner: &Inner, sc: &mut Scanner) -> Result<()> {
         // (seed 3). Holding no mmap lock here, the wait cannot block the
         // victim's write-lock barrier either.
         let merging = sc.items.get(&id).map_or(0, |it| it.merging);
-        if let Err(source) = slot.mm.ksm_reserve(merging * PAGE).await {
+        if let Err(source) = slot.mm.reserve(merging * PAGE).await {
             lock(&inner.list).cursor = None;
             publish(inner, sc);
             return Err(Error::Mm { mm_id: id, source });
