@@ -143,6 +143,14 @@ pub enum Error {
         /// What was wrong.
         what: &'static str,
     },
+    /// A lock proof (`&MmState`) of one mm was passed to another mm.
+    #[error("mm {mm_id}: the mmap lock passed belongs to mm {lock_mm_id}")]
+    ForeignLock {
+        /// The mm operated on.
+        mm_id: u64,
+        /// The mm whose lock guard the state came from.
+        lock_mm_id: u64,
+    },
     /// The running kernel does not offer a feature this call needs.
     #[error("not supported by this kernel: {what}")]
     Unsupported {

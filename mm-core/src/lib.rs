@@ -79,7 +79,7 @@ mod error;
 mod exit;
 mod flags;
 mod host;
-mod merge;
+pub mod ksm;
 mod mm;
 pub mod mmap_lock;
 mod oom;
@@ -97,7 +97,7 @@ pub use clock::{Clock, SystemClock};
 pub use error::{Access, Error, Result};
 pub use flags::{MmFlag, MmFlags};
 pub use host::{Guest, Host, HostConfig, HostStats, Reclaim};
-pub use merge::{KsmMerge, KsmPage, StableStore};
+pub use ksm::{KsmMerge, KsmMm, KsmPage, MergeRun, StableStore};
 pub use mm::{
     Advice, ExitHook, MapKind, MapOptions, Mm, MmConfig, MmGrab, MmNotifier, MmState, MmUser,
     MmWatch, WouldBlock, ZapReason,

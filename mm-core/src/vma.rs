@@ -575,3 +575,34 @@ impl VmaTree {
         Ok(())
     }
 }
+
+impl Vma {
+    /// Maps anonymous memory back over guest `[s, e)` of `vma` (a zap of merged
+    /// pages) and registers it again with the tracker of a tracked region.
+    pub(crate) fn restore_anon(&self, s: u64, e: u64) -> Result<()> {
+        let r = self.host_range(s, e);
+        let map = || {
+            sys::map_anon_fixed(r, self.prot.bits()).map_err(Error::host("mmap(MAP_FIXED anon)"))
+        };
+        let full = self.region.tracker().is_some();
+        match self.region.wp_tracker() {
+            Some(t) => {
+                // The merged range may be registered (write-protect only): our
+                // own replacement, whose UNMAP message the handler ignores.
+                let (hs, he) = (r.ptr() as usize, r.ptr() as usize + r.len());
+                t.self_zap(hs, he, map)?;
+                if !t.is_dead() {
+                    // The new mapping is not registered: as the region was
+                    // (tracked: MISSING + WP; untracked: WP only).
+                    if full {
+                        t.register(r)?;
+                    } else {
+                        t.register_wp_anon(r)?;
+                    }
+                }
+            }
+            None => map()?,
+        }
+        Ok(())
+    }
+}

@@ -114,7 +114,7 @@ use dashmap::DashMap;
 use event_listener::Event;
 use futures_lite::future;
 use mm_core::{
-    sched, Advice, BoxFuture, Clock, ExitHook, Mm, MmFlag, MmGrab, MmUser, StableStore,
+    sched, Advice, BoxFuture, Clock, ExitHook, KsmMm, Mm, MmFlag, MmGrab, MmUser, StableStore,
     SystemClock, VmFlags,
 };
 
@@ -541,7 +541,7 @@ impl Ksm {
             // Untracked VMAs need their write-protect registration before
             // they can merge (mm-core `ksm_prepare_all`; later mmaps get it
             // at creation while the flag is set).
-            let failed = match mm.ksm_prepare_all().await {
+            let failed = match mm_core::ksm::prepare_all(mm).await {
                 Ok(f) => f,
                 Err(e) => {
                     // Not entered: leave no flag that says otherwise.
@@ -559,7 +559,8 @@ impl Ksm {
         sched::point("ksm_merge_any:read_locked").await;
         for v in state.vmas().iter() {
             if !v.flags().contains(VmFlags::MERGEABLE) {
-                mm.ksm_unshare(&state, v.start(), v.len())
+                KsmMm::new(mm, &state)
+                    .and_then(|ksm| ksm.unshare(v.start(), v.len()))
                     .map_err(Error::mm(mm.id()))?;
             }
         }

@@ -8,7 +8,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 
-use mm_core::{sched, Budget, KsmMerge, KsmPage, Mm, MmFlag, MmState, VmFlags, PAGE_SIZE};
+use mm_core::{
+    sched, Budget, KsmMerge, KsmMm, KsmPage, MergeRun, Mm, MmFlag, MmState, VmFlags, PAGE_SIZE,
+};
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::{lock, Error, Inner, Result, Slot};
@@ -228,7 +230,7 @@ impl Scanner {
         for k in keys {
             let it = items.map[&k];
             if let (Some(_), Some(state)) = (it.stable, state) {
-                if let Err(e) = mm.ksm_unshare(state, k, PAGE) {
+                if let Err(e) = KsmMm::new(mm, state).and_then(|ksm| ksm.unshare(k, PAGE)) {
                     // Keep the item (and the mapper): freeing the stable
                     // page under a mapping would lose its contents.
                     tracing::warn!(target: "mm_ksm", mm_id = mm.id(), addr = k, error = %e, "unshare failed");
@@ -570,7 +572,8 @@ async fn scan_chunk(
     let mut buf = std::mem::take(&mut sc.buf);
     buf.resize(n * PAGE_SIZE, 0);
     let mut out = vec![KsmPage::Absent; n];
-    if let Err(e) = mm.ksm_snapshot(state, a, &want, &mut buf, &mut out) {
+    if let Err(e) = KsmMm::new(mm, state).and_then(|ksm| ksm.snapshot(a, &want, &mut buf, &mut out))
+    {
         tracing::warn!(target: "mm_ksm", mm_id = mm.id(), addr = a, error = %e, "snapshot failed");
         sc.buf = buf;
         return;
@@ -601,7 +604,7 @@ async fn scan_chunk(
                     // only dropped after an unshare): unshare rather than
                     // leave a mapping the stable tree does not count.
                     debug_assert!(false, "unrecorded merged page {addr:#x}");
-                    let _ = mm.ksm_unshare(state, addr, PAGE);
+                    let _ = KsmMm::new(mm, state).and_then(|ksm| ksm.unshare(addr, PAGE));
                 }
             }
             KsmPage::Private => {
@@ -723,7 +726,7 @@ fn merge_zero(
     addr: u64,
     n: u64,
 ) {
-    match mm.ksm_zero(state, addr, n) {
+    match KsmMm::new(mm, state).and_then(|ksm| ksm.zero(addr, n)) {
         Ok(KsmMerge::Merged) => {
             for k in 0..n {
                 let it = items.map.entry(addr + k * PAGE).or_default();
@@ -759,7 +762,18 @@ fn merge_stable(
         return;
     }
     let mut charged = vec![false; n as usize];
-    match mm.ksm_merge(state, addr, n, &inner.store, first, false, &mut charged) {
+    match KsmMm::new(mm, state).and_then(|ksm| {
+        ksm.merge(
+            MergeRun {
+                addr,
+                n,
+                store: &inner.store,
+                first,
+                fill: false,
+            },
+            &mut charged,
+        )
+    }) {
         Ok(KsmMerge::Merged) => {
             // Budget: a charged page's charge moves to a stable page that
             // has none yet (it was filled by a never-charged page), else it
@@ -777,7 +791,7 @@ fn merge_stable(
                     _ => give_back += 1,
                 }
             }
-            mm.ksm_uncharge(give_back);
+            let _ = KsmMm::new(mm, state).map(|ksm| ksm.uncharge(give_back));
             tracing::trace!(target: "mm_ksm::ksm_merge_with_ksm_page", mm_id = mm.id(), addr, pages = n, stable = first, "ksm_merge_with_ksm_page");
         }
         Ok(KsmMerge::Changed) if n > 1 => {
@@ -820,7 +834,18 @@ fn merge_new(
         }
     };
     let mut charged = vec![false; n as usize];
-    match mm.ksm_merge(state, addr, n, &inner.store, first, true, &mut charged) {
+    match KsmMm::new(mm, state).and_then(|ksm| {
+        ksm.merge(
+            MergeRun {
+                addr,
+                n,
+                store: &inner.store,
+                first,
+                fill: true,
+            },
+            &mut charged,
+        )
+    }) {
         Ok(KsmMerge::Merged) => {
             for (k, sum) in sums.iter().enumerate() {
                 // The filling page's charge (if it had one) moves to the
@@ -924,7 +949,9 @@ pub(crate) async fn unmerge_all(inner: &Inner, sc: &mut Scanner) -> Result<()> {
             let ranges: Vec<(u64, u64)> =
                 state.vmas().iter().map(|v| (v.start(), v.len())).collect();
             for (s, len) in ranges {
-                if let Err(source) = slot.mm.ksm_unshare(&state, s, len) {
+                if let Err(source) =
+                    KsmMm::new(&slot.mm, &state).and_then(|ksm| ksm.unshare(s, len))
+                {
                     publish_slot(&slot, &items);
                     sc.items.insert(id, items);
                     drop(state);

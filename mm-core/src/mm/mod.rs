@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::budget::Budget;
 use crate::error::{Error, Result};
-use crate::flags::{MmFlag, MmFlags};
+use crate::flags::MmFlags;
 use crate::mmap_lock::MmapLock;
 use crate::pgtable::{PageTable, MAX_GPN};
 use crate::sched;
@@ -177,16 +177,45 @@ pub enum ZapReason {
     DontNeed,
 }
 
-/// What the mmap lock guards: the VMA tree.
-#[derive(Debug, Default)]
+/// What the mmap lock guards: the VMA tree, and the capability to act on
+/// it. A `&MmState` is only ever obtained by dereferencing a guard of
+/// [`Mm::lock`] (an [`MmapReadGuard`](crate::MmapReadGuard) or
+/// [`MmapWriteGuard`](crate::MmapWriteGuard)): the type has private fields,
+/// no `Default` and no public constructor, so no crate outside mm-core can
+/// forge one. It remembers its mm, and every function that takes it as the
+/// proof of the lock checks that it is `self`'s ([`Error::ForeignLock`]).
+///
+/// ```compile_fail
+/// // Not constructible outside mm-core: no `Default` ...
+/// let forged = mm_core::MmState::default();
+/// ```
+///
+/// ```compile_fail
+/// // ... and no public fields or constructor.
+/// let forged = mm_core::MmState { mm_id: 1, vmas: mm_core::VmaTree::default() };
+/// ```
+#[derive(Debug)]
 pub struct MmState {
+    mm_id: u64,
     vmas: VmaTree,
 }
 
 impl MmState {
+    pub(crate) fn new(mm_id: u64) -> MmState {
+        MmState {
+            mm_id,
+            vmas: VmaTree::default(),
+        }
+    }
+
     /// The VMA tree. Empty once `exit_mmap` has run (step 11).
     pub fn vmas(&self) -> &VmaTree {
         &self.vmas
+    }
+
+    /// Id of the mm whose lock this state is behind.
+    pub fn mm_id(&self) -> u64 {
+        self.mm_id
     }
 }
 
@@ -213,10 +242,8 @@ pub struct Mm {
     /// Bytes of present pages served over budget by a failing-open handler
     /// and not charged; repaid first by every uncharge (`tracked.rs` step 4).
     pub(crate) debt: AtomicU64,
-    /// Mergeable untracked VMAs whose host range could not be registered
-    /// for userfaultfd write-protect (no userfaultfd, no WP): KSM skips
-    /// them (see [`Mm::ksm_wp_failures`]).
-    ksm_wp_failures: AtomicU64,
+    /// The KSM seam's per-mm state (`crate::ksm`).
+    pub(crate) ksm: crate::ksm::KsmMmState,
     /// Only held for push/take, never across an await.
     notifiers: Mutex<Vec<Arc<dyn MmNotifier>>>,
     /// Only held for push/clone, never across an await.
@@ -280,7 +307,7 @@ impl Mm {
             // The one count all users hold together (mm_init).
             count: AtomicUsize::new(1),
             flags: MmFlags::default(),
-            lock: MmapLock::new(MmState::default()),
+            lock: MmapLock::new(MmState::new(id)),
             pgtable: PageTable::new(),
             rss_anon: AtomicU64::new(0),
             rss_shmem: AtomicU64::new(0),
@@ -288,7 +315,7 @@ impl Mm {
             pressure,
             tracker: Mutex::new(None),
             debt: AtomicU64::new(0),
-            ksm_wp_failures: AtomicU64::new(0),
+            ksm: crate::ksm::KsmMmState::default(),
             notifiers: Mutex::new(Vec::new()),
             exit_hooks: Mutex::new(Vec::new()),
             exit_started: AtomicBool::new(false),
@@ -376,8 +403,22 @@ impl Mm {
 }
 
 impl Mm {
+    /// Checks that `state` (the proof that the caller holds an mmap lock)
+    /// is this mm's: a guard of another mm's lock proves nothing here.
+    pub(crate) fn check_state(&self, state: &MmState) -> Result<()> {
+        if state.mm_id == self.id {
+            Ok(())
+        } else {
+            Err(Error::ForeignLock {
+                mm_id: self.id,
+                lock_mm_id: state.mm_id,
+            })
+        }
+    }
+
     /// Host pages resident (by `mincore`) under every VMA; the kernel's view.
     pub fn resident_bytes(&self, state: &MmState) -> Result<u64> {
+        self.check_state(state)?;
         let mut pages = 0;
         for v in state.vmas.iter() {
             pages += sys::resident_pages(v.host_range(v.start, v.end))
@@ -452,15 +493,6 @@ impl Mm {
         lock_list(&self.tracker).clone()
     }
 
-    /// Mergeable untracked VMAs that KSM cannot merge because their host
-    /// range could not be registered for userfaultfd write-protect (no
-    /// userfaultfd, or a kernel without `UFFD_FEATURE_PAGEFAULT_FLAG_WP`):
-    /// the fallback is today's behaviour (registered with KSM, never
-    /// merged), made visible here and by a `warn` event.
-    pub fn ksm_wp_failures(&self) -> u64 {
-        self.ksm_wp_failures.load(Ordering::Relaxed)
-    }
-
     /// Counters of the tracked regions, `None` if none was ever mapped.
     pub fn tracked_stats(&self) -> Option<TrackedStats> {
         self.tracker()
@@ -508,77 +540,15 @@ impl Drop for Mm {
 }
 
 impl MmUser {
-    /// Registers the host mapping under `vma` (an untracked private
-    /// anonymous 4 KiB VMA becoming a KSM candidate) with the mm's
-    /// userfaultfd for **write-protect only**, starting the tracker and its
-    /// handler if this mm had no tracked region. No MISSING mode: first
-    /// touches stay the kernel's, so the region keeps its untracked
-    /// charging (pages touched through the host pointer are not charged).
-    /// The merge (`merge.rs`) then has its write-protect window; the
-    /// handler leaves write faults blocked until the window closes. The
-    /// whole host mapping is registered at once (slices of it can become
-    /// VMAs of their own); munmap, a region's drop and exit_mmap unregister
-    /// it like a tracked one. Returns whether the VMA can now be merged;
-    /// failures (no userfaultfd, no WP) are counted in
-    /// [`Mm::ksm_wp_failures`] and logged: the VMA is then never merged.
-    /// Called under the mmap write lock.
-    pub(crate) fn ksm_wp_register(&self, vma: &Vma) -> bool {
-        if !vma.ksm_wp_candidate() {
-            return vma.region.wp_tracker().is_some();
-        }
-        if vma.region.ksm_wp().is_some() {
-            return true;
-        }
-        let len = vma.region.len();
-        let res = self.tracker_or_start_wp().and_then(|t| {
-            t.register_wp_anon(vma.region.range(0, len))?;
-            Ok(t)
-        });
-        match res {
-            Ok(t) => {
-                // Guest address of the mapping's first byte: VMAs slice
-                // their region at contiguous offsets.
-                let guest = vma.start - vma.region_off as u64;
-                t.add_range(vma.region.base() as usize, len, guest, PAGE);
-                vma.region.set_ksm_wp(t);
-                true
-            }
-            Err(e) => {
-                self.ksm_wp_failures.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(target: "mm_core::ksm", mm_id = self.id, start = vma.start, end = vma.end, error = %e, "mergeable VMA cannot be write-protected with userfaultfd: KSM will not merge it");
-                false
-            }
-        }
-    }
-
-    /// `VM_MERGE_ANY` was just set (mm-ksm's `set_merge_any`): registers
-    /// every untracked VMA that KSM may now merge, as `madvise(MERGEABLE)`
-    /// does for its range (see `ksm_wp_register`). Takes the write lock.
-    /// Returns how many VMAs cannot be merged for lack of write-protect.
-    pub async fn ksm_prepare_all(&self) -> Result<u64> {
-        let state = self.lock.write().await;
-        sched::point("ksm_prepare:locked").await;
-        if self.flags.test(MmFlag::UNSTABLE) {
-            return Err(Error::Unstable { mm_id: self.id });
-        }
-        let mut failed = 0;
-        for v in state.vmas.iter() {
-            if v.ksm_wp_candidate() && !self.ksm_wp_register(v) {
-                failed += 1;
-            }
-        }
-        Ok(failed)
-    }
-
     /// The tracker, started at the first tracked mmap (the only thread
     /// mm-core spawns for an mm). Called under the mmap write lock.
-    fn tracker_or_start(&self) -> Result<Arc<Tracker>> {
+    pub(crate) fn tracker_or_start(&self) -> Result<Arc<Tracker>> {
         self.tracker_or_start_if(|_| true)
     }
 
     /// The tracker for a write-protect-only registration: a new one is only
     /// started (thread and all) if the kernel offers WP.
-    fn tracker_or_start_wp(&self) -> Result<Arc<Tracker>> {
+    pub(crate) fn tracker_or_start_wp(&self) -> Result<Arc<Tracker>> {
         self.tracker_or_start_if(|t| t.wp())
     }
 

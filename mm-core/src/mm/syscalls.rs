@@ -99,13 +99,8 @@ impl MmUser {
             region,
             region_off: 0,
         };
-        // `prctl(PR_SET_MEMORY_MERGE)` is on: a new VMA is a KSM candidate
-        // from the start (the kernel's `ksm_add_vma`). Tested under the
-        // write lock, which `ksm_prepare_all` takes after setting the flag,
-        // so no mmap slips between the two.
-        if self.flags.test(MmFlag::VM_MERGE_ANY) {
-            self.ksm_wp_register(&vma);
-        }
+        // `ksm_add_vma`: a KSM candidate from the start under VM_MERGE_ANY.
+        crate::ksm::on_new_vma(self, &vma);
         state.vmas.insert(vma);
         Ok(addr)
     }
@@ -252,7 +247,7 @@ impl MmUser {
                 t.forget(r.ptr() as usize, r.ptr() as usize + r.len());
             }
             let _ = self.notify_invalidate_start(vma.start..vma.end, true);
-            let res = self.zap_range(&state, vma, vma.start, vma.end, ZapReason::Munmap);
+            let res = self.zap_vma(vma, vma.start, vma.end, ZapReason::Munmap);
             self.notify_invalidate_end(vma.start..vma.end);
             res?;
             if Arc::strong_count(&vma.region) > 1 {
@@ -378,7 +373,7 @@ impl MmUser {
                     // still mapping one then would read zeros once the
                     // other mappers left (issue 16's data-loss input had the
                     // unshare in a later, separate lock section).
-                    self.ksm_unshare(&state, addr, end - addr)?;
+                    crate::ksm::KsmMm::new(self, &state)?.unshare(addr, end - addr)?;
                 }
                 if flag == VmFlags::HUGEPAGE {
                     for v in state.vmas.overlapping(addr, end) {
@@ -391,14 +386,7 @@ impl MmUser {
                     .vmas
                     .modify(addr, end, |v| v.flags = v.flags.with(flag, on));
                 if advice == Advice::Mergeable {
-                    // An untracked VMA needs its write-protect registration
-                    // before KSM can merge it (`ksm_wp_register`). Kept on
-                    // UNMERGEABLE: harmless, and undone by munmap/exit.
-                    for v in state.vmas.overlapping(addr, end) {
-                        if v.ksm_wp_candidate() {
-                            self.ksm_wp_register(v);
-                        }
-                    }
+                    crate::ksm::on_madvise_mergeable(self, &state, addr, end);
                 }
                 Ok(())
             }
