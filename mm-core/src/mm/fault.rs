@@ -6,7 +6,7 @@ use std::sync::Arc;
 use super::*;
 use crate::error::{Access, Error, Result};
 use crate::flags::MmFlag;
-use crate::pgtable::{pte_lock, pte_unlock, Pte, PAGES_PER_LEAF};
+use crate::pgtable::{pte_lock, pte_unlock, Leaf, Pte, PAGES_PER_LEAF};
 use crate::sched;
 use crate::sys::{self, HUGE_PAGE_SIZE, PAGE_SIZE};
 use crate::tracked::Tracker;
@@ -16,8 +16,11 @@ const PAGE: u64 = PAGE_SIZE as u64;
 
 impl Mm {
     /// The fault path for `[start, end)` inside one leaf and one VMA: lock the
-    /// PTEs, populate the missing pages (charging the budget), run `f` on the
-    /// host memory, unlock. `f` gets (host pointer, byte offset from `start`).
+    /// PTEs ([`Window::lock`]), back off from write-protected pages
+    /// ([`Mm::wp_backoff`]), populate the missing pages charging the budget
+    /// ([`Mm::populate_window`]), run `f` on the host memory, publish the
+    /// PTEs ([`Window::publish`]). `f` gets (host pointer, byte offset from
+    /// `start`).
     ///
     /// Returns `Err(NeedMemory)` through `Fault::Budget` when the budget is
     /// exhausted, so the caller can drop every lock before asking the host
@@ -46,138 +49,104 @@ impl Mm {
             (start, end)
         };
         let guard = crossbeam_epoch::pin();
-        let leaf = self.pgtable.leaf_alloc(lo / PAGE, &guard);
-        let mut olds = [0u64; PAGES_PER_LEAF as usize];
-        let n = ((hi - lo) / PAGE) as usize;
-        for (i, gpn) in (lo / PAGE..hi / PAGE).enumerate() {
-            olds[i] = pte_lock(leaf.pte(gpn));
-        }
-        let unlock_all = |olds: &[u64], set: u64| {
-            for (i, gpn) in (lo / PAGE..hi / PAGE).enumerate() {
-                pte_unlock(leaf.pte(gpn), olds[i] | set);
-            }
-        };
-        if write && olds[..n].iter().any(|o| o & Pte::WP != 0) {
-            // A write-protected page (tracked.rs step 7): the copy below
-            // would block in the kernel's WP fault while we hold these PTE
-            // locks and the caller holds the mmap read lock; zaps and the
-            // reaper would then spin on the locks, and a queued munmap
-            // (writer) would keep `write_unprotect` (a reader) from ever
-            // running. Back off instead: the caller drops every lock and
-            // waits for the generation read here (under the locks that
-            // showed the bit) to move.
-            if let Some(t) = vma.region.tracker().filter(|t| !t.is_dead()) {
-                let gen = t.wp_gen();
-                let t = t.clone();
-                unlock_all(&olds[..n], 0);
-                return Err(Fault::WriteProtected(t, gen));
+        let w = Window::lock(self.pgtable.leaf_alloc(lo / PAGE, &guard), lo, hi);
+        if write {
+            if let Some(fault) = self.wp_backoff(vma, &w) {
+                return Err(fault);
             }
         }
-        // A KSM page (mm-ksm, `merge.rs`) is mapped but not present: a read
-        // sees the stable page as it is; a write copies it (the kernel's
-        // copy-on-write of the private file mapping, done by `f` below) and
-        // the copy is charged here like a populated page.
-        let needs = |o: u64| !Pte(o).present() && !Pte(o).ksm();
-        let missing = olds[..n].iter().filter(|o| needs(**o)).count() as u64;
+        self.populate_window(vma, &w, write)?;
+        let base = vma.host_range(start, end).ptr();
+        f(base, 0, end - start);
+        w.publish(write);
+        Ok(())
+    }
+
+    /// A write to a write-protected page (tracked.rs step 7): the copy
+    /// would block in the kernel's WP fault while we hold these PTE locks
+    /// and the caller holds the mmap read lock; zaps and the reaper would
+    /// then spin on the locks, and a queued munmap (writer) would keep
+    /// `write_unprotect` (a reader) from ever running. Back off instead:
+    /// unlock the window and let the caller drop every lock and wait for
+    /// the generation read here (under the locks that showed the bit) to
+    /// move.
+    fn wp_backoff(&self, vma: &Vma, w: &Window<'_>) -> Option<Fault> {
+        if !w.olds().iter().any(|o| o & Pte::WP != 0) {
+            return None;
+        }
+        let t = vma.region.tracker().filter(|t| !t.is_dead())?;
+        let gen = t.wp_gen();
+        let t = t.clone();
+        w.unlock_all();
+        Some(Fault::WriteProtected(t, gen))
+    }
+
+    /// Populates and charges the missing pages of the locked window (and,
+    /// for a write, the copies of its KSM pages). A KSM page (mm-ksm,
+    /// `ksm/merge.rs`) is mapped but not present: a read sees the stable
+    /// page as it is; a write copies it (the kernel's copy-on-write of the
+    /// private file mapping, done by the caller's `f`) and the copy is
+    /// charged here like a populated page. On error the window is unlocked.
+    fn populate_window(
+        &self,
+        vma: &Vma,
+        w: &Window<'_>,
+        write: bool,
+    ) -> std::result::Result<(), Fault> {
+        let olds = w.olds();
+        let missing = olds.iter().filter(|o| needs_page(**o)).count() as u64;
         let cow = if write {
-            olds[..n].iter().filter(|o| Pte(**o).ksm()).count() as u64
+            olds.iter().filter(|o| Pte(**o).ksm()).count() as u64
         } else {
             0
         };
-        if missing + cow > 0 {
-            // I-RP-5 / check_stable_address_space: re-checked under the page
-            // lock after seeing the PTE empty. The reaper sets UNSTABLE
-            // before its first zap and zaps under these same page locks:
-            //
-            //   reaper                       | accessor
-            //   set UNSTABLE                 |
-            //   lock pte, clear, DONTNEED    |
-            //                                | lock pte: empty
-            //                                | UNSTABLE? yes -> Err(Unstable)
-            //
-            // Without this check the accessor would repopulate a zero page
-            // and hand the guest zeros where its data was.
-            if missing > 0 && self.flags.test(MmFlag::UNSTABLE) {
-                unlock_all(&olds[..n], 0);
-                return Err(Fault::Err(Error::Unstable { mm_id: self.id }));
-            }
-            if let Err(e) = self.budget.try_charge((missing + cow) * PAGE) {
-                unlock_all(&olds[..n], 0);
-                return Err(Fault::Budget(e));
-            }
-            // Populate each run of missing pages with one madvise, or, in a
-            // tracked region, with UFFDIO_COPY/ZEROPAGE: MADV_POPULATE there
-            // would fault into our own handler, and the handler must see the
-            // page as populated by whoever holds its PTE lock first.
-            let tracker = vma.region.tracker().filter(|t| !t.is_dead());
-            let mut i = 0;
-            while i < n {
-                if !needs(olds[i]) {
-                    i += 1;
-                    continue;
+        if missing + cow == 0 {
+            return Ok(());
+        }
+        // I-RP-5 / check_stable_address_space: re-checked under the page
+        // lock after seeing the PTE empty. The reaper sets UNSTABLE
+        // before its first zap and zaps under these same page locks:
+        //
+        //   reaper                       | accessor
+        //   set UNSTABLE                 |
+        //   lock pte, clear, DONTNEED    |
+        //                                | lock pte: empty
+        //                                | UNSTABLE? yes -> Err(Unstable)
+        //
+        // Without this check the accessor would repopulate a zero page
+        // and hand the guest zeros where its data was.
+        if missing > 0 && self.flags.test(MmFlag::UNSTABLE) {
+            w.unlock_all();
+            return Err(Fault::Err(Error::Unstable { mm_id: self.id }));
+        }
+        if let Err(e) = self.budget.try_charge((missing + cow) * PAGE) {
+            w.unlock_all();
+            return Err(Fault::Budget(e));
+        }
+        // Populate each run of missing pages with one madvise, or, in a
+        // tracked region, with UFFDIO_COPY/ZEROPAGE: MADV_POPULATE there
+        // would fault into our own handler, and the handler must see the
+        // page as populated by whoever holds its PTE lock first.
+        let tracker = vma.region.tracker().filter(|t| !t.is_dead());
+        for (i, j) in missing_runs(olds) {
+            let r = vma.host_range(w.lo + i as u64 * PAGE, w.lo + j as u64 * PAGE);
+            if let Err(e) = populate_run(vma, tracker, r, j - i) {
+                // Pages populated so far in this chunk are not marked
+                // present; give their charge back and drop them again.
+                // Only the runs that were missing: present (and KSM)
+                // pages of the window hold data and keep their PTE.
+                self.budget.uncharge((missing + cow) * PAGE);
+                for (k, m) in missing_runs(olds) {
+                    let _ = vma.free_host(w.lo + k as u64 * PAGE, w.lo + m as u64 * PAGE);
                 }
-                let j = (i..n).find(|&j| !needs(olds[j])).unwrap_or(n);
-                let r = vma.host_range(lo + i as u64 * PAGE, lo + j as u64 * PAGE);
-                let write = vma.prot.contains(Prot::WRITE);
-                let mut done = [false; PAGES_PER_LEAF as usize];
-                let res = match tracker
-                    .as_ref()
-                    .map(|t| t.populate_locked(r.ptr() as usize, &mut done[..j - i], write))
-                {
-                    Some(Ok(true)) => Ok(()),
-                    Some(Err(e)) => Err(e),
-                    // Untracked, or the handler died (ranges unregistered).
-                    Some(Ok(false)) | None => {
-                        if crate::sched::fail("fail:madvise(POPULATE)") {
-                            Err(crate::vma::injected("madvise(POPULATE)"))
-                        } else if write {
-                            sys::populate_write(r).map_err(Error::host("madvise(POPULATE)"))
-                        } else {
-                            sys::populate_read(r).map_err(Error::host("madvise(POPULATE)"))
-                        }
-                    }
-                };
-                if let Err(e) = res {
-                    // Pages populated so far in this chunk are not marked
-                    // present; give their charge back and drop them again.
-                    // Only the runs that were missing: present (and KSM)
-                    // pages of the window hold data and keep their PTE.
-                    self.budget.uncharge((missing + cow) * PAGE);
-                    let mut k = 0;
-                    while k < n {
-                        if !needs(olds[k]) {
-                            k += 1;
-                            continue;
-                        }
-                        let m = (k..n).find(|&m| !needs(olds[m])).unwrap_or(n);
-                        let _ = vma.free_host(lo + k as u64 * PAGE, lo + m as u64 * PAGE);
-                        k = m;
-                    }
-                    unlock_all(&olds[..n], 0);
-                    return Err(Fault::Err(e));
-                }
-                i = j;
-            }
-            if vma.is_shared() {
-                self.rss_shmem.fetch_add(missing + cow, Ordering::Relaxed);
-            } else {
-                self.rss_anon.fetch_add(missing + cow, Ordering::Relaxed);
+                w.unlock_all();
+                return Err(Fault::Err(e));
             }
         }
-        let base = vma.host_range(start, end).ptr();
-        f(base, 0, end - start);
-        let dirty = if write { Pte::DIRTY } else { 0 };
-        for (i, gpn) in (lo / PAGE..hi / PAGE).enumerate() {
-            let o = Pte(olds[i]);
-            let new = match (o.ksm(), write) {
-                // Read of a KSM page: still shared, still uncharged.
-                (true, false) => o.0,
-                // Written: now a private copy (FILEMAP stays: the host range
-                // is still the file mapping until a zap).
-                (true, true) => (o.flags() & !Pte::KSM) | Pte::PRESENT | dirty,
-                (false, _) => o.0 | Pte::PRESENT | dirty,
-            };
-            pte_unlock(leaf.pte(gpn), new);
+        if vma.is_shared() {
+            self.rss_shmem.fetch_add(missing + cow, Ordering::Relaxed);
+        } else {
+            self.rss_anon.fetch_add(missing + cow, Ordering::Relaxed);
         }
         Ok(())
     }
@@ -307,4 +276,101 @@ pub(crate) enum Fault {
     /// to move past the one given, with no lock held.
     WriteProtected(Arc<Tracker>, u64),
     Err(Error),
+}
+
+/// A page the fault path must populate: neither present nor a KSM page.
+fn needs_page(o: u64) -> bool {
+    !Pte(o).present() && !Pte(o).ksm()
+}
+
+/// The runs `[i, j)` of window slots whose page must be populated.
+fn missing_runs(olds: &[u64]) -> Vec<(usize, usize)> {
+    let n = olds.len();
+    let mut runs = Vec::new();
+    let mut i = 0;
+    while i < n {
+        if !needs_page(olds[i]) {
+            i += 1;
+            continue;
+        }
+        let j = (i..n).find(|&j| !needs_page(olds[j])).unwrap_or(n);
+        runs.push((i, j));
+        i = j;
+    }
+    runs
+}
+
+/// Populates one run of `pages` missing pages at host range `r`: through
+/// the tracker (UFFDIO_COPY/ZEROPAGE) in a live tracked region, else with
+/// `MADV_POPULATE_{READ,WRITE}` (untracked, or the handler died and the
+/// ranges were unregistered).
+fn populate_run(
+    vma: &Vma,
+    tracker: Option<&Arc<Tracker>>,
+    r: sys::HostRange,
+    pages: usize,
+) -> Result<()> {
+    let write = vma.prot.contains(Prot::WRITE);
+    let mut done = [false; PAGES_PER_LEAF as usize];
+    match tracker.map(|t| t.populate_locked(r.ptr() as usize, &mut done[..pages], write)) {
+        Some(Ok(true)) => Ok(()),
+        Some(Err(e)) => Err(e),
+        Some(Ok(false)) | None => {
+            if crate::sched::fail("fail:madvise(POPULATE)") {
+                Err(crate::vma::injected("madvise(POPULATE)"))
+            } else if write {
+                sys::populate_write(r).map_err(Error::host("madvise(POPULATE)"))
+            } else {
+                sys::populate_read(r).map_err(Error::host("madvise(POPULATE)"))
+            }
+        }
+    }
+}
+
+/// The PTE locks of one fault window `[lo, hi)` inside one leaf, taken in
+/// ascending order.
+struct Window<'g> {
+    leaf: &'g Leaf,
+    lo: u64,
+    hi: u64,
+    olds: [u64; PAGES_PER_LEAF as usize],
+}
+
+impl<'g> Window<'g> {
+    fn lock(leaf: &'g Leaf, lo: u64, hi: u64) -> Self {
+        let mut olds = [0u64; PAGES_PER_LEAF as usize];
+        for (i, gpn) in (lo / PAGE..hi / PAGE).enumerate() {
+            olds[i] = pte_lock(leaf.pte(gpn));
+        }
+        Window { leaf, lo, hi, olds }
+    }
+
+    /// The PTE words as found under the locks.
+    fn olds(&self) -> &[u64] {
+        &self.olds[..((self.hi - self.lo) / PAGE) as usize]
+    }
+
+    /// Unlocks every PTE unchanged (a back-off or an error).
+    fn unlock_all(&self) {
+        for (i, gpn) in (self.lo / PAGE..self.hi / PAGE).enumerate() {
+            pte_unlock(self.leaf.pte(gpn), self.olds[i]);
+        }
+    }
+
+    /// Publishes the populated window and unlocks it.
+    fn publish(self, write: bool) {
+        let dirty = if write { Pte::DIRTY } else { 0 };
+        for (i, gpn) in (self.lo / PAGE..self.hi / PAGE).enumerate() {
+            let o = Pte(self.olds[i]);
+            let new = match (o.ksm(), write) {
+                // Read of a KSM page: still shared, still uncharged.
+                (true, false) => o.0,
+                // Written: now a private copy (FILEMAP stays: the host range
+                // is still the file mapping until a zap).
+                (true, true) => (o.flags() & !Pte::KSM) | Pte::PRESENT | dirty,
+                (false, _) => o.0 | Pte::PRESENT | dirty,
+            };
+            pte_unlock(self.leaf.pte(gpn), new);
+        }
+    }
 }

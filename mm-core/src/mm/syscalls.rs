@@ -395,36 +395,27 @@ impl MmUser {
 
     /// Reads guest memory into `buf`, populating untouched pages.
     pub async fn read(&self, addr: u64, buf: &mut [u8]) -> Result<()> {
-        let base = buf.as_mut_ptr() as usize;
         self.access(addr, buf.len() as u64, Access::Read, &mut |host, off, n| {
+            let dst = &mut buf[off as usize..(off + n) as usize];
             // SAFETY: the fault path holds the page locks of this window and
             // the mmap read lock, so the host range is mapped, readable and
-            // not being discarded; `off + n <= buf.len()` by construction.
-            unsafe {
-                sys::copy_from_host(
-                    host,
-                    std::slice::from_raw_parts_mut((base + off as usize) as *mut u8, n as usize),
-                )
-            }
+            // not being discarded, for `n` bytes from `host`.
+            unsafe { sys::copy_from_host(host, dst) }
         })
         .await
     }
 
     /// Writes `data` into guest memory.
     pub async fn write(&self, addr: u64, data: &[u8]) -> Result<()> {
-        let base = data.as_ptr() as usize;
         self.access(
             addr,
             data.len() as u64,
             Access::Write,
             &mut |host, off, n| {
-                // SAFETY: as in `read`, for a writable range (checked above).
-                unsafe {
-                    sys::copy_to_host(
-                        std::slice::from_raw_parts((base + off as usize) as *const u8, n as usize),
-                        host,
-                    )
-                }
+                let src = &data[off as usize..(off + n) as usize];
+                // SAFETY: as in `read`, for a writable range (checked by
+                // the access path).
+                unsafe { sys::copy_to_host(src, host) }
             },
         )
         .await
@@ -442,8 +433,7 @@ impl MmUser {
     /// Does guest memory at `addr` equal `data`?
     pub async fn compare(&self, addr: u64, data: &[u8]) -> Result<bool> {
         let mut equal = true;
-        let mut page = vec![0u8; 0];
-        let base = data.as_ptr() as usize;
+        let mut page = Vec::new();
         self.access(
             addr,
             data.len() as u64,
@@ -452,11 +442,7 @@ impl MmUser {
                 page.resize(n as usize, 0);
                 // SAFETY: as in `read`.
                 unsafe { sys::copy_from_host(host, &mut page) };
-                // SAFETY: `off + n <= data.len()` by construction of the windows.
-                let want = unsafe {
-                    std::slice::from_raw_parts((base + off as usize) as *const u8, n as usize)
-                };
-                equal &= page == want;
+                equal &= page[..] == data[off as usize..(off + n) as usize];
             },
         )
         .await?;
