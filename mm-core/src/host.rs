@@ -1,12 +1,16 @@
 //! `Host`: the registry of guests, the byte budget they share (a memcg
-//! analogue), and the pressure path that runs reclaim plug-ins.
+//! analogue), and the pressure path that runs reclaim plug-ins. Top layer
+//! (see the layer diagram in `lib.rs`).
 //!
 //! Charging happens in the fault path (first touch of a page through the
 //! access API, `mlock`); uncharging in every zap (DONTNEED, munmap, the
 //! reaper, teardown). When a charge does not fit, the fault path drops all
-//! its locks and calls [`pressure`], which runs the [`Reclaim`] plug-ins in
-//! order (a KSM pass, a balloon, then the OOM killer that mm-reaper installs
-//! as the last plug-in) and retries a bounded number of times.
+//! its locks and calls its mm's injected pressure hook, which for an mm of
+//! this host is [`HostPressure`]: `pressure` runs the [`Reclaim`] plug-ins
+//! in order (a KSM pass, a balloon), then the OOM killer directly
+//! (`Host::out_of_memory` in `oom.rs`; mm-reaper only reaps the victims it
+//! is handed), then waits a bounded time (`HostConfig::oom_wait`) for the
+//! victim's memory to come back.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};

@@ -24,6 +24,11 @@ struct WindowLocks<'a> {
 }
 
 impl WindowLocks<'_> {
+    /// Slot `i` is locked by us and needs a page (not present, not KSM).
+    fn wants(&self, i: usize) -> bool {
+        self.held[i] != 0 && !Pte(self.held[i]).present() && !Pte(self.held[i]).ksm()
+    }
+
     /// The pages are accounted: unlock with `PRESENT` where populated.
     fn commit(mut self, present: &[bool]) {
         self.present[..present.len()].copy_from_slice(present);
@@ -103,18 +108,8 @@ impl Mm {
         };
         w.held[fi] = old_f;
         if Pte(old_f).present() {
-            // Charged, but the host page is gone (the embedder's own
-            // DONTNEED): bring it back without charging again.
             drop(w);
-            let src = match zero_source() {
-                Ok(s) => s,
-                Err(_) => return Outcome::Served,
-            };
-            let _ = t.with_uffd(|u| match u.copy(addr, src, PAGE_SIZE, true)? {
-                Fill::Done => Ok(()),
-                _ => u.wake(addr, PAGE_SIZE),
-            });
-            return Outcome::Served;
+            return refill_present(t, addr);
         }
         #[cfg(test)]
         if t.unstable_after_first_lock.swap(false, Ordering::SeqCst) {
@@ -146,34 +141,67 @@ impl Mm {
             drop(w);
             return self.poison_fault(t, addr);
         }
-        let want = |w: &WindowLocks<'_>, i: usize| {
-            w.held[i] != 0 && !Pte(w.held[i]).present() && !Pte(w.held[i]).ksm()
+        let charge = match self.charge_window(&mut w, fail_open) {
+            Ok(c) => c,
+            Err(outcome) => return outcome,
         };
-        let mut missing: u64 = (0..n).filter(|&i| want(&w, i)).count() as u64;
-        let mut only_faulting = false;
-        let mut overcommit = false;
-        if self.budget.try_charge(missing * PAGE).is_err() {
-            // Shrink the window to the faulting page before asking for room.
-            if self.budget.try_charge(PAGE).is_ok() {
-                only_faulting = true;
-                missing = 1;
-            } else if fail_open {
-                only_faulting = true;
-                missing = 1;
-                overcommit = true;
-            } else {
-                drop(w);
-                return Outcome::NeedMemory(PAGE);
-            }
-        }
-        if !overcommit {
-            w.charged = missing * PAGE;
-        }
         #[cfg(test)]
         if t.panic_after_lock.swap(false, Ordering::SeqCst) {
             panic!("injected handler panic with the window locked");
         }
-        let selected = |i: usize| want(&w, i) && (!only_faulting || i == fi);
+        let host_lo = host_of(lo);
+        self.fill_window(t, w, fi, charge, host_lo, addr)
+    }
+
+    /// Charges the missing pages of the locked window (step 3). Over
+    /// budget, the window shrinks to the faulting page; still over budget,
+    /// it is served over budget when failing open (step 4), else the
+    /// handler must run the pressure path first (`NeedMemory`).
+    fn charge_window(
+        &self,
+        w: &mut WindowLocks<'_>,
+        fail_open: bool,
+    ) -> std::result::Result<WindowCharge, Outcome> {
+        let n = w.n;
+        let mut c = WindowCharge {
+            missing: (0..n).filter(|&i| w.wants(i)).count() as u64,
+            only_faulting: false,
+            overcommit: false,
+        };
+        if self.budget.try_charge(c.missing * PAGE).is_err() {
+            // Shrink the window to the faulting page before asking for room.
+            if self.budget.try_charge(PAGE).is_ok() {
+                c.only_faulting = true;
+                c.missing = 1;
+            } else if fail_open {
+                c.only_faulting = true;
+                c.missing = 1;
+                c.overcommit = true;
+            } else {
+                return Err(Outcome::NeedMemory(PAGE));
+            }
+        }
+        if !c.overcommit {
+            w.charged = c.missing * PAGE;
+        }
+        Ok(c)
+    }
+
+    /// Fills the charged pages of the window run by run (`UFFDIO_COPY`,
+    /// DONTWAKE), settles the charge with what was really populated,
+    /// publishes the PTEs and wakes every thread blocked in the window.
+    /// `host_lo` is the host address of the window's first page.
+    fn fill_window(
+        &self,
+        t: &Tracker,
+        w: WindowLocks<'_>,
+        fi: usize,
+        c: WindowCharge,
+        host_lo: usize,
+        addr: usize,
+    ) -> Outcome {
+        let n = w.n;
+        let selected = |i: usize| w.wants(i) && (!c.only_faulting || i == fi);
         let mut present = [false; PAGES_PER_LEAF as usize];
         let src = zero_source().ok();
         let mut i = 0;
@@ -183,20 +211,20 @@ impl Mm {
                 continue;
             }
             let j = (i..n).find(|&j| !selected(j)).unwrap_or(n);
-            self.fill_run(t, host_of(lo + i as u64 * PAGE), src, &mut present[i..j]);
+            self.fill_run(t, host_lo + i * PAGE_SIZE, src, &mut present[i..j]);
             i = j;
         }
         let populated = (0..n).filter(|&i| present[i]).count() as u64;
         // Charged `missing`, populated `populated` (≤ missing): return the rest.
-        if overcommit {
+        if c.overcommit {
             if populated > 0 {
                 // Relaxed: a counter, read back by `uncharge_pages`.
                 self.debt.fetch_add(PAGE, Ordering::Relaxed);
                 t.counters.fail_open_pages.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(target: "mm_core::tracked", mm_id = self.id(), addr, "budget exhausted after pressure; fail-open");
             }
-        } else if missing > populated {
-            self.budget.uncharge((missing - populated) * PAGE);
+        } else if c.missing > populated {
+            self.budget.uncharge((c.missing - populated) * PAGE);
         }
         self.rss_anon.fetch_add(populated, Ordering::Relaxed);
         t.counters
@@ -207,8 +235,8 @@ impl Mm {
         // If COPY failed for the faulting page (EAGAIN: a REMOVE is queued;
         // or the range went away) it refaults and is queued again, behind
         // the message we must read first.
-        let _ = t.with_uffd(|u| u.wake(host_of(lo), (hi - lo) as usize));
-        if overcommit || missing == 0 {
+        let _ = t.with_uffd(|u| u.wake(host_lo, n * PAGE_SIZE));
+        if c.overcommit || c.missing == 0 {
             Outcome::Served
         } else {
             Outcome::Charged
@@ -384,4 +412,28 @@ fn try_lock(pte: &std::sync::atomic::AtomicU64) -> Option<u64> {
     } else {
         None
     }
+}
+
+/// What [`Mm::charge_window`] charged for a window.
+struct WindowCharge {
+    /// Pages charged (or, failing open, served over budget).
+    missing: u64,
+    /// The window shrank to the faulting page.
+    only_faulting: bool,
+    /// Served over budget (fail-open, step 4): recorded as debt.
+    overcommit: bool,
+}
+
+/// The faulting page is `PRESENT` (charged) but its host page is gone (the
+/// embedder's own DONTNEED): bring it back without charging again.
+fn refill_present(t: &Tracker, addr: usize) -> Outcome {
+    let src = match zero_source() {
+        Ok(s) => s,
+        Err(_) => return Outcome::Served,
+    };
+    let _ = t.with_uffd(|u| match u.copy(addr, src, PAGE_SIZE, true)? {
+        Fill::Done => Ok(()),
+        _ => u.wake(addr, PAGE_SIZE),
+    });
+    Outcome::Served
 }
