@@ -6,7 +6,8 @@ use std::sync::atomic::Ordering;
 
 use super::*;
 use crate::pgtable::{Pte, PAGES_PER_LEAF};
-use crate::sys::{self, pagemap, PAGE_SIZE};
+use crate::sys::{self, pagemap, HostRange, PAGE_SIZE};
+use crate::tracked::Tracker;
 use crate::vma::VmFlags;
 
 const PAGE: u64 = PAGE_SIZE as u64;
@@ -221,32 +222,15 @@ impl Mm {
             locked.unlock_with(|_, o| o);
             return Err(e);
         }
-        let fail = |locked: Locked<'_>| {
-            // Unprotecting wakes the writers; their writes land in the
-            // page they wrote to, which stays.
-            let res = t.writeprotect(r, false);
-            locked.unlock_with(|_, o| o);
-            res
-        };
         // 3. Compare (or fill): the contents are frozen.
-        let same = if fill {
-            sys::write_pages_to(&store.fd, r, first * PAGE).map(|()| true)
-        } else {
-            let mut want = vec![0u8; r.len()];
-            sys::read_from(&store.fd, &mut want, first * PAGE).map(|()| {
-                // SAFETY: page locks held and the range write-protected
-                // (steps 1-2): nobody writes it during the compare.
-                unsafe { sys::host_equals(r, &want) }
-            })
-        };
-        match same {
+        match frozen_run_matches(store, r, first, fill) {
             Ok(true) => {}
             Ok(false) => {
-                fail(locked)?;
+                abort_window(t, r, locked)?;
                 return Ok(KsmMerge::Changed);
             }
             Err(e) => {
-                fail(locked)?;
+                abort_window(t, r, locked)?;
                 return Err(Error::Host {
                     op: "ksm fill/compare",
                     source: e,
@@ -260,7 +244,7 @@ impl Mm {
             sys::map_file_private_fixed(r, &store.fd, first * PAGE, vma.prot.bits())
         });
         if let Err(e) = mapped {
-            fail(locked)?;
+            abort_window(t, r, locked)?;
             if e.raw_os_error() == Some(libc::ENOMEM) {
                 return Ok(KsmMerge::MapLimit);
             }
@@ -269,14 +253,23 @@ impl Mm {
                 source: e,
             });
         }
-        // 5. Map the pages for reads, wake the writers blocked at 2 (they
-        //    refault on the new mapping: copy-on-write), publish the PTEs.
+        // 5. Publish: see `publish_merged`.
+        self.publish_merged(t, r, locked, first);
+        self.settle_merged_charges(&was_charged, &mut charged[..n as usize]);
+        tracing::trace!(target: "mm_core::ksm", mm_id = self.id(), addr, pages = n, stable = first, fill, "ksm_merge_one_page");
+        Ok(KsmMerge::Merged)
+    }
+
+    /// Step 5 of a merge: map the pages for reads, wake the writers blocked
+    /// at step 2 (they refault on the new mapping: copy-on-write), and
+    /// publish the PTEs as `KSM | FILEMAP | stable id`.
+    fn publish_merged(&self, t: &Tracker, r: HostRange, locked: Locked<'_>, first: u64) {
         let _ = sys::populate_read(r);
         // Register the merged range for write-protect (memfd mappings need
         // UFFD_FEATURE_WP_HUGETLBFS_SHMEM), so a private copy made later can
         // be merged again; MISSING stays off (the file always has the page).
         if let Err(e) = t.register_wp_only(r) {
-            tracing::debug!(target: "mm_core::ksm", mm_id = self.id(), addr, error = %e, "merged range not write-protectable");
+            tracing::debug!(target: "mm_core::ksm", mm_id = self.id(), addr = locked.first * PAGE, error = %e, "merged range not write-protectable");
         }
         let _ = t.wake_range(r);
         locked.unlock_with(|i, o| {
@@ -285,14 +278,19 @@ impl Mm {
                 | Pte::FILEMAP
                 | ((first + i as u64) << Pte::STABLE_SHIFT)
         });
+    }
+
+    /// After a merge: says in `charged` which pages' charges the caller may
+    /// move or give back, and lowers this mm's rss by the present pages.
+    /// Fail-open debt first (charged = present - debt): only the pages
+    /// beyond the mm's debt were really charged, and only their charge may
+    /// move to a stable page or be given back (a debt moved as a charge
+    /// would be uncharged later without ever being charged).
+    fn settle_merged_charges(&self, was_charged: &[bool], charged: &mut [bool]) {
         // Only the pages that were PRESENT were counted (and charged).
         let present = was_charged.iter().filter(|c| **c).count() as u64;
-        // Fail-open debt first (charged = present - debt): only the pages
-        // beyond the mm's debt were really charged, and only their charge
-        // may move to a stable page or be given back (a debt moved as a
-        // charge would be uncharged later without ever being charged).
         let mut real = self.repay_debt(present * PAGE) / PAGE;
-        for (c, w) in charged[..n as usize].iter_mut().zip(&was_charged) {
+        for (c, w) in charged.iter_mut().zip(was_charged) {
             *c = *w && real > 0;
             if *c {
                 real -= 1;
@@ -301,8 +299,6 @@ impl Mm {
         // Relaxed: a counter (as everywhere for rss).
         let prev = self.rss_anon.fetch_sub(present, Ordering::Relaxed);
         debug_assert!(prev >= present, "rss underflow");
-        tracing::trace!(target: "mm_core::ksm", mm_id = self.id(), addr, pages = n, stable = first, fill, "ksm_merge_one_page");
-        Ok(KsmMerge::Merged)
     }
 
     /// `use_zero_pages`: discards the `n` pages from `addr` if they are all
@@ -366,4 +362,31 @@ impl Mm {
         self.uncharge_pages(charged, 0);
         Ok(KsmMerge::Merged)
     }
+}
+
+/// Step 3 of a merge, with the run locked and write-protected: fills new
+/// stable pages with the run (`fill`), or compares the run with them.
+fn frozen_run_matches(
+    store: &StableStore,
+    r: HostRange,
+    first: u64,
+    fill: bool,
+) -> std::io::Result<bool> {
+    if fill {
+        return sys::write_pages_to(&store.fd, r, first * PAGE).map(|()| true);
+    }
+    let mut want = vec![0u8; r.len()];
+    sys::read_from(&store.fd, &mut want, first * PAGE)?;
+    // SAFETY: page locks held and the range write-protected (steps 1-2):
+    // nobody writes it during the compare.
+    Ok(unsafe { sys::host_equals(r, &want) })
+}
+
+/// Gives up a merge after step 2: unprotecting wakes the writers (their
+/// writes land in the page they wrote to, which stays), then the PTEs are
+/// unlocked unchanged.
+fn abort_window(t: &Tracker, r: HostRange, locked: Locked<'_>) -> Result<()> {
+    let res = t.writeprotect(r, false);
+    locked.unlock_with(|_, o| o);
+    res
 }
