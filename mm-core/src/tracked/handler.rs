@@ -40,24 +40,20 @@ struct Queued {
 }
 
 fn handler_loop(t: &Arc<Tracker>, mm_weak: &Weak<Mm>) -> std::io::Result<()> {
-    let waker = Waker::from(Arc::new(HandlerWaker(t.clone())));
+    let mut h = Handler {
+        t: t.clone(),
+        waker: Waker::from(Arc::new(HandlerWaker(t.clone()))),
+        faults: VecDeque::new(),
+        removes: Vec::new(),
+        unmaps: Vec::new(),
+        settle: Vec::new(),
+        pressure: None,
+        failed_rounds: 0,
+    };
     let mut events = Vec::new();
-    let mut faults: VecDeque<Queued> = VecDeque::new();
-    let mut removes: Vec<(usize, usize)> = Vec::new();
-    let mut unmaps: Vec<(usize, usize)> = Vec::new();
-    // Pages served without their lock (`resolve_busy`), to be charged once
-    // the lock is free and the PTE is still empty.
-    let mut settle: Vec<usize> = Vec::new();
-    let mut pressure: Option<Pressure> = None;
-    let mut failed_rounds = 0u32;
     let raw = t.with_uffd(|u| Ok(u.raw()))?;
     loop {
-        let timeout = if faults.is_empty() && removes.is_empty() && settle.is_empty() {
-            -1
-        } else {
-            1
-        };
-        uffd::poll_readable(&[raw, t.wake.raw()], timeout)?;
+        uffd::poll_readable(&[raw, t.wake.raw()], h.poll_timeout())?;
         t.wake.drain();
         if t.stop.load(Ordering::SeqCst) {
             return Ok(());
@@ -68,75 +64,139 @@ fn handler_loop(t: &Arc<Tracker>, mm_weak: &Weak<Mm>) -> std::io::Result<()> {
         t.clear_retired_zaps();
         t.with_uffd(|u| u.read_events(&mut events))?;
         test_hooks::after_read(t, &events);
-        for ev in &events {
+        h.classify(&events);
+        let Some(mm) = mm_weak.upgrade() else {
+            return Ok(());
+        };
+        h.forget_foreign(&mm);
+        h.settle.retain(|&a| !mm.settle_busy(t, a));
+        if h.pressure_pending() {
+            continue;
+        }
+        h.serve_faults(&mm);
+        drop(mm);
+    }
+}
+
+/// The handler loop's queues between rounds.
+struct Handler {
+    t: Arc<Tracker>,
+    /// Wakes the loop's `poll` when the pressure future can progress.
+    waker: Waker,
+    faults: VecDeque<Queued>,
+    /// Foreign REMOVE / UNMAP ranges whose pages are still to be cleared.
+    removes: Vec<(usize, usize)>,
+    /// Foreign UNMAP ranges to drop from the registry.
+    unmaps: Vec<(usize, usize)>,
+    /// Pages served without their lock (`resolve_busy`), to be charged once
+    /// the lock is free and the PTE is still empty.
+    settle: Vec<usize>,
+    /// The pressure path in progress (step 4), polled between rounds.
+    pressure: Option<Pressure>,
+    /// Pressure runs in a row that freed nothing (fail-open at
+    /// [`PRESSURE_ROUNDS`]).
+    failed_rounds: u32,
+}
+
+impl Handler {
+    /// Block in `poll` until a message when idle, else retry every 1 ms.
+    fn poll_timeout(&self) -> i32 {
+        if self.faults.is_empty() && self.removes.is_empty() && self.settle.is_empty() {
+            -1
+        } else {
+            1
+        }
+    }
+
+    /// Sorts the messages of one read: missing faults are queued, WP faults
+    /// stay blocked (step 7), our own zaps' REMOVE/UNMAP are ignored and
+    /// foreign ones queued for clearing (step 6).
+    fn classify(&mut self, events: &[Event]) {
+        let t = &self.t;
+        for ev in events {
             match *ev {
                 Event::PageFault { wp: true, .. } => {
                     // Step 7: left blocked until write_unprotect wakes it.
                     t.counters.wp_faults.fetch_add(1, Ordering::Relaxed);
                 }
-                Event::PageFault { addr, .. } => faults.push_back(Queued {
+                Event::PageFault { addr, .. } => self.faults.push_back(Queued {
                     addr,
                     busy_since: None,
                 }),
                 Event::Remove { start, end } => {
                     if !t.is_self_zap(start, end) {
                         t.counters.foreign_removes.fetch_add(1, Ordering::Relaxed);
-                        removes.push((start, end));
+                        self.removes.push((start, end));
                     }
                 }
                 Event::Unmap { start, end } if t.is_self_zap(start, end) => {
                     // A KSM merge mapping the stable page over tracked pages
-                    // (`merge.rs`): the pages are accounted by the merge,
+                    // (`ksm/merge.rs`): the pages are accounted by the merge,
                     // and the registry keeps the range (a zap maps
                     // anonymous memory back and registers it again).
                 }
                 Event::Unmap { start, end } => {
                     t.counters.foreign_removes.fetch_add(1, Ordering::Relaxed);
-                    removes.push((start, end));
-                    unmaps.push((start, end));
+                    self.removes.push((start, end));
+                    self.unmaps.push((start, end));
                 }
                 Event::Other(_) => {}
             }
         }
-        let Some(mm) = mm_weak.upgrade() else {
-            return Ok(());
-        };
-        // The embedder's own madvise/munmap: clear and uncharge what we
-        // can lock now, keep the rest for the next round.
-        let mut left = Vec::new();
-        for (s, e) in removes.drain(..) {
-            mm.tracked_forget_pages(t, s, e, &mut left);
-        }
-        removes = left;
-        // An unmapped range is no longer registered (the kernel dropped it);
-        // its pages were cleared above or are retried page by page.
-        for (s, e) in unmaps.drain(..) {
-            t.forget_registry(s, e);
-        }
-        settle.retain(|&a| !mm.settle_busy(t, a));
+    }
 
-        if let Some(p) = pressure.as_mut() {
-            match p.as_mut().poll(&mut Context::from_waker(&waker)) {
-                Poll::Pending => continue,
-                Poll::Ready(freed) => {
-                    pressure = None;
-                    if freed {
-                        failed_rounds = 0;
-                    } else {
-                        failed_rounds += 1;
-                    }
-                }
+    /// The embedder's own madvise/munmap: clear and uncharge what we can
+    /// lock now, keep the rest for the next round. An unmapped range is no
+    /// longer registered (the kernel dropped it); its pages were cleared
+    /// here or are retried page by page.
+    fn forget_foreign(&mut self, mm: &Mm) {
+        let mut left = Vec::new();
+        for (s, e) in self.removes.drain(..) {
+            mm.tracked_forget_pages(&self.t, s, e, &mut left);
+        }
+        self.removes = left;
+        for (s, e) in self.unmaps.drain(..) {
+            self.t.forget_registry(s, e);
+        }
+    }
+
+    /// Polls the pressure future in progress; true while it is pending
+    /// (the queued faults wait, messages keep being read).
+    fn pressure_pending(&mut self) -> bool {
+        let Some(p) = self.pressure.as_mut() else {
+            return false;
+        };
+        match p.as_mut().poll(&mut Context::from_waker(&self.waker)) {
+            Poll::Pending => true,
+            Poll::Ready(freed) => {
+                self.pressure = None;
+                self.pressure_done(freed);
+                false
             }
         }
-        let n = faults.len();
+    }
+
+    fn pressure_done(&mut self, freed: bool) {
+        if freed {
+            self.failed_rounds = 0;
+        } else {
+            self.failed_rounds += 1;
+        }
+    }
+
+    /// One pass over the queued faults (steps 3-5); stops at the first
+    /// that needs memory and starts the pressure path for it (step 4).
+    fn serve_faults(&mut self, mm: &Mm) {
+        let t = self.t.clone();
+        let n = self.faults.len();
         for _ in 0..n {
-            let Some(mut q) = faults.pop_front() else {
+            let Some(mut q) = self.faults.pop_front() else {
                 break;
             };
-            test_hooks::before_fault(t);
-            let fail_open = failed_rounds >= PRESSURE_ROUNDS;
+            test_hooks::before_fault(&t);
+            let fail_open = self.failed_rounds >= PRESSURE_ROUNDS;
             let force = q.busy_since.is_some_and(|s| s.elapsed() >= BUSY_TIMEOUT);
-            match mm.tracked_fault(t, q.addr, fail_open, force) {
+            match mm.tracked_fault(&t, q.addr, fail_open, force) {
                 Outcome::Charged => {
                     // A real charge succeeded: memory is back, leave
                     // fail-open. Not on `Served`: a page served over budget
@@ -144,36 +204,37 @@ fn handler_loop(t: &Arc<Tracker>, mm_weak: &Weak<Mm>) -> std::io::Result<()> {
                     // about room, and resetting there would cost every
                     // further fault a full pressure cycle (up to `oom_wait`
                     // each with an OOM victim pending).
-                    failed_rounds = 0;
+                    self.failed_rounds = 0;
                 }
                 Outcome::Served => {}
-                Outcome::Unlocked => settle.push(q.addr),
+                Outcome::Unlocked => self.settle.push(q.addr),
                 Outcome::Busy => {
                     q.busy_since.get_or_insert_with(Instant::now);
-                    faults.push_back(q);
+                    self.faults.push_back(q);
                 }
                 Outcome::NeedMemory(bytes) => {
-                    faults.push_front(q);
-                    t.counters.pressure_runs.fetch_add(1, Ordering::Relaxed);
-                    let (relief, id) = (mm.pressure.clone(), mm.id());
-                    let mut fut: Pressure =
-                        Box::pin(async move { relief.relieve(bytes, Some(id)).await });
-                    match fut.as_mut().poll(&mut Context::from_waker(&waker)) {
-                        Poll::Ready(freed) => {
-                            if freed {
-                                failed_rounds = 0;
-                            } else {
-                                failed_rounds += 1;
-                            }
-                            // Retried on the next round (1 ms).
-                        }
-                        Poll::Pending => pressure = Some(fut),
-                    }
+                    self.faults.push_front(q);
+                    self.start_pressure(mm, bytes);
                     break;
                 }
             }
         }
-        drop(mm);
+    }
+
+    /// Starts the pressure path for `bytes` as a future polled between
+    /// rounds, so messages keep being read while reclaim waits (step 4).
+    fn start_pressure(&mut self, mm: &Mm, bytes: u64) {
+        self.t
+            .counters
+            .pressure_runs
+            .fetch_add(1, Ordering::Relaxed);
+        let (relief, id) = (mm.pressure.clone(), mm.id());
+        let mut fut: Pressure = Box::pin(async move { relief.relieve(bytes, Some(id)).await });
+        match fut.as_mut().poll(&mut Context::from_waker(&self.waker)) {
+            // Retried on the next round (1 ms).
+            Poll::Ready(freed) => self.pressure_done(freed),
+            Poll::Pending => self.pressure = Some(fut),
+        }
     }
 }
 
