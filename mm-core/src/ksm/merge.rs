@@ -40,26 +40,9 @@ impl Mm {
             "I-KSM-2: KSM touched an mm's pages after its exit_mmap began",
         );
         let n = want.len();
-        if buf.len() < n * PAGE_SIZE || out.len() < n {
-            return Err(Error::InvalidArgument {
-                what: "ksm_snapshot: buf or out shorter than want",
-            });
-        }
-        if n == 0 {
+        let Some(end) = snapshot_range(addr, n, buf.len(), out.len())? else {
             return Ok(());
-        }
-        if addr % PAGE != 0 {
-            return Err(Error::Unaligned {
-                addr,
-                len: n as u64 * PAGE,
-            });
-        }
-        let end = addr + n as u64 * PAGE;
-        if addr / PAGE / PAGES_PER_LEAF != (end - PAGE) / PAGE / PAGES_PER_LEAF {
-            return Err(Error::InvalidArgument {
-                what: "ksm_snapshot: the pages cross a page-table leaf (2 MiB)",
-            });
-        }
+        };
         let vma = state
             .vmas()
             .find(addr)
@@ -105,29 +88,7 @@ impl Mm {
             let pte = leaf.pte(first + i as u64);
             let o = Pte(pte_lock(pte));
             let e = pm.get(i).copied().unwrap_or(0);
-            let (new, page) = if o.ksm() {
-                // Copied by a direct write since the merge? The copy is a
-                // private page again; in a tracked region charge it (the
-                // fault path does the same for writes through the API).
-                if e & pagemap::PRESENT != 0 && e & pagemap::FILE == 0 {
-                    if untracked {
-                        (o.flags() & !Pte::KSM, KsmPage::Private)
-                    } else {
-                        self.charge_existing();
-                        ((o.flags() & !Pte::KSM) | Pte::PRESENT, KsmPage::Private)
-                    }
-                } else {
-                    (o.0, KsmPage::Stable(o.stable_id()))
-                }
-            } else if o.present() || (untracked && direct_private(e)) {
-                // Populated through the API (charged), or by the embedder
-                // through the host pointer of an untracked region (not).
-                (o.0 & !Pte::KSM_ZERO, KsmPage::Private)
-            } else if o.0 & Pte::KSM_ZERO != 0 {
-                (o.0, KsmPage::Zero)
-            } else {
-                (o.0, KsmPage::Absent)
-            };
+            let (new, page) = self.snapshot_page(o, e, untracked);
             if page == KsmPage::Private && want[i] {
                 let at = addr + i as u64 * PAGE;
                 let host = vma.host_range(at, at + PAGE).ptr();
@@ -148,6 +109,34 @@ impl Mm {
             out[i] = page;
         }
         Ok(())
+    }
+
+    /// What one locked page is for the scanner, and its new PTE word: `o`
+    /// is the locked PTE, `e` its pagemap entry (0 if not read).
+    fn snapshot_page(&self, o: Pte, e: u64, untracked: bool) -> (u64, KsmPage) {
+        if o.ksm() {
+            // Copied by a direct write since the merge? The copy is a
+            // private page again; in a tracked region charge it (the
+            // fault path does the same for writes through the API).
+            if e & pagemap::PRESENT != 0 && e & pagemap::FILE == 0 {
+                if untracked {
+                    (o.flags() & !Pte::KSM, KsmPage::Private)
+                } else {
+                    self.charge_existing();
+                    ((o.flags() & !Pte::KSM) | Pte::PRESENT, KsmPage::Private)
+                }
+            } else {
+                (o.0, KsmPage::Stable(o.stable_id()))
+            }
+        } else if o.present() || (untracked && direct_private(e)) {
+            // Populated through the API (charged), or by the embedder
+            // through the host pointer of an untracked region (not).
+            (o.0 & !Pte::KSM_ZERO, KsmPage::Private)
+        } else if o.0 & Pte::KSM_ZERO != 0 {
+            (o.0, KsmPage::Zero)
+        } else {
+            (o.0, KsmPage::Absent)
+        }
     }
 
     /// Merges the `n` pages from `addr` (one VMA, one leaf, all private)
@@ -389,4 +378,31 @@ fn abort_window(t: &Tracker, r: HostRange, locked: Locked<'_>) -> Result<()> {
     let res = t.writeprotect(r, false);
     locked.unlock_with(|_, o| o);
     res
+}
+
+/// Checks the arguments of a snapshot of `n` pages from `addr` (buffers
+/// long enough, page aligned, inside one page-table leaf); returns the end
+/// address, or `None` for an empty snapshot.
+fn snapshot_range(addr: u64, n: usize, buf_len: usize, out_len: usize) -> Result<Option<u64>> {
+    if buf_len < n * PAGE_SIZE || out_len < n {
+        return Err(Error::InvalidArgument {
+            what: "ksm_snapshot: buf or out shorter than want",
+        });
+    }
+    if n == 0 {
+        return Ok(None);
+    }
+    if addr % PAGE != 0 {
+        return Err(Error::Unaligned {
+            addr,
+            len: n as u64 * PAGE,
+        });
+    }
+    let end = addr + n as u64 * PAGE;
+    if addr / PAGE / PAGES_PER_LEAF != (end - PAGE) / PAGE / PAGES_PER_LEAF {
+        return Err(Error::InvalidArgument {
+            what: "ksm_snapshot: the pages cross a page-table leaf (2 MiB)",
+        });
+    }
+    Ok(Some(end))
 }

@@ -179,19 +179,7 @@ impl Mm {
             if self.flags.test(MmFlag::UNSTABLE) {
                 return Err(Error::Unstable { mm_id: self.id });
             }
-            state.vmas.check_mapped(pos, end)?;
-            let need = match access {
-                Access::Read => Prot::READ,
-                Access::Write => Prot::WRITE,
-            };
-            for vma in state.vmas.overlapping(pos, end) {
-                if !vma.prot.contains(need) {
-                    return Err(Error::Protection {
-                        addr: pos.max(vma.start),
-                        access,
-                    });
-                }
-            }
+            check_access(&state, pos, end, access)?;
             let vmas: Vec<&Vma> = state.vmas.overlapping(pos, end).collect();
             for vma in vmas {
                 while pos < end.min(vma.end) {
@@ -372,5 +360,25 @@ impl<'g> Window<'g> {
             };
             pte_unlock(self.leaf.pte(gpn), new);
         }
+    }
+}
+
+/// `[pos, end)` is mapped and every VMA under it allows `access`.
+fn check_access(state: &MmState, pos: u64, end: u64, access: Access) -> Result<()> {
+    state.vmas.check_mapped(pos, end)?;
+    let need = match access {
+        Access::Read => Prot::READ,
+        Access::Write => Prot::WRITE,
+    };
+    match state
+        .vmas
+        .overlapping(pos, end)
+        .find(|v| !v.prot.contains(need))
+    {
+        Some(vma) => Err(Error::Protection {
+            addr: pos.max(vma.start),
+            access,
+        }),
+        None => Ok(()),
     }
 }

@@ -21,29 +21,12 @@ impl MmUser {
     /// that overlaps an existing VMA fails with `Overlap` (`MAP_FIXED_NOREPLACE`).
     pub async fn mmap(&self, opts: MapOptions) -> Result<u64> {
         let limit = self.config.va_limit;
-        let probe = opts.addr.unwrap_or(0);
-        check_range(probe, opts.len, limit)?;
         let align = if opts.hugepage {
             HUGE_PAGE_SIZE
         } else {
             PAGE_SIZE
         };
-        let len = usize::try_from(opts.len).map_err(|_| Error::Overflow {
-            addr: probe,
-            len: opts.len,
-        })?;
-        if opts.tracked {
-            if opts.kind != MapKind::AnonPrivate || opts.hugepage {
-                return Err(Error::NotAllowed {
-                    addr: probe,
-                    reason: "tracked regions are private anonymous 4 KiB mappings",
-                });
-            }
-            let fa = opts.fault_around;
-            if !fa.is_power_of_two() || !(PAGE..=HUGE_PAGE_SIZE as u64).contains(&fa) {
-                return Err(Error::BadFaultAround { bytes: fa });
-            }
-        }
+        let len = check_map_options(&opts, limit)?;
         let mut region = match opts.kind {
             MapKind::AnonPrivate => HostRegion::new_anon(len, align, opts.prot)?,
             MapKind::SharedMemfd => HostRegion::new_shared(&self.name, len, align, opts.prot)?,
@@ -470,4 +453,28 @@ impl MmUser {
         let state = self.lock.read().await;
         (**self).resident_bytes(&state)
     }
+}
+
+/// Validates `mmap` options against the address-space limit; returns the
+/// length as a host size.
+fn check_map_options(opts: &MapOptions, limit: u64) -> Result<usize> {
+    let probe = opts.addr.unwrap_or(0);
+    check_range(probe, opts.len, limit)?;
+    let len = usize::try_from(opts.len).map_err(|_| Error::Overflow {
+        addr: probe,
+        len: opts.len,
+    })?;
+    if opts.tracked {
+        if opts.kind != MapKind::AnonPrivate || opts.hugepage {
+            return Err(Error::NotAllowed {
+                addr: probe,
+                reason: "tracked regions are private anonymous 4 KiB mappings",
+            });
+        }
+        let fa = opts.fault_around;
+        if !fa.is_power_of_two() || !(PAGE..=HUGE_PAGE_SIZE as u64).contains(&fa) {
+            return Err(Error::BadFaultAround { bytes: fa });
+        }
+    }
+    Ok(len)
 }
