@@ -124,7 +124,7 @@ pub enum Error {
         addr: u64,
     },
     /// The userfaultfd handler of this mm died; its tracked regions were
-    /// degraded to untracked (see `tracked.rs`, step 9).
+    /// degraded to untracked (see `tracked/`, step 9).
     #[error("the userfaultfd handler of address space {mm_id} died")]
     TrackerDead {
         /// Id of the address space.

@@ -63,7 +63,7 @@ impl Mm {
             self.lock().write().await
         } else {
             // 5a. Tracked regions leave the userfaultfd before the zap
-            //     (tracked.rs step 8): nobody may touch them any more
+            //     (tracked/ step 8): nobody may touch them any more
             //     (users == 0), and a zap must not wait for the handler to
             //     read its REMOVE message when this teardown runs on the
             //     handler thread itself (an OOM kill from its pressure path).

@@ -159,7 +159,7 @@ pub(crate) struct HostRegion {
     /// Set once when an untracked mapping is registered with the mm's
     /// userfaultfd for **write-protect only** (no MISSING: first touches
     /// stay the kernel's), so that KSM can merge its pages
-    /// (`merge.rs`). Never set together with `tracked`.
+    /// (`ksm/`). Never set together with `tracked`.
     ksm_wp: std::sync::OnceLock<Arc<Tracker>>,
 }
 

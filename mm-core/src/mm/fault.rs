@@ -62,7 +62,7 @@ impl Mm {
         Ok(())
     }
 
-    /// A write to a write-protected page (tracked.rs step 7): the copy
+    /// A write to a write-protected page (tracked/ step 7): the copy
     /// would block in the kernel's WP fault while we hold these PTE locks
     /// and the caller holds the mmap read lock; zaps and the reaper would
     /// then spin on the locks, and a queued munmap (writer) would keep

@@ -79,7 +79,7 @@ pub struct MapOptions {
     /// Mark `VM_PFNMAP`-like pinned: never reaped.
     pub pinned: bool,
     /// A tracked region: registered with the mm's userfaultfd so direct
-    /// touches are charged (see `tracked.rs`). Private anonymous only.
+    /// touches are charged (see `tracked/`). Private anonymous only.
     pub tracked: bool,
     /// Fault-around window of a tracked region, in bytes: a power of two
     /// from one page to 2 MiB (default 2 MiB), clamped to the VMA.
@@ -240,7 +240,7 @@ pub struct Mm {
     /// the write lock) and taken by exit_mmap. Held only to clone or take.
     tracker: Mutex<Option<Arc<Tracker>>>,
     /// Bytes of present pages served over budget by a failing-open handler
-    /// and not charged; repaid first by every uncharge (`tracked.rs` step 4).
+    /// and not charged; repaid first by every uncharge (`tracked/` step 4).
     pub(crate) debt: AtomicU64,
     /// The KSM seam's per-mm state (`crate::ksm`).
     pub(crate) ksm: crate::ksm::KsmMmState,
@@ -500,7 +500,7 @@ impl Mm {
     }
 
     /// exit_mmap: unregister every tracked range before the zap (see
-    /// `tracked.rs` step 8).
+    /// `tracked/` step 8).
     pub(crate) fn tracker_forget_all(&self) {
         if let Some(t) = self.tracker() {
             t.forget_all();

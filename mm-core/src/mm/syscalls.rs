@@ -46,7 +46,7 @@ impl MmUser {
             return Err(Error::Unstable { mm_id: self.id });
         }
         if opts.tracked {
-            // Registered before the VMA is published (tracked.rs step 2): no
+            // Registered before the VMA is published (tracked/ step 2): no
             // one can touch the host range unregistered. The tracker is
             // created under the write lock, so two tracked mmaps agree on it.
             let t = self.tracker_or_start()?;
@@ -223,7 +223,7 @@ impl MmUser {
         let removed = state.vmas.remove_range(addr, end);
         for vma in &removed {
             if let Some(t) = vma.region.wp_tracker() {
-                // Before the zap (tracked.rs step 2): a handler COPY racing
+                // Before the zap (tracked/ step 2): a handler COPY racing
                 // us lands before the zap, which uncharges it, or fails with
                 // ENOENT once the range is unregistered.
                 let r = vma.host_range(vma.start, vma.end);

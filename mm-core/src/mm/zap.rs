@@ -244,7 +244,7 @@ impl Zap<'_> {
     fn finish(self, res: Result<()>, start: u64, end: u64) -> Result<u64> {
         if self.wp_cleared {
             // API writers waiting for these pages' unprotect (step 7 of
-            // tracked.rs): the pages are gone, so is the protection.
+            // tracked/): the pages are gone, so is the protection.
             if let Some(t) = self.vma.region.tracker() {
                 t.wp_changed();
             }
