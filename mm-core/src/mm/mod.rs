@@ -184,6 +184,8 @@ pub enum ZapReason {
 /// no `Default` and no public constructor, so no crate outside mm-core can
 /// forge one. It remembers its mm, and every function that takes it as the
 /// proof of the lock checks that it is `self`'s ([`Error::ForeignLock`]).
+/// Only mm-core changes it: the write guard has no `DerefMut` outside the
+/// crate, so no caller can swap two mms' states behind their locks.
 ///
 /// ```compile_fail
 /// // Not constructible outside mm-core: no `Default` ...

@@ -84,7 +84,7 @@ impl MmUser {
         };
         // `ksm_add_vma`: a KSM candidate from the start under VM_MERGE_ANY.
         crate::ksm::on_new_vma(self, &vma);
-        state.vmas.insert(vma);
+        state.get_mut().vmas.insert(vma);
         Ok(addr)
     }
 
@@ -220,7 +220,7 @@ impl MmUser {
         // write lock (I-EX-1), so no reaper/ksmd reader walks a freed VMA.
         let mut state = self.lock.write().await;
         sched::point("munmap:locked").await;
-        let removed = state.vmas.remove_range(addr, end);
+        let removed = state.get_mut().vmas.remove_range(addr, end);
         for vma in &removed {
             if let Some(t) = vma.region.wp_tracker() {
                 // Before the zap (tracked/ step 2): a handler COPY racing
@@ -252,7 +252,7 @@ impl MmUser {
             let (s, e) = (v.start.max(addr), v.end.min(end));
             sys::protect(v.host_range(s, e), prot.bits()).map_err(Error::host("mprotect"))?;
         }
-        state.vmas.modify(addr, end, |v| v.prot = prot);
+        state.get_mut().vmas.modify(addr, end, |v| v.prot = prot);
         Ok(())
     }
 
@@ -285,6 +285,7 @@ impl MmUser {
             sys::lock(v.host_range(s, e), true).map_err(Error::host("mlock"))?;
         }
         state
+            .get_mut()
             .vmas
             .modify(addr, end, |v| v.flags = v.flags.with(VmFlags::LOCKED, true));
         Ok(())
@@ -301,7 +302,7 @@ impl MmUser {
             let (s, e) = (v.start.max(addr), v.end.min(end));
             sys::lock(v.host_range(s, e), false).map_err(Error::host("munlock"))?;
         }
-        state.vmas.modify(addr, end, |v| {
+        state.get_mut().vmas.modify(addr, end, |v| {
             v.flags = v.flags.with(VmFlags::LOCKED, false)
         });
         Ok(())
@@ -366,6 +367,7 @@ impl MmUser {
                     }
                 }
                 state
+                    .get_mut()
                     .vmas
                     .modify(addr, end, |v| v.flags = v.flags.with(flag, on));
                 if advice == Advice::Mergeable {
