@@ -8,7 +8,7 @@
 //! the mm's): `KsmMm::new(&mm, &state)?.merge(..)`. `mmap` and `madvise`
 //! reach the seam through one hook each (`wp::on_new_vma`,
 //! `wp::on_madvise_mergeable`); `madvise(UNMERGEABLE)` unshares through
-//! [`KsmMm::unshare`]. The per-mm state of the seam is [`KsmMmState`].
+//! [`KsmMm::unshare`]. The per-mm state of the seam is `KsmMmState`.
 //!
 //! Files: `merge.rs` (snapshot, merge, zero page), `unshare.rs` (break the
 //! sharing, give back charges), `wp.rs` (write-protect registration of

@@ -83,7 +83,7 @@ pub(crate) fn register_wp(mm: &MmUser, vma: &Vma) -> bool {
 
 /// `VM_MERGE_ANY` was just set (mm-ksm's `set_merge_any`): registers
 /// every untracked VMA that KSM may now merge, as `madvise(MERGEABLE)`
-/// does for its range (see [`register_wp`]). Takes the write lock.
+/// does for its range (see `register_wp`). Takes the write lock.
 /// Returns how many VMAs cannot be merged for lack of write-protect.
 pub async fn prepare_all(mm: &MmUser) -> Result<u64> {
     let state = mm.lock().write().await;
