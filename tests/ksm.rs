@@ -99,7 +99,11 @@ fn untracked_guest(
     }
     k.madvise_blocking(&mm, addr, pages * PAGE, Advice::Mergeable)
         .unwrap();
-    assert_eq!(mm.ksm_wp_failures(), 0, "no userfaultfd write-protect here");
+    assert_eq!(
+        mm_core::ksm::wp_failures(&mm),
+        0,
+        "no userfaultfd write-protect here"
+    );
     (mm, addr)
 }
 
@@ -498,7 +502,7 @@ fn test_bad_input_is_an_error() {
         k.scan_step_blocking();
     }
     assert_eq!(k.stats().pages_sharing, 2, "{:?}", k.stats());
-    assert_eq!(mm.ksm_wp_failures(), 0);
+    assert_eq!(mm_core::ksm::wp_failures(&mm), 0);
     assert!(mm.compare_blocking(addr, &[9u8; 4 * PAGE_SIZE]).unwrap());
 }
 

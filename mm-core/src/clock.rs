@@ -15,7 +15,7 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use crate::mm::BoxFuture;
+use crate::types::BoxFuture;
 
 /// A source of time and sleeps.
 pub trait Clock: Send + Sync + std::fmt::Debug {

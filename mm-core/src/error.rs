@@ -124,7 +124,7 @@ pub enum Error {
         addr: u64,
     },
     /// The userfaultfd handler of this mm died; its tracked regions were
-    /// degraded to untracked (see `tracked.rs`, step 9).
+    /// degraded to untracked (see `tracked/`, step 9).
     #[error("the userfaultfd handler of address space {mm_id} died")]
     TrackerDead {
         /// Id of the address space.
@@ -142,6 +142,14 @@ pub enum Error {
     InvalidArgument {
         /// What was wrong.
         what: &'static str,
+    },
+    /// A lock proof (`&MmState`) of one mm was passed to another mm.
+    #[error("mm {mm_id}: the mmap lock passed belongs to mm {lock_mm_id}")]
+    ForeignLock {
+        /// The mm operated on.
+        mm_id: u64,
+        /// The mm whose lock guard the state came from.
+        lock_mm_id: u64,
     },
     /// The running kernel does not offer a feature this call needs.
     #[error("not supported by this kernel: {what}")]

@@ -63,7 +63,7 @@ impl Mm {
             self.lock().write().await
         } else {
             // 5a. Tracked regions leave the userfaultfd before the zap
-            //     (tracked.rs step 8): nobody may touch them any more
+            //     (tracked/ step 8): nobody may touch them any more
             //     (users == 0), and a zap must not wait for the handler to
             //     read its REMOVE message when this teardown runs on the
             //     handler thread itself (an OOM kill from its pressure path).
@@ -95,14 +95,14 @@ impl Mm {
 
         // 9. free_pgtables: only under the write lock (I-EX-1); nodes go to
         //    the epoch collector, so even a lockless sampler is safe.
-        let freed_nodes = self.page_table().free_pgtables(&mut *state);
+        let freed_nodes = self.page_table().free_pgtables(state.get_mut());
         sched::point("exit_mmap:after_free_pgtables").await;
 
         // 10 + 11. Remove every VMA and leave the tree empty, still under
         //    the write lock: a reader after step 12 sees zero VMAs
         //    (I-EX-1, the 2022 `mm->mmap = NULL` fix). Dropping the last VMA
         //    of a host region unmaps it.
-        let vmas = Mm::state_take_all(&mut state);
+        let vmas = Mm::state_take_all(state.get_mut());
         for v in &vmas {
             v.region.mark_removed();
         }

@@ -1,127 +1,28 @@
 //! `Host`: the registry of guests, the byte budget they share (a memcg
-//! analogue), and the pressure path that runs reclaim plug-ins.
+//! analogue), and the pressure path that runs reclaim plug-ins. Top layer
+//! (see the layer diagram in `lib.rs`).
 //!
 //! Charging happens in the fault path (first touch of a page through the
 //! access API, `mlock`); uncharging in every zap (DONTNEED, munmap, the
 //! reaper, teardown). When a charge does not fit, the fault path drops all
-//! its locks and calls [`pressure`], which runs the [`Reclaim`] plug-ins in
-//! order (a KSM pass, a balloon, then the OOM killer that mm-reaper installs
-//! as the last plug-in) and retries a bounded number of times.
+//! its locks and calls its mm's injected pressure hook, which for an mm of
+//! this host is [`HostPressure`]: `pressure` runs the [`Reclaim`] plug-ins
+//! in order (a KSM pass, a balloon), then the OOM killer directly
+//! (`Host::out_of_memory` in `oom.rs`; mm-reaper only reaps the victims it
+//! is handed), then waits a bounded time (`HostConfig::oom_wait`) for the
+//! victim's memory to come back.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
+use crate::budget::Budget;
 use crate::clock::{Clock, SystemClock};
 use crate::error::{Error, Result};
 use crate::flags::MmFlag;
-use crate::mm::{BoxFuture, Mm, MmConfig, MmGrab, MmUser};
+use crate::mm::{Mm, MmConfig, MmGrab, MmUser};
 use crate::sched;
-
-/// Shared byte budget. Counters only grow and shrink by what was really
-/// populated / freed; they never go negative (checked on every uncharge).
-#[derive(Debug)]
-pub struct Budget {
-    limit: AtomicU64,
-    charged: AtomicU64,
-    peak: AtomicU64,
-    failures: AtomicU64,
-}
-
-/// A charge that did not fit.
-#[derive(Debug, Clone, Copy)]
-pub struct OverBudget {
-    /// Bytes asked for.
-    pub requested: u64,
-    /// Bytes charged at the time.
-    pub charged: u64,
-    /// The limit.
-    pub budget: u64,
-}
-
-impl OverBudget {
-    pub(crate) fn into_error(self) -> Error {
-        Error::OutOfMemory {
-            requested: self.requested,
-            charged: self.charged,
-            budget: self.budget,
-        }
-    }
-}
-
-impl Budget {
-    fn new(limit: u64) -> Self {
-        Budget {
-            limit: AtomicU64::new(limit),
-            charged: AtomicU64::new(0),
-            peak: AtomicU64::new(0),
-            failures: AtomicU64::new(0),
-        }
-    }
-
-    /// Charges `bytes` if they fit under the limit.
-    pub fn try_charge(&self, bytes: u64) -> std::result::Result<(), OverBudget> {
-        let limit = self.limit.load(Ordering::Relaxed);
-        let mut cur = self.charged.load(Ordering::Relaxed);
-        // An allocation failure injected by the race harness: the same
-        // refusal as a charge over the limit.
-        if crate::sched::fail("fail:charge") {
-            self.failures.fetch_add(1, Ordering::Relaxed);
-            return Err(OverBudget {
-                requested: bytes,
-                charged: cur,
-                budget: limit,
-            });
-        }
-        loop {
-            let new = cur.saturating_add(bytes);
-            if new > limit {
-                self.failures.fetch_add(1, Ordering::Relaxed);
-                return Err(OverBudget {
-                    requested: bytes,
-                    charged: cur,
-                    budget: limit,
-                });
-            }
-            // Relaxed: the budget is a counter, not a publication; the pages
-            // it stands for are published by the page locks.
-            match self
-                .charged
-                .compare_exchange_weak(cur, new, Ordering::Relaxed, Ordering::Relaxed)
-            {
-                Ok(_) => {
-                    self.peak.fetch_max(new, Ordering::Relaxed);
-                    return Ok(());
-                }
-                Err(c) => cur = c,
-            }
-        }
-    }
-
-    /// Returns `bytes` to the budget.
-    pub fn uncharge(&self, bytes: u64) {
-        let prev = self.charged.fetch_sub(bytes, Ordering::Relaxed);
-        if prev < bytes {
-            // Never negative: repair and report (a double uncharge is a bug).
-            self.charged.fetch_add(bytes - prev, Ordering::Relaxed);
-            tracing::error!(target: "mm_core::host", prev, bytes, "budget uncharged below zero");
-            debug_assert!(
-                std::thread::panicking(),
-                "budget underflow: {prev} - {bytes}"
-            );
-        }
-    }
-
-    /// Bytes charged now.
-    pub fn charged(&self) -> u64 {
-        self.charged.load(Ordering::Relaxed)
-    }
-
-    /// The limit.
-    pub fn limit(&self) -> u64 {
-        self.limit.load(Ordering::Relaxed)
-    }
-}
+use crate::types::{BoxFuture, Pressure};
 
 /// A way to free memory under pressure, run in registration order before
 /// the next one (a KSM pass, a balloon, finally the OOM killer).
@@ -240,7 +141,7 @@ impl Host {
             id,
             name.to_owned(),
             self.inner.budget.clone(),
-            Arc::downgrade(&self.inner),
+            Arc::new(HostPressure(Arc::downgrade(&self.inner))),
             self.inner.config.mm,
         )
     }
@@ -326,12 +227,27 @@ impl Host {
     }
 }
 
+/// The host's pressure path as the middle layer sees it: a weak handle
+/// (an mm must not keep its host alive; the host's guests own the mms).
+struct HostPressure(Weak<HostInner>);
+
+impl Pressure for HostPressure {
+    fn relieve(&self, bytes: u64, requester: Option<u64>) -> BoxFuture<'_, bool> {
+        Box::pin(async move {
+            match self.0.upgrade() {
+                Some(h) => pressure(&h, bytes, requester).await,
+                None => false,
+            }
+        })
+    }
+}
+
 /// The pressure path, called by the fault path with no lock held: the
 /// reclaim plug-ins, then the OOM killer, then a bounded wait for the
 /// victim's memory to come back (`Host::oom_wait` in total). `requester` is
 /// the mm whose task allocates (`None`: a host thread, such as KSM's
 /// unmerge). Returns true when the caller should retry its charge.
-pub(crate) async fn pressure(inner: &Arc<HostInner>, bytes: u64, requester: Option<u64>) -> bool {
+async fn pressure(inner: &Arc<HostInner>, bytes: u64, requester: Option<u64>) -> bool {
     use crate::oom::OomOutcome;
     tracing::debug!(target: "mm_core::host", mm_id = requester, bytes, "memory pressure");
     let host = Host::from_inner(inner.clone());

@@ -10,6 +10,46 @@
 //! `fallocate(PUNCH_HOLE)`, and the whole space is torn down by `exit_mmap`
 //! exactly as the current Linux kernel does it (see `exit.rs`).
 //!
+//! # Layers
+//!
+//! Three layers; a module imports only modules of its own layer or below
+//! (check: `grep -rn "use crate::" mm-core/src`). The middle layer never
+//! names the host: the pressure path reaches it as the injected
+//! `Pressure` (`types.rs`) hook (`Arc<dyn Pressure>` in every [`Mm`], given by
+//! [`Host::new_mm`]). The mmap lock guard is the capability: functions that
+//! need the lock take `&MmState`, which only a guard of that mm's
+//! [`MmapLock`] derefs to ([`Error::ForeignLock`] for another mm's).
+//!
+//! ```text
+//! top     host.rs      Host, Guest, reclaim plug-ins, the pressure path
+//!                      (implements types::Pressure for every mm it creates)
+//!         oom.rs       the OOM killer (select, kill, queue the reaper)
+//! ------------------------------------------------------------------------
+//! middle  exit.rs      exit_mmap, step by step
+//!         ksm/         the KSM seam (ksm_add_vma / break_ksm): KsmMm,
+//!                      StableStore, merge/snapshot/zero, unshare, WP hooks
+//!         mm/          Mm + config (mod), refs (MmUser/MmGrab/MmWatch),
+//!                      fault, zap, syscalls, blocking, notifier
+//!         tracked/     userfaultfd regions: registry (mod), handler,
+//!                      fault, wp, tests
+//!         vma.rs       VMAs, the tree, host regions
+//! ------------------------------------------------------------------------
+//! bottom  types.rs     BoxFuture, the Pressure hook trait
+//!         budget.rs    Budget, OverBudget
+//!         mmap_lock.rs the async mmap lock (guards deref to MmState)
+//!         pgtable.rs   4-level page table, PTE locks
+//!         sys.rs       host syscalls (all the raw-memory unsafe)
+//!         uffd.rs      userfaultfd backend
+//!         clock.rs flags.rs error.rs sched.rs procfs.rs
+//! ```
+//!
+//! Inside the middle layer the edges are: mm → vma, tracked (an mm owns its
+//! tracker), tracked → mm (the handler resolves faults on the mm it holds
+//! weakly), vma → tracked (a region holds the tracker it is registered
+//! with), ksm → mm, vma, tracked, and mm → ksm only at the seam
+//! (`ksm::on_new_vma` from mmap, `ksm::on_madvise_mergeable` and
+//! `KsmMm::unshare` from madvise), exit → mm.
+//!
 //! # Lock order
 //!
 //! Outer to inner; each line names who takes the lock.
@@ -18,7 +58,7 @@
 //! ksm scanner mutex            mm-ksm: ksmd per batch, run=unmerge.  Never by ksm_exit
 //!                              (seed 3), never by exit_mmap, never by the reaper.
 //!                              run=unmerge runs the pressure path (OOM kill + wait) under
-//!                              it, holding no mmap lock (`Mm::ksm_reserve`): safe only
+//!                              it, holding no mmap lock (`Mm::reserve`): safe only
 //!                              because no exit path takes this mutex (I-KSM-1).
 //!   Mm::mmap_lock (read)       access/fault path, madvise(DONTNEED), exit_mmap steps 2-6,
 //!                              reaper + mrelease (try_read / killable read), ksmd.
@@ -28,7 +68,7 @@
 //!                              ksmd releases the mmap lock BEFORE this one when the slot
 //!                              stays listed (after the unlock ksm_exit may free the mm).
 //!     PTE page locks           fault path (populate + copy), zap_range, ksmd's merge
-//!                              (merge.rs). Taken in ascending page order, never held
+//!                              (ksm/merge.rs). Taken in ascending page order, never held
 //!                              across an await or a syscall other than the madvise /
 //!                              mprotect / mmap(MAP_FIXED) / uffd WP+WAKE / pwrite / pread
 //!                              of the pages they cover (the mmap of a merge waits for the
@@ -73,12 +113,13 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod budget;
 mod clock;
 mod error;
 mod exit;
 mod flags;
 mod host;
-mod merge;
+pub mod ksm;
 mod mm;
 pub mod mmap_lock;
 mod oom;
@@ -87,23 +128,26 @@ pub mod procfs;
 pub mod sched;
 mod sys;
 mod tracked;
+mod types;
 mod uffd;
 mod vma;
 
+pub use budget::{Budget, OverBudget};
 pub use clock::{Clock, SystemClock};
 pub use error::{Access, Error, Result};
 pub use flags::{MmFlag, MmFlags};
-pub use host::{Budget, Guest, Host, HostConfig, HostStats, OverBudget, Reclaim};
-pub use merge::{KsmMerge, KsmPage, StableStore};
+pub use host::{Guest, Host, HostConfig, HostStats, Reclaim};
+pub use ksm::{KsmMerge, KsmMm, KsmPage, MergeRun, StableStore};
 pub use mm::{
-    Advice, BoxFuture, ExitHook, MapKind, MapOptions, Mm, MmConfig, MmGrab, MmNotifier, MmState,
-    MmUser, MmWatch, WouldBlock, ZapReason,
+    Advice, ExitHook, MapKind, MapOptions, Mm, MmConfig, MmGrab, MmNotifier, MmState, MmUser,
+    MmWatch, WouldBlock, ZapReason,
 };
 pub use mmap_lock::{MmapLock, MmapReadGuard, MmapWriteGuard};
 pub use oom::{Kill, OomOutcome, OomReaperQueue, OomStats};
 pub use procfs::ProcessMemory;
 pub use sys::{HUGE_PAGE_SIZE, PAGE_SIZE};
 pub use tracked::{TrackedStats, DEFAULT_FAULT_AROUND, PRESSURE_ROUNDS};
+pub use types::BoxFuture;
 pub use vma::{Prot, VmFlags, Vma, VmaTree};
 
 #[cfg(test)]

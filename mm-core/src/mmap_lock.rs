@@ -15,7 +15,7 @@
 //! actors on one thread, and a guard held across an unrelated await would only
 //! make the deadlock detector fire.
 
-use std::ops::{Deref, DerefMut};
+use std::ops::Deref;
 
 use async_lock::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -136,8 +136,12 @@ impl<T> Deref for MmapWriteGuard<'_, T> {
     }
 }
 
-impl<T> DerefMut for MmapWriteGuard<'_, T> {
-    fn deref_mut(&mut self) -> &mut T {
+impl<T> MmapWriteGuard<'_, T> {
+    /// The guarded value, mutably: only mm-core changes what the lock
+    /// guards (for an mm, its `MmState`). Not `DerefMut`: a caller outside
+    /// mm-core holding two write guards could otherwise swap two mms'
+    /// states, and the lock proof would no longer say which tree it guards.
+    pub(crate) fn get_mut(&mut self) -> &mut T {
         &mut self.guard
     }
 }
@@ -154,7 +158,7 @@ mod tests {
         let l2 = lock.clone();
         let writer = std::thread::spawn(move || {
             let mut w = l2.write_blocking();
-            *w += 1;
+            *w.get_mut() += 1;
         });
         // Wait until the writer is queued: try_read then fails although only
         // a reader holds the lock (writer preference).
@@ -179,7 +183,7 @@ mod tests {
     fn test_downgrade_keeps_writers_out() {
         let lock = MmapLock::new(1u32);
         let mut w = block_on(lock.write());
-        *w = 2;
+        *w.get_mut() = 2;
         let r = MmapWriteGuard::downgrade(w);
         assert!(lock.try_write().is_none());
         assert!(lock.try_read().is_some());

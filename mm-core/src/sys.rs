@@ -344,7 +344,7 @@ pub(crate) fn resident_pages(r: HostRange) -> io::Result<usize> {
 }
 
 // ---------------------------------------------------------------------------
-// KSM merging (merge.rs): the stable-page memfd, remapping guest pages onto
+// KSM merging (ksm/): the stable-page memfd, remapping guest pages onto
 // it, and reading the kernel's view of a page (pagemap).
 
 /// Creates a memfd of `len` bytes (sparse: no memory until written).

@@ -501,26 +501,81 @@ fn test_ksm_calls_with_bad_arguments_are_errors() {
         .unwrap();
     mm.fill_blocking(a, 4 * PAGE_SIZE as u64, 1).unwrap();
     let state = block_on(mm.lock().read());
+    let ksm = KsmMm::new(&mm, &state).unwrap();
     let want = [true; 2];
     let mut buf = vec![0u8; 2 * PAGE_SIZE];
     let mut out = [KsmPage::Absent; 2];
     assert!(matches!(
-        mm.ksm_snapshot(&state, a + 1, &want, &mut buf, &mut out),
+        ksm.snapshot(a + 1, &want, &mut buf, &mut out),
         Err(Error::Unaligned { .. })
     ));
     assert!(matches!(
-        mm.ksm_snapshot(&state, a, &want, &mut buf[..PAGE_SIZE], &mut out),
+        ksm.snapshot(a, &want, &mut buf[..PAGE_SIZE], &mut out),
         Err(Error::InvalidArgument { .. })
     ));
     // A run crossing a 2 MiB leaf boundary.
     let leaf = 512 * PAGE_SIZE as u64;
     let across = (a / leaf + 1) * leaf - PAGE_SIZE as u64;
     assert!(matches!(
-        mm.ksm_snapshot(&state, across, &want, &mut buf, &mut out),
+        ksm.snapshot(across, &want, &mut buf, &mut out),
         Err(Error::InvalidArgument { .. })
     ));
-    assert!(mm
-        .ksm_snapshot(&state, a, &want, &mut buf, &mut out)
-        .is_ok());
+    assert!(ksm.snapshot(a, &want, &mut buf, &mut out).is_ok());
     assert_eq!(out, [KsmPage::Private; 2]);
+}
+
+/// A guard of one mm's lock is no proof for another mm: the lock-taking
+/// entry points refuse it with `ForeignLock` instead of acting unlocked.
+#[test]
+fn test_lock_of_another_mm_is_refused() {
+    let host = host();
+    let a = host.new_mm("lock-a");
+    let b = host.new_mm("lock-b");
+    let addr = a.mmap_blocking(MapOptions::anon(1 << 20)).unwrap();
+    a.fill_blocking(addr, PAGE_SIZE as u64, 7).unwrap();
+    b.mmap_blocking(MapOptions::anon(1 << 20)).unwrap();
+    let sa = block_on(a.lock().read());
+    let sb = block_on(b.lock().read());
+    assert_eq!(sa.mm_id(), a.id());
+    let vma = sa.vmas().find(addr).unwrap().clone();
+    let zap = (*a).zap_range(
+        &sb,
+        &vma,
+        addr,
+        addr + PAGE_SIZE as u64,
+        ZapReason::DontNeed,
+    );
+    assert!(matches!(zap, Err(Error::ForeignLock { .. })), "{zap:?}");
+    assert!(matches!(
+        (*a).resident_bytes(&sb),
+        Err(Error::ForeignLock { .. })
+    ));
+    assert!(matches!(
+        KsmMm::new(&a, &sb),
+        Err(Error::ForeignLock { .. })
+    ));
+    // A range outside the VMA the caller names is refused, not zapped.
+    assert!(matches!(
+        (*a).zap_range(
+            &sa,
+            &vma,
+            addr + (2 << 20),
+            addr + (3 << 20),
+            ZapReason::DontNeed
+        ),
+        Err(Error::InvalidArgument { .. })
+    ));
+    // With its own lock the zap works and frees the page.
+    assert_eq!(
+        (*a).zap_range(
+            &sa,
+            &vma,
+            addr,
+            addr + PAGE_SIZE as u64,
+            ZapReason::DontNeed
+        )
+        .unwrap(),
+        1
+    );
+    drop((sa, sb));
 }

@@ -159,7 +159,7 @@ pub(crate) struct HostRegion {
     /// Set once when an untracked mapping is registered with the mm's
     /// userfaultfd for **write-protect only** (no MISSING: first touches
     /// stay the kernel's), so that KSM can merge its pages
-    /// (`merge.rs`). Never set together with `tracked`.
+    /// (`ksm/`). Never set together with `tracked`.
     ksm_wp: std::sync::OnceLock<Arc<Tracker>>,
 }
 
@@ -571,6 +571,37 @@ impl VmaTree {
                 }
             }
             prev = Some(v);
+        }
+        Ok(())
+    }
+}
+
+impl Vma {
+    /// Maps anonymous memory back over guest `[s, e)` of `vma` (a zap of merged
+    /// pages) and registers it again with the tracker of a tracked region.
+    pub(crate) fn restore_anon(&self, s: u64, e: u64) -> Result<()> {
+        let r = self.host_range(s, e);
+        let map = || {
+            sys::map_anon_fixed(r, self.prot.bits()).map_err(Error::host("mmap(MAP_FIXED anon)"))
+        };
+        let full = self.region.tracker().is_some();
+        match self.region.wp_tracker() {
+            Some(t) => {
+                // The merged range may be registered (write-protect only): our
+                // own replacement, whose UNMAP message the handler ignores.
+                let (hs, he) = (r.ptr() as usize, r.ptr() as usize + r.len());
+                t.self_zap(hs, he, map)?;
+                if !t.is_dead() {
+                    // The new mapping is not registered: as the region was
+                    // (tracked: MISSING + WP; untracked: WP only).
+                    if full {
+                        t.register(r)?;
+                    } else {
+                        t.register_wp_anon(r)?;
+                    }
+                }
+            }
+            None => map()?,
         }
         Ok(())
     }

@@ -4,7 +4,7 @@
 //! zeroed memory) are merged onto one **stable page**, and the host really
 //! frees the copies: the stable pages live in a memfd, and a merge maps the
 //! stable page over the guest page with `MAP_FIXED | MAP_PRIVATE` inside a
-//! userfaultfd write-protect window (mm-core's `merge.rs` has the mechanism
+//! userfaultfd write-protect window (mm-core's `ksm` module has the mechanism
 //! and its race diagram). A later write by anyone (vCPU, JIT code, the copy
 //! API) is copy-on-write in the kernel. Savings show in PSS, not RSS.
 //!
@@ -14,7 +14,7 @@
 //! [`Ksm::set_merge_any`]); pages the embedder touched through the host
 //! pointer are found with pagemap and, never having been charged, are not
 //! uncharged by their merge. Without userfaultfd write-protect such a VMA is
-//! registered but never merged (`Mm::ksm_wp_failures`, a `warn` event).
+//! registered but never merged (`mm_core::ksm::wp_failures`, a `warn` event).
 //! THP, shared, mlocked and pinned VMAs never merge.
 //!
 //! # Overview (mm/ksm.c `DOC: Overview`, adapted)
@@ -116,7 +116,7 @@ use std::time::Duration;
 use dashmap::DashMap;
 use event_listener::Event;
 use futures_lite::future;
-use mm_core::{sched, Advice, Clock, MmFlag, MmUser, StableStore, SystemClock, VmFlags};
+use mm_core::{sched, Advice, Clock, KsmMm, MmFlag, MmUser, StableStore, SystemClock, VmFlags};
 
 pub use error::{Error, Result};
 pub use stats::{KsmProcessStat, KsmStats};
@@ -292,9 +292,9 @@ impl Ksm {
         if on {
             mm.flags().set(MmFlag::VM_MERGE_ANY);
             // Untracked VMAs need their write-protect registration before
-            // they can merge (mm-core `ksm_prepare_all`; later mmaps get it
+            // they can merge (mm-core `ksm::prepare_all`; later mmaps get it
             // at creation while the flag is set).
-            let failed = match mm.ksm_prepare_all().await {
+            let failed = match mm_core::ksm::prepare_all(mm).await {
                 Ok(f) => f,
                 Err(e) => {
                     // Not entered: leave no flag that says otherwise.
@@ -312,7 +312,8 @@ impl Ksm {
         sched::point("ksm_merge_any:read_locked").await;
         for v in state.vmas().iter() {
             if !v.flags().contains(VmFlags::MERGEABLE) {
-                mm.ksm_unshare(&state, v.start(), v.len())
+                KsmMm::new(mm, &state)
+                    .and_then(|ksm| ksm.unshare(v.start(), v.len()))
                     .map_err(Error::mm(mm.id()))?;
             }
         }

@@ -48,7 +48,10 @@ pub(super) async fn scan_chunk(
     let mut buf = std::mem::take(&mut cx.sc.buf);
     buf.resize(n * PAGE_SIZE, 0);
     let mut out = vec![KsmPage::Absent; n];
-    if let Err(e) = cx.mm.ksm_snapshot(cx.state, a.0, &want, &mut buf, &mut out) {
+    if let Err(e) = cx
+        .ksm()
+        .and_then(|k| k.snapshot(a.0, &want, &mut buf, &mut out))
+    {
         tracing::warn!(target: "mm_ksm", mm_id = cx.mm.id(), addr = a.0, error = %e, "snapshot failed");
         cx.sc.buf = buf;
         return;
@@ -133,7 +136,7 @@ fn note_page(cx: &mut MmCtx<'_>, addr: GuestAddr, page: KsmPage) {
                 // only dropped after an unshare): unshare rather than
                 // leave a mapping the stable tree does not count.
                 debug_assert!(false, "unrecorded merged page {:#x}", addr.0);
-                let _ = cx.mm.ksm_unshare(cx.state, addr.0, PAGE);
+                let _ = cx.ksm().and_then(|k| k.unshare(addr.0, PAGE));
             }
         }
         KsmPage::Private => unreachable!("classified by classify_private"),

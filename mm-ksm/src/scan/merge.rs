@@ -3,7 +3,7 @@
 //! under the read lock of the mm it merges in, after its `users == 0`
 //! check.
 
-use mm_core::{sched, KsmMerge};
+use mm_core::{sched, KsmMerge, MergeRun};
 
 use super::classify::Class;
 use super::{publish_slot, MmCtx, Scanner};
@@ -80,7 +80,7 @@ fn map_limit(cx: &mut MmCtx<'_>) {
 
 /// Discards `n` all-zero pages from `addr` (`use_zero_pages`).
 fn merge_zero(cx: &mut MmCtx<'_>, addr: GuestAddr, n: PageCount) {
-    match cx.mm.ksm_zero(cx.state, addr.0, n.0) {
+    match cx.ksm().and_then(|k| k.zero(addr.0, n.0)) {
         Ok(KsmMerge::Merged) => {
             for k in 0..n.0 {
                 let it = cx.items.map.entry(addr.add_pages(k)).or_default();
@@ -107,15 +107,14 @@ fn merge_stable(cx: &mut MmCtx<'_>, addr: GuestAddr, n: PageCount, first: Stable
     }
     let mm = cx.mm;
     let mut charged = vec![false; n.0 as usize];
-    match mm.ksm_merge(
-        cx.state,
-        addr.0,
-        n.0,
-        &cx.inner.store,
-        first.0,
-        false,
-        &mut charged,
-    ) {
+    let run = MergeRun {
+        addr: addr.0,
+        n: n.0,
+        store: &cx.inner.store,
+        first: first.0,
+        fill: false,
+    };
+    match cx.ksm().and_then(|k| k.merge(run, &mut charged)) {
         Ok(KsmMerge::Merged) => {
             // Budget: a charged page's charge moves to a stable page that
             // has none yet (it was filled by a never-charged page), else it
@@ -134,7 +133,9 @@ fn merge_stable(cx: &mut MmCtx<'_>, addr: GuestAddr, n: PageCount, first: Stable
                     _ => give_back += 1,
                 }
             }
-            mm.ksm_uncharge(give_back);
+            if let Ok(k) = cx.ksm() {
+                k.uncharge(give_back);
+            }
             tracing::trace!(target: "mm_ksm::ksm_merge_with_ksm_page", mm_id = mm.id(), addr = addr.0, pages = n.0, stable = first.0, "ksm_merge_with_ksm_page");
         }
         Ok(KsmMerge::Changed) if n.0 > 1 => {
@@ -169,15 +170,14 @@ fn merge_new(cx: &mut MmCtx<'_>, addr: GuestAddr, sums: &[u64]) -> Option<Stable
         }
     };
     let mut charged = vec![false; n as usize];
-    match mm.ksm_merge(
-        cx.state,
-        addr.0,
+    let run = MergeRun {
+        addr: addr.0,
         n,
-        &inner.store,
-        first.0,
-        true,
-        &mut charged,
-    ) {
+        store: &inner.store,
+        first: first.0,
+        fill: true,
+    };
+    match cx.ksm().and_then(|k| k.merge(run, &mut charged)) {
         Ok(KsmMerge::Merged) => {
             for (k, sum) in sums.iter().enumerate() {
                 // The filling page's charge (if it had one) moves to the

@@ -21,7 +21,7 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 
-use mm_core::{sched, Mm, MmFlag, MmState, PAGE_SIZE};
+use mm_core::{sched, KsmMm, Mm, MmFlag, MmState, PAGE_SIZE};
 use xxhash_rust::xxh3::xxh3_64;
 
 use self::merge::Pending;
@@ -68,6 +68,15 @@ struct MmCtx<'a> {
     mm: &'a Mm,
     state: &'a MmState,
     items: &'a mut SlotItems,
+}
+
+impl MmCtx<'_> {
+    /// mm-core's KSM mechanism for this mm, under the lock whose state
+    /// the visit holds (`ForeignLock` cannot happen: both come from the
+    /// same slot).
+    fn ksm(&self) -> mm_core::Result<KsmMm<'_>> {
+        KsmMm::new(self.mm, self.state)
+    }
 }
 
 /// What one visit of an mm did.

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use mm_core::{Budget, Mm, MmState};
+use mm_core::{Budget, KsmMm, Mm, MmState};
 
 use super::Scanner;
 use crate::types::{GuestAddr, MmId, StableId, PAGE};
@@ -186,7 +186,7 @@ impl Scanner {
         for k in keys {
             let it = items.map[&k];
             if it.stable.is_some() {
-                if let Err(e) = mm.ksm_unshare(state, k.0, PAGE) {
+                if let Err(e) = KsmMm::new(mm, state).and_then(|ksm| ksm.unshare(k.0, PAGE)) {
                     // Keep the item (and the mapper): freeing the stable
                     // page under a mapping would lose its contents.
                     tracing::warn!(target: "mm_ksm", mm_id = mm.id(), addr = k.0, error = %e, "unshare failed");

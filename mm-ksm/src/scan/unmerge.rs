@@ -6,7 +6,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use mm_core::{sched, MmFlag};
+use mm_core::{sched, KsmMm, MmFlag};
 
 use super::{publish, publish_slot, Scanner};
 use crate::slots::{lock, Slot};
@@ -56,7 +56,7 @@ async fn unmerge_slot(inner: &Inner, sc: &mut Scanner, slot: Arc<Slot>) -> Resul
     // victim's write-lock barrier either.
     let merging = sc.items.get(&id).map_or(0, |it| it.merging);
     slot.mm
-        .ksm_reserve(merging * PAGE)
+        .reserve(merging * PAGE)
         .await
         .map_err(Error::mm(id.0))?;
     let state = slot.mm.lock().read().await;
@@ -67,7 +67,7 @@ async fn unmerge_slot(inner: &Inner, sc: &mut Scanner, slot: Arc<Slot>) -> Resul
     if alive {
         let ranges: Vec<(u64, u64)> = state.vmas().iter().map(|v| (v.start(), v.len())).collect();
         for (s, len) in ranges {
-            if let Err(source) = slot.mm.ksm_unshare(&state, s, len) {
+            if let Err(source) = KsmMm::new(&slot.mm, &state).and_then(|k| k.unshare(s, len)) {
                 publish_slot(&slot, &items);
                 sc.items.insert(id, items);
                 drop(state);

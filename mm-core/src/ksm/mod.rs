@@ -1,0 +1,351 @@
+//! The KSM seam: the mm side of page merging for a KSM scanner (`mm-ksm`),
+//! the analogue of the kernel's `ksm_add_vma` / `break_ksm` hooks. The host
+//! side of a merge lives here, so that a merge frees real host memory and
+//! the scanner itself needs no `unsafe`.
+//!
+//! A scanner reaches an mm's pages only through [`KsmMm`], built from the
+//! mm and a guard of **its** mmap lock ([`KsmMm::new`] checks the state is
+//! the mm's): `KsmMm::new(&mm, &state)?.merge(..)`. `mmap` and `madvise`
+//! reach the seam through one hook each (`wp::on_new_vma`,
+//! `wp::on_madvise_mergeable`); `madvise(UNMERGEABLE)` unshares through
+//! [`KsmMm::unshare`]. The per-mm state of the seam is `KsmMmState`.
+//!
+//! Files: `merge.rs` (snapshot, merge, zero page), `unshare.rs` (break the
+//! sharing, give back charges), `wp.rs` (write-protect registration of
+//! mergeable VMAs, [`Vma::ksm_capable`]).
+//!
+//! # The mechanism
+//!
+//! Stable pages live in one memfd per scanner, the [`StableStore`]. A merge
+//! of guest pages onto stable pages:
+//!
+//! 1. locks the PTEs of the run (ascending; excludes the access API and
+//!    zaps) and checks each page is still present and private;
+//! 2. write-protects the run with userfaultfd (a tracked region, or an
+//!    untracked one registered for write-protect only when it became
+//!    mergeable, see `MmUser::madvise`): from here a direct writer (vCPU,
+//!    JIT code) blocks in its fault;
+//! 3. compares the run with the stable pages (or, for a new stable run,
+//!    writes it into them): the contents cannot change inside the window;
+//! 4. maps the stable pages over the run with `MAP_FIXED | MAP_PRIVATE`,
+//!    announced as our own zap so the handler ignores the `UNMAP` message.
+//!    The kernel frees the old anonymous pages; a later write by anyone is
+//!    copy-on-write into a fresh private page;
+//! 5. populates the mapping for reads (`MADV_POPULATE_READ`: the guest
+//!    really maps the shared page, and PSS shows it), wakes the writers
+//!    blocked at 2 (they refault on the new mapping and copy), and sets the
+//!    PTEs to `KSM | FILEMAP | stable id`, not `PRESENT`. The caller gets
+//!    which pages were charged (PTE `PRESENT`; a page an embedder touched
+//!    through the host pointer of an untracked region never was) and moves
+//!    or gives back exactly those charges: each stable page is charged at
+//!    most once.
+//!
+//! ```text
+//!   ksmd (ksm_merge)                    | vCPU
+//!   lock PTEs; present + private?       |
+//!   UFFDIO_WRITEPROTECT                 |
+//!   compare with the stable page: equal | write -> WP fault, blocks
+//!   mmap(MAP_FIXED|MAP_PRIVATE, memfd)  |
+//!   UFFDIO_WAKE                         | refault: CoW of the stable page,
+//!   PTE = KSM | id; unlock              |   the write lands in its own copy
+//! ```
+//!
+//! Without step 2 the write could land in the old page between the compare
+//! and the remap, and be lost with it.
+//!
+//! Breaking the sharing: the access API's writes copy (and charge) in the
+//! fault path; direct writes are found by [`KsmMm::snapshot`] through
+//! `/proc/self/pagemap` (the page is anonymous again) and charged there. A
+//! zap of merged pages (`DONTNEED`, the reaper) maps anonymous memory back,
+//! since `DONTNEED` on a private file mapping would expose the stable page
+//! again instead of zeros. Stable pages are never reused at the same memfd
+//! offset (the offsets only grow), so a stale private file mapping can only
+//! ever read a hole (zeros; shmem allocates a page there, uncharged, see
+//! DESIGN-NOTES.md), never another guest's data.
+
+mod merge;
+mod unshare;
+mod wp;
+
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::error::{Error, Result};
+use crate::mm::{Mm, MmState};
+use crate::pgtable::{pte_lock, pte_unlock, Leaf, Pte, PAGES_PER_LEAF};
+use crate::sched;
+use crate::sys::{self, pagemap, PAGE_SIZE};
+use crate::vma::{VmFlags, Vma};
+
+pub use wp::prepare_all;
+pub(crate) use wp::{on_madvise_mergeable, on_new_vma};
+
+const PAGE: u64 = PAGE_SIZE as u64;
+/// Offsets of the store (in pages). The memfd is sparse; offsets are never
+/// reused, so this bounds the stable pages ever created (2^36 pages).
+const STORE_PAGES: u64 = 1 << 36;
+
+/// The KSM memfd that holds the stable pages.
+#[derive(Debug)]
+pub struct StableStore {
+    fd: OwnedFd,
+    /// Next free page offset (bump allocation; offsets are never reused).
+    next: AtomicU64,
+    /// Pages released (hole punched).
+    released: AtomicU64,
+}
+
+impl StableStore {
+    /// A new, empty store.
+    pub fn new(name: &str) -> Result<StableStore> {
+        let fd = sys::memfd_sized(name, STORE_PAGES * PAGE).map_err(Error::host("memfd_create"))?;
+        Ok(StableStore {
+            fd,
+            next: AtomicU64::new(0),
+            released: AtomicU64::new(0),
+        })
+    }
+
+    /// Reserves `n` consecutive stable pages; `None` when the offsets are
+    /// exhausted.
+    pub fn alloc(&self, n: u64) -> Option<u64> {
+        // Relaxed: a counter; the pages are published by the merge's page
+        // locks and the scanner mutex.
+        let first = self.next.fetch_add(n, Ordering::Relaxed);
+        (first + n <= STORE_PAGES).then_some(first)
+    }
+
+    /// Frees stable page `id` (`fallocate(PUNCH_HOLE)`). The caller knows no
+    /// guest maps it any more; a stale private mapping reads zeros.
+    pub fn release(&self, id: u64) -> Result<()> {
+        let off = usize::try_from(id * PAGE).map_err(|_| Error::Overflow {
+            addr: id * PAGE,
+            len: PAGE,
+        })?;
+        sys::punch_hole(&self.fd, off, PAGE_SIZE).map_err(Error::host("fallocate(PUNCH_HOLE)"))?;
+        self.released.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Reads stable pages from `id` into `buf` (a multiple of the page size).
+    pub fn read(&self, id: u64, buf: &mut [u8]) -> Result<()> {
+        sys::read_from(&self.fd, buf, id * PAGE).map_err(Error::host("pread"))
+    }
+
+    /// Stable pages allocated so far, and released so far.
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.next.load(Ordering::Relaxed).min(STORE_PAGES),
+            self.released.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// One page as the KSM scanner sees it ([`KsmMm::snapshot`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KsmPage {
+    /// Not populated: nothing to merge.
+    Absent,
+    /// A private page (its contents were copied out when asked).
+    Private,
+    /// Maps stable page `id`.
+    Stable(u64),
+    /// Discarded as a zero page by KSM and not populated since.
+    Zero,
+}
+
+/// What a merge attempt did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KsmMerge {
+    /// The run now maps the stable pages (or was discarded as zeros).
+    Merged,
+    /// Some page was absent, already merged, or different: nothing done.
+    Changed,
+    /// `mmap` failed with `ENOMEM`: the process is at `vm.max_map_count`.
+    MapLimit,
+    /// The VMA cannot be merged (see [`Vma::ksm_capable`]).
+    NotEligible,
+}
+
+/// The seam's per-mm state, kept in the [`Mm`].
+#[derive(Debug, Default)]
+pub(crate) struct KsmMmState {
+    /// Mergeable untracked VMAs whose host range could not be registered
+    /// for userfaultfd write-protect (no userfaultfd, no WP): KSM skips
+    /// them (see [`wp_failures`]).
+    pub(crate) wp_failures: AtomicU64,
+}
+
+/// Mergeable untracked VMAs that KSM cannot merge because their host
+/// range could not be registered for userfaultfd write-protect (no
+/// userfaultfd, or a kernel without `UFFD_FEATURE_PAGEFAULT_FLAG_WP`):
+/// the fallback is today's behaviour (registered with KSM, never
+/// merged), made visible here and by a `warn` event.
+pub fn wp_failures(mm: &Mm) -> u64 {
+    mm.ksm.wp_failures.load(Ordering::Relaxed)
+}
+
+/// A run of pages to merge onto stable pages ([`KsmMm::merge`]).
+#[derive(Debug, Clone, Copy)]
+pub struct MergeRun<'s> {
+    /// First guest address (page aligned).
+    pub addr: u64,
+    /// Pages in the run (one VMA, one page-table leaf).
+    pub n: u64,
+    /// The store holding the stable pages.
+    pub store: &'s StableStore,
+    /// First stable page id.
+    pub first: u64,
+    /// The stable pages are new: fill them with this run's contents
+    /// (else the run must equal them).
+    pub fill: bool,
+}
+
+/// One mm's pages as a KSM scanner may touch them, while the scanner holds
+/// the mm's mmap lock: built only from a state obtained through a guard of
+/// that very mm's lock.
+#[derive(Debug, Clone, Copy)]
+pub struct KsmMm<'a> {
+    mm: &'a Mm,
+    state: &'a MmState,
+}
+
+impl<'a> KsmMm<'a> {
+    /// The seam for `mm` under the lock `state` was dereferenced from;
+    /// [`Error::ForeignLock`] if `state` is another mm's.
+    pub fn new(mm: &'a Mm, state: &'a MmState) -> Result<KsmMm<'a>> {
+        mm.check_state(state)?;
+        Ok(KsmMm { mm, state })
+    }
+
+    /// The scanner's look at `want.len()` pages from `addr`: see
+    /// [`Mm`]'s `ksm_snapshot` in `ksm/merge.rs` (one VMA, one leaf; for
+    /// each page, under its PTE lock, `out[i]` says what it is and a
+    /// private page asked for in `want` is copied to its slot of `buf`).
+    pub fn snapshot(
+        &self,
+        addr: u64,
+        want: &[bool],
+        buf: &mut [u8],
+        out: &mut [KsmPage],
+    ) -> Result<()> {
+        self.mm.ksm_snapshot(self.state, addr, want, buf, out)
+    }
+
+    /// Merges `run` onto its stable pages (steps 1-5 of the module docs).
+    /// On `Merged`, `charged[i]` (at least `run.n` long) says whether page
+    /// `i` was charged to this mm; the caller moves that charge to the
+    /// stable page or gives it back with [`uncharge`](Self::uncharge).
+    pub fn merge(&self, run: MergeRun<'_>, charged: &mut [bool]) -> Result<KsmMerge> {
+        self.mm.ksm_merge(self.state, run, charged)
+    }
+
+    /// `use_zero_pages`: discards the `n` pages from `addr` if all zeros.
+    pub fn zero(&self, addr: u64, n: u64) -> Result<KsmMerge> {
+        self.mm.ksm_zero(self.state, addr, n)
+    }
+
+    /// Breaks the sharing of every merged page in `[addr, addr + len)`
+    /// (`break_ksm`); returns the pages unshared.
+    pub fn unshare(&self, addr: u64, len: u64) -> Result<u64> {
+        self.mm.ksm_unshare(self.state, addr, len)
+    }
+
+    /// Gives back the charge of `pages` merged pages, as reported by
+    /// [`merge`](Self::merge).
+    pub fn uncharge(&self, pages: u64) {
+        self.mm.ksm_uncharge(pages)
+    }
+}
+
+/// A pagemap entry of a page the embedder populated itself in an
+/// untracked region: present, anonymous, mapped only here (the shared zero
+/// page a read fault maps is not exclusive, and merging it frees nothing).
+fn direct_private(e: u64) -> bool {
+    e & pagemap::PRESENT != 0 && e & pagemap::FILE == 0 && e & pagemap::EXCLUSIVE != 0
+}
+
+/// A locked run of PTEs inside one leaf.
+struct Locked<'g> {
+    leaf: &'g Leaf,
+    first: u64,
+    olds: Vec<u64>,
+}
+
+impl Locked<'_> {
+    fn unlock_with(self, f: impl Fn(usize, u64) -> u64) {
+        for (i, o) in self.olds.iter().enumerate() {
+            pte_unlock(self.leaf.pte(self.first + i as u64), f(i, *o));
+        }
+    }
+}
+
+impl Mm {
+    /// The VMA that holds `[addr, addr + n pages)` inside one leaf, if the
+    /// mechanism can merge it.
+    fn ksm_vma<'s>(&self, state: &'s MmState, addr: u64, n: u64) -> Option<&'s Vma> {
+        let end = addr.checked_add(n.checked_mul(PAGE)?)?;
+        let vma = state.vmas().find(addr)?;
+        let same_leaf = addr / PAGE / PAGES_PER_LEAF == (end - PAGE) / PAGE / PAGES_PER_LEAF;
+        (n > 0 && addr % PAGE == 0 && end <= vma.end && same_leaf && vma.ksm_capable())
+            .then_some(vma)
+    }
+
+    fn lock_run<'g>(
+        &'g self,
+        addr: u64,
+        n: u64,
+        guard: &'g crossbeam_epoch::Guard,
+    ) -> Option<Locked<'g>> {
+        let first = addr / PAGE;
+        let leaf = self.pgtable.leaf(first, guard)?;
+        let olds = (first..first + n).map(|g| pte_lock(leaf.pte(g))).collect();
+        Some(Locked { leaf, first, olds })
+    }
+
+    /// Charges one page that the kernel already allocated (a copy-on-write
+    /// of a merged page): over budget, it becomes fail-open debt, as in the
+    /// tracked handler, so `charged = present - debt` holds.
+    fn charge_existing(&self) {
+        if self.budget.try_charge(PAGE).is_err() {
+            // Relaxed: a counter, read back by `uncharge_pages`.
+            self.debt.fetch_add(PAGE, Ordering::Relaxed);
+        }
+        self.rss_anon.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Which pages of a locked run can be merged, and which of them are
+    /// charged: `Some(charged)` when every page is private and mergeable
+    /// (`charged[i]`: PTE `PRESENT`, populated through the API; else a page
+    /// of an untracked region the embedder touched directly, found through
+    /// pagemap, never charged), `None` when some page is absent, merged,
+    /// or write-protected by the user (`Pte::WP`: not ours to merge, the
+    /// merge would unprotect it and wake its writers).
+    fn run_charged(vma: &Vma, r: crate::sys::HostRange, olds: &[u64]) -> Result<Option<Vec<bool>>> {
+        let untracked = !vma.flags.contains(VmFlags::TRACKED);
+        let mut pm = Vec::new();
+        let mut charged = Vec::with_capacity(olds.len());
+        for (i, o) in olds.iter().enumerate() {
+            let p = Pte(*o);
+            if p.ksm() || *o & Pte::WP != 0 {
+                return Ok(None);
+            }
+            if p.present() {
+                charged.push(true);
+                continue;
+            }
+            if !untracked {
+                return Ok(None);
+            }
+            if pm.is_empty() {
+                pm.resize(olds.len(), 0);
+                sys::pagemap(r, &mut pm).map_err(Error::host("pagemap"))?;
+            }
+            if !direct_private(pm[i]) {
+                return Ok(None);
+            }
+            charged.push(false);
+        }
+        Ok(Some(charged))
+    }
+}

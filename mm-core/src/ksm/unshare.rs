@@ -1,0 +1,108 @@
+//! Breaking the sharing (`break_ksm` / unmerge) and giving back charges.
+
+use std::sync::atomic::Ordering;
+
+use super::*;
+use crate::pgtable::{pte_lock, Leaf, Pte, PAGES_PER_LEAF};
+use crate::sys::{self, PAGE_SIZE};
+use crate::vma::Prot;
+
+const PAGE: u64 = PAGE_SIZE as u64;
+
+impl Mm {
+    /// Gives back the charge of `pages` merged pages of this mm, as
+    /// reported by [`KsmMm::merge`] (which already repaid the mm's
+    /// fail-open debt with the merged pages).
+    pub(super) fn ksm_uncharge(&self, pages: u64) {
+        if pages > 0 {
+            // Debt was repaid by ksm_merge already: these were charged.
+            self.budget.uncharge(pages * PAGE);
+        }
+    }
+
+    /// Breaks the sharing of every merged page in `[addr, addr + len)`
+    /// (`break_ksm` / unmerge): each becomes a charged private copy with the
+    /// same contents (`MADV_POPULATE_WRITE` makes the kernel copy it). The
+    /// mmap lock is held (`state`). Returns the pages unshared.
+    pub(super) fn ksm_unshare(&self, state: &MmState, addr: u64, len: u64) -> Result<u64> {
+        // I-KSM-2 oracle: every scanner path tests `users == 0` after its
+        // read lock, and ksm_exit's write-lock barrier waits for one that
+        // is still inside, so no KSM operation runs once exit_mmap began.
+        sched::check(
+            !self.exit_started(),
+            "I-KSM-2: KSM touched an mm's pages after its exit_mmap began",
+        );
+        let end = addr.saturating_add(len);
+        let guard = crossbeam_epoch::pin();
+        let mut done = 0;
+        for vma in state.vmas().overlapping(addr, end) {
+            let (s, e) = (vma.start.max(addr), vma.end.min(end));
+            let mut gpn = s / PAGE;
+            while gpn < e / PAGE {
+                let stop = ((gpn / PAGES_PER_LEAF + 1) * PAGES_PER_LEAF).min(e / PAGE);
+                let Some(leaf) = self.pgtable.leaf(gpn, &guard) else {
+                    gpn = stop;
+                    continue;
+                };
+                let peek = (gpn..stop).any(|g| Pte(leaf.pte(g).load(Ordering::Relaxed)).ksm());
+                if peek {
+                    done += self.unshare_leaf(vma, leaf, gpn, stop)?;
+                }
+                gpn = stop;
+            }
+        }
+        Ok(done)
+    }
+
+    fn unshare_leaf(&self, vma: &Vma, leaf: &Leaf, gpn: u64, stop: u64) -> Result<u64> {
+        let olds: Vec<u64> = (gpn..stop).map(|g| pte_lock(leaf.pte(g))).collect();
+        let locked = Locked {
+            leaf,
+            first: gpn,
+            olds,
+        };
+        let writable = vma.prot.contains(Prot::WRITE);
+        let mut res = Ok(());
+        let mut copied = vec![false; locked.olds.len()];
+        let n = locked.olds.len();
+        let mut i = 0;
+        while i < n && res.is_ok() {
+            if !Pte(locked.olds[i]).ksm() {
+                i += 1;
+                continue;
+            }
+            let j = (i..n).find(|&j| !Pte(locked.olds[j]).ksm()).unwrap_or(n);
+            let r = vma.host_range((gpn + i as u64) * PAGE, (gpn + j as u64) * PAGE);
+            // A read-only VMA is made writable on the host for the copy only
+            // (the guest cannot write it: its VMA says read-only).
+            let rw = (true, true, vma.prot.contains(Prot::EXEC));
+            res = (|| {
+                if !writable {
+                    sys::protect(r, rw)?;
+                }
+                let p = sys::populate_write(r);
+                if !writable {
+                    sys::protect(r, vma.prot.bits())?;
+                }
+                p
+            })()
+            .map_err(Error::host("madvise(POPULATE_WRITE) unshare"));
+            if res.is_ok() {
+                copied[i..j].iter_mut().for_each(|c| *c = true);
+                for _ in i..j {
+                    self.charge_existing();
+                }
+            }
+            i = j;
+        }
+        let count = copied.iter().filter(|c| **c).count() as u64;
+        locked.unlock_with(|i, o| {
+            if copied[i] {
+                (Pte(o).flags() & !Pte::KSM) | Pte::PRESENT
+            } else {
+                o
+            }
+        });
+        res.map(|()| count)
+    }
+}

@@ -1,0 +1,439 @@
+//! Fault resolution under the PTE locks (steps 3-6): the fault-around
+//! window, fail-open, poison after `UNSTABLE`, busy pages, foreign removes.
+
+use super::*;
+
+/// The PTE locks the handler holds on one fault-around window. Unlocks on
+/// drop: a panic between locking and unlocking (caught by `handler_main`,
+/// step 9) must not leave `LOCK` bits set, or every later `pte_lock` of
+/// those pages (zaps, the reaper, the access path) would spin forever.
+/// Until [`WindowLocks::commit`] the drop restores the words as locked and
+/// gives back the charge taken for the window.
+struct WindowLocks<'a> {
+    mm: &'a Mm,
+    leaf: &'a Leaf,
+    lo_gpn: u64,
+    n: usize,
+    /// Old word | LOCK, 0 = not held.
+    held: [u64; PAGES_PER_LEAF as usize],
+    /// Pages to unlock as `PRESENT` (after `commit`).
+    present: [bool; PAGES_PER_LEAF as usize],
+    /// Bytes charged for the window and not yet accounted as present.
+    charged: u64,
+    committed: bool,
+}
+
+impl WindowLocks<'_> {
+    /// Slot `i` is locked by us and needs a page (not present, not KSM).
+    fn wants(&self, i: usize) -> bool {
+        self.held[i] != 0 && !Pte(self.held[i]).present() && !Pte(self.held[i]).ksm()
+    }
+
+    /// The pages are accounted: unlock with `PRESENT` where populated.
+    fn commit(mut self, present: &[bool]) {
+        self.present[..present.len()].copy_from_slice(present);
+        self.charged = 0;
+        self.committed = true;
+    }
+}
+
+impl Drop for WindowLocks<'_> {
+    fn drop(&mut self) {
+        for i in 0..self.n {
+            if self.held[i] != 0 {
+                let set = if self.committed && self.present[i] {
+                    Pte::PRESENT
+                } else {
+                    0
+                };
+                crate::pgtable::pte_unlock(
+                    self.leaf.pte(self.lo_gpn + i as u64),
+                    self.held[i] | set,
+                );
+            }
+        }
+        if self.charged > 0 {
+            self.mm.budget.uncharge(self.charged);
+        }
+    }
+}
+
+impl Mm {
+    /// Step 3: resolves a missing-page fault at host address `addr`.
+    pub(super) fn tracked_fault(
+        &self,
+        t: &Tracker,
+        addr: usize,
+        fail_open: bool,
+        force: bool,
+    ) -> Outcome {
+        let Some((hs, r)) = t.lookup(addr) else {
+            // No longer ours (munmap in flight, unregistered): let it refault.
+            let _ = t.with_uffd(|u| u.wake(addr, PAGE_SIZE));
+            return Outcome::Served;
+        };
+        let guest = r.guest_start + (addr - hs) as u64;
+        let range_lo = r.guest_start;
+        let range_hi = r.guest_start + (r.host_end - hs) as u64;
+        let fa = r.fault_around;
+        let lo = (guest & !(fa - 1)).max(range_lo);
+        let hi = ((guest & !(fa - 1)) + fa).min(range_hi);
+        debug_assert_eq!(lo / PAGE / PAGES_PER_LEAF, (hi - 1) / PAGE / PAGES_PER_LEAF);
+        let host_of = |g: u64| hs + (g - r.guest_start) as usize;
+        let guard = crossbeam_epoch::pin();
+        let leaf = self.pgtable.leaf_alloc(lo / PAGE, &guard);
+        let gpn_f = guest / PAGE;
+        t.counters.faults.fetch_add(1, Ordering::Relaxed);
+
+        // Try-lock the faulting page first: the handler never waits for a
+        // PTE lock (step 6). A zapper holding it is blocked in madvise until
+        // we read its REMOVE message, which needs no lock.
+        let Some(old_f) = try_lock(leaf.pte(gpn_f)) else {
+            if force {
+                return self.resolve_busy(t, addr);
+            }
+            return Outcome::Busy;
+        };
+        let n = ((hi - lo) / PAGE) as usize;
+        let fi = (gpn_f - lo / PAGE) as usize;
+        let mut w = WindowLocks {
+            mm: self,
+            leaf,
+            lo_gpn: lo / PAGE,
+            n,
+            held: [0; PAGES_PER_LEAF as usize],
+            present: [false; PAGES_PER_LEAF as usize],
+            charged: 0,
+            committed: false,
+        };
+        w.held[fi] = old_f;
+        if Pte(old_f).present() {
+            drop(w);
+            return refill_present(t, addr);
+        }
+        #[cfg(test)]
+        if t.unstable_after_first_lock.swap(false, Ordering::SeqCst) {
+            self.flags.set(MmFlag::UNSTABLE);
+        }
+        // The rest of the window, ascending, try-locks only (skip busy pages).
+        for (i, gpn) in (lo / PAGE..hi / PAGE).enumerate() {
+            if gpn != gpn_f {
+                if let Some(o) = try_lock(leaf.pte(gpn)) {
+                    w.held[i] = o;
+                }
+            }
+        }
+        // check_stable_address_space under the page locks (step 5), the
+        // counterpart of the reaper's "set UNSTABLE, then zap under the page
+        // locks":
+        //
+        //   reaper                       | handler
+        //   set UNSTABLE                 |
+        //   lock pte, clear, DONTNEED    |
+        //                                | try-lock pte: empty
+        //                                | UNSTABLE? yes -> POISON (SIGBUS)
+        //
+        // Checked only once *every* lock of the window is held: the reaper
+        // zaps per VMA, so it may set UNSTABLE and zap pages of the window
+        // between our locking of the faulting page and of the others; a check
+        // before that would let us COPY zeros over pages it just reaped.
+        if self.flags.test(MmFlag::UNSTABLE) {
+            drop(w);
+            return self.poison_fault(t, addr);
+        }
+        let charge = match self.charge_window(&mut w, fail_open) {
+            Ok(c) => c,
+            Err(outcome) => return outcome,
+        };
+        #[cfg(test)]
+        if t.panic_after_lock.swap(false, Ordering::SeqCst) {
+            panic!("injected handler panic with the window locked");
+        }
+        let host_lo = host_of(lo);
+        self.fill_window(t, w, fi, charge, host_lo, addr)
+    }
+
+    /// Charges the missing pages of the locked window (step 3). Over
+    /// budget, the window shrinks to the faulting page; still over budget,
+    /// it is served over budget when failing open (step 4), else the
+    /// handler must run the pressure path first (`NeedMemory`).
+    fn charge_window(
+        &self,
+        w: &mut WindowLocks<'_>,
+        fail_open: bool,
+    ) -> std::result::Result<WindowCharge, Outcome> {
+        let n = w.n;
+        let mut c = WindowCharge {
+            missing: (0..n).filter(|&i| w.wants(i)).count() as u64,
+            only_faulting: false,
+            overcommit: false,
+        };
+        if self.budget.try_charge(c.missing * PAGE).is_err() {
+            // Shrink the window to the faulting page before asking for room.
+            if self.budget.try_charge(PAGE).is_ok() {
+                c.only_faulting = true;
+                c.missing = 1;
+            } else if fail_open {
+                c.only_faulting = true;
+                c.missing = 1;
+                c.overcommit = true;
+            } else {
+                return Err(Outcome::NeedMemory(PAGE));
+            }
+        }
+        if !c.overcommit {
+            w.charged = c.missing * PAGE;
+        }
+        Ok(c)
+    }
+
+    /// Fills the charged pages of the window run by run (`UFFDIO_COPY`,
+    /// DONTWAKE), settles the charge with what was really populated,
+    /// publishes the PTEs and wakes every thread blocked in the window.
+    /// `host_lo` is the host address of the window's first page.
+    fn fill_window(
+        &self,
+        t: &Tracker,
+        w: WindowLocks<'_>,
+        fi: usize,
+        c: WindowCharge,
+        host_lo: usize,
+        addr: usize,
+    ) -> Outcome {
+        let n = w.n;
+        let selected = |i: usize| w.wants(i) && (!c.only_faulting || i == fi);
+        let mut present = [false; PAGES_PER_LEAF as usize];
+        let src = zero_source().ok();
+        let mut i = 0;
+        while i < n {
+            if !selected(i) {
+                i += 1;
+                continue;
+            }
+            let j = (i..n).find(|&j| !selected(j)).unwrap_or(n);
+            self.fill_run(t, host_lo + i * PAGE_SIZE, src, &mut present[i..j]);
+            i = j;
+        }
+        let populated = (0..n).filter(|&i| present[i]).count() as u64;
+        // Charged `missing`, populated `populated` (≤ missing): return the rest.
+        if c.overcommit {
+            if populated > 0 {
+                // Relaxed: a counter, read back by `uncharge_pages`.
+                self.debt.fetch_add(PAGE, Ordering::Relaxed);
+                t.counters.fail_open_pages.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(target: "mm_core::tracked", mm_id = self.id(), addr, "budget exhausted after pressure; fail-open");
+            }
+        } else if c.missing > populated {
+            self.budget.uncharge((c.missing - populated) * PAGE);
+        }
+        self.rss_anon.fetch_add(populated, Ordering::Relaxed);
+        t.counters
+            .pages_faulted
+            .fetch_add(populated, Ordering::Relaxed);
+        w.commit(&present[..n]);
+        // Wake every thread blocked in the window (COPY ran with DONTWAKE).
+        // If COPY failed for the faulting page (EAGAIN: a REMOVE is queued;
+        // or the range went away) it refaults and is queued again, behind
+        // the message we must read first.
+        let _ = t.with_uffd(|u| u.wake(host_lo, n * PAGE_SIZE));
+        if c.overcommit || c.missing == 0 {
+            Outcome::Served
+        } else {
+            Outcome::Charged
+        }
+    }
+
+    /// `UFFDIO_COPY` of one run for the handler, marking `present` pages.
+    fn fill_run(&self, t: &Tracker, host: usize, src: Option<*const u8>, present: &mut [bool]) {
+        let Some(src) = src else { return };
+        let n = present.len();
+        let mut i = 0;
+        while i < n {
+            let at = host + i * PAGE_SIZE;
+            // DONTWAKE: the faulters are woken after the PTEs say PRESENT
+            // and the counters are updated, so a woken thread never sees
+            // its page populated but not yet accounted.
+            match t.with_uffd(|u| u.copy(at, src, (n - i) * PAGE_SIZE, false)) {
+                Ok(Fill::Done) => {
+                    present[i..].iter_mut().for_each(|p| *p = true);
+                    return;
+                }
+                Ok(Fill::Exists { done }) => {
+                    // EEXIST under our lock on an empty PTE: a page the
+                    // kernel still holds (a foreign REMOVE whose zap is not
+                    // done). Count it as ours: it is charged, and the next
+                    // zap clears both. The caller wakes the whole window.
+                    let k = done / PAGE_SIZE;
+                    present[i..=i + k].iter_mut().for_each(|p| *p = true);
+                    i += k + 1;
+                }
+                Ok(Fill::Again { done }) => {
+                    let k = done / PAGE_SIZE;
+                    present[i..i + k].iter_mut().for_each(|p| *p = true);
+                    t.counters.eagain_retries.fetch_add(1, Ordering::Relaxed);
+                    // A REMOVE is queued and unread, and we are its reader:
+                    // retrying here cannot succeed. Give up on the rest of the
+                    // run; the caller wakes the faulter, which refaults and is
+                    // served after the next drain of the queue.
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!(target: "mm_core::tracked", mm_id = self.id(), error = %e, "UFFDIO_COPY failed");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// UNSTABLE: SIGBUS for the faulter (step 5). Without POISON support
+    /// (pre-6.6) the fault is left unanswered: the thread stays blocked
+    /// rather than read zeros, until teardown unregisters the range.
+    pub(super) fn poison_fault(&self, t: &Tracker, addr: usize) -> Outcome {
+        if t.poison {
+            match t.with_uffd(|u| u.poison(addr, PAGE_SIZE)) {
+                Ok(Fill::Done) => {
+                    t.counters.pages_poisoned.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(_) | Err(_) => {
+                    let _ = t.with_uffd(|u| u.wake(addr, PAGE_SIZE));
+                }
+            }
+        }
+        Outcome::Served
+    }
+
+    /// The faulting page stayed locked for [`BUSY_TIMEOUT`]: most likely an
+    /// accessor faulted on it while holding its lock (its page was discarded
+    /// behind our back by the embedder). Populate that one page without the
+    /// lock, so it can finish, and return [`Outcome::Unlocked`]: the handler
+    /// then settles the charge with [`Mm::settle_busy`] once the lock is
+    /// free (the holder may have been a slow zapper that leaves the PTE
+    /// empty over the page we just mapped).
+    pub(super) fn resolve_busy(&self, t: &Tracker, addr: usize) -> Outcome {
+        t.counters.busy_breaks.fetch_add(1, Ordering::Relaxed);
+        if self.flags.test(MmFlag::UNSTABLE) {
+            return self.poison_fault(t, addr);
+        }
+        if let Ok(src) = zero_source() {
+            let _ = t.with_uffd(|u| match u.copy(addr, src, PAGE_SIZE, true)? {
+                Fill::Done => Ok(()),
+                _ => u.wake(addr, PAGE_SIZE),
+            });
+        }
+        Outcome::Unlocked
+    }
+
+    /// After `resolve_busy` mapped the page at `addr` without its lock:
+    /// try-lock it; if the PTE is still empty while the host page is
+    /// resident, account it now (charge, or fail-open debt when the budget
+    /// is full: the page exists either way) and mark it `PRESENT`, so that
+    /// `charged = present − debt` holds again and the next zap uncharges it.
+    /// Returns `false` while the page is still locked (retry next round).
+    pub(super) fn settle_busy(&self, t: &Tracker, addr: usize) -> bool {
+        let Some((hs, r)) = t.lookup(addr) else {
+            return true; // unmapped meanwhile: nothing to account
+        };
+        let gpn = (r.guest_start + (addr - hs) as u64) / PAGE;
+        let guard = crossbeam_epoch::pin();
+        let Some(leaf) = self.pgtable.leaf(gpn, &guard) else {
+            return true;
+        };
+        let Some(old) = try_lock(leaf.pte(gpn)) else {
+            return false;
+        };
+        let mut new = old;
+        if !Pte(old).present() && sys::page_resident(addr).unwrap_or(false) {
+            if self.budget.try_charge(PAGE).is_err() {
+                // Relaxed: a counter, read back by `uncharge_pages`.
+                self.debt.fetch_add(PAGE, Ordering::Relaxed);
+                t.counters.fail_open_pages.fetch_add(1, Ordering::Relaxed);
+            }
+            self.rss_anon.fetch_add(1, Ordering::Relaxed);
+            t.counters.pages_faulted.fetch_add(1, Ordering::Relaxed);
+            new |= Pte::PRESENT;
+        }
+        crate::pgtable::pte_unlock(leaf.pte(gpn), new);
+        true
+    }
+
+    /// The embedder discarded `[start, end)` itself (REMOVE / UNMAP): clear
+    /// and uncharge the present PTEs we can lock; push what stays locked.
+    pub(super) fn tracked_forget_pages(
+        &self,
+        t: &Tracker,
+        start: usize,
+        end: usize,
+        left: &mut Vec<(usize, usize)>,
+    ) {
+        let mut host = start;
+        while host < end {
+            let Some((hs, r)) = t.lookup(host) else {
+                host += PAGE_SIZE;
+                continue;
+            };
+            let stop = r.host_end.min(end);
+            let guard = crossbeam_epoch::pin();
+            let mut freed = 0u64;
+            let mut wp_cleared = false;
+            let mut a = host;
+            while a < stop {
+                let gpn = (r.guest_start + (a - hs) as u64) / PAGE;
+                if let Some(leaf) = self.pgtable.leaf(gpn, &guard) {
+                    match try_lock(leaf.pte(gpn)) {
+                        Some(old) => {
+                            let new = if Pte(old).present() {
+                                freed += 1;
+                                wp_cleared |= old & Pte::WP != 0;
+                                0
+                            } else {
+                                old
+                            };
+                            crate::pgtable::pte_unlock(leaf.pte(gpn), new);
+                        }
+                        None => left.push((a, a + PAGE_SIZE)),
+                    }
+                }
+                a += PAGE_SIZE;
+            }
+            self.uncharge_pages(freed, 0);
+            if wp_cleared {
+                t.wp_changed();
+            }
+            host = stop;
+        }
+    }
+}
+
+fn try_lock(pte: &std::sync::atomic::AtomicU64) -> Option<u64> {
+    // Acquire: pairs with the Release in `pte_unlock`, as `pte_lock`.
+    let old = pte.fetch_or(Pte::LOCK, Ordering::Acquire);
+    if old & Pte::LOCK == 0 {
+        Some(old | Pte::LOCK)
+    } else {
+        None
+    }
+}
+
+/// What [`Mm::charge_window`] charged for a window.
+struct WindowCharge {
+    /// Pages charged (or, failing open, served over budget).
+    missing: u64,
+    /// The window shrank to the faulting page.
+    only_faulting: bool,
+    /// Served over budget (fail-open, step 4): recorded as debt.
+    overcommit: bool,
+}
+
+/// The faulting page is `PRESENT` (charged) but its host page is gone (the
+/// embedder's own DONTNEED): bring it back without charging again.
+fn refill_present(t: &Tracker, addr: usize) -> Outcome {
+    let src = match zero_source() {
+        Ok(s) => s,
+        Err(_) => return Outcome::Served,
+    };
+    let _ = t.with_uffd(|u| match u.copy(addr, src, PAGE_SIZE, true)? {
+        Fill::Done => Ok(()),
+        _ => u.wake(addr, PAGE_SIZE),
+    });
+    Outcome::Served
+}

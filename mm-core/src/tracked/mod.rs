@@ -1,0 +1,612 @@
+//! Tracked regions: guest mappings registered with a userfaultfd that the mm
+//! owns and serves from one handler thread, so that direct touches by the
+//! embedder (vCPUs through KVM, JIT code) are charged and seen.
+//!
+//! Files: this one holds the range registry and the [`Tracker`] itself;
+//! `handler.rs` the handler thread and its loop; `fault.rs` the fault
+//! resolution under the PTE locks (steps 3-6); `wp.rs` write-protect
+//! (step 7); `tests.rs` the unit tests.
+//!
+//! # The protocol
+//!
+//! 1. The first tracked `mmap` of an mm opens its userfaultfd (MISSING, WP
+//!    when offered, `EVENT_REMOVE`, `EVENT_UNMAP`, `POISON`) and starts the
+//!    handler thread: the only thread mm-core spawns besides the timer.
+//! 2. Each tracked host mapping is registered **before** it is published (no
+//!    one can touch it unregistered) and entered in the range registry
+//!    (host range → guest address, fault-around size) under the write lock.
+//! 3. A thread touching a missing page blocks in the kernel; the handler
+//!    reads the message and resolves it under the per-page locks, exactly as
+//!    the access path does: lock the PTEs of the fault-around window
+//!    (try-locks only, see 6; held by a guard that unlocks on unwind),
+//!    re-check `UNSTABLE` once every lock of the window is held, charge the
+//!    budget for every missing page of the window,
+//!    `UFFDIO_COPY` each run of missing pages from a zero source (this also
+//!    wakes the faulter), set `PRESENT`, unlock. The access path populates
+//!    tracked pages with the same ioctl under the same locks, so a page is
+//!    populated and charged once, by whoever holds its lock first; the other
+//!    sees `PRESENT` (or `EEXIST`) and only wakes.
+//! 4. Budget exhausted: the handler keeps the fault queued and runs the
+//!    pressure path (the mm's injected [`Pressure`](crate::types::Pressure) hook) as a future it polls between
+//!    `poll(2)` rounds, so it keeps reading REMOVE/UNMAP messages while
+//!    reclaim waits (a reaper zapping a tracked region blocks in
+//!    `madvise(DONTNEED)` until its REMOVE message is read). After
+//!    [`PRESSURE_ROUNDS`] rounds that free nothing it **fails open**, and
+//!    stays so until a `try_charge` succeeds or a pressure run frees memory
+//!    (not one pressure cycle per page): the
+//!    page is served anyway, uncharged, and recorded as this mm's
+//!    overcommit debt; the first pages freed from the mm later pay the debt
+//!    before the budget sees them (`charged = present − debt` holds
+//!    throughout). The guest keeps running over budget instead of hanging
+//!    in a fault nobody can resolve; the debt is visible in
+//!    [`TrackedStats::overcommit_bytes`].
+//! 5. After `MMF_UNSTABLE` a fault on an empty PTE gets `UFFDIO_POISON`
+//!    instead of a page: the faulting thread takes SIGBUS, the userspace
+//!    `check_stable_address_space`. The reaper sets `UNSTABLE` before its
+//!    first zap and zaps under the page locks, so the check under the lock
+//!    sees it (same diagram as the access path in `mm.rs`).
+//! 6. `madvise(DONTNEED)` on a range registered with `EVENT_REMOVE` blocks
+//!    the caller until the handler has read the REMOVE message. Our own
+//!    zaps hold PTE locks while they do it, so **the handler never waits for
+//!    a PTE lock**: it try-locks, and a fault whose page is locked stays
+//!    queued and is retried after the next round of reading messages. Our own
+//!    zaps announce their range first ([`Tracker::self_zap`]), and the
+//!    handler ignores REMOVE messages inside an announced range (kept as
+//!    "retired" after the zap returns, until the handler's next read: the
+//!    read itself lets the zapper's madvise return); a REMOVE or
+//!    UNMAP from the embedder's own `madvise` / `munmap` clears and uncharges
+//!    the present PTEs of the range (deferred while locked).
+//!    `UFFDIO_COPY` fails with `EAGAIN` while such a message is unread: the
+//!    handler drains and retries; the access path retries with backoff
+//!    (it holds PTE locks, but reading a message never needs one).
+//! 7. Write-protect: [`MmUser::write_protect`](crate::MmUser::write_protect)
+//!    populates then protects, setting `Pte::WP` on the present pages with
+//!    the PTE locks held across the ioctl; a direct writer blocks (its WP
+//!    message is left unanswered) until
+//!    [`MmUser::write_unprotect`](crate::MmUser::write_unprotect) lifts the
+//!    protection, which wakes it. An API write never copies into a `WP`
+//!    page: it drops its PTE locks and the mmap lock and waits for the WP
+//!    generation to move (unprotect, a zap of the page, the handler's
+//!    death), so it never blocks in the kernel holding locks.
+//! 8. Teardown: `exit_mmap` unregisters every tracked range before it zaps
+//!    (`users == 0`, nobody may touch the memory any more, and a zap running
+//!    on the handler thread itself, from an OOM kill inside the pressure
+//!    path, must not wait for its own REMOVE message), then, after its write
+//!    unlock, stops and joins the handler; the descriptor closes when the
+//!    last region and the handler let go of the tracker.
+//! 9. A handler that panics does not hang the guest: the panic is caught, the
+//!    tracker is marked dead, every range is unregistered (which wakes the
+//!    blocked threads; they refault and the kernel serves them, uncharged:
+//!    the regions degrade to untracked), the queued messages are drained and
+//!    the descriptor is closed. Later tracked operations fail with
+//!    [`Error::TrackerDead`]; the access path falls back to the untracked
+//!    populate. The panic message is logged at `error` level.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
+use std::task::{Context, Poll, Wake, Waker};
+use std::thread::{JoinHandle, ThreadId};
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use crate::flags::MmFlag;
+use crate::mm::Mm;
+use crate::pgtable::{Leaf, Pte, PAGES_PER_LEAF};
+use crate::sys::{self, HostRange, HUGE_PAGE_SIZE, PAGE_SIZE};
+use crate::uffd::{self, Event, EventFd, Fill, Uffd};
+
+mod fault;
+mod handler;
+#[cfg(test)]
+mod tests;
+mod wp;
+
+const PAGE: u64 = PAGE_SIZE as u64;
+
+/// Default fault-around window: one 2 MiB chunk, clamped to the VMA.
+pub const DEFAULT_FAULT_AROUND: u64 = HUGE_PAGE_SIZE as u64;
+/// Pressure rounds that free nothing before the handler fails open.
+pub const PRESSURE_ROUNDS: u32 = 3;
+/// How long a fault may find its page locked before the handler resolves
+/// that one page without the lock (see `resolve_busy`). Time, not handler
+/// rounds: a round can be a 1 ms poll or a burst of messages, and a
+/// legitimate zapper holds the lock for one madvise of at most 2 MiB.
+const BUSY_TIMEOUT: Duration = Duration::from_millis(100);
+/// `EAGAIN` retries of the access path before it gives up.
+const API_EAGAIN_TRIES: u32 = 20_000;
+
+/// Counters of one mm's tracked regions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TrackedStats {
+    /// Missing-page faults resolved by the handler.
+    pub faults: u64,
+    /// Pages the handler populated (faulting pages plus fault-around).
+    pub pages_faulted: u64,
+    /// Pages the access API populated in tracked regions.
+    pub pages_populated_api: u64,
+    /// Faults answered with `UFFDIO_POISON` (SIGBUS) after `UNSTABLE`.
+    pub pages_poisoned: u64,
+    /// Write-protect faults seen (left blocked until unprotect).
+    pub wp_faults: u64,
+    /// REMOVE / UNMAP messages from the embedder's own madvise / munmap.
+    pub foreign_removes: u64,
+    /// `EAGAIN` retries (a REMOVE racing a COPY).
+    pub eagain_retries: u64,
+    /// Pressure-path runs started by the handler.
+    pub pressure_runs: u64,
+    /// Pages served over budget (fail-open) so far.
+    pub fail_open_pages: u64,
+    /// Current overcommit debt in bytes (served uncharged, not yet repaid).
+    pub overcommit_bytes: u64,
+    /// Faults resolved without the page lock after it stayed busy.
+    pub busy_breaks: u64,
+    /// API writes that found a write-protected page and waited for
+    /// `write_unprotect` with no lock held.
+    pub api_wp_waits: u64,
+    /// Is the handler thread running?
+    pub handler_alive: bool,
+    /// Is write-protect mode available on tracked regions?
+    pub write_protect: bool,
+    /// Is `UFFDIO_POISON` available (Linux 6.6+)? Without it a fault after
+    /// `UNSTABLE` stays blocked instead of getting SIGBUS.
+    pub poison: bool,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    faults: AtomicU64,
+    pages_faulted: AtomicU64,
+    pages_populated_api: AtomicU64,
+    pages_poisoned: AtomicU64,
+    wp_faults: AtomicU64,
+    foreign_removes: AtomicU64,
+    eagain_retries: AtomicU64,
+    pressure_runs: AtomicU64,
+    fail_open_pages: AtomicU64,
+    busy_breaks: AtomicU64,
+    api_wp_waits: AtomicU64,
+}
+
+/// One registered host range.
+#[derive(Debug, Clone, Copy)]
+struct Range {
+    host_end: usize,
+    /// Guest address of the range's first host byte.
+    guest_start: u64,
+    fault_around: u64,
+}
+
+/// The per-mm userfaultfd state shared by the handler, the access path and
+/// the tracked host regions.
+pub(crate) struct Tracker {
+    mm_id: u64,
+    /// The descriptor; `None` once the handler died (closing it releases
+    /// every waiter). Read-locked around each ioctl, write-locked only by
+    /// the death path.
+    uffd: RwLock<Option<Uffd>>,
+    wp: bool,
+    /// Write-protect also works on memfd mappings (KSM's merged pages).
+    wp_shmem: bool,
+    poison: bool,
+    wake: EventFd,
+    stop: AtomicBool,
+    dead: AtomicBool,
+    /// Host start → range. Leaf lock: held only to insert, remove or copy
+    /// out an entry, never with a PTE lock held by the same thread.
+    ranges: Mutex<BTreeMap<usize, Range>>,
+    /// Host ranges our own zaps are discarding right now, and those that
+    /// finished since the handler's last read (step 6). Leaf lock, taken
+    /// under PTE locks by the zapper and alone by the handler.
+    self_zaps: Mutex<SelfZaps>,
+    /// Bumped (then `wp_event` notified) whenever `Pte::WP` bits are
+    /// cleared: an API writer that found a write-protected page waits for
+    /// it with no lock held (step 7).
+    wp_gen: AtomicU64,
+    wp_event: event_listener::Event,
+    counters: Counters,
+    handler: Mutex<Option<JoinHandle<()>>>,
+    handler_id: OnceLock<ThreadId>,
+    #[cfg(test)]
+    pub(crate) panic_next_fault: AtomicBool,
+    /// Test hook: panic in `tracked_fault` with the window locked and
+    /// charged.
+    #[cfg(test)]
+    pub(crate) panic_after_lock: AtomicBool,
+    /// Test hook: set `UNSTABLE` in `tracked_fault` after the faulting page
+    /// is locked and before the rest of the window is (a reaper racing).
+    #[cfg(test)]
+    pub(crate) unstable_after_first_lock: AtomicBool,
+    /// Test hook: after reading a REMOVE, wait until the zapper has popped
+    /// its `self_zap` entry before classifying the message.
+    #[cfg(test)]
+    pub(crate) hold_after_read: AtomicBool,
+    /// Test hook: the next `populate_locked` fails.
+    #[cfg(test)]
+    pub(crate) fail_next_populate: AtomicBool,
+}
+
+/// Our own zaps' host ranges (step 6).
+#[derive(Debug, Default)]
+struct SelfZaps {
+    /// Zaps in progress.
+    live: Vec<(usize, usize)>,
+    /// Zaps that ended since the handler last started a read. A zapper's
+    /// madvise returns as soon as the handler has *read* its REMOVE, so it
+    /// can pop its entry before the handler looks the message up; keeping
+    /// popped entries until the next read closes that race (without it our
+    /// own REMOVE is taken as foreign and uncharges pages a fault
+    /// re-populated after our zap).
+    retired: Vec<(usize, usize)>,
+}
+
+impl std::fmt::Debug for Tracker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tracker")
+            .field("mm_id", &self.mm_id)
+            .field("dead", &self.dead.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A 2 MiB read-only anonymous mapping never written: every page reads as
+/// the zero page, so a COPY from it costs one cache-hot 4 KiB source page.
+fn zero_source() -> Result<*const u8> {
+    static ZERO: OnceLock<usize> = OnceLock::new();
+    if let Some(p) = ZERO.get() {
+        return Ok(*p as *const u8);
+    }
+    let p = sys::map_anon(HUGE_PAGE_SIZE, PAGE_SIZE, (true, false, false))
+        .map_err(Error::host("mmap(zero source)"))?;
+    // Two racing initialisers: the loser's mapping stays unused (2 MiB of
+    // address space, no memory), never unmapped because it is not shared.
+    Ok(*ZERO.get_or_init(|| p.as_ptr() as usize) as *const u8)
+}
+
+/// What resolving one fault came to.
+enum Outcome {
+    /// Served after a successful `try_charge` of the missing pages.
+    Charged,
+    /// Served without a new charge (refault of a charged page, poison,
+    /// fail-open, range gone).
+    Served,
+    /// Served without the page lock (`resolve_busy`); to be settled.
+    Unlocked,
+    /// A page lock of the faulting page is held (a zap or an accessor).
+    Busy,
+    /// The budget cannot cover `bytes`.
+    NeedMemory(u64),
+}
+
+impl Tracker {
+    /// Opens the descriptor (step 1). The handler is started by
+    /// [`Tracker::start`].
+    pub(crate) fn new(mm_id: u64) -> Result<Arc<Tracker>> {
+        let wanted = uffd::feature::PAGEFAULT_FLAG_WP
+            | uffd::feature::EVENT_REMOVE
+            | uffd::feature::EVENT_UNMAP
+            | uffd::feature::POISON
+            | uffd::feature::WP_HUGETLBFS_SHMEM;
+        let u = Uffd::open(wanted).map_err(Error::host("userfaultfd"))?;
+        let wp = u.has(uffd::feature::PAGEFAULT_FLAG_WP);
+        let wp_shmem = wp && u.has(uffd::feature::WP_HUGETLBFS_SHMEM);
+        let poison = u.has(uffd::feature::POISON);
+        Ok(Arc::new(Tracker {
+            mm_id,
+            uffd: RwLock::new(Some(u)),
+            wp,
+            wp_shmem,
+            poison,
+            wake: EventFd::new().map_err(Error::host("eventfd"))?,
+            stop: AtomicBool::new(false),
+            dead: AtomicBool::new(false),
+            ranges: Mutex::new(BTreeMap::new()),
+            self_zaps: Mutex::new(SelfZaps::default()),
+            wp_gen: AtomicU64::new(0),
+            wp_event: event_listener::Event::new(),
+            counters: Counters::default(),
+            handler: Mutex::new(None),
+            handler_id: OnceLock::new(),
+            #[cfg(test)]
+            panic_next_fault: AtomicBool::new(false),
+            #[cfg(test)]
+            panic_after_lock: AtomicBool::new(false),
+            #[cfg(test)]
+            unstable_after_first_lock: AtomicBool::new(false),
+            #[cfg(test)]
+            hold_after_read: AtomicBool::new(false),
+            #[cfg(test)]
+            fail_next_populate: AtomicBool::new(false),
+        }))
+    }
+
+    /// Starts the handler thread for `mm`.
+    pub(crate) fn start(self: &Arc<Self>, mm: Weak<Mm>) -> Result<()> {
+        let t = self.clone();
+        let h = std::thread::Builder::new()
+            .name(format!("guestmm-uffd-{}", self.mm_id))
+            .spawn(move || handler::handler_main(t, mm))
+            .map_err(Error::host("spawn uffd handler"))?;
+        let _ = self.handler_id.set(h.thread().id());
+        *lock(&self.handler) = Some(h);
+        Ok(())
+    }
+
+    fn with_uffd<R>(&self, f: impl FnOnce(&Uffd) -> std::io::Result<R>) -> std::io::Result<R> {
+        let g = self.uffd.read().unwrap_or_else(|e| e.into_inner());
+        match g.as_ref() {
+            Some(u) => f(u),
+            None => Err(std::io::Error::from_raw_os_error(libc::EBADF)),
+        }
+    }
+
+    pub(crate) fn is_dead(&self) -> bool {
+        self.dead.load(Ordering::SeqCst)
+    }
+
+    /// Is write-protect mode available?
+    pub(crate) fn wp(&self) -> bool {
+        self.wp
+    }
+
+    /// Registers a fresh, unpublished host mapping (step 2).
+    pub(crate) fn register(&self, r: HostRange) -> Result<()> {
+        if self.is_dead() {
+            return Err(Error::TrackerDead { mm_id: self.mm_id });
+        }
+        let mode = uffd::mode::MISSING | if self.wp { uffd::mode::WP } else { 0 };
+        self.with_uffd(|u| u.register(r, mode))
+            .map_err(Error::host("UFFDIO_REGISTER"))?;
+        Ok(())
+    }
+
+    /// Enters a registered range in the registry, under the mmap write lock.
+    pub(crate) fn add_range(&self, host: usize, len: usize, guest: u64, fault_around: u64) {
+        lock(&self.ranges).insert(
+            host,
+            Range {
+                host_end: host + len,
+                guest_start: guest,
+                fault_around,
+            },
+        );
+    }
+
+    /// Removes `[start, end)` from the registry (splitting entries) and
+    /// unregisters it. Callers: munmap (write lock, **before** its zap, so a
+    /// COPY racing it either lands before the zap, which then uncharges it,
+    /// or fails with ENOENT), a region's drop, and exit_mmap.
+    pub(crate) fn forget(&self, start: usize, end: usize) {
+        self.forget_registry(start, end);
+        // Unregistering wakes every thread blocked in the range; they
+        // refault and the kernel serves them (or SIGSEGV: munmap makes the
+        // range PROT_NONE). A dead tracker has nothing registered.
+        let _ = self.with_uffd(|u| u.unregister(start, end - start));
+    }
+
+    fn forget_registry(&self, start: usize, end: usize) {
+        let mut ranges = lock(&self.ranges);
+        let hits: Vec<(usize, Range)> = ranges
+            .range(..end)
+            .filter(|(s, r)| **s < end && r.host_end > start)
+            .map(|(s, r)| (*s, *r))
+            .collect();
+        for (s, r) in hits {
+            ranges.remove(&s);
+            if s < start {
+                ranges.insert(
+                    s,
+                    Range {
+                        host_end: start,
+                        ..r
+                    },
+                );
+            }
+            if r.host_end > end {
+                ranges.insert(
+                    end,
+                    Range {
+                        guest_start: r.guest_start + (end - s) as u64,
+                        ..r
+                    },
+                );
+            }
+        }
+    }
+
+    /// Unregisters every range (exit_mmap, step 8).
+    pub(crate) fn forget_all(&self) {
+        let all: Vec<(usize, usize)> = lock(&self.ranges)
+            .iter()
+            .map(|(s, r)| (*s, r.host_end))
+            .collect();
+        for (s, e) in all {
+            self.forget(s, e);
+        }
+    }
+
+    fn lookup(&self, addr: usize) -> Option<(usize, Range)> {
+        let ranges = lock(&self.ranges);
+        let (s, r) = ranges.range(..=addr).next_back()?;
+        (addr < r.host_end).then_some((*s, *r))
+    }
+
+    /// Runs `f` (a discard of `[start, end)`) announced as our own zap, so
+    /// the handler ignores the REMOVE message it produces (step 6).
+    pub(crate) fn self_zap<R>(&self, start: usize, end: usize, f: impl FnOnce() -> R) -> R {
+        lock(&self.self_zaps).live.push((start, end));
+        let r = f();
+        let mut z = lock(&self.self_zaps);
+        if let Some(i) = z.live.iter().position(|x| *x == (start, end)) {
+            z.live.swap_remove(i);
+        }
+        // Kept until the handler's next read: it may have read our REMOVE
+        // (which let madvise return) and not looked it up yet.
+        z.retired.push((start, end));
+        r
+    }
+
+    /// The handler is about to read messages: zaps that ended before this
+    /// point had their REMOVE read already, so their entries can go.
+    fn clear_retired_zaps(&self) {
+        lock(&self.self_zaps).retired.clear();
+    }
+
+    fn is_self_zap(&self, start: usize, end: usize) -> bool {
+        let z = lock(&self.self_zaps);
+        z.live
+            .iter()
+            .chain(z.retired.iter())
+            .any(|&(s, e)| s <= start && end <= e)
+    }
+
+    /// Wakes the threads blocked on `r` (a KSM merge, after the remap).
+    pub(crate) fn wake_range(&self, r: HostRange) -> Result<()> {
+        self.with_uffd(|u| u.wake(r.ptr() as usize, r.len()))
+            .map_err(Error::host("UFFDIO_WAKE"))
+    }
+
+    /// Populates the run `[host, host + n pages)` for the access path, under
+    /// the caller's PTE locks; sets `done[i]` for each page now present
+    /// (populated here or found present: `EEXIST`). Retries `EAGAIN` with
+    /// backoff (step 6). Returns `Ok(false)` when the tracker is dead and
+    /// the caller must populate the untracked way.
+    pub(crate) fn populate_locked(
+        &self,
+        host: usize,
+        done: &mut [bool],
+        write: bool,
+    ) -> Result<bool> {
+        #[cfg(test)]
+        if self.fail_next_populate.swap(false, Ordering::SeqCst) {
+            return Err(Error::Host {
+                op: "UFFDIO_COPY",
+                source: std::io::Error::from_raw_os_error(libc::EIO),
+            });
+        }
+        let src = zero_source()?;
+        let n = done.len();
+        let mut i = 0;
+        let mut tries = 0u32;
+        while i < n {
+            let at = host + i * PAGE_SIZE;
+            let len = (n - i) * PAGE_SIZE;
+            let res = self.with_uffd(|u| {
+                if write {
+                    u.copy(at, src, len, true)
+                } else {
+                    u.zeropage(at, len)
+                }
+            });
+            match res {
+                Ok(Fill::Done) => {
+                    done[i..].iter_mut().for_each(|d| *d = true);
+                    i = n;
+                }
+                Ok(Fill::Exists { done: b }) => {
+                    let k = b / PAGE_SIZE;
+                    done[i..=i + k].iter_mut().for_each(|d| *d = true);
+                    i += k + 1;
+                }
+                Ok(Fill::Again { done: b }) => {
+                    let k = b / PAGE_SIZE;
+                    done[i..i + k].iter_mut().for_each(|d| *d = true);
+                    i += k;
+                    tries += 1;
+                    self.counters.eagain_retries.fetch_add(1, Ordering::Relaxed);
+                    if tries > API_EAGAIN_TRIES {
+                        return Err(Error::Host {
+                            op: "UFFDIO_COPY",
+                            source: std::io::Error::from_raw_os_error(libc::EAGAIN),
+                        });
+                    }
+                    // The handler reads the pending REMOVE without any page
+                    // lock; give it the CPU (2 cores), then back off.
+                    if tries < 64 {
+                        std::thread::yield_now();
+                    } else {
+                        std::thread::sleep(std::time::Duration::from_micros(50));
+                    }
+                }
+                Err(_) if self.is_dead() => return Ok(false),
+                Err(e) => {
+                    return Err(Error::Host {
+                        op: "UFFDIO_COPY",
+                        source: e,
+                    })
+                }
+            }
+        }
+        let pages = done.iter().filter(|d| **d).count() as u64;
+        self.counters
+            .pages_populated_api
+            .fetch_add(pages, Ordering::Relaxed);
+        Ok(true)
+    }
+
+    pub(crate) fn stats(&self, debt: u64) -> TrackedStats {
+        let c = &self.counters;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        TrackedStats {
+            faults: l(&c.faults),
+            pages_faulted: l(&c.pages_faulted),
+            pages_populated_api: l(&c.pages_populated_api),
+            pages_poisoned: l(&c.pages_poisoned),
+            wp_faults: l(&c.wp_faults),
+            foreign_removes: l(&c.foreign_removes),
+            eagain_retries: l(&c.eagain_retries),
+            pressure_runs: l(&c.pressure_runs),
+            fail_open_pages: l(&c.fail_open_pages),
+            overcommit_bytes: debt,
+            busy_breaks: l(&c.busy_breaks),
+            api_wp_waits: l(&c.api_wp_waits),
+            handler_alive: !self.is_dead() && !self.stop.load(Ordering::SeqCst),
+            write_protect: self.wp,
+            poison: self.poison,
+        }
+    }
+
+    /// Stops and joins the handler (exit_mmap, after its write unlock).
+    /// From the handler thread itself (an OOM kill inside the pressure path
+    /// ran the teardown) it only asks it to stop: it exits when it returns.
+    pub(crate) fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.wake.signal();
+        let h = lock(&self.handler).take();
+        if let Some(h) = h {
+            if Some(&std::thread::current().id()) == self.handler_id.get() {
+                return;
+            }
+            let _ = h.join();
+        }
+    }
+
+    /// Step 9: the handler died. Unregister, drain, close.
+    fn die(&self, why: &str) {
+        tracing::error!(target: "mm_core::tracked", mm_id = self.mm_id, why, "userfaultfd handler died; tracked regions degrade to untracked");
+        self.dead.store(true, Ordering::SeqCst);
+        let all: Vec<(usize, usize)> = lock(&self.ranges)
+            .iter()
+            .map(|(s, r)| (*s, r.host_end))
+            .collect();
+        for (s, e) in all {
+            let _ = self.with_uffd(|u| u.unregister(s, e - s));
+        }
+        let mut ev = Vec::new();
+        let _ = self.with_uffd(|u| u.read_events(&mut ev));
+        // Closing releases the context: any message queued after the drain
+        // (a REMOVE racing the unregister) is completed by the kernel.
+        let closed = self.uffd.write().unwrap_or_else(|e| e.into_inner()).take();
+        drop(closed);
+        // API writers waiting for an unprotect: nobody will unprotect now,
+        // and unregistering lifted the protection (step 9).
+        self.wp_changed();
+    }
+}

@@ -1,0 +1,367 @@
+//! Unit tests of tracked regions (one module, shared helpers).
+
+use std::sync::mpsc;
+
+use super::*;
+use crate::{Advice, Host, MapOptions};
+
+/// Fails (instead of hanging) if a result does not arrive in two
+/// minutes. A bound on a hang, never a measurement.
+const HANG: Duration = Duration::from_secs(120);
+
+/// Spins until `cond` holds; panics (instead of hanging) after [`HANG`].
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + HANG;
+    while !cond() {
+        assert!(Instant::now() < deadline, "still waiting for {what}");
+        std::thread::yield_now();
+    }
+}
+
+fn touch(ptr: *mut u8, len: usize, byte: u8) {
+    let mut off = 0;
+    while off < len {
+        // SAFETY: test-only direct touch of a live tracked mapping.
+        unsafe { ptr.add(off).write_volatile(byte) };
+        off += PAGE_SIZE;
+    }
+}
+
+#[test]
+fn test_registry_split() {
+    let t = Tracker::new(1).unwrap();
+    t.add_range(0x10000, 0x10000, 0x100000, DEFAULT_FAULT_AROUND);
+    t.forget_registry(0x14000, 0x18000);
+    let r: Vec<_> = lock(&t.ranges)
+        .iter()
+        .map(|(s, r)| (*s, r.host_end, r.guest_start))
+        .collect();
+    assert_eq!(
+        r,
+        vec![(0x10000, 0x14000, 0x100000), (0x18000, 0x20000, 0x108000)]
+    );
+}
+
+#[test]
+fn test_direct_touch_charged_once() {
+    let host = Host::with_budget(64 << 20);
+    let mm = host.new_mm("t");
+    let addr = mm
+        .mmap_blocking(MapOptions::anon(4 << 20).tracked(true))
+        .unwrap();
+    let ptr = mm.find_vma_blocking(addr).unwrap().host_ptr();
+    touch(ptr, 4 << 20, 7);
+    assert_eq!(host.stats().charged_bytes, 4 << 20);
+    // The API sees the direct writes and populates nothing new.
+    let mut b = [0u8; 1];
+    mm.read_blocking(addr + 0x3000, &mut b).unwrap();
+    assert_eq!(b[0], 7);
+    assert_eq!(host.stats().charged_bytes, 4 << 20);
+    let s = mm.tracked_stats().unwrap();
+    assert_eq!(s.pages_faulted, 1024, "{s:?} addr={addr:#x}");
+    drop(mm);
+    assert_eq!(host.stats().charged_bytes, 0);
+}
+
+#[test]
+fn test_handler_panic_degrades() {
+    let host = Host::with_budget(64 << 20);
+    let mm = host.new_mm("t");
+    let addr = mm
+        .mmap_blocking(MapOptions::anon(2 << 20).tracked(true))
+        .unwrap();
+    let ptr = mm.find_vma_blocking(addr).unwrap().host_ptr();
+    let t = mm.tracker().unwrap();
+    t.panic_next_fault.store(true, Ordering::SeqCst);
+    // The fault is not lost: the dying handler unregisters the range and
+    // the kernel serves the refault.
+    touch(ptr, PAGE_SIZE, 9);
+    // SAFETY: test-only read of the page just written.
+    assert_eq!(unsafe { ptr.read_volatile() }, 9);
+    assert!(t.is_dead());
+    assert!(!mm.tracked_stats().unwrap().handler_alive);
+    assert!(matches!(
+        mm.write_protect_blocking(addr, PAGE),
+        Err(Error::TrackerDead { .. })
+    ));
+    // The access path falls back to the untracked populate.
+    mm.write_blocking(addr + 0x5000, b"x").unwrap();
+    assert!(mm.compare_blocking(addr + 0x5000, b"x").unwrap());
+    drop(mm);
+    assert_eq!(host.stats().charged_bytes, 0);
+}
+
+#[test]
+fn test_write_protect_blocks_writer() {
+    let host = Host::with_budget(64 << 20);
+    let mm = host.new_mm("t");
+    let addr = mm
+        .mmap_blocking(MapOptions::anon(1 << 20).tracked(true))
+        .unwrap();
+    if !mm.tracked_stats().unwrap().write_protect {
+        return;
+    }
+    let ptr = mm.find_vma_blocking(addr).unwrap().host_ptr() as usize;
+    mm.write_protect_blocking(addr, 2 * PAGE).unwrap();
+    let wrote = Arc::new(AtomicBool::new(false));
+    let w2 = wrote.clone();
+    let th = std::thread::spawn(move || {
+        touch(ptr as *mut u8, PAGE_SIZE, 5);
+        w2.store(true, Ordering::SeqCst);
+    });
+    // The writer blocks until the protection goes (no timed assertion:
+    // wait until the handler has seen its WP fault).
+    wait_until("the WP fault", || {
+        mm.tracked_stats().unwrap().wp_faults != 0
+    });
+    assert!(!wrote.load(Ordering::SeqCst));
+    mm.write_unprotect_blocking(addr, 2 * PAGE).unwrap();
+    th.join().unwrap();
+    assert!(wrote.load(Ordering::SeqCst));
+    assert!(mm.compare_blocking(addr, &[5]).unwrap());
+}
+
+/// An API write to a write-protected page must not block in
+/// the kernel holding PTE locks and the mmap read lock. With a munmap
+/// (writer) queued behind it, `write_unprotect` (a reader) could never
+/// run: nothing completed.
+#[test]
+fn test_wp_api_write_waits_without_locks() {
+    let host = Host::with_budget(64 << 20);
+    let mm = host.new_mm("t");
+    let addr = mm
+        .mmap_blocking(MapOptions::anon(1 << 20).tracked(true))
+        .unwrap();
+    if !mm.tracked_stats().unwrap().write_protect {
+        eprintln!("skipped: no userfaultfd write-protect");
+        return;
+    }
+    let other = mm.mmap_blocking(MapOptions::anon(1 << 20)).unwrap();
+    mm.write_blocking(addr, &[1]).unwrap();
+    mm.write_protect_blocking(addr, PAGE).unwrap();
+    let (tx, rx) = mpsc::channel();
+    let mm2 = mm.clone();
+    let writer = std::thread::spawn(move || {
+        mm2.write_blocking(addr, &[2]).unwrap();
+        tx.send(()).unwrap();
+    });
+    wait_until("the API writer to wait", || {
+        mm.tracked_stats().unwrap().api_wp_waits != 0
+    });
+    // A writer of the mmap lock: must not wait for the API writer.
+    let (tx2, rx2) = mpsc::channel();
+    let mm3 = mm.clone();
+    let unmapper = std::thread::spawn(move || {
+        tx2.send(mm3.munmap_blocking(other, 1 << 20)).unwrap();
+    });
+    rx2.recv_timeout(HANG)
+        .expect("munmap stuck behind a write-protected API write")
+        .unwrap();
+    unmapper.join().unwrap();
+    assert!(
+        rx.try_recv().is_err(),
+        "the API write ignored the protection"
+    );
+    mm.write_unprotect_blocking(addr, PAGE).unwrap();
+    rx.recv_timeout(HANG)
+        .expect("API writer not woken by unprotect");
+    writer.join().unwrap();
+    assert!(mm.compare_blocking(addr, &[2]).unwrap());
+}
+
+/// Once failed open, stay failed open until a real charge
+/// succeeds: one pressure cycle in all, not one per page.
+#[test]
+fn test_fail_open_is_not_a_pressure_cycle_per_page() {
+    let host = Host::with_budget(1 << 20);
+    let mm = host.new_mm("t");
+    let addr = mm
+        .mmap_blocking(MapOptions::anon(4 << 20).tracked(true).fault_around(PAGE))
+        .unwrap();
+    let ptr = mm.find_vma_blocking(addr).unwrap().host_ptr();
+    touch(ptr, 2 << 20, 1);
+    let s = mm.tracked_stats().unwrap();
+    assert_eq!(s.fail_open_pages, 256, "{s:?}");
+    assert_eq!(s.overcommit_bytes, 1 << 20, "{s:?}");
+    assert!(
+        s.pressure_runs <= 2 * u64::from(PRESSURE_ROUNDS),
+        "a pressure cycle per page: {s:?}"
+    );
+    assert_eq!(host.stats().charged_bytes, 1 << 20);
+    drop(mm);
+    assert_eq!(host.stats().charged_bytes, 0);
+}
+
+/// `UNSTABLE` set (and the window zapped) after the faulting
+/// page is locked but before the rest of the window is: the fault must
+/// be poisoned, not served with zeros.
+#[test]
+fn test_unstable_rechecked_with_the_whole_window_locked() {
+    let host = Host::with_budget(64 << 20);
+    let mm = host.new_mm("t");
+    let addr = mm
+        .mmap_blocking(MapOptions::anon(2 << 20).tracked(true))
+        .unwrap();
+    let t = mm.tracker().unwrap();
+    if !t.poison {
+        eprintln!("skipped: no UFFDIO_POISON (a poisoned fault would hang)");
+        return;
+    }
+    let ptr = mm.find_vma_blocking(addr).unwrap().host_ptr();
+    t.unstable_after_first_lock.store(true, Ordering::SeqCst);
+    // Fault the page from the kernel (write(2) reads it into a pipe): a
+    // poisoned page gives EFAULT here instead of SIGBUS to the test.
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe(2) writes two descriptors into the live array.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // SAFETY: reads 16 bytes of a live tracked mapping; fds[1] is ours.
+    let r = unsafe { libc::write(fds[1], ptr.cast(), 16) };
+    let err = std::io::Error::last_os_error();
+    for fd in fds {
+        // SAFETY: closing descriptors we own and no longer use.
+        unsafe { libc::close(fd) };
+    }
+    assert_eq!(r, -1, "served zeros after UNSTABLE");
+    assert_eq!(err.raw_os_error(), Some(libc::EFAULT));
+    // POISON wakes the faulter before the handler bumps its counter.
+    wait_until("the poison counter", || {
+        mm.tracked_stats().unwrap().pages_poisoned != 0
+    });
+    let s = mm.tracked_stats().unwrap();
+    assert_eq!((s.pages_poisoned, s.pages_faulted), (1, 0), "{s:?}");
+    assert_eq!(host.stats().charged_bytes, 0);
+}
+
+/// Our own zap's madvise returns once the handler has read
+/// its REMOVE, so it may pop its entry before the handler looks the
+/// message up; it must still not be taken for the embedder's.
+#[test]
+fn test_own_remove_not_foreign_after_zapper_returned() {
+    let host = Host::with_budget(64 << 20);
+    let mm = host.new_mm("t");
+    let addr = mm
+        .mmap_blocking(MapOptions::anon(2 << 20).tracked(true))
+        .unwrap();
+    let ptr = mm.find_vma_blocking(addr).unwrap().host_ptr();
+    touch(ptr, PAGE_SIZE, 1);
+    // The fault-around window of the first page (clamped to the VMA).
+    let window = host.stats().charged_bytes;
+    assert!(window >= PAGE);
+    let t = mm.tracker().unwrap();
+    t.hold_after_read.store(true, Ordering::SeqCst);
+    mm.madvise_blocking(addr, 2 << 20, Advice::DontNeed)
+        .unwrap();
+    t.hold_after_read.store(false, Ordering::SeqCst);
+    assert_eq!(host.stats().charged_bytes, 0);
+    // This fault is answered after the round that classified the REMOVE.
+    touch(ptr, PAGE_SIZE, 2);
+    let s = mm.tracked_stats().unwrap();
+    assert_eq!(s.foreign_removes, 0, "{s:?}");
+    assert_eq!(host.stats().charged_bytes, window);
+    assert!(mm.compare_blocking(addr, &[2]).unwrap());
+}
+
+/// A handler panic with the window locked releases the PTE
+/// locks and the charge (a leaked LOCK bit made every later
+/// `pte_lock` spin forever).
+#[test]
+fn test_handler_panic_after_lock_releases_locks() {
+    let host = Host::with_budget(64 << 20);
+    let mm = host.new_mm("t");
+    let addr = mm
+        .mmap_blocking(MapOptions::anon(2 << 20).tracked(true))
+        .unwrap();
+    let ptr = mm.find_vma_blocking(addr).unwrap().host_ptr();
+    let t = mm.tracker().unwrap();
+    t.panic_after_lock.store(true, Ordering::SeqCst);
+    touch(ptr, PAGE_SIZE, 9);
+    assert!(t.is_dead());
+    {
+        let guard = crossbeam_epoch::pin();
+        for gpn in addr / PAGE..(addr + (2 << 20)) / PAGE {
+            if let Some(p) = mm.page_table().pte(gpn, &guard) {
+                let w = p.load(Ordering::Acquire);
+                assert_eq!(w & Pte::LOCK, 0, "PTE {gpn:#x} left locked: {w:#x}");
+                assert!(!Pte(w).present());
+            }
+        }
+    }
+    assert_eq!(host.stats().charged_bytes, 0);
+    let (tx, rx) = mpsc::channel();
+    let mm2 = mm.clone();
+    let th = std::thread::spawn(move || {
+        tx.send(mm2.write_blocking(addr, b"x")).unwrap();
+    });
+    rx.recv_timeout(HANG)
+        .expect("access path stuck on a leaked PTE lock")
+        .unwrap();
+    th.join().unwrap();
+    assert!(mm.compare_blocking(addr, b"x").unwrap());
+    drop(mm);
+    assert_eq!(host.stats().charged_bytes, 0);
+}
+
+/// A page served without its lock (the lock stayed busy) is
+/// charged once the lock is free if its PTE is still empty.
+#[test]
+fn test_busy_break_is_charged_after_the_lock_goes() {
+    let host = Host::with_budget(64 << 20);
+    let mm = host.new_mm("t");
+    let addr = mm
+        .mmap_blocking(MapOptions::anon(1 << 20).tracked(true).fault_around(PAGE))
+        .unwrap();
+    let ptr = mm.find_vma_blocking(addr).unwrap().host_ptr() as usize;
+    let state = futures_lite::future::block_on(mm.lock().read());
+    let guard = crossbeam_epoch::pin();
+    let pte = mm
+        .page_table()
+        .leaf_alloc(addr / PAGE, &guard)
+        .pte(addr / PAGE);
+    // A "zapper" holding the page lock, leaving the PTE empty.
+    let old = crate::pgtable::pte_lock(pte);
+    let (tx, rx) = mpsc::channel();
+    let th = std::thread::spawn(move || {
+        touch(ptr as *mut u8, PAGE_SIZE, 3);
+        tx.send(()).unwrap();
+    });
+    rx.recv_timeout(HANG).expect("busy fault never resolved");
+    th.join().unwrap();
+    assert_eq!(mm.tracked_stats().unwrap().busy_breaks, 1);
+    crate::pgtable::pte_unlock(pte, old);
+    drop(guard);
+    drop(state);
+    wait_until("the busy page to be charged", || {
+        host.stats().charged_bytes == PAGE
+    });
+    assert_eq!(mm.rss_pages(), 1);
+    assert!(mm.compare_blocking(addr, &[3]).unwrap());
+    drop(mm);
+    assert_eq!(host.stats().charged_bytes, 0);
+}
+
+/// A failed tracked populate drops only the pages that were
+/// missing (the present ones keep their data) and returns the tracker's
+/// error unchanged.
+#[test]
+fn test_populate_error_keeps_present_pages() {
+    let host = Host::with_budget(64 << 20);
+    let mm = host.new_mm("t");
+    let addr = mm
+        .mmap_blocking(MapOptions::anon(2 << 20).tracked(true).fault_around(PAGE))
+        .unwrap();
+    let at = addr + 100 * PAGE;
+    mm.write_blocking(at, &[7]).unwrap();
+    mm.tracker()
+        .unwrap()
+        .fail_next_populate
+        .store(true, Ordering::SeqCst);
+    let r = mm.write_blocking(at + PAGE - 1, &[1, 2]);
+    assert!(
+        matches!(&r, Err(Error::Host { op: "UFFDIO_COPY", source }) if source.raw_os_error() == Some(libc::EIO)),
+        "{r:?}"
+    );
+    assert_eq!(host.stats().charged_bytes, PAGE);
+    assert!(mm.compare_blocking(at, &[7]).unwrap(), "present page lost");
+    drop(mm);
+    assert_eq!(host.stats().charged_bytes, 0);
+}
