@@ -151,6 +151,14 @@ pub enum Error {
         /// The mm whose lock guard the state came from.
         lock_mm_id: u64,
     },
+    /// The range is registered with a user-mode-only userfaultfd, so faults
+    /// the kernel takes on the guest's behalf (a KVM vCPU, `O_DIRECT` I/O)
+    /// would fail with `EFAULT`: see [`Vma::user_mode_only`](crate::Vma::user_mode_only).
+    #[error("guest address {addr:#x} is tracked by a user-mode-only userfaultfd: kernel-mode access (a KVM memslot, O_DIRECT) needs /dev/userfaultfd access or CAP_SYS_PTRACE")]
+    UserModeOnly {
+        /// First page of the range that is user-mode-only.
+        addr: u64,
+    },
     /// The running kernel does not offer a feature this call needs.
     #[error("not supported by this kernel: {what}")]
     Unsupported {
@@ -158,7 +166,7 @@ pub enum Error {
         what: &'static str,
     },
     /// A host system call failed.
-    #[error("host {op} failed")]
+    #[error("host {op} failed: {source}")]
     Host {
         /// The system call (`mmap`, `madvise`, ...).
         op: &'static str,

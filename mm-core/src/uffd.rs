@@ -12,7 +12,12 @@
 //!    `UFFD_USER_MODE_ONLY` (faults taken by the kernel on behalf of the
 //!    process, such as KVM's guest page walks, must reach us too), falling
 //!    back to `/dev/userfaultfd` + `USERFAULTFD_IOC_NEW` when the syscall is
-//!    refused (`vm.unprivileged_userfaultfd = 0` without `CAP_SYS_PTRACE`).
+//!    refused (`vm.unprivileged_userfaultfd = 0` without `CAP_SYS_PTRACE`),
+//!    and when that is refused too (an ordinary user without access to the
+//!    device), to `userfaultfd(UFFD_USER_MODE_ONLY)`, which any user may
+//!    open since Linux 5.11: only faults taken in user mode reach it, and
+//!    a kernel-mode fault on a registered range (KVM, `O_DIRECT`, a
+//!    syscall's copy) fails with `EFAULT` instead of waiting for us.
 //! 2. `UFFDIO_API` once, asking for the features we want among those the
 //!    kernel offers (probed on a throwaway descriptor first, because the
 //!    handshake can only be done once per descriptor).
@@ -137,6 +142,8 @@ pub(crate) struct Uffd {
     fd: OwnedFd,
     /// Features granted by `UFFDIO_API`.
     features: u64,
+    /// Opened with `UFFD_USER_MODE_ONLY`: kernel-mode faults are not ours.
+    user_mode_only: bool,
 }
 
 /// What the kernel says about a resolve ioctl.
@@ -178,17 +185,45 @@ unsafe fn ioctl<T>(fd: &OwnedFd, req: u32, arg: &mut T) -> io::Result<()> {
     }
 }
 
-/// A raw descriptor: the syscall, else `/dev/userfaultfd`.
-fn open_raw() -> io::Result<OwnedFd> {
-    let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
+/// `userfaultfd(2)` with `flags`.
+fn syscall_fd(flags: i32) -> io::Result<OwnedFd> {
     // SAFETY: userfaultfd(2) takes one int of flags and returns a new fd or
-    // -1; no memory is passed. No UFFD_USER_MODE_ONLY: KVM's faults count.
+    // -1; no memory is passed.
     let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
-    if fd >= 0 {
-        // SAFETY: a fresh descriptor owned by nobody else.
-        return Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
     }
-    let sys_err = io::Error::last_os_error();
+    // SAFETY: a fresh descriptor owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+const USER_MODE_ONLY_FLAGS: i32 =
+    libc::O_CLOEXEC | libc::O_NONBLOCK | uapi::UFFD_USER_MODE_ONLY as i32;
+
+/// A raw descriptor and whether it is user-mode-only: the full syscall,
+/// else `/dev/userfaultfd`, else the syscall with `UFFD_USER_MODE_ONLY`
+/// (at once when `user_mode_only` is asked for).
+fn open_raw(user_mode_only: bool) -> io::Result<(OwnedFd, bool)> {
+    if user_mode_only {
+        return syscall_fd(USER_MODE_ONLY_FLAGS).map(|fd| (fd, true));
+    }
+    match open_full() {
+        Ok(fd) => Ok((fd, false)),
+        // An error here (a kernel before 5.11, a seccomp filter) says less
+        // than the first refusal: report that one.
+        Err(full) => syscall_fd(USER_MODE_ONLY_FLAGS)
+            .map(|fd| (fd, true))
+            .map_err(|_| full),
+    }
+}
+
+/// A descriptor that also sees kernel-mode faults (KVM's faults count).
+fn open_full() -> io::Result<OwnedFd> {
+    let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
+    let sys_err = match syscall_fd(flags) {
+        Ok(fd) => return Ok(fd),
+        Err(e) => e,
+    };
     let dev = match std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -226,14 +261,28 @@ fn range(start: usize, len: usize) -> uapi::uffdio_range {
 }
 
 impl Uffd {
-    /// Opens a descriptor with the wanted features that the kernel offers.
-    pub(crate) fn open(wanted: u64) -> io::Result<Uffd> {
+    /// Opens a descriptor with the wanted features that the kernel offers;
+    /// `user_mode_only` asks for `UFFD_USER_MODE_ONLY` even where a full
+    /// descriptor is allowed.
+    pub(crate) fn open(wanted: u64, user_mode_only: bool) -> io::Result<Uffd> {
         // The handshake can be done only once per descriptor, so ask a
         // throwaway one what the kernel offers.
-        let offered = api(&open_raw()?, 0)?;
-        let fd = open_raw()?;
+        let (probe, _) = open_raw(user_mode_only)?;
+        let offered = api(&probe, 0)?;
+        let (fd, user_mode_only) = open_raw(user_mode_only)?;
         let features = api(&fd, wanted & offered)?;
-        Ok(Uffd { fd, features })
+        Ok(Uffd {
+            fd,
+            features,
+            user_mode_only,
+        })
+    }
+
+    /// Opened with `UFFD_USER_MODE_ONLY` (no privilege for more): faults
+    /// the kernel takes on the process's behalf (KVM, `O_DIRECT`) fail with
+    /// `EFAULT` on registered ranges instead of reaching the handler.
+    pub(crate) fn user_mode_only(&self) -> bool {
+        self.user_mode_only
     }
 
     /// Does the descriptor have all of `f`?
@@ -498,7 +547,7 @@ mod tests {
 
     #[test]
     fn test_open_and_features() {
-        let u = Uffd::open(feature::EVENT_REMOVE | feature::POISON).unwrap();
+        let u = Uffd::open(feature::EVENT_REMOVE | feature::POISON, false).unwrap();
         assert!(u.has(feature::EVENT_REMOVE));
         assert!(u.raw() >= 0);
     }

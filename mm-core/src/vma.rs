@@ -388,6 +388,15 @@ impl Vma {
         self.region.base().wrapping_add(self.region_off)
     }
 
+    /// Is this mapping registered with a `UFFD_USER_MODE_ONLY` userfaultfd
+    /// (tracked, or write-protected for KSM, on a host that grants no full
+    /// descriptor)? Then a fault the kernel takes on the process's behalf
+    /// (a KVM vCPU, `O_DIRECT`) fails with `EFAULT` instead of being
+    /// served: not usable as a KVM memslot.
+    pub fn user_mode_only(&self) -> bool {
+        self.region.wp_tracker().is_some_and(|t| t.user_mode_only())
+    }
+
     pub(crate) fn host_range(&self, start: u64, end: u64) -> HostRange {
         debug_assert!(self.start <= start && end <= self.end);
         self.region.range(

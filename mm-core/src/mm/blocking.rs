@@ -52,6 +52,10 @@ impl MmUser {
     pub fn find_vma_blocking(&self, addr: u64) -> Result<Vma> {
         block_on(self.find_vma(addr))
     }
+    /// Blocking [`check_kernel_access`](Self::check_kernel_access).
+    pub fn check_kernel_access_blocking(&self, addr: u64, len: u64) -> Result<()> {
+        block_on(self.check_kernel_access(addr, len))
+    }
     /// Blocking [`vmas`](Self::vmas).
     pub fn vmas_blocking(&self) -> Vec<Vma> {
         block_on(self.vmas())

@@ -42,6 +42,12 @@ pub struct MmConfig {
     pub va_limit: u64,
     /// Lowest address `mmap` picks when no address is given (`mmap_min_addr`).
     pub mmap_floor: u64,
+    /// Open this mm's userfaultfd `UFFD_USER_MODE_ONLY` even where a full
+    /// descriptor is allowed (least privilege for a runtime whose guests
+    /// only touch memory from user mode, such as WASM). Without the
+    /// privilege for a full one it is user-mode-only anyway
+    /// ([`TrackedStats::user_mode_only`]).
+    pub user_mode_only_uffd: bool,
 }
 
 impl Default for MmConfig {
@@ -49,6 +55,7 @@ impl Default for MmConfig {
         MmConfig {
             va_limit: MAX_GPN * PAGE,
             mmap_floor: 1 << 20,
+            user_mode_only_uffd: false,
         }
     }
 }
@@ -300,7 +307,7 @@ impl Mm {
     ) -> MmUser {
         let config = MmConfig {
             va_limit: config.va_limit.min(MAX_GPN * PAGE) & !(PAGE - 1),
-            mmap_floor: config.mmap_floor,
+            ..config
         };
         let mm = Mm {
             id,
@@ -562,7 +569,7 @@ impl MmUser {
             }
             return Ok(t.clone());
         }
-        let t = Tracker::new(self.id)?;
+        let t = Tracker::new(self.id, self.config.user_mode_only_uffd)?;
         if !usable(&t) {
             return Err(Error::Unsupported {
                 what: "userfaultfd write-protect (UFFD_FEATURE_PAGEFAULT_FLAG_WP)",

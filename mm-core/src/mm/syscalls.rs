@@ -445,6 +445,26 @@ impl MmUser {
             .ok_or(Error::Unmapped { addr })
     }
 
+    /// Checks that the kernel may fault on `[addr, addr + len)` on the
+    /// guest's behalf: every page mapped, and no userfaultfd registration
+    /// of it user-mode-only ([`Error::UserModeOnly`] names the first such
+    /// page). Call it before handing the range to KVM as a memslot or to
+    /// `O_DIRECT` I/O.
+    pub async fn check_kernel_access(&self, addr: u64, len: u64) -> Result<()> {
+        let end = check_range(addr, len, self.config.va_limit)?;
+        let state = self.lock.read().await;
+        state.vmas.check_mapped(addr, end)?;
+        let user_mode_only = state
+            .vmas
+            .overlapping(addr, end)
+            .find(|v| v.user_mode_only())
+            .map(|v| v.start.max(addr));
+        match user_mode_only {
+            Some(addr) => Err(Error::UserModeOnly { addr }),
+            None => Ok(()),
+        }
+    }
+
     /// All VMAs (copies).
     pub async fn vmas(&self) -> Vec<Vma> {
         self.lock.read().await.vmas.iter().cloned().collect()

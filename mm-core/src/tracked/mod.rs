@@ -154,6 +154,14 @@ pub struct TrackedStats {
     /// Is `UFFDIO_POISON` available (Linux 6.6+)? Without it a fault after
     /// `UNSTABLE` stays blocked instead of getting SIGBUS.
     pub poison: bool,
+    /// The descriptor is `UFFD_USER_MODE_ONLY` (the process may not open a
+    /// full one: `vm.unprivileged_userfaultfd = 0`, no `CAP_SYS_PTRACE`, no
+    /// access to `/dev/userfaultfd`). Touches from user mode (threads, JIT
+    /// code, the access API) are tracked as usual; a fault the kernel takes
+    /// on the process's behalf (a KVM vCPU, `O_DIRECT`, a syscall reading
+    /// guest memory) on a missing page fails with `EFAULT` instead. Such a
+    /// region is no KVM memslot: see the README's "Privileges".
+    pub user_mode_only: bool,
 }
 
 #[derive(Debug, Default)]
@@ -192,6 +200,8 @@ pub(crate) struct Tracker {
     /// Write-protect also works on memfd mappings (KSM's merged pages).
     wp_shmem: bool,
     poison: bool,
+    /// `UFFD_USER_MODE_ONLY`: kernel-mode faults never reach the handler.
+    user_mode_only: bool,
     wake: EventFd,
     stop: AtomicBool,
     dead: AtomicBool,
@@ -288,22 +298,29 @@ enum Outcome {
 impl Tracker {
     /// Opens the descriptor (step 1). The handler is started by
     /// [`Tracker::start`].
-    pub(crate) fn new(mm_id: u64) -> Result<Arc<Tracker>> {
+    /// `user_mode_only`: ask for `UFFD_USER_MODE_ONLY` even where a full
+    /// descriptor is allowed.
+    pub(crate) fn new(mm_id: u64, user_mode_only: bool) -> Result<Arc<Tracker>> {
         let wanted = uffd::feature::PAGEFAULT_FLAG_WP
             | uffd::feature::EVENT_REMOVE
             | uffd::feature::EVENT_UNMAP
             | uffd::feature::POISON
             | uffd::feature::WP_HUGETLBFS_SHMEM;
-        let u = Uffd::open(wanted).map_err(Error::host("userfaultfd"))?;
+        let u = Uffd::open(wanted, user_mode_only).map_err(Error::host("userfaultfd"))?;
         let wp = u.has(uffd::feature::PAGEFAULT_FLAG_WP);
         let wp_shmem = wp && u.has(uffd::feature::WP_HUGETLBFS_SHMEM);
         let poison = u.has(uffd::feature::POISON);
+        let user_mode_only = u.user_mode_only();
+        if user_mode_only {
+            tracing::info!(target: "mm_core::tracked", mm_id, "userfaultfd is user-mode-only here (no privilege for a full descriptor): faults the kernel takes on the guest's behalf (KVM, O_DIRECT) get EFAULT");
+        }
         Ok(Arc::new(Tracker {
             mm_id,
             uffd: RwLock::new(Some(u)),
             wp,
             wp_shmem,
             poison,
+            user_mode_only,
             wake: EventFd::new().map_err(Error::host("eventfd"))?,
             stop: AtomicBool::new(false),
             dead: AtomicBool::new(false),
@@ -551,6 +568,11 @@ impl Tracker {
         Ok(true)
     }
 
+    /// The descriptor is `UFFD_USER_MODE_ONLY`.
+    pub(crate) fn user_mode_only(&self) -> bool {
+        self.user_mode_only
+    }
+
     pub(crate) fn stats(&self, debt: u64) -> TrackedStats {
         let c = &self.counters;
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
@@ -570,6 +592,7 @@ impl Tracker {
             handler_alive: !self.is_dead() && !self.stop.load(Ordering::SeqCst),
             write_protect: self.wp,
             poison: self.poison,
+            user_mode_only: self.user_mode_only,
         }
     }
 

@@ -29,7 +29,7 @@ fn touch(ptr: *mut u8, len: usize, byte: u8) {
 
 #[test]
 fn test_registry_split() {
-    let t = Tracker::new(1).unwrap();
+    let t = Tracker::new(1, false).unwrap();
     t.add_range(0x10000, 0x10000, 0x100000, DEFAULT_FAULT_AROUND);
     t.forget_registry(0x14000, 0x18000);
     let r: Vec<_> = lock(&t.ranges)
@@ -205,6 +205,10 @@ fn test_unstable_rechecked_with_the_whole_window_locked() {
     let t = mm.tracker().unwrap();
     if !t.poison {
         eprintln!("skipped: no UFFDIO_POISON (a poisoned fault would hang)");
+        return;
+    }
+    if t.user_mode_only {
+        eprintln!("skipped: needs a full userfaultfd (kernel-mode faults: /dev/userfaultfd access or CAP_SYS_PTRACE)");
         return;
     }
     let ptr = mm.find_vma_blocking(addr).unwrap().host_ptr();
