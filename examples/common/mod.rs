@@ -27,6 +27,9 @@ pub fn init<A: clap::Parser>() -> A {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
+        // A closed stderr must not panic a library thread (the fallback
+        // report would be an eprintln! to that same stderr).
+        .log_internal_errors(false)
         .init();
     args
 }
