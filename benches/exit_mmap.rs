@@ -5,6 +5,10 @@
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use guestmm::{Host, MapOptions};
 
+// The examples' kernel-side mapping (`AnonMap`), shared.
+#[path = "../examples/common/mod.rs"]
+mod common;
+
 const SIZE: usize = 64 << 20;
 
 fn bench(c: &mut Criterion) {
@@ -26,24 +30,12 @@ fn bench(c: &mut Criterion) {
     g.bench_function("kernel_munmap", |b| {
         b.iter_batched(
             || {
-                // SAFETY: a fresh private anonymous mapping, filled, then unmapped by the routine.
-                let p = unsafe {
-                    libc::mmap(
-                        std::ptr::null_mut(),
-                        SIZE,
-                        libc::PROT_READ | libc::PROT_WRITE,
-                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                        -1,
-                        0,
-                    )
-                };
-                assert_ne!(p, libc::MAP_FAILED);
-                // SAFETY: `p` is a writable mapping of SIZE bytes.
-                unsafe { std::ptr::write_bytes(p.cast::<u8>(), 1, SIZE) };
-                p as usize
+                let mut m = common::AnonMap::new(SIZE, 0).expect("mmap");
+                m.as_mut_slice().fill(1);
+                m
             },
-            // SAFETY: unmaps the mapping created in the setup, used by nobody else.
-            |p| unsafe { libc::munmap(p as *mut libc::c_void, SIZE) },
+            // munmap
+            drop,
             BatchSize::PerIteration,
         )
     });

@@ -14,16 +14,51 @@
 
 use std::time::Instant;
 
-use guestmm::{Host, MapOptions, PAGE_SIZE};
+use clap::Parser;
+use guestmm::{Host, MapOptions};
+use serde::Serialize;
 
-fn touch(ptr: *mut u8, len: usize) {
-    let mut off = 0;
-    while off < len {
-        // SAFETY: `ptr..ptr+len` is a live writable mapping owned by the
-        // caller for the duration of this call.
-        unsafe { ptr.add(off).write_volatile(1) };
-        off += PAGE_SIZE;
+mod common;
+use common::{median, round, AnonMap};
+
+/// First touch of a tracked (userfaultfd) region against the kernel's own
+/// first touch of a plain anonymous mapping, median of the rounds.
+#[derive(Debug, Parser)]
+#[command(name = "bench_first_touch")]
+struct Args {
+    /// MiB to touch per round.
+    #[arg(long, default_value_t = 1024, value_parser = common::at_least(2))]
+    mib: u64,
+    /// Rounds (the median is reported).
+    #[arg(long, default_value_t = 5, value_parser = common::at_least(1))]
+    rounds: u64,
+    /// Fault-around window of the tracked region, KiB: a power of two from
+    /// 4 to 2048.
+    #[arg(long, default_value_t = 2048, value_parser = fault_around_kib)]
+    fault_around_kib: u64,
+    /// Print one JSON line with the results.
+    #[arg(long)]
+    json: bool,
+}
+
+fn fault_around_kib(s: &str) -> Result<u64, String> {
+    let v: u64 = s.parse().map_err(|e| format!("{e}"))?;
+    if (4..=2048).contains(&v) && v.is_power_of_two() {
+        Ok(v)
+    } else {
+        Err(format!("a power of two from 4 to 2048, got {v}"))
     }
+}
+
+/// The `--json` line.
+#[derive(Debug, Serialize)]
+struct Report {
+    bytes: u64,
+    rounds: u64,
+    fault_around: u64,
+    tracked_ms: f64,
+    kernel_ms: f64,
+    ratio: f64,
 }
 
 fn tracked_once(bytes: u64, fault_around: u64) -> f64 {
@@ -38,7 +73,8 @@ fn tracked_once(bytes: u64, fault_around: u64) -> f64 {
         .expect("tracked mmap");
     let ptr = mm.find_vma_blocking(addr).expect("vma").host_ptr();
     let t = Instant::now();
-    touch(ptr, bytes as usize);
+    // SAFETY: the tracked mapping stays mapped while `mm` is held.
+    unsafe { common::touch(ptr, bytes as usize) };
     let ms = t.elapsed().as_secs_f64() * 1e3;
     assert_eq!(host.stats().charged_bytes, bytes);
     drop(mm);
@@ -46,53 +82,17 @@ fn tracked_once(bytes: u64, fault_around: u64) -> f64 {
 }
 
 fn kernel_once(bytes: u64) -> f64 {
-    let len = bytes as usize;
-    // SAFETY: a fresh private anonymous mapping, unmapped below.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(p, libc::MAP_FAILED);
+    let mut m = AnonMap::new(bytes as usize, libc::MAP_NORESERVE).expect("mmap");
     let t = Instant::now();
-    touch(p.cast(), len);
-    let ms = t.elapsed().as_secs_f64() * 1e3;
-    // SAFETY: the mapping made above; nothing refers to it any more.
-    unsafe { libc::munmap(p, len) };
-    ms
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
-fn arg(args: &[String], name: &str, default: u64) -> u64 {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    m.touch();
+    t.elapsed().as_secs_f64() * 1e3
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let json = args.iter().any(|a| a == "--json");
-    let bytes = arg(&args, "--mib", 1024).max(2) << 20;
-    let rounds = arg(&args, "--rounds", 5).max(1);
-    let fa = arg(&args, "--fault-around-kib", 2048) << 10;
-    if !(4..=2048).contains(&(fa >> 10)) || !fa.is_power_of_two() {
-        eprintln!(
-            "bench_first_touch: --fault-around-kib must be a power of two from 4 to 2048, got {}",
-            fa >> 10
-        );
-        std::process::exit(2);
-    }
+    let args: Args = common::init();
+    let (json, rounds) = (args.json, args.rounds);
+    let bytes = args.mib << 20;
+    let fa = args.fault_around_kib << 10;
     let (mut tr, mut kr) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
         // Alternate so drift (other load, page cache) hits both alike.
@@ -102,9 +102,14 @@ fn main() {
     let (t, k) = (median(tr.clone()), median(kr.clone()));
     let ratio = t / k;
     if json {
-        println!(
-            "{{\"bytes\":{bytes},\"rounds\":{rounds},\"fault_around\":{fa},\"tracked_ms\":{t:.1},\"kernel_ms\":{k:.1},\"ratio\":{ratio:.3}}}"
-        );
+        common::print_json(&Report {
+            bytes,
+            rounds,
+            fault_around: fa,
+            tracked_ms: round(t, 1),
+            kernel_ms: round(k, 1),
+            ratio: round(ratio, 3),
+        });
     } else {
         println!(
             "first touch of {} MiB, median of {rounds} rounds, fault-around {} KiB",

@@ -23,16 +23,43 @@
 
 use std::time::{Duration, Instant};
 
+use clap::Parser;
 use guestmm::ksm::{Ksm, KsmConfig, Run};
 use guestmm::{Advice, Host, MapOptions, PAGE_SIZE};
+use serde::Serialize;
+
+mod common;
+use common::{fill_page, round, AnonMap};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 const KSM_SYS: &str = "/sys/kernel/mm/ksm";
 
-fn fill_page(p: &mut [u8], i: u64) {
-    for (k, c) in p.chunks_exact_mut(8).enumerate() {
-        c.copy_from_slice(&(i.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ k as u64).to_le_bytes());
-    }
+/// Our KSM merge rate against the kernel's ksmd on the same data (the
+/// kernel side needs a writable /sys/kernel/mm/ksm; every knob it sets is
+/// restored).
+#[derive(Debug, Parser)]
+#[command(name = "bench_ksm")]
+struct Args {
+    /// MiB of data: two copies of MIB/2 MiB of distinct pages.
+    #[arg(long, default_value_t = 256, value_parser = common::at_least(1))]
+    mib: u64,
+    /// Print one JSON line with the results.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The `--json` line (`null` for the kernel side when it was skipped).
+#[derive(Debug, Serialize)]
+struct Report {
+    bytes: u64,
+    pages: u64,
+    ours_pages_merged: u64,
+    ours_pages_per_s: u64,
+    ours_cpu_us_per_page: f64,
+    kernel_pages_merged: u64,
+    kernel_pages_per_s: Option<f64>,
+    kernel_cpu_us_per_page: Option<f64>,
+    ratio: Option<f64>,
 }
 
 fn process_cpu() -> Duration {
@@ -161,33 +188,11 @@ fn kernel(pages: u64) -> Result<Option<Side>, Box<dyn std::error::Error>> {
         eprintln!("bench_ksm: {KSM_SYS} is not writable: kernel side skipped");
         return Ok(None);
     }
-    let len = (2 * pages * PAGE) as usize;
-    // SAFETY: a fresh private anonymous mapping the kernel places; nothing
-    // else refers to it. Unmapped below.
-    let base = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    if base == libc::MAP_FAILED {
-        return Err(std::io::Error::last_os_error().into());
+    let mut map = AnonMap::new((2 * pages * PAGE) as usize, 0)?;
+    for (i, page) in map.as_mut_slice().chunks_exact_mut(PAGE_SIZE).enumerate() {
+        fill_page(page, i as u64 % pages);
     }
-    // SAFETY: `base..base+len` is the mapping above, readable and writable,
-    // and only this thread touches it until it is unmapped.
-    let mem = unsafe { std::slice::from_raw_parts_mut(base.cast::<u8>(), len) };
-    for i in 0..2 * pages {
-        let at = (i * PAGE) as usize;
-        fill_page(&mut mem[at..at + PAGE_SIZE], i % pages);
-    }
-    // SAFETY: madvise on our own mapping.
-    if unsafe { libc::madvise(base, len, libc::MADV_MERGEABLE) } != 0 {
-        return Err(std::io::Error::last_os_error().into());
-    }
+    map.madvise(libc::MADV_MERGEABLE)?;
     let mut guard = KnobGuard { saved: Vec::new() };
     guard.set("run", "0")?;
     // Linux 6.9+: with the scan-time advisor on, the kernel tunes
@@ -213,8 +218,7 @@ fn kernel(pages: u64) -> Result<Option<Side>, Box<dyn std::error::Error>> {
     let merged = merging_pages() / 2;
     drop(guard); // run=0 and the other knobs back before reading ksmd's CPU
     let cpu = ksmd_cpu().unwrap_or(c0) - c0;
-    // SAFETY: unmapping the mapping created above; `mem` is not used again.
-    unsafe { libc::munmap(base, len) };
+    drop(map);
     Ok(Some(Side {
         pages: merged,
         wall,
@@ -223,14 +227,9 @@ fn kernel(pages: u64) -> Result<Option<Side>, Box<dyn std::error::Error>> {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args: Vec<String> = std::env::args().collect();
-    let json = args.iter().any(|a| a == "--json");
-    let mib: u64 = args
-        .iter()
-        .position(|a| a == "--mib")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(256);
+    // Before anything else: `--help` and a bad flag never touch the knobs.
+    let args: Args = common::init();
+    let (json, mib) = (args.json, args.mib);
     let bytes = mib << 20;
     let pages = bytes / 2 / PAGE;
     let o = ours(pages)?;
@@ -238,17 +237,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let per_cpu = |s: &Side| s.pages as f64 / s.cpu.as_secs_f64().max(1e-9);
     let ratio = k.as_ref().map(|k| per_cpu(&o) / per_cpu(k));
     if json {
-        let f = |v: Option<f64>| v.map_or("null".to_string(), |v| format!("{v:.3}"));
-        println!(
-            "{{\"bytes\":{bytes},\"pages\":{pages},\"ours_pages_merged\":{},\"ours_pages_per_s\":{:.0},\"ours_cpu_us_per_page\":{:.3},\"kernel_pages_merged\":{},\"kernel_pages_per_s\":{},\"kernel_cpu_us_per_page\":{},\"ratio\":{}}}",
-            o.pages,
-            o.rate(),
-            o.cpu_us_per_page(),
-            k.as_ref().map_or(0, |k| k.pages),
-            f(k.as_ref().map(|k| k.rate())),
-            f(k.as_ref().map(|k| k.cpu_us_per_page())),
-            f(ratio),
-        );
+        let r3 = |v: Option<f64>| v.map(|v| round(v, 3));
+        common::print_json(&Report {
+            bytes,
+            pages,
+            ours_pages_merged: o.pages,
+            ours_pages_per_s: o.rate().round() as u64,
+            ours_cpu_us_per_page: round(o.cpu_us_per_page(), 3),
+            kernel_pages_merged: k.as_ref().map_or(0, |k| k.pages),
+            kernel_pages_per_s: r3(k.as_ref().map(|k| k.rate())),
+            kernel_cpu_us_per_page: r3(k.as_ref().map(|k| k.cpu_us_per_page())),
+            ratio: r3(ratio),
+        });
     } else {
         println!("data: {mib} MiB = 2 x {pages} pages");
         println!(

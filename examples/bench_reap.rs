@@ -14,19 +14,41 @@
 
 use std::time::Instant;
 
+use clap::Parser;
 use guestmm::reaper::mrelease_blocking;
 use guestmm::{Host, MapOptions};
+use serde::Serialize;
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+mod common;
+use common::{median, round, AnonMap};
+
+/// guestmm's reap of a killed guest against the kernel's
+/// process_mrelease of a SIGKILLed child, same touched memory.
+#[derive(Debug, Parser)]
+#[command(name = "bench_reap")]
+struct Args {
+    /// MiB touched by the child and by the guest.
+    #[arg(long, default_value_t = 1024, value_parser = common::at_least(1))]
+    mib: u64,
+    /// Rounds per page size (the median is reported).
+    #[arg(long, default_value_t = 5, value_parser = common::at_least(1))]
+    rounds: u64,
+    /// Print one JSON line with the results.
+    #[arg(long)]
+    json: bool,
 }
 
-fn touch(p: *mut u8, len: usize) {
-    for off in (0..len).step_by(4096) {
-        // SAFETY: `p..p+len` is a writable mapping owned by the caller.
-        unsafe { std::ptr::write_volatile(p.add(off), 1) };
-    }
+/// The `--json` line.
+#[derive(Debug, Serialize)]
+struct Report {
+    bytes: usize,
+    rounds: u64,
+    ours_ms: f64,
+    kernel_ms: f64,
+    ratio: f64,
+    thp_ours_ms: f64,
+    thp_kernel_ms: f64,
+    thp_ratio: f64,
 }
 
 /// One kernel round: fork a child that touches `len` bytes, SIGKILL it,
@@ -43,21 +65,13 @@ fn kernel_round(len: usize, thp: bool) -> Option<f64> {
     if pid == 0 {
         // SAFETY: child side; see above.
         unsafe {
-            let p = libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            );
-            if p == libc::MAP_FAILED {
-                libc::_exit(1);
-            }
+            let Ok(mut m) = AnonMap::new(len, 0) else {
+                libc::_exit(1)
+            };
             if thp {
-                libc::madvise(p, len, libc::MADV_HUGEPAGE);
+                let _ = m.madvise(libc::MADV_HUGEPAGE);
             }
-            touch(p.cast(), len);
+            m.touch();
             libc::write(fds[1], b"r".as_ptr().cast(), 1);
             loop {
                 libc::pause();
@@ -109,7 +123,8 @@ fn ours_round(len: usize, thp: bool) -> Option<f64> {
     let a = mm
         .mmap_blocking(MapOptions::anon(len as u64).hugepage(thp))
         .ok()?;
-    touch(mm.find_vma_blocking(a).ok()?.host_ptr(), len);
+    // SAFETY: the guest's mapping stays mapped while `mm` is held.
+    unsafe { common::touch(mm.find_vma_blocking(a).ok()?.host_ptr(), len) };
     g.kill();
     let t = Instant::now();
     mrelease_blocking(&host, g.id()).ok()?;
@@ -120,27 +135,8 @@ fn ours_round(len: usize, thp: bool) -> Option<f64> {
 }
 
 fn main() {
-    let mut mib = 1024usize;
-    let mut rounds = 5usize;
-    let mut json = false;
-    let mut it = std::env::args().skip(1);
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--mib" => mib = it.next().and_then(|v| v.parse().ok()).unwrap_or(mib),
-            "--rounds" => {
-                rounds = it
-                    .next()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(rounds)
-                    .max(1)
-            }
-            "--json" => json = true,
-            _ => {
-                eprintln!("bench_reap [--mib N] [--rounds N] [--json]");
-                std::process::exit(2);
-            }
-        }
-    }
+    let args: Args = common::init();
+    let (mib, rounds, json) = (args.mib as usize, args.rounds, args.json);
     let len = mib << 20;
     let mut res = Vec::new();
     for thp in [false, true] {
@@ -163,11 +159,16 @@ fn main() {
     let (o4, k4) = res[0];
     let (oh, kh) = res[1];
     if json {
-        println!(
-            "{{\"bytes\":{len},\"rounds\":{rounds},\"ours_ms\":{o4:.3},\"kernel_ms\":{k4:.3},\"ratio\":{:.3},\"thp_ours_ms\":{oh:.3},\"thp_kernel_ms\":{kh:.3},\"thp_ratio\":{:.3}}}",
-            o4 / k4,
-            oh / kh
-        );
+        common::print_json(&Report {
+            bytes: len,
+            rounds,
+            ours_ms: round(o4, 3),
+            kernel_ms: round(k4, 3),
+            ratio: round(o4 / k4, 3),
+            thp_ours_ms: round(oh, 3),
+            thp_kernel_ms: round(kh, 3),
+            thp_ratio: round(oh / kh, 3),
+        });
     } else {
         println!("reap of {mib} MiB touched, median of {rounds} rounds");
         println!("  4 KiB pages: guestmm mrelease {o4:7.2} ms   kernel process_mrelease {k4:7.2} ms   ratio {:.2}", o4 / k4);

@@ -19,13 +19,55 @@
 //! a race of the demo, not of KSM).
 #![allow(clippy::print_stdout)]
 
-use std::io::Write as _;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use clap::Parser;
 use guestmm::ksm::{Ksm, KsmConfig, Run};
 use guestmm::{Advice, Host, MapOptions, MmUser, ProcessMemory, PAGE_SIZE};
+use serde::Serialize;
+
+mod common;
+
+/// KSM across guests: shared pages merged while hot pages are written;
+/// PSS from /proc, and a checker for lost writes and cross-guest leaks.
+#[derive(Debug, Parser)]
+#[command(name = "ksm_demo")]
+struct Args {
+    /// Guests.
+    #[arg(long, default_value_t = 4, value_parser = common::at_least(2))]
+    guests: u64,
+    /// RAM per guest, MiB.
+    #[arg(long, default_value_t = 64, value_parser = common::at_least(1))]
+    mib: u64,
+    /// Full scans to run.
+    #[arg(long, default_value_t = 6, value_parser = common::at_least(3))]
+    passes: u64,
+    /// Print one JSON line with the results.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The `--json` line.
+#[derive(Debug, Serialize)]
+struct Report {
+    guests: u64,
+    mib_per_guest: u64,
+    duplicate_bytes: u64,
+    pages_shared: u64,
+    pages_sharing: u64,
+    pages_unshared: u64,
+    pages_volatile: u64,
+    full_scans: u64,
+    map_limit_hits: u64,
+    process_pss_before_bytes: u64,
+    process_pss_after_bytes: u64,
+    saved_bytes: u64,
+    lost_writes: u64,
+    cross_guest_leaks: u64,
+    wrong_pages: u64,
+}
 
 const PAGE: u64 = PAGE_SIZE as u64;
 /// One page in `HOT_EVERY` is written by the guest's writer thread.
@@ -42,25 +84,12 @@ fn is_hot(i: u64) -> bool {
 /// The initial contents of page `i` of guest `g`.
 fn content(g: u64, i: u64, page: &mut [u8]) {
     let seed = if is_unique(i) { (g + 1) << 48 | i } else { i };
-    for (k, c) in page.chunks_exact_mut(8).enumerate() {
-        c.copy_from_slice(&(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ k as u64).to_le_bytes());
-    }
-}
-
-fn arg(args: &[String], name: &str, default: u64) -> u64 {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default)
+    common::fill_page(page, seed);
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args: Vec<String> = std::env::args().collect();
-    let json = args.iter().any(|a| a == "--json");
-    let guests = arg(&args, "--guests", 4).max(2);
-    let mib = arg(&args, "--mib", 64).max(1);
-    let passes = arg(&args, "--passes", 6).max(3);
+    let args: Args = common::init();
+    let (json, guests, mib, passes) = (args.json, args.guests, args.mib, args.passes);
     let pages = (mib << 20) / PAGE;
 
     let host = Host::with_budget(u64::MAX / 2);
@@ -126,23 +155,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let ksmd = ksm.spawn()?;
     ksm.set_run_blocking(Run::Merge)?;
-    let t0 = Instant::now();
+    let status = common::status_line(json);
     while ksm.stats().full_scans < passes {
         std::thread::sleep(Duration::from_millis(200));
-        if !json {
+        if !status.is_hidden() {
             let s = ksm.stats();
             let pss = ProcessMemory::current()?.pss;
-            print!(
-                "\r[{:5.1}s] pass {:2}  shared {:7}  sharing {:7}  volatile {:6}  PSS {:6} MiB (was {} MiB)   ",
-                t0.elapsed().as_secs_f64(),
+            status.set_message(format!(
+                "pass {:2}  shared {:7}  sharing {:7}  volatile {:6}  PSS {:6} MiB (was {} MiB)",
                 s.full_scans,
                 s.pages_shared,
                 s.pages_sharing,
                 s.pages_volatile,
                 pss >> 20,
                 pss_before >> 20
-            );
-            std::io::stdout().flush()?;
+            ));
         }
     }
     stop.store(true, Ordering::Relaxed);
@@ -151,9 +178,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map(|w| w.join().expect("writer"))
         .collect();
     ksmd.stop();
-    if !json {
-        println!();
-    }
+    status.finish_and_clear();
 
     // The checker: every page of every guest, read back through the API
     // (which also makes every merged page mapped for the PSS below).
@@ -192,10 +217,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let s = ksm.stats();
     let saved = pss_before.saturating_sub(pss_after);
     if json {
-        println!(
-            "{{\"guests\":{guests},\"mib_per_guest\":{mib},\"duplicate_bytes\":{duplicate_bytes},\"pages_shared\":{},\"pages_sharing\":{},\"pages_unshared\":{},\"pages_volatile\":{},\"full_scans\":{},\"map_limit_hits\":{},\"process_pss_before_bytes\":{pss_before},\"process_pss_after_bytes\":{pss_after},\"saved_bytes\":{saved},\"lost_writes\":{lost_writes},\"cross_guest_leaks\":{cross_guest_leaks},\"wrong_pages\":{wrong}}}",
-            s.pages_shared, s.pages_sharing, s.pages_unshared, s.pages_volatile, s.full_scans, s.map_limit_hits
-        );
+        common::print_json(&Report {
+            guests,
+            mib_per_guest: mib,
+            duplicate_bytes,
+            pages_shared: s.pages_shared,
+            pages_sharing: s.pages_sharing,
+            pages_unshared: s.pages_unshared,
+            pages_volatile: s.pages_volatile,
+            full_scans: s.full_scans,
+            map_limit_hits: s.map_limit_hits,
+            process_pss_before_bytes: pss_before,
+            process_pss_after_bytes: pss_after,
+            saved_bytes: saved,
+            lost_writes,
+            cross_guest_leaks,
+            wrong_pages: wrong,
+        });
     } else {
         println!("| guest | merging pages | rmap items |");
         println!("|---|---|---|");

@@ -19,9 +19,44 @@
 //! stay inside its RAM (a stray access would be an MMIO exit we report as an
 //! error).
 
+use clap::Parser;
 use guestmm::{Host, MapOptions, ProcessMemory};
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VcpuExit};
+use serde::Serialize;
+
+// A path relative to this file, so that tests/tracked.rs (which includes
+// this file as a module) finds it too.
+#[path = "common/mod.rs"]
+mod common;
+
+/// A real KVM guest whose RAM is a tracked guestmm region (skipped, exit
+/// 0, without a usable /dev/kvm).
+#[derive(Debug, Parser)]
+#[command(name = "kvm_guest")]
+struct Args {
+    /// Guest RAM in MiB.
+    #[arg(long, default_value_t = 64, value_parser = common::at_least(2))]
+    ram_mib: u64,
+    /// Print one JSON line with the results.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The `--json` line of a run that was not skipped.
+#[derive(Debug, Serialize)]
+struct Ran<'a> {
+    skipped: bool,
+    #[serde(flatten)]
+    report: &'a Report,
+}
+
+/// The `--json` line of a skipped run.
+#[derive(Debug, Serialize)]
+struct Skipped<'a> {
+    skipped: bool,
+    reason: &'a str,
+}
 
 /// The guest program (`as --32`; source in the doc comment of `run`).
 const GUEST_CODE: [u8; 62] = [
@@ -34,9 +69,10 @@ const PORT_PROGRESS: u16 = 0x10;
 const PORT_RESULT: u16 = 0x11;
 
 /// What one run measured.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct Report {
     /// Set when KVM (or userfaultfd) is not usable here.
+    #[serde(skip)]
     pub skipped: Option<String>,
     /// Guest RAM size.
     pub guest_ram_bytes: u64,
@@ -46,10 +82,10 @@ pub struct Report {
     pub pages_populated_api: u64,
     /// Bytes charged to the host budget after the run.
     pub charged_bytes: u64,
-    /// Process RSS after the run (`/proc/self/smaps_rollup`).
-    pub process_rss_bytes: u64,
     /// Process RSS before the guest ran.
     pub process_rss_before_bytes: u64,
+    /// Process RSS after the run (`/proc/self/smaps_rollup`).
+    pub process_rss_bytes: u64,
     /// Progress reports received (one per MiB).
     pub progress_reports: u64,
     /// The guest found every page as written, and so did the host.
@@ -192,37 +228,26 @@ pub fn run(ram: u64) -> Result<Report, String> {
 
 #[allow(dead_code)] // the test includes this file as a module and calls `run`
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let json = args.iter().any(|a| a == "--json");
-    let ram_mib: u64 = args
-        .iter()
-        .position(|a| a == "--ram-mib")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(64)
-        .max(2);
+    let args: Args = common::init();
+    let (json, ram_mib) = (args.json, args.ram_mib);
     match run(ram_mib << 20) {
         Ok(r) if r.skipped.is_some() => {
             let why = r.skipped.unwrap_or_default();
             if json {
-                println!("{{\"skipped\":true,\"reason\":{why:?}}}");
+                common::print_json(&Skipped {
+                    skipped: true,
+                    reason: &why,
+                });
             } else {
                 println!("kvm_guest: skipped ({why})");
             }
         }
         Ok(r) => {
             if json {
-                println!(
-                    "{{\"skipped\":false,\"guest_ram_bytes\":{},\"pages_faulted\":{},\"pages_populated_api\":{},\"charged_bytes\":{},\"process_rss_before_bytes\":{},\"process_rss_bytes\":{},\"progress_reports\":{},\"guest_checksum_ok\":{}}}",
-                    r.guest_ram_bytes,
-                    r.pages_faulted,
-                    r.pages_populated_api,
-                    r.charged_bytes,
-                    r.process_rss_before_bytes,
-                    r.process_rss_bytes,
-                    r.progress_reports,
-                    r.guest_checksum_ok
-                );
+                common::print_json(&Ran {
+                    skipped: false,
+                    report: &r,
+                });
             } else {
                 println!(
                     "guest RAM            {} MiB (tracked)",

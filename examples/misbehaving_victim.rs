@@ -19,18 +19,41 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use clap::Parser;
 use futures_lite::future::block_on;
 use guestmm::reaper::{Reaper, ReaperConfig};
 use guestmm::{procfs, Host, MapOptions, MmFlag, OomOutcome};
+use serde::Serialize;
 
-const MIB: u64 = 1 << 20;
+mod common;
+use common::MIB;
+
+/// A victim holding its mmap write lock: the reaper gives up and sets
+/// OOM_SKIP, and the OOM killer picks the next victim.
+#[derive(Debug, Parser)]
+#[command(name = "misbehaving_victim")]
+struct Args {
+    /// Print one JSON line with the results.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The `--json` line.
+#[derive(Debug, Serialize)]
+struct Report {
+    first: String,
+    while_pending: String,
+    reap_attempts: u64,
+    gave_up: u64,
+    gave_up_after_ms: f64,
+    oom_skip_set: bool,
+    next: String,
+    process_rss_while_stuck_bytes: u64,
+}
 
 fn main() {
-    let json = std::env::args().any(|a| a == "--json");
-    if std::env::args().any(|a| a == "--help" || a == "-h") {
-        println!("misbehaving_victim [--json]: a victim holding its mmap write lock; the reaper gives up and sets OOM_SKIP");
-        return;
-    }
+    let args: Args = common::init();
+    let json = args.json;
     let host = Host::with_budget(1 << 30);
     let reaper = Reaper::new(ReaperConfig {
         delay: Duration::ZERO,
@@ -88,10 +111,16 @@ fn main() {
         other => format!("{other:?}"),
     };
     if json {
-        println!(
-            "{{\"first\":\"{}\",\"while_pending\":\"{}\",\"reap_attempts\":{},\"gave_up\":{},\"gave_up_after_ms\":{:.1},\"oom_skip_set\":{},\"next\":\"{}\",\"process_rss_while_stuck_bytes\":{}}}",
-            name(first), name(pending), s.contended, s.gave_up, gave_up_ms, skip, name(second), rss_stuck
-        );
+        common::print_json(&Report {
+            first: name(first),
+            while_pending: name(pending),
+            reap_attempts: s.contended,
+            gave_up: s.gave_up,
+            gave_up_after_ms: common::round(gave_up_ms, 1),
+            oom_skip_set: skip,
+            next: name(second),
+            process_rss_while_stuck_bytes: rss_stuck,
+        });
     } else {
         println!("first OOM kill            {}", name(first));
         println!(

@@ -21,108 +21,110 @@
 //! what comes back and reports it. Tracked regions (SIGBUS after a reap)
 //! close that gap.
 
-use std::fmt::Write as _;
-use std::io::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use clap::{CommandFactory as _, Parser};
 use guestmm::reaper::{Reaper, ReaperConfig};
 use guestmm::{procfs, Guest, Host, Kill, MapOptions, OomOutcome, ProcessMemory};
+use serde::Serialize;
 
-const MIB: u64 = 1 << 20;
+mod common;
+use common::{gib, round, MIB};
 
-#[derive(Debug, Clone)]
+/// Guests over a host budget, an OOM kill, and a reap before teardown.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "oom_demo")]
 struct Args {
-    guests: usize,
+    /// Guests.
+    #[arg(long, default_value_t = 4, value_parser = common::at_least(2))]
+    guests: u64,
+    /// RAM of the first, largest guest, MiB.
+    #[arg(long, default_value_t = 1024, value_parser = common::at_least(4))]
     victim_mib: u64,
-    other_mib: u64,
-    budget_mib: u64,
-    workers: usize,
+    /// RAM of each other guest, MiB [default (or 0): 3/4 of the first].
+    #[arg(long)]
+    other_mib: Option<u64>,
+    /// Host budget, MiB [default (or 0): the guests' total minus 3/4 of the
+    /// first].
+    #[arg(long)]
+    budget_mib: Option<u64>,
+    /// Worker threads per guest.
+    #[arg(long, default_value_t = 2, value_parser = common::at_least(1))]
+    workers: u64,
+    /// Time for the other guests to fill their RAM, ms (the first guest
+    /// fills first, in half that time).
+    #[arg(long, default_value_t = 3000)]
     fill_ms: u64,
+    /// How long a killed guest's workers take to exit, ms.
+    #[arg(long, default_value_t = 500)]
     exit_delay_ms: u64,
+    /// OOM reaper delay, ms (the kernel's is 2000).
+    #[arg(long, default_value_t = 0)]
     reaper_delay_ms: u64,
-    thp: bool,
+    /// No MADV_HUGEPAGE on guest RAM.
+    #[arg(long)]
+    no_thp: bool,
+    /// Print one JSON line with the results.
+    #[arg(long)]
     json: bool,
-    plot: Option<String>,
+    /// Write a plot of RSS over time (SVG).
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<std::path::PathBuf>,
 }
 
-const HELP: &str = "oom_demo: guests over a host budget, an OOM kill, a reap before teardown
+/// The sizes, with the defaults that depend on other options filled in.
+#[derive(Debug, Clone, Copy)]
+struct Sizes {
+    other_mib: u64,
+    budget_mib: u64,
+}
 
-USAGE: cargo run --release --example oom_demo -- [OPTIONS]
-
-  --guests N            guests (default 4)
-  --victim-mib M        RAM of the first, largest guest (default 1024)
-  --other-mib M         RAM of each other guest (default 3/4 of the first)
-  --budget-mib M        host budget (default: total minus 3/4 of the first guest)
-  --workers N           worker threads per guest (default 2)
-  --fill-ms T           time for the other guests to fill their RAM (default 3000;
-                        the first guest fills first, in half that time)
-  --exit-delay-ms T     how long a killed guest's workers take to exit (default 500)
-  --reaper-delay-ms T   OOM reaper delay (default 0 here; the kernel's is 2000)
-  --no-thp              no MADV_HUGEPAGE on guest RAM
-  --json                print one JSON line with the results
-  --plot FILE.svg       write a plot of process RSS over time
-";
-
-fn parse() -> Result<Args, String> {
-    let mut a = Args {
-        guests: 4,
-        victim_mib: 1024,
-        other_mib: 0,
-        budget_mib: 0,
-        workers: 2,
-        fill_ms: 3000,
-        exit_delay_ms: 500,
-        reaper_delay_ms: 0,
-        thp: true,
-        json: false,
-        plot: None,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut num = |name: &str| -> Result<u64, String> {
-            it.next()
-                .ok_or(format!("{name} needs a value"))?
-                .parse::<u64>()
-                .map_err(|e| format!("{name}: {e}"))
-        };
-        match flag.as_str() {
-            "--guests" => a.guests = num("--guests")? as usize,
-            "--victim-mib" => a.victim_mib = num("--victim-mib")?,
-            "--other-mib" => a.other_mib = num("--other-mib")?,
-            "--budget-mib" => a.budget_mib = num("--budget-mib")?,
-            "--workers" => a.workers = num("--workers")? as usize,
-            "--fill-ms" => a.fill_ms = num("--fill-ms")?,
-            "--exit-delay-ms" => a.exit_delay_ms = num("--exit-delay-ms")?,
-            "--reaper-delay-ms" => a.reaper_delay_ms = num("--reaper-delay-ms")?,
-            "--no-thp" => a.thp = false,
-            "--json" => a.json = true,
-            "--plot" => a.plot = Some(it.next().ok_or("--plot needs a file name")?),
-            "-h" | "--help" => {
-                print!("{HELP}");
-                std::process::exit(0);
-            }
-            other => return Err(format!("unknown option {other} (try --help)")),
+impl Args {
+    fn sizes(&self) -> Sizes {
+        let other_mib = (self.other_mib)
+            .filter(|&m| m > 0)
+            .unwrap_or(self.victim_mib * 3 / 4);
+        let total = self.victim_mib + other_mib * (self.guests - 1);
+        let budget_mib = self
+            .budget_mib
+            .filter(|&m| m > 0)
+            .unwrap_or(total - self.victim_mib * 3 / 4);
+        if budget_mib >= total {
+            Args::command()
+                .error(
+                    clap::error::ErrorKind::ValueValidation,
+                    format!("budget {budget_mib} MiB must be below the guests' total {total} MiB"),
+                )
+                .exit();
+        }
+        Sizes {
+            other_mib,
+            budget_mib,
         }
     }
-    if a.guests < 2 || a.workers == 0 || a.victim_mib < 4 {
-        return Err("need --guests >= 2, --workers >= 1, --victim-mib >= 4".into());
-    }
-    if a.other_mib == 0 {
-        a.other_mib = a.victim_mib * 3 / 4;
-    }
-    let total = a.victim_mib + a.other_mib * (a.guests as u64 - 1);
-    if a.budget_mib == 0 {
-        a.budget_mib = total - a.victim_mib * 3 / 4;
-    }
-    if a.budget_mib >= total {
-        return Err(format!(
-            "budget {} MiB must be below the guests' total {total} MiB",
-            a.budget_mib
-        ));
-    }
-    Ok(a)
+}
+
+/// The `--json` line (.ci/run checks it).
+#[derive(Debug, Serialize)]
+struct Report {
+    guests: u64,
+    budget_bytes: u64,
+    victim: String,
+    victim_rss_before_bytes: u64,
+    process_rss_before_reap_bytes: u64,
+    process_rss_after_reap_bytes: u64,
+    reaped_bytes: u64,
+    reap_ms: f64,
+    oom_latency_ms: f64,
+    oom_kills: u64,
+    second_kills: u64,
+    oom_aborted_selections: u64,
+    victim_users_at_reap: u64,
+    reaper_delay_ms: u64,
+    thp: bool,
+    process_rss_end_bytes: u64,
 }
 
 /// One guest of the demo and its workers' shared state.
@@ -214,51 +216,54 @@ fn worker(
     drop(mm);
 }
 
-fn gib(b: u64) -> String {
-    format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)
-}
-
-/// Rss of the host mapping starting at `base`, from /proc/self/smaps.
-fn mapping_rss(base: usize, len: u64) -> u64 {
+/// Rss of each host range `(base, len)`, from one read of
+/// /proc/self/smaps.
+fn mappings_rss(ranges: &[(usize, u64)]) -> Vec<u64> {
+    let mut total = vec![0; ranges.len()];
     let Ok(text) = std::fs::read_to_string("/proc/self/smaps") else {
-        return 0;
+        return total;
     };
-    let mut total = 0;
-    let mut inside = false;
+    let mut inside = None;
     for line in text.lines() {
         if let Some((range, _)) = line.split_once(' ') {
             if let Some((s, e)) = range.split_once('-') {
                 if let (Ok(s), Ok(e)) = (usize::from_str_radix(s, 16), usize::from_str_radix(e, 16))
                 {
-                    inside = s >= base && e <= base + len as usize;
+                    inside = ranges
+                        .iter()
+                        .position(|&(base, len)| s >= base && e <= base + len as usize);
                     continue;
                 }
             }
         }
-        if inside {
-            if let Some(v) = line.strip_prefix("Rss:") {
-                total += v
-                    .trim()
-                    .trim_end_matches("kB")
-                    .trim()
-                    .parse::<u64>()
-                    .unwrap_or(0)
-                    * 1024;
-            }
+        if let (Some(i), Some(v)) = (inside, line.strip_prefix("Rss:")) {
+            let kb = v.trim().trim_end_matches("kB").trim();
+            total[i] += kb.parse::<u64>().unwrap_or(0) * 1024;
         }
     }
     total
 }
 
+/// Rss of the host mapping starting at `base`, from /proc/self/smaps.
+fn mapping_rss(base: usize, len: u64) -> u64 {
+    mappings_rss(&[(base, len)])[0]
+}
+
+/// What the monitor recorded for the plot.
+#[derive(Debug, Default)]
+struct Samples {
+    /// (seconds, process RSS above the start) every 10 ms.
+    total: Vec<(f64, u64)>,
+    /// (seconds, each guest's RSS) every 50 ms.
+    guests: Vec<(f64, Vec<u64>)>,
+}
+
 fn main() {
-    let args = match parse() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("oom_demo: {e}");
-            std::process::exit(2);
-        }
-    };
-    let budget = args.budget_mib * MIB;
+    let args: Args = common::init();
+    let sizes = args.sizes();
+    let (nguests, nworkers) = (args.guests as usize, args.workers as usize);
+    let thp = !args.no_thp;
+    let budget = sizes.budget_mib * MIB;
     let host = Host::with_budget(budget);
     let reaper = Reaper::new(ReaperConfig {
         delay: Duration::from_millis(args.reaper_delay_ms),
@@ -270,15 +275,15 @@ fn main() {
 
     let baseline = procfs::statm_rss().unwrap_or(0);
     let mut guests = Vec::new();
-    for i in 0..args.guests {
+    for i in 0..nguests {
         let bytes = if i == 0 {
             args.victim_mib
         } else {
-            args.other_mib
+            sizes.other_mib
         } * MIB;
         let g = host.create_guest(&format!("guest-{i}"));
         let mm = g.mm().expect("fresh guest");
-        let addr = match mm.mmap_blocking(MapOptions::anon(bytes).hugepage(args.thp)) {
+        let addr = match mm.mmap_blocking(MapOptions::anon(bytes).hugepage(thp)) {
             Ok(a) => a,
             Err(e) => {
                 eprintln!("oom_demo: mapping {} for {}: {e}", gib(bytes), g.name());
@@ -298,6 +303,7 @@ fn main() {
         g.set_kill_hook(Arc::new(StopWorkers(dg.clone())));
         guests.push(dg);
     }
+    let ranges: Vec<(usize, u64)> = guests.iter().map(|g| (g.host_base, g.bytes)).collect();
 
     let done = Arc::new(AtomicBool::new(false));
     let mut workers = Vec::new();
@@ -310,21 +316,20 @@ fn main() {
         } else {
             (first, Duration::from_millis(args.fill_ms))
         };
-        for w in 0..args.workers {
+        for w in 0..nworkers {
             let (g, done) = (g.clone(), done.clone());
             let delay = Duration::from_millis(args.exit_delay_ms);
-            let nw = args.workers;
             workers.push(std::thread::spawn(move || {
-                worker(g, w, nw, fill, delay, done)
+                worker(g, w, nworkers, fill, delay, done)
             }));
         }
     }
 
-    // SAFETY: isatty only inspects the file descriptor.
-    let tty = unsafe { libc::isatty(2) } == 1;
-    // The monitor: RSS from /proc/self/statm (cheap) every 2 ms.
+    let status = common::status_line(args.json);
+    // The monitor: RSS from /proc/self/statm (cheap) every 2 ms; each
+    // guest's from smaps every 50 ms for the plot and the status line.
     let t0 = Instant::now();
-    let mut samples: Vec<(f64, u64)> = Vec::new();
+    let mut samples = Samples::default();
     let mut exceeded_at: Option<Instant> = None;
     let mut victim: Option<Arc<DemoGuest>> = None;
     let mut victim_rss_before = 0;
@@ -332,16 +337,23 @@ fn main() {
     let mut rss_after_reap = 0;
     let mut back_at: Option<Instant> = None;
     let mut victim_users_at_reap = 0;
-    let mut last_print = Instant::now() - Duration::from_secs(1);
     let finish_after = Duration::from_millis(args.fill_ms * 3 / 2 + 1000);
     loop {
         let now = Instant::now();
+        let secs = (now - t0).as_secs_f64();
         let rss = procfs::statm_rss().unwrap_or(0).saturating_sub(baseline);
-        if samples
-            .last()
-            .is_none_or(|(t, _)| (now - t0).as_secs_f64() - t >= 0.01)
-        {
-            samples.push(((now - t0).as_secs_f64(), rss));
+        if samples.total.last().is_none_or(|(t, _)| secs - t >= 0.01) {
+            samples.total.push((secs, rss));
+        }
+        let want_guests = args.plot.is_some() || !status.is_hidden();
+        if want_guests && samples.guests.last().is_none_or(|(t, _)| secs - t >= 0.05) {
+            let per_guest = mappings_rss(&ranges);
+            if !status.is_hidden() {
+                status.set_message(status_message(
+                    rss, budget, &guests, &per_guest, &host, &reaper,
+                ));
+            }
+            samples.guests.push((secs, per_guest));
         }
         if rss > budget && victim.is_none() {
             exceeded_at.get_or_insert(now);
@@ -368,64 +380,29 @@ fn main() {
                 if mapping_rss(v.host_base, v.bytes) <= victim_rss_before / 10 {
                     back_at = Some(Instant::now());
                     rss_after_reap = rss_now;
-                    victim_users_at_reap = v.guest.oom_mm().map_or(0, |m| m.users());
+                    victim_users_at_reap = v.guest.oom_mm().map_or(0, |m| m.users()) as u64;
                 }
             }
-        }
-        let every = if tty { 100 } else { 1000 };
-        if !args.json && now - last_print >= Duration::from_millis(every) {
-            last_print = now;
-            let mut line = format!(
-                "{}{:5.1}s rss {} / budget {} |",
-                if tty { "\r" } else { "" },
-                (now - t0).as_secs_f64(),
-                gib(rss),
-                gib(budget)
-            );
-            for g in &guests {
-                let state = if g.killed.load(Ordering::Relaxed) {
-                    "✝"
-                } else {
-                    ""
-                };
-                let _ = write!(
-                    line,
-                    " {}{} {:.0}M",
-                    g.guest.name(),
-                    state,
-                    mapping_rss(g.host_base, g.bytes) as f64 / MIB as f64
-                );
-            }
-            let s = reaper.stats();
-            let _ = write!(
-                line,
-                " | kills {} reaps {}   ",
-                host.oom_stats().kills,
-                s.reaped
-            );
-            if tty {
-                eprint!("{line}");
-            } else {
-                eprintln!("{line}");
-            }
-            let _ = std::io::stderr().flush();
         }
         // Done when the victim's memory is back (and the others had a
         // moment to finish), or when every guest filled without a kill; the
         // fill pace is a target, not a promise, on a loaded machine.
         let all_filled = guests.iter().all(|g| {
             g.killed.load(Ordering::SeqCst)
-                || g.workers_filled.load(Ordering::SeqCst) == args.workers as u64
+                || g.workers_filled.load(Ordering::SeqCst) == args.workers
         });
         if now - t0 > finish_after && all_filled && (victim.is_none() || back_at.is_some()) {
             break;
         }
         if now - t0 > finish_after + Duration::from_secs(120) {
-            eprintln!("\noom_demo: gave up waiting for the victim's memory to come back");
+            status.suspend(|| {
+                eprintln!("oom_demo: gave up waiting for the victim's memory to come back")
+            });
             break;
         }
         std::thread::sleep(Duration::from_millis(2));
     }
+    status.finish_and_clear();
     done.store(true, Ordering::SeqCst);
     for w in workers {
         let _ = w.join();
@@ -466,42 +443,37 @@ fn main() {
             .as_ref()
             .and_then(|v| *v.killed_at.lock().unwrap())
             .map(|t| (t - t0).as_secs_f64());
-        if let Err(e) = std::fs::write(
-            path,
-            svg(
-                &samples,
-                budget,
-                kill_t,
-                back_at.map(|t| (t - t0).as_secs_f64()),
-            ),
-        ) {
-            eprintln!("oom_demo: writing {path}: {e}");
+        let names: Vec<String> = guests.iter().map(|g| g.guest.name().to_owned()).collect();
+        let marks = Marks {
+            budget,
+            kill: kill_t,
+            back: back_at.map(|t| (t - t0).as_secs_f64()),
+        };
+        if let Err(e) = plot(path, &samples, &names, &marks) {
+            eprintln!("oom_demo: writing {}: {e}", path.display());
         }
     }
 
     if args.json {
-        println!(
-            "{{\"guests\":{},\"budget_bytes\":{},\"victim\":\"{}\",\"victim_rss_before_bytes\":{},\"process_rss_before_reap_bytes\":{},\"process_rss_after_reap_bytes\":{},\"reaped_bytes\":{},\"reap_ms\":{:.3},\"oom_latency_ms\":{:.3},\"oom_kills\":{},\"second_kills\":{},\"oom_aborted_selections\":{},\"victim_users_at_reap\":{},\"reaper_delay_ms\":{},\"thp\":{},\"process_rss_end_bytes\":{}}}",
-            args.guests,
-            budget,
-            victim_name,
-            victim_rss_before,
-            rss_before_reap,
-            rss_after_reap,
-            reaped,
-            rstats.last_reap_us as f64 / 1e3,
-            latency_ms,
-            oom.kills,
-            oom.second_kills,
-            oom.aborted,
+        common::print_json(&Report {
+            guests: args.guests,
+            budget_bytes: budget,
+            victim: victim_name,
+            victim_rss_before_bytes: victim_rss_before,
+            process_rss_before_reap_bytes: rss_before_reap,
+            process_rss_after_reap_bytes: rss_after_reap,
+            reaped_bytes: reaped,
+            reap_ms: round(rstats.last_reap_us as f64 / 1e3, 3),
+            oom_latency_ms: round(latency_ms, 3),
+            oom_kills: oom.kills,
+            second_kills: oom.second_kills,
+            oom_aborted_selections: oom.aborted,
             victim_users_at_reap,
-            args.reaper_delay_ms,
-            args.thp,
-            rss_end,
-        );
+            reaper_delay_ms: args.reaper_delay_ms,
+            thp,
+            process_rss_end_bytes: rss_end,
+        });
     } else {
-        eprintln!();
-        println!();
         println!("guest             ram  state");
         for (name, bytes, killed, reaped) in &final_rows {
             let state = match (killed, reaped) {
@@ -534,58 +506,158 @@ fn main() {
             gib(rss_end)
         );
         if let Some(p) = &args.plot {
-            println!("plot                       {p}");
+            println!("plot                       {}", p.display());
         }
     }
 }
 
-/// A small hand-written SVG: process RSS over time, the budget, the kill
-/// and the moment the victim's memory was back.
-fn svg(samples: &[(f64, u64)], budget: u64, kill: Option<f64>, back: Option<f64>) -> String {
-    let (w, h, m) = (800.0, 400.0, 50.0);
-    let tmax = samples.last().map_or(1.0, |s| s.0).max(0.1);
-    let ymax = samples.iter().map(|s| s.1).max().unwrap_or(1).max(budget) as f64 * 1.1;
-    let x = |t: f64| m + t / tmax * (w - 2.0 * m);
-    let y = |b: f64| h - m - b / ymax * (h - 2.0 * m);
-    let mut s = format!(
-        "<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' font-family='sans-serif' font-size='12'>\n<rect width='100%' height='100%' fill='white'/>\n"
+/// The live status line: process RSS, each guest's, kills and reaps.
+fn status_message(
+    rss: u64,
+    budget: u64,
+    guests: &[Arc<DemoGuest>],
+    per_guest: &[u64],
+    host: &Host,
+    reaper: &Reaper,
+) -> String {
+    let mut line = format!("rss {} / budget {} |", gib(rss), gib(budget));
+    for (g, r) in guests.iter().zip(per_guest) {
+        let state = if g.killed.load(Ordering::Relaxed) {
+            "✝"
+        } else {
+            ""
+        };
+        line += &format!(" {}{} {}M", g.guest.name(), state, r / MIB);
+    }
+    line += &format!(
+        " | kills {} reaps {}",
+        host.oom_stats().kills,
+        reaper.stats().reaped
     );
-    let pts: Vec<String> = samples
+    line
+}
+
+/// The budget and the moments marked on the plot (seconds from the start).
+#[derive(Debug)]
+struct Marks {
+    budget: u64,
+    kill: Option<f64>,
+    back: Option<f64>,
+}
+
+/// The RSS plot: one line per guest (smaps), the process total (statm),
+/// the budget, and the kill and memory-back moments as vertical lines.
+/// Every label is in the legend at the right, one row each, so no two
+/// labels can overlap however close the moments are.
+fn plot(
+    path: &std::path::Path,
+    samples: &Samples,
+    names: &[String],
+    marks: &Marks,
+) -> Result<(), Box<dyn std::error::Error>> {
+    use plotters::prelude::*;
+
+    let g = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let tmax = samples.total.last().map_or(1.0, |s| s.0).max(0.1);
+    let ymax = samples
+        .total
         .iter()
-        .map(|(t, b)| format!("{:.1},{:.1}", x(*t), y(*b as f64)))
-        .collect();
-    let _ = writeln!(
-        s,
-        "<polyline fill='none' stroke='#1f77b4' stroke-width='2' points='{}'/>",
-        pts.join(" ")
-    );
-    let by = y(budget as f64);
-    let _ = writeln!(s, "<line x1='{m}' x2='{}' y1='{by:.1}' y2='{by:.1}' stroke='#d62728' stroke-dasharray='6 4'/>", w - m);
-    let _ = writeln!(
-        s,
-        "<text x='{}' y='{:.1}' fill='#d62728'>budget {}</text>",
-        w - m - 120.0,
-        by - 5.0,
-        gib(budget)
-    );
-    for (t, label, color) in [
-        (kill, "OOM kill", "#ff7f0e"),
-        (back, "memory back", "#2ca02c"),
+        .map(|s| s.1)
+        .max()
+        .unwrap_or(0)
+        .max(marks.budget);
+    let ymax = g(ymax) * 1.1;
+
+    // Guests in colors apart from the budget's red and the markers'
+    // orange and green.
+    const GUEST_COLORS: [RGBColor; 6] = [
+        RGBColor(0x1f, 0x77, 0xb4),
+        RGBColor(0x94, 0x67, 0xbd),
+        RGBColor(0x8c, 0x56, 0x4b),
+        RGBColor(0xe3, 0x77, 0xc2),
+        RGBColor(0x17, 0xbe, 0xcf),
+        RGBColor(0x7f, 0x7f, 0x7f),
+    ];
+    let root = SVGBackend::new(path, (1000, 500)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (left, right) = root.split_horizontally(760);
+    let mut chart = ChartBuilder::on(&left)
+        .caption(
+            "guestmm oom_demo: RSS over time (/proc)",
+            ("sans-serif", 18),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0f64..tmax, 0f64..ymax)?;
+    chart
+        .configure_mesh()
+        .x_desc("time (s)")
+        .y_desc("RSS (GiB)")
+        .x_label_formatter(&|x| format!("{x:.1}"))
+        .y_label_formatter(&|y| format!("{y:.2}"))
+        .draw()?;
+
+    // (label, color, dashed) of every legend row, in drawing order.
+    let mut legend: Vec<(String, RGBColor, bool)> = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let color = GUEST_COLORS[i % GUEST_COLORS.len()];
+        chart.draw_series(LineSeries::new(
+            samples.guests.iter().map(|(t, r)| (*t, g(r[i]))),
+            color.stroke_width(1),
+        ))?;
+        legend.push((format!("{name} (smaps)"), color, false));
+    }
+    chart.draw_series(LineSeries::new(
+        samples.total.iter().map(|(t, r)| (*t, g(*r))),
+        BLACK.stroke_width(2),
+    ))?;
+    legend.push((
+        "process total (statm, above start)".to_owned(),
+        BLACK,
+        false,
+    ));
+    let budget = g(marks.budget);
+    chart.draw_series(DashedLineSeries::new(
+        [(0.0, budget), (tmax, budget)],
+        8,
+        5,
+        RED.stroke_width(2),
+    ))?;
+    legend.push((format!("budget {}", gib(marks.budget)), RED, true));
+    let orange = RGBColor(0xff, 0x7f, 0x0e);
+    let green = RGBColor(0x2c, 0xa0, 0x2c);
+    for (t, what, color) in [
+        (marks.kill, "OOM kill", orange),
+        (marks.back, "victim's memory back", green),
     ] {
         if let Some(t) = t {
-            let _ = writeln!(s, "<line x1='{0:.1}' x2='{0:.1}' y1='{m}' y2='{1}' stroke='{color}'/><text x='{2:.1}' y='{3}' fill='{color}'>{label}</text>", x(t), h - m, x(t) + 4.0, m + 14.0);
+            chart.draw_series(DashedLineSeries::new(
+                [(t, 0.0), (t, ymax)],
+                4,
+                3,
+                color.stroke_width(2),
+            ))?;
+            legend.push((format!("{what} at {t:.2} s"), color, true));
         }
     }
-    let _ = writeln!(s, "<line x1='{m}' x2='{m}' y1='{m}' y2='{0}' stroke='black'/><line x1='{m}' x2='{1}' y1='{0}' y2='{0}' stroke='black'/>", h - m, w - m);
-    let _ = writeln!(
-        s,
-        "<text x='{m}' y='{}'>0 s</text><text x='{}' y='{}'>{tmax:.1} s</text>",
-        h - m + 16.0,
-        w - m - 30.0,
-        h - m + 16.0
-    );
-    let _ = writeln!(s, "<text x='5' y='{}'>{}</text>", m - 5.0, gib(ymax as u64));
-    let _ = writeln!(s, "<text x='{}' y='20' font-size='14'>guestmm oom_demo: process RSS (from /proc/self/statm) over time</text>", m);
-    s.push_str("</svg>\n");
-    s
+
+    let font = ("sans-serif", 14).into_font();
+    for (row, (label, color, dashed)) in legend.iter().enumerate() {
+        let y = 50 + 24 * row as i32;
+        let style = color.stroke_width(2);
+        if *dashed {
+            right.draw(&PathElement::new([(10, y), (18, y)], style))?;
+            right.draw(&PathElement::new([(24, y), (32, y)], style))?;
+        } else {
+            right.draw(&PathElement::new([(10, y), (32, y)], style))?;
+        }
+        right.draw(&Text::new(
+            label.clone(),
+            (40, y - 7),
+            font.clone().color(&BLACK),
+        ))?;
+    }
+    root.present()?;
+    Ok(())
 }

@@ -35,18 +35,59 @@ fn ksm(pages_to_scan: u64) -> Ksm {
     k
 }
 
+/// What most tests start with: the serial lock (PSS is process-wide), a
+/// 1 GiB host and a merging scanner.
+fn setup(pages_to_scan: u64) -> (std::sync::MutexGuard<'static, ()>, Host, Ksm) {
+    (
+        common::serial(),
+        Host::with_budget(1 << 30),
+        ksm(pages_to_scan),
+    )
+}
+
 /// A guest with `pages` of the shared pattern in one tracked, mergeable VMA.
 fn guest(host: &Host, k: &Ksm, name: &str, pages: u64) -> (MmUser, u64) {
     let mm = host.new_mm(name);
-    let addr = mm
-        .mmap_blocking(MapOptions::anon(pages * PAGE).tracked(true))
-        .unwrap();
-    for i in 0..pages {
-        mm.write_blocking(addr + i * PAGE, &shared_page(i)).unwrap();
-    }
+    let addr = map_pattern(&mm, MapOptions::anon(pages * PAGE).tracked(true), 0, false);
     k.madvise_blocking(&mm, addr, pages * PAGE, Advice::Mergeable)
         .unwrap();
     (mm, addr)
+}
+
+/// Maps `opts` and writes the shared pattern from page `first` on into
+/// all of it (as [`write_pattern`]); returns the address.
+fn map_pattern(mm: &MmUser, opts: MapOptions, first: u64, direct: bool) -> u64 {
+    let len = opts.len;
+    let addr = mm.mmap_blocking(opts).unwrap();
+    write_pattern(mm, addr, first, len / PAGE, direct);
+    addr
+}
+
+/// Guests `{prefix}{g}` for each `g` of `range`, as [`guest`] makes them.
+fn make_guests(
+    host: &Host,
+    k: &Ksm,
+    prefix: &str,
+    range: std::ops::Range<u64>,
+    pages: u64,
+) -> Vec<(MmUser, u64)> {
+    range
+        .map(|g| guest(host, k, &format!("{prefix}{g}"), pages))
+        .collect()
+}
+
+/// Writes the shared pattern from page `first` on into the `pages` pages
+/// at `addr`: through the API (populated and charged), or through the host
+/// pointer (never charged) when `direct`.
+fn write_pattern(mm: &MmUser, addr: u64, first: u64, pages: u64, direct: bool) {
+    for i in 0..pages {
+        let (at, page) = (addr + i * PAGE, shared_page(first + i));
+        if direct {
+            unsafe { std::ptr::copy_nonoverlapping(page.as_ptr(), host_ptr(mm, at), PAGE_SIZE) };
+        } else {
+            mm.write_blocking(at, &page).unwrap();
+        }
+    }
 }
 
 /// Scans until `done` or `max_passes` more full passes (never by time).
@@ -55,6 +96,34 @@ fn scan_until(k: &Ksm, max_passes: u64, done: impl Fn(&Ksm) -> bool) {
     while !done(k) && k.stats().full_scans < stop {
         k.scan_step_blocking();
     }
+}
+
+/// Asserts that the `pages` pages at `addr` hold the shared pattern from
+/// page `first` on.
+fn assert_pattern(mm: &MmUser, addr: u64, first: u64, pages: u64) {
+    for i in 0..pages {
+        assert!(
+            mm.compare_blocking(addr + i * PAGE, &shared_page(first + i))
+                .unwrap(),
+            "{}: page {i} at {addr:#x}",
+            mm.name()
+        );
+    }
+}
+
+/// Pages `0..pages` of the shared pattern at `a`, the next `pages` at `b`.
+fn assert_pattern_pair(mm: &MmUser, (a, b): (u64, u64), pages: u64) {
+    assert_pattern(mm, a, 0, pages);
+    assert_pattern(mm, b, pages, pages);
+}
+
+/// Drops `guests`, lets the scanner free their slots (the barrier path
+/// for scanned guests) and checks that the budget is back to zero.
+fn teardown<G>(k: &Ksm, host: &Host, guests: G) {
+    drop(guests);
+    scan_until(k, 2, |k| k.stats().mm_slots == 0);
+    assert_eq!(k.stats().mm_slots, 0);
+    assert_eq!(host.stats().charged_bytes, 0);
 }
 
 /// A bound on every wait of these tests: reaching it is a failure (a hang
@@ -86,16 +155,8 @@ fn untracked_guest(
 ) -> (MmUser, u64) {
     let mm = host.new_mm(name);
     let addr = mm.mmap_blocking(MapOptions::anon(pages * PAGE)).unwrap();
-    let p = host_ptr(&mm, addr);
     for i in 0..pages {
-        let page = shared_page(i);
-        if api(i) {
-            mm.write_blocking(addr + i * PAGE, &page).unwrap();
-        } else {
-            unsafe {
-                std::ptr::copy_nonoverlapping(page.as_ptr(), p.add((i * PAGE) as usize), PAGE_SIZE)
-            };
-        }
+        write_pattern(&mm, addr + i * PAGE, i, 1, !api(i));
     }
     k.madvise_blocking(&mm, addr, pages * PAGE, Advice::Mergeable)
         .unwrap();
@@ -114,13 +175,9 @@ fn host_ptr(mm: &MmUser, addr: u64) -> *mut u8 {
 
 #[test]
 fn test_merge_lowers_pss_by_duplicate_bytes() {
-    let _serial = common::serial();
-    let host = Host::with_budget(1 << 30);
-    let k = ksm(4096);
+    let (_serial, host, k) = setup(4096);
     let (guests, pages) = (4u64, 2048u64);
-    let gs: Vec<(MmUser, u64)> = (0..guests)
-        .map(|g| guest(&host, &k, &format!("g{g}"), pages))
-        .collect();
+    let gs = make_guests(&host, &k, "g", 0..guests, pages);
     let before = ProcessMemory::current().unwrap().pss;
     let dup = (guests - 1) * pages;
     scan_until(&k, 8, |k| k.stats().pages_sharing >= dup);
@@ -159,13 +216,9 @@ fn test_merge_lowers_pss_by_duplicate_bytes() {
 
 #[test]
 fn test_write_after_merge_is_private() {
-    let _serial = common::serial();
-    let host = Host::with_budget(1 << 30);
-    let k = ksm(4096);
+    let (_serial, host, k) = setup(4096);
     let pages = 64;
-    let gs: Vec<(MmUser, u64)> = (0..3)
-        .map(|g| guest(&host, &k, &format!("w{g}"), pages))
-        .collect();
+    let gs = make_guests(&host, &k, "w", 0..3, pages);
     scan_until(&k, 8, |k| k.stats().pages_sharing >= 2 * pages);
     assert_eq!(k.stats().pages_sharing, 2 * pages);
     // Guest 0 writes page 5 through the API, guest 1 page 9 directly.
@@ -198,14 +251,10 @@ fn test_write_after_merge_is_private() {
 
 #[test]
 fn test_writers_during_scans_no_lost_write_no_leak() {
-    let _serial = common::serial();
-    let host = Host::with_budget(1 << 30);
-    let k = ksm(256);
+    let (_serial, host, k) = setup(256);
     let pages = 256u64;
     let guests = 3u64;
-    let gs: Vec<(MmUser, u64)> = (0..guests)
-        .map(|g| guest(&host, &k, &format!("s{g}"), pages))
-        .collect();
+    let gs = make_guests(&host, &k, "s", 0..guests, pages);
     let ksmd = k.spawn().unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let writers: Vec<_> = gs
@@ -285,9 +334,7 @@ fn test_writers_during_scans_no_lost_write_no_leak() {
 #[test]
 fn test_exit_fast_path_frees_slot_and_pin() {
     // Process-wide numbers (PSS) are read by other tests of this binary.
-    let _serial = common::serial();
-    let host = Host::with_budget(1 << 30);
-    let k = ksm(64);
+    let (_serial, host, k) = setup(64);
     let (mm, _) = guest(&host, &k, "fast", 16);
     let watch = mm.watch();
     assert!(k.is_registered(mm.id()));
@@ -349,9 +396,7 @@ fn test_exit_barrier_path_scanner_frees_once() {
 #[test]
 fn test_exit_barrier_path_with_scanner_stopped_then_unmerge() {
     // Process-wide numbers (PSS) are read by other tests of this binary.
-    let _serial = common::serial();
-    let host = Host::with_budget(1 << 30);
-    let k = ksm(4096);
+    let (_serial, host, k) = setup(4096);
     let (a, _) = guest(&host, &k, "a", 32);
     let (b, _) = guest(&host, &k, "b", 32);
     scan_until(&k, 6, |k| k.stats().pages_sharing >= 32);
@@ -377,9 +422,7 @@ fn test_exit_barrier_path_with_scanner_stopped_then_unmerge() {
 #[test]
 fn test_exit_while_scanner_runs_each_slot_freed_once() {
     // Process-wide numbers (PSS) are read by other tests of this binary.
-    let _serial = common::serial();
-    let host = Host::with_budget(1 << 30);
-    let k = ksm(32);
+    let (_serial, host, k) = setup(32);
     let ksmd = k.spawn().unwrap();
     let mut watches = Vec::new();
     let rounds = 24;
@@ -408,13 +451,9 @@ fn test_exit_while_scanner_runs_each_slot_freed_once() {
 
 #[test]
 fn test_unmerge_restores_private_pages() {
-    let _serial = common::serial();
-    let host = Host::with_budget(1 << 30);
-    let k = ksm(4096);
+    let (_serial, host, k) = setup(4096);
     let pages = 128;
-    let gs: Vec<(MmUser, u64)> = (0..3)
-        .map(|g| guest(&host, &k, &format!("u{g}"), pages))
-        .collect();
+    let gs = make_guests(&host, &k, "u", 0..3, pages);
     scan_until(&k, 8, |k| k.stats().pages_sharing >= 2 * pages);
     assert_eq!(host.stats().charged_bytes, pages * PAGE);
     k.set_run_blocking(Run::Unmerge).unwrap();
@@ -443,9 +482,7 @@ fn test_unmerge_restores_private_pages() {
 #[test]
 fn test_zap_of_merged_pages_reads_zeros_and_zero_pages() {
     // Process-wide numbers (PSS) are read by other tests of this binary.
-    let _serial = common::serial();
-    let host = Host::with_budget(1 << 30);
-    let k = ksm(4096);
+    let (_serial, host, k) = setup(4096);
     k.set_use_zero_pages(true);
     let (a, aa) = guest(&host, &k, "za", 32);
     let (b, ab) = guest(&host, &k, "zb", 32);
@@ -509,9 +546,7 @@ fn test_bad_input_is_an_error() {
 #[test]
 fn test_user_write_protect_and_merge_never_mix() {
     // Process-wide numbers (PSS) are read by other tests of this binary.
-    let _serial = common::serial();
-    let host = Host::with_budget(1 << 30);
-    let k = ksm(4096);
+    let (_serial, host, k) = setup(4096);
     let pages = 16;
     // Guest a: its pages are write-protected by the user before any scan.
     let (a, aa) = guest(&host, &k, "wp", pages);
@@ -534,9 +569,7 @@ fn test_user_write_protect_and_merge_never_mix() {
 
 #[test]
 fn test_untracked_merge_lowers_pss_by_duplicate_bytes() {
-    let _serial = common::serial();
-    let host = Host::with_budget(1 << 30);
-    let k = ksm(4096);
+    let (_serial, host, k) = setup(4096);
     let (guests, pages) = (4u64, 2048u64);
     // Every page written through the host pointer: nothing charged.
     let gs: Vec<(MmUser, u64)> = (0..guests)
@@ -581,9 +614,7 @@ fn test_untracked_merge_lowers_pss_by_duplicate_bytes() {
 
 #[test]
 fn test_untracked_write_after_merge_is_private() {
-    let _serial = common::serial();
-    let host = Host::with_budget(1 << 30);
-    let k = ksm(4096);
+    let (_serial, host, k) = setup(4096);
     let pages = 64;
     let gs: Vec<(MmUser, u64)> = (0..3)
         .map(|g| untracked_guest(&host, &k, &format!("uw{g}"), pages, |_| false))
@@ -625,16 +656,12 @@ fn test_untracked_write_after_merge_is_private() {
     scan_until(&k, 2, |k| k.stats().full_scans >= passes + 2);
     let s = k.stats();
     assert_eq!(s.pages_sharing + s.pages_shared, 3 * pages - 2, "{s:?}");
-    drop(gs);
-    scan_until(&k, 2, |k| k.stats().mm_slots == 0);
-    assert_eq!(host.stats().charged_bytes, 0);
+    teardown(&k, &host, gs);
 }
 
 #[test]
 fn test_untracked_budget_returns_to_zero() {
-    let _serial = common::serial();
-    let host = Host::with_budget(1 << 30);
-    let k = ksm(4096);
+    let (_serial, host, k) = setup(4096);
     let pages = 64;
     // a: every page through the API (charged); b: through the host
     // pointer (never charged); c: every other page each way.
@@ -666,11 +693,7 @@ fn test_untracked_budget_returns_to_zero() {
     // Unmerge everything: every page becomes a charged private copy.
     k.set_run_blocking(Run::Unmerge).unwrap();
     for (mm, addr, skip) in [(&a, aa, 0), (&b, ba, 8), (&c, ca, 0)] {
-        for i in skip..pages {
-            assert!(mm
-                .compare_blocking(addr + i * PAGE, &shared_page(i))
-                .unwrap());
-        }
+        assert_pattern(mm, addr + skip * PAGE, skip, pages - skip);
     }
     assert_eq!(k.stats().pages_shared, 0);
     drop((a, b, c));
@@ -681,25 +704,18 @@ fn test_untracked_budget_returns_to_zero() {
 /// region; `set_merge_any` alone makes them merge.
 #[test]
 fn test_merge_any_merges_vmas_never_madvised() {
-    let _serial = common::serial();
-    let host = Host::with_budget(1 << 30);
-    let k = ksm(4096);
+    let (_serial, host, k) = setup(4096);
     let pages = 1024u64;
     let mut gs = Vec::new();
     for g in 0..3 {
         let mm = host.new_mm(&format!("any{g}"));
-        let u = mm.mmap_blocking(MapOptions::anon(pages * PAGE)).unwrap();
-        let t = mm
-            .mmap_blocking(MapOptions::anon(pages * PAGE).tracked(true))
-            .unwrap();
-        for i in 0..pages {
-            let p = shared_page(i);
-            unsafe {
-                std::ptr::copy_nonoverlapping(p.as_ptr(), host_ptr(&mm, u + i * PAGE), PAGE_SIZE)
-            };
-            mm.write_blocking(t + i * PAGE, &shared_page(pages + i))
-                .unwrap();
-        }
+        let u = map_pattern(&mm, MapOptions::anon(pages * PAGE), 0, true);
+        let t = map_pattern(
+            &mm,
+            MapOptions::anon(pages * PAGE).tracked(true),
+            pages,
+            false,
+        );
         k.set_merge_any_blocking(&mm, true).unwrap();
         assert!(k.is_registered(mm.id()));
         gs.push((mm, u, t));
@@ -720,36 +736,22 @@ fn test_merge_any_merges_vmas_never_madvised() {
         dup * PAGE
     );
     for (mm, u, t) in &gs {
-        for i in 0..pages {
-            assert!(mm.compare_blocking(u + i * PAGE, &shared_page(i)).unwrap());
-            assert!(mm
-                .compare_blocking(t + i * PAGE, &shared_page(pages + i))
-                .unwrap());
-        }
+        assert_pattern_pair(mm, (*u, *t), pages);
     }
-    drop(gs);
-    scan_until(&k, 2, |k| k.stats().mm_slots == 0);
-    assert_eq!(host.stats().charged_bytes, 0);
+    teardown(&k, &host, gs);
 }
 
 /// Merge-any off unmerges the pages of VMAs that were never madvised and
 /// keeps the madvised ones merged.
 #[test]
 fn test_merge_any_off_unmerges_only_unmadvised() {
-    let _serial = common::serial();
-    let host = Host::with_budget(1 << 30);
-    let k = ksm(4096);
+    let (_serial, host, k) = setup(4096);
     let pages = 128u64;
     let mut gs = Vec::new();
     for g in 0..2 {
         let mm = host.new_mm(&format!("off{g}"));
-        let m = mm.mmap_blocking(MapOptions::anon(pages * PAGE)).unwrap();
-        let n = mm.mmap_blocking(MapOptions::anon(pages * PAGE)).unwrap();
-        for i in 0..pages {
-            mm.write_blocking(m + i * PAGE, &shared_page(i)).unwrap();
-            mm.write_blocking(n + i * PAGE, &shared_page(pages + i))
-                .unwrap();
-        }
+        let m = map_pattern(&mm, MapOptions::anon(pages * PAGE), 0, false);
+        let n = map_pattern(&mm, MapOptions::anon(pages * PAGE), pages, false);
         k.madvise_blocking(&mm, m, pages * PAGE, Advice::Mergeable)
             .unwrap();
         k.set_merge_any_blocking(&mm, true).unwrap();
@@ -775,17 +777,8 @@ fn test_merge_any_off_unmerges_only_unmadvised() {
         "the madvised VMA stays merged: {st:?}"
     );
     assert_eq!(k.stats().pages_sharing, pages, "{:?}", k.stats());
-    for i in 0..pages {
-        assert!(mm0
-            .compare_blocking(m0 + i * PAGE, &shared_page(i))
-            .unwrap());
-        assert!(mm0
-            .compare_blocking(n0 + i * PAGE, &shared_page(pages + i))
-            .unwrap());
-    }
-    drop(gs);
-    scan_until(&k, 2, |k| k.stats().mm_slots == 0);
-    assert_eq!(host.stats().charged_bytes, 0);
+    assert_pattern_pair(mm0, (*m0, *n0), pages);
+    teardown(&k, &host, gs);
 }
 
 /// Review finding (a): a slot freed early (its mm exited while the cursor
@@ -794,9 +787,7 @@ fn test_merge_any_off_unmerges_only_unmadvised() {
 /// "nothing mergeable").
 #[test]
 fn test_freed_slot_resets_the_walk_address() {
-    let _serial = common::serial();
-    let host = Host::with_budget(1 << 30);
-    let k = ksm(16);
+    let (_serial, host, k) = setup(16);
     let (a, _) = guest(&host, &k, "big", 256);
     let (b, _) = guest(&host, &k, "small", 16);
     k.scan_step_blocking(); // 16 pages into a
@@ -809,9 +800,7 @@ fn test_freed_slot_resets_the_walk_address() {
 /// Review finding (b): `max_page_sharing` holds within one chunk.
 #[test]
 fn test_max_page_sharing_within_one_chunk() {
-    let _serial = common::serial();
-    let host = Host::with_budget(1 << 30);
-    let k = ksm(4096);
+    let (_serial, host, k) = setup(4096);
     let max = 3;
     k.set_max_page_sharing(max).unwrap();
     let (_a, _) = guest(&host, &k, "ma", 1);
@@ -843,9 +832,7 @@ fn test_max_page_sharing_within_one_chunk() {
 /// KSM and enters again.
 #[test]
 fn test_reenter_registers_one_exit_hook() {
-    let _serial = common::serial();
-    let host = Host::with_budget(1 << 30);
-    let k = ksm(4096);
+    let (_serial, host, k) = setup(4096);
     let (mm, addr) = guest(&host, &k, "re", 4);
     for _ in 0..3 {
         k.madvise_blocking(&mm, addr, 4 * PAGE, Advice::Unmergeable)
@@ -867,9 +854,7 @@ fn test_reenter_registers_one_exit_hook() {
 /// kept until teardown); a touched chunk gets its leaf.
 #[test]
 fn test_untracked_scan_of_untouched_memory_allocates_no_page_tables() {
-    let _serial = common::serial();
-    let host = Host::with_budget(1 << 30);
-    let k = ksm(1 << 16);
+    let (_serial, host, k) = setup(1 << 16);
     let mm = host.new_mm("sparse");
     let len = 64 << 20; // 32 leaves' worth
     let a = mm.mmap_blocking(MapOptions::anon(len)).unwrap();
@@ -933,9 +918,7 @@ fn a_keeps_its_pages(k: &Ksm, a: &MmUser, a_addr: u64, b: MmUser) {
 /// exited, the stable pages were punched and the guest read zeros.
 #[test]
 fn test_nothing_mergeable_left_mid_walk_unshares_every_page() {
-    let _serial = common::serial();
-    let host = Host::with_budget(1 << 30);
-    let k = ksm(4096);
+    let (_serial, host, k) = setup(4096);
     let (a, a_addr, b) = merged_pair_with_walk_inside_a(&host, &k);
     // PROT_NONE: the VMA stays MERGEABLE but cannot merge (not
     // ksm_capable), and its pages still map the stable pages.
@@ -953,9 +936,7 @@ fn test_nothing_mergeable_left_mid_walk_unshares_every_page() {
 /// can see the flag gone with merged pages left.
 #[test]
 fn test_mm_madvise_unmergeable_mid_walk_keeps_contents() {
-    let _serial = common::serial();
-    let host = Host::with_budget(1 << 30);
-    let k = ksm(4096);
+    let (_serial, host, k) = setup(4096);
     let (a, a_addr, b) = merged_pair_with_walk_inside_a(&host, &k);
     a.madvise_blocking(a_addr, 64 * PAGE, Advice::Unmergeable)
         .unwrap();

@@ -17,6 +17,11 @@ use guestmm::{
     Error, Guest, Host, HostConfig, MapOptions, Mm, MmFlag, MmNotifier, OomOutcome, WouldBlock,
 };
 
+/// One OOM-killer call (no memcg), waited for.
+fn oom(host: &Host) -> OomOutcome {
+    block_on(host.out_of_memory(None))
+}
+
 fn fast_reaper(host: &Host) -> Reaper {
     let r = Reaper::new(ReaperConfig {
         delay: Duration::ZERO,
@@ -55,10 +60,7 @@ fn test_reap_returns_memory_while_users_held() {
     // A "vCPU thread" still holds a user: teardown cannot start.
     let worker = victim.mm().unwrap();
     let before = rss();
-    assert_eq!(
-        block_on(host.out_of_memory(None)),
-        OomOutcome::Killed { guest: victim.id() }
-    );
+    assert_eq!(oom(&host), OomOutcome::Killed { guest: victim.id() });
     wait_until("the reap", || reaper.stats().reaped == 1);
     let after = rss();
     let returned = before.saturating_sub(after);
@@ -95,21 +97,12 @@ fn test_no_second_victim_while_first_lacks_oom_skip() {
     let (a, _) = guest_with(&host, "a", 8 * MIB);
     let (b, _) = guest_with(&host, "b", 4 * MIB);
     // No reaper installed: the first victim keeps lacking OOM_SKIP.
-    assert_eq!(
-        block_on(host.out_of_memory(None)),
-        OomOutcome::Killed { guest: a.id() }
-    );
-    assert_eq!(
-        block_on(host.out_of_memory(None)),
-        OomOutcome::VictimPending { guest: a.id() }
-    );
+    assert_eq!(oom(&host), OomOutcome::Killed { guest: a.id() });
+    assert_eq!(oom(&host), OomOutcome::VictimPending { guest: a.id() });
     assert_eq!(host.oom_stats().kills, 1);
     // Once its exit_mmap sets OOM_SKIP, the next victim may be chosen.
     a.exit_blocking();
-    assert_eq!(
-        block_on(host.out_of_memory(None)),
-        OomOutcome::Killed { guest: b.id() }
-    );
+    assert_eq!(oom(&host), OomOutcome::Killed { guest: b.id() });
     assert_eq!(host.oom_stats().second_kills, 0);
     b.exit_blocking();
 }
@@ -122,12 +115,9 @@ fn test_unkillable_and_adj_min_never_chosen() {
     let (adj, _) = guest_with(&host, "adj", 8 * MIB);
     adj.set_oom_score_adj(-1000);
     let (small, _) = guest_with(&host, "small", 2 * MIB);
-    assert_eq!(
-        block_on(host.out_of_memory(None)),
-        OomOutcome::Killed { guest: small.id() }
-    );
+    assert_eq!(oom(&host), OomOutcome::Killed { guest: small.id() });
     small.exit_blocking();
-    assert_eq!(block_on(host.out_of_memory(None)), OomOutcome::NoVictim);
+    assert_eq!(oom(&host), OomOutcome::NoVictim);
     big.exit_blocking();
     adj.exit_blocking();
 }
@@ -155,10 +145,7 @@ fn test_misbehaving_victim_holding_write_lock() {
         })
     };
     rx.recv().unwrap();
-    assert_eq!(
-        block_on(host.out_of_memory(None)),
-        OomOutcome::Killed { guest: victim.id() }
-    );
+    assert_eq!(oom(&host), OomOutcome::Killed { guest: victim.id() });
     wait_until("the reaper to give up", || reaper.stats().gave_up == 1);
     let s = reaper.stats();
     assert_eq!(s.contended, 10, "{s:?}");
@@ -171,10 +158,7 @@ fn test_misbehaving_victim_holding_write_lock() {
         "never got the lock, never zapped"
     );
     // The OOM killer can move on to the next victim.
-    assert_eq!(
-        block_on(host.out_of_memory(None)),
-        OomOutcome::Killed { guest: next.id() }
-    );
+    assert_eq!(oom(&host), OomOutcome::Killed { guest: next.id() });
     release.store(true, Ordering::SeqCst);
     holder.join().unwrap();
     drop(mm);
@@ -211,7 +195,7 @@ fn test_oom_killer_disable_waits_for_the_victims_own_exit() {
     let reaper = fast_reaper(&host);
     let thread = reaper.spawn();
     let (victim, _) = guest_with(&host, "v", 4 * MIB);
-    block_on(host.out_of_memory(None));
+    oom(&host);
     wait_until("the reap", || reaper.stats().reaped == 1);
     // Reaped, but still running: disable must not return true (seed 4:
     // the reaper never calls exit_oom_victim for the victim).
@@ -220,7 +204,7 @@ fn test_oom_killer_disable_waits_for_the_victims_own_exit() {
     victim.exit_blocking();
     assert!(host.oom_killer_disable(Duration::from_millis(30)));
     let (g, _) = guest_with(&host, "g", MIB);
-    assert_eq!(block_on(host.out_of_memory(None)), OomOutcome::Disabled);
+    assert_eq!(oom(&host), OomOutcome::Disabled);
     host.oom_killer_enable();
     g.exit_blocking();
     thread.stop();
@@ -329,13 +313,6 @@ fn test_blocking_notifier_makes_reap_partial() {
     assert_eq!(host.stats().charged_bytes, 0);
 }
 
-fn maps_count() -> usize {
-    std::fs::read_to_string("/proc/self/maps")
-        .unwrap()
-        .lines()
-        .count()
-}
-
 /// Reaper racing teardown, in both orders, many times: no leak, no
 /// negative counter (debug assertions), struct freed at count 0, and the
 /// reaper either reaped before the teardown's free or saw OOM_SKIP.
@@ -343,7 +320,7 @@ fn maps_count() -> usize {
 fn test_stress_reaper_vs_teardown() {
     let _s = serial();
     let host = Host::with_budget(1 << 30);
-    let maps_before = maps_count();
+    let maps_before = common::maps_count();
     for i in 0..300 {
         let (g, _) = guest_with(&host, "v", 2 * MIB + (i % 3) * 4096);
         let user = g.mm().unwrap();
@@ -385,7 +362,10 @@ fn test_stress_reaper_vs_teardown() {
         assert!(watch.is_freed());
     }
     assert_eq!(host.stats().charged_bytes, 0);
-    assert!(maps_count() <= maps_before + 4, "host mappings leaked");
+    assert!(
+        common::maps_count() <= maps_before + 4,
+        "host mappings leaked"
+    );
 }
 
 /// mrelease racing the victim's own exit, many times.
@@ -393,7 +373,7 @@ fn test_stress_reaper_vs_teardown() {
 fn test_stress_mrelease_vs_exit() {
     let _s = serial();
     let host = Host::with_budget(1 << 30);
-    let maps_before = maps_count();
+    let maps_before = common::maps_count();
     for i in 0..300 {
         let (g, _) = guest_with(&host, "v", 2 * MIB);
         let watch = g.mm().unwrap().watch();
@@ -421,6 +401,9 @@ fn test_stress_mrelease_vs_exit() {
         );
     }
     assert_eq!(host.stats().charged_bytes, 0);
-    assert!(maps_count() <= maps_before + 4, "host mappings leaked");
+    assert!(
+        common::maps_count() <= maps_before + 4,
+        "host mappings leaked"
+    );
     let _ = HostConfig::with_budget(0);
 }

@@ -22,6 +22,37 @@ fn in_child(name: &str) -> bool {
     std::env::var(CHILD_ENV).as_deref() == Ok(name)
 }
 
+/// The parent side of a child-process test: runs test `name` in a child
+/// (one child at a time) and expects it to pass. Nothing in a child.
+fn child_passes(name: &str) {
+    if std::env::var(CHILD_ENV).is_ok() {
+        return;
+    }
+    let _g = serial();
+    let st = run_child(name);
+    assert!(st.success(), "child ended with {st:?}");
+}
+
+/// Drops the last user reference and runs the guest's exit: OOM_SKIP is
+/// set, the tracker is gone and nothing stays charged.
+fn exit_leaves_nothing(host: &Host, guest: &guestmm::Guest, mm: guestmm::MmUser) {
+    let grab = mm.grab();
+    drop(mm);
+    guest.exit_blocking();
+    assert!(grab.flags().test(MmFlag::OOM_SKIP));
+    assert!(grab.tracked_stats().is_none());
+    assert_eq!(host.stats().charged_bytes, 0);
+}
+
+/// A new mm with one tracked mapping made with `opts`: the mm, the
+/// mapping's guest address and its host address.
+fn tracked_mm(host: &Host, name: &str, opts: MapOptions) -> (guestmm::MmUser, u64, usize) {
+    let mm = host.new_mm(name);
+    let addr = mm.mmap_blocking(opts.tracked(true)).unwrap();
+    let ptr = mm.find_vma_blocking(addr).unwrap().host_ptr() as usize;
+    (mm, addr, ptr)
+}
+
 /// A bound on how long any wait of these tests may last: reaching it is a
 /// failure (a hang made visible), never a measurement.
 const HANG: Duration = Duration::from_secs(120);
@@ -77,11 +108,7 @@ fn threads_touching_directly_are_charged_once() {
     let _g = serial();
     const LEN: u64 = 64 * MIB;
     let host = Host::with_budget(256 * MIB);
-    let mm = host.new_mm("tracked");
-    let addr = mm
-        .mmap_blocking(MapOptions::anon(LEN).tracked(true))
-        .unwrap();
-    let ptr = mm.find_vma_blocking(addr).unwrap().host_ptr() as usize;
+    let (mm, addr, ptr) = tracked_mm(&host, "tracked", MapOptions::anon(LEN));
     let before = rss();
     // Four threads, interleaved page by page so they collide on windows.
     let threads: Vec<_> = (0..4usize)
@@ -126,12 +153,9 @@ fn threads_touching_directly_are_charged_once() {
 fn api_and_direct_touches_never_double_charge() {
     let _g = serial();
     let host = Host::with_budget(64 * MIB);
-    let mm = host.new_mm("mixed");
     const LEN: u64 = 8 * MIB;
-    let addr = mm
-        .mmap_blocking(MapOptions::anon(LEN).tracked(true).fault_around(64 << 10))
-        .unwrap();
-    let ptr = mm.find_vma_blocking(addr).unwrap().host_ptr() as usize;
+    let opts = MapOptions::anon(LEN).fault_around(64 << 10);
+    let (mm, addr, ptr) = tracked_mm(&host, "mixed", opts);
     let mm2 = mm.clone();
     let api = std::thread::spawn(move || {
         for p in (0..LEN / PAGE_SIZE as u64).step_by(3) {
@@ -157,11 +181,7 @@ fn api_and_direct_touches_never_double_charge() {
 fn embedder_madvise_is_seen() {
     let _g = serial();
     let host = Host::with_budget(64 * MIB);
-    let mm = host.new_mm("balloon");
-    let addr = mm
-        .mmap_blocking(MapOptions::anon(4 * MIB).tracked(true))
-        .unwrap();
-    let ptr = mm.find_vma_blocking(addr).unwrap().host_ptr() as usize;
+    let (mm, addr, ptr) = tracked_mm(&host, "balloon", MapOptions::anon(4 * MIB));
     touch(ptr, 0, 4 * MIB as usize, 1);
     assert_eq!(host.stats().charged_bytes, 4 * MIB);
     // A balloon driver discards 1 MiB behind our back. The REMOVE message
@@ -192,11 +212,7 @@ fn reaped_tracked_page_sigbus_child() {
         return;
     }
     let host = Host::with_budget(64 * MIB);
-    let mm = host.new_mm("victim");
-    let addr = mm
-        .mmap_blocking(MapOptions::anon(2 * MIB).tracked(true))
-        .unwrap();
-    let ptr = mm.find_vma_blocking(addr).unwrap().host_ptr() as usize;
+    let (mm, _, ptr) = tracked_mm(&host, "victim", MapOptions::anon(2 * MIB));
     touch(ptr, 0, 2 * MIB as usize, 0x5a);
     // The reaper's protocol: UNSTABLE first, then zap under the read lock.
     mm.flags().set(MmFlag::UNSTABLE);
@@ -238,18 +254,6 @@ fn reaped_tracked_page_sigbus() {
     assert_eq!(st.signal(), Some(libc::SIGBUS), "child ended with {st:?}");
 }
 
-fn count_dir(p: &str) -> usize {
-    std::fs::read_dir(p).unwrap().count()
-}
-
-fn thread_names() -> Vec<String> {
-    std::fs::read_dir("/proc/self/task")
-        .unwrap()
-        .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("comm")).ok())
-        .map(|n| n.trim().to_owned())
-        .collect()
-}
-
 /// Threads of this process once every joined handler is gone:
 /// `pthread_join` returns when the thread clears its tid (in mm_release),
 /// a moment before the kernel releases its task, so a just-joined handler
@@ -257,12 +261,37 @@ fn thread_names() -> Vec<String> {
 /// and fails the comparison.
 fn settled_tasks() -> usize {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while thread_names().iter().any(|n| n.starts_with("guestmm-uffd"))
+    while common::thread_names()
+        .iter()
+        .any(|n| n.starts_with("guestmm-uffd"))
         && std::time::Instant::now() < deadline
     {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
-    count_dir("/proc/self/task")
+    common::task_count()
+}
+
+/// Runs `cycle` three times and checks that it left no descriptor and no
+/// thread behind.
+fn assert_cycles_leak_nothing(cycle: impl Fn()) {
+    // Warm up process-wide lazies (the zero source, and the timer thread
+    // that the first `SystemClock` sleep starts: the pressure path and the
+    // EAGAIN backoff only sleep sometimes, so start it here, not by chance).
+    futures_lite::future::block_on(guestmm::Clock::sleep(
+        &guestmm::SystemClock,
+        std::time::Duration::from_millis(1),
+    ));
+    let (fds, tasks) = (common::fd_count(), settled_tasks());
+    for _ in 0..3 {
+        cycle();
+    }
+    assert_eq!(common::fd_count(), fds, "fd leak");
+    assert_eq!(
+        settled_tasks(),
+        tasks,
+        "thread leak: {:?}",
+        common::thread_names()
+    );
 }
 
 #[test]
@@ -287,37 +316,15 @@ fn teardown_leaves_no_thread_or_fd_child() {
             mm.munmap_blocking(b, 2 * MIB).unwrap();
             mm.write_protect_blocking(a, 8 * PAGE_SIZE as u64).unwrap();
         }
-        let grab = mm.grab();
-        drop(mm);
-        guest.exit_blocking();
-        assert!(grab.flags().test(MmFlag::OOM_SKIP));
-        assert!(grab.tracked_stats().is_none());
-        assert_eq!(host.stats().charged_bytes, 0);
+        exit_leaves_nothing(&host, &guest, mm);
     };
-    // Warm up process-wide lazies (the zero source, and the timer thread
-    // that the first `SystemClock` sleep starts: the pressure path and the
-    // EAGAIN backoff only sleep sometimes, so start it here, not by chance).
-    futures_lite::future::block_on(guestmm::Clock::sleep(
-        &guestmm::SystemClock,
-        std::time::Duration::from_millis(1),
-    ));
     cycle(false);
-    let (fds, tasks) = (count_dir("/proc/self/fd"), settled_tasks());
-    for _ in 0..3 {
-        cycle(true);
-    }
-    assert_eq!(count_dir("/proc/self/fd"), fds, "fd leak");
-    assert_eq!(settled_tasks(), tasks, "thread leak: {:?}", thread_names());
+    assert_cycles_leak_nothing(|| cycle(true));
 }
 
 #[test]
 fn teardown_leaves_no_thread_or_fd() {
-    if std::env::var(CHILD_ENV).is_ok() {
-        return;
-    }
-    let _g = serial();
-    let st = run_child("teardown_leaves_no_thread_or_fd_child");
-    assert!(st.success(), "child ended with {st:?}");
+    child_passes("teardown_leaves_no_thread_or_fd_child");
 }
 
 /// Untracked mergeable regions get a write-protect-only registration (and
@@ -354,32 +361,14 @@ fn mergeable_untracked_leaves_no_thread_or_fd_child() {
         mm.madvise_blocking(a + MIB, MIB, guestmm::Advice::DontNeed)
             .unwrap();
         mm.munmap_blocking(b, 2 * MIB).unwrap();
-        let grab = mm.grab();
-        drop(mm);
-        guest.exit_blocking();
-        assert!(grab.tracked_stats().is_none());
-        assert_eq!(host.stats().charged_bytes, 0);
+        exit_leaves_nothing(&host, &guest, mm);
     };
-    futures_lite::future::block_on(guestmm::Clock::sleep(
-        &guestmm::SystemClock,
-        std::time::Duration::from_millis(1),
-    ));
-    let (fds, tasks) = (count_dir("/proc/self/fd"), settled_tasks());
-    for _ in 0..3 {
-        cycle();
-    }
-    assert_eq!(count_dir("/proc/self/fd"), fds, "fd leak");
-    assert_eq!(settled_tasks(), tasks, "thread leak: {:?}", thread_names());
+    assert_cycles_leak_nothing(cycle);
 }
 
 #[test]
 fn mergeable_untracked_leaves_no_thread_or_fd() {
-    if std::env::var(CHILD_ENV).is_ok() {
-        return;
-    }
-    let _g = serial();
-    let st = run_child("mergeable_untracked_leaves_no_thread_or_fd_child");
-    assert!(st.success(), "child ended with {st:?}");
+    child_passes("mergeable_untracked_leaves_no_thread_or_fd_child");
 }
 
 #[test]

@@ -51,6 +51,29 @@ fn all_mapped(m: &BTreeMap<u64, Page>, page: u64, n: u64) -> bool {
     (page..page + n).all(|p| m.contains_key(&p))
 }
 
+/// Each page of `page..page + n` through `f`.
+fn each_page(m: &mut BTreeMap<u64, Page>, page: u64, n: u64, f: impl Fn(&mut Page)) {
+    for p in page..page + n {
+        f(m.get_mut(&p).expect("a mapped page"));
+    }
+}
+
+/// An operation that needs every page mapped: `Unmapped` when one is not,
+/// else it succeeded and `f` updates each page of the model.
+fn on_mapped<T: std::fmt::Debug>(
+    m: &mut BTreeMap<u64, Page>,
+    (page, n): (u64, u64),
+    r: Result<T, Error>,
+    f: impl Fn(&mut Page),
+) {
+    if all_mapped(m, page, n) {
+        r.unwrap();
+        each_page(m, page, n, f);
+    } else {
+        assert!(matches!(r, Err(Error::Unmapped { .. })), "{r:?}");
+    }
+}
+
 fn apply(mm: &MmUser, m: &mut BTreeMap<u64, Page>, op: &Op) {
     let addr = |p: u64| BASE + p * P;
     match *op {
@@ -93,14 +116,7 @@ fn apply(mm: &MmUser, m: &mut BTreeMap<u64, Page>, op: &Op) {
                 Prot::READ_WRITE | Prot::EXEC,
             ][prot as usize];
             let r = mm.mprotect_blocking(addr(page), n * P, prot);
-            if all_mapped(m, page, n) {
-                r.unwrap();
-                for p in page..page + n {
-                    m.get_mut(&p).unwrap().prot = prot;
-                }
-            } else {
-                assert!(matches!(r, Err(Error::Unmapped { .. })), "{r:?}");
-            }
+            on_mapped(m, (page, n), r, |pg| pg.prot = prot);
         }
         Op::Mlock { page, n } | Op::Munlock { page, n } => {
             let on = matches!(op, Op::Mlock { .. });
@@ -115,9 +131,7 @@ fn apply(mm: &MmUser, m: &mut BTreeMap<u64, Page>, op: &Op) {
                 assert!(matches!(r, Err(Error::Protection { .. })), "{r:?}");
             } else {
                 r.unwrap();
-                for p in page..page + n {
-                    m.get_mut(&p).unwrap().locked = on;
-                }
+                each_page(m, page, n, |pg| pg.locked = on);
             }
         }
         Op::DontNeed { page, n } => {
@@ -128,12 +142,11 @@ fn apply(mm: &MmUser, m: &mut BTreeMap<u64, Page>, op: &Op) {
                 assert!(matches!(r, Err(Error::NotAllowed { .. })), "{r:?}");
             } else {
                 r.unwrap();
-                for p in page..page + n {
-                    let pg = m.get_mut(&p).unwrap();
+                each_page(m, page, n, |pg| {
                     if !pg.shared {
                         pg.byte = 0;
                     }
-                }
+                });
             }
         }
         Op::Mergeable { page, n, on } => {
@@ -143,14 +156,7 @@ fn apply(mm: &MmUser, m: &mut BTreeMap<u64, Page>, op: &Op) {
                 Advice::Unmergeable
             };
             let r = mm.madvise_blocking(addr(page), n * P, adv);
-            if all_mapped(m, page, n) {
-                r.unwrap();
-                for p in page..page + n {
-                    m.get_mut(&p).unwrap().mergeable = on;
-                }
-            } else {
-                assert!(matches!(r, Err(Error::Unmapped { .. })), "{r:?}");
-            }
+            on_mapped(m, (page, n), r, |pg| pg.mergeable = on);
         }
         Op::Write { page, byte } => {
             let r = mm.write_blocking(addr(page) + OFF, &[byte]);

@@ -1,0 +1,178 @@
+//! What the examples share: argument parsing with a tracing subscriber,
+//! JSON output, a progress line, `median`, `touch`, a plain anonymous
+//! mapping for the kernel baselines.
+//!
+//! Included by each example with `mod common;`. Cargo builds only
+//! `examples/*.rs` (and `examples/*/main.rs`) as examples, so this file is
+//! never built on its own.
+#![allow(dead_code)] // each example uses a part of it
+
+use std::io::IsTerminal as _;
+use std::time::Duration;
+
+use guestmm::PAGE_SIZE;
+
+/// One MiB.
+pub const MIB: u64 = 1 << 20;
+
+/// Parses the command line (`--help` and a bad flag exit here, before the
+/// example does anything) and then installs the tracing subscriber, so the
+/// library's `warn!`/`error!` reach stderr. `RUST_LOG` filters (default
+/// `warn`).
+pub fn init<A: clap::Parser>() -> A {
+    let args = A::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        // A closed stderr must not panic a library thread (the fallback
+        // report would be an eprintln! to that same stderr).
+        .log_internal_errors(false)
+        .init();
+    args
+}
+
+/// Prints `value` as one line of JSON on stdout.
+pub fn print_json<T: serde::Serialize>(value: &T) {
+    println!(
+        "{}",
+        serde_json::to_string(value).expect("the examples' reports serialize")
+    );
+}
+
+/// `x` rounded to `digits` decimals, as the JSON reports print their
+/// timings.
+pub fn round(x: f64, digits: i32) -> f64 {
+    let m = 10f64.powi(digits);
+    (x * m).round() / m
+}
+
+/// The median of `v` (the upper one for an even count); `v` is not empty.
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// A live status line on stderr (a spinner with a message), hidden when
+/// `quiet` (`--json`) or when stdout or stderr is not a terminal.
+pub fn status_line(quiet: bool) -> indicatif::ProgressBar {
+    if quiet || !std::io::stdout().is_terminal() || !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let pb = indicatif::ProgressBar::new_spinner();
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")
+            .expect("a valid template"),
+    );
+    pb.enable_steady_tick(Duration::from_millis(100));
+    pb
+}
+
+/// Writes one byte in every page of `ptr..ptr+len`.
+///
+/// # Safety
+///
+/// `ptr..ptr+len` is a live writable mapping that nothing else frees
+/// during the call.
+pub unsafe fn touch(ptr: *mut u8, len: usize) {
+    for off in (0..len).step_by(PAGE_SIZE) {
+        // SAFETY: inside the caller's writable mapping (see above).
+        unsafe { ptr.add(off).write_volatile(1) };
+    }
+}
+
+/// A private anonymous mapping made with plain `mmap` (the kernel's side
+/// of the comparisons), unmapped on drop.
+#[derive(Debug)]
+pub struct AnonMap {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl AnonMap {
+    /// Maps `len` bytes, readable and writable, with extra `MAP_*` flags.
+    /// Only the `mmap` system call: safe to call in a forked child.
+    pub fn new(len: usize, extra_flags: i32) -> std::io::Result<Self> {
+        // SAFETY: a fresh private anonymous mapping the kernel places;
+        // nothing else refers to it. Unmapped on drop.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | extra_flags,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Self { ptr: p.cast(), len })
+    }
+
+    /// The first byte.
+    pub fn ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+
+    /// The length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// The whole mapping as bytes.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: the mapping is live, readable and writable for `len`
+        // bytes while `self` is, and `&mut self` makes this the only view.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+
+    /// Writes one byte in every page.
+    pub fn touch(&mut self) {
+        // SAFETY: our own live writable mapping; `&mut self` keeps it so.
+        unsafe { touch(self.ptr, self.len) }
+    }
+
+    /// `madvise(advice)` on the whole mapping.
+    pub fn madvise(&self, advice: i32) -> std::io::Result<()> {
+        // SAFETY: madvise on our own mapping.
+        if unsafe { libc::madvise(self.ptr.cast(), self.len, advice) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+impl Drop for AnonMap {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`; nothing refers to it any more.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+/// Page contents from a seed: 8-byte words `seed * φ ^ k`.
+pub fn fill_page(page: &mut [u8], seed: u64) {
+    for (k, c) in page.chunks_exact_mut(8).enumerate() {
+        c.copy_from_slice(&(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ k as u64).to_le_bytes());
+    }
+}
+
+/// Sizes in GiB with two decimals, for the human-readable output.
+pub fn gib(b: u64) -> String {
+    format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)
+}
+
+/// A clap value parser for a whole number of at least `min`.
+pub fn at_least(min: u64) -> impl Fn(&str) -> Result<u64, String> + Clone + Send + Sync + 'static {
+    move |s| {
+        let v: u64 = s.parse().map_err(|e| format!("{e}"))?;
+        if v >= min {
+            Ok(v)
+        } else {
+            Err(format!("must be at least {min}"))
+        }
+    }
+}
