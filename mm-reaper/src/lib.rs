@@ -354,8 +354,14 @@ async fn oom_reap_task(config: &ReaperConfig, stats: &Counters, entry: Entry) {
         }
         config.clock.sleep(config.retry_interval).await;
     };
-    if !done && !mm.flags().test(MmFlag::OOM_SKIP) {
-        stats.gave_up.fetch_add(1, Ordering::Relaxed);
+    let gave_up = !done && !mm.flags().test(MmFlag::OOM_SKIP);
+    // I-RP-6: OOM_SKIP always, reaped or given up, so the OOM killer's
+    // selection (which aborts while a victim lacks it) can move on.
+    mm.flags().set(MmFlag::OOM_SKIP);
+    mm_core::sched::point("oom_reap_task:oom_skip_set").await;
+    if gave_up {
+        // Counted after the flag: whoever sees `gave_up` sees OOM_SKIP.
+        stats.gave_up.fetch_add(1, Ordering::SeqCst);
         tracing::warn!(
             target: "mm_reaper",
             guest = entry.guest.id(),
@@ -364,10 +370,6 @@ async fn oom_reap_task(config: &ReaperConfig, stats: &Counters, entry: Entry) {
             entry.guest.name()
         );
     }
-    // I-RP-6: OOM_SKIP always, reaped or given up, so the OOM killer's
-    // selection (which aborts while a victim lacks it) can move on.
-    mm.flags().set(MmFlag::OOM_SKIP);
-    mm_core::sched::point("oom_reap_task:oom_skip_set").await;
     drop(entry); // put_task_struct + the oom_mm clone
 }
 
