@@ -142,6 +142,13 @@ pub fn run(ram: u64) -> Result<Report, String> {
             return Ok(rep);
         }
     };
+    // KVM faults on guest RAM from kernel mode: a region on a
+    // user-mode-only userfaultfd (no privilege for a full one) would give
+    // the vCPU EFAULT on its first touch. Refuse it here, by name.
+    if let Err(e) = mm.check_kernel_access_blocking(base, ram) {
+        rep.skipped = Some(format!("not usable as a KVM memslot: {e}"));
+        return Ok(rep);
+    }
     let host_ptr = mm
         .find_vma_blocking(base)
         .map_err(|e| e.to_string())?
