@@ -60,7 +60,7 @@ fn main() {
         ..ReaperConfig::default()
     });
     reaper.install(&host);
-    let thread = reaper.spawn();
+    let thread = common::or_exit(reaper.spawn(), "oom_reaper");
 
     let stuck = host.create_guest("stuck");
     let next = host.create_guest("next");

@@ -271,7 +271,7 @@ fn main() {
         ..ReaperConfig::default()
     });
     reaper.install(&host);
-    let reaper_thread = reaper.spawn();
+    let reaper_thread = common::or_exit(reaper.spawn(), "oom_reaper");
 
     let baseline = procfs::statm_rss().unwrap_or(0);
     let mut guests = Vec::new();

@@ -54,7 +54,7 @@ fn test_reap_returns_memory_while_users_held() {
     let _s = serial();
     let host = Host::with_budget(1 << 30);
     let reaper = fast_reaper(&host);
-    let thread = reaper.spawn();
+    let thread = reaper.spawn().expect("oom_reaper thread");
     let size = 256 * MIB;
     let (victim, addr) = guest_with(&host, "victim", size);
     // A "vCPU thread" still holds a user: teardown cannot start.
@@ -126,7 +126,7 @@ fn test_unkillable_and_adj_min_never_chosen() {
 fn test_misbehaving_victim_holding_write_lock() {
     let host = Host::with_budget(1 << 30);
     let reaper = fast_reaper(&host);
-    let thread = reaper.spawn();
+    let thread = reaper.spawn().expect("oom_reaper thread");
     let (victim, _) = guest_with(&host, "stuck", 8 * MIB);
     let (next, _) = guest_with(&host, "next", 4 * MIB);
     // The victim holds its own mmap write lock forever.
@@ -172,7 +172,7 @@ fn test_misbehaving_victim_holding_write_lock() {
 fn test_pressure_kills_and_the_charge_then_fits() {
     let host = Host::with_budget(64 * MIB);
     let reaper = fast_reaper(&host);
-    let thread = reaper.spawn();
+    let thread = reaper.spawn().expect("oom_reaper thread");
     let (hog, _) = guest_with(&host, "hog", 48 * MIB);
     let other = host.create_guest("other");
     let mm = other.mm().unwrap();
@@ -193,7 +193,7 @@ fn test_pressure_kills_and_the_charge_then_fits() {
 fn test_oom_killer_disable_waits_for_the_victims_own_exit() {
     let host = Host::with_budget(1 << 30);
     let reaper = fast_reaper(&host);
-    let thread = reaper.spawn();
+    let thread = reaper.spawn().expect("oom_reaper thread");
     let (victim, _) = guest_with(&host, "v", 4 * MIB);
     oom(&host);
     wait_until("the reap", || reaper.stats().reaped == 1);
@@ -406,4 +406,50 @@ fn test_stress_mrelease_vs_exit() {
         "host mappings leaked"
     );
     let _ = HostConfig::with_budget(0);
+}
+
+#[test]
+fn test_second_mrelease_is_already_done() {
+    let host = Host::with_budget(1 << 30);
+    let (g, _) = guest_with(&host, "g", 4 * MIB);
+    g.kill();
+    assert_eq!(
+        mrelease_blocking(&host, g.id()),
+        Ok(MreleaseOutcome::Reaped {
+            pages: 4 * MIB / 4096
+        })
+    );
+    // The kernel's second call reaps nothing; ours says so by name.
+    assert_eq!(
+        mrelease_blocking(&host, g.id()),
+        Ok(MreleaseOutcome::AlreadyDone)
+    );
+    g.exit_blocking();
+}
+
+#[test]
+fn test_reaper_spawn_is_one_thread_per_reaper_and_install_replaces() {
+    use guestmm::reaper::SpawnError;
+    let host = Host::with_budget(1 << 30);
+    let first = fast_reaper(&host);
+    let thread = first.spawn().expect("oom_reaper thread");
+    assert!(matches!(first.spawn(), Err(SpawnError::AlreadyRunning)));
+    assert!(matches!(
+        first.clone().spawn(),
+        Err(SpawnError::AlreadyRunning)
+    ));
+    thread.stop();
+    // Stopped: it can run again.
+    let thread = first.spawn().expect("respawn after stop");
+    // A second reaper installed replaces the first for later kills.
+    let second = fast_reaper(&host);
+    let (g, _) = guest_with(&host, "g", MIB);
+    assert!(matches!(oom(&host), OomOutcome::Killed { .. }));
+    assert_eq!(second.stats().queued, 1);
+    assert_eq!(first.stats().queued, 0);
+    // The second has no thread: reap by hand.
+    block_on(second.step());
+    assert_eq!(second.stats().reaped, 1);
+    thread.stop();
+    g.exit_blocking();
 }

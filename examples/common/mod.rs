@@ -176,3 +176,12 @@ pub fn at_least(min: u64) -> impl Fn(&str) -> Result<u64, String> + Clone + Send
         }
     }
 }
+
+/// The value, or the error on stderr and exit status 1 (a demo cannot go
+/// on without it: no oom_reaper thread, no KSM thread).
+pub fn or_exit<T, E: std::fmt::Display>(r: Result<T, E>, what: &str) -> T {
+    r.unwrap_or_else(|e| {
+        eprintln!("{what}: {e}");
+        std::process::exit(1)
+    })
+}

@@ -140,6 +140,8 @@ struct Inner {
     list: Mutex<Vec<Entry>>,
     wake: Event,
     stop: AtomicBool,
+    /// A [`Reaper::spawn`] thread runs.
+    spawned: AtomicBool,
     stats: Counters,
 }
 
@@ -189,12 +191,15 @@ impl Reaper {
                 list: Mutex::new(Vec::new()),
                 wake: Event::new(),
                 stop: AtomicBool::new(false),
+                spawned: AtomicBool::new(false),
                 stats: Counters::default(),
             }),
         }
     }
 
     /// Makes this the reaper the host's OOM killer queues victims to.
+    /// Idempotent; installing another reaper replaces this one for future
+    /// kills (victims already queued here are still reaped here).
     pub fn install(&self, host: &Host) {
         host.set_oom_reaper(Arc::new(QueueHandle(self.inner.clone())));
     }
@@ -227,16 +232,29 @@ impl Reaper {
         self.inner.wake.notify(usize::MAX);
     }
 
-    /// Runs the reaper on a new std thread (`oom_reaper` kthread).
-    pub fn spawn(&self) -> ReaperThread {
+    /// Runs the reaper on a new std thread (`oom_reaper` kthread). One
+    /// thread per reaper: a second `spawn` while the first thread runs is
+    /// [`SpawnError::AlreadyRunning`] (after [`ReaperThread::stop`] or its
+    /// drop, `spawn` works again); a thread the OS refuses is
+    /// [`SpawnError::Thread`].
+    pub fn spawn(&self) -> Result<ReaperThread, SpawnError> {
+        if self.inner.spawned.swap(true, Ordering::SeqCst) {
+            return Err(SpawnError::AlreadyRunning);
+        }
+        self.inner.stop.store(false, Ordering::SeqCst);
         let me = self.clone();
-        let handle = std::thread::Builder::new()
+        match std::thread::Builder::new()
             .name("oom_reaper".into())
             .spawn(move || future::block_on(me.run()))
-            .expect("spawn the oom_reaper thread");
-        ReaperThread {
-            reaper: self.clone(),
-            handle: Some(handle),
+        {
+            Ok(handle) => Ok(ReaperThread {
+                reaper: self.clone(),
+                handle: Some(handle),
+            }),
+            Err(e) => {
+                self.inner.spawned.store(false, Ordering::SeqCst);
+                Err(SpawnError::Thread(e))
+            }
         }
     }
 
@@ -310,6 +328,7 @@ impl ReaperThread {
         self.reaper.stop();
         if let Some(h) = self.handle.take() {
             let _ = h.join();
+            self.reaper.inner.spawned.store(false, Ordering::SeqCst);
         }
     }
 }
@@ -462,26 +481,51 @@ fn zap_vma(mm: &Mm, state: &MmState, vma: &mm_core::Vma, threads: usize) -> mm_c
         return mm.zap_range(state, vma, vma.start(), vma.end(), ZapReason::Reap);
     }
     let per = (vma.len() / threads as u64).next_multiple_of(2 << 20);
+    let zap = move |start: u64, end: u64| {
+        if start < end {
+            mm.zap_range(state, vma, start, end, ZapReason::Reap)
+        } else {
+            Ok(0)
+        }
+    };
     std::thread::scope(|s| {
-        let handles: Vec<_> = (0..threads as u64)
-            .map(|i| {
-                let start = vma.start() + i * per;
-                let end = (start + per).min(vma.end());
-                s.spawn(move || {
-                    if start < end {
-                        mm.zap_range(state, vma, start, end, ZapReason::Reap)
-                    } else {
-                        Ok(0)
-                    }
-                })
-            })
-            .collect();
         let mut total = 0;
+        let mut handles = Vec::new();
+        for i in 0..threads as u64 {
+            let start = vma.start() + i * per;
+            let end = (start + per).min(vma.end());
+            // A thread the OS refuses (EAGAIN: RLIMIT_NPROC, memory) is no
+            // reason to leave the victim unreaped: zap that part here.
+            let spawned = if mm_core::sched::fail("fail:zap_thread") {
+                None
+            } else {
+                std::thread::Builder::new()
+                    .name("oom_reaper-zap".into())
+                    .spawn_scoped(s, move || zap(start, end))
+                    .ok()
+            };
+            match spawned {
+                Some(h) => handles.push(h),
+                None => total += zap(start, end)?,
+            }
+        }
         for h in handles {
-            total += h.join().expect("zap thread panicked")?;
+            // A panic in a zap thread is a bug in mm-core's zap: pass it on.
+            total += h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))?;
         }
         Ok(total)
     })
+}
+
+/// Why [`Reaper::spawn`] did not start a thread.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    /// This reaper's thread already runs (one per reaper).
+    #[error("the oom_reaper thread of this reaper is already running")]
+    AlreadyRunning,
+    /// The OS refused the thread.
+    #[error("cannot start the oom_reaper thread: {0}")]
+    Thread(#[source] std::io::Error),
 }
 
 /// `process_mrelease` errors, with the kernel's errno in the message.
@@ -522,7 +566,8 @@ pub enum MreleaseOutcome {
         /// Pages uncharged.
         pages: u64,
     },
-    /// Nothing to do: the work was already done (`OOM_SKIP`).
+    /// Nothing to do: the work was already done (`OOM_SKIP`: the teardown
+    /// or the reaper finished it; or an earlier reap left nothing to free).
     AlreadyDone,
 }
 
@@ -575,12 +620,18 @@ pub async fn mrelease_interruptible(
         return Ok(MreleaseOutcome::AlreadyDone);
     }
     mm_core::sched::point("mrelease:checked").await;
+    // A reap (ours or the reaper's) ran before: UNSTABLE stays set.
+    let reaped_before = grab.flags().test(MmFlag::UNSTABLE);
     // Synchronous and user-requested: use the CPUs we have (the kernel's
     // call runs beside the victim's own exit, which zaps too).
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
     let (complete, pages) = reap_locked(&grab, &state, threads);
     drop(state);
-    if complete {
+    if complete && pages == 0 && reaped_before {
+        // The kernel's second process_mrelease reaps nothing and returns
+        // 0; say so by name.
+        Ok(MreleaseOutcome::AlreadyDone)
+    } else if complete {
         Ok(MreleaseOutcome::Reaped { pages })
     } else {
         Err(MreleaseError::Partial { guest: guest_id })
