@@ -122,7 +122,6 @@ mod host;
 pub mod ksm;
 mod mm;
 pub mod mmap_lock;
-mod oom;
 pub mod pgtable;
 pub mod procfs;
 pub mod sched;
@@ -136,14 +135,15 @@ pub use budget::{Budget, OverBudget};
 pub use clock::{Clock, SystemClock};
 pub use error::{Access, Error, Result};
 pub use flags::{MmFlag, MmFlags};
-pub use host::{Guest, Host, HostConfig, HostStats, Reclaim};
+pub use host::{
+    Guest, Host, HostConfig, HostStats, Kill, OomOutcome, OomReaperQueue, OomStats, Reclaim,
+};
 pub use ksm::{KsmMerge, KsmMm, KsmPage, MergeRun, StableStore};
 pub use mm::{
     Advice, ExitHook, MapKind, MapOptions, Mm, MmConfig, MmGrab, MmNotifier, MmState, MmUser,
     MmWatch, WouldBlock, ZapReason,
 };
 pub use mmap_lock::{MmapLock, MmapReadGuard, MmapWriteGuard};
-pub use oom::{Kill, OomOutcome, OomReaperQueue, OomStats};
 pub use procfs::ProcessMemory;
 pub use sys::{HUGE_PAGE_SIZE, PAGE_SIZE};
 pub use tracked::{TrackedStats, DEFAULT_FAULT_AROUND, PRESSURE_ROUNDS};
