@@ -12,13 +12,14 @@ mod fault;
 mod notifier;
 mod refs;
 mod syscalls;
+mod tracked_fault;
 mod zap;
 
 pub use notifier::{ExitHook, MmNotifier, WouldBlock};
 pub use refs::{MmGrab, MmUser, MmWatch};
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use crate::budget::Budget;
 use crate::error::{Error, Result};
@@ -27,7 +28,7 @@ use crate::mmap_lock::MmapLock;
 use crate::pgtable::{PageTable, MAX_GPN};
 use crate::sched;
 use crate::sys::{self, PAGE_SIZE};
-use crate::tracked::{TrackedStats, Tracker, DEFAULT_FAULT_AROUND};
+use crate::tracked::{FaultTarget, TrackedStats, Tracker, DEFAULT_FAULT_AROUND};
 use crate::types::Pressure;
 use crate::vma::{Prot, Vma, VmaTree};
 
@@ -568,7 +569,10 @@ impl MmUser {
                 what: "userfaultfd write-protect (UFFD_FEATURE_PAGEFAULT_FLAG_WP)",
             });
         }
-        let mm = self.mm.as_ref().map(Arc::downgrade).unwrap_or_default();
+        let mm: Weak<dyn FaultTarget> = match self.mm.as_ref() {
+            Some(mm) => Arc::downgrade(mm) as Weak<Mm>,
+            None => Weak::<Mm>::new(),
+        };
         t.start(mm)?;
         *slot = Some(t.clone());
         Ok(t)
