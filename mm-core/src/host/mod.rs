@@ -146,6 +146,7 @@ impl Host {
             name.to_owned(),
             self.inner.budget.clone(),
             Arc::new(HostPressure(Arc::downgrade(&self.inner))),
+            &crate::ksm::KsmHooks,
             self.inner.config.mm,
         )
     }
