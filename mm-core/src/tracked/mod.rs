@@ -2,10 +2,12 @@
 //! owns and serves from one handler thread, so that direct touches by the
 //! embedder (vCPUs through KVM, JIT code) are charged and seen.
 //!
-//! Files: this one holds the range registry and the [`Tracker`] itself;
-//! `handler.rs` the handler thread and its loop; `fault.rs` the fault
-//! resolution under the PTE locks (steps 3-6); `wp.rs` write-protect
-//! (step 7); `tests.rs` the unit tests.
+//! Files: this one holds the range registry, the [`Tracker`] itself and
+//! the [`FaultTarget`] hook; `handler.rs` the handler thread and its loop;
+//! `wp.rs` write-protect (step 7); `tests.rs` the unit tests. The fault
+//! resolution under the PTE locks (steps 3-6) is the mm's
+//! (`mm/tracked_fault.rs`), reached through [`FaultTarget`]: this module
+//! sits below `mm` and never names it.
 //!
 //! # The protocol
 //!
