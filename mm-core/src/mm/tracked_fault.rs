@@ -309,9 +309,9 @@ impl Mm {
         Outcome::Served
     }
 
-    /// The faulting page stayed locked for `BUSY_TIMEOUT` (`tracked/`): most likely an
-    /// accessor faulted on it while holding its lock (its page was discarded
-    /// behind our back by the embedder). Populate that one page without the
+    /// The faulting page stayed locked for `BUSY_TIMEOUT` (`tracked/`):
+    /// most likely an accessor faulted on it while holding its lock (its
+    /// page was discarded behind our back by the embedder). Populate that one page without the
     /// lock, so it can finish, and return [`Outcome::Unlocked`]: the handler
     /// then settles the charge with [`Mm::settle_busy`] once the lock is
     /// free (the holder may have been a slow zapper that leaves the PTE
