@@ -12,27 +12,44 @@
 //!
 //! # Layers
 //!
-//! Three layers; a module imports only modules of its own layer or below
-//! (check: `grep -rn "use crate::" mm-core/src`). The middle layer never
-//! names the host: the pressure path reaches it as the injected
-//! `Pressure` (`types.rs`) hook (`Arc<dyn Pressure>` in every [`Mm`], given by
-//! [`Host::new_mm`]). The mmap lock guard is the capability: functions that
-//! need the lock take `&MmState`, which only a guard of that mm's
-//! [`MmapLock`] derefs to ([`Error::ForeignLock`] for another mm's).
+//! Three layers; a module imports only modules of its own layer or below,
+//! and the graph of top-level modules is acyclic (a folder's own files are
+//! one module). The unit tests in `layers.rs` read the sources and enforce
+//! both, with the table and the middle-layer edges below. Lower layers
+//! reach higher ones only through hooks injected at creation:
+//!
+//! - the pressure path: `types::Pressure` (`Arc<dyn Pressure>` in every
+//!   [`Mm`], given by [`Host::new_mm`]); the middle layer never names the
+//!   host;
+//! - `madvise(UNMERGEABLE)`: `mm::VmaHooks` (`&'static dyn VmaHooks` in
+//!   every [`Mm`], [`Host::new_mm`] gives KSM's, `ksm::KsmHooks`, which
+//!   unshares the range under the same write lock before `VM_MERGEABLE`
+//!   goes); mm never names the KSM seam;
+//! - the userfaultfd handler: `tracked::FaultTarget` (the handler holds a
+//!   `Weak<dyn FaultTarget>`, the [`Mm`] that started it); tracked never
+//!   names the mm.
+//!
+//! The mmap lock guard is the capability: functions that need the lock
+//! take `&MmState`, which only a guard of that mm's [`MmapLock`] derefs to
+//! ([`Error::ForeignLock`] for another mm's).
 //!
 //! ```text
-//! top     host.rs      Host, Guest, reclaim plug-ins, the pressure path
-//!                      (implements types::Pressure for every mm it creates)
-//!         oom.rs       the OOM killer (select, kill, queue the reaper)
+//! top     host/        Host, Guest, reclaim plug-ins, the pressure path
+//!                      (implements types::Pressure for every mm it creates,
+//!                      hands it ksm::KsmHooks); oom.rs: the OOM killer
+//!                      (select, kill, queue the reaper)
 //! ------------------------------------------------------------------------
 //! middle  exit.rs      exit_mmap, step by step
-//!         ksm/         the KSM seam (ksm_add_vma / break_ksm): KsmMm,
-//!                      StableStore, merge/snapshot/zero, unshare, WP hooks
-//!         mm/          Mm + config (mod), refs (MmUser/MmGrab/MmWatch),
-//!                      fault, zap, syscalls, blocking, notifier
-//!         tracked/     userfaultfd regions: registry (mod), handler,
-//!                      fault, wp, tests
+//!         ksm/         the KSM seam (break_ksm): KsmMm, StableStore,
+//!                      merge/snapshot/zero, unshare, KsmHooks
+//!         mm/          Mm + config + VmaHooks (mod), refs (MmUser/MmGrab/
+//!                      MmWatch), fault, tracked_fault (the handler's side,
+//!                      impl FaultTarget), ksm_wp (ksm_add_vma: WP
+//!                      registration of mergeable VMAs), zap, syscalls,
+//!                      blocking, notifier
 //!         vma.rs       VMAs, the tree, host regions
+//!         tracked/     userfaultfd regions: registry + FaultTarget (mod),
+//!                      handler, wp, tests
 //! ------------------------------------------------------------------------
 //! bottom  types.rs     BoxFuture, the Pressure hook trait
 //!         budget.rs    Budget, OverBudget
@@ -43,12 +60,19 @@
 //!         clock.rs flags.rs error.rs sched.rs procfs.rs
 //! ```
 //!
-//! Inside the middle layer the edges are: mm → vma, tracked (an mm owns its
-//! tracker), tracked → mm (the handler resolves faults on the mm it holds
-//! weakly), vma → tracked (a region holds the tracker it is registered
-//! with), ksm → mm, vma, tracked, and mm → ksm only at the seam
-//! (`ksm::on_new_vma` from mmap, `ksm::on_madvise_mergeable` and
-//! `KsmMm::unshare` from madvise), exit → mm.
+//! The edges inside the middle layer (all of them go down this list:
+//! exit, ksm, mm, vma, tracked):
+//!
+//! ```text
+//! exit → mm                   exit_mmap runs on the mm
+//! ksm  → mm, vma, tracked     the seam works on an mm's VMAs and pages
+//! mm   → vma, tracked         an mm owns its VMAs and its tracker
+//! vma  → tracked              a region holds the tracker it is registered with
+//! ```
+//!
+//! and the top: host → mm, ksm (and the bottom layer). Every module may
+//! use the bottom layer, whose own edges are clock → types,
+//! budget → error, sched, mmap_lock → sched, uffd → sys, procfs → sys.
 //!
 //! # Lock order
 //!
@@ -122,7 +146,6 @@ mod host;
 pub mod ksm;
 mod mm;
 pub mod mmap_lock;
-mod oom;
 pub mod pgtable;
 pub mod procfs;
 pub mod sched;
@@ -136,19 +159,22 @@ pub use budget::{Budget, OverBudget};
 pub use clock::{Clock, SystemClock};
 pub use error::{Access, Error, Result};
 pub use flags::{MmFlag, MmFlags};
-pub use host::{Guest, Host, HostConfig, HostStats, Reclaim};
+pub use host::{
+    Guest, Host, HostConfig, HostStats, Kill, OomOutcome, OomReaperQueue, OomStats, Reclaim,
+};
 pub use ksm::{KsmMerge, KsmMm, KsmPage, MergeRun, StableStore};
 pub use mm::{
     Advice, ExitHook, MapKind, MapOptions, Mm, MmConfig, MmGrab, MmNotifier, MmState, MmUser,
     MmWatch, WouldBlock, ZapReason,
 };
 pub use mmap_lock::{MmapLock, MmapReadGuard, MmapWriteGuard};
-pub use oom::{Kill, OomOutcome, OomReaperQueue, OomStats};
 pub use procfs::ProcessMemory;
 pub use sys::{HUGE_PAGE_SIZE, PAGE_SIZE};
 pub use tracked::{TrackedStats, DEFAULT_FAULT_AROUND, PRESSURE_ROUNDS};
 pub use types::BoxFuture;
 pub use vma::{Prot, VmFlags, Vma, VmaTree};
 
+#[cfg(test)]
+mod layers;
 #[cfg(test)]
 mod tests;

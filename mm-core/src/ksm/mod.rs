@@ -5,14 +5,19 @@
 //!
 //! A scanner reaches an mm's pages only through [`KsmMm`], built from the
 //! mm and a guard of **its** mmap lock ([`KsmMm::new`] checks the state is
-//! the mm's): `KsmMm::new(&mm, &state)?.merge(..)`. `mmap` and `madvise`
-//! reach the seam through one hook each (`wp::on_new_vma`,
-//! `wp::on_madvise_mergeable`); `madvise(UNMERGEABLE)` unshares through
-//! [`KsmMm::unshare`]. The per-mm state of the seam is `KsmMmState`.
+//! the mm's): `KsmMm::new(&mm, &state)?.merge(..)`. This module sits above
+//! `mm`, which never calls into it: the write-protect registration of
+//! mergeable VMAs that `mmap` and `madvise(MERGEABLE)` do (`ksm_add_vma`)
+//! is the mm's own (`mm/ksm_wp.rs`, with [`prepare_all`] and the
+//! per-mm counter behind [`wp_failures`]), and `madvise(UNMERGEABLE)`
+//! unshares through the `mm::VmaHooks` hook that [`Host::new_mm`]
+//! injects, implemented here by `KsmHooks` as [`KsmMm::unshare`].
 //!
 //! Files: `merge.rs` (snapshot, merge, zero page), `unshare.rs` (break the
-//! sharing, give back charges), `wp.rs` (write-protect registration of
-//! mergeable VMAs, [`Vma::ksm_capable`]).
+//! sharing, give back charges); this one holds [`KsmMm`],
+//! [`Vma::ksm_capable`] and the hook.
+//!
+//! [`Host::new_mm`]: crate::Host::new_mm
 //!
 //! # The mechanism
 //!
@@ -65,20 +70,18 @@
 
 mod merge;
 mod unshare;
-mod wp;
 
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::{Error, Result};
-use crate::mm::{Mm, MmState};
+use crate::mm::{Mm, MmState, VmaHooks};
 use crate::pgtable::{pte_lock, pte_unlock, Leaf, Pte, PAGES_PER_LEAF};
 use crate::sched;
 use crate::sys::{self, pagemap, PAGE_SIZE};
-use crate::vma::{VmFlags, Vma};
+use crate::vma::{Prot, VmFlags, Vma};
 
-pub use wp::prepare_all;
-pub(crate) use wp::{on_madvise_mergeable, on_new_vma};
+pub use crate::mm::prepare_all;
 
 const PAGE: u64 = PAGE_SIZE as u64;
 /// Offsets of the store (in pages). The memfd is sparse; offsets are never
@@ -167,15 +170,6 @@ pub enum KsmMerge {
     NotEligible,
 }
 
-/// The seam's per-mm state, kept in the [`Mm`].
-#[derive(Debug, Default)]
-pub(crate) struct KsmMmState {
-    /// Mergeable untracked VMAs whose host range could not be registered
-    /// for userfaultfd write-protect (no userfaultfd, no WP): KSM skips
-    /// them (see [`wp_failures`]).
-    pub(crate) wp_failures: AtomicU64,
-}
-
 /// Mergeable untracked VMAs that KSM cannot merge because their host
 /// range could not be registered for userfaultfd write-protect (no
 /// userfaultfd, or a kernel without `UFFD_FEATURE_PAGEFAULT_FLAG_WP`):
@@ -255,6 +249,44 @@ impl<'a> KsmMm<'a> {
     /// [`merge`](Self::merge).
     pub fn uncharge(&self, pages: u64) {
         self.mm.ksm_uncharge(pages)
+    }
+}
+
+/// KSM's side of `madvise(UNMERGEABLE)`, injected into every mm by
+/// [`Host::new_mm`](crate::Host::new_mm) as its `mm::VmaHooks`.
+#[derive(Debug)]
+pub(crate) struct KsmHooks;
+
+impl VmaHooks for KsmHooks {
+    /// `unmerge_ksm_pages`: [`KsmMm::unshare`] of the range, under the
+    /// caller's write lock (`state`), before `VM_MERGEABLE` goes.
+    fn unmergeable(&self, mm: &Mm, state: &MmState, addr: u64, len: u64) -> Result<()> {
+        KsmMm::new(mm, state)?.unshare(addr, len)?;
+        Ok(())
+    }
+}
+
+impl Vma {
+    /// Can the mechanism merge this VMA's pages? Private, 4 KiB, readable,
+    /// not locked or pinned, and registered with userfaultfd write-protect
+    /// (step 2 needs it): a tracked region, or an untracked one registered
+    /// for write-protect only when it became mergeable
+    /// ([`MmUser::madvise`](crate::MmUser::madvise) `Mergeable`,
+    /// [`prepare_all`], an mmap under `VM_MERGE_ANY`). Whether KSM
+    /// *should* (`VM_MERGEABLE`) is the scanner's business.
+    pub fn ksm_capable(&self) -> bool {
+        let no = [
+            VmFlags::SHARED,
+            VmFlags::HUGEPAGE,
+            VmFlags::LOCKED,
+            VmFlags::PINNED,
+        ];
+        !no.iter().any(|f| self.flags.contains(*f))
+            && self.prot.contains(Prot::READ)
+            && self
+                .region
+                .wp_tracker()
+                .is_some_and(|t| !t.is_dead() && t.wp())
     }
 }
 

@@ -3,22 +3,27 @@
 //!
 //! One idea per file: the struct and its configuration here; the two
 //! reference counts in `refs.rs`; the fault/access path in `fault.rs`; the
-//! zap in `zap.rs`; the syscalls (`mmap`, `munmap`, `madvise`, ...) in
+//! userfaultfd handler's side of a fault (`tracked/` steps 3-6, the
+//! [`FaultTarget`] impl) in `tracked_fault.rs`; the zap in `zap.rs`; the syscalls (`mmap`, `munmap`, `madvise`, ...) in
 //! `syscalls.rs`, their blocking shells in `blocking.rs`; secondary MMUs and
 //! scanner exit hooks in `notifier.rs`. `exit_mmap` lives in `exit.rs`.
 
 mod blocking;
 mod fault;
+mod ksm_wp;
 mod notifier;
 mod refs;
 mod syscalls;
+mod tracked_fault;
 mod zap;
 
+pub use ksm_wp::prepare_all;
+pub(crate) use ksm_wp::KsmMmState;
 pub use notifier::{ExitHook, MmNotifier, WouldBlock};
 pub use refs::{MmGrab, MmUser, MmWatch};
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use crate::budget::Budget;
 use crate::error::{Error, Result};
@@ -27,13 +32,25 @@ use crate::mmap_lock::MmapLock;
 use crate::pgtable::{PageTable, MAX_GPN};
 use crate::sched;
 use crate::sys::{self, PAGE_SIZE};
-use crate::tracked::{TrackedStats, Tracker, DEFAULT_FAULT_AROUND};
+use crate::tracked::{FaultTarget, TrackedStats, Tracker, DEFAULT_FAULT_AROUND};
 use crate::types::Pressure;
 use crate::vma::{Prot, Vma, VmaTree};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 
 pub use crate::types::BoxFuture;
+
+/// What the layer above does at VMA-advice time, injected into every mm by
+/// whoever creates it ([`Host::new_mm`](crate::Host::new_mm) gives KSM's,
+/// `ksm::KsmHooks`), as the pressure path is (`types::Pressure`): the mm
+/// never names the KSM seam.
+pub(crate) trait VmaHooks: Send + Sync {
+    /// `madvise(UNMERGEABLE)` of `[addr, addr + len)`, called under the
+    /// mmap write lock (`state`) **before** `VM_MERGEABLE` is cleared
+    /// (`unmerge_ksm_pages`, the kernel's `ksm_madvise` order): breaks the
+    /// sharing of every merged page of the range.
+    fn unmergeable(&self, mm: &Mm, state: &MmState, addr: u64, len: u64) -> Result<()>;
+}
 
 /// Per-mm configuration.
 #[derive(Debug, Clone, Copy)]
@@ -245,14 +262,18 @@ pub struct Mm {
     /// The pressure path (the host's reclaim + OOM killer), injected at
     /// creation: called with no lock held when a charge does not fit.
     pub(crate) pressure: Arc<dyn Pressure>,
+    /// The VMA-advice hook of the layer above (KSM's unshare), injected at
+    /// creation: `madvise(UNMERGEABLE)` calls it under the write lock.
+    vma_hooks: &'static dyn VmaHooks,
     /// The userfaultfd tracker, created by the first tracked mmap (under
     /// the write lock) and taken by exit_mmap. Held only to clone or take.
     tracker: Mutex<Option<Arc<Tracker>>>,
     /// Bytes of present pages served over budget by a failing-open handler
     /// and not charged; repaid first by every uncharge (`tracked/` step 4).
     pub(crate) debt: AtomicU64,
-    /// The KSM seam's per-mm state (`crate::ksm`).
-    pub(crate) ksm: crate::ksm::KsmMmState,
+    /// The write-protect registration of mergeable VMAs (`ksm_wp.rs`),
+    /// read by the KSM seam.
+    pub(crate) ksm: KsmMmState,
     /// Only held for push/take, never across an await.
     notifiers: Mutex<Vec<Arc<dyn MmNotifier>>>,
     /// Only held for push/clone, never across an await.
@@ -303,6 +324,7 @@ impl Mm {
         name: String,
         budget: Arc<Budget>,
         pressure: Arc<dyn Pressure>,
+        vma_hooks: &'static dyn VmaHooks,
         config: MmConfig,
     ) -> MmUser {
         let config = MmConfig {
@@ -322,9 +344,10 @@ impl Mm {
             rss_shmem: AtomicU64::new(0),
             budget,
             pressure,
+            vma_hooks,
             tracker: Mutex::new(None),
             debt: AtomicU64::new(0),
-            ksm: crate::ksm::KsmMmState::default(),
+            ksm: KsmMmState::default(),
             notifiers: Mutex::new(Vec::new()),
             exit_hooks: Mutex::new(Vec::new()),
             exit_started: AtomicBool::new(false),
@@ -575,7 +598,10 @@ impl MmUser {
                 what: "userfaultfd write-protect (UFFD_FEATURE_PAGEFAULT_FLAG_WP)",
             });
         }
-        let mm = self.mm.as_ref().map(Arc::downgrade).unwrap_or_default();
+        let mm: Weak<dyn FaultTarget> = match self.mm.as_ref() {
+            Some(mm) => Arc::downgrade(mm) as Weak<Mm>,
+            None => Weak::<Mm>::new(),
+        };
         t.start(mm)?;
         *slot = Some(t.clone());
         Ok(t)

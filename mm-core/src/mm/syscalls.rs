@@ -83,7 +83,7 @@ impl MmUser {
             region_off: 0,
         };
         // `ksm_add_vma`: a KSM candidate from the start under VM_MERGE_ANY.
-        crate::ksm::on_new_vma(self, &vma);
+        super::ksm_wp::on_new_vma(self, &vma);
         state.get_mut().vmas.insert(vma);
         Ok(addr)
     }
@@ -357,7 +357,7 @@ impl MmUser {
                     // still mapping one then would read zeros once the
                     // other mappers left (issue 16's data-loss input had the
                     // unshare in a later, separate lock section).
-                    crate::ksm::KsmMm::new(self, &state)?.unshare(addr, end - addr)?;
+                    self.vma_hooks.unmergeable(self, &state, addr, end - addr)?;
                 }
                 if flag == VmFlags::HUGEPAGE {
                     for v in state.vmas.overlapping(addr, end) {
@@ -371,7 +371,7 @@ impl MmUser {
                     .vmas
                     .modify(addr, end, |v| v.flags = v.flags.with(flag, on));
                 if advice == Advice::Mergeable {
-                    crate::ksm::on_madvise_mergeable(self, &state, addr, end);
+                    super::ksm_wp::on_madvise_mergeable(self, &state, addr, end);
                 }
                 Ok(())
             }

@@ -15,7 +15,7 @@ impl Wake for HandlerWaker {
     }
 }
 
-pub(super) fn handler_main(t: Arc<Tracker>, mm: Weak<Mm>) {
+pub(super) fn handler_main(t: Arc<Tracker>, mm: Weak<dyn FaultTarget>) {
     let res = std::panic::catch_unwind(AssertUnwindSafe(|| handler_loop(&t, &mm)));
     match res {
         Ok(Ok(())) => {}
@@ -31,7 +31,7 @@ pub(super) fn handler_main(t: Arc<Tracker>, mm: Weak<Mm>) {
     }
 }
 
-type Pressure = Pin<Box<dyn Future<Output = bool> + Send>>;
+type Pressure = BoxFuture<'static, bool>;
 
 struct Queued {
     addr: usize,
@@ -39,7 +39,7 @@ struct Queued {
     busy_since: Option<Instant>,
 }
 
-fn handler_loop(t: &Arc<Tracker>, mm_weak: &Weak<Mm>) -> std::io::Result<()> {
+fn handler_loop(t: &Arc<Tracker>, mm_weak: &Weak<dyn FaultTarget>) -> std::io::Result<()> {
     let mut h = Handler {
         t: t.clone(),
         waker: Waker::from(Arc::new(HandlerWaker(t.clone()))),
@@ -68,12 +68,12 @@ fn handler_loop(t: &Arc<Tracker>, mm_weak: &Weak<Mm>) -> std::io::Result<()> {
         let Some(mm) = mm_weak.upgrade() else {
             return Ok(());
         };
-        h.forget_foreign(&mm);
-        h.settle.retain(|&a| !mm.settle_busy(t, a));
+        h.forget_foreign(&*mm);
+        h.settle.retain(|&a| !mm.settle(t, a));
         if h.pressure_pending() {
             continue;
         }
-        h.serve_faults(&mm);
+        h.serve_faults(&*mm);
         drop(mm);
     }
 }
@@ -149,10 +149,10 @@ impl Handler {
     /// lock now, keep the rest for the next round. An unmapped range is no
     /// longer registered (the kernel dropped it); its pages were cleared
     /// here or are retried page by page.
-    fn forget_foreign(&mut self, mm: &Mm) {
+    fn forget_foreign(&mut self, mm: &dyn FaultTarget) {
         let mut left = Vec::new();
         for (s, e) in self.removes.drain(..) {
-            mm.tracked_forget_pages(&self.t, s, e, &mut left);
+            mm.forget(&self.t, s, e, &mut left);
         }
         self.removes = left;
         for (s, e) in self.unmaps.drain(..) {
@@ -186,7 +186,7 @@ impl Handler {
 
     /// One pass over the queued faults (steps 3-5); stops at the first
     /// that needs memory and starts the pressure path for it (step 4).
-    fn serve_faults(&mut self, mm: &Mm) {
+    fn serve_faults(&mut self, mm: &dyn FaultTarget) {
         let t = self.t.clone();
         let n = self.faults.len();
         for _ in 0..n {
@@ -196,7 +196,7 @@ impl Handler {
             test_hooks::before_fault(&t);
             let fail_open = self.failed_rounds >= PRESSURE_ROUNDS;
             let force = q.busy_since.is_some_and(|s| s.elapsed() >= BUSY_TIMEOUT);
-            match mm.tracked_fault(&t, q.addr, fail_open, force) {
+            match mm.resolve(&t, q.addr, fail_open, force) {
                 Outcome::Charged => {
                     // A real charge succeeded: memory is back, leave
                     // fail-open. Not on `Served`: a page served over budget
@@ -223,13 +223,12 @@ impl Handler {
 
     /// Starts the pressure path for `bytes` as a future polled between
     /// rounds, so messages keep being read while reclaim waits (step 4).
-    fn start_pressure(&mut self, mm: &Mm, bytes: u64) {
+    fn start_pressure(&mut self, mm: &dyn FaultTarget, bytes: u64) {
         self.t
             .counters
             .pressure_runs
             .fetch_add(1, Ordering::Relaxed);
-        let (relief, id) = (mm.pressure.clone(), mm.id());
-        let mut fut: Pressure = Box::pin(async move { relief.relieve(bytes, Some(id)).await });
+        let mut fut: Pressure = mm.pressure(bytes);
         match fut.as_mut().poll(&mut Context::from_waker(&self.waker)) {
             // Retried on the next round (1 ms).
             Poll::Ready(freed) => self.pressure_done(freed),

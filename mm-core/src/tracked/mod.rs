@@ -2,10 +2,12 @@
 //! owns and serves from one handler thread, so that direct touches by the
 //! embedder (vCPUs through KVM, JIT code) are charged and seen.
 //!
-//! Files: this one holds the range registry and the [`Tracker`] itself;
-//! `handler.rs` the handler thread and its loop; `fault.rs` the fault
-//! resolution under the PTE locks (steps 3-6); `wp.rs` write-protect
-//! (step 7); `tests.rs` the unit tests.
+//! Files: this one holds the range registry, the [`Tracker`] itself and
+//! the [`FaultTarget`] hook; `handler.rs` the handler thread and its loop;
+//! `wp.rs` write-protect (step 7); `tests.rs` the unit tests. The fault
+//! resolution under the PTE locks (steps 3-6) is the mm's
+//! (`mm/tracked_fault.rs`), reached through [`FaultTarget`]: this module
+//! sits below `mm` and never names it.
 //!
 //! # The protocol
 //!
@@ -83,9 +85,7 @@
 //!    populate. The panic message is logged at `error` level.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::task::{Context, Poll, Wake, Waker};
@@ -93,19 +93,14 @@ use std::thread::{JoinHandle, ThreadId};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
-use crate::flags::MmFlag;
-use crate::mm::Mm;
-use crate::pgtable::{Leaf, Pte, PAGES_PER_LEAF};
 use crate::sys::{self, HostRange, HUGE_PAGE_SIZE, PAGE_SIZE};
+use crate::types::BoxFuture;
 use crate::uffd::{self, Event, EventFd, Fill, Uffd};
 
-mod fault;
 mod handler;
 #[cfg(test)]
 mod tests;
 mod wp;
-
-const PAGE: u64 = PAGE_SIZE as u64;
 
 /// Default fault-around window: one 2 MiB chunk, clamped to the VMA.
 pub const DEFAULT_FAULT_AROUND: u64 = HUGE_PAGE_SIZE as u64;
@@ -165,27 +160,27 @@ pub struct TrackedStats {
 }
 
 #[derive(Debug, Default)]
-struct Counters {
-    faults: AtomicU64,
-    pages_faulted: AtomicU64,
-    pages_populated_api: AtomicU64,
-    pages_poisoned: AtomicU64,
-    wp_faults: AtomicU64,
-    foreign_removes: AtomicU64,
-    eagain_retries: AtomicU64,
-    pressure_runs: AtomicU64,
-    fail_open_pages: AtomicU64,
-    busy_breaks: AtomicU64,
-    api_wp_waits: AtomicU64,
+pub(crate) struct Counters {
+    pub(crate) faults: AtomicU64,
+    pub(crate) pages_faulted: AtomicU64,
+    pub(crate) pages_populated_api: AtomicU64,
+    pub(crate) pages_poisoned: AtomicU64,
+    pub(crate) wp_faults: AtomicU64,
+    pub(crate) foreign_removes: AtomicU64,
+    pub(crate) eagain_retries: AtomicU64,
+    pub(crate) pressure_runs: AtomicU64,
+    pub(crate) fail_open_pages: AtomicU64,
+    pub(crate) busy_breaks: AtomicU64,
+    pub(crate) api_wp_waits: AtomicU64,
 }
 
 /// One registered host range.
 #[derive(Debug, Clone, Copy)]
-struct Range {
-    host_end: usize,
+pub(crate) struct Range {
+    pub(crate) host_end: usize,
     /// Guest address of the range's first host byte.
-    guest_start: u64,
-    fault_around: u64,
+    pub(crate) guest_start: u64,
+    pub(crate) fault_around: u64,
 }
 
 /// The per-mm userfaultfd state shared by the handler, the access path and
@@ -199,7 +194,7 @@ pub(crate) struct Tracker {
     wp: bool,
     /// Write-protect also works on memfd mappings (KSM's merged pages).
     wp_shmem: bool,
-    poison: bool,
+    pub(crate) poison: bool,
     /// `UFFD_USER_MODE_ONLY`: kernel-mode faults never reach the handler.
     user_mode_only: bool,
     wake: EventFd,
@@ -217,7 +212,7 @@ pub(crate) struct Tracker {
     /// it with no lock held (step 7).
     wp_gen: AtomicU64,
     wp_event: event_listener::Event,
-    counters: Counters,
+    pub(crate) counters: Counters,
     handler: Mutex<Option<JoinHandle<()>>>,
     handler_id: OnceLock<ThreadId>,
     #[cfg(test)]
@@ -268,7 +263,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// A 2 MiB read-only anonymous mapping never written: every page reads as
 /// the zero page, so a COPY from it costs one cache-hot 4 KiB source page.
-fn zero_source() -> Result<*const u8> {
+pub(crate) fn zero_source() -> Result<*const u8> {
     static ZERO: OnceLock<usize> = OnceLock::new();
     if let Some(p) = ZERO.get() {
         return Ok(*p as *const u8);
@@ -281,7 +276,7 @@ fn zero_source() -> Result<*const u8> {
 }
 
 /// What resolving one fault came to.
-enum Outcome {
+pub(crate) enum Outcome {
     /// Served after a successful `try_charge` of the missing pages.
     Charged,
     /// Served without a new charge (refault of a charged page, poison,
@@ -293,6 +288,31 @@ enum Outcome {
     Busy,
     /// The budget cannot cover `bytes`.
     NeedMemory(u64),
+}
+
+/// The address space the handler resolves faults on, injected by whoever
+/// starts the tracker (the [`Mm`](crate::Mm) that owns it, held weakly),
+/// as the pressure path is injected into the mm (`types::Pressure`): the
+/// tracker never names the mm. The fault logic under the PTE locks
+/// (steps 3-6) is the mm's (`mm/tracked_fault.rs`); the handler thread
+/// (`handler.rs`) only queues, orders and retries.
+pub(crate) trait FaultTarget: Send + Sync {
+    /// Step 3: resolves a missing-page fault at host address `addr`
+    /// (`force`: the page stayed locked for [`BUSY_TIMEOUT`]).
+    fn resolve(&self, t: &Tracker, addr: usize, fail_open: bool, force: bool) -> Outcome;
+
+    /// Accounts a page served without its lock ([`Outcome::Unlocked`]);
+    /// `false` while the page is still locked (retry next round).
+    fn settle(&self, t: &Tracker, addr: usize) -> bool;
+
+    /// The embedder discarded `[start, end)` itself (REMOVE / UNMAP): clear
+    /// and uncharge the present PTEs that can be locked; push the rest.
+    fn forget(&self, t: &Tracker, start: usize, end: usize, left: &mut Vec<(usize, usize)>);
+
+    /// The pressure path for `bytes` (step 4), as a future the handler
+    /// polls between rounds with no lock held; true when the charge
+    /// should be retried.
+    fn pressure(&self, bytes: u64) -> BoxFuture<'static, bool>;
 }
 
 impl Tracker {
@@ -344,8 +364,9 @@ impl Tracker {
         }))
     }
 
-    /// Starts the handler thread for `mm`.
-    pub(crate) fn start(self: &Arc<Self>, mm: Weak<Mm>) -> Result<()> {
+    /// Starts the handler thread for `mm` (held weakly: the handler stops
+    /// when the mm is gone).
+    pub(crate) fn start(self: &Arc<Self>, mm: Weak<dyn FaultTarget>) -> Result<()> {
         let t = self.clone();
         let h = std::thread::Builder::new()
             .name(format!("guestmm-uffd-{}", self.mm_id))
@@ -356,7 +377,10 @@ impl Tracker {
         Ok(())
     }
 
-    fn with_uffd<R>(&self, f: impl FnOnce(&Uffd) -> std::io::Result<R>) -> std::io::Result<R> {
+    pub(crate) fn with_uffd<R>(
+        &self,
+        f: impl FnOnce(&Uffd) -> std::io::Result<R>,
+    ) -> std::io::Result<R> {
         let g = self.uffd.read().unwrap_or_else(|e| e.into_inner());
         match g.as_ref() {
             Some(u) => f(u),
@@ -449,7 +473,7 @@ impl Tracker {
         }
     }
 
-    fn lookup(&self, addr: usize) -> Option<(usize, Range)> {
+    pub(crate) fn lookup(&self, addr: usize) -> Option<(usize, Range)> {
         let ranges = lock(&self.ranges);
         let (s, r) = ranges.range(..=addr).next_back()?;
         (addr < r.host_end).then_some((*s, *r))

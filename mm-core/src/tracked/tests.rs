@@ -3,7 +3,10 @@
 use std::sync::mpsc;
 
 use super::*;
+use crate::pgtable::Pte;
 use crate::{Advice, Host, MapOptions};
+
+const PAGE: u64 = PAGE_SIZE as u64;
 
 /// Fails (instead of hanging) if a result does not arrive in two
 /// minutes. A bound on a hang, never a measurement.

@@ -24,8 +24,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use super::{Guest, Host, HostInner};
 use crate::flags::MmFlag;
-use crate::host::{Guest, Host, HostInner};
 use crate::mm::MmGrab;
 use crate::sys::PAGE_SIZE;
 

@@ -1,17 +1,21 @@
 //! The mm side of `ksm_add_vma`: an untracked VMA that KSM may merge gets
 //! its host mapping registered for userfaultfd write-protect (the merge's
-//! step 2 needs it). Reached from `mmap` ([`on_new_vma`]) and
-//! `madvise(MERGEABLE)` ([`on_madvise_mergeable`]), both under the mmap
-//! write lock, and from mm-ksm's `set_merge_any` ([`prepare_all`]).
+//! step 2 in `ksm/`, which needs it). Reached from `mmap` ([`on_new_vma`])
+//! and `madvise(MERGEABLE)` ([`on_madvise_mergeable`]), both under the mmap
+//! write lock, and from mm-ksm's `set_merge_any` ([`prepare_all`], exported
+//! as `mm_core::ksm::prepare_all`). The registration is the mm's (its
+//! tracker, its write lock), so it lives here and `mm` never calls into
+//! `ksm`; the KSM mechanism above reads the result through
+//! `Vma::ksm_capable` and [`KsmMmState`].
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
+use super::{MmState, MmUser};
 use crate::error::{Error, Result};
 use crate::flags::MmFlag;
-use crate::mm::{MmState, MmUser};
 use crate::sched;
 use crate::sys::PAGE_SIZE;
-use crate::vma::{Prot, VmFlags, Vma};
+use crate::vma::{VmFlags, Vma};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 
@@ -50,7 +54,7 @@ pub(crate) fn on_madvise_mergeable(mm: &MmUser, state: &MmState, addr: u64, end:
 /// VMAs of their own); munmap, a region's drop and exit_mmap unregister
 /// it like a tracked one. Returns whether the VMA can now be merged;
 /// failures (no userfaultfd, no WP) are counted in
-/// [`wp_failures`](super::wp_failures) and logged: the VMA is then never merged.
+/// `mm_core::ksm::wp_failures` and logged: the VMA is then never merged.
 /// Called under the mmap write lock.
 pub(crate) fn register_wp(mm: &MmUser, vma: &Vma) -> bool {
     if !vma.ksm_wp_candidate() {
@@ -101,28 +105,6 @@ pub async fn prepare_all(mm: &MmUser) -> Result<u64> {
 }
 
 impl Vma {
-    /// Can the mechanism merge this VMA's pages? Private, 4 KiB, readable,
-    /// not locked or pinned, and registered with userfaultfd write-protect
-    /// (step 2 needs it): a tracked region, or an untracked one registered
-    /// for write-protect only when it became mergeable
-    /// ([`MmUser::madvise`](crate::MmUser::madvise) `Mergeable`,
-    /// [`prepare_all`], an mmap under `VM_MERGE_ANY`). Whether KSM
-    /// *should* (`VM_MERGEABLE`) is the scanner's business.
-    pub fn ksm_capable(&self) -> bool {
-        let no = [
-            VmFlags::SHARED,
-            VmFlags::HUGEPAGE,
-            VmFlags::LOCKED,
-            VmFlags::PINNED,
-        ];
-        !no.iter().any(|f| self.flags.contains(*f))
-            && self.prot.contains(Prot::READ)
-            && self
-                .region
-                .wp_tracker()
-                .is_some_and(|t| !t.is_dead() && t.wp())
-    }
-
     /// Could this VMA be merged if its host range were registered for
     /// write-protect (private anonymous 4 KiB, not tracked)?
     pub(crate) fn ksm_wp_candidate(&self) -> bool {
@@ -132,4 +114,14 @@ impl Vma {
             && self.region.is_anon()
             && self.region.tracker().is_none()
     }
+}
+
+/// The per-mm state of the write-protect registration, kept in the
+/// [`Mm`](super::Mm) and read by the KSM seam (`mm_core::ksm::wp_failures`).
+#[derive(Debug, Default)]
+pub(crate) struct KsmMmState {
+    /// Mergeable untracked VMAs whose host range could not be registered
+    /// for userfaultfd write-protect (no userfaultfd, no WP): KSM skips
+    /// them.
+    pub(crate) wp_failures: AtomicU64,
 }

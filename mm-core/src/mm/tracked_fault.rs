@@ -1,7 +1,20 @@
-//! Fault resolution under the PTE locks (steps 3-6): the fault-around
-//! window, fail-open, poison after `UNSTABLE`, busy pages, foreign removes.
+//! Fault resolution under the PTE locks (steps 3-6 of `tracked/`): the
+//! fault-around window, fail-open, poison after `UNSTABLE`, busy pages,
+//! foreign removes. The mm's side of a tracked fault: the handler thread
+//! reaches it through [`FaultTarget`], which [`Mm`] implements at the end
+//! of this file, so that the tracker never names the mm.
 
-use super::*;
+use std::sync::atomic::Ordering;
+
+use super::Mm;
+use crate::flags::MmFlag;
+use crate::pgtable::{Leaf, Pte, PAGES_PER_LEAF};
+use crate::sys::{self, PAGE_SIZE};
+use crate::tracked::{zero_source, FaultTarget, Outcome, Tracker};
+use crate::types::BoxFuture;
+use crate::uffd::Fill;
+
+const PAGE: u64 = PAGE_SIZE as u64;
 
 /// The PTE locks the handler holds on one fault-around window. Unlocks on
 /// drop: a panic between locking and unlocking (caught by `handler_main`,
@@ -60,13 +73,7 @@ impl Drop for WindowLocks<'_> {
 
 impl Mm {
     /// Step 3: resolves a missing-page fault at host address `addr`.
-    pub(super) fn tracked_fault(
-        &self,
-        t: &Tracker,
-        addr: usize,
-        fail_open: bool,
-        force: bool,
-    ) -> Outcome {
+    fn tracked_fault(&self, t: &Tracker, addr: usize, fail_open: bool, force: bool) -> Outcome {
         let Some((hs, r)) = t.lookup(addr) else {
             // No longer ours (munmap in flight, unregistered): let it refault.
             let _ = t.with_uffd(|u| u.wake(addr, PAGE_SIZE));
@@ -288,7 +295,7 @@ impl Mm {
     /// UNSTABLE: SIGBUS for the faulter (step 5). Without POISON support
     /// (pre-6.6) the fault is left unanswered: the thread stays blocked
     /// rather than read zeros, until teardown unregisters the range.
-    pub(super) fn poison_fault(&self, t: &Tracker, addr: usize) -> Outcome {
+    fn poison_fault(&self, t: &Tracker, addr: usize) -> Outcome {
         if t.poison {
             match t.with_uffd(|u| u.poison(addr, PAGE_SIZE)) {
                 Ok(Fill::Done) => {
@@ -302,14 +309,14 @@ impl Mm {
         Outcome::Served
     }
 
-    /// The faulting page stayed locked for [`BUSY_TIMEOUT`]: most likely an
-    /// accessor faulted on it while holding its lock (its page was discarded
-    /// behind our back by the embedder). Populate that one page without the
+    /// The faulting page stayed locked for `BUSY_TIMEOUT` (`tracked/`):
+    /// most likely an accessor faulted on it while holding its lock (its
+    /// page was discarded behind our back by the embedder). Populate that one page without the
     /// lock, so it can finish, and return [`Outcome::Unlocked`]: the handler
     /// then settles the charge with [`Mm::settle_busy`] once the lock is
     /// free (the holder may have been a slow zapper that leaves the PTE
     /// empty over the page we just mapped).
-    pub(super) fn resolve_busy(&self, t: &Tracker, addr: usize) -> Outcome {
+    fn resolve_busy(&self, t: &Tracker, addr: usize) -> Outcome {
         t.counters.busy_breaks.fetch_add(1, Ordering::Relaxed);
         if self.flags.test(MmFlag::UNSTABLE) {
             return self.poison_fault(t, addr);
@@ -329,7 +336,7 @@ impl Mm {
     /// is full: the page exists either way) and mark it `PRESENT`, so that
     /// `charged = present − debt` holds again and the next zap uncharges it.
     /// Returns `false` while the page is still locked (retry next round).
-    pub(super) fn settle_busy(&self, t: &Tracker, addr: usize) -> bool {
+    fn settle_busy(&self, t: &Tracker, addr: usize) -> bool {
         let Some((hs, r)) = t.lookup(addr) else {
             return true; // unmapped meanwhile: nothing to account
         };
@@ -358,7 +365,7 @@ impl Mm {
 
     /// The embedder discarded `[start, end)` itself (REMOVE / UNMAP): clear
     /// and uncharge the present PTEs we can lock; push what stays locked.
-    pub(super) fn tracked_forget_pages(
+    fn tracked_forget_pages(
         &self,
         t: &Tracker,
         start: usize,
@@ -436,4 +443,24 @@ fn refill_present(t: &Tracker, addr: usize) -> Outcome {
         _ => u.wake(addr, PAGE_SIZE),
     });
     Outcome::Served
+}
+
+impl FaultTarget for Mm {
+    fn resolve(&self, t: &Tracker, addr: usize, fail_open: bool, force: bool) -> Outcome {
+        self.tracked_fault(t, addr, fail_open, force)
+    }
+
+    fn settle(&self, t: &Tracker, addr: usize) -> bool {
+        self.settle_busy(t, addr)
+    }
+
+    fn forget(&self, t: &Tracker, start: usize, end: usize, left: &mut Vec<(usize, usize)>) {
+        self.tracked_forget_pages(t, start, end, left)
+    }
+
+    /// The mm's injected pressure hook, asked on behalf of this mm's task.
+    fn pressure(&self, bytes: u64) -> BoxFuture<'static, bool> {
+        let (relief, id) = (self.pressure.clone(), self.id());
+        Box::pin(async move { relief.relieve(bytes, Some(id)).await })
+    }
 }

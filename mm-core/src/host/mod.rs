@@ -8,7 +8,7 @@
 //! its locks and calls its mm's injected pressure hook, which for an mm of
 //! this host is [`HostPressure`]: `pressure` runs the [`Reclaim`] plug-ins
 //! in order (a KSM pass, a balloon), then the OOM killer directly
-//! (`Host::out_of_memory` in `oom.rs`; mm-reaper only reaps the victims it
+//! (`Host::out_of_memory` in `host/oom.rs`; mm-reaper only reaps the victims it
 //! is handed), then waits a bounded time (`HostConfig::oom_wait`) for the
 //! victim's memory to come back.
 
@@ -23,6 +23,10 @@ use crate::flags::MmFlag;
 use crate::mm::{Mm, MmConfig, MmGrab, MmUser};
 use crate::sched;
 use crate::types::{BoxFuture, Pressure};
+
+mod oom;
+
+pub use oom::{Kill, OomOutcome, OomReaperQueue, OomStats};
 
 /// A way to free memory under pressure, run in registration order before
 /// the next one (a KSM pass, a balloon, finally the OOM killer).
@@ -83,7 +87,7 @@ pub(crate) struct HostInner {
     /// Only held for push/clone, never across an await.
     reclaimers: Mutex<Vec<Arc<dyn Reclaim>>>,
     /// The OOM killer's state (`oom_lock`, `oom_victims`, the reaper queue).
-    pub(crate) oom: crate::oom::OomState,
+    pub(crate) oom: oom::OomState,
     pub(crate) clock: Arc<dyn Clock>,
 }
 
@@ -115,7 +119,7 @@ impl Host {
                 config,
                 guests: Mutex::new(BTreeMap::new()),
                 reclaimers: Mutex::new(Vec::new()),
-                oom: crate::oom::OomState::default(),
+                oom: oom::OomState::default(),
             }),
         }
     }
@@ -142,6 +146,7 @@ impl Host {
             name.to_owned(),
             self.inner.budget.clone(),
             Arc::new(HostPressure(Arc::downgrade(&self.inner))),
+            &crate::ksm::KsmHooks,
             self.inner.config.mm,
         )
     }
@@ -248,7 +253,7 @@ impl Pressure for HostPressure {
 /// the mm whose task allocates (`None`: a host thread, such as KSM's
 /// unmerge). Returns true when the caller should retry its charge.
 async fn pressure(inner: &Arc<HostInner>, bytes: u64, requester: Option<u64>) -> bool {
-    use crate::oom::OomOutcome;
+    use oom::OomOutcome;
     tracing::debug!(target: "mm_core::host", mm_id = requester, bytes, "memory pressure");
     let host = Host::from_inner(inner.clone());
     let fits = || {
@@ -307,7 +312,7 @@ pub(crate) struct GuestInner {
     /// Never chosen by the OOM killer (global init, a control plane).
     pub(crate) unkillable: AtomicBool,
     /// The embedder's way to stop the guest (vCPUs, a wasm trap).
-    pub(crate) kill_hook: Mutex<Option<Arc<dyn crate::oom::Kill>>>,
+    pub(crate) kill_hook: Mutex<Option<Arc<dyn oom::Kill>>>,
 }
 
 /// A guest (the task / `signal_struct` analogue): a name, an OOM score, its
@@ -403,7 +408,7 @@ impl Guest {
         }
         if let Some(h) = self.inner.host.upgrade() {
             if self.inner.memdie.swap(false, Ordering::SeqCst) {
-                crate::oom::exit_oom_victim(&h, self);
+                oom::exit_oom_victim(&h, self);
             }
             lock(&h.guests).remove(&self.inner.id);
         }
