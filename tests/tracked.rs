@@ -451,3 +451,69 @@ fn kvm_guest_on_tracked_ram() {
     );
     assert_eq!(r.charged_bytes, 16 * MIB);
 }
+
+#[test]
+fn hugepage_advice_on_tracked_region_is_refused_like_mmap() {
+    let host = Host::with_budget(64 * MIB);
+    let (mm, addr, _) = tracked_mm(&host, "t", MapOptions::anon(2 * MIB));
+    assert!(matches!(
+        mm.madvise_blocking(addr, 2 * MIB, guestmm::Advice::HugePage),
+        Err(Error::NotAllowed { addr: a, .. }) if a == addr
+    ));
+    assert!(!mm
+        .find_vma_blocking(addr)
+        .unwrap()
+        .flags()
+        .contains(guestmm::VmFlags::HUGEPAGE));
+    // Untracked memory takes the advice as before.
+    let plain = mm.mmap_blocking(MapOptions::anon(2 * MIB)).unwrap();
+    mm.madvise_blocking(plain, 2 * MIB, guestmm::Advice::HugePage)
+        .unwrap();
+}
+
+#[test]
+fn mergeable_advice_that_cannot_be_honoured_is_an_error() {
+    child_passes("mergeable_advice_that_cannot_be_honoured_is_an_error_child");
+}
+
+/// No descriptor left (RLIMIT_NOFILE at the current count): the
+/// write-protect registration KSM needs cannot be made, so
+/// `madvise(MERGEABLE)` of an untracked region fails by name and leaves
+/// the flag unset, instead of `Ok` for a region that would never merge.
+#[test]
+fn mergeable_advice_that_cannot_be_honoured_is_an_error_child() {
+    if !in_child("mergeable_advice_that_cannot_be_honoured_is_an_error_child") {
+        return;
+    }
+    let host = Host::with_budget(64 * MIB);
+    let mm = host.new_mm("m");
+    let a = mm.mmap_blocking(MapOptions::anon(MIB)).unwrap();
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one live struct.
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
+    lim.rlim_cur = common::fd_count() as u64 + 4;
+    // SAFETY: setrlimit reads one live struct.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) }, 0);
+    // Fill every number left under the limit (kept open: this process
+    // ends with the test).
+    let mut held = Vec::new();
+    while let Ok(f) = std::fs::File::open("/dev/null") {
+        held.push(f);
+    }
+    assert!(held.len() < 64, "RLIMIT_NOFILE did not bite");
+    let r = mm.madvise_blocking(a, MIB, guestmm::Advice::Mergeable);
+    assert!(
+        matches!(r, Err(Error::MergeUnavailable { addr, .. }) if addr == a),
+        "{r:?}"
+    );
+    assert!(r
+        .unwrap_err()
+        .to_string()
+        .contains("cannot be made mergeable"));
+    let v = mm.find_vma_blocking(a).unwrap();
+    assert!(!v.flags().contains(guestmm::VmFlags::MERGEABLE));
+    assert_eq!(guestmm::core::ksm::wp_failures(&mm), 1);
+}

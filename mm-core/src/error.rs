@@ -159,6 +159,17 @@ pub enum Error {
         /// First page of the range that is user-mode-only.
         addr: u64,
     },
+    /// `madvise(MERGEABLE)` cannot be honoured: the VMA could be merged,
+    /// but KSM's write-protect registration of it failed (no userfaultfd
+    /// write-protect here, no descriptor left). The flag was not set.
+    #[error("guest address {addr:#x} cannot be made mergeable: {source}")]
+    MergeUnavailable {
+        /// First page of the VMA that cannot be registered.
+        addr: u64,
+        /// Why the registration failed.
+        #[source]
+        source: Box<Error>,
+    },
     /// The running kernel does not offer a feature this call needs.
     #[error("not supported by this kernel: {what}")]
     Unsupported {

@@ -26,20 +26,33 @@ const PAGE: u64 = PAGE_SIZE as u64;
 /// no mmap slips between the two.
 pub(crate) fn on_new_vma(mm: &MmUser, vma: &Vma) {
     if mm.flags().test(MmFlag::VM_MERGE_ANY) {
-        register_wp(mm, vma);
+        // Counted and logged (`wp_failures`); the mmap itself stands.
+        let _ = register_wp(mm, vma);
     }
 }
 
-/// `madvise(MERGEABLE)` on `[addr, end)`, under the write lock, after
-/// `VM_MERGEABLE` was set: an untracked VMA needs its write-protect
-/// registration before KSM can merge it ([`register_wp`]). Kept on
+/// `madvise(MERGEABLE)` on `[addr, end)`, under the write lock, before
+/// `VM_MERGEABLE` is set: an untracked VMA needs its write-protect
+/// registration before KSM can merge it ([`register_wp`]). A VMA that
+/// could merge but cannot be registered makes the advice fail
+/// ([`Error::MergeUnavailable`]) instead of a silent `Ok` for a range that
+/// would never merge; the caller then leaves the flag alone. Kept on
 /// UNMERGEABLE: harmless, and undone by munmap/exit.
-pub(crate) fn on_madvise_mergeable(mm: &MmUser, state: &MmState, addr: u64, end: u64) {
+pub(crate) fn on_madvise_mergeable(
+    mm: &MmUser,
+    state: &MmState,
+    addr: u64,
+    end: u64,
+) -> Result<()> {
     for v in state.vmas().overlapping(addr, end) {
         if v.ksm_wp_candidate() {
-            register_wp(mm, v);
+            register_wp(mm, v).map_err(|source| Error::MergeUnavailable {
+                addr: v.start.max(addr),
+                source: Box::new(source),
+            })?;
         }
     }
+    Ok(())
 }
 
 /// Registers the host mapping under `vma` (an untracked private
@@ -52,16 +65,12 @@ pub(crate) fn on_madvise_mergeable(mm: &MmUser, state: &MmState, addr: u64, end:
 /// handler leaves write faults blocked until the window closes. The
 /// whole host mapping is registered at once (slices of it can become
 /// VMAs of their own); munmap, a region's drop and exit_mmap unregister
-/// it like a tracked one. Returns whether the VMA can now be merged;
-/// failures (no userfaultfd, no WP) are counted in
-/// `mm_core::ksm::wp_failures` and logged: the VMA is then never merged.
-/// Called under the mmap write lock.
-pub(crate) fn register_wp(mm: &MmUser, vma: &Vma) -> bool {
-    if !vma.ksm_wp_candidate() {
-        return vma.region.wp_tracker().is_some();
-    }
-    if vma.region.ksm_wp().is_some() {
-        return true;
+/// it like a tracked one. A failure (no userfaultfd, no WP) is counted in
+/// `mm_core::ksm::wp_failures`, logged, and returned: the VMA is then never
+/// merged. Called under the mmap write lock.
+pub(crate) fn register_wp(mm: &MmUser, vma: &Vma) -> Result<()> {
+    if !vma.ksm_wp_candidate() || vma.region.ksm_wp().is_some() {
+        return Ok(());
     }
     let len = vma.region.len();
     let res = mm.tracker_or_start_wp().and_then(|t| {
@@ -75,12 +84,12 @@ pub(crate) fn register_wp(mm: &MmUser, vma: &Vma) -> bool {
             let guest = vma.start - vma.region_off as u64;
             t.add_range(vma.region.base() as usize, len, guest, PAGE);
             vma.region.set_ksm_wp(t);
-            true
+            Ok(())
         }
         Err(e) => {
             mm.ksm.wp_failures.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(target: "mm_core::ksm", mm_id = mm.id(), start = vma.start, end = vma.end, error = %e, "mergeable VMA cannot be write-protected with userfaultfd: KSM will not merge it");
-            false
+            Err(e)
         }
     }
 }
@@ -97,7 +106,7 @@ pub async fn prepare_all(mm: &MmUser) -> Result<u64> {
     }
     let mut failed = 0;
     for v in state.vmas().iter() {
-        if v.ksm_wp_candidate() && !register_wp(mm, v) {
+        if v.ksm_wp_candidate() && register_wp(mm, v).is_err() {
             failed += 1;
         }
     }

@@ -359,6 +359,24 @@ impl MmUser {
                     // unshare in a later, separate lock section).
                     self.vma_hooks.unmergeable(self, &state, addr, end - addr)?;
                 }
+                if advice == Advice::HugePage {
+                    // mmap refuses huge pages on a tracked region (its
+                    // userfaultfd serves 4 KiB pages); so does madvise.
+                    if let Some(v) = state
+                        .vmas
+                        .overlapping(addr, end)
+                        .find(|v| v.region.tracker().is_some())
+                    {
+                        return Err(Error::NotAllowed {
+                            addr: v.start.max(addr),
+                            reason: "madvise(HUGEPAGE) on a tracked region",
+                        });
+                    }
+                }
+                if advice == Advice::Mergeable {
+                    // Before the flag: advice KSM cannot honour is an error.
+                    super::ksm_wp::on_madvise_mergeable(self, &state, addr, end)?;
+                }
                 if flag == VmFlags::HUGEPAGE {
                     for v in state.vmas.overlapping(addr, end) {
                         let (s, e) = (v.start.max(addr), v.end.min(end));
@@ -370,9 +388,6 @@ impl MmUser {
                     .get_mut()
                     .vmas
                     .modify(addr, end, |v| v.flags = v.flags.with(flag, on));
-                if advice == Advice::Mergeable {
-                    super::ksm_wp::on_madvise_mergeable(self, &state, addr, end);
-                }
                 Ok(())
             }
         }
