@@ -61,15 +61,19 @@ impl Budget {
             });
         }
         loop {
-            let new = cur.saturating_add(bytes);
-            if new > limit {
-                self.failures.fetch_add(1, Ordering::Relaxed);
-                return Err(OverBudget {
-                    requested: bytes,
-                    charged: cur,
-                    budget: limit,
-                });
-            }
+            // An impossible request (past u64) fits no budget, not even an
+            // unlimited one: refused, never saturated.
+            let new = match cur.checked_add(bytes) {
+                Some(new) if new <= limit => new,
+                _ => {
+                    self.failures.fetch_add(1, Ordering::Relaxed);
+                    return Err(OverBudget {
+                        requested: bytes,
+                        charged: cur,
+                        budget: limit,
+                    });
+                }
+            };
             // Relaxed: the budget is a counter, not a publication; the pages
             // it stands for are published by the page locks.
             match self
@@ -85,8 +89,33 @@ impl Budget {
         }
     }
 
-    /// Returns `bytes` to the budget.
-    pub fn uncharge(&self, bytes: u64) {
+    /// Returns `bytes` that an embedder charged with
+    /// [`try_charge`](Self::try_charge). More than is charged is
+    /// [`Error::Uncharge`] and changes nothing.
+    pub fn try_uncharge(&self, bytes: u64) -> std::result::Result<(), Error> {
+        let mut cur = self.charged.load(Ordering::Relaxed);
+        loop {
+            let Some(new) = cur.checked_sub(bytes) else {
+                return Err(Error::Uncharge {
+                    requested: bytes,
+                    charged: cur,
+                });
+            };
+            // Relaxed: a counter, as in try_charge.
+            match self
+                .charged
+                .compare_exchange_weak(cur, new, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return Ok(()),
+                Err(c) => cur = c,
+            }
+        }
+    }
+
+    /// Returns `bytes` that mm-core's own paths charged (a zap, a merge).
+    /// Below zero is a bug of ours: repaired, logged, and a panic in debug
+    /// builds.
+    pub(crate) fn uncharge(&self, bytes: u64) {
         let prev = self.charged.fetch_sub(bytes, Ordering::Relaxed);
         if prev < bytes {
             // Never negative: repair and report (a double uncharge is a bug).

@@ -170,6 +170,15 @@ pub enum Error {
         #[source]
         source: Box<Error>,
     },
+    /// [`Budget::try_uncharge`](crate::Budget::try_uncharge) of more than is
+    /// charged.
+    #[error("uncharge of {requested} bytes with only {charged} charged")]
+    Uncharge {
+        /// Bytes asked to return.
+        requested: u64,
+        /// Bytes charged at the time.
+        charged: u64,
+    },
     /// The running kernel does not offer a feature this call needs.
     #[error("not supported by this kernel: {what}")]
     Unsupported {

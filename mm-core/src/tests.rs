@@ -7,6 +7,8 @@ use futures_lite::future::block_on;
 
 use crate::*;
 
+const PAGE: u64 = PAGE_SIZE as u64;
+
 const MIB: u64 = 1 << 20;
 const P: u64 = PAGE_SIZE as u64;
 
@@ -51,8 +53,42 @@ fn test_bad_input_zero_length() {
         mm.mlock_blocking(0x10000, 0),
         Err(Error::ZeroLength { .. })
     ));
-    // A zero-length access is a no-op, like a zero-length read(2).
-    mm.read_blocking(0x10000, &mut []).unwrap();
+    // A zero-length access copies nothing, but its address must be the
+    // guest's: outside every mapping it is `Unmapped`, like a longer one.
+    assert!(matches!(
+        mm.write_blocking(0x10000, &[]),
+        Err(Error::Unmapped { addr: 0x10000 })
+    ));
+    assert!(matches!(
+        mm.read_blocking(0x10000, &mut []),
+        Err(Error::Unmapped { .. })
+    ));
+    let a = mm.mmap_blocking(MapOptions::anon(2 * PAGE)).unwrap();
+    mm.write_blocking(a + 100, &[]).unwrap();
+    // The end of a mapping, as the empty slice at the end of a buffer.
+    mm.read_blocking(a + 2 * PAGE, &mut []).unwrap();
+    assert_eq!(mm.rss_pages(), 0, "nothing populated");
+}
+
+#[test]
+fn test_budget_refuses_impossible_requests() {
+    let host = Host::with_budget(u64::MAX);
+    let b = host.budget();
+    b.try_charge(PAGE).unwrap();
+    // Past u64: refused even by an unlimited budget, never saturated.
+    assert!(b.try_charge(u64::MAX).is_err());
+    assert_eq!(b.charged(), PAGE);
+    // More than is charged: a named error, nothing changed (no panic).
+    assert!(matches!(
+        b.try_uncharge(2 * PAGE),
+        Err(Error::Uncharge {
+            requested,
+            charged
+        }) if requested == 2 * PAGE && charged == PAGE
+    ));
+    assert_eq!(b.charged(), PAGE);
+    b.try_uncharge(PAGE).unwrap();
+    assert_eq!(b.charged(), 0);
 }
 
 #[test]

@@ -161,7 +161,18 @@ impl Mm {
         f: &mut (dyn FnMut(*mut u8, u64, u64) + Send),
     ) -> Result<()> {
         if len == 0 {
-            return Ok(());
+            // Nothing to copy, but the address must still be the guest's:
+            // a zero-length access outside every mapping (its end counts,
+            // as an empty slice at the end of a buffer does) is `Unmapped`.
+            let state = self.lock.read().await;
+            let vmas = &state.vmas;
+            let mapped = vmas.find(addr).is_some()
+                || addr.checked_sub(1).is_some_and(|a| vmas.find(a).is_some());
+            return if mapped {
+                Ok(())
+            } else {
+                Err(Error::Unmapped { addr })
+            };
         }
         let end = addr.checked_add(len).ok_or(Error::Overflow { addr, len })?;
         if end > self.config.va_limit {
