@@ -453,3 +453,35 @@ fn test_reaper_spawn_is_one_thread_per_reaper_and_install_replaces() {
     thread.stop();
     g.exit_blocking();
 }
+
+#[test]
+fn test_killed_guest_cannot_map_or_write_but_can_read_and_free() {
+    let host = Host::with_budget(1 << 30);
+    let (g, a) = guest_with(&host, "g", MIB);
+    let mm = g.mm().unwrap();
+    g.kill();
+    let killed = |r: Result<(), Error>| matches!(r, Err(Error::Killed { .. }));
+    assert!(matches!(
+        mm.mmap_blocking(MapOptions::anon(MIB)),
+        Err(Error::Killed { .. })
+    ));
+    assert!(killed(mm.write_blocking(a, b"x")));
+    assert!(killed(mm.fill_blocking(a, 4096, 1)));
+    assert!(killed(mm.mprotect_blocking(a, MIB, guestmm::Prot::READ)));
+    assert!(killed(mm.mlock_blocking(a, MIB)));
+    assert!(killed(mm.madvise_blocking(
+        a,
+        MIB,
+        guestmm::Advice::HugePage
+    )));
+    // What it wrote before is still there; memory can still be freed.
+    let mut b = [0u8];
+    mm.read_blocking(a, &mut b).unwrap();
+    assert_eq!(b[0], 0x11);
+    mm.madvise_blocking(a, MIB / 2, guestmm::Advice::DontNeed)
+        .unwrap();
+    mm.munmap_blocking(a, MIB).unwrap();
+    assert_eq!(host.stats().charged_bytes, 0);
+    drop(mm);
+    g.exit_blocking();
+}

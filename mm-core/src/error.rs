@@ -93,6 +93,13 @@ pub enum Error {
         /// Id of the address space.
         mm_id: u64,
     },
+    /// The guest that owns this address space was killed (OOM or
+    /// [`Guest::kill`](crate::Guest::kill)): no new mappings or writes.
+    #[error("address space {mm_id} belongs to a killed guest")]
+    Killed {
+        /// The mm.
+        mm_id: u64,
+    },
     /// The operation is not allowed on this mapping (the kernel's EINVAL).
     #[error("not allowed at {addr:#x}: {reason}")]
     NotAllowed {

@@ -28,6 +28,11 @@ impl MmFlag {
     pub const VM_MERGEABLE: MmFlag = MmFlag(1 << 3);
     /// `MMF_VM_MERGE_ANY`: KSM should consider every compatible VMA.
     pub const VM_MERGE_ANY: MmFlag = MmFlag(1 << 4);
+    /// The owning guest was killed (`SIGNAL_GROUP_EXIT`): the API refuses
+    /// what a killed task could no longer do (map, protect, lock, advise,
+    /// write) with `Error::Killed`; reads, `munmap`, `munlock` and
+    /// `DONTNEED` (which only free) still work. Never cleared.
+    pub const KILLED: MmFlag = MmFlag(1 << 5);
 
     fn name(self) -> &'static str {
         match self.0 {
@@ -36,6 +41,7 @@ impl MmFlag {
             4 => "OOM_REAP_QUEUED",
             8 => "VM_MERGEABLE",
             16 => "VM_MERGE_ANY",
+            32 => "KILLED",
             _ => "?",
         }
     }

@@ -127,6 +127,9 @@ impl Guest {
     /// make it an OOM victim (process_mrelease works on any dying guest).
     pub fn kill(&self) {
         if !self.inner().killed.swap(true, Ordering::SeqCst) {
+            if let Some(mm) = self.mm_grab() {
+                mm.flags().set(MmFlag::KILLED);
+            }
             let hook = lock(&self.inner().kill_hook).clone();
             if let Some(h) = hook {
                 h.kill(self);

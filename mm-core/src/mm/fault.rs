@@ -160,6 +160,9 @@ impl Mm {
         access: Access,
         f: &mut (dyn FnMut(*mut u8, u64, u64) + Send),
     ) -> Result<()> {
+        if access == Access::Write {
+            self.check_not_killed()?;
+        }
         if len == 0 {
             // Nothing to copy, but the address must still be the guest's:
             // a zero-length access outside every mapping (its end counts,

@@ -304,6 +304,21 @@ fn lock_list<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Validates a page-aligned, non-empty range below `limit`; returns its end.
+impl Mm {
+    /// [`Error::Killed`] once the owning guest was killed
+    /// ([`Error::Unstable`] once it was also reaped: that says more).
+    pub(crate) fn check_not_killed(&self) -> Result<()> {
+        use crate::flags::MmFlag;
+        if self.flags.test(MmFlag::UNSTABLE) {
+            return Err(Error::Unstable { mm_id: self.id });
+        }
+        if self.flags.test(MmFlag::KILLED) {
+            return Err(Error::Killed { mm_id: self.id });
+        }
+        Ok(())
+    }
+}
+
 pub(crate) fn check_range(addr: u64, len: u64, limit: u64) -> Result<u64> {
     if len == 0 {
         return Err(Error::ZeroLength { addr });

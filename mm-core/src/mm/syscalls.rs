@@ -20,6 +20,7 @@ impl MmUser {
     /// The host mapping is created before the lock is taken; a fixed address
     /// that overlaps an existing VMA fails with `Overlap` (`MAP_FIXED_NOREPLACE`).
     pub async fn mmap(&self, opts: MapOptions) -> Result<u64> {
+        self.check_not_killed()?;
         let limit = self.config.va_limit;
         let align = if opts.hugepage {
             HUGE_PAGE_SIZE
@@ -244,6 +245,7 @@ impl MmUser {
 
     /// Changes protection (`mprotect`); splits and merges VMAs.
     pub async fn mprotect(&self, addr: u64, len: u64, prot: Prot) -> Result<()> {
+        self.check_not_killed()?;
         let end = check_range(addr, len, self.config.va_limit)?;
         let mut state = self.lock.write().await;
         sched::point("mprotect:locked").await;
@@ -259,6 +261,7 @@ impl MmUser {
     /// `mlock`: populates (charging the budget), pins the host pages and sets
     /// `VM_LOCKED`.
     pub async fn mlock(&self, addr: u64, len: u64) -> Result<()> {
+        self.check_not_killed()?;
         let end = check_range(addr, len, self.config.va_limit)?;
         // Populate under the read lock first (it may need to wait for room),
         // then flip the flag under the write lock.
@@ -310,6 +313,9 @@ impl MmUser {
 
     /// `madvise`.
     pub async fn madvise(&self, addr: u64, len: u64, advice: Advice) -> Result<()> {
+        if advice != Advice::DontNeed {
+            self.check_not_killed()?;
+        }
         let end = check_range(addr, len, self.config.va_limit)?;
         match advice {
             Advice::DontNeed => {
