@@ -17,6 +17,29 @@
 //! registered but never merged (`mm_core::ksm::wp_failures`, a `warn` event).
 //! THP, shared, mlocked and pinned VMAs never merge.
 //!
+//! # Layers
+//!
+//! ```text
+//! lib.rs        Ksm: the knobs, madvise / set_merge_any, the thread, stats();
+//!               owns Inner (the state the layers below share)
+//! scan/         ksmd under the scanner mutex: mod (the batch, steps 2-3, 5-7),
+//!               walk (step 4), classify (a chunk: snapshot, checksums,
+//!               trees), merge (runs of hits, the pairs' other side),
+//!               stable (trees + rmap items), unmerge (run = 2)
+//! slots.rs      Slot, the scan list and cursor, ksm_enter / ksm_exit
+//! stats.rs types.rs error.rs
+//! ------------------------------------------------------------------------
+//! mm-core       the mm side of a merge, reached only through the mmap
+//!               guard: mm_core::ksm::KsmMm::new(&mm, &state) (snapshot,
+//!               merge, zero, unshare), StableStore; mm-core never names
+//!               this crate (its madvise(UNMERGEABLE) hook is mm-core's own)
+//! ```
+//!
+//! `scan/` and `slots.rs` reach `Inner` (lib.rs) and each other's types
+//! (`Slot`; `SlotItems` for `ksm_exit`'s fast-path test); nothing in mm-ksm
+//! depends on mm-reaper, and the lock order is mm-core's (top of
+//! `mm-core/src/lib.rs`).
+//!
 //! # Overview (mm/ksm.c `DOC: Overview`, adapted)
 //!
 //! * **Slots** ([`Ksm::enter`], `__ksm_enter`): one per registered mm, in a

@@ -29,6 +29,23 @@
 //! [`mrelease`] is `process_mrelease`: a synchronous reap of a *dying* guest
 //! (not necessarily an OOM victim), pinning only the count, waiting for the
 //! read lock in an interruptible way, re-checking `OOM_SKIP` under it.
+//!
+//! # Layers
+//!
+//! ```text
+//! Reaper, ReaperThread      queue (OomReaperQueue for mm-core's OOM killer),
+//!                           delay timers, the loop, spawn/stop
+//! oom_reap_task             retry policy, always OOM_SKIP at the end
+//! oom_reap_task_mm          try_read + OOM_SKIP under the lock (one attempt)
+//! mrelease*                 process_mrelease (killable read lock)
+//! reap_locked, zap_vma      the zap under the read lock (UNSTABLE first)
+//! ------------------------------------------------------------------------
+//! mm-core                   Host/Guest, Mm flags and lock, Mm::zap_range
+//!                           (with the caller's `&MmState`: the lock proof)
+//! ```
+//!
+//! One file (~650 lines): each layer calls only the one below it, and
+//! nothing here depends on mm-ksm.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
