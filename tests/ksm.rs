@@ -943,3 +943,34 @@ fn test_mm_madvise_unmergeable_mid_walk_keeps_contents() {
     k.scan_step_blocking();
     a_keeps_its_pages(&k, &a, a_addr, b);
 }
+
+/// One `Ksm` per mm, one host per `Ksm` (the first enter binds it);
+/// entering twice is one slot.
+#[test]
+fn test_one_ksm_per_mm_and_one_host_per_ksm() {
+    let _serial = common::serial();
+    let (h1, h2) = (Host::with_budget(64 << 20), Host::with_budget(64 << 20));
+    let (k1, k2) = (ksm(64), ksm(64));
+    let a = h1.new_mm("a");
+    let b = h2.new_mm("b");
+    let a2 = h1.new_mm("a2");
+    k1.enter(&a).unwrap();
+    k1.enter(&a).unwrap();
+    assert_eq!(k1.stats().mm_slots, 1, "entering twice is one slot");
+    assert!(matches!(
+        k2.enter(&a),
+        Err(guestmm::ksm::Error::OtherKsm { mm_id }) if mm_id == a.id()
+    ));
+    assert!(matches!(
+        k1.enter(&b),
+        Err(guestmm::ksm::Error::OtherHost { mm_id }) if mm_id == b.id()
+    ));
+    // k2's refused enter bound nothing: it takes host 2, then refuses host 1.
+    k2.enter(&b).unwrap();
+    assert!(matches!(
+        k2.enter(&a2),
+        Err(guestmm::ksm::Error::OtherHost { .. })
+    ));
+    k1.enter(&a2).unwrap();
+    assert_eq!((k1.stats().mm_slots, k2.stats().mm_slots), (2, 1));
+}

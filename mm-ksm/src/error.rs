@@ -24,6 +24,20 @@ pub enum Error {
         #[source]
         source: mm_core::Error,
     },
+    /// The mm belongs to another host than the mms this `Ksm` serves
+    /// (stable pages are charged to one host's budget).
+    #[error("mm {mm_id} belongs to another host than this ksm's")]
+    OtherHost {
+        /// Id of the address space.
+        mm_id: u64,
+    },
+    /// Another `Ksm` instance already holds this mm (one scanner per mm:
+    /// two would each take the other's merged pages for unrecorded ones).
+    #[error("mm {mm_id} is already registered with another ksm")]
+    OtherKsm {
+        /// Id of the address space.
+        mm_id: u64,
+    },
     /// The stable-page store (the KSM memfd) could not be created or used.
     #[error("ksm stable store: {source}")]
     Store {

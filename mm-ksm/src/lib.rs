@@ -232,6 +232,11 @@ pub(crate) struct Inner {
     /// Wakes the scan loop (knob changes, first slot, stop).
     pub(crate) wake: Event,
     pub(crate) stop: AtomicBool,
+    /// The budget of the host whose mms this instance serves, bound by the
+    /// first `enter`: stable pages are charged to one host's budget, so
+    /// merging across hosts would leave one host charged for pages only
+    /// the other maps.
+    pub(crate) host_budget: std::sync::OnceLock<Arc<mm_core::Budget>>,
 }
 
 /// The KSM scanner (ksmd) and its registry. Cheap to clone; run it with
@@ -275,14 +280,19 @@ impl Ksm {
                 hooked: DashMap::new(),
                 wake: Event::new(),
                 stop: AtomicBool::new(false),
+                host_budget: std::sync::OnceLock::new(),
             }),
         })
     }
 
-    /// `__ksm_enter`: registers `mm` (idempotent). The slot pins the mm
-    /// struct with a grab (never a user); `VM_MERGEABLE` is set and the
-    /// `ksm_exit` hook registered, once per mm: an mm whose slot the scanner
-    /// freed and that enters again keeps its one hook.
+    /// `__ksm_enter`: registers `mm` (idempotent: entering twice is one
+    /// slot, one hook). The slot pins the mm struct with a grab (never a
+    /// user); `VM_MERGEABLE` is set and the `ksm_exit` hook registered, once
+    /// per mm: an mm whose slot the scanner freed and that enters again
+    /// keeps its one hook. One `Ksm` serves the mms of one [`Host`]
+    /// (mm_core::Host; the first `enter` binds it): an mm of another host
+    /// is [`Error::OtherHost`], and an mm another `Ksm` already holds is
+    /// [`Error::OtherKsm`].
     pub fn enter(&self, mm: &MmUser) -> Result<()> {
         slots::enter(&self.inner, mm, self.run_mode())
     }

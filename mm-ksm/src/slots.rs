@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use mm_core::{sched, BoxFuture, ExitHook, Mm, MmFlag, MmGrab, MmUser};
 
 use crate::types::MmId;
-use crate::{Inner, Result, Run};
+use crate::{Error, Inner, Result, Run};
 
 /// One registered mm (`ksm_mm_slot`).
 pub(crate) struct Slot {
@@ -83,6 +83,21 @@ pub(crate) fn enter(inner: &Arc<Inner>, mm: &MmUser, run: Run) -> Result<()> {
         if inner.slots.contains_key(&id) {
             return Ok(());
         }
+        // The host is bound by the first successful enter, under the list
+        // lock (so two first enters cannot bind two hosts).
+        if let Some(b) = inner.host_budget.get() {
+            if !Arc::ptr_eq(b, mm.budget()) {
+                return Err(Error::OtherHost { mm_id: id.0 });
+            }
+        }
+        // Under our list lock: our scanner clears the flag only under it
+        // (when it frees our slot), so a flag set while we hold no slot is
+        // another Ksm's. Tested and set at once: two instances racing to
+        // enter cannot both win.
+        if mm.flags().test_and_set(MmFlag::VM_MERGEABLE) {
+            return Err(Error::OtherKsm { mm_id: id.0 });
+        }
+        let _ = inner.host_budget.set(mm.budget().clone());
         needs_hook = inner.hooked.insert(id, ()).is_none();
         let slot = Arc::new(Slot {
             mm: mm.grab(),
@@ -101,11 +116,10 @@ pub(crate) fn enter(inner: &Arc<Inner>, mm: &MmUser, run: Run) -> Result<()> {
             (_, Some(c)) => c,
         };
         list.order.insert(at, slot);
-        // Under the list lock: the scanner clears it under the same lock
-        // when it frees a slot (scan::leave_slot), so the two cannot
-        // interleave into a slot without the flag (ksm_exit would skip it
-        // and its grab would leak).
-        mm.flags().set(MmFlag::VM_MERGEABLE);
+        // VM_MERGEABLE was set above, under the list lock: the scanner
+        // clears it under the same lock when it frees a slot
+        // (scan::leave_slot), so the two cannot interleave into a slot
+        // without the flag (ksm_exit would skip it and its grab would leak).
     }
     if needs_hook {
         mm.add_exit_hook(Arc::new(KsmExitHook(Arc::downgrade(inner))));
