@@ -485,3 +485,56 @@ fn test_killed_guest_cannot_map_or_write_but_can_read_and_free() {
     drop(mm);
     g.exit_blocking();
 }
+
+/// A kill hook that panics.
+struct PanickingHook;
+impl guestmm::Kill for PanickingHook {
+    fn kill(&self, _: &Guest) {
+        panic!("the embedder's kill hook panicked");
+    }
+}
+
+/// The OOM killer runs on the userfaultfd handler of the guest that needs
+/// memory; a victim whose kill hook panics must not take that handler (and
+/// with it the faulting guest's tracking) down: the panic is caught and
+/// counted, the kill stands, the victim is reaped, the fault is served.
+#[test]
+fn test_panicking_kill_hook_is_contained() {
+    let _s = serial();
+    let host = Host::new(HostConfig {
+        oom_wait: Duration::from_secs(20),
+        ..HostConfig::with_budget(16 * MIB)
+    });
+    let reaper = fast_reaper(&host);
+    let thread = reaper.spawn().expect("oom_reaper thread");
+    let (victim, _) = guest_with(&host, "victim", 12 * MIB);
+    victim.set_kill_hook(Arc::new(PanickingHook));
+    let g = host.create_guest("toucher");
+    let mm = g.mm().unwrap();
+    let a = mm
+        .mmap_blocking(MapOptions::anon(8 * MIB).tracked(true))
+        .unwrap();
+    let p = mm.find_vma_blocking(a).unwrap().host_ptr() as usize;
+    // Direct touches: the handler charges them and, over budget, runs the
+    // OOM killer, which kills the victim and calls its hook.
+    std::thread::spawn(move || {
+        for i in 0..(8 * MIB / 4096) as usize {
+            // SAFETY: inside the tracked mapping, alive while `mm` is.
+            unsafe { ((p + i * 4096) as *mut u8).write_volatile(1) };
+        }
+    })
+    .join()
+    .expect("toucher");
+    let s = host.oom_stats();
+    assert_eq!((s.kills, s.kill_hook_panics), (1, 1), "{s:?}");
+    assert!(victim.is_dying());
+    let t = mm.tracked_stats().unwrap();
+    assert!(t.handler_alive, "{t:?}");
+    assert!(t.pages_faulted >= 8 * MIB / 4096, "{t:?}");
+    wait_until("the reap", || reaper.stats().reaped == 1);
+    drop(mm);
+    g.exit_blocking();
+    victim.exit_blocking();
+    thread.stop();
+    assert_eq!(host.stats().charged_bytes, 0);
+}

@@ -348,6 +348,11 @@ impl Guest {
         self.inner.mm_id
     }
 
+    /// The host, while it lives.
+    pub(crate) fn host_inner(&self) -> Option<Arc<HostInner>> {
+        self.inner.host.upgrade()
+    }
+
     /// A user reference to the guest's address space (`get_task_mm`), or
     /// `Exited` once the guest has passed `exit`.
     pub fn mm(&self) -> Result<MmUser> {

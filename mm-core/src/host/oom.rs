@@ -31,7 +31,10 @@ use crate::sys::PAGE_SIZE;
 
 /// The embedder's way to kill a guest: stop its vCPUs, trap the wasm
 /// instance. Called with `oom_lock` held; must not block on the guest (its
-/// mmap lock, its threads).
+/// mmap lock, its threads). A panic in it is caught and logged (and counted
+/// in `OomStats::kill_hook_panics`): the kill stands, and the thread that
+/// ran the OOM killer (a userfaultfd handler serving another guest's
+/// fault, an allocation) goes on.
 pub trait Kill: Send + Sync {
     /// Deliver the kill.
     fn kill(&self, guest: &Guest);
@@ -76,6 +79,8 @@ pub struct OomStats {
     pub second_kills: u64,
     /// Marked victims that have not finished their own exit.
     pub victims_running: usize,
+    /// Kill hooks that panicked (caught; the kill stood).
+    pub kill_hook_panics: u64,
 }
 
 #[derive(Default)]
@@ -90,6 +95,7 @@ pub(crate) struct OomState {
     kills: AtomicU64,
     aborted: AtomicU64,
     second_kills: AtomicU64,
+    kill_hook_panics: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -132,7 +138,14 @@ impl Guest {
             }
             let hook = lock(&self.inner().kill_hook).clone();
             if let Some(h) = hook {
-                h.kill(self);
+                let hook_ran =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| h.kill(self)));
+                if hook_ran.is_err() {
+                    if let Some(h) = self.host_inner() {
+                        h.oom.kill_hook_panics.fetch_add(1, Ordering::Relaxed);
+                    }
+                    tracing::error!(target: "mm_core::oom", guest = self.id(), "the kill hook panicked; the guest is marked killed all the same");
+                }
             }
         }
     }
@@ -167,6 +180,7 @@ impl Host {
             aborted: o.aborted.load(Ordering::Relaxed),
             second_kills: o.second_kills.load(Ordering::Relaxed),
             victims_running: *lock(&o.victims),
+            kill_hook_panics: o.kill_hook_panics.load(Ordering::Relaxed),
         }
     }
 
