@@ -517,3 +517,73 @@ fn mergeable_advice_that_cannot_be_honoured_is_an_error_child() {
     assert!(!v.flags().contains(guestmm::VmFlags::MERGEABLE));
     assert_eq!(guestmm::core::ksm::wp_failures(&mm), 1);
 }
+
+/// Issue 11 §2: a reaped guest's worker touches its tracked RAM after the
+/// reap. Without containment the SIGBUS kills the process (and every other
+/// guest in it); with `contain::install` only that thread stops.
+#[test]
+fn reaped_guest_touch_is_contained_to_its_thread() {
+    child_passes("reaped_guest_touch_is_contained_to_its_thread_child");
+}
+
+static CALLBACK_ADDR: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+fn note_fault(addr: usize) {
+    // Async-signal-safe: one atomic store.
+    CALLBACK_ADDR.store(addr, std::sync::atomic::Ordering::SeqCst);
+}
+
+#[test]
+fn reaped_guest_touch_is_contained_to_its_thread_child() {
+    if !in_child("reaped_guest_touch_is_contained_to_its_thread_child") {
+        return;
+    }
+    use guestmm::contain;
+    let host = Host::with_budget(64 * MIB);
+    let (victim, other) = (host.create_guest("victim"), host.create_guest("other"));
+    let vm = victim.mm().unwrap();
+    if !vm
+        .mmap_blocking(MapOptions::anon(MIB).tracked(true))
+        .map(|_| vm.tracked_stats().unwrap().poison)
+        .unwrap()
+    {
+        eprintln!("skipped: no UFFDIO_POISON (a reaped touch blocks instead of SIGBUS)");
+        return;
+    }
+    contain::install(Some(note_fault)).unwrap();
+    assert!(matches!(
+        contain::install(None),
+        Err(Error::InvalidArgument { .. })
+    ));
+    let va = vm.vmas_blocking()[0].start();
+    vm.fill_blocking(va, MIB, 0x77).unwrap();
+    let om = other.mm().unwrap();
+    let oa = om
+        .mmap_blocking(MapOptions::anon(MIB).tracked(true))
+        .unwrap();
+    om.fill_blocking(oa, MIB, 0x42).unwrap();
+    // The victim is killed and reaped while its worker still holds a user.
+    victim.kill();
+    let r = guestmm::reaper::mrelease_blocking(&host, victim.id()).unwrap();
+    assert!(matches!(r, guestmm::reaper::MreleaseOutcome::Reaped { .. }));
+    let p = vm.find_vma_blocking(va).unwrap().host_ptr() as usize;
+    let worker = std::thread::spawn(move || {
+        // SAFETY: the mapping is alive (`vm` holds a user); the reaped page
+        // is poisoned, so this read takes SIGBUS.
+        let b = unsafe { ((p + 4096) as *const u8).read_volatile() };
+        panic!("read {b:#x} from a reaped page");
+    });
+    wait_until("the contained fault", || contain::contained() == 1);
+    assert_eq!(
+        CALLBACK_ADDR.load(std::sync::atomic::Ordering::SeqCst),
+        p + 4096
+    );
+    assert!(!worker.is_finished(), "the faulting thread is parked");
+    // The process and the other guest are intact.
+    let mut buf = vec![0u8; MIB as usize];
+    om.read_blocking(oa, &mut buf).unwrap();
+    assert!(buf.iter().all(|b| *b == 0x42));
+    assert!(other.is_alive());
+    // The parked thread cannot be joined: end the child here, successfully.
+    std::process::exit(0);
+}

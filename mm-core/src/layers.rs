@@ -26,6 +26,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("pgtable", 0),
     ("sys", 0),
     ("uffd", 0),
+    ("contain", 0),
     ("clock", 0),
     ("flags", 0),
     ("error", 0),

@@ -57,6 +57,8 @@
 //!         pgtable.rs   4-level page table, PTE locks
 //!         sys.rs       host syscalls (all the raw-memory unsafe)
 //!         uffd.rs      userfaultfd backend
+//!         contain.rs   the opt-in SIGBUS containment handler and its
+//!                      lock-free table of poisoned ranges
 //!         clock.rs flags.rs error.rs sched.rs procfs.rs
 //! ```
 //!
@@ -139,6 +141,7 @@
 
 mod budget;
 mod clock;
+pub mod contain;
 mod error;
 mod exit;
 mod flags;

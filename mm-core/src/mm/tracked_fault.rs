@@ -297,6 +297,12 @@ impl Mm {
     /// rather than read zeros, until teardown unregisters the range.
     fn poison_fault(&self, t: &Tracker, addr: usize) -> Outcome {
         if t.poison {
+            // Before the SIGBUS exists: a containment handler that sees it
+            // finds the range (`contain`), so the faulter, not the
+            // process, pays for touching a reaped guest.
+            if let Some((start, r)) = t.lookup(addr) {
+                crate::contain::register(start, r.host_end);
+            }
             match t.with_uffd(|u| u.poison(addr, PAGE_SIZE)) {
                 Ok(Fill::Done) => {
                     t.counters.pages_poisoned.fetch_add(1, Ordering::Relaxed);

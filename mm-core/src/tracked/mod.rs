@@ -426,6 +426,8 @@ impl Tracker {
     /// or fails with ENOENT), a region's drop, and exit_mmap.
     pub(crate) fn forget(&self, start: usize, end: usize) {
         self.forget_registry(start, end);
+        // Before the range can be unmapped and reused by another mapping.
+        crate::contain::unregister_overlapping(start, end);
         // Unregistering wakes every thread blocked in the range; they
         // refault and the kernel serves them (or SIGSEGV: munmap makes the
         // range PROT_NONE). A dead tracker has nothing registered.
