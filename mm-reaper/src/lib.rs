@@ -13,7 +13,7 @@
 //!    victim's exit can walk its robust futex list first), an mm that
 //!    already has `OOM_SKIP` is dropped ("managed to terminate on its own");
 //!    otherwise it goes on the head of a LIFO list.
-//! 3. **Reap** ([`oom_reap_task`]): up to `max_retries` attempts,
+//! 3. **Reap** (`oom_reap_task`): up to `max_retries` attempts,
 //!    `retry_interval` apart, of [`oom_reap_task_mm`]:
 //!    `try_read` the mmap lock (never wait for the victim, who may hold it
 //!    forever), then check `OOM_SKIP` **under** the read lock (exit_mmap
