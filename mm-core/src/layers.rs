@@ -27,6 +27,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("sys", 0),
     ("uffd", 0),
     ("clock", 0),
+    ("counters", 0),
     ("flags", 0),
     ("error", 0),
     ("sched", 0),

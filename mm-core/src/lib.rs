@@ -57,6 +57,7 @@
 //!         pgtable.rs   4-level page table, PTE locks
 //!         sys.rs       host syscalls (all the raw-memory unsafe)
 //!         uffd.rs      userfaultfd backend
+//!         counters.rs  counters!: AtomicU64 counters + their snapshot
 //!         clock.rs flags.rs error.rs sched.rs procfs.rs
 //! ```
 //!
@@ -139,6 +140,7 @@
 
 mod budget;
 mod clock;
+mod counters;
 mod error;
 mod exit;
 mod flags;

@@ -107,6 +107,8 @@ mod error;
 mod scan;
 mod slots;
 mod stats;
+#[cfg(test)]
+mod test_util;
 mod types;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
@@ -454,33 +456,18 @@ impl Ksm {
 
     /// Counters (lock-free; each is exact, together they may be one batch apart).
     pub fn stats(&self) -> KsmStats {
-        let c = &self.inner.counters;
-        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let (shared, sharing, unshared, items, zero) = (
-            l(&c.pages_shared),
-            l(&c.pages_sharing),
-            l(&c.pages_unshared),
-            l(&c.rmap_items),
-            l(&c.ksm_zero_pages),
+        let mut s = self.inner.counters.snapshot(KsmStats::default());
+        let (shared, sharing, items, zero) = (
+            s.pages_shared,
+            s.pages_sharing,
+            s.rmap_items,
+            s.ksm_zero_pages,
         );
-        KsmStats {
-            pages_shared: shared,
-            pages_sharing: sharing,
-            pages_unshared: unshared,
-            pages_volatile: items.saturating_sub(shared + sharing + unshared),
-            pages_scanned: l(&c.pages_scanned),
-            pages_skipped: l(&c.pages_skipped),
-            full_scans: l(&c.full_scans),
-            ksm_zero_pages: zero,
-            general_profit: ((sharing + zero) * mm_core::PAGE_SIZE as u64) as i64
-                - (items * scan::RMAP_ITEM_BYTES) as i64,
-            rmap_items: items,
-            mm_slots: self.inner.slots.len() as u64,
-            map_limit_hits: l(&c.map_limit_hits),
-            stable_pages_freed: l(&c.stable_pages_freed),
-            slots_freed_by_exit: l(&c.slots_freed_by_exit),
-            slots_freed_by_scanner: l(&c.slots_freed_by_scanner),
-        }
+        s.pages_volatile = items.saturating_sub(shared + sharing + s.pages_unshared);
+        s.general_profit = ((sharing + zero) * mm_core::PAGE_SIZE as u64) as i64
+            - (items * scan::RMAP_ITEM_BYTES) as i64;
+        s.mm_slots = self.inner.slots.len() as u64;
+        s
     }
 
     /// Per-guest counters of a registered mm.

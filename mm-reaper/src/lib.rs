@@ -31,7 +31,7 @@
 //! read lock in an interruptible way, re-checking `OOM_SKIP` under it.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -111,17 +111,11 @@ pub struct ReaperStats {
     pub last_reap_us: u64,
 }
 
-#[derive(Default)]
-struct Counters {
-    queued: AtomicU64,
-    exited_before_reap: AtomicU64,
-    reaped: AtomicU64,
-    gave_up: AtomicU64,
-    skipped: AtomicU64,
-    contended: AtomicU64,
-    partial: AtomicU64,
-    pages_reaped: AtomicU64,
-    last_reap_us: AtomicU64,
+mm_core::counters! {
+    struct Counters -> ReaperStats {
+        queued, exited_before_reap, reaped, gave_up, skipped, contended,
+        partial, pages_reaped, last_reap_us,
+    }
 }
 
 struct Entry {
@@ -206,19 +200,7 @@ impl Reaper {
 
     /// Counters.
     pub fn stats(&self) -> ReaperStats {
-        let s = &self.inner.stats;
-        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        ReaperStats {
-            queued: l(&s.queued),
-            exited_before_reap: l(&s.exited_before_reap),
-            reaped: l(&s.reaped),
-            gave_up: l(&s.gave_up),
-            skipped: l(&s.skipped),
-            contended: l(&s.contended),
-            partial: l(&s.partial),
-            pages_reaped: l(&s.pages_reaped),
-            last_reap_us: l(&s.last_reap_us),
-        }
+        self.inner.stats.snapshot(ReaperStats::default())
     }
 
     /// Entries queued or waiting for their delay.

@@ -251,19 +251,18 @@ pub(super) async fn merge_pending(inner: &Inner, sc: &mut Scanner, pending: Vec<
 
 #[cfg(test)]
 mod tests {
-    use mm_core::{Host, MapOptions};
+    use mm_core::MapOptions;
 
     use super::*;
     use crate::scan::SlotItems;
+    use crate::test_util::host_and_ksm;
     use crate::types::PAGE;
-    use crate::{Ksm, KsmConfig};
 
     /// The stable ids of a pair run whose merge did not happen (the page
     /// changed) are released, not left allocated.
     #[test]
     fn test_unused_stable_ids_released() {
-        let host = Host::with_budget(64 << 20);
-        let k = Ksm::new(KsmConfig::default()).unwrap();
+        let (host, k) = host_and_ksm();
         let mm = host.new_mm("c");
         let addr = mm
             .mmap_blocking(MapOptions::anon(4 * PAGE).tracked(true))
