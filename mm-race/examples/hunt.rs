@@ -14,15 +14,11 @@ use mm_race::cli::{random_bytes, xorshift, HuntArgs};
 use mm_race::run;
 
 fn main() {
-    let HuntArgs {
-        target,
-        secs,
-        state: mut x,
-        rest,
-    } = HuntArgs::from_env("hunt TARGET SECONDS SEED");
+    let args = HuntArgs::from_env("hunt TARGET SECONDS SEED");
+    let mut x = args.state;
     let t0 = Instant::now();
     let mut runs = 0u64;
-    while t0.elapsed().as_secs_f64() < secs {
+    while t0.elapsed().as_secs_f64() < args.secs {
         // Lengths from 0: a short input runs the default schedule after a
         // mostly-default setup, which found a deadlock that longer random
         // inputs never did. The state steps once per input here too: an
@@ -30,9 +26,9 @@ fn main() {
         let len = (xorshift(&mut x) % 432) as usize;
         let data = random_bytes(&mut x, len);
         runs += 1;
-        if let Some(f) = run(target, &data) {
+        if let Some(f) = run(args.target, &data) {
             eprintln!("{f}");
-            if let Some(path) = rest.first() {
+            if let Some(path) = args.rest.first() {
                 if let Err(e) = std::fs::write(path, &data) {
                     eprintln!("hunt: writing {path}: {e}");
                 }
@@ -44,5 +40,5 @@ fn main() {
             return;
         }
     }
-    println!("found=0 after_s={secs:.3} runs={runs}");
+    println!("found=0 after_s={:.3} runs={runs}", args.secs);
 }

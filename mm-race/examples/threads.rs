@@ -15,23 +15,23 @@ use mm_race::cli::{random_bytes, HuntArgs};
 use mm_race::{run_mode, Mode};
 
 fn main() {
-    let HuntArgs {
-        target,
-        secs,
-        state: mut x,
-        rest,
-    } = HuntArgs::from_env("threads TARGET SECONDS SEED [TIMEOUT_MS]");
-    let timeout_ms: u64 = rest.first().and_then(|s| s.parse().ok()).unwrap_or(2000);
+    let args = HuntArgs::from_env("threads TARGET SECONDS SEED [TIMEOUT_MS]");
+    let mut x = args.state;
+    let timeout_ms: u64 = args
+        .rest
+        .first()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2000);
     let mode = Mode::Threads {
         timeout: Duration::from_millis(timeout_ms),
     };
     let t0 = Instant::now();
     let mut runs = 0u64;
-    while t0.elapsed().as_secs_f64() < secs {
+    while t0.elapsed().as_secs_f64() < args.secs {
         let len = 32 + (x % 400) as usize;
         let data = random_bytes(&mut x, len);
         runs += 1;
-        if let Some(f) = run_mode(target, &data, &mode) {
+        if let Some(f) = run_mode(args.target, &data, &mode) {
             eprintln!("{f}");
             let what = f.invariant.replace(char::is_whitespace, "_");
             println!(
@@ -41,5 +41,5 @@ fn main() {
             return;
         }
     }
-    println!("found=0 after_s={secs:.3} runs={runs} invariant=-");
+    println!("found=0 after_s={:.3} runs={runs} invariant=-", args.secs);
 }
