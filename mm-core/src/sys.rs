@@ -366,47 +366,42 @@ pub(crate) fn memfd_sized(name: &str, len: u64) -> io::Result<OwnedFd> {
 
 /// `pwrite` of the host pages `src` into `fd` at byte offset `off`.
 pub(crate) fn write_pages_to(fd: &OwnedFd, src: HostRange, off: u64) -> io::Result<()> {
-    let mut done = 0usize;
-    while done < src.len() {
-        let at = libc::off_t::try_from(off + done as u64)
-            .map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+    io_all(src.len(), off, |done, at| {
         // SAFETY: `src` lies inside a live mapping we own (HostRange
         // invariant) and is readable (the caller maps it readable); the
         // kernel only reads from it. `done < src.len()` keeps the pointer
         // and length in bounds.
-        let n = unsafe {
+        unsafe {
             libc::pwrite(
                 fd.as_raw_fd(),
                 src.ptr().add(done).cast(),
                 src.len() - done,
                 at,
             )
-        };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
         }
-        if n == 0 {
-            return Err(io::Error::from_raw_os_error(libc::EIO));
-        }
-        done += n as usize;
-    }
-    Ok(())
+    })
 }
 
 /// `pread` of `dst.len()` bytes of `fd` at byte offset `off` (a hole reads
 /// as zeros).
 pub(crate) fn read_from(fd: &OwnedFd, dst: &mut [u8], off: u64) -> io::Result<()> {
-    let mut done = 0usize;
-    while done < dst.len() {
-        let at = libc::off_t::try_from(off + done as u64)
-            .map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+    io_all(dst.len(), off, |done, at| {
         let rest = &mut dst[done..];
         // SAFETY: `rest` is a live, writable Rust buffer of `rest.len()` bytes.
-        let n = unsafe { libc::pread(fd.as_raw_fd(), rest.as_mut_ptr().cast(), rest.len(), at) };
+        unsafe { libc::pread(fd.as_raw_fd(), rest.as_mut_ptr().cast(), rest.len(), at) }
+    })
+}
+
+/// The loop of a positioned read or write of `len` bytes at file offset
+/// `off`: `op(done, at)` moves the bytes from `done` on at offset `at` and
+/// returns the syscall's result; retried on `EINTR`, `EIO` if it moves
+/// nothing, `EFBIG` past `off_t`.
+fn io_all(len: usize, off: u64, mut op: impl FnMut(usize, libc::off_t) -> isize) -> io::Result<()> {
+    let mut done = 0usize;
+    while done < len {
+        let at = libc::off_t::try_from(off + done as u64)
+            .map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+        let n = op(done, at);
         if n < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
