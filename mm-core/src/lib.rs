@@ -58,6 +58,7 @@
 //!         sys.rs       host syscalls (all the raw-memory unsafe)
 //!         uffd.rs      userfaultfd backend
 //!         counters.rs  counters!: AtomicU64 counters + their snapshot
+//!         loop_thread.rs LoopThread: a service loop's thread, joined on drop
 //!         clock.rs flags.rs error.rs sched.rs procfs.rs
 //! ```
 //!
@@ -146,6 +147,7 @@ mod exit;
 mod flags;
 mod host;
 pub mod ksm;
+mod loop_thread;
 mod mm;
 pub mod mmap_lock;
 pub mod pgtable;
@@ -165,6 +167,7 @@ pub use host::{
     Guest, Host, HostConfig, HostStats, Kill, OomOutcome, OomReaperQueue, OomStats, Reclaim,
 };
 pub use ksm::{KsmMerge, KsmMm, KsmPage, MergeRun, StableStore};
+pub use loop_thread::{LoopThread, StopLoop};
 pub use mm::{
     Advice, ExitHook, MapKind, MapOptions, Mm, MmConfig, MmGrab, MmNotifier, MmState, MmUser,
     MmWatch, WouldBlock, ZapReason,

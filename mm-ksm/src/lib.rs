@@ -118,7 +118,10 @@ use std::time::Duration;
 use dashmap::DashMap;
 use event_listener::Event;
 use futures_lite::future;
-use mm_core::{sched, Advice, Clock, KsmMm, MmFlag, MmUser, StableStore, SystemClock, VmFlags};
+use mm_core::{
+    sched, Advice, Clock, KsmMm, LoopThread, MmFlag, MmUser, StableStore, StopLoop, SystemClock,
+    VmFlags,
+};
 
 pub use error::{Error, Result};
 pub use stats::{KsmProcessStat, KsmStats};
@@ -442,10 +445,7 @@ impl Ksm {
         let handle = std::thread::Builder::new()
             .name("ksmd".into())
             .spawn(move || future::block_on(k.run()))?;
-        Ok(KsmThread {
-            ksm: self.clone(),
-            handle: Some(handle),
-        })
+        Ok(KsmThread(LoopThread::new(self.clone(), handle)))
     }
 
     /// Asks [`run`](Self::run) to return.
@@ -509,28 +509,18 @@ fn check_max_page_sharing(n: u64) -> Result<()> {
 
 /// A running [`Ksm::spawn`] thread; stopped and joined on drop.
 #[derive(Debug)]
-pub struct KsmThread {
-    ksm: Ksm,
-    handle: Option<std::thread::JoinHandle<()>>,
-}
+pub struct KsmThread(LoopThread<Ksm>);
 
 impl KsmThread {
     /// Stops the loop and joins the thread.
-    pub fn stop(mut self) {
-        self.join();
-    }
-
-    fn join(&mut self) {
-        self.ksm.stop();
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
+    pub fn stop(self) {
+        self.0.stop();
     }
 }
 
-impl Drop for KsmThread {
-    fn drop(&mut self) {
-        self.join();
+impl StopLoop for Ksm {
+    fn stop_loop(&self) {
+        self.stop();
     }
 }
 

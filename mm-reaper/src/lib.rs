@@ -38,7 +38,8 @@ use std::time::{Duration, Instant};
 use event_listener::Event;
 use futures_lite::future;
 use mm_core::{
-    Clock, Guest, Host, Mm, MmFlag, MmGrab, MmState, OomReaperQueue, SystemClock, ZapReason,
+    Clock, Guest, Host, LoopThread, Mm, MmFlag, MmGrab, MmState, OomReaperQueue, StopLoop,
+    SystemClock, ZapReason,
 };
 
 /// Reaper settings.
@@ -229,10 +230,7 @@ impl Reaper {
             .name("oom_reaper".into())
             .spawn(move || future::block_on(me.run()))
         {
-            Ok(handle) => Ok(ReaperThread {
-                reaper: self.clone(),
-                handle: Some(handle),
-            }),
+            Ok(handle) => Ok(ReaperThread(LoopThread::new(self.clone(), handle))),
             Err(e) => {
                 self.inner.spawned.store(false, Ordering::SeqCst);
                 Err(SpawnError::Thread(e))
@@ -295,29 +293,23 @@ impl Reaper {
 
 /// A reaper running on its own thread; stops and joins on drop.
 #[derive(Debug)]
-pub struct ReaperThread {
-    reaper: Reaper,
-    handle: Option<std::thread::JoinHandle<()>>,
-}
+pub struct ReaperThread(LoopThread<Reaper>);
 
 impl ReaperThread {
     /// Stops the thread and waits for it.
-    pub fn stop(mut self) {
-        self.join();
-    }
-
-    fn join(&mut self) {
-        self.reaper.stop();
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-            self.reaper.inner.spawned.store(false, Ordering::SeqCst);
-        }
+    pub fn stop(self) {
+        self.0.stop();
     }
 }
 
-impl Drop for ReaperThread {
-    fn drop(&mut self) {
-        self.join();
+impl StopLoop for Reaper {
+    fn stop_loop(&self) {
+        self.stop();
+    }
+
+    /// [`Reaper::spawn`] may start a thread again.
+    fn joined(&self) {
+        self.inner.spawned.store(false, Ordering::SeqCst);
     }
 }
 
