@@ -140,19 +140,7 @@ pub(crate) fn map_memfd(
     align: usize,
     prot: (bool, bool, bool),
 ) -> io::Result<(NonNull<u8>, OwnedFd)> {
-    let cname = std::ffi::CString::new(name.replace('\0', "_"))
-        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    // SAFETY: `cname` is a valid NUL-terminated string for the whole call.
-    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let off_len =
-        libc::off_t::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
-    // SAFETY: plain syscall on a valid fd.
-    check(unsafe { libc::ftruncate(fd.as_raw_fd(), off_len) })?;
+    let fd = memfd_sized(name, len as u64)?;
     let base = reserve_aligned(len, align)?;
     // SAFETY: MAP_FIXED over our own unpublished reserve; `fd` is valid.
     let raw = unsafe {
