@@ -111,26 +111,13 @@ pub(crate) fn map_anon(
     align: usize,
     prot: (bool, bool, bool),
 ) -> io::Result<NonNull<u8>> {
-    let base = reserve_aligned(len, align)?;
-    // SAFETY: MAP_FIXED over the reserve we own exclusively (created above,
-    // not yet published), so nothing else can be replaced.
-    let raw = unsafe {
-        libc::mmap(
-            base.as_ptr().cast(),
-            len,
-            prot_bits(prot.0, prot.1, prot.2),
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
-            -1,
-            0,
-        )
-    };
-    if raw == libc::MAP_FAILED {
-        let err = io::Error::last_os_error();
-        // SAFETY: the reserve is still ours; release it on the error path.
-        unsafe { libc::munmap(base.as_ptr().cast(), len) };
-        return Err(err);
-    }
-    Ok(base)
+    map_aligned(
+        len,
+        align,
+        prot,
+        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+        -1,
+    )
 }
 
 /// Creates a memfd of `len` bytes and maps it shared, aligned to `align`.
@@ -141,15 +128,31 @@ pub(crate) fn map_memfd(
     prot: (bool, bool, bool),
 ) -> io::Result<(NonNull<u8>, OwnedFd)> {
     let fd = memfd_sized(name, len as u64)?;
+    let base = map_aligned(len, align, prot, libc::MAP_SHARED, fd.as_raw_fd())?;
+    Ok((base, fd))
+}
+
+/// `mmap` of `len` bytes with `flags | MAP_FIXED` (and `fd`, offset 0)
+/// over a fresh reserve aligned to `align`; the reserve is released if
+/// that fails.
+fn map_aligned(
+    len: usize,
+    align: usize,
+    prot: (bool, bool, bool),
+    flags: libc::c_int,
+    fd: libc::c_int,
+) -> io::Result<NonNull<u8>> {
     let base = reserve_aligned(len, align)?;
-    // SAFETY: MAP_FIXED over our own unpublished reserve; `fd` is valid.
+    // SAFETY: MAP_FIXED over the reserve we own exclusively (created above,
+    // not yet published), so nothing else can be replaced; `fd` is -1 or
+    // a valid descriptor of the caller's.
     let raw = unsafe {
         libc::mmap(
             base.as_ptr().cast(),
             len,
             prot_bits(prot.0, prot.1, prot.2),
-            libc::MAP_SHARED | libc::MAP_FIXED,
-            fd.as_raw_fd(),
+            flags | libc::MAP_FIXED,
+            fd,
             0,
         )
     };
@@ -159,7 +162,7 @@ pub(crate) fn map_memfd(
         unsafe { libc::munmap(base.as_ptr().cast(), len) };
         return Err(err);
     }
-    Ok((base, fd))
+    Ok(base)
 }
 
 /// Unmaps a whole mapping.
