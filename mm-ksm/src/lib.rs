@@ -532,58 +532,31 @@ mod tests {
 
     const PAGE: u64 = PAGE_SIZE as u64;
 
+    /// `r` is `BadKnob` for `knob`, with `value` when given.
+    fn assert_bad_knob<T: std::fmt::Debug>(r: Result<T>, knob: &str, value: Option<u64>) {
+        match r {
+            Err(Error::BadKnob {
+                knob: k, value: v, ..
+            }) if k == knob && value.is_none_or(|x| x == v) => {}
+            other => panic!("want BadKnob {knob} {value:?}, got {other:?}"),
+        }
+    }
+
     #[test]
     fn test_knob_validation_errors() {
-        let e = Ksm::new(KsmConfig {
-            pages_to_scan: 0,
+        let config = |pages_to_scan, max_page_sharing| KsmConfig {
+            pages_to_scan,
+            max_page_sharing,
             ..KsmConfig::default()
-        })
-        .unwrap_err();
-        assert!(
-            matches!(
-                e,
-                Error::BadKnob {
-                    knob: "pages_to_scan",
-                    value: 0,
-                    ..
-                }
-            ),
-            "{e:?}"
-        );
-        let e = Ksm::new(KsmConfig {
-            max_page_sharing: 1,
-            ..KsmConfig::default()
-        })
-        .unwrap_err();
-        assert!(
-            matches!(
-                e,
-                Error::BadKnob {
-                    knob: "max_page_sharing",
-                    value: 1,
-                    ..
-                }
-            ),
-            "{e:?}"
-        );
+        };
+        assert_bad_knob(Ksm::new(config(0, 256)), "pages_to_scan", Some(0));
+        assert_bad_knob(Ksm::new(config(100, 1)), "max_page_sharing", Some(1));
         let k = Ksm::new(KsmConfig::default()).unwrap();
         k.set_pages_to_scan(5).unwrap();
-        assert!(matches!(
-            k.set_pages_to_scan(0),
-            Err(Error::BadKnob {
-                knob: "pages_to_scan",
-                ..
-            })
-        ));
+        assert_bad_knob(k.set_pages_to_scan(0), "pages_to_scan", None);
         assert_eq!(k.inner.pages_to_scan.load(Ordering::Relaxed), 5, "kept");
         k.set_max_page_sharing(2).unwrap();
-        assert!(matches!(
-            k.set_max_page_sharing(0),
-            Err(Error::BadKnob {
-                knob: "max_page_sharing",
-                ..
-            })
-        ));
+        assert_bad_knob(k.set_max_page_sharing(0), "max_page_sharing", None);
         assert_eq!(k.inner.max_page_sharing.load(Ordering::Relaxed), 2, "kept");
     }
 
