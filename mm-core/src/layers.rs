@@ -28,6 +28,8 @@ const LAYERS: &[(&str, u8)] = &[
     ("uffd", 0),
     ("contain", 0),
     ("clock", 0),
+    ("counters", 0),
+    ("loop_thread", 0),
     ("flags", 0),
     ("error", 0),
     ("sched", 0),

@@ -59,6 +59,8 @@
 //!         uffd.rs      userfaultfd backend
 //!         contain.rs   the opt-in SIGBUS containment handler and its
 //!                      lock-free table of poisoned ranges
+//!         counters.rs  counters!: AtomicU64 counters + their snapshot
+//!         loop_thread.rs LoopThread: a service loop's thread, joined on drop
 //!         clock.rs flags.rs error.rs sched.rs procfs.rs
 //! ```
 //!
@@ -142,11 +144,13 @@
 mod budget;
 mod clock;
 pub mod contain;
+mod counters;
 mod error;
 mod exit;
 mod flags;
 mod host;
 pub mod ksm;
+mod loop_thread;
 mod mm;
 pub mod mmap_lock;
 pub mod pgtable;
@@ -166,6 +170,7 @@ pub use host::{
     Guest, Host, HostConfig, HostStats, Kill, OomOutcome, OomReaperQueue, OomStats, Reclaim,
 };
 pub use ksm::{KsmMerge, KsmMm, KsmPage, MergeRun, StableStore};
+pub use loop_thread::{LoopThread, StopLoop};
 pub use mm::{
     Advice, ExitHook, MapKind, MapOptions, Mm, MmConfig, MmGrab, MmNotifier, MmState, MmUser,
     MmWatch, WouldBlock, ZapReason,

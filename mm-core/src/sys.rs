@@ -111,16 +111,48 @@ pub(crate) fn map_anon(
     align: usize,
     prot: (bool, bool, bool),
 ) -> io::Result<NonNull<u8>> {
+    map_aligned(
+        len,
+        align,
+        prot,
+        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+        -1,
+    )
+}
+
+/// Creates a memfd of `len` bytes and maps it shared, aligned to `align`.
+pub(crate) fn map_memfd(
+    name: &str,
+    len: usize,
+    align: usize,
+    prot: (bool, bool, bool),
+) -> io::Result<(NonNull<u8>, OwnedFd)> {
+    let fd = memfd_sized(name, len as u64)?;
+    let base = map_aligned(len, align, prot, libc::MAP_SHARED, fd.as_raw_fd())?;
+    Ok((base, fd))
+}
+
+/// `mmap` of `len` bytes with `flags | MAP_FIXED` (and `fd`, offset 0)
+/// over a fresh reserve aligned to `align`; the reserve is released if
+/// that fails.
+fn map_aligned(
+    len: usize,
+    align: usize,
+    prot: (bool, bool, bool),
+    flags: libc::c_int,
+    fd: libc::c_int,
+) -> io::Result<NonNull<u8>> {
     let base = reserve_aligned(len, align)?;
     // SAFETY: MAP_FIXED over the reserve we own exclusively (created above,
-    // not yet published), so nothing else can be replaced.
+    // not yet published), so nothing else can be replaced; `fd` is -1 or
+    // a valid descriptor of the caller's.
     let raw = unsafe {
         libc::mmap(
             base.as_ptr().cast(),
             len,
             prot_bits(prot.0, prot.1, prot.2),
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
-            -1,
+            flags | libc::MAP_FIXED,
+            fd,
             0,
         )
     };
@@ -131,47 +163,6 @@ pub(crate) fn map_anon(
         return Err(err);
     }
     Ok(base)
-}
-
-/// Creates a memfd of `len` bytes and maps it shared, aligned to `align`.
-pub(crate) fn map_memfd(
-    name: &str,
-    len: usize,
-    align: usize,
-    prot: (bool, bool, bool),
-) -> io::Result<(NonNull<u8>, OwnedFd)> {
-    let cname = std::ffi::CString::new(name.replace('\0', "_"))
-        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    // SAFETY: `cname` is a valid NUL-terminated string for the whole call.
-    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let off_len =
-        libc::off_t::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
-    // SAFETY: plain syscall on a valid fd.
-    check(unsafe { libc::ftruncate(fd.as_raw_fd(), off_len) })?;
-    let base = reserve_aligned(len, align)?;
-    // SAFETY: MAP_FIXED over our own unpublished reserve; `fd` is valid.
-    let raw = unsafe {
-        libc::mmap(
-            base.as_ptr().cast(),
-            len,
-            prot_bits(prot.0, prot.1, prot.2),
-            libc::MAP_SHARED | libc::MAP_FIXED,
-            fd.as_raw_fd(),
-            0,
-        )
-    };
-    if raw == libc::MAP_FAILED {
-        let err = io::Error::last_os_error();
-        // SAFETY: the reserve is still ours; release it on the error path.
-        unsafe { libc::munmap(base.as_ptr().cast(), len) };
-        return Err(err);
-    }
-    Ok((base, fd))
 }
 
 /// Unmaps a whole mapping.
@@ -366,47 +357,42 @@ pub(crate) fn memfd_sized(name: &str, len: u64) -> io::Result<OwnedFd> {
 
 /// `pwrite` of the host pages `src` into `fd` at byte offset `off`.
 pub(crate) fn write_pages_to(fd: &OwnedFd, src: HostRange, off: u64) -> io::Result<()> {
-    let mut done = 0usize;
-    while done < src.len() {
-        let at = libc::off_t::try_from(off + done as u64)
-            .map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+    io_all(src.len(), off, |done, at| {
         // SAFETY: `src` lies inside a live mapping we own (HostRange
         // invariant) and is readable (the caller maps it readable); the
         // kernel only reads from it. `done < src.len()` keeps the pointer
         // and length in bounds.
-        let n = unsafe {
+        unsafe {
             libc::pwrite(
                 fd.as_raw_fd(),
                 src.ptr().add(done).cast(),
                 src.len() - done,
                 at,
             )
-        };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
         }
-        if n == 0 {
-            return Err(io::Error::from_raw_os_error(libc::EIO));
-        }
-        done += n as usize;
-    }
-    Ok(())
+    })
 }
 
 /// `pread` of `dst.len()` bytes of `fd` at byte offset `off` (a hole reads
 /// as zeros).
 pub(crate) fn read_from(fd: &OwnedFd, dst: &mut [u8], off: u64) -> io::Result<()> {
-    let mut done = 0usize;
-    while done < dst.len() {
-        let at = libc::off_t::try_from(off + done as u64)
-            .map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+    io_all(dst.len(), off, |done, at| {
         let rest = &mut dst[done..];
         // SAFETY: `rest` is a live, writable Rust buffer of `rest.len()` bytes.
-        let n = unsafe { libc::pread(fd.as_raw_fd(), rest.as_mut_ptr().cast(), rest.len(), at) };
+        unsafe { libc::pread(fd.as_raw_fd(), rest.as_mut_ptr().cast(), rest.len(), at) }
+    })
+}
+
+/// The loop of a positioned read or write of `len` bytes at file offset
+/// `off`: `op(done, at)` moves the bytes from `done` on at offset `at` and
+/// returns the syscall's result; retried on `EINTR`, `EIO` if it moves
+/// nothing, `EFBIG` past `off_t`.
+fn io_all(len: usize, off: u64, mut op: impl FnMut(usize, libc::off_t) -> isize) -> io::Result<()> {
+    let mut done = 0usize;
+    while done < len {
+        let at = libc::off_t::try_from(off + done as u64)
+            .map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+        let n = op(done, at);
         if n < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {

@@ -49,35 +49,22 @@ const fn ioc(dir: u32, ty: u32, num: u32, size: usize) -> u32 {
 const IOC_READ_WRITE: u32 = 3;
 const IOC_NONE: u32 = 0;
 
+/// `_IOWR(UFFDIO, num, T)`: the userfaultfd ioctls.
+const fn uffdio_iowr<T>(num: u32) -> u32 {
+    ioc(IOC_READ_WRITE, uapi::UFFDIO, num, std::mem::size_of::<T>())
+}
+
 /// `UFFDIO_POISON` = `_IOWR(UFFDIO, _UFFDIO_POISON, struct uffdio_poison)`.
-const UFFDIO_POISON: u32 = ioc(
-    IOC_READ_WRITE,
-    uapi::UFFDIO,
-    uapi::_UFFDIO_POISON,
-    std::mem::size_of::<uapi::uffdio_poison>(),
-);
+const UFFDIO_POISON: u32 = uffdio_iowr::<uapi::uffdio_poison>(uapi::_UFFDIO_POISON);
 /// `UFFDIO_WRITEPROTECT_MODE_WP` (`(__u64)1 << 0` in the uapi header).
 const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1;
 /// `USERFAULTFD_IOC_NEW` = `_IO(0xAA, 0x00)` on `/dev/userfaultfd`.
 const USERFAULTFD_IOC_NEW: u32 = ioc(IOC_NONE, 0xAA, 0, 0);
 
 // The encoding above reproduces the numbers linux-raw-sys does carry.
-const _: () = assert!(
-    ioc(
-        IOC_READ_WRITE,
-        uapi::UFFDIO,
-        uapi::_UFFDIO_COPY,
-        std::mem::size_of::<uapi::uffdio_copy>()
-    ) == nr::UFFDIO_COPY
-);
-const _: () = assert!(
-    ioc(
-        IOC_READ_WRITE,
-        uapi::UFFDIO,
-        uapi::_UFFDIO_ZEROPAGE,
-        std::mem::size_of::<uapi::uffdio_zeropage>()
-    ) == nr::UFFDIO_ZEROPAGE
-);
+const _: () = assert!(uffdio_iowr::<uapi::uffdio_copy>(uapi::_UFFDIO_COPY) == nr::UFFDIO_COPY);
+const _: () =
+    assert!(uffdio_iowr::<uapi::uffdio_zeropage>(uapi::_UFFDIO_ZEROPAGE) == nr::UFFDIO_ZEROPAGE);
 const _: () = assert!(std::mem::size_of::<uapi::uffd_msg>() == 32);
 
 /// Feature bits (`UFFD_FEATURE_*`) used by guestmm.

@@ -26,6 +26,25 @@ use crate::error::{Error, Result};
 use crate::sys::{self, HostRange, PAGE_SIZE};
 use crate::tracked::Tracker;
 
+/// `contains` and `|` of a bit-set newtype (`Prot`, `VmFlags`).
+macro_rules! bit_set_ops {
+    ($t:ident) => {
+        impl $t {
+            /// Does `self` include every bit of `other`?
+            pub fn contains(self, other: $t) -> bool {
+                self.0 & other.0 == other.0
+            }
+        }
+
+        impl BitOr for $t {
+            type Output = $t;
+            fn bitor(self, rhs: $t) -> $t {
+                $t(self.0 | rhs.0)
+            }
+        }
+    };
+}
+
 /// Protection of a VMA (`PROT_*`).
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Prot(u8);
@@ -42,11 +61,6 @@ impl Prot {
     /// `PROT_READ | PROT_WRITE`.
     pub const READ_WRITE: Prot = Prot(3);
 
-    /// Does `self` include every bit of `other`?
-    pub fn contains(self, other: Prot) -> bool {
-        self.0 & other.0 == other.0
-    }
-
     pub(crate) fn bits(self) -> (bool, bool, bool) {
         (
             self.contains(Prot::READ),
@@ -56,12 +70,7 @@ impl Prot {
     }
 }
 
-impl BitOr for Prot {
-    type Output = Prot;
-    fn bitor(self, rhs: Prot) -> Prot {
-        Prot(self.0 | rhs.0)
-    }
-}
+bit_set_ops!(Prot);
 
 impl fmt::Debug for Prot {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -99,11 +108,6 @@ impl VmFlags {
     /// touches of the host range are charged (`MapOptions::tracked`).
     pub const TRACKED: VmFlags = VmFlags(1 << 5);
 
-    /// Does `self` include every bit of `other`?
-    pub fn contains(self, other: VmFlags) -> bool {
-        self.0 & other.0 == other.0
-    }
-
     /// `self` with `other` added (`on`) or removed.
     pub fn with(self, other: VmFlags, on: bool) -> VmFlags {
         if on {
@@ -114,12 +118,7 @@ impl VmFlags {
     }
 }
 
-impl BitOr for VmFlags {
-    type Output = VmFlags;
-    fn bitor(self, rhs: VmFlags) -> VmFlags {
-        VmFlags(self.0 | rhs.0)
-    }
-}
+bit_set_ops!(VmFlags);
 
 impl fmt::Debug for VmFlags {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -130,6 +130,8 @@ mod error;
 mod scan;
 mod slots;
 mod stats;
+#[cfg(test)]
+mod test_util;
 mod types;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
@@ -139,7 +141,10 @@ use std::time::Duration;
 use dashmap::DashMap;
 use event_listener::Event;
 use futures_lite::future;
-use mm_core::{sched, Advice, Clock, KsmMm, MmFlag, MmUser, StableStore, SystemClock, VmFlags};
+use mm_core::{
+    sched, Advice, Clock, KsmMm, LoopThread, MmFlag, MmUser, StableStore, StopLoop, SystemClock,
+    VmFlags,
+};
 
 pub use error::{Error, Result};
 pub use stats::{KsmProcessStat, KsmStats};
@@ -473,10 +478,7 @@ impl Ksm {
         let handle = std::thread::Builder::new()
             .name("ksmd".into())
             .spawn(move || future::block_on(k.run()))?;
-        Ok(KsmThread {
-            ksm: self.clone(),
-            handle: Some(handle),
-        })
+        Ok(KsmThread(LoopThread::new(self.clone(), handle)))
     }
 
     /// Asks [`run`](Self::run) to return.
@@ -487,33 +489,18 @@ impl Ksm {
 
     /// Counters (lock-free; each is exact, together they may be one batch apart).
     pub fn stats(&self) -> KsmStats {
-        let c = &self.inner.counters;
-        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let (shared, sharing, unshared, items, zero) = (
-            l(&c.pages_shared),
-            l(&c.pages_sharing),
-            l(&c.pages_unshared),
-            l(&c.rmap_items),
-            l(&c.ksm_zero_pages),
+        let mut s = self.inner.counters.snapshot(KsmStats::default());
+        let (shared, sharing, items, zero) = (
+            s.pages_shared,
+            s.pages_sharing,
+            s.rmap_items,
+            s.ksm_zero_pages,
         );
-        KsmStats {
-            pages_shared: shared,
-            pages_sharing: sharing,
-            pages_unshared: unshared,
-            pages_volatile: items.saturating_sub(shared + sharing + unshared),
-            pages_scanned: l(&c.pages_scanned),
-            pages_skipped: l(&c.pages_skipped),
-            full_scans: l(&c.full_scans),
-            ksm_zero_pages: zero,
-            general_profit: ((sharing + zero) * mm_core::PAGE_SIZE as u64) as i64
-                - (items * scan::RMAP_ITEM_BYTES) as i64,
-            rmap_items: items,
-            mm_slots: self.inner.slots.len() as u64,
-            map_limit_hits: l(&c.map_limit_hits),
-            stable_pages_freed: l(&c.stable_pages_freed),
-            slots_freed_by_exit: l(&c.slots_freed_by_exit),
-            slots_freed_by_scanner: l(&c.slots_freed_by_scanner),
-        }
+        s.pages_volatile = items.saturating_sub(shared + sharing + s.pages_unshared);
+        s.general_profit = ((sharing + zero) * mm_core::PAGE_SIZE as u64) as i64
+            - (items * scan::RMAP_ITEM_BYTES) as i64;
+        s.mm_slots = self.inner.slots.len() as u64;
+        s
     }
 
     /// Per-guest counters of a registered mm.
@@ -555,28 +542,18 @@ fn check_max_page_sharing(n: u64) -> Result<()> {
 
 /// A running [`Ksm::spawn`] thread; stopped and joined on drop.
 #[derive(Debug)]
-pub struct KsmThread {
-    ksm: Ksm,
-    handle: Option<std::thread::JoinHandle<()>>,
-}
+pub struct KsmThread(LoopThread<Ksm>);
 
 impl KsmThread {
     /// Stops the loop and joins the thread.
-    pub fn stop(mut self) {
-        self.join();
-    }
-
-    fn join(&mut self) {
-        self.ksm.stop();
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
+    pub fn stop(self) {
+        self.0.stop();
     }
 }
 
-impl Drop for KsmThread {
-    fn drop(&mut self) {
-        self.join();
+impl StopLoop for Ksm {
+    fn stop_loop(&self) {
+        self.stop();
     }
 }
 
@@ -588,58 +565,31 @@ mod tests {
 
     const PAGE: u64 = PAGE_SIZE as u64;
 
+    /// `r` is `BadKnob` for `knob`, with `value` when given.
+    fn assert_bad_knob<T: std::fmt::Debug>(r: Result<T>, knob: &str, value: Option<u64>) {
+        match r {
+            Err(Error::BadKnob {
+                knob: k, value: v, ..
+            }) if k == knob && value.is_none_or(|x| x == v) => {}
+            other => panic!("want BadKnob {knob} {value:?}, got {other:?}"),
+        }
+    }
+
     #[test]
     fn test_knob_validation_errors() {
-        let e = Ksm::new(KsmConfig {
-            pages_to_scan: 0,
+        let config = |pages_to_scan, max_page_sharing| KsmConfig {
+            pages_to_scan,
+            max_page_sharing,
             ..KsmConfig::default()
-        })
-        .unwrap_err();
-        assert!(
-            matches!(
-                e,
-                Error::BadKnob {
-                    knob: "pages_to_scan",
-                    value: 0,
-                    ..
-                }
-            ),
-            "{e:?}"
-        );
-        let e = Ksm::new(KsmConfig {
-            max_page_sharing: 1,
-            ..KsmConfig::default()
-        })
-        .unwrap_err();
-        assert!(
-            matches!(
-                e,
-                Error::BadKnob {
-                    knob: "max_page_sharing",
-                    value: 1,
-                    ..
-                }
-            ),
-            "{e:?}"
-        );
+        };
+        assert_bad_knob(Ksm::new(config(0, 256)), "pages_to_scan", Some(0));
+        assert_bad_knob(Ksm::new(config(100, 1)), "max_page_sharing", Some(1));
         let k = Ksm::new(KsmConfig::default()).unwrap();
         k.set_pages_to_scan(5).unwrap();
-        assert!(matches!(
-            k.set_pages_to_scan(0),
-            Err(Error::BadKnob {
-                knob: "pages_to_scan",
-                ..
-            })
-        ));
+        assert_bad_knob(k.set_pages_to_scan(0), "pages_to_scan", None);
         assert_eq!(k.inner.pages_to_scan.load(Ordering::Relaxed), 5, "kept");
         k.set_max_page_sharing(2).unwrap();
-        assert!(matches!(
-            k.set_max_page_sharing(0),
-            Err(Error::BadKnob {
-                knob: "max_page_sharing",
-                ..
-            })
-        ));
+        assert_bad_knob(k.set_max_page_sharing(0), "max_page_sharing", None);
         assert_eq!(k.inner.max_page_sharing.load(Ordering::Relaxed), 2, "kept");
     }
 

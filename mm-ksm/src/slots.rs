@@ -245,19 +245,18 @@ async fn ksm_exit(inner: &Inner, mm: &Mm) {
 
 #[cfg(test)]
 mod tests {
-    use mm_core::{Host, MapOptions};
+    use mm_core::MapOptions;
 
     use super::*;
+    use crate::test_util::host_and_ksm;
     use crate::types::PAGE;
-    use crate::{Ksm, KsmConfig};
 
     /// `ksm_exit`: no rmap items and not at the cursor → the fast path
     /// frees the slot; with rmap items → the barrier path leaves it to the
     /// scanner, which frees it at its next visit.
     #[test]
     fn test_exit_fast_path_vs_slow_path() {
-        let host = Host::with_budget(64 << 20);
-        let k = Ksm::new(KsmConfig::default()).unwrap();
+        let (host, k) = host_and_ksm();
         let map = |name: &str| {
             let mm = host.new_mm(name);
             let a = mm

@@ -2,8 +2,6 @@
 //! `/proc/<pid>/ksm_stat`, and the atomics the scanner publishes them
 //! through.
 
-use std::sync::atomic::AtomicU64;
-
 /// Counters with the kernel's sysfs names (`/sys/kernel/mm/ksm/*`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct KsmStats {
@@ -50,18 +48,11 @@ pub struct KsmProcessStat {
     pub zero_pages: u64,
 }
 
-#[derive(Default)]
-pub(crate) struct Counters {
-    pub(crate) pages_shared: AtomicU64,
-    pub(crate) pages_sharing: AtomicU64,
-    pub(crate) pages_unshared: AtomicU64,
-    pub(crate) rmap_items: AtomicU64,
-    pub(crate) pages_scanned: AtomicU64,
-    pub(crate) pages_skipped: AtomicU64,
-    pub(crate) full_scans: AtomicU64,
-    pub(crate) ksm_zero_pages: AtomicU64,
-    pub(crate) map_limit_hits: AtomicU64,
-    pub(crate) stable_pages_freed: AtomicU64,
-    pub(crate) slots_freed_by_exit: AtomicU64,
-    pub(crate) slots_freed_by_scanner: AtomicU64,
+mm_core::counters! {
+    pub(crate) struct Counters -> KsmStats {
+        pages_shared, pages_sharing, pages_unshared, rmap_items,
+        pages_scanned, pages_skipped, full_scans, ksm_zero_pages,
+        map_limit_hits, stable_pages_freed, slots_freed_by_exit,
+        slots_freed_by_scanner,
+    }
 }

@@ -10,45 +10,25 @@
 
 use std::time::Instant;
 
-use mm_race::{run, Target};
+use mm_race::cli::{random_bytes, xorshift, HuntArgs};
+use mm_race::run;
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let target = args
-        .get(1)
-        .and_then(|n| Target::ALL.into_iter().find(|t| t.name() == n))
-        .unwrap_or_else(|| {
-            eprintln!(
-                "usage: hunt TARGET SECONDS SEED (targets: {:?})",
-                Target::ALL.map(Target::name)
-            );
-            std::process::exit(2)
-        });
-    let secs: f64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(10.0);
-    let mut x: u64 = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(1) | 1;
+    let args = HuntArgs::from_env("hunt TARGET SECONDS SEED");
+    let mut x = args.state;
     let t0 = Instant::now();
     let mut runs = 0u64;
-    while t0.elapsed().as_secs_f64() < secs {
+    while t0.elapsed().as_secs_f64() < args.secs {
         // Lengths from 0: a short input runs the default schedule after a
         // mostly-default setup, which found a deadlock that longer random
         // inputs never did. The state steps once per input here too: an
         // empty input draws no byte, and would otherwise repeat for ever.
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let len = (x % 432) as usize;
-        let data: Vec<u8> = (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let len = (xorshift(&mut x) % 432) as usize;
+        let data = random_bytes(&mut x, len);
         runs += 1;
-        if let Some(f) = run(target, &data) {
+        if let Some(f) = run(args.target, &data) {
             eprintln!("{f}");
-            if let Some(path) = args.get(4) {
+            if let Some(path) = args.rest.first() {
                 if let Err(e) = std::fs::write(path, &data) {
                     eprintln!("hunt: writing {path}: {e}");
                 }
@@ -60,5 +40,5 @@ fn main() {
             return;
         }
     }
-    println!("found=0 after_s={secs:.3} runs={runs}");
+    println!("found=0 after_s={:.3} runs={runs}", args.secs);
 }

@@ -11,40 +11,27 @@
 
 use std::time::{Duration, Instant};
 
-use mm_race::{run_mode, Mode, Target};
+use mm_race::cli::{random_bytes, HuntArgs};
+use mm_race::{run_mode, Mode};
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let target = args
-        .get(1)
-        .and_then(|n| Target::ALL.into_iter().find(|t| t.name() == n))
-        .unwrap_or_else(|| {
-            eprintln!(
-                "usage: threads TARGET SECONDS SEED [TIMEOUT_MS] (targets: {:?})",
-                Target::ALL.map(Target::name)
-            );
-            std::process::exit(2)
-        });
-    let secs: f64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(10.0);
-    let mut x: u64 = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(1) | 1;
-    let timeout_ms: u64 = args.get(4).and_then(|s| s.parse().ok()).unwrap_or(2000);
+    let args = HuntArgs::from_env("threads TARGET SECONDS SEED [TIMEOUT_MS]");
+    let mut x = args.state;
+    let timeout_ms: u64 = args
+        .rest
+        .first()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2000);
     let mode = Mode::Threads {
         timeout: Duration::from_millis(timeout_ms),
     };
     let t0 = Instant::now();
     let mut runs = 0u64;
-    while t0.elapsed().as_secs_f64() < secs {
+    while t0.elapsed().as_secs_f64() < args.secs {
         let len = 32 + (x % 400) as usize;
-        let data: Vec<u8> = (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let data = random_bytes(&mut x, len);
         runs += 1;
-        if let Some(f) = run_mode(target, &data, &mode) {
+        if let Some(f) = run_mode(args.target, &data, &mode) {
             eprintln!("{f}");
             let what = f.invariant.replace(char::is_whitespace, "_");
             println!(
@@ -54,5 +41,5 @@ fn main() {
             return;
         }
     }
-    println!("found=0 after_s={secs:.3} runs={runs} invariant=-");
+    println!("found=0 after_s={:.3} runs={runs} invariant=-", args.secs);
 }

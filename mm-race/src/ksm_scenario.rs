@@ -39,7 +39,7 @@ use futures_lite::future::block_on;
 use mm_core::{Advice, Host, HostConfig, MapOptions, MmUser, MmWatch, PAGE_SIZE};
 use mm_ksm::{Ksm, KsmConfig, Run};
 
-use crate::exec::{Ending, Report};
+use crate::exec::Report;
 use crate::mode::{Mode, Runner};
 use crate::scenario::Finding;
 
@@ -237,13 +237,8 @@ pub fn run_setup(setup: &KsmSetup, schedule: &[u8], mode: &Mode) -> Option<Findi
             trace: report.trace_table(60),
         })
     };
-    match &report.ending {
-        Ending::Done => {}
-        Ending::Deadlock(last) => return finding(&report, format!("deadlock: {last:?}")),
-        Ending::StepLimit => return finding(&report, "livelock: step limit".into()),
-    }
-    if let Some((v, _)) = report.violations.first() {
-        return finding(&report, v.clone());
+    if let Some(what) = crate::scenario::ending_verdict(&report) {
+        return finding(&report, what);
     }
     for (page, want, got) in reads.lock().unwrap_or_else(|e| e.into_inner()).iter() {
         if let (Some(w), Ok(b)) = (want, got) {
@@ -258,11 +253,8 @@ pub fn run_setup(setup: &KsmSetup, schedule: &[u8], mode: &Mode) -> Option<Findi
     // I-RP-7: unmerge's pressure loop calls the OOM killer again and again
     // with 2-3 guests; it must never pick a second victim while the first
     // still lacks OOM_SKIP.
-    if host.oom_stats().second_kills != 0 {
-        return finding(
-            &report,
-            "I-RP-7: second victim chosen while the first lacked OOM_SKIP".into(),
-        );
+    if let Some(what) = crate::scenario::second_victim(&host) {
+        return finding(&report, what);
     }
     // Guest 1 (alive if it stayed): its own contents, whatever guest 0 wrote.
     if setup.g1_stays {
@@ -343,15 +335,7 @@ async fn vcpu(
         match *op {
             KsmOp::Read { page } => {
                 let p = u64::from(page) % pages;
-                let mut b = [0u8];
-                let got = match user.read(addr + p * P, &mut b).await {
-                    Ok(()) => Ok(b[0]),
-                    Err(e) => Err(e.to_string()),
-                };
-                reads
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push((p, model[p as usize], got));
+                read_page(user, addr, p, &model, reads).await;
             }
             KsmOp::Write { page, byte } => {
                 let p = u64::from(page) % pages;
@@ -381,14 +365,26 @@ async fn vcpu(
     // when a random `Read` names that page at the right moment: the
     // issue-16 data-loss bug needed both and ten-minute campaigns missed it.
     for p in 0..pages {
-        let mut b = [0u8];
-        let got = match user.read(addr + p * P, &mut b).await {
-            Ok(()) => Ok(b[0]),
-            Err(e) => Err(e.to_string()),
-        };
-        reads
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push((p, model[p as usize], got));
+        read_page(user, addr, p, &model, reads).await;
     }
+}
+
+/// Reads the first byte of page `p` and records it with what the model
+/// expects there.
+async fn read_page(
+    user: &MmUser,
+    addr: u64,
+    p: u64,
+    model: &[Option<u8>],
+    reads: &Mutex<Vec<Read>>,
+) {
+    let mut b = [0u8];
+    let got = match user.read(addr + p * P, &mut b).await {
+        Ok(()) => Ok(b[0]),
+        Err(e) => Err(e.to_string()),
+    };
+    reads
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push((p, model[p as usize], got));
 }

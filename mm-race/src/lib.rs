@@ -19,6 +19,7 @@
 //! in `fuzz/` are thin wrappers, and `cargo test` replays the committed
 //! corpus and bounded random schedules on stable.
 
+pub mod cli;
 pub mod clock;
 pub mod exec;
 pub mod ksm_scenario;

@@ -458,13 +458,8 @@ pub fn run_setup_mode(
     if let Some(u) = own {
         futures_lite::future::block_on(u.exit());
     }
-    match &report.ending {
-        Ending::Done => {}
-        Ending::Deadlock(last) => return finding(&report, format!("deadlock: {last:?}")),
-        Ending::StepLimit => return finding(&report, "livelock: step limit".into()),
-    }
-    if let Some((v, _)) = report.violations.first() {
-        return finding(&report, v.clone());
+    if let Some(what) = ending_verdict(&report) {
+        return finding(&report, what);
     }
     // Content model: a successful read returns what the vCPU wrote (or
     // the fill); never zeros where data was (I-RP-5).
@@ -479,11 +474,8 @@ pub fn run_setup_mode(
         }
     }
     // I-RP-7: never a second victim while one lacks OOM_SKIP.
-    if host.oom_stats().second_kills != 0 {
-        return finding(
-            &report,
-            "I-RP-7: second victim chosen while the first lacked OOM_SKIP".into(),
-        );
+    if let Some(what) = second_victim(&host) {
+        return finding(&report, what);
     }
     // I-RP-6: a victim ends with OOM_SKIP (reaper or exit_mmap).
     if let Some(m) = g0.guest.oom_mm() {
@@ -509,6 +501,24 @@ pub fn run_setup_mode(
     drop((g0, g1, reaper));
     report.trace.shrink_to_fit();
     end_of_run_oracles(charged, host, &watches).and_then(|what| finding(&report, what))
+}
+
+/// The run's own verdict: a deadlock, the step limit, or the first
+/// violation an actor reported.
+pub(crate) fn ending_verdict(report: &Report) -> Option<String> {
+    match &report.ending {
+        Ending::Done => {}
+        Ending::Deadlock(last) => return Some(format!("deadlock: {last:?}")),
+        Ending::StepLimit => return Some("livelock: step limit".into()),
+    }
+    report.violations.first().map(|(v, _)| v.clone())
+}
+
+/// I-RP-7: the OOM killer never picks a second victim while the first
+/// still lacks OOM_SKIP.
+pub(crate) fn second_victim(host: &Host) -> Option<String> {
+    (host.oom_stats().second_kills != 0)
+        .then(|| "I-RP-7: second victim chosen while the first lacked OOM_SKIP".into())
 }
 
 /// I-RC-3 and I-RC-2 once every actor and guest record is gone: `charged`

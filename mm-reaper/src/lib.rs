@@ -48,14 +48,15 @@
 //! nothing here depends on mm-ksm.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use event_listener::Event;
 use futures_lite::future;
 use mm_core::{
-    Clock, Guest, Host, Mm, MmFlag, MmGrab, MmState, OomReaperQueue, SystemClock, ZapReason,
+    Clock, Guest, Host, LoopThread, Mm, MmFlag, MmGrab, MmState, OomReaperQueue, StopLoop,
+    SystemClock, ZapReason,
 };
 
 /// Reaper settings.
@@ -128,17 +129,11 @@ pub struct ReaperStats {
     pub last_reap_us: u64,
 }
 
-#[derive(Default)]
-struct Counters {
-    queued: AtomicU64,
-    exited_before_reap: AtomicU64,
-    reaped: AtomicU64,
-    gave_up: AtomicU64,
-    skipped: AtomicU64,
-    contended: AtomicU64,
-    partial: AtomicU64,
-    pages_reaped: AtomicU64,
-    last_reap_us: AtomicU64,
+mm_core::counters! {
+    struct Counters -> ReaperStats {
+        queued, exited_before_reap, reaped, gave_up, skipped, contended,
+        partial, pages_reaped, last_reap_us,
+    }
 }
 
 struct Entry {
@@ -223,19 +218,7 @@ impl Reaper {
 
     /// Counters.
     pub fn stats(&self) -> ReaperStats {
-        let s = &self.inner.stats;
-        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        ReaperStats {
-            queued: l(&s.queued),
-            exited_before_reap: l(&s.exited_before_reap),
-            reaped: l(&s.reaped),
-            gave_up: l(&s.gave_up),
-            skipped: l(&s.skipped),
-            contended: l(&s.contended),
-            partial: l(&s.partial),
-            pages_reaped: l(&s.pages_reaped),
-            last_reap_us: l(&s.last_reap_us),
-        }
+        self.inner.stats.snapshot(ReaperStats::default())
     }
 
     /// Entries queued or waiting for their delay.
@@ -264,10 +247,7 @@ impl Reaper {
             .name("oom_reaper".into())
             .spawn(move || future::block_on(me.run()))
         {
-            Ok(handle) => Ok(ReaperThread {
-                reaper: self.clone(),
-                handle: Some(handle),
-            }),
+            Ok(handle) => Ok(ReaperThread(LoopThread::new(self.clone(), handle))),
             Err(e) => {
                 self.inner.spawned.store(false, Ordering::SeqCst);
                 Err(SpawnError::Thread(e))
@@ -330,29 +310,23 @@ impl Reaper {
 
 /// A reaper running on its own thread; stops and joins on drop.
 #[derive(Debug)]
-pub struct ReaperThread {
-    reaper: Reaper,
-    handle: Option<std::thread::JoinHandle<()>>,
-}
+pub struct ReaperThread(LoopThread<Reaper>);
 
 impl ReaperThread {
     /// Stops the thread and waits for it.
-    pub fn stop(mut self) {
-        self.join();
-    }
-
-    fn join(&mut self) {
-        self.reaper.stop();
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-            self.reaper.inner.spawned.store(false, Ordering::SeqCst);
-        }
+    pub fn stop(self) {
+        self.0.stop();
     }
 }
 
-impl Drop for ReaperThread {
-    fn drop(&mut self) {
-        self.join();
+impl StopLoop for Reaper {
+    fn stop_loop(&self) {
+        self.stop();
+    }
+
+    /// [`Reaper::spawn`] may start a thread again.
+    fn joined(&self) {
+        self.inner.spawned.store(false, Ordering::SeqCst);
     }
 }
 

@@ -32,13 +32,7 @@ impl Mm {
         buf: &mut [u8],
         out: &mut [KsmPage],
     ) -> Result<()> {
-        // I-KSM-2 oracle: every scanner path tests `users == 0` after its
-        // read lock, and ksm_exit's write-lock barrier waits for one that
-        // is still inside, so no KSM operation runs once exit_mmap began.
-        sched::check(
-            !self.exit_started(),
-            "I-KSM-2: KSM touched an mm's pages after its exit_mmap began",
-        );
+        self.check_ksm_before_exit();
         let n = want.len();
         let Some(end) = snapshot_range(addr, n, buf.len(), out.len())? else {
             return Ok(());
@@ -50,40 +44,11 @@ impl Mm {
             .ok_or(Error::Unmapped { addr })?;
         let guard = crossbeam_epoch::pin();
         let first = addr / PAGE;
-        // An untracked region's pages may be populated with no PTE (touched
-        // through the host pointer): allocate the leaf, so that the merge
-        // holds real page locks against the access path and our zaps.
         let untracked = !vma.flags.contains(VmFlags::TRACKED);
-        // Pagemap always for an untracked region (direct touches leave no
-        // trace in the PTEs), else only when some page maps a stable page
-        // (a lock-free peek; re-checked under the lock below).
-        let mut pm = Vec::new();
-        let read_pagemap = |pm: &mut Vec<u64>| {
-            pm.resize(n, 0);
-            sys::pagemap(vma.host_range(addr, end), pm).map_err(Error::host("pagemap"))
+        let Some((leaf, pm)) = self.snapshot_leaf(vma, addr, end, &guard)? else {
+            out[..n].fill(KsmPage::Absent);
+            return Ok(());
         };
-        if untracked {
-            read_pagemap(&mut pm)?;
-        }
-        let leaf = match self.pgtable.leaf(first, &guard) {
-            Some(l) => l,
-            // A page of an untracked region touched through the host
-            // pointer has no PTE: allocate the leaf so that the merge holds
-            // real page locks against the access path and our zaps. Only
-            // then: a leaf per 2 MiB of memory nobody touched would cost
-            // uncharged page-table memory until teardown.
-            None if untracked && pm.iter().any(|e| direct_private(*e)) => {
-                self.pgtable.leaf_alloc(first, &guard)
-            }
-            None => {
-                out[..n].fill(KsmPage::Absent);
-                return Ok(());
-            }
-        };
-        let any_ksm = (0..n as u64).any(|i| Pte(leaf.pte(first + i).load(Ordering::Relaxed)).ksm());
-        if any_ksm && !untracked {
-            read_pagemap(&mut pm)?;
-        }
         for i in 0..n {
             let pte = leaf.pte(first + i as u64);
             let o = Pte(pte_lock(pte));
@@ -109,6 +74,52 @@ impl Mm {
             out[i] = page;
         }
         Ok(())
+    }
+
+    /// The leaf of a snapshot's run `[addr, end)` and the pagemap entries
+    /// of its pages (empty when not needed); `None` when the run has no
+    /// leaf and needs none (every page absent).
+    fn snapshot_leaf<'g>(
+        &'g self,
+        vma: &Vma,
+        addr: u64,
+        end: u64,
+        guard: &'g crossbeam_epoch::Guard,
+    ) -> Result<Option<(&'g Leaf, Vec<u64>)>> {
+        let n = ((end - addr) / PAGE) as usize;
+        let first = addr / PAGE;
+        // An untracked region's pages may be populated with no PTE (touched
+        // through the host pointer): allocate the leaf, so that the merge
+        // holds real page locks against the access path and our zaps.
+        let untracked = !vma.flags.contains(VmFlags::TRACKED);
+        // Pagemap always for an untracked region (direct touches leave no
+        // trace in the PTEs), else only when some page maps a stable page
+        // (a lock-free peek; re-checked under the lock below).
+        let mut pm = Vec::new();
+        let read_pagemap = |pm: &mut Vec<u64>| {
+            pm.resize(n, 0);
+            sys::pagemap(vma.host_range(addr, end), pm).map_err(Error::host("pagemap"))
+        };
+        if untracked {
+            read_pagemap(&mut pm)?;
+        }
+        let leaf = match self.pgtable.leaf(first, guard) {
+            Some(l) => l,
+            // A page of an untracked region touched through the host
+            // pointer has no PTE: allocate the leaf so that the merge holds
+            // real page locks against the access path and our zaps. Only
+            // then: a leaf per 2 MiB of memory nobody touched would cost
+            // uncharged page-table memory until teardown.
+            None if untracked && pm.iter().any(|e| direct_private(*e)) => {
+                self.pgtable.leaf_alloc(first, guard)
+            }
+            None => return Ok(None),
+        };
+        let any_ksm = (0..n as u64).any(|i| Pte(leaf.pte(first + i).load(Ordering::Relaxed)).ksm());
+        if any_ksm && !untracked {
+            read_pagemap(&mut pm)?;
+        }
+        Ok(Some((leaf, pm)))
     }
 
     /// What one locked page is for the scanner, and its new PTE word: `o`
@@ -164,17 +175,8 @@ impl Mm {
             first,
             fill,
         } = run;
-        // I-KSM-2 oracle: every scanner path tests `users == 0` after its
-        // read lock, and ksm_exit's write-lock barrier waits for one that
-        // is still inside, so no KSM operation runs once exit_mmap began.
-        sched::check(
-            !self.exit_started(),
-            "I-KSM-2: KSM touched an mm's pages after its exit_mmap began",
-        );
-        let Some(vma) = self.ksm_vma(state, addr, n) else {
-            return Ok(KsmMerge::NotEligible);
-        };
-        let Some(t) = vma.region.wp_tracker() else {
+        self.check_ksm_before_exit();
+        let Some((vma, t)) = self.ksm_wp_vma(state, addr, n) else {
             return Ok(KsmMerge::NotEligible);
         };
         if (charged.len() as u64) < n {
@@ -186,19 +188,8 @@ impl Mm {
         let r = vma.host_range(addr, end);
         let guard = crossbeam_epoch::pin();
         // 1. Page locks: no accessor, zap or handler fill in the window.
-        let Some(locked) = self.lock_run(addr, n, &guard) else {
+        let Some((locked, was_charged)) = self.lock_charged_run(vma, r, addr, n, &guard)? else {
             return Ok(KsmMerge::Changed);
-        };
-        let was_charged = match Self::run_charged(vma, r, &locked.olds) {
-            Ok(Some(c)) => c,
-            Ok(None) => {
-                locked.unlock_with(|_, o| o);
-                return Ok(KsmMerge::Changed);
-            }
-            Err(e) => {
-                locked.unlock_with(|_, o| o);
-                return Err(e);
-            }
         };
         if !t.wp_shmem() && locked.olds.iter().any(|o| o & Pte::FILEMAP != 0) {
             // A private copy inside a merged range, which this kernel cannot
@@ -220,10 +211,7 @@ impl Mm {
             }
             Err(e) => {
                 abort_window(t, r, locked)?;
-                return Err(Error::Host {
-                    op: "ksm fill/compare",
-                    source: e,
-                });
+                return Err(e);
             }
         }
         // 4. Map the stable pages over the run; the handler ignores the
@@ -234,13 +222,7 @@ impl Mm {
         });
         if let Err(e) = mapped {
             abort_window(t, r, locked)?;
-            if e.raw_os_error() == Some(libc::ENOMEM) {
-                return Ok(KsmMerge::MapLimit);
-            }
-            return Err(Error::Host {
-                op: "mmap(MAP_FIXED|MAP_PRIVATE memfd)",
-                source: e,
-            });
+            return map_failed(e);
         }
         // 5. Publish: see `publish_merged`.
         self.publish_merged(t, r, locked, first);
@@ -294,36 +276,17 @@ impl Mm {
     /// zeros, inside the same write-protect window as a merge; they read
     /// back as zeros (a later touch populates a fresh page).
     pub(super) fn ksm_zero(&self, state: &MmState, addr: u64, n: u64) -> Result<KsmMerge> {
-        // I-KSM-2 oracle: every scanner path tests `users == 0` after its
-        // read lock, and ksm_exit's write-lock barrier waits for one that
-        // is still inside, so no KSM operation runs once exit_mmap began.
-        sched::check(
-            !self.exit_started(),
-            "I-KSM-2: KSM touched an mm's pages after its exit_mmap began",
-        );
-        let Some(vma) = self.ksm_vma(state, addr, n) else {
-            return Ok(KsmMerge::NotEligible);
-        };
-        let Some(t) = vma.region.wp_tracker() else {
+        self.check_ksm_before_exit();
+        let Some((vma, t)) = self.ksm_wp_vma(state, addr, n) else {
             return Ok(KsmMerge::NotEligible);
         };
         let end = addr + n * PAGE;
         let r = vma.host_range(addr, end);
         let guard = crossbeam_epoch::pin();
-        let Some(locked) = self.lock_run(addr, n, &guard) else {
+        let Some((locked, charged)) = self.lock_charged_run(vma, r, addr, n, &guard)? else {
             return Ok(KsmMerge::Changed);
         };
-        let charged = match Self::run_charged(vma, r, &locked.olds) {
-            Ok(Some(c)) => c.iter().filter(|c| **c).count() as u64,
-            Ok(None) => {
-                locked.unlock_with(|_, o| o);
-                return Ok(KsmMerge::Changed);
-            }
-            Err(e) => {
-                locked.unlock_with(|_, o| o);
-                return Err(e);
-            }
-        };
+        let charged = charged.iter().filter(|c| **c).count() as u64;
         if let Err(e) = t.writeprotect(r, true) {
             locked.unlock_with(|_, o| o);
             return Err(e);
@@ -355,20 +318,33 @@ impl Mm {
 
 /// Step 3 of a merge, with the run locked and write-protected: fills new
 /// stable pages with the run (`fill`), or compares the run with them.
-fn frozen_run_matches(
-    store: &StableStore,
-    r: HostRange,
-    first: u64,
-    fill: bool,
-) -> std::io::Result<bool> {
+fn frozen_run_matches(store: &StableStore, r: HostRange, first: u64, fill: bool) -> Result<bool> {
+    let host_err = |source| Error::Host {
+        op: "ksm fill/compare",
+        source,
+    };
     if fill {
-        return sys::write_pages_to(&store.fd, r, first * PAGE).map(|()| true);
+        return sys::write_pages_to(&store.fd, r, first * PAGE)
+            .map(|()| true)
+            .map_err(host_err);
     }
     let mut want = vec![0u8; r.len()];
-    sys::read_from(&store.fd, &mut want, first * PAGE)?;
+    sys::read_from(&store.fd, &mut want, first * PAGE).map_err(host_err)?;
     // SAFETY: page locks held and the range write-protected (steps 1-2):
     // nobody writes it during the compare.
     Ok(unsafe { sys::host_equals(r, &want) })
+}
+
+/// Step 4 failed (the window already aborted): `MapLimit` at
+/// `vm.max_map_count` (`ENOMEM`), else the host error.
+fn map_failed(e: std::io::Error) -> Result<KsmMerge> {
+    if e.raw_os_error() == Some(libc::ENOMEM) {
+        return Ok(KsmMerge::MapLimit);
+    }
+    Err(Error::Host {
+        op: "mmap(MAP_FIXED|MAP_PRIVATE memfd)",
+        source: e,
+    })
 }
 
 /// Gives up a merge after step 2: unprotecting wakes the writers (their

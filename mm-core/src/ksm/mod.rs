@@ -73,12 +73,14 @@ mod unshare;
 
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::mm::{Mm, MmState, VmaHooks};
 use crate::pgtable::{pte_lock, pte_unlock, Leaf, Pte, PAGES_PER_LEAF};
 use crate::sched;
 use crate::sys::{self, pagemap, PAGE_SIZE};
+use crate::tracked::Tracker;
 use crate::vma::{Prot, VmFlags, Vma};
 
 pub use crate::mm::prepare_all;
@@ -315,6 +317,29 @@ impl Locked<'_> {
 impl Mm {
     /// The VMA that holds `[addr, addr + n pages)` inside one leaf, if the
     /// mechanism can merge it.
+    /// I-KSM-2 oracle, first thing on every KSM path into the mm's pages:
+    /// every scanner path tests `users == 0` after its read lock, and
+    /// ksm_exit's write-lock barrier waits for one that is still inside, so
+    /// no KSM operation runs once exit_mmap began.
+    fn check_ksm_before_exit(&self) {
+        sched::check(
+            !self.exit_started(),
+            "I-KSM-2: KSM touched an mm's pages after its exit_mmap began",
+        );
+    }
+
+    /// The VMA of a run that [`ksm_vma`](Self::ksm_vma) accepts and the
+    /// tracker that write-protects it; `None`: not eligible.
+    fn ksm_wp_vma<'s>(
+        &self,
+        state: &'s MmState,
+        addr: u64,
+        n: u64,
+    ) -> Option<(&'s Vma, &'s Arc<Tracker>)> {
+        let vma = self.ksm_vma(state, addr, n)?;
+        Some((vma, vma.region.wp_tracker()?))
+    }
+
     fn ksm_vma<'s>(&self, state: &'s MmState, addr: u64, n: u64) -> Option<&'s Vma> {
         let end = addr.checked_add(n.checked_mul(PAGE)?)?;
         let vma = state.vmas().find(addr)?;
@@ -333,6 +358,34 @@ impl Mm {
         let leaf = self.pgtable.leaf(first, guard)?;
         let olds = (first..first + n).map(|g| pte_lock(leaf.pte(g))).collect();
         Some(Locked { leaf, first, olds })
+    }
+
+    /// Step 1 of a merge or a zero discard: the page locks of the run
+    /// (`lock_run`) and which of its pages are charged (`run_charged`).
+    /// `Ok(None)` when the run changed or is not all private; on `Ok(None)`
+    /// and on an error the PTEs are unlocked again, unchanged.
+    fn lock_charged_run<'g>(
+        &'g self,
+        vma: &Vma,
+        r: sys::HostRange,
+        addr: u64,
+        n: u64,
+        guard: &'g crossbeam_epoch::Guard,
+    ) -> Result<Option<(Locked<'g>, Vec<bool>)>> {
+        let Some(locked) = self.lock_run(addr, n, guard) else {
+            return Ok(None);
+        };
+        match Self::run_charged(vma, r, &locked.olds) {
+            Ok(Some(c)) => Ok(Some((locked, c))),
+            Ok(None) => {
+                locked.unlock_with(|_, o| o);
+                Ok(None)
+            }
+            Err(e) => {
+                locked.unlock_with(|_, o| o);
+                Err(e)
+            }
+        }
     }
 
     /// Charges one page that the kernel already allocated (a copy-on-write

@@ -25,13 +25,7 @@ impl Mm {
     /// same contents (`MADV_POPULATE_WRITE` makes the kernel copy it). The
     /// mmap lock is held (`state`). Returns the pages unshared.
     pub(super) fn ksm_unshare(&self, state: &MmState, addr: u64, len: u64) -> Result<u64> {
-        // I-KSM-2 oracle: every scanner path tests `users == 0` after its
-        // read lock, and ksm_exit's write-lock barrier waits for one that
-        // is still inside, so no KSM operation runs once exit_mmap began.
-        sched::check(
-            !self.exit_started(),
-            "I-KSM-2: KSM touched an mm's pages after its exit_mmap began",
-        );
+        self.check_ksm_before_exit();
         let end = addr.saturating_add(len);
         let guard = crossbeam_epoch::pin();
         let mut done = 0;

@@ -250,10 +250,9 @@ impl MmUser {
         let mut state = self.lock.write().await;
         sched::point("mprotect:locked").await;
         state.vmas.check_mapped(addr, end)?;
-        for v in state.vmas.overlapping(addr, end) {
-            let (s, e) = (v.start.max(addr), v.end.min(end));
-            sys::protect(v.host_range(s, e), prot.bits()).map_err(Error::host("mprotect"))?;
-        }
+        each_host_range(&state, addr, end, "mprotect", |r| {
+            sys::protect(r, prot.bits())
+        })?;
         state.get_mut().vmas.modify(addr, end, |v| v.prot = prot);
         Ok(())
     }
@@ -283,10 +282,7 @@ impl MmUser {
                 access: Access::Read,
             });
         }
-        for v in state.vmas.overlapping(addr, end) {
-            let (s, e) = (v.start.max(addr), v.end.min(end));
-            sys::lock(v.host_range(s, e), true).map_err(Error::host("mlock"))?;
-        }
+        each_host_range(&state, addr, end, "mlock", |r| sys::lock(r, true))?;
         state
             .get_mut()
             .vmas
@@ -301,10 +297,7 @@ impl MmUser {
         sched::point("munlock:locked").await;
         // Exclusive, for the same reason as mlock (CVE-2018-1000200).
         state.vmas.check_mapped(addr, end)?;
-        for v in state.vmas.overlapping(addr, end) {
-            let (s, e) = (v.start.max(addr), v.end.min(end));
-            sys::lock(v.host_range(s, e), false).map_err(Error::host("munlock"))?;
-        }
+        each_host_range(&state, addr, end, "munlock", |r| sys::lock(r, false))?;
         state.get_mut().vmas.modify(addr, end, |v| {
             v.flags = v.flags.with(VmFlags::LOCKED, false)
         });
@@ -520,4 +513,20 @@ fn check_map_options(opts: &MapOptions, limit: u64) -> Result<usize> {
         }
     }
     Ok(len)
+}
+
+/// `f` on the host range of each VMA's part of `[addr, end)`, in address
+/// order; stops at the first failure (`Error::Host { op }`).
+fn each_host_range(
+    state: &MmState,
+    addr: u64,
+    end: u64,
+    op: &'static str,
+    mut f: impl FnMut(sys::HostRange) -> std::io::Result<()>,
+) -> Result<()> {
+    for v in state.vmas.overlapping(addr, end) {
+        let (s, e) = (v.start.max(addr), v.end.min(end));
+        f(v.host_range(s, e)).map_err(Error::host(op))?;
+    }
+    Ok(())
 }

@@ -36,7 +36,33 @@ struct WindowLocks<'a> {
     committed: bool,
 }
 
-impl WindowLocks<'_> {
+impl<'a> WindowLocks<'a> {
+    /// The `n` pages from `lo_gpn` of `leaf`, none locked yet.
+    fn new(mm: &'a Mm, leaf: &'a Leaf, lo_gpn: u64, n: usize) -> Self {
+        WindowLocks {
+            mm,
+            leaf,
+            lo_gpn,
+            n,
+            held: [0; PAGES_PER_LEAF as usize],
+            present: [false; PAGES_PER_LEAF as usize],
+            charged: 0,
+            committed: false,
+        }
+    }
+
+    /// The rest of the window after the faulting page `gpn_f`, ascending,
+    /// try-locks only (skip busy pages).
+    fn lock_rest(&mut self, gpn_f: u64) {
+        for (i, gpn) in (self.lo_gpn..self.lo_gpn + self.n as u64).enumerate() {
+            if gpn != gpn_f {
+                if let Some(o) = try_lock(self.leaf.pte(gpn)) {
+                    self.held[i] = o;
+                }
+            }
+        }
+    }
+
     /// Slot `i` is locked by us and needs a page (not present, not KSM).
     fn wants(&self, i: usize) -> bool {
         self.held[i] != 0 && !Pte(self.held[i]).present() && !Pte(self.held[i]).ksm()
@@ -71,6 +97,16 @@ impl Drop for WindowLocks<'_> {
     }
 }
 
+/// The fault-around window `[lo, hi)` of a fault at guest address
+/// `guest`: the aligned `fa` bytes around it, clipped to the registered
+/// range `[range_lo, range_hi)` (one leaf).
+fn fault_around_window(guest: u64, range_lo: u64, range_hi: u64, fa: u64) -> (u64, u64) {
+    let lo = (guest & !(fa - 1)).max(range_lo);
+    let hi = ((guest & !(fa - 1)) + fa).min(range_hi);
+    debug_assert_eq!(lo / PAGE / PAGES_PER_LEAF, (hi - 1) / PAGE / PAGES_PER_LEAF);
+    (lo, hi)
+}
+
 impl Mm {
     /// Step 3: resolves a missing-page fault at host address `addr`.
     fn tracked_fault(&self, t: &Tracker, addr: usize, fail_open: bool, force: bool) -> Outcome {
@@ -80,12 +116,8 @@ impl Mm {
             return Outcome::Served;
         };
         let guest = r.guest_start + (addr - hs) as u64;
-        let range_lo = r.guest_start;
         let range_hi = r.guest_start + (r.host_end - hs) as u64;
-        let fa = r.fault_around;
-        let lo = (guest & !(fa - 1)).max(range_lo);
-        let hi = ((guest & !(fa - 1)) + fa).min(range_hi);
-        debug_assert_eq!(lo / PAGE / PAGES_PER_LEAF, (hi - 1) / PAGE / PAGES_PER_LEAF);
+        let (lo, hi) = fault_around_window(guest, r.guest_start, range_hi, r.fault_around);
         let host_of = |g: u64| hs + (g - r.guest_start) as usize;
         let guard = crossbeam_epoch::pin();
         let leaf = self.pgtable.leaf_alloc(lo / PAGE, &guard);
@@ -103,16 +135,7 @@ impl Mm {
         };
         let n = ((hi - lo) / PAGE) as usize;
         let fi = (gpn_f - lo / PAGE) as usize;
-        let mut w = WindowLocks {
-            mm: self,
-            leaf,
-            lo_gpn: lo / PAGE,
-            n,
-            held: [0; PAGES_PER_LEAF as usize],
-            present: [false; PAGES_PER_LEAF as usize],
-            charged: 0,
-            committed: false,
-        };
+        let mut w = WindowLocks::new(self, leaf, lo / PAGE, n);
         w.held[fi] = old_f;
         if Pte(old_f).present() {
             drop(w);
@@ -122,14 +145,7 @@ impl Mm {
         if t.unstable_after_first_lock.swap(false, Ordering::SeqCst) {
             self.flags.set(MmFlag::UNSTABLE);
         }
-        // The rest of the window, ascending, try-locks only (skip busy pages).
-        for (i, gpn) in (lo / PAGE..hi / PAGE).enumerate() {
-            if gpn != gpn_f {
-                if let Some(o) = try_lock(leaf.pte(gpn)) {
-                    w.held[i] = o;
-                }
-            }
-        }
+        w.lock_rest(gpn_f);
         // check_stable_address_space under the page locks (step 5), the
         // counterpart of the reaper's "set UNSTABLE, then zap under the page
         // locks":

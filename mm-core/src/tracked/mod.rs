@@ -159,19 +159,12 @@ pub struct TrackedStats {
     pub user_mode_only: bool,
 }
 
-#[derive(Debug, Default)]
-pub(crate) struct Counters {
-    pub(crate) faults: AtomicU64,
-    pub(crate) pages_faulted: AtomicU64,
-    pub(crate) pages_populated_api: AtomicU64,
-    pub(crate) pages_poisoned: AtomicU64,
-    pub(crate) wp_faults: AtomicU64,
-    pub(crate) foreign_removes: AtomicU64,
-    pub(crate) eagain_retries: AtomicU64,
-    pub(crate) pressure_runs: AtomicU64,
-    pub(crate) fail_open_pages: AtomicU64,
-    pub(crate) busy_breaks: AtomicU64,
-    pub(crate) api_wp_waits: AtomicU64,
+crate::counters! {
+    pub(crate) struct Counters -> TrackedStats {
+        faults, pages_faulted, pages_populated_api, pages_poisoned, wp_faults,
+        foreign_removes, eagain_retries, pressure_runs, fail_open_pages,
+        busy_breaks, api_wp_waits,
+    }
 }
 
 /// One registered host range.
@@ -600,26 +593,14 @@ impl Tracker {
     }
 
     pub(crate) fn stats(&self, debt: u64) -> TrackedStats {
-        let c = &self.counters;
-        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        TrackedStats {
-            faults: l(&c.faults),
-            pages_faulted: l(&c.pages_faulted),
-            pages_populated_api: l(&c.pages_populated_api),
-            pages_poisoned: l(&c.pages_poisoned),
-            wp_faults: l(&c.wp_faults),
-            foreign_removes: l(&c.foreign_removes),
-            eagain_retries: l(&c.eagain_retries),
-            pressure_runs: l(&c.pressure_runs),
-            fail_open_pages: l(&c.fail_open_pages),
+        self.counters.snapshot(TrackedStats {
             overcommit_bytes: debt,
-            busy_breaks: l(&c.busy_breaks),
-            api_wp_waits: l(&c.api_wp_waits),
             handler_alive: !self.is_dead() && !self.stop.load(Ordering::SeqCst),
             write_protect: self.wp,
             poison: self.poison,
             user_mode_only: self.user_mode_only,
-        }
+            ..TrackedStats::default()
+        })
     }
 
     /// Stops and joins the handler (exit_mmap, after its write unlock).

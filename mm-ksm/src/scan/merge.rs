@@ -235,13 +235,7 @@ pub(super) async fn merge_pending(inner: &Inner, sc: &mut Scanner, pending: Vec<
             continue;
         }
         let mut items = sc.items.remove(&p.mm_id).unwrap_or_default();
-        let mut cx = MmCtx {
-            inner,
-            sc: &mut *sc,
-            mm: &slot.mm,
-            state: &state,
-            items: &mut items,
-        };
+        let mut cx = MmCtx::new(inner, &mut *sc, &slot.mm, &state, &mut items);
         merge_stable(&mut cx, p.addr, p.n, p.first);
         publish_slot(&slot, &items);
         sc.items.insert(p.mm_id, items);
@@ -251,19 +245,18 @@ pub(super) async fn merge_pending(inner: &Inner, sc: &mut Scanner, pending: Vec<
 
 #[cfg(test)]
 mod tests {
-    use mm_core::{Host, MapOptions};
+    use mm_core::MapOptions;
 
     use super::*;
     use crate::scan::SlotItems;
+    use crate::test_util::host_and_ksm;
     use crate::types::PAGE;
-    use crate::{Ksm, KsmConfig};
 
     /// The stable ids of a pair run whose merge did not happen (the page
     /// changed) are released, not left allocated.
     #[test]
     fn test_unused_stable_ids_released() {
-        let host = Host::with_budget(64 << 20);
-        let k = Ksm::new(KsmConfig::default()).unwrap();
+        let (host, k) = host_and_ksm();
         let mm = host.new_mm("c");
         let addr = mm
             .mmap_blocking(MapOptions::anon(4 * PAGE).tracked(true))
@@ -271,13 +264,7 @@ mod tests {
         let mut sc = Scanner::default();
         let mut items = SlotItems::default();
         let state = futures_lite::future::block_on(mm.lock().read());
-        let mut cx = MmCtx {
-            inner: &k.inner,
-            sc: &mut sc,
-            mm: &mm,
-            state: &state,
-            items: &mut items,
-        };
+        let mut cx = MmCtx::new(&k.inner, &mut sc, &mm, &state, &mut items);
         // Never populated: the merge finds the pages absent (Changed).
         let first = merge_new(&mut cx, GuestAddr(addr), &[1, 2]);
         assert_eq!(first, None);

@@ -70,7 +70,24 @@ struct MmCtx<'a> {
     items: &'a mut SlotItems,
 }
 
-impl MmCtx<'_> {
+impl<'a> MmCtx<'a> {
+    /// The context of one visit of `mm`, whose lock guard derefs to `state`.
+    fn new(
+        inner: &'a Inner,
+        sc: &'a mut Scanner,
+        mm: &'a Mm,
+        state: &'a MmState,
+        items: &'a mut SlotItems,
+    ) -> Self {
+        MmCtx {
+            inner,
+            sc,
+            mm,
+            state,
+            items,
+        }
+    }
+
     /// mm-core's KSM mechanism for this mm, under the lock whose state
     /// the visit holds (`ForeignLock` cannot happen: both come from the
     /// same slot).
@@ -199,13 +216,7 @@ async fn visit_slot(
             keep: false,
         }
     } else {
-        let mut cx = MmCtx {
-            inner,
-            sc: &mut *sc,
-            mm: &slot.mm,
-            state: &state,
-            items: &mut items,
-        };
+        let mut cx = MmCtx::new(inner, &mut *sc, &slot.mm, &state, &mut items);
         walk::scan_mm(&mut cx, budget, pending).await
     };
     if visit.end {

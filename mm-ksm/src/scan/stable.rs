@@ -250,17 +250,14 @@ impl Scanner {
 
 #[cfg(test)]
 mod tests {
-    use mm_core::Host;
-
     use super::*;
-    use crate::{Ksm, KsmConfig};
+    use crate::test_util::host_and_ksm;
 
     /// A stable page left with no mapper is freed (hole punched, its
     /// charge given back).
     #[test]
     fn test_unmapped_stable_page_released_and_uncharged() {
-        let host = Host::with_budget(64 << 20);
-        let k = Ksm::new(KsmConfig::default()).unwrap();
+        let (host, k) = host_and_ksm();
         let inner = &k.inner;
         let mut sc = Scanner::default();
         host.budget().try_charge(PAGE).unwrap();
