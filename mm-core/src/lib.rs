@@ -179,7 +179,7 @@ pub use mmap_lock::{MmapLock, MmapReadGuard, MmapWriteGuard};
 pub use procfs::ProcessMemory;
 pub use sys::{HUGE_PAGE_SIZE, PAGE_SIZE};
 pub use tracked::{TrackedStats, DEFAULT_FAULT_AROUND, PRESSURE_ROUNDS};
-pub use types::BoxFuture;
+pub use types::{lock, BoxFuture};
 pub use vma::{Prot, VmFlags, Vma, VmaTree};
 
 #[cfg(test)]

@@ -4,6 +4,15 @@
 use std::future::Future;
 use std::pin::Pin;
 
+/// Locks a std mutex, taking the data of a poisoned one: every std mutex
+/// in guestmm guards a list or a few counters that a panicking holder
+/// leaves valid, and the protocol must go on (an exit, a reap) after an
+/// embedder's hook panicked. Held only to push, take or clone, never
+/// across an await.
+pub fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A boxed, sendable future (for hooks called from protocol code).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 

@@ -47,6 +47,7 @@
 //! One file (~650 lines): each layer calls only the one below it, and
 //! nothing here depends on mm-ksm.
 
+use mm_core::lock;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -155,10 +156,6 @@ struct Inner {
     /// A [`Reaper::spawn`] thread runs.
     spawned: AtomicBool,
     stats: Counters,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The OOM reaper. Cheap to clone; run it with [`Reaper::spawn`] (a std

@@ -12,6 +12,7 @@
 //! is handed), then waits a bounded time (`HostConfig::oom_wait`) for the
 //! victim's memory to come back.
 
+use crate::types::lock;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
@@ -99,14 +100,8 @@ pub struct Host {
 
 impl std::fmt::Debug for Host {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Host")
-            .field("stats", &self.stats())
-            .finish()
+        write!(f, "Host {{ stats: {:?} }}", self.stats())
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Host {

@@ -20,6 +20,7 @@
 //!    own mmput (seed 4): the reaper never does, so
 //!    [`Host::oom_killer_disable`] is a real barrier (I-RP-8).
 
+use crate::types::lock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -96,10 +97,6 @@ pub(crate) struct OomState {
     aborted: AtomicU64,
     second_kills: AtomicU64,
     kill_hook_panics: AtomicU64,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// `exit_oom_victim`: called only from the victim's own `Guest::exit`.

@@ -84,6 +84,7 @@
 //!    [`Error::TrackerDead`]; the access path falls back to the untracked
 //!    populate. The panic message is logged at `error` level.
 
+use crate::types::lock;
 use std::collections::{BTreeMap, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -248,10 +249,6 @@ impl std::fmt::Debug for Tracker {
             .field("dead", &self.dead.load(Ordering::Relaxed))
             .finish()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A 2 MiB read-only anonymous mapping never written: every page reads as
