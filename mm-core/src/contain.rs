@@ -13,10 +13,10 @@
 //! trap handler, a sanitizer's). On a fault whose address lies in a range
 //! the userfaultfd handler poisoned (registered here, lock-free, right
 //! before it poisons, and removed before the range is unmapped), it
-//! confines the fault to the faulting thread: it counts it
-//! ([`contained`]), calls the embedder's callback with the address if one
-//! was given (a vCPU loop can note that its thread is gone), and parks the
-//! thread for good (`pause(2)` in a loop). Any other fault goes to the
+//! confines the fault to the faulting thread: it calls the embedder's
+//! callback with the address if one was given (a vCPU loop can note that
+//! its thread is gone), counts it ([`contained`]), and parks the thread for
+//! good (`pause(2)` in a loop). Any other fault goes to the
 //! previous handler untouched (or, if that was the default action, the
 //! default action is restored and the fault repeats into it).
 //!
@@ -67,7 +67,7 @@ static PREVIOUS: AtomicPtr<libc::sigaction> = AtomicPtr::new(std::ptr::null_mut(
 
 /// Faults confined so far by the handler.
 pub fn contained() -> u64 {
-    CONTAINED.load(Ordering::Relaxed)
+    CONTAINED.load(Ordering::SeqCst)
 }
 
 /// Is the handler installed?
@@ -163,10 +163,12 @@ extern "C" fn handler(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut li
     // si_addr is the faulting address for SIGBUS.
     let addr = unsafe { (*info).si_addr() } as usize;
     if poisoned(addr) {
-        CONTAINED.fetch_add(1, Ordering::Relaxed);
         if let Some(Some(cb)) = CALLBACK.get() {
             cb(addr);
         }
+        // Counted after the callback: whoever sees the count sees what the
+        // callback did.
+        CONTAINED.fetch_add(1, Ordering::SeqCst);
         loop {
             // SAFETY: pause(2) takes no argument; async-signal-safe.
             unsafe { libc::pause() };
