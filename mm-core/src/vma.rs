@@ -20,6 +20,7 @@ use std::fmt;
 use std::ops::BitOr;
 use std::os::fd::OwnedFd;
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
@@ -418,6 +419,14 @@ impl Vma {
 #[derive(Default)]
 pub struct VmaTree {
     map: BTreeMap<u64, Vma>,
+    /// `find_gap`'s hint (the old kernel's `free_area_cache`): every
+    /// address in `[hint_floor, hint_to)` is mapped, so a search from
+    /// `hint_floor` may start at `hint_to`. Raised by `find_gap` (under the
+    /// write lock: `mmap`), lowered by `remove_range`, reset by `take_all`;
+    /// an insert only adds mappings and keeps it true. Atomics only because
+    /// `find_gap` takes `&self`.
+    hint_floor: AtomicU64,
+    hint_to: AtomicU64,
 }
 
 impl fmt::Debug for VmaTree {
@@ -474,19 +483,45 @@ impl VmaTree {
 
     /// Lowest free gap of `len` bytes at an address aligned to `align`, in
     /// `[floor, limit)`.
+    ///
+    /// Starts where the hint says everything below is mapped, so a run of
+    /// mmaps each costs O(log n) instead of a walk over every VMA from the
+    /// floor (issue 11: 100,000 small mmaps took 8 s).
     pub(crate) fn find_gap(&self, len: u64, align: u64, floor: u64, limit: u64) -> Option<u64> {
         let up = |a: u64| a.checked_add(align - 1).map(|x| x & !(align - 1));
-        let mut cand = up(floor)?;
-        for v in self.map.values() {
+        let hinted = self.hint_floor.load(Ordering::Relaxed) == floor;
+        let from = if hinted {
+            floor.max(self.hint_to.load(Ordering::Relaxed))
+        } else {
+            floor
+        };
+        // `free`: the lowest address >= `from` not covered by the VMAs seen
+        // so far, while they are contiguous; `hole`: the first gap found.
+        let (mut free, mut hole) = (from, None);
+        let mut cand = up(from)?;
+        let first = self.find(from).map_or(from, |v| v.start);
+        let mut found = None;
+        for v in self.map.range(first..).map(|(_, v)| v) {
+            if hole.is_none() {
+                if v.start > free {
+                    hole = Some(free);
+                } else {
+                    free = free.max(v.end);
+                }
+            }
             if v.end <= cand {
                 continue;
             }
             if cand.checked_add(len)? <= v.start {
-                return Some(cand);
+                found = Some(cand);
+                break;
             }
             cand = up(v.end)?;
         }
-        (cand.checked_add(len)? <= limit).then_some(cand)
+        // [floor, from) was mapped; so is [from, hole or free) now.
+        self.hint_floor.store(floor, Ordering::Relaxed);
+        self.hint_to.store(hole.unwrap_or(free), Ordering::Relaxed);
+        found.or_else(|| (cand.checked_add(len)? <= limit).then_some(cand))
     }
 
     pub(crate) fn insert(&mut self, vma: Vma) {
@@ -550,6 +585,9 @@ impl VmaTree {
 
     /// Splits at both ends of `[start, end)` and removes every VMA inside.
     pub(crate) fn remove_range(&mut self, start: u64, end: u64) -> Vec<Vma> {
+        // The hole starts at `start` at the lowest: the hint may not pass it.
+        let to = self.hint_to.get_mut();
+        *to = (*to).min(start);
         self.split_at(start);
         self.split_at(end);
         let keys: Vec<u64> = self.map.range(start..end).map(|(k, _)| *k).collect();
@@ -560,6 +598,7 @@ impl VmaTree {
 
     /// Removes every VMA (`tear_down_vmas` + `__mt_destroy`).
     pub(crate) fn take_all(&mut self) -> Vec<Vma> {
+        *self.hint_to.get_mut() = 0;
         std::mem::take(&mut self.map).into_values().collect()
     }
 
