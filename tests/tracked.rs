@@ -587,3 +587,54 @@ fn reaped_guest_touch_is_contained_to_its_thread_child() {
     // The parked thread cannot be joined: end the child here, successfully.
     std::process::exit(0);
 }
+
+/// Issue 11 §4: with `MmConfig::hard_budget` the budget caps tracked
+/// memory too: a direct touch that finds no room after the pressure path
+/// kills its guest and gets SIGBUS (contained to the thread), instead of
+/// being served over budget.
+#[test]
+fn hard_budget_kills_the_faulting_guest_instead_of_overcommitting() {
+    child_passes("hard_budget_kills_the_faulting_guest_instead_of_overcommitting_child");
+}
+
+#[test]
+fn hard_budget_kills_the_faulting_guest_instead_of_overcommitting_child() {
+    if !in_child("hard_budget_kills_the_faulting_guest_instead_of_overcommitting_child") {
+        return;
+    }
+    use guestmm::{contain, HostConfig, MmConfig};
+    let host = Host::new(HostConfig {
+        mm: MmConfig {
+            hard_budget: true,
+            ..MmConfig::default()
+        },
+        oom_wait: Duration::from_millis(50),
+        ..HostConfig::with_budget(MIB)
+    });
+    let g = host.create_guest("g");
+    // The OOM killer finds no victim: only the hard budget can act.
+    g.set_unkillable(true);
+    let mm = g.mm().unwrap();
+    let a = mm
+        .mmap_blocking(MapOptions::anon(4 * MIB).tracked(true).fault_around(4096))
+        .unwrap();
+    if !mm.tracked_stats().unwrap().poison {
+        eprintln!("skipped: no UFFDIO_POISON (the over-budget fault would block)");
+        return;
+    }
+    contain::install(None).unwrap();
+    let p = mm.find_vma_blocking(a).unwrap().host_ptr() as usize;
+    let _worker = std::thread::spawn(move || {
+        for i in 0..1024usize {
+            // SAFETY: inside the tracked mapping, alive while `mm` is.
+            unsafe { ((p + i * 4096) as *mut u8).write_volatile(1) };
+        }
+    });
+    wait_until("the contained fault", || contain::contained() == 1);
+    let s = mm.tracked_stats().unwrap();
+    assert_eq!((s.hard_limit_kills, s.fail_open_pages), (1, 0), "{s:?}");
+    assert!(g.is_dying(), "the faulting guest was killed");
+    assert!(host.stats().charged_bytes <= MIB, "never over the budget");
+    assert_eq!(s.overcommit_bytes, 0);
+    std::process::exit(0);
+}

@@ -26,4 +26,9 @@ pub(crate) trait Pressure: Send + Sync {
     /// task allocates (`None`: a host thread, such as KSM's unmerge).
     /// Returns true when the caller should retry its charge.
     fn relieve(&self, bytes: u64, requester: Option<u64>) -> BoxFuture<'_, bool>;
+
+    /// Hard budget (`MmConfig::hard_budget`): the pressure path freed
+    /// nothing for mm `requester`'s fault, so its guest is killed instead of
+    /// overcommitting. Must not block (called from the userfaultfd handler).
+    fn kill_requester(&self, requester: u64);
 }

@@ -240,6 +240,15 @@ impl Pressure for HostPressure {
             }
         })
     }
+
+    fn kill_requester(&self, requester: u64) {
+        let Some(h) = self.0.upgrade() else { return };
+        let host = Host::from_inner(h);
+        if let Some(g) = host.guests().into_iter().find(|g| g.mm_id() == requester) {
+            tracing::warn!(target: "mm_core::oom", guest = g.id(), "hard budget: the guest's fault found no memory after the pressure path; guest killed");
+            g.kill();
+        }
+    }
 }
 
 /// The pressure path, called by the fault path with no lock held: the

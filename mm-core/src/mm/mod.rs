@@ -65,6 +65,14 @@ pub struct MmConfig {
     /// privilege for a full one it is user-mode-only anyway
     /// ([`TrackedStats::user_mode_only`]).
     pub user_mode_only_uffd: bool,
+    /// The budget is a hard cap for tracked memory too: when a direct
+    /// touch finds no room after `PRESSURE_ROUNDS` runs of the pressure
+    /// path, the faulting guest is killed (`Guest::kill`) and the fault
+    /// answered with `SIGBUS` (contained to the thread by
+    /// [`contain::install`](crate::contain::install)), instead of the
+    /// default fail-open (served over budget, recorded as debt, repaid by
+    /// later zaps).
+    pub hard_budget: bool,
 }
 
 impl Default for MmConfig {
@@ -73,6 +81,7 @@ impl Default for MmConfig {
             va_limit: MAX_GPN * PAGE,
             mmap_floor: 1 << 20,
             user_mode_only_uffd: false,
+            hard_budget: false,
         }
     }
 }

@@ -166,6 +166,10 @@ impl Mm {
         }
         let charge = match self.charge_window(&mut w, fail_open) {
             Ok(c) => c,
+            Err(Outcome::NeedMemory(_)) if fail_open && self.config.hard_budget => {
+                drop(w);
+                return self.hard_limit(t, addr);
+            }
             Err(outcome) => return outcome,
         };
         #[cfg(test)]
@@ -196,7 +200,7 @@ impl Mm {
             if self.budget.try_charge(PAGE).is_ok() {
                 c.only_faulting = true;
                 c.missing = 1;
-            } else if fail_open {
+            } else if fail_open && !self.config.hard_budget {
                 c.only_faulting = true;
                 c.missing = 1;
                 c.overcommit = true;
@@ -306,6 +310,15 @@ impl Mm {
                 }
             }
         }
+    }
+
+    /// Hard budget, pressure exhausted: the guest is killed instead of
+    /// overcommitting, and this fault gets SIGBUS (poisoned like a reaped
+    /// page; `contain` confines it to the thread).
+    fn hard_limit(&self, t: &Tracker, addr: usize) -> Outcome {
+        t.counters.hard_limit_kills.fetch_add(1, Ordering::Relaxed);
+        self.pressure.kill_requester(self.id);
+        self.poison_fault(t, addr)
     }
 
     /// UNSTABLE: SIGBUS for the faulter (step 5). Without POISON support

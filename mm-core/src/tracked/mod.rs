@@ -136,6 +136,9 @@ pub struct TrackedStats {
     pub pressure_runs: u64,
     /// Pages served over budget (fail-open) so far.
     pub fail_open_pages: u64,
+    /// Hard budget (`MmConfig::hard_budget`): faults that found no room
+    /// after the pressure path and killed their guest (SIGBUS).
+    pub hard_limit_kills: u64,
     /// Current overcommit debt in bytes (served uncharged, not yet repaid).
     pub overcommit_bytes: u64,
     /// Faults resolved without the page lock after it stayed busy.
@@ -164,7 +167,7 @@ crate::counters! {
     pub(crate) struct Counters -> TrackedStats {
         faults, pages_faulted, pages_populated_api, pages_poisoned, wp_faults,
         foreign_removes, eagain_retries, pressure_runs, fail_open_pages,
-        busy_breaks, api_wp_waits,
+        hard_limit_kills, busy_breaks, api_wp_waits,
     }
 }
 
