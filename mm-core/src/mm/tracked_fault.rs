@@ -317,7 +317,11 @@ impl Mm {
     /// page; `contain` confines it to the thread).
     fn hard_limit(&self, t: &Tracker, addr: usize) -> Outcome {
         t.counters.hard_limit_kills.fetch_add(1, Ordering::Relaxed);
-        self.pressure.kill_requester(self.id);
+        // Once: the guest's later faults (its threads may still run until
+        // the kill hook stops them) find it killed and are only poisoned.
+        if !self.flags.test(MmFlag::KILLED) {
+            self.pressure.kill_requester(self.id);
+        }
         self.poison_fault(t, addr)
     }
 

@@ -137,7 +137,9 @@ pub struct TrackedStats {
     /// Pages served over budget (fail-open) so far.
     pub fail_open_pages: u64,
     /// Hard budget (`MmConfig::hard_budget`): faults that found no room
-    /// after the pressure path and killed their guest (SIGBUS).
+    /// after the pressure path and were answered with SIGBUS instead of
+    /// being served over budget (the first one kills the guest; later
+    /// ones find it killed).
     pub hard_limit_kills: u64,
     /// Current overcommit debt in bytes (served uncharged, not yet repaid).
     pub overcommit_bytes: u64,

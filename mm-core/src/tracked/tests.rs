@@ -30,6 +30,16 @@ fn touch(ptr: *mut u8, len: usize, byte: u8) {
     }
 }
 
+/// A 64 MiB host and a new mm with one tracked mapping of `len` bytes.
+fn tracked_mm(len: u64) -> (Host, crate::MmUser, u64) {
+    let host = Host::with_budget(64 << 20);
+    let mm = host.new_mm("t");
+    let addr = mm
+        .mmap_blocking(MapOptions::anon(len).tracked(true))
+        .unwrap();
+    (host, mm, addr)
+}
+
 #[test]
 fn test_registry_split() {
     let t = Tracker::new(1, false).unwrap();
@@ -47,11 +57,7 @@ fn test_registry_split() {
 
 #[test]
 fn test_direct_touch_charged_once() {
-    let host = Host::with_budget(64 << 20);
-    let mm = host.new_mm("t");
-    let addr = mm
-        .mmap_blocking(MapOptions::anon(4 << 20).tracked(true))
-        .unwrap();
+    let (host, mm, addr) = tracked_mm(4 << 20);
     let ptr = mm.find_vma_blocking(addr).unwrap().host_ptr();
     touch(ptr, 4 << 20, 7);
     assert_eq!(host.stats().charged_bytes, 4 << 20);
@@ -68,11 +74,7 @@ fn test_direct_touch_charged_once() {
 
 #[test]
 fn test_handler_panic_degrades() {
-    let host = Host::with_budget(64 << 20);
-    let mm = host.new_mm("t");
-    let addr = mm
-        .mmap_blocking(MapOptions::anon(2 << 20).tracked(true))
-        .unwrap();
+    let (host, mm, addr) = tracked_mm(2 << 20);
     let ptr = mm.find_vma_blocking(addr).unwrap().host_ptr();
     let t = mm.tracker().unwrap();
     t.panic_next_fault.store(true, Ordering::SeqCst);
@@ -96,11 +98,7 @@ fn test_handler_panic_degrades() {
 
 #[test]
 fn test_write_protect_blocks_writer() {
-    let host = Host::with_budget(64 << 20);
-    let mm = host.new_mm("t");
-    let addr = mm
-        .mmap_blocking(MapOptions::anon(1 << 20).tracked(true))
-        .unwrap();
+    let (_host, mm, addr) = tracked_mm(1 << 20);
     if !mm.tracked_stats().unwrap().write_protect {
         return;
     }
@@ -130,11 +128,7 @@ fn test_write_protect_blocks_writer() {
 /// run: nothing completed.
 #[test]
 fn test_wp_api_write_waits_without_locks() {
-    let host = Host::with_budget(64 << 20);
-    let mm = host.new_mm("t");
-    let addr = mm
-        .mmap_blocking(MapOptions::anon(1 << 20).tracked(true))
-        .unwrap();
+    let (_host, mm, addr) = tracked_mm(1 << 20);
     if !mm.tracked_stats().unwrap().write_protect {
         eprintln!("skipped: no userfaultfd write-protect");
         return;
@@ -200,11 +194,7 @@ fn test_fail_open_is_not_a_pressure_cycle_per_page() {
 /// be poisoned, not served with zeros.
 #[test]
 fn test_unstable_rechecked_with_the_whole_window_locked() {
-    let host = Host::with_budget(64 << 20);
-    let mm = host.new_mm("t");
-    let addr = mm
-        .mmap_blocking(MapOptions::anon(2 << 20).tracked(true))
-        .unwrap();
+    let (host, mm, addr) = tracked_mm(2 << 20);
     let t = mm.tracker().unwrap();
     if !t.poison {
         eprintln!("skipped: no UFFDIO_POISON (a poisoned fault would hang)");
@@ -244,11 +234,7 @@ fn test_unstable_rechecked_with_the_whole_window_locked() {
 /// message up; it must still not be taken for the embedder's.
 #[test]
 fn test_own_remove_not_foreign_after_zapper_returned() {
-    let host = Host::with_budget(64 << 20);
-    let mm = host.new_mm("t");
-    let addr = mm
-        .mmap_blocking(MapOptions::anon(2 << 20).tracked(true))
-        .unwrap();
+    let (host, mm, addr) = tracked_mm(2 << 20);
     let ptr = mm.find_vma_blocking(addr).unwrap().host_ptr();
     touch(ptr, PAGE_SIZE, 1);
     // The fault-around window of the first page (clamped to the VMA).
@@ -273,11 +259,7 @@ fn test_own_remove_not_foreign_after_zapper_returned() {
 /// `pte_lock` spin forever).
 #[test]
 fn test_handler_panic_after_lock_releases_locks() {
-    let host = Host::with_budget(64 << 20);
-    let mm = host.new_mm("t");
-    let addr = mm
-        .mmap_blocking(MapOptions::anon(2 << 20).tracked(true))
-        .unwrap();
+    let (host, mm, addr) = tracked_mm(2 << 20);
     let ptr = mm.find_vma_blocking(addr).unwrap().host_ptr();
     let t = mm.tracker().unwrap();
     t.panic_after_lock.store(true, Ordering::SeqCst);
