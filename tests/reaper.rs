@@ -199,10 +199,10 @@ fn test_oom_killer_disable_waits_for_the_victims_own_exit() {
     wait_until("the reap", || reaper.stats().reaped == 1);
     // Reaped, but still running: disable must not return true (seed 4:
     // the reaper never calls exit_oom_victim for the victim).
-    assert!(!host.oom_killer_disable(Duration::from_millis(30)));
+    assert!(!host.oom_killer_disable_blocking(Duration::from_millis(30)));
     assert_eq!(host.oom_stats().victims_running, 1);
     victim.exit_blocking();
-    assert!(host.oom_killer_disable(Duration::from_millis(30)));
+    assert!(host.oom_killer_disable_blocking(Duration::from_millis(30)));
     let (g, _) = guest_with(&host, "g", MIB);
     assert_eq!(oom(&host), OomOutcome::Disabled);
     host.oom_killer_enable();

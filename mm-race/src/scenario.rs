@@ -39,17 +39,22 @@ pub enum Target {
     FullSystem,
     /// Guest exits vs ksmd and unmerge-all (seed 3; [`crate::ksm_scenario`]).
     TeardownVsKsm,
+    /// `oom_killer_disable` (the suspend freezer) vs the OOM killer, the
+    /// victim's exit and a victim that holds its mmap lock for a long
+    /// (virtual) time, so the reaper gives up (seed 4's story, I-RP-8).
+    OomDisableVsExit,
 }
 
 impl Target {
     /// All targets, in order.
-    pub const ALL: [Target; 6] = [
+    pub const ALL: [Target; 7] = [
         Target::TeardownVsReaper,
         Target::MreleaseVsExit,
         Target::FaultVsReap,
         Target::KillAnywhere,
         Target::FullSystem,
         Target::TeardownVsKsm,
+        Target::OomDisableVsExit,
     ];
 
     /// Name used by the fuzz targets and the corpus directories.
@@ -61,6 +66,7 @@ impl Target {
             Target::KillAnywhere => "kill_anywhere",
             Target::FullSystem => "full_system",
             Target::TeardownVsKsm => "teardown_vs_ksm",
+            Target::OomDisableVsExit => "oom_disable_vs_exit",
         }
     }
 }
@@ -129,6 +135,12 @@ pub struct Setup {
     /// keep their meaning.
     #[arbitrary(default)]
     fail_nth: u8,
+    /// `oom_disable_vs_exit` only (decoded after the setup, like
+    /// `fail_nth`): how long the stuck holder keeps the victim's mmap lock
+    /// in write mode, in units of 150 virtual ms (0 = no holder); the
+    /// reaper gives up after 3 tries 100 ms apart.
+    #[arbitrary(default)]
+    hold: u8,
 }
 
 /// A finding: which invariant broke, and the trace that broke it.
@@ -262,6 +274,9 @@ pub fn run_mode(target: Target, data: &[u8], mode: &Mode) -> Option<Finding> {
     if target == Target::KillAnywhere {
         setup.fail_nth = u.int_in_range(0..=15).unwrap_or(0);
     }
+    if target == Target::OomDisableVsExit {
+        setup.hold = u.int_in_range(0..=7).unwrap_or(0);
+    }
     let schedule = u.take_rest().to_vec();
     run_setup_mode(target, &setup, &schedule, mode)
 }
@@ -302,11 +317,12 @@ pub fn run_setup_mode(
     // too), outside any actor: nothing yields.
     let hook = sim.install_for_setup();
     let g0 = build_guest(&host, "g0", setup)?;
-    let g1 = if target == Target::FullSystem && setup.second_guest {
-        build_guest(&host, "g1", setup)
-    } else {
-        None
-    };
+    let g1 =
+        if matches!(target, Target::FullSystem | Target::OomDisableVsExit) && setup.second_guest {
+            build_guest(&host, "g1", setup)
+        } else {
+            None
+        };
     let watches: Vec<MmWatch> = [Some(&g0), g1.as_ref()]
         .into_iter()
         .flatten()
@@ -418,6 +434,51 @@ pub fn run_setup_mode(
             }
         }
     }
+    // Kills counted when oom_killer_disable returned true (u64::MAX: it
+    // did not, or no freezer ran).
+    let frozen_at = Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
+    if target == Target::OomDisableVsExit {
+        let guests: Vec<Guest> = [Some(&g0), g1.as_ref()]
+            .into_iter()
+            .flatten()
+            .map(|g| g.guest.clone())
+            .collect();
+        let (h, at) = (host.clone(), frozen_at.clone());
+        let wait = sim.time(Duration::from_millis(1000));
+        sim.spawn("freezer", async move {
+            if !h.oom_killer_disable(wait).await {
+                return;
+            }
+            // I-RP-8: true only when no marked victim is still running,
+            // that is, every victim has passed its own mmput.
+            for g in &guests {
+                mm_core::sched::check(
+                    g.oom_mm().is_none() || g.has_released_mm(),
+                    "I-RP-8: oom_killer_disable returned while a victim had not released its mm",
+                );
+            }
+            at.store(h.oom_stats().kills, Ordering::SeqCst);
+        });
+        if setup.hold != 0 {
+            // A victim thread stuck with its mmap lock held for write (in
+            // mmap, say): the reaper's tries all fail and it gives up.
+            let grab = g0.guest.mm_grab()?;
+            let (c, r) = (clock.clone(), reaper.clone());
+            let hold = sim.time(Duration::from_millis(150 * u64::from(setup.hold)));
+            sim.spawn("stuck-holder", async move {
+                let guard = grab.lock().write().await;
+                mm_core::Clock::sleep(&*c, hold).await;
+                // I-RP-6: a reaper that gave up set OOM_SKIP first, so the
+                // OOM killer can move on while this holder is still stuck
+                // (only the reaper can have set it: exit waits for us).
+                mm_core::sched::check(
+                    r.stats().gave_up == 0 || grab.flags().test(MmFlag::OOM_SKIP),
+                    "I-RP-6: the reaper gave up without setting OOM_SKIP",
+                );
+                drop(guard);
+            });
+        }
+    }
     let g = g0.guest.clone();
     sim.spawn("exit", async move { g.exit().await });
     if let Some(g1) = &g1 {
@@ -472,6 +533,14 @@ pub fn run_setup_mode(
                 );
             }
         }
+    }
+    // I-RP-8: no victim marked once oom_killer_disable returned true.
+    let at = frozen_at.load(Ordering::SeqCst);
+    if at != u64::MAX && host.oom_stats().kills != at {
+        return finding(
+            &report,
+            "I-RP-8: a victim was killed after oom_killer_disable returned true".into(),
+        );
     }
     // I-RP-7: never a second victim while one lacks OOM_SKIP.
     if let Some(what) = second_victim(&host) {

@@ -173,6 +173,7 @@ impl Host {
                 host: Arc::downgrade(&self.inner),
                 killed: AtomicBool::new(false),
                 exiting: AtomicBool::new(false),
+                mm_released: AtomicBool::new(false),
                 memdie: AtomicBool::new(false),
                 unkillable: AtomicBool::new(false),
                 kill_hook: Mutex::new(None),
@@ -311,6 +312,9 @@ pub(crate) struct GuestInner {
     pub(crate) killed: AtomicBool,
     /// `exit` has started (`PF_EXITING`).
     pub(crate) exiting: AtomicBool,
+    /// `exit` has let go of the address space (`exit_mm`'s mmput
+    /// returned): the point after which `exit_oom_victim` may run.
+    pub(crate) mm_released: AtomicBool,
     /// `TIF_MEMDIE`: marked as OOM victim and not yet through its own exit.
     pub(crate) memdie: AtomicBool,
     /// Never chosen by the OOM killer (global init, a control plane).
@@ -415,6 +419,7 @@ impl Guest {
         if let Some(user) = user {
             user.exit().await;
         }
+        self.inner.mm_released.store(true, Ordering::SeqCst);
         if let Some(h) = self.inner.host.upgrade() {
             if self.inner.memdie.swap(false, Ordering::SeqCst) {
                 oom::exit_oom_victim(&h, self);

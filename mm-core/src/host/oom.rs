@@ -21,9 +21,9 @@
 //!    [`Host::oom_killer_disable`] is a real barrier (I-RP-8).
 
 use crate::types::lock;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use super::{Guest, Host, HostInner};
 use crate::flags::MmFlag;
@@ -89,9 +89,11 @@ pub(crate) struct OomState {
     /// `oom_lock`: serialises selection, kill and `oom_killer_disable`.
     lock: async_lock::Mutex<()>,
     disabled: AtomicBool,
-    /// `oom_victims` + `oom_victims_wait`.
-    victims: Mutex<usize>,
-    victims_cv: Condvar,
+    /// `oom_victims`: changed only under `lock` (+1, mark_oom_victim) or
+    /// by the victim's own exit (-1, exit_oom_victim).
+    victims: AtomicUsize,
+    /// `oom_victims_wait`: notified when `victims` reaches 0.
+    victims_wait: event_listener::Event,
     reaper: Mutex<Option<Arc<dyn OomReaperQueue>>>,
     kills: AtomicU64,
     aborted: AtomicU64,
@@ -108,10 +110,20 @@ pub(crate) fn exit_oom_victim(h: &HostInner, victim: &Guest) {
         victim.inner().exiting.load(Ordering::SeqCst),
         "I-RP-8: exit_oom_victim called outside the victim's own exit",
     );
-    let mut v = lock(&h.oom.victims);
-    *v = v.saturating_sub(1);
-    if *v == 0 {
-        h.oom.victims_cv.notify_all();
+    // ... and after its mmput: a victim that cleared its mark before
+    // letting go of its address space would let oom_killer_disable()
+    // return while the teardown it may be running still frees memory.
+    crate::sched::check(
+        victim.inner().mm_released.load(Ordering::SeqCst),
+        "I-RP-8: exit_oom_victim before the victim's own mmput",
+    );
+    let left = h
+        .oom
+        .victims
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| v.checked_sub(1))
+        .map_or(0, |v| v - 1);
+    if left == 0 {
+        h.oom.victims_wait.notify(usize::MAX);
     }
 }
 
@@ -161,6 +173,13 @@ impl Guest {
     pub fn is_running_victim(&self) -> bool {
         self.inner().memdie.load(Ordering::SeqCst)
     }
+
+    /// [`exit`](Guest::exit) has let go of the address space (its mmput
+    /// returned; the teardown ran there if it held the last user). Only
+    /// after this may a victim's mark be cleared (I-RP-8).
+    pub fn has_released_mm(&self) -> bool {
+        self.inner().mm_released.load(Ordering::SeqCst)
+    }
 }
 
 impl Host {
@@ -176,7 +195,7 @@ impl Host {
             kills: o.kills.load(Ordering::Relaxed),
             aborted: o.aborted.load(Ordering::Relaxed),
             second_kills: o.second_kills.load(Ordering::Relaxed),
-            victims_running: *lock(&o.victims),
+            victims_running: o.victims.load(Ordering::SeqCst),
             kill_hook_panics: o.kill_hook_panics.load(Ordering::Relaxed),
         }
     }
@@ -296,7 +315,7 @@ impl Host {
         // kept for as long as the guest record lives (seed 4): the reaper
         // and selection find the mm here even after the guest dropped it.
         victim.set_oom_mm(mm.clone());
-        *lock(&self.inner().oom.victims) += 1;
+        self.inner().oom.victims.fetch_add(1, Ordering::SeqCst);
     }
 
     /// `queue_oom_reaper`: at most once per mm (I-RP-1).
@@ -312,31 +331,50 @@ impl Host {
         }
     }
 
-    /// `oom_killer_disable`: no new victims from now on; waits up to
-    /// `timeout` for every marked victim to finish its own exit. On timeout
-    /// the killer is enabled again and false is returned.
-    pub fn oom_killer_disable(&self, timeout: Duration) -> bool {
+    /// `oom_killer_disable`: no new victims from now on (the flag is set
+    /// under `oom_lock`, so no selection is half-way through a kill), then
+    /// waits up to `timeout` (on the host's clock) for every marked victim
+    /// to pass its own exit: its mmput, then `exit_oom_victim` (I-RP-8).
+    /// On timeout the killer is enabled again and false is returned.
+    pub async fn oom_killer_disable(&self, timeout: Duration) -> bool {
         let oom = &self.inner().oom;
         {
-            let _g = futures_lite::future::block_on(oom.lock.lock());
+            let _g = oom.lock.lock().await;
             oom.disabled.store(true, Ordering::SeqCst);
         }
-        let deadline = Instant::now() + timeout;
-        let mut v = lock(&oom.victims);
-        while *v > 0 {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                drop(v);
+        crate::sched::point("oom_killer_disable:disabled").await;
+        let mut expired = self.clock().sleep(timeout);
+        loop {
+            if oom.victims.load(Ordering::SeqCst) == 0 {
+                return true;
+            }
+            // Listen, then re-check: a victim's notify between the load
+            // and the listen would otherwise be lost.
+            let listener = oom.victims_wait.listen();
+            if oom.victims.load(Ordering::SeqCst) == 0 {
+                return true;
+            }
+            let woke = futures_lite::future::or(
+                async {
+                    listener.await;
+                    true
+                },
+                async {
+                    (&mut expired).await;
+                    false
+                },
+            )
+            .await;
+            if !woke && oom.victims.load(Ordering::SeqCst) != 0 {
                 self.oom_killer_enable();
                 return false;
             }
-            v = oom
-                .victims_cv
-                .wait_timeout(v, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
         }
-        true
+    }
+
+    /// Blocking [`oom_killer_disable`](Self::oom_killer_disable).
+    pub fn oom_killer_disable_blocking(&self, timeout: Duration) -> bool {
+        futures_lite::future::block_on(self.oom_killer_disable(timeout))
     }
 
     /// `oom_killer_enable`.
