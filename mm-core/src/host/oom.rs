@@ -339,7 +339,11 @@ impl Host {
     pub async fn oom_killer_disable(&self, timeout: Duration) -> bool {
         let oom = &self.inner().oom;
         {
+            // Under oom_lock: a selection that got the lock first finishes
+            // its kill (and its mark) before we set the flag; one that
+            // comes after sees the flag under the lock (I-RP-8).
             let _g = oom.lock.lock().await;
+            crate::sched::point("oom_killer_disable:locked").await;
             oom.disabled.store(true, Ordering::SeqCst);
         }
         crate::sched::point("oom_killer_disable:disabled").await;
