@@ -437,24 +437,26 @@ pub fn run_setup_mode(
     // Kills counted when oom_killer_disable returned true (u64::MAX: it
     // did not, or no freezer ran).
     let frozen_at = Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
+    // Each guest's exit() has returned (set by its exit actor in the same
+    // poll: nothing yields between exit_oom_victim and the return).
+    let exited: Vec<(Guest, Arc<AtomicBool>)> = [Some(&g0), g1.as_ref()]
+        .into_iter()
+        .flatten()
+        .map(|g| (g.guest.clone(), Arc::new(AtomicBool::new(false))))
+        .collect();
     if target == Target::OomDisableVsExit {
-        let guests: Vec<Guest> = [Some(&g0), g1.as_ref()]
-            .into_iter()
-            .flatten()
-            .map(|g| g.guest.clone())
-            .collect();
-        let (h, at) = (host.clone(), frozen_at.clone());
+        let (h, at, guests) = (host.clone(), frozen_at.clone(), exited.clone());
         let wait = sim.time(Duration::from_millis(1000));
         sim.spawn("freezer", async move {
             if !h.oom_killer_disable(wait).await {
                 return;
             }
-            // I-RP-8: true only when no marked victim is still running,
-            // that is, every victim has passed its own mmput.
-            for g in &guests {
+            // I-RP-8: true only when no marked victim is still running: each
+            // has finished its own exit (mmput, then exit_oom_victim).
+            for (g, done) in &guests {
                 mm_core::sched::check(
-                    g.oom_mm().is_none() || g.has_released_mm(),
-                    "I-RP-8: oom_killer_disable returned while a victim had not released its mm",
+                    g.oom_mm().is_none() || done.load(Ordering::SeqCst),
+                    "I-RP-8: oom_killer_disable returned while a victim was still exiting",
                 );
             }
             at.store(h.oom_stats().kills, Ordering::SeqCst);
@@ -479,11 +481,12 @@ pub fn run_setup_mode(
             });
         }
     }
-    let g = g0.guest.clone();
-    sim.spawn("exit", async move { g.exit().await });
-    if let Some(g1) = &g1 {
-        let g = g1.guest.clone();
-        sim.spawn("g1-exit", async move { g.exit().await });
+    for (i, (g, done)) in exited.iter().cloned().enumerate() {
+        let name = if i == 0 { "exit" } else { "g1-exit" };
+        sim.spawn(name, async move {
+            g.exit().await;
+            done.store(true, Ordering::SeqCst);
+        });
     }
 
     let mut report = sim.run(20_000);
@@ -567,7 +570,7 @@ pub fn run_setup_mode(
     // Everything returned: budget 0, no guest left, every struct freed at
     // count 0 once the last holders (guest records, reaper) are gone.
     let charged = host.stats().charged_bytes;
-    drop((g0, g1, reaper));
+    drop((g0, g1, reaper, exited));
     report.trace.shrink_to_fit();
     end_of_run_oracles(charged, host, &watches).and_then(|what| finding(&report, what))
 }

@@ -173,13 +173,6 @@ impl Guest {
     pub fn is_running_victim(&self) -> bool {
         self.inner().memdie.load(Ordering::SeqCst)
     }
-
-    /// [`exit`](Guest::exit) has let go of the address space (its mmput
-    /// returned; the teardown ran there if it held the last user). Only
-    /// after this may a victim's mark be cleared (I-RP-8).
-    pub fn has_released_mm(&self) -> bool {
-        self.inner().mm_released.load(Ordering::SeqCst)
-    }
 }
 
 impl Host {
