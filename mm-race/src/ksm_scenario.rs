@@ -17,8 +17,15 @@
 //! * `gN-exit`: each guest's exit (the last `mmput` runs `ksm_exit` then
 //!   `exit_mmap`); guest 1 may stay alive to be checked for leaks.
 //!
-//! No reaper runs here: it would free the victim's memory without its exit
-//! and hide the seed-3 cycle (2009 had no reaper).
+//! No reaper runs in `teardown_vs_ksm`: it would free the victim's memory
+//! without its exit and hide the seed-3 cycle (2009 had no reaper).
+//! `ksm_vs_reaper` (PROTOCOL.md §9.9) is the same setup with the reaper
+//! installed and two more actors: `oom` (one `out_of_memory`, so there is
+//! always a victim) and `reaper` (the reaper's loop). ksmd then scans,
+//! merges and unshares beside a reaper zapping the victim, both as readers
+//! of its mmap lock; the victim gets OOM_SKIP (I-RP-6) and the oracles
+//! above must all still hold (stale stable pages pruned, every charge
+//! returned).
 //!
 //! Oracles: the run ends (a deadlock prints each actor's last step); the
 //! `sched::check`s of I-KSM-1 (the victim's exit makes no progress while an
@@ -31,12 +38,14 @@
 //! (I-KSM-4, I-KSM-9), no stable page left (I-KSM-7), nothing charged
 //! (I-RC-3) and every mm struct freed (I-RC-2).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arbitrary::{Arbitrary, Unstructured};
 use futures_lite::future::block_on;
-use mm_core::{Advice, Host, HostConfig, MapOptions, MmUser, MmWatch, PAGE_SIZE};
+use mm_core::{Advice, Host, HostConfig, MapOptions, MmFlag, MmUser, MmWatch, PAGE_SIZE};
+use mm_reaper::{Reaper, ReaperConfig};
 use mm_ksm::{Ksm, KsmConfig, Run};
 
 use crate::exec::Report;
@@ -105,14 +114,28 @@ pub fn run(data: &[u8]) -> Option<Finding> {
 
 /// Runs one input in `mode` (the executor, or OS threads).
 pub fn run_mode(data: &[u8], mode: &Mode) -> Option<Finding> {
+    run_mode_reaper(data, mode, false)
+}
+
+/// Runs one input in `mode`; `reaper`: the `ksm_vs_reaper` actors too.
+pub fn run_mode_reaper(data: &[u8], mode: &Mode, reaper: bool) -> Option<Finding> {
     let mut u = Unstructured::new(data);
     let setup = KsmSetup::arbitrary(&mut u).ok()?;
     let schedule = u.take_rest().to_vec();
-    run_setup(&setup, &schedule, mode)
+    run_setup_reaper(&setup, &schedule, mode, reaper)
 }
 
 /// Runs a decoded setup with an explicit schedule in `mode`.
 pub fn run_setup(setup: &KsmSetup, schedule: &[u8], mode: &Mode) -> Option<Finding> {
+    run_setup_reaper(setup, schedule, mode, false)
+}
+
+fn run_setup_reaper(
+    setup: &KsmSetup,
+    schedule: &[u8],
+    mode: &Mode,
+    with_reaper: bool,
+) -> Option<Finding> {
     let mut sim = Runner::new(mode, schedule);
     let clock = sim.clock();
     let nguests = 2 + u64::from(setup.guests % 2);
@@ -130,6 +153,17 @@ pub fn run_setup(setup: &KsmSetup, schedule: &[u8], mode: &Mode) -> Option<Findi
         clock: clock.clone(),
         oom_wait: sim.time(Duration::from_millis(300)),
         ..HostConfig::with_budget(budget)
+    });
+    let reaper = with_reaper.then(|| {
+        let r = Reaper::new(ReaperConfig {
+            delay: Duration::ZERO,
+            max_retries: 3,
+            retry_interval: sim.time(Duration::from_millis(100)),
+            zap_threads: 1,
+            clock: clock.clone(),
+        });
+        r.install(&host);
+        r
     });
     let ksm = Ksm::new(KsmConfig {
         pages_to_scan: 1 + u64::from(setup.pages_to_scan % 32),
@@ -220,6 +254,28 @@ pub fn run_setup(setup: &KsmSetup, schedule: &[u8], mode: &Mode) -> Option<Findi
             user.exit().await;
         });
     }
+    // The OOM killer (one kill) and the reaper's loop (ksm_vs_reaper).
+    let oom_done = Arc::new(AtomicBool::new(false));
+    if let Some(r) = &reaper {
+        let (h, done) = (host.clone(), oom_done.clone());
+        sim.spawn("oom", async move {
+            let _ = h.out_of_memory(None).await;
+            done.store(true, Ordering::SeqCst);
+        });
+        let (r, done, c) = (r.clone(), oom_done.clone(), clock.clone());
+        let poll = sim.time(Duration::from_millis(50));
+        sim.spawn("reaper", async move {
+            loop {
+                if r.step().await {
+                    continue;
+                }
+                if done.load(Ordering::SeqCst) && r.pending() == 0 {
+                    break;
+                }
+                mm_core::Clock::sleep(&*c, poll).await;
+            }
+        });
+    }
     for (i, g) in gs.iter().enumerate() {
         if i == 1 && setup.g1_stays {
             continue;
@@ -256,8 +312,17 @@ pub fn run_setup(setup: &KsmSetup, schedule: &[u8], mode: &Mode) -> Option<Findi
     if let Some(what) = crate::scenario::second_victim(&host) {
         return finding(&report, what);
     }
-    // Guest 1 (alive if it stayed): its own contents, whatever guest 0 wrote.
-    if setup.g1_stays {
+    // I-RP-6: a victim ends with OOM_SKIP (the reaper, or its exit_mmap).
+    for g in &gs {
+        if let Some(m) = g.guest.oom_mm() {
+            if !m.flags().test(MmFlag::OOM_SKIP) && g.guest.mm().is_err() {
+                return finding(&report, "I-RP-6: victim never got OOM_SKIP".into());
+            }
+        }
+    }
+    // Guest 1 (alive if it stayed): its own contents, whatever guest 0
+    // wrote (unless it was the victim and reaped: then nothing to check).
+    if setup.g1_stays && gs[1].guest.oom_mm().is_none() {
         if let Ok(mm) = gs[1].guest.mm() {
             for (i, want) in gs[1].fill.iter().enumerate() {
                 let mut b = [0u8; 2];
@@ -314,7 +379,7 @@ pub fn run_setup(setup: &KsmSetup, schedule: &[u8], mode: &Mode) -> Option<Findi
         );
     }
     let watches: Vec<MmWatch> = gs.iter().map(|g| g.watch.clone()).collect();
-    drop((gs, ksm));
+    drop((gs, ksm, reaper));
     let charged = host.stats().charged_bytes;
     crate::scenario::end_of_run_oracles(charged, host, &watches)
         .and_then(|what| finding(&report, what))

@@ -39,6 +39,9 @@ pub enum Target {
     FullSystem,
     /// Guest exits vs ksmd and unmerge-all (seed 3; [`crate::ksm_scenario`]).
     TeardownVsKsm,
+    /// `teardown_vs_ksm` with the OOM killer and reaper (PROTOCOL.md
+    /// §9.9): ksmd and the reaper on the same victim.
+    KsmVsReaper,
     /// `oom_killer_disable` (the suspend freezer) vs the OOM killer, the
     /// victim's exit and a victim that holds its mmap lock for a long
     /// (virtual) time, so the reaper gives up (seed 4's story, I-RP-8).
@@ -47,7 +50,7 @@ pub enum Target {
 
 impl Target {
     /// All targets, in order.
-    pub const ALL: [Target; 7] = [
+    pub const ALL: [Target; 8] = [
         Target::TeardownVsReaper,
         Target::MreleaseVsExit,
         Target::FaultVsReap,
@@ -55,6 +58,7 @@ impl Target {
         Target::FullSystem,
         Target::TeardownVsKsm,
         Target::OomDisableVsExit,
+        Target::KsmVsReaper,
     ];
 
     /// Name used by the fuzz targets and the corpus directories.
@@ -67,6 +71,7 @@ impl Target {
             Target::FullSystem => "full_system",
             Target::TeardownVsKsm => "teardown_vs_ksm",
             Target::OomDisableVsExit => "oom_disable_vs_exit",
+            Target::KsmVsReaper => "ksm_vs_reaper",
         }
     }
 }
@@ -266,6 +271,9 @@ pub fn run(target: Target, data: &[u8]) -> Option<Finding> {
 pub fn run_mode(target: Target, data: &[u8], mode: &Mode) -> Option<Finding> {
     if target == Target::TeardownVsKsm {
         return crate::ksm_scenario::run_mode(data, mode);
+    }
+    if target == Target::KsmVsReaper {
+        return crate::ksm_scenario::run_mode_reaper(data, mode, true);
     }
     let mut u = Unstructured::new(data);
     let Ok(mut setup) = Setup::arbitrary(&mut u) else {
