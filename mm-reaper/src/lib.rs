@@ -404,7 +404,7 @@ pub async fn oom_reap_task_mm(mm: &Mm, zap_threads: usize) -> ReapOutcome {
     mm_core::sched::point("oom_reap_task_mm:checked").await;
     tracing::debug!(target: "mm_reaper::start_task_reaping", mm_id = mm.id(), "start_task_reaping");
     let start = Instant::now();
-    let (complete, pages) = reap_locked(mm, &state, zap_threads);
+    let (complete, pages) = reap_locked(mm, &state, zap_threads).await;
     mm_core::sched::point("oom_reap_task_mm:after_reap").await;
     drop(state);
     tracing::info!(
@@ -426,11 +426,16 @@ pub async fn oom_reap_task_mm(mm: &Mm, zap_threads: usize) -> ReapOutcome {
 
 /// `__oom_reap_task_mm`: zap every reapable VMA. The caller holds the mmap
 /// lock in read mode (`state`). Returns (complete, pages uncharged).
-pub fn reap_locked(mm: &Mm, state: &MmState, zap_threads: usize) -> (bool, u64) {
+///
+/// A named yield point follows the `UNSTABLE` publish and each VMA's zap,
+/// so a race harness can run a fault (or an exit) between any two steps:
+/// a reordering of the publish and the zaps is then visible.
+pub async fn reap_locked(mm: &Mm, state: &MmState, zap_threads: usize) -> (bool, u64) {
     // I-RP-4: UNSTABLE before the first zap. The fault path re-checks it
     // under the page lock after finding a PTE empty, so no access ever
     // sees a zero page where the victim's data was (6b31d5955cb2).
     mm.flags().set(MmFlag::UNSTABLE);
+    mm_core::sched::point("reap:unstable_set").await;
     let mut complete = true;
     let mut pages = 0;
     // From the top down (2025: "from the other end" than exit_mmap, which
@@ -456,6 +461,7 @@ pub fn reap_locked(mm: &Mm, state: &MmState, zap_threads: usize) -> (bool, u64) 
             }
         }
         mm.notify_invalidate_end(range);
+        mm_core::sched::point("reap:vma_zapped").await;
     }
     (complete, pages)
 }
@@ -613,7 +619,7 @@ pub async fn mrelease_interruptible(
     // Synchronous and user-requested: use the CPUs we have (the kernel's
     // call runs beside the victim's own exit, which zaps too).
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
-    let (complete, pages) = reap_locked(&grab, &state, threads);
+    let (complete, pages) = reap_locked(&grab, &state, threads).await;
     drop(state);
     if complete && pages == 0 && reaped_before {
         // The kernel's second process_mrelease reaps nothing and returns
