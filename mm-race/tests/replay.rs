@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use mm_race::{run, run_mode, Mode, Target};
+use mm_race::{run, Target};
 
 fn files(dir: &Path) -> Vec<std::path::PathBuf> {
     let Ok(rd) = std::fs::read_dir(dir) else {
@@ -91,18 +91,7 @@ fn injected_failures_reach_the_fallible_sites_and_break_nothing() {
     );
 }
 
-#[test]
-fn thread_mode_runs_every_target_and_finds_nothing() {
-    let mode = Mode::threads();
-    for t in Target::ALL {
-        for (i, data) in inputs(0x7A2E ^ t.name().len() as u64, 25).enumerate() {
-            if let Some(finding) = run_mode(t, &data, &mode) {
-                panic!(
-                    "{} (threads) input #{i} {:02x?}:\n{finding}",
-                    t.name(),
-                    data
-                );
-            }
-        }
-    }
-}
+// The OS-threads mode is not replayed here: what a run on real threads
+// finds depends on OS timing (a mutant was caught in 2 of 4 runs of the
+// same inputs), so it lives in the bounded `threads` example instead
+// (FUZZING.md). Its oracles share the executor's code.
