@@ -136,7 +136,16 @@ impl DirtyBitmap {
         let (_vma, host) = find_range(user, addr, len, GuestAddress(0))?;
         let (host, len_b) = (host as usize, len as usize);
         let uffd = WpAsyncUffd::open()
-            .map_err(Error::host("userfaultfd"))?
+            .map_err(|e| match e.raw_os_error() {
+                // No userfaultfd for this process at all.
+                Some(libc::EPERM | libc::ENOSYS) => Error::Unsupported {
+                    what: "userfaultfd (not permitted or not built in)",
+                },
+                _ => Error::Host {
+                    op: "userfaultfd",
+                    source: e,
+                },
+            })?
             .ok_or(Error::Unsupported {
                 what: "asynchronous userfaultfd write-protect (UFFD_FEATURE_WP_ASYNC, Linux 6.7)",
             })?;
