@@ -47,7 +47,7 @@
 
 use std::num::NonZeroUsize;
 
-use mm_core::{MmUser, PAGE_SIZE};
+use mm_core::{MmUser, Vma, PAGE_SIZE};
 use vm_memory::bitmap::{AtomicBitmap, Bitmap, RefSlice, WithBitmapSlice};
 use vm_memory::GuestAddress;
 
@@ -61,10 +61,17 @@ const SCAN_BATCH: usize = 256;
 /// The kernel side: the write-protect userfaultfd and the pagemap.
 #[derive(Debug)]
 struct KernelSide {
+    /// Dropped first: closing it unregisters the range while it is
+    /// certainly still mapped.
     uffd: WpAsyncUffd,
     pagemap: Pagemap,
     host: usize,
     len: usize,
+    /// Keeps the host mapping (so a scan never reads another mapping that
+    /// took its place) and, dropped after it, the address space (as a
+    /// region's fields).
+    _vma: Vma,
+    _user: MmUser,
 }
 
 impl KernelSide {
@@ -128,12 +135,14 @@ impl DirtyBitmap {
     /// Tracks `[addr, addr+len)` of `user`'s address space (page-aligned,
     /// inside one read-write VMA): registers its host range with a
     /// `WP_ASYNC` userfaultfd and write-protects it, so every page starts
-    /// clean. Offsets are relative to `addr`.
+    /// clean. Offsets are relative to `addr`. The bitmap holds a user
+    /// reference and the VMA, as a region does, so it can be used on its
+    /// own (e.g. in a [`guest_region_mmap`](crate::guest_region_mmap)).
     ///
     /// [`Error::DirtyTrackingBusy`] on a tracked or KSM-write-protected
     /// range, [`Error::Unsupported`] before Linux 6.7.
     pub fn new(user: &MmUser, addr: u64, len: u64) -> Result<DirtyBitmap> {
-        let (_vma, host) = find_range(user, addr, len, GuestAddress(0))?;
+        let (vma, host) = find_range(user, addr, len, GuestAddress(0))?;
         let (host, len_b) = (host as usize, len as usize);
         let uffd = WpAsyncUffd::open()
             .map_err(|e| match e.raw_os_error() {
@@ -167,6 +176,8 @@ impl DirtyBitmap {
             pagemap,
             host,
             len: len_b,
+            _vma: vma,
+            _user: user.clone(),
         };
         // Probe once: PAGEMAP_SCAN (Linux 6.7) and the WP_ASYNC check.
         kernel.scan(host, host + PAGE_SIZE, false, |_, _| {})?;

@@ -62,6 +62,11 @@ fn test_kill_then_reap_is_an_error_before_touching_memory() {
     assert!(matches!(adapter_error(&e), Error::Killed { .. }), "{e:?}");
     assert!(mem.get_host_address(GuestAddress(0)).is_err());
     assert!(!mem.check_range(GuestAddress(0), 16));
+    // No new region over a killed guest either.
+    assert!(matches!(
+        MmRegion::<()>::new(&f.user, a, PAGE, GuestAddress(0)),
+        Err(Error::Killed { .. })
+    ));
     // Bounds errors stay what they were (the address check comes first).
     assert!(matches!(
         mem.read_slice(&mut buf, GuestAddress(4 * len)),
