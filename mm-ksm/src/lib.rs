@@ -15,7 +15,10 @@
 //! pointer are found with pagemap and, never having been charged, are not
 //! uncharged by their merge. Without userfaultfd write-protect such a VMA is
 //! registered but never merged (`mm_core::ksm::wp_failures`, a `warn` event).
-//! THP, shared, mlocked and pinned VMAs never merge.
+//! THP, shared, mlocked and pinned VMAs never merge, but a mergeable one
+//! keeps its mm registered (and its merged pages) until it can again.
+//! Guests can be kept apart in tenant domains ([`Ksm::enter_domain`]);
+//! merges are bounded by a host map-count budget (`scan/maps.rs`).
 //!
 //! # Layers
 //!
@@ -74,8 +77,10 @@
 //!    skip it if the checksum changed since the last pass, else look it up
 //!    in the stable tree, else in the unstable tree, else insert it there.
 //!    Runs of consecutive hits are merged with one `mmap` each (onto
-//!    consecutive stable pages); all-zero runs are discarded
-//!    (`use_zero_pages`). `users == 0` is checked again before every leaf.
+//!    consecutive stable pages), within the host map-count budget; a pair
+//!    whose other page is in this mm is merged at once, and identical
+//!    pages later in the chunk join its stable page (twins); all-zero runs
+//!    are discarded (`use_zero_pages`, on by default). `users == 0` is checked again before every leaf.
 //! 5. At the end of the mm: drop the rmap items past the last VMA.
 //! 6. Under the slot-list lock, advance the cursor. If the mm is exiting
 //!    (or has no mergeable VMA left), remove the slot, clear `VM_MERGEABLE`
@@ -324,7 +329,19 @@ impl Ksm {
     /// is [`Error::OtherHost`], and an mm another `Ksm` already holds is
     /// [`Error::OtherKsm`].
     pub fn enter(&self, mm: &MmUser) -> Result<()> {
-        slots::enter(&self.inner, mm, self.run_mode())
+        slots::enter(&self.inner, mm, self.run_mode(), None)
+    }
+
+    /// [`enter`](Self::enter) into KSM domain `domain` (a tenant): pages
+    /// of mms in different domains never merge, so copy-on-write timing
+    /// cannot reveal one tenant's page contents to another (the side
+    /// channel of cross-tenant deduplication). [`enter`](Self::enter) and
+    /// `madvise(Mergeable)` use domain 0, the default: one domain per
+    /// `Host`. An mm joins once; entering it again into another domain is
+    /// [`Error::OtherDomain`] (leave first: it exits, or everything is
+    /// unmerged and the scanner frees its slot).
+    pub fn enter_domain(&self, mm: &MmUser, domain: u64) -> Result<()> {
+        slots::enter(&self.inner, mm, self.run_mode(), Some(domain))
     }
 
     /// `madvise` with KSM's part: `Mergeable` sets `VM_MERGEABLE` (mm-core

@@ -199,7 +199,13 @@ fn classify_private(
     if cx.sc.map_limited {
         return (Class::None, sum);
     }
-    let class = if knobs.use_zero && sum == zero_sum() && page.iter().all(|b| *b == 0) {
+    let zero = knobs.use_zero && sum == zero_sum() && page.iter().all(|b| *b == 0);
+    // Tenant domains: the trees are keyed by the checksum with the mm's
+    // domain folded in (a bijection per domain), so equal contents in two
+    // domains never meet; a key that collides across domains has other
+    // contents, which the merge's byte compare refuses.
+    let sum = sum ^ cx.salt;
+    let class = if zero {
         Class::Zero
     } else if let Some(id) = cx.sc.find_stable(sum, knobs.max_sharing, &plan.planned) {
         *plan.planned.entry(id).or_default() += 1;

@@ -7,8 +7,9 @@
 //!
 //! So the scanner keeps a budget:
 //!
-//! 1. At the start of every batch, headroom = `vm.max_map_count` minus the
-//!    maps in use (lines of `/proc/self/maps`) minus a reserve
+//! 1. At the start of every pass (and of every batch once the estimate
+//!    is low), headroom = `vm.max_map_count` minus the maps in use (lines
+//!    of `/proc/self/maps`) minus a reserve
 //!    ([`KsmConfig::map_reserve`](crate::KsmConfig), default 1,024) that
 //!    is never spent, so an unrelated `mmap` never fails because of KSM.
 //! 2. Each merge first estimates its cost from its neighbours: a side of
@@ -27,13 +28,16 @@
 //!    pages_unmerged_map_budget` is the count of the last full pass.
 //!
 //! The estimate is an upper bound for the common cases; the real count
-//! is re-read at the next batch, and `ENOMEM` from the merge itself is
+//! is re-read at the next pass (or batch, when low), and `ENOMEM` from the merge itself is
 //! still handled (`map_limit_hits`).
 
 use std::sync::atomic::Ordering;
 
 use super::MmCtx;
 use crate::types::{GuestAddr, PageCount, PAGE};
+
+/// Below this estimated headroom the real count is re-read every batch.
+const LOW_WATER: u64 = 4096;
 
 /// The budget's state, in the [`Scanner`](super::Scanner).
 #[derive(Debug, Default)]
@@ -62,9 +66,16 @@ pub(crate) fn maps_in_use() -> Option<u64> {
 }
 
 impl MapBudget {
-    /// Step 1: re-reads the headroom (every batch); at a new pass, also
-    /// the floor for isolated pages.
+    /// Step 1: at a new pass, or when the running estimate gets low,
+    /// re-reads the headroom (`/proc/self/maps` of a process with tens of
+    /// thousands of maps costs milliseconds: not every batch); at a new
+    /// pass also the floor for isolated pages. Between reads the estimate
+    /// only goes down by what we spend, so maps the embedder creates
+    /// meanwhile come out of the reserve until the next read.
     pub(super) fn refresh(&mut self, reserve: u64, new_pass: bool) {
+        if !new_pass && self.headroom > LOW_WATER {
+            return;
+        }
         let (Some(max), Some(used)) = (max_map_count(), maps_in_use()) else {
             // No procfs: no budget; ENOMEM handling still applies.
             self.headroom = u64::MAX / 4;

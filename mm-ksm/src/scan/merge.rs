@@ -268,7 +268,7 @@ pub(super) async fn merge_pending(inner: &Inner, sc: &mut Scanner, pending: Vec<
             continue;
         }
         let mut items = sc.items.remove(&p.mm_id).unwrap_or_default();
-        let mut cx = MmCtx::new(inner, &mut *sc, &slot.mm, &state, &mut items);
+        let mut cx = MmCtx::new(inner, &mut *sc, &slot.mm, &state, &mut items, slot.salt());
         merge_stable(&mut cx, p.addr, p.n, p.first, true);
         publish_slot(&slot, &items);
         sc.items.insert(p.mm_id, items);
@@ -298,7 +298,7 @@ mod tests {
         sc.maps.refresh(0, true); // the map budget of a batch start
         let mut items = SlotItems::default();
         let state = futures_lite::future::block_on(mm.lock().read());
-        let mut cx = MmCtx::new(&k.inner, &mut sc, &mm, &state, &mut items);
+        let mut cx = MmCtx::new(&k.inner, &mut sc, &mm, &state, &mut items, 0);
         // Never populated: the merge finds the pages absent (Changed).
         let first = merge_new(&mut cx, GuestAddr(addr), &[1, 2]);
         assert_eq!(first, None);

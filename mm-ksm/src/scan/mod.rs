@@ -73,6 +73,8 @@ struct MmCtx<'a> {
     mm: &'a Mm,
     state: &'a MmState,
     items: &'a mut SlotItems,
+    /// The mm's KSM domain folded into every tree key (`Slot::salt`).
+    salt: u64,
 }
 
 impl<'a> MmCtx<'a> {
@@ -83,6 +85,7 @@ impl<'a> MmCtx<'a> {
         mm: &'a Mm,
         state: &'a MmState,
         items: &'a mut SlotItems,
+        salt: u64,
     ) -> Self {
         MmCtx {
             inner,
@@ -90,6 +93,7 @@ impl<'a> MmCtx<'a> {
             mm,
             state,
             items,
+            salt,
         }
     }
 
@@ -229,7 +233,7 @@ async fn visit_slot(
             keep: false,
         }
     } else {
-        let mut cx = MmCtx::new(inner, &mut *sc, &slot.mm, &state, &mut items);
+        let mut cx = MmCtx::new(inner, &mut *sc, &slot.mm, &state, &mut items, slot.salt());
         walk::scan_mm(&mut cx, budget, pending).await
     };
     if visit.end {
