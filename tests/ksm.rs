@@ -1180,3 +1180,58 @@ fn test_domains_never_share_frames() {
     }
     drop((a, b, c));
 }
+
+/// Issue 12, the map-count budget: with no headroom above the reserve,
+/// no merge spends a host map, `KsmStats` says how many pages were left
+/// unmerged for want of maps, and zero pages are still discarded (they
+/// cost none); with room again, the pages merge.
+#[test]
+fn test_map_budget_refuses_and_reports() {
+    let (_serial, host, k) = setup(4096);
+    k.set_map_reserve(1 << 40);
+    let (a, aa) = guest_with(&host, &k, "ba", 128, |i| 300 + i);
+    let (b, ba) = guest_with(&host, &k, "bb", 128, |i| 300 + i);
+    // Host maps over a's and b's guest RAM (one each: nothing merged).
+    let guest_maps = || {
+        let text = std::fs::read_to_string("/proc/self/maps").unwrap();
+        [(&a, aa), (&b, ba)]
+            .iter()
+            .map(|(mm, addr)| {
+                let lo = host_ptr(mm, *addr) as u64;
+                let hi = lo + 128 * PAGE;
+                text.lines()
+                    .filter(|l| {
+                        let r = l.split_whitespace().next().unwrap();
+                        let (s, e) = r.split_once('-').unwrap();
+                        let s = u64::from_str_radix(s, 16).unwrap();
+                        let e = u64::from_str_radix(e, 16).unwrap();
+                        s < hi && e > lo
+                    })
+                    .count()
+            })
+            .sum::<usize>()
+    };
+    let (z, za) = guest_with(&host, &k, "bz", 4, |_| 0);
+    let zero = vec![0u8; PAGE_SIZE];
+    for i in 0..4 {
+        unsafe {
+            std::ptr::copy_nonoverlapping(zero.as_ptr(), host_ptr(&z, za + i * PAGE), PAGE_SIZE)
+        };
+    }
+    scan_until(&k, 4, |_| false);
+    let s = k.stats();
+    assert_eq!(s.pages_sharing, 0, "{s:?}");
+    // b's pages, whose pairs with a's were refused: the pages they would
+    // have saved.
+    assert_eq!(s.pages_unmerged_map_budget, 128, "{s:?}");
+    assert!(s.map_budget_refusals > 0 && s.map_limit_hits == 0, "{s:?}");
+    assert_eq!(s.ksm_zero_pages, 4, "zero pages cost no map: {s:?}");
+    assert_eq!(guest_maps(), 2, "maps were spent");
+    k.set_map_reserve(1024);
+    scan_until(&k, 4, |k| k.stats().pages_sharing >= 128);
+    let s = k.stats();
+    assert_eq!(s.pages_sharing, 128, "{s:?}");
+    scan_until(&k, 1, |_| false);
+    assert_eq!(k.stats().pages_unmerged_map_budget, 0);
+    drop((a, b, z));
+}
