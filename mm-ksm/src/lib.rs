@@ -28,7 +28,8 @@
 //! scan/         ksmd under the scanner mutex: mod (the batch, steps 2-3, 5-7),
 //!               walk (step 4), classify (a chunk: snapshot, checksums,
 //!               trees), merge (runs of hits, the pairs' other side),
-//!               stable (trees + rmap items), unmerge (run = 2)
+//!               maps (the host map-count budget), stable (trees + rmap
+//!               items), unmerge (run = 2)
 //! slots.rs      Slot, the scan list and cursor, ksm_enter / ksm_exit
 //! stats.rs types.rs error.rs
 //! ------------------------------------------------------------------------
@@ -324,7 +325,7 @@ impl Ksm {
     /// slot, one hook). The slot pins the mm struct with a grab (never a
     /// user); `VM_MERGEABLE` is set and the `ksm_exit` hook registered, once
     /// per mm: an mm whose slot the scanner freed and that enters again
-    /// keeps its one hook. One `Ksm` serves the mms of one [`Host`]
+    /// keeps its one hook. One `Ksm` serves the mms of one [`Host`](mm_core::Host)
     /// (mm_core::Host; the first `enter` binds it): an mm of another host
     /// is [`Error::OtherHost`], and an mm another `Ksm` already holds is
     /// [`Error::OtherKsm`].
