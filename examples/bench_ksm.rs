@@ -1,6 +1,22 @@
 //! Our KSM merge rate against the kernel's own ksmd, same data, one run.
 //!
-//! Data: two copies of `--mib / 2` MiB of distinct pages (page `i` of one
+//! Two patterns (`--pattern`):
+//!
+//! * `contiguous` (the default, the best case): see below.
+//! * `scattered` (issue 12, realistic guests): `--guests` guests of `--mib`
+//!   MiB each (default 4 x 64) of untracked private anonymous RAM written
+//!   through the host pointer; each page independently is unique (1/2),
+//!   all zeros (1/8) or one of 2,048 shared contents (3/8), at independent
+//!   random positions in each guest, so most duplicate runs are one page
+//!   long. Both sides run 4 full scans (`pages_to_scan` 4096, sleep 0).
+//!   Pages saved are the drop of this process's PSS (`smaps_rollup`) for
+//!   both (and `ksm_merging_pages` for the kernel), CPU per saved page is this
+//!   process's CPU (ours) or ksmd's (kernel), host maps are the lines of
+//!   `/proc/self/maps` at the end of each side. After our side, 64
+//!   unrelated one-page `mmap`s must still succeed (`unrelated_mmap_ok`):
+//!   the map-count reserve at work.
+//!
+//! Contiguous data: two copies of `--mib / 2` MiB of distinct pages (page `i` of one
 //! copy equals page `i` of the other), so a full merge is one sharing per
 //! page pair. Ours: two guests (tracked regions, `MADV_MERGEABLE`), the
 //! scanner driven on this thread with `pages_to_scan = 4096`, sleep 0.
@@ -18,6 +34,8 @@
 //!
 //! ```sh
 //! cargo run --release --example bench_ksm -- --json
+//! cargo run --release --example bench_ksm -- --pattern scattered --json
+//! cargo run --release --example bench_ksm -- --pattern scattered --guests 4 --mib 192
 //! ```
 #![allow(clippy::print_stdout)]
 
@@ -40,12 +58,36 @@ const KSM_SYS: &str = "/sys/kernel/mm/ksm";
 #[derive(Debug, Parser)]
 #[command(name = "bench_ksm")]
 struct Args {
-    /// MiB of data: two copies of MIB/2 MiB of distinct pages.
-    #[arg(long, default_value_t = 256, value_parser = common::at_least(1))]
-    mib: u64,
+    /// contiguous: two copies of MIB/2 MiB of distinct pages (default 256);
+    /// scattered: MiB per guest (default 64).
+    #[arg(long, value_parser = common::at_least(1))]
+    mib: Option<u64>,
+    /// The data: `contiguous` (long runs at the same offsets) or
+    /// `scattered` (issue 12's realistic mix).
+    #[arg(long, value_enum, default_value_t = Pattern::Contiguous)]
+    pattern: Pattern,
+    /// scattered: guests (each `--mib` MiB).
+    #[arg(long, default_value_t = 4, value_parser = common::at_least(1))]
+    guests: u64,
+    /// scattered: full scans each side runs.
+    #[arg(long, default_value_t = 4, value_parser = common::at_least(2))]
+    scans: u64,
+    /// scattered: let our scanner raise `vm.max_map_count` (root only;
+    /// `KsmConfig::raise_max_map_count`), restored at exit.
+    #[arg(long)]
+    raise_map_count: bool,
     /// Print one JSON line with the results.
     #[arg(long)]
     json: bool,
+}
+
+/// `--pattern`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Pattern {
+    /// Two copies of distinct pages, page i = page i.
+    Contiguous,
+    /// Unique 1/2, zero 1/8, one of 2,048 shared contents 3/8.
+    Scattered,
 }
 
 /// The `--json` line (`null` for the kernel side when it was skipped).
@@ -229,7 +271,10 @@ fn kernel(pages: u64) -> Result<Option<Side>, Box<dyn std::error::Error>> {
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Before anything else: `--help` and a bad flag never touch the knobs.
     let args: Args = common::init();
-    let (json, mib) = (args.json, args.mib);
+    if args.pattern == Pattern::Scattered {
+        return scattered::main(&args);
+    }
+    let (json, mib) = (args.json, args.mib.unwrap_or(256));
     let bytes = mib << 20;
     let pages = bytes / 2 / PAGE;
     let o = ours(pages)?;
@@ -273,4 +318,299 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     Ok(())
+}
+
+/// `--pattern scattered` (issue 12): ours and ksmd on the same scattered
+/// bytes, one run.
+mod scattered {
+    use std::time::{Duration, Instant};
+
+    use guestmm::ksm::{Ksm, KsmConfig, KsmStats, Run};
+    use guestmm::{Advice, Host, MapOptions, MmUser, ProcessMemory, PAGE_SIZE};
+    use serde::Serialize;
+
+    use super::common::{self, fill_page, round, AnonMap};
+    use super::{ksmd_cpu, process_cpu, Args, KnobGuard, KSM_SYS, PAGE};
+
+    /// Shared contents (`1..=SHARED`; seeds past `UNIQUE` are unique).
+    const SHARED: u64 = 2048;
+    const UNIQUE: u64 = 1 << 40;
+
+    /// splitmix64: a fixed, seedable stream (the same bytes on both sides).
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }
+    }
+
+    /// Fills guest `g`'s RAM: per page, unique 1/2, zero 1/8, shared 3/8.
+    fn fill_guest(mem: &mut [u8], g: u64) {
+        let mut rng = Rng(0x5eed ^ g.wrapping_mul(0x1000_0001));
+        for (i, page) in mem.chunks_exact_mut(PAGE_SIZE).enumerate() {
+            let r = rng.next();
+            match r % 8 {
+                0..=3 => fill_page(page, UNIQUE + (g << 32) + i as u64),
+                4 => page.fill(0),
+                _ => fill_page(page, 1 + (r >> 8) % SHARED),
+            }
+        }
+    }
+
+    /// Lines of `/proc/self/maps`.
+    fn maps_lines() -> u64 {
+        std::fs::read_to_string("/proc/self/maps")
+            .map(|s| s.lines().count() as u64)
+            .unwrap_or(0)
+    }
+
+    fn pss() -> u64 {
+        ProcessMemory::current().map(|m| m.pss).unwrap_or(0)
+    }
+
+    /// 64 unrelated one-page mappings (alternating protections, so they
+    /// cannot merge into one VMA): do they all succeed? Unmapped again.
+    fn unrelated_mmaps_ok() -> bool {
+        let mut maps = Vec::new();
+        let mut ok = true;
+        for i in 0..64 {
+            match AnonMap::new(PAGE_SIZE, 0) {
+                Ok(m) => {
+                    if i % 2 == 0 {
+                        // SAFETY: mprotect of our own fresh one-page mapping.
+                        unsafe { libc::mprotect(m.ptr().cast(), PAGE_SIZE, libc::PROT_READ) };
+                    }
+                    maps.push(m)
+                }
+                Err(_) => ok = false,
+            }
+        }
+        ok
+    }
+
+    /// One side's numbers.
+    #[derive(Debug, Serialize)]
+    struct SideReport {
+        pages_saved: u64,
+        cpu_us_per_saved_page: f64,
+        wall_ms: f64,
+        host_maps: u64,
+    }
+
+    impl SideReport {
+        fn new(saved: u64, cpu: Duration, wall: Duration, maps: u64) -> Self {
+            SideReport {
+                pages_saved: saved,
+                cpu_us_per_saved_page: round(cpu.as_secs_f64() * 1e6 / saved.max(1) as f64, 2),
+                wall_ms: round(wall.as_secs_f64() * 1e3, 1),
+                host_maps: maps,
+            }
+        }
+    }
+
+    /// The `--json` line.
+    #[derive(Debug, Serialize)]
+    struct Report {
+        pattern: &'static str,
+        guests: u64,
+        mib_per_guest: u64,
+        pages: u64,
+        scans: u64,
+        max_map_count: u64,
+        ours: SideReport,
+        ours_stats: Stats,
+        unrelated_mmap_ok: bool,
+        kernel: Option<SideReport>,
+        kernel_ksm_merging_pages: Option<u64>,
+        saved_ratio: Option<f64>,
+        cpu_ratio: Option<f64>,
+    }
+
+    /// The `KsmStats` fields the report shows.
+    #[derive(Debug, Serialize)]
+    struct Stats {
+        pages_shared: u64,
+        pages_sharing: u64,
+        ksm_zero_pages: u64,
+        map_limit_hits: u64,
+        pages_unmerged_map_budget: u64,
+        map_budget_refusals: u64,
+    }
+
+    impl From<KsmStats> for Stats {
+        fn from(s: KsmStats) -> Self {
+            Stats {
+                pages_shared: s.pages_shared,
+                pages_sharing: s.pages_sharing,
+                ksm_zero_pages: s.ksm_zero_pages,
+                map_limit_hits: s.map_limit_hits,
+                pages_unmerged_map_budget: s.pages_unmerged_map_budget,
+                map_budget_refusals: s.map_budget_refusals,
+            }
+        }
+    }
+
+    fn ours(
+        args: &Args,
+        len: u64,
+    ) -> Result<(SideReport, KsmStats, bool), Box<dyn std::error::Error>> {
+        let host = Host::with_budget(u64::MAX / 2);
+        let pages = args.guests * len / PAGE;
+        let ksm = Ksm::new(KsmConfig {
+            pages_to_scan: 4096,
+            sleep: Duration::ZERO,
+            // Room for two maps per page of every guest, when asked.
+            raise_max_map_count: args.raise_map_count.then_some(2 * pages + 65_536),
+            ..KsmConfig::default()
+        })?;
+        let mut guests: Vec<MmUser> = Vec::new();
+        for g in 0..args.guests {
+            let mm = host.new_mm(&format!("scatter{g}"));
+            let addr = mm.mmap_blocking(MapOptions::anon(len))?;
+            let v = mm.find_vma_blocking(addr)?;
+            // SAFETY: the VMA just mapped, `len` bytes, readable and
+            // writable; this mm is ours and nothing else touches it (the
+            // scanner is not started yet).
+            let mem = unsafe { std::slice::from_raw_parts_mut(v.host_ptr(), len as usize) };
+            fill_guest(mem, g);
+            ksm.madvise_blocking(&mm, addr, len, Advice::Mergeable)?;
+            guests.push(mm);
+        }
+        ksm.set_run_blocking(Run::Merge)?;
+        let pss0 = pss();
+        let (t0, c0) = (Instant::now(), process_cpu());
+        while ksm.stats().full_scans < args.scans {
+            ksm.scan_step_blocking();
+        }
+        let (wall, cpu) = (t0.elapsed(), process_cpu() - c0);
+        let saved = pss0.saturating_sub(pss()) / PAGE;
+        let maps = maps_lines();
+        let ok = unrelated_mmaps_ok();
+        let stats = ksm.stats();
+        drop(guests);
+        Ok((SideReport::new(saved, cpu, wall, maps), stats, ok))
+    }
+
+    fn sysfs(knob: &str) -> u64 {
+        std::fs::read_to_string(format!("{KSM_SYS}/{knob}"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    fn kernel(
+        args: &Args,
+        len: u64,
+    ) -> Result<Option<(SideReport, u64)>, Box<dyn std::error::Error>> {
+        if std::fs::OpenOptions::new()
+            .write(true)
+            .open(format!("{KSM_SYS}/run"))
+            .is_err()
+        {
+            eprintln!("skipped: {KSM_SYS} is not writable (kernel side of bench_ksm)");
+            return Ok(None);
+        }
+        let mut maps = Vec::new();
+        for g in 0..args.guests {
+            let mut m = AnonMap::new(len as usize, 0)?;
+            fill_guest(m.as_mut_slice(), g);
+            m.madvise(libc::MADV_MERGEABLE)?;
+            maps.push(m);
+        }
+        let mut guard = KnobGuard { saved: Vec::new() };
+        guard.set("run", "0")?;
+        if std::path::Path::new(&format!("{KSM_SYS}/advisor_mode")).exists() {
+            guard.set("advisor_mode", "none")?;
+        }
+        guard.set("pages_to_scan", "4096")?;
+        guard.set("sleep_millisecs", "0")?;
+        let pss0 = pss();
+        let c0 = ksmd_cpu().ok_or("no ksmd thread")?;
+        let t0 = Instant::now();
+        let scans0 = sysfs("full_scans");
+        guard.set("run", "1")?;
+        let deadline = t0 + Duration::from_secs(600);
+        while sysfs("full_scans") < scans0 + args.scans && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let wall = t0.elapsed();
+        // This process's pages that map a KSM page (the global
+        // pages_sharing also counts other processes').
+        let (saved, merging) = (pss0.saturating_sub(pss()) / PAGE, super::merging_pages());
+        let host_maps = maps_lines();
+        drop(guard);
+        let cpu = ksmd_cpu().unwrap_or(c0) - c0;
+        drop(maps);
+        Ok(Some((
+            SideReport::new(saved, cpu, wall, host_maps),
+            merging,
+        )))
+    }
+
+    pub(super) fn main(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
+        let mib = args.mib.unwrap_or(64);
+        let len = mib * common::MIB;
+        let max_map_count = std::fs::read_to_string("/proc/sys/vm/max_map_count")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        let (o, stats, ok) = ours(args, len)?;
+        let k = kernel(args, len)?;
+        let saved_ratio = k
+            .as_ref()
+            .map(|(k, _)| round(o.pages_saved as f64 / k.pages_saved.max(1) as f64, 3));
+        let cpu_ratio = k.as_ref().map(|(k, _)| {
+            round(
+                o.cpu_us_per_saved_page / k.cpu_us_per_saved_page.max(1e-9),
+                3,
+            )
+        });
+        let r = Report {
+            pattern: "scattered",
+            guests: args.guests,
+            mib_per_guest: mib,
+            pages: args.guests * len / PAGE,
+            scans: args.scans,
+            max_map_count,
+            ours: o,
+            ours_stats: stats.into(),
+            unrelated_mmap_ok: ok,
+            kernel_ksm_merging_pages: k.as_ref().map(|(_, s)| *s),
+            kernel: k.map(|(k, _)| k),
+            saved_ratio,
+            cpu_ratio,
+        };
+        if args.json {
+            common::print_json(&r);
+        } else {
+            println!(
+                "scattered: {} guests x {mib} MiB = {} pages, {} full scans each, vm.max_map_count {}",
+                r.guests, r.pages, r.scans, r.max_map_count
+            );
+            let line = |who: &str, s: &SideReport| {
+                println!(
+                    "{who}: {} pages saved, {:.2} us CPU/saved page, {:.0} ms, {} host maps",
+                    s.pages_saved, s.cpu_us_per_saved_page, s.wall_ms, s.host_maps
+                )
+            };
+            line("ours  ", &r.ours);
+            println!(
+                "        {:?}; unrelated mmaps ok: {}",
+                r.ours_stats, r.unrelated_mmap_ok
+            );
+            match &r.kernel {
+                Some(k) => line("kernel", k),
+                None => println!("kernel: skipped ({KSM_SYS} not writable)"),
+            }
+            if let (Some(s), Some(c)) = (r.saved_ratio, r.cpu_ratio) {
+                println!("ours/kernel: pages saved {s:.3}, CPU per saved page {c:.3}");
+            }
+        }
+        Ok(())
+    }
 }

@@ -38,6 +38,14 @@ pub enum Error {
         /// Id of the address space.
         mm_id: u64,
     },
+    /// The mm already joined another KSM domain.
+    #[error("mm {mm_id} is already in ksm domain {domain}")]
+    OtherDomain {
+        /// Id of the address space.
+        mm_id: u64,
+        /// The domain it is in.
+        domain: u64,
+    },
     /// The stable-page store (the KSM memfd) could not be created or used.
     #[error("ksm stable store: {source}")]
     Store {

@@ -15,7 +15,10 @@
 //! pointer are found with pagemap and, never having been charged, are not
 //! uncharged by their merge. Without userfaultfd write-protect such a VMA is
 //! registered but never merged (`mm_core::ksm::wp_failures`, a `warn` event).
-//! THP, shared, mlocked and pinned VMAs never merge.
+//! THP, shared, mlocked and pinned VMAs never merge, but a mergeable one
+//! keeps its mm registered (and its merged pages) until it can again.
+//! Guests can be kept apart in tenant domains ([`Ksm::enter_domain`]);
+//! merges are bounded by a host map-count budget (`scan/maps.rs`).
 //!
 //! # Layers
 //!
@@ -25,7 +28,8 @@
 //! scan/         ksmd under the scanner mutex: mod (the batch, steps 2-3, 5-7),
 //!               walk (step 4), classify (a chunk: snapshot, checksums,
 //!               trees), merge (runs of hits, the pairs' other side),
-//!               stable (trees + rmap items), unmerge (run = 2)
+//!               maps (the host map-count budget), stable (trees + rmap
+//!               items), unmerge (run = 2)
 //! slots.rs      Slot, the scan list and cursor, ksm_enter / ksm_exit
 //! stats.rs types.rs error.rs
 //! ------------------------------------------------------------------------
@@ -74,8 +78,10 @@
 //!    skip it if the checksum changed since the last pass, else look it up
 //!    in the stable tree, else in the unstable tree, else insert it there.
 //!    Runs of consecutive hits are merged with one `mmap` each (onto
-//!    consecutive stable pages); all-zero runs are discarded
-//!    (`use_zero_pages`). `users == 0` is checked again before every leaf.
+//!    consecutive stable pages), within the host map-count budget; a pair
+//!    whose other page is in this mm is merged at once, and identical
+//!    pages later in the chunk join its stable page (twins); all-zero runs
+//!    are discarded (`use_zero_pages`, on by default). `users == 0` is checked again before every leaf.
 //! 5. At the end of the mm: drop the rmap items past the last VMA.
 //! 6. Under the slot-list lock, advance the cursor. If the mm is exiting
 //!    (or has no mergeable VMA left), remove the slot, clear `VM_MERGEABLE`
@@ -193,9 +199,24 @@ pub struct KsmConfig {
     /// `max_page_sharing`: mappers per stable page (kernel default 256).
     pub max_page_sharing: u64,
     /// `use_zero_pages`: discard all-zero pages instead of merging them.
+    /// On by default (the kernel's default is off): a discarded page
+    /// (`MADV_DONTNEED`) costs no host mapping, a zero page merged onto a
+    /// stable page costs up to two, and both save the same page; reads
+    /// see zeros and a write allocates a fresh page, as in the kernel.
     pub use_zero_pages: bool,
     /// `smart_scan`: skip pages that did not merge in recent passes.
     pub smart_scan: bool,
+    /// Host maps (`vm.max_map_count` headroom) KSM never spends, so an
+    /// unrelated `mmap` of the embedder or the allocator never fails
+    /// because of merges (`scan/maps.rs`). Default 1,024.
+    pub map_reserve: u64,
+    /// Opt-in: raise `vm.max_map_count` to at least this when the process
+    /// may (root), restored at drop if nobody changed it meanwhile;
+    /// `None` (the default) leaves it alone. Each host map costs the
+    /// kernel roughly 200-300 bytes of unswappable memory (a
+    /// `vm_area_struct` and its share of the maple tree and anon_vma
+    /// chains); 1 M extra maps is about 0.25 GiB.
+    pub raise_max_map_count: Option<u64>,
     /// Time source for the sleeps.
     pub clock: Arc<dyn Clock>,
 }
@@ -206,8 +227,10 @@ impl Default for KsmConfig {
             pages_to_scan: 100,
             sleep: Duration::from_millis(20),
             max_page_sharing: 256,
-            use_zero_pages: false,
+            use_zero_pages: true,
             smart_scan: true,
+            map_reserve: 1024,
+            raise_max_map_count: None,
             clock: Arc::new(SystemClock),
         }
     }
@@ -219,6 +242,11 @@ pub(crate) struct Inner {
     pub(crate) max_page_sharing: AtomicU64,
     pub(crate) use_zero_pages: AtomicBool,
     pub(crate) smart_scan: AtomicBool,
+    /// [`KsmConfig::map_reserve`].
+    pub(crate) map_reserve: AtomicU64,
+    /// `vm.max_map_count` as it was before [`KsmConfig::raise_max_map_count`]
+    /// raised it, and the value written: restored at drop.
+    pub(crate) raised_map_count: Option<(u64, u64)>,
     pub(crate) run: AtomicU8,
     pub(crate) clock: Arc<dyn Clock>,
     /// `ksm_thread_mutex`: the trees and rmap items; held by the scanner for
@@ -268,6 +296,7 @@ impl Ksm {
         check_pages_to_scan(config.pages_to_scan)?;
         check_max_page_sharing(config.max_page_sharing)?;
         let store = StableStore::new("guestmm-ksm").map_err(|source| Error::Store { source })?;
+        let raised_map_count = config.raise_max_map_count.and_then(raise_max_map_count);
         Ok(Ksm {
             inner: Arc::new(Inner {
                 pages_to_scan: AtomicU64::new(config.pages_to_scan),
@@ -275,6 +304,8 @@ impl Ksm {
                 max_page_sharing: AtomicU64::new(config.max_page_sharing),
                 use_zero_pages: AtomicBool::new(config.use_zero_pages),
                 smart_scan: AtomicBool::new(config.smart_scan),
+                map_reserve: AtomicU64::new(config.map_reserve),
+                raised_map_count,
                 run: AtomicU8::new(Run::Stop.to_u8()),
                 clock: config.clock,
                 scanner: async_lock::Mutex::new(Scanner::default()),
@@ -294,12 +325,24 @@ impl Ksm {
     /// slot, one hook). The slot pins the mm struct with a grab (never a
     /// user); `VM_MERGEABLE` is set and the `ksm_exit` hook registered, once
     /// per mm: an mm whose slot the scanner freed and that enters again
-    /// keeps its one hook. One `Ksm` serves the mms of one [`Host`]
+    /// keeps its one hook. One `Ksm` serves the mms of one [`Host`](mm_core::Host)
     /// (mm_core::Host; the first `enter` binds it): an mm of another host
     /// is [`Error::OtherHost`], and an mm another `Ksm` already holds is
     /// [`Error::OtherKsm`].
     pub fn enter(&self, mm: &MmUser) -> Result<()> {
-        slots::enter(&self.inner, mm, self.run_mode())
+        slots::enter(&self.inner, mm, self.run_mode(), None)
+    }
+
+    /// [`enter`](Self::enter) into KSM domain `domain` (a tenant): pages
+    /// of mms in different domains never merge, so copy-on-write timing
+    /// cannot reveal one tenant's page contents to another (the side
+    /// channel of cross-tenant deduplication). [`enter`](Self::enter) and
+    /// `madvise(Mergeable)` use domain 0, the default: one domain per
+    /// `Host`. An mm joins once; entering it again into another domain is
+    /// [`Error::OtherDomain`] (leave first: it exits, or everything is
+    /// unmerged and the scanner frees its slot).
+    pub fn enter_domain(&self, mm: &MmUser, domain: u64) -> Result<()> {
+        slots::enter(&self.inner, mm, self.run_mode(), Some(domain))
     }
 
     /// `madvise` with KSM's part: `Mergeable` sets `VM_MERGEABLE` (mm-core
@@ -426,6 +469,11 @@ impl Ksm {
         self.inner.smart_scan.store(on, Ordering::Relaxed);
     }
 
+    /// [`KsmConfig::map_reserve`]: host maps merges never spend.
+    pub fn set_map_reserve(&self, maps: u64) {
+        self.inner.map_reserve.store(maps, Ordering::Relaxed);
+    }
+
     /// One batch (`ksm_do_scan(pages_to_scan)`) if `run` is `Merge`, under
     /// the scanner mutex. Returns the pages scanned.
     pub async fn scan_step(&self) -> u64 {
@@ -515,6 +563,41 @@ impl Ksm {
     /// Is `mm_id` registered (has a slot)?
     pub fn is_registered(&self, mm_id: u64) -> bool {
         self.inner.slots.contains_key(&MmId(mm_id))
+    }
+}
+
+const MAX_MAP_COUNT: &str = "/proc/sys/vm/max_map_count";
+
+/// [`KsmConfig::raise_max_map_count`]: raises the sysctl to `want` if it
+/// is lower and writable; returns `(old, want)` when it wrote.
+fn raise_max_map_count(want: u64) -> Option<(u64, u64)> {
+    let old = scan::max_map_count()?;
+    if old >= want {
+        return None;
+    }
+    match std::fs::write(MAX_MAP_COUNT, want.to_string()) {
+        Ok(()) => {
+            tracing::info!(target: "mm_ksm", old, new = want, "vm.max_map_count raised");
+            Some((old, want))
+        }
+        Err(e) => {
+            tracing::warn!(target: "mm_ksm", old, want, error = %e, "vm.max_map_count not raised (needs root)");
+            None
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Restore only what we changed, and only if nobody changed it
+        // since.
+        if let Some((old, ours)) = self.raised_map_count {
+            if scan::max_map_count() == Some(ours) {
+                if let Err(e) = std::fs::write(MAX_MAP_COUNT, old.to_string()) {
+                    tracing::warn!(target: "mm_ksm", old, error = %e, "vm.max_map_count not restored");
+                }
+            }
+        }
     }
 }
 

@@ -21,11 +21,20 @@ pub(crate) struct Slot {
     pub(crate) rmap_items: AtomicU64,
     pub(crate) merging_pages: AtomicU64,
     pub(crate) zero_pages: AtomicU64,
+    /// The KSM domain (tenant) the mm joined at `enter`: pages never merge
+    /// across domains. 0 is the default domain.
+    pub(crate) domain: u64,
 }
 
 impl Slot {
     pub(crate) fn id(&self) -> MmId {
         MmId::of(&self.mm)
+    }
+
+    /// The domain folded into the trees' keys: `domain * an odd constant`,
+    /// a bijection on `u64`, 0 for the default domain.
+    pub(crate) fn salt(&self) -> u64 {
+        self.domain.wrapping_mul(0x9e37_79b9_7f4a_7c15)
     }
 }
 
@@ -74,14 +83,20 @@ pub(crate) fn lock(m: &Mutex<ScanList>) -> MutexGuard<'_, ScanList> {
 /// with a grab (never a user); `VM_MERGEABLE` is set and the `ksm_exit`
 /// hook registered, once per mm: an mm whose slot the scanner freed and
 /// that enters again keeps its one hook.
-pub(crate) fn enter(inner: &Arc<Inner>, mm: &MmUser, run: Run) -> Result<()> {
+pub(crate) fn enter(inner: &Arc<Inner>, mm: &MmUser, run: Run, domain: Option<u64>) -> Result<()> {
     let id = MmId::of(mm);
     let was_empty;
     let needs_hook;
     {
         let mut list = lock(&inner.list);
-        if inner.slots.contains_key(&id) {
-            return Ok(());
+        if let Some(s) = inner.slots.get(&id) {
+            return match domain {
+                Some(d) if d != s.domain => Err(Error::OtherDomain {
+                    mm_id: id.0,
+                    domain: s.domain,
+                }),
+                _ => Ok(()),
+            };
         }
         // The host is bound by the first successful enter, under the list
         // lock (so two first enters cannot bind two hosts).
@@ -104,6 +119,7 @@ pub(crate) fn enter(inner: &Arc<Inner>, mm: &MmUser, run: Run) -> Result<()> {
             rmap_items: AtomicU64::new(0),
             merging_pages: AtomicU64::new(0),
             zero_pages: AtomicU64::new(0),
+            domain: domain.unwrap_or(0),
         });
         was_empty = list.order.is_empty();
         inner.slots.insert(id, slot.clone());

@@ -29,6 +29,12 @@ pub struct KsmStats {
     pub mm_slots: u64,
     /// Merges refused with `ENOMEM` by `vm.max_map_count`.
     pub map_limit_hits: u64,
+    /// Pages left unmerged in the last full pass for want of host maps:
+    /// the map-count budget (headroom under `vm.max_map_count` minus the
+    /// reserve) refused their merge.
+    pub pages_unmerged_map_budget: u64,
+    /// Merges (runs) the map-count budget refused, since the start.
+    pub map_budget_refusals: u64,
     /// Stable pages freed (no mapper left).
     pub stable_pages_freed: u64,
     /// Slots freed by `ksm_exit`'s fast path.
@@ -52,7 +58,8 @@ mm_core::counters! {
     pub(crate) struct Counters -> KsmStats {
         pages_shared, pages_sharing, pages_unshared, rmap_items,
         pages_scanned, pages_skipped, full_scans, ksm_zero_pages,
-        map_limit_hits, stable_pages_freed, slots_freed_by_exit,
+        map_limit_hits, pages_unmerged_map_budget, map_budget_refusals,
+        stable_pages_freed, slots_freed_by_exit,
         slots_freed_by_scanner,
     }
 }

@@ -24,6 +24,11 @@ pub(super) enum Class {
     /// The unstable tree's page with the same contents, in this or another
     /// mm.
     Pair(MmId, GuestAddr),
+    /// The same contents as page `k` of this chunk, a `Pair` whose new
+    /// stable page this page joins (same-guest twins: 10 identical pages
+    /// make one stable page with 10 mappers, as in the kernel, not 5
+    /// pairs).
+    Twin(usize),
 }
 
 /// The knobs, read once per chunk.
@@ -58,13 +63,15 @@ pub(super) async fn scan_chunk(
     }
     let mut class = vec![Class::None; n];
     let mut sums = vec![0u64; n];
-    // Mappers this chunk will add to each stable page (max_page_sharing).
-    let mut planned: HashMap<StableId, u64> = HashMap::new();
+    // Mappers this chunk will add to each stable page (max_page_sharing),
+    // and the stable pages its pairs will create, by checksum: the pair's
+    // page and the mappers planned for it so far.
+    let mut plan = Plan::default();
     for i in 0..n {
         let addr = a.add_pages(i as u64);
         let page = want[i].then(|| &buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]);
         (class[i], sums[i]) = match out[i] {
-            KsmPage::Private => classify_private(cx, addr, page, &knobs, &mut planned),
+            KsmPage::Private => classify_private(cx, i, addr, page, &knobs, &mut plan),
             other => {
                 note_page(cx, addr, other);
                 (Class::None, 0)
@@ -77,6 +84,17 @@ pub(super) async fn scan_chunk(
     // before these merges are done (I-LO-2).
     sched::point("ksm:chunk_classified").await;
     merge::merge_runs(cx, a, &class, &sums, pending);
+}
+
+/// What the classification of one chunk has promised so far.
+#[derive(Default)]
+struct Plan {
+    /// Mappers the chunk will add to existing stable pages.
+    planned: HashMap<StableId, u64>,
+    /// Stable pages the chunk's pairs will create: checksum -> (index of
+    /// the pair's page, mappers planned: the pair's two pages and the
+    /// twins so far).
+    fresh: HashMap<u64, (usize, u64)>,
 }
 
 /// Smart scan: which pages of the chunk to read. A page that did not
@@ -148,10 +166,11 @@ fn note_page(cx: &mut MmCtx<'_>, addr: GuestAddr, page: KsmPage) {
 /// up. Returns its class and checksum.
 fn classify_private(
     cx: &mut MmCtx<'_>,
+    i: usize,
     addr: GuestAddr,
     page: Option<&[u8]>,
     knobs: &Knobs,
-    planned: &mut HashMap<StableId, u64>,
+    plan: &mut Plan,
 ) -> (Class, u64) {
     let items = &mut *cx.items;
     let mut it = *items.map.entry(addr).or_default();
@@ -180,16 +199,30 @@ fn classify_private(
     if cx.sc.map_limited {
         return (Class::None, sum);
     }
-    let class = if knobs.use_zero && sum == zero_sum() && page.iter().all(|b| *b == 0) {
+    let zero = knobs.use_zero && sum == zero_sum() && page.iter().all(|b| *b == 0);
+    // Tenant domains: the trees are keyed by the checksum with the mm's
+    // domain folded in (a bijection per domain), so equal contents in two
+    // domains never meet; a key that collides across domains has other
+    // contents, which the merge's byte compare refuses.
+    let sum = sum ^ cx.salt;
+    let class = if zero {
         Class::Zero
-    } else if let Some(id) = cx.sc.find_stable(sum, knobs.max_sharing, planned) {
-        *planned.entry(id).or_default() += 1;
+    } else if let Some(id) = cx.sc.find_stable(sum, knobs.max_sharing, &plan.planned) {
+        *plan.planned.entry(id).or_default() += 1;
         Class::Stable(id)
+    } else if let Some((k, planned)) = plan
+        .fresh
+        .get_mut(&sum)
+        .filter(|(_, planned)| *planned < knobs.max_sharing)
+    {
+        *planned += 1;
+        Class::Twin(*k)
     } else {
         let me = (MmId::of(cx.mm), addr);
         match cx.sc.trees.unstable.entry(sum) {
             Entry::Occupied(o) if *o.get() != me => {
                 let (om, oa) = o.remove();
+                plan.fresh.insert(sum, (i, 2));
                 Class::Pair(om, oa)
             }
             Entry::Occupied(_) => Class::None,

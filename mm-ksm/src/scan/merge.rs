@@ -6,6 +6,7 @@
 use mm_core::{sched, KsmMerge, MergeRun};
 
 use super::classify::Class;
+use super::maps;
 use super::{publish_slot, MmCtx, Scanner};
 use crate::types::{GuestAddr, MmId, PageCount, StableId};
 use crate::Inner;
@@ -30,6 +31,9 @@ pub(super) fn merge_runs(
     pending: &mut Vec<Pending>,
 ) {
     let n = class.len();
+    let me = MmId::of(cx.mm);
+    // The stable page each `Pair` page of the chunk now maps (for twins).
+    let mut made: Vec<Option<StableId>> = vec![None; n];
     let mut i = 0;
     while i < n {
         let start = a.add_pages(i as u64);
@@ -39,7 +43,7 @@ pub(super) fn merge_runs(
                 .unwrap_or(n)
         };
         let j = match class[i] {
-            Class::None => i + 1,
+            Class::None | Class::Twin(_) => i + 1,
             Class::Zero => {
                 let j = run(&|_, c| c == Class::Zero);
                 merge_zero(cx, start, PageCount((j - i) as u64));
@@ -47,23 +51,46 @@ pub(super) fn merge_runs(
             }
             Class::Stable(id) => {
                 let j = run(&|k, c| c == Class::Stable(id.nth(k)));
-                merge_stable(cx, start, PageCount((j - i) as u64), id);
+                merge_stable(cx, start, PageCount((j - i) as u64), id, false);
                 j
             }
             Class::Pair(om, oa) => {
                 let j = run(&|k, c| c == Class::Pair(om, oa.add_pages(k)));
+                let len = PageCount((j - i) as u64);
                 if let Some(first) = merge_new(cx, start, &sums[i..j]) {
-                    pending.push(Pending {
-                        mm_id: om,
-                        addr: oa,
-                        n: PageCount((j - i) as u64),
-                        first,
-                    });
+                    for (k, m) in made[i..j].iter_mut().enumerate() {
+                        *m = Some(first.nth(k as u64));
+                    }
+                    if om == me {
+                        // The other side is in this mm, whose lock we hold:
+                        // merge it now (the kernel's try_to_merge_two_pages
+                        // does both at once), so it counts at once.
+                        merge_stable(cx, oa, len, first, true);
+                    } else {
+                        // Its mapper is promised: counted against
+                        // max_page_sharing until step 7 merges it.
+                        cx.sc.queue_mappers(first, len.0, true);
+                        pending.push(Pending {
+                            mm_id: om,
+                            addr: oa,
+                            n: len,
+                            first,
+                        });
+                    }
                 }
                 j
             }
         };
         i = j;
+    }
+    // Twins join the stable page their chunk's pair made (one mapping
+    // each: their neighbours have other contents).
+    for (i, c) in class.iter().enumerate() {
+        if let Class::Twin(k) = *c {
+            if let Some(id) = made[k] {
+                merge_stable(cx, a.add_pages(i as u64), PageCount(1), id, false);
+            }
+        }
     }
 }
 
@@ -101,8 +128,10 @@ fn merge_zero(cx: &mut MmCtx<'_>, addr: GuestAddr, n: PageCount) {
 
 /// Merges `n` pages from `addr` onto existing stable pages `first..`
 /// (`try_to_merge_with_ksm_page`); a changed run is retried page by page.
-fn merge_stable(cx: &mut MmCtx<'_>, addr: GuestAddr, n: PageCount, first: StableId) {
-    if cx.sc.map_limited {
+/// `prepaid`: the maps were paid for by the pair that made the stable
+/// pages (`maps.rs`), else the budget is asked here.
+fn merge_stable(cx: &mut MmCtx<'_>, addr: GuestAddr, n: PageCount, first: StableId, prepaid: bool) {
+    if cx.sc.map_limited || (!prepaid && !maps::allow(cx, addr, n, 0)) {
         return;
     }
     let mm = cx.mm;
@@ -140,7 +169,7 @@ fn merge_stable(cx: &mut MmCtx<'_>, addr: GuestAddr, n: PageCount, first: Stable
         }
         Ok(KsmMerge::Changed) if n.0 > 1 => {
             for k in 0..n.0 {
-                merge_stable(cx, addr.add_pages(k), PageCount(1), first.nth(k));
+                merge_stable(cx, addr.add_pages(k), PageCount(1), first.nth(k), true);
             }
         }
         Ok(KsmMerge::MapLimit) => map_limit(cx),
@@ -155,11 +184,13 @@ fn merge_stable(cx: &mut MmCtx<'_>, addr: GuestAddr, n: PageCount, first: Stable
 /// unstable-tree pair, `try_to_merge_two_pages` + `stable_tree_insert`);
 /// returns the first stable page for the other side.
 fn merge_new(cx: &mut MmCtx<'_>, addr: GuestAddr, sums: &[u64]) -> Option<StableId> {
-    if cx.sc.map_limited {
+    let n = sums.len() as u64;
+    // The other side's maps (at most two: a split and its run) are paid
+    // here too, so it is never refused after this side merged.
+    if cx.sc.map_limited || !maps::allow(cx, addr, PageCount(n), 2) {
         return None;
     }
     let (inner, mm) = (cx.inner, cx.mm);
-    let n = sums.len() as u64;
     let first = StableId(inner.store.alloc(n)?);
     // Ids that end up unused (the merge did not happen) are released at
     // once: punching a hole that was never filled is harmless, and the
@@ -218,6 +249,8 @@ pub(super) async fn merge_pending(inner: &Inner, sc: &mut Scanner, pending: Vec<
         // The slot cannot be freed meanwhile: ksm_exit's fast path needs no
         // rmap items (this mm has the unstable-tree item), and only the
         // scanner (us, holding the scanner mutex) frees the others.
+        // The promised mappers become real (or are given up) here.
+        sc.queue_mappers(p.first, p.n.0, false);
         let Some(slot) = inner.slots.get(&p.mm_id).map(|s| s.clone()) else {
             continue;
         };
@@ -235,8 +268,8 @@ pub(super) async fn merge_pending(inner: &Inner, sc: &mut Scanner, pending: Vec<
             continue;
         }
         let mut items = sc.items.remove(&p.mm_id).unwrap_or_default();
-        let mut cx = MmCtx::new(inner, &mut *sc, &slot.mm, &state, &mut items);
-        merge_stable(&mut cx, p.addr, p.n, p.first);
+        let mut cx = MmCtx::new(inner, &mut *sc, &slot.mm, &state, &mut items, slot.salt());
+        merge_stable(&mut cx, p.addr, p.n, p.first, true);
         publish_slot(&slot, &items);
         sc.items.insert(p.mm_id, items);
         drop(state);
@@ -262,9 +295,10 @@ mod tests {
             .mmap_blocking(MapOptions::anon(4 * PAGE).tracked(true))
             .unwrap();
         let mut sc = Scanner::default();
+        sc.maps.refresh(0, true); // the map budget of a batch start
         let mut items = SlotItems::default();
         let state = futures_lite::future::block_on(mm.lock().read());
-        let mut cx = MmCtx::new(&k.inner, &mut sc, &mm, &state, &mut items);
+        let mut cx = MmCtx::new(&k.inner, &mut sc, &mm, &state, &mut items, 0);
         // Never populated: the merge finds the pages absent (Changed).
         let first = merge_new(&mut cx, GuestAddr(addr), &[1, 2]);
         assert_eq!(first, None);

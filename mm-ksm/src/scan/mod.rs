@@ -12,6 +12,7 @@
 //! * `unmerge.rs`: `unmerge_and_remove_all_rmap_items`.
 
 mod classify;
+mod maps;
 mod merge;
 mod stable;
 mod unmerge;
@@ -24,6 +25,8 @@ use std::sync::{Arc, OnceLock};
 use mm_core::{sched, KsmMm, Mm, MmFlag, MmState, PAGE_SIZE};
 use xxhash_rust::xxh3::xxh3_64;
 
+pub(crate) use self::maps::max_map_count;
+use self::maps::MapBudget;
 use self::merge::Pending;
 pub(crate) use self::stable::RMAP_ITEM_BYTES;
 use self::stable::{SlotItems, Trees};
@@ -56,6 +59,8 @@ pub(crate) struct Scanner {
     address: GuestAddr,
     /// `vm.max_map_count` was hit this pass: no more merges until the next.
     map_limited: bool,
+    /// The host map-count budget (`maps.rs`).
+    maps: MapBudget,
     buf: Vec<u8>,
 }
 
@@ -68,6 +73,8 @@ struct MmCtx<'a> {
     mm: &'a Mm,
     state: &'a MmState,
     items: &'a mut SlotItems,
+    /// The mm's KSM domain folded into every tree key (`Slot::salt`).
+    salt: u64,
 }
 
 impl<'a> MmCtx<'a> {
@@ -78,6 +85,7 @@ impl<'a> MmCtx<'a> {
         mm: &'a Mm,
         state: &'a MmState,
         items: &'a mut SlotItems,
+        salt: u64,
     ) -> Self {
         MmCtx {
             inner,
@@ -85,6 +93,7 @@ impl<'a> MmCtx<'a> {
             mm,
             state,
             items,
+            salt,
         }
     }
 
@@ -138,6 +147,8 @@ fn publish(inner: &Inner, sc: &Scanner) {
 /// `ksm_do_scan`: up to `budget` pages (steps 2-7).
 pub(crate) async fn do_scan(inner: &Inner, sc: &mut Scanner, budget: u64) -> u64 {
     let mut scanned = 0;
+    let reserve = inner.map_reserve.load(Ordering::Relaxed);
+    sc.maps.refresh(reserve, false);
     while scanned < budget {
         // 2. The slot at the cursor; a new pass at the head.
         let (slot, new_pass) = {
@@ -165,6 +176,8 @@ pub(crate) async fn do_scan(inner: &Inner, sc: &mut Scanner, budget: u64) -> u64
             sc.trees.unstable.clear();
             sc.address = GuestAddr(0);
             sc.map_limited = false;
+            sc.maps.refresh(reserve, true);
+            sc.maps.starved = 0;
             tracing::debug!(target: "mm_ksm::ksm_start_scan", seq = inner.counters.full_scans.load(Ordering::Relaxed), "ksm_start_scan");
         }
         sched::point("ksm:got_slot").await;
@@ -179,6 +192,10 @@ pub(crate) async fn do_scan(inner: &Inner, sc: &mut Scanner, budget: u64) -> u64
         merge::merge_pending(inner, sc, pending).await;
 
         if pass_done {
+            inner
+                .counters
+                .pages_unmerged_map_budget
+                .store(sc.maps.starved, Ordering::Relaxed);
             inner.counters.full_scans.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(target: "mm_ksm::ksm_stop_scan", seq = inner.counters.full_scans.load(Ordering::Relaxed), "ksm_stop_scan");
             // scan_get_next_rmap_item returns NULL at the end of a pass.
@@ -216,7 +233,7 @@ async fn visit_slot(
             keep: false,
         }
     } else {
-        let mut cx = MmCtx::new(inner, &mut *sc, &slot.mm, &state, &mut items);
+        let mut cx = MmCtx::new(inner, &mut *sc, &slot.mm, &state, &mut items, slot.salt());
         walk::scan_mm(&mut cx, budget, pending).await
     };
     if visit.end {

@@ -50,6 +50,11 @@ pub(crate) struct SlotItems {
 pub(super) struct StableNode {
     checksum: u64,
     mappers: u64,
+    /// Mappers promised but not merged yet: the other side of a pair,
+    /// queued until the current mm's lock is dropped (step 7). Counted
+    /// against `max_page_sharing` like the mappers, else later chunks of
+    /// the same visit would fill the page and the queued merge overshoot.
+    pub(super) queued: u64,
     /// The budget charged for this page: of the mm whose charged page
     /// filled it, or, if that page was never charged (touched through the
     /// host pointer of an untracked region), of the first charged page
@@ -135,6 +140,7 @@ impl Scanner {
             StableNode {
                 checksum,
                 mappers: 0,
+                queued: 0,
                 budget,
             },
         );
@@ -143,8 +149,9 @@ impl Scanner {
 
     /// A stable page with this checksum and room for one more mapper,
     /// counting the mappers `planned` for it earlier in the same chunk
-    /// (classified, not merged yet): without them a run of identical pages
-    /// would all pick the same page and overshoot `max_page_sharing`.
+    /// (classified, not merged yet) and those `queued` by pairs (step 7):
+    /// without them a run of identical pages would all pick the same page
+    /// and overshoot `max_page_sharing`.
     pub(super) fn find_stable(
         &self,
         checksum: u64,
@@ -155,8 +162,22 @@ impl Scanner {
         t.by_sum.get(&checksum)?.iter().copied().find(|id| {
             t.stable
                 .get(id)
-                .is_some_and(|n| n.mappers + planned.get(id).copied().unwrap_or(0) < max)
+                .is_some_and(|n| n.mappers + n.queued + planned.get(id).copied().unwrap_or(0) < max)
         })
+    }
+
+    /// One more (`add`) or one less queued mapper on each of the `n`
+    /// stable pages from `first`.
+    pub(super) fn queue_mappers(&mut self, first: StableId, n: u64, add: bool) {
+        for k in 0..n {
+            if let Some(node) = self.trees.stable.get_mut(&first.nth(k)) {
+                node.queued = if add {
+                    node.queued + 1
+                } else {
+                    node.queued.saturating_sub(1)
+                };
+            }
+        }
     }
 
     /// Forgets what `item` held: its mapper, its zero page.

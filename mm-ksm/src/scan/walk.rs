@@ -16,21 +16,33 @@ pub(super) async fn scan_mm(cx: &mut MmCtx<'_>, budget: u64, pending: &mut Vec<P
     let merge_any = mm.flags().test(MmFlag::VM_MERGE_ANY);
     let mut addr = cx.sc.address;
     let mut scanned = 0;
+    // Like the kernel, an mm stays registered while it has a VM_MERGEABLE
+    // VMA at all (or merge-any): a VMA that is only for a while not
+    // mergeable here (mlocked, PROT_NONE, huge-page, not write-protectable)
+    // keeps the mm's slot, so that undoing the mlock or mprotect brings
+    // merging back (issue 12).
     let mut saw = merge_any;
-    let vmas: Vec<(GuestAddr, GuestAddr)> = cx
+    let vmas: Vec<(GuestAddr, GuestAddr, bool)> = cx
         .state
         .vmas()
         .iter()
         .filter(|v| v.end() > addr.0)
-        .filter(|v| (merge_any || v.flags().contains(VmFlags::MERGEABLE)) && v.ksm_capable())
-        .map(|v| (GuestAddr(v.start()), GuestAddr(v.end())))
+        .filter(|v| merge_any || v.flags().contains(VmFlags::MERGEABLE))
+        .map(|v| (GuestAddr(v.start()), GuestAddr(v.end()), v.ksm_capable()))
         .collect();
-    for (vs, ve) in vmas {
+    for (vs, ve, capable) in vmas {
         saw = true;
         let mut a = addr.max(vs);
         // Items between two mergeable VMAs: their pages left KSM.
         cx.sc
             .drop_items_range(cx.inner, mm, cx.state, cx.items, addr, a);
+        if !capable {
+            // Mergeable but not now: its pages keep their items (a merged
+            // page stays merged, as the kernel leaves a KSM page mapped in
+            // a VMA it cannot scan), and nothing is read.
+            addr = ve;
+            continue;
+        }
         while a < ve {
             if scanned >= budget {
                 cx.sc.address = a;

@@ -1,0 +1,133 @@
+//! The host map-count budget (issue 12). Every merged run is a private
+//! mapping of the stable memfd over the guest range: a run in the middle
+//! of an anonymous region costs up to two extra host VMAs (its own and
+//! the split of the region), and the process has `vm.max_map_count`
+//! (65,530 by default) of them in all. Past it, `mmap` fails with
+//! `ENOMEM` for everyone: the embedder, the allocator, thread stacks.
+//!
+//! So the scanner keeps a budget:
+//!
+//! 1. At the start of every pass (and of every batch once the estimate
+//!    is low), headroom = `vm.max_map_count` minus the maps in use (lines
+//!    of `/proc/self/maps`) minus a reserve
+//!    ([`KsmConfig::map_reserve`](crate::KsmConfig), default 1,024) that
+//!    is never spent, so an unrelated `mmap` never fails because of KSM.
+//! 2. Each merge first estimates its cost from its neighbours: a side of
+//!    the run whose neighbour is an anonymous page of the same VMA costs
+//!    one map (a split), a side next to a merged page or a VMA edge costs
+//!    none (the run replaces a piece that was already its own VMA). Zero
+//!    pages cost nothing (`use_zero_pages` discards them with
+//!    `MADV_DONTNEED`, no mapping).
+//! 3. Spend where it saves most: a run that costs two maps per page (an
+//!    isolated page) is only merged while more than a quarter of the
+//!    pass's headroom is left; cheaper runs (longer runs, pages next to
+//!    merged ones) may use it all. A new pair pays for its other side up
+//!    front (two more maps per page at most), so a stable page is never
+//!    left with one mapper for want of maps.
+//! 4. A refused run stays unmerged and is counted: `KsmStats::
+//!    pages_unmerged_map_budget` is the count of the last full pass.
+//!
+//! The estimate is an upper bound for the common cases; the real count
+//! is re-read at the next pass (or batch, when low), and `ENOMEM` from the merge itself is
+//! still handled (`map_limit_hits`).
+
+use std::sync::atomic::Ordering;
+
+use super::MmCtx;
+use crate::types::{GuestAddr, PageCount, PAGE};
+
+/// Below this estimated headroom the real count is re-read every batch.
+const LOW_WATER: u64 = 4096;
+
+/// The budget's state, in the [`Scanner`](super::Scanner).
+#[derive(Debug, Default)]
+pub(crate) struct MapBudget {
+    /// Maps we may still create this batch.
+    headroom: u64,
+    /// Isolated pages merge only while `headroom` stays above this.
+    floor: u64,
+    /// Pages left unmerged for want of maps, this pass.
+    pub(super) starved: u64,
+}
+
+/// `/proc/sys/vm/max_map_count`.
+pub(crate) fn max_map_count() -> Option<u64> {
+    std::fs::read_to_string("/proc/sys/vm/max_map_count")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Maps of this process (lines of `/proc/self/maps`).
+pub(crate) fn maps_in_use() -> Option<u64> {
+    let text = std::fs::read("/proc/self/maps").ok()?;
+    Some(text.iter().filter(|b| **b == b'\n').count() as u64)
+}
+
+impl MapBudget {
+    /// Step 1: at a new pass, or when the running estimate gets low,
+    /// re-reads the headroom (`/proc/self/maps` of a process with tens of
+    /// thousands of maps costs milliseconds: not every batch); at a new
+    /// pass also the floor for isolated pages. Between reads the estimate
+    /// only goes down by what we spend, so maps the embedder creates
+    /// meanwhile come out of the reserve until the next read.
+    pub(super) fn refresh(&mut self, reserve: u64, new_pass: bool) {
+        if !new_pass && self.headroom > LOW_WATER {
+            return;
+        }
+        let (Some(max), Some(used)) = (max_map_count(), maps_in_use()) else {
+            // No procfs: no budget; ENOMEM handling still applies.
+            self.headroom = u64::MAX / 4;
+            self.floor = 0;
+            return;
+        };
+        self.headroom = max.saturating_sub(used).saturating_sub(reserve);
+        if new_pass {
+            self.floor = self.headroom / 4;
+        }
+    }
+
+    /// Steps 2-3: may a merge costing `cost` maps for `pages` pages go
+    /// ahead? Spends the maps if so.
+    fn spend(&mut self, cost: u64, pages: u64) -> bool {
+        if cost == 0 {
+            return true;
+        }
+        let floor = if cost >= 2 * pages { self.floor } else { 0 };
+        if self.headroom < cost + floor {
+            return false;
+        }
+        self.headroom -= cost;
+        true
+    }
+}
+
+/// Step 2: the host maps a merge of `n` pages at `addr` of `cx`'s mm adds
+/// (0, 1 or 2).
+pub(super) fn run_cost(cx: &MmCtx<'_>, addr: GuestAddr, n: PageCount) -> u64 {
+    let Some(vma) = cx.state.vmas().find(addr.0) else {
+        return 0;
+    };
+    let end = addr.add_pages(n.0);
+    let merged = |a: GuestAddr| cx.items.map.get(&a).is_some_and(|it| it.stable.is_some());
+    let left = addr.0 > vma.start() && !merged(GuestAddr(addr.0 - PAGE));
+    let right = end.0 < vma.end() && !merged(end);
+    u64::from(left) + u64::from(right)
+}
+
+/// Steps 2-4 for a merge of `n` pages at `addr` (`extra`: maps paid up
+/// front for a pair's other side): `true` if it may go ahead; else the
+/// pages are counted as starved.
+pub(super) fn allow(cx: &mut MmCtx<'_>, addr: GuestAddr, n: PageCount, extra: u64) -> bool {
+    let cost = run_cost(cx, addr, n) + extra;
+    if cx.sc.maps.spend(cost, n.0) {
+        return true;
+    }
+    cx.sc.maps.starved += n.0;
+    cx.inner
+        .counters
+        .map_budget_refusals
+        .fetch_add(1, Ordering::Relaxed);
+    false
+}
