@@ -99,7 +99,9 @@ pub(crate) struct OomState {
     kill_hook_panics: AtomicU64,
 }
 
-/// `exit_oom_victim`: called only from the victim's own `Guest::exit`.
+/// `exit_oom_victim`: called only from the victim's own `Guest::exit`, or,
+/// when other holders kept its mm past that exit, by `Host::prune_exited`
+/// once their last user is gone and the teardown is through.
 pub(crate) fn exit_oom_victim(h: &HostInner, victim: &Guest) {
     // I-RP-8 / seed 4: only the victim, in its own exit, after its own
     // mmput; otherwise oom_killer_disable() could return while the victim
