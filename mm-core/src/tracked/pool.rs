@@ -210,8 +210,9 @@ impl Shard {
         Ok(u)
     }
 
-    /// The current read generation (Acquire: pairs with the SeqCst bump
-    /// in `serve_round`, before the read it stands for).
+    /// The current read generation. SeqCst, like the bump in
+    /// `shard_main` before each read: a zapper whose madvise returned
+    /// because that read took its REMOVE sees the bumped value.
     pub(super) fn read_gen(&self) -> u64 {
         self.read_gen.load(Ordering::SeqCst)
     }
