@@ -150,6 +150,15 @@ pub enum Error {
         /// What was wrong.
         what: &'static str,
     },
+    /// [`set_uffd_handler_threads`](crate::set_uffd_handler_threads) asked
+    /// for another size after the handler pool started.
+    #[error("the userfaultfd handler pool already runs {running} threads (asked for {asked}); set its size before the first tracked mmap")]
+    PoolRunning {
+        /// Threads the pool runs.
+        running: usize,
+        /// Threads asked for.
+        asked: usize,
+    },
     /// A lock proof (`&MmState`) of one mm was passed to another mm.
     #[error("mm {mm_id}: the mmap lock passed belongs to mm {lock_mm_id}")]
     ForeignLock {

@@ -49,7 +49,8 @@
 //!                      blocking, notifier
 //!         vma.rs       VMAs, the tree, host regions
 //!         tracked/     userfaultfd regions: registry + FaultTarget (mod),
-//!                      handler, wp, tests
+//!                      pool (the process's handler threads, shared
+//!                      descriptors, routing map), handler, wp, tests
 //! ------------------------------------------------------------------------
 //! bottom  types.rs     BoxFuture, the Pressure hook trait
 //!         budget.rs    Budget, OverBudget
@@ -107,9 +108,18 @@
 //!       tracked self-zap list  std mutex: pushed/popped by a zap of a tracked region.
 //!     tracked-range registry   std mutex: insert/remove under the write lock, lookup by
 //!                              the uffd handler; never held across a syscall that can block.
-//! uffd handler                 takes NO mmap lock and only TRY-locks PTEs (a zapper holding
-//!                              PTE locks waits in madvise for the handler to read its REMOVE
-//!                              message); runs the pressure path as a polled future.
+//!     uffd routing map         lock-free skip list per pool shard (tracked/pool.rs): no lock
+//!                              at all; entries inserted before UFFDIO_REGISTER, removed
+//!                              after UFFDIO_UNREGISTER (under the mm's write lock).
+//!     uffd shard descriptors   std mutexes: locked only to open or clone a shard's
+//!                              descriptor (a tracker's first mmap; the shard thread per round).
+//! uffd handler (pool shard)    one thread serves every mm of its shard. Takes NO mmap lock,
+//!                              routes messages through the lock-free map (no guest thread can
+//!                              hold a lock it needs while blocked in a fault), only TRY-locks
+//!                              PTEs (a zapper holding PTE locks waits in madvise for the
+//!                              handler to read its REMOVE message); runs each mm's pressure
+//!                              path as a polled future; never joins or waits for a guest.
+//! uffd pool config lock        std mutex: set_uffd_handler_threads and the pool's creation.
 //! reaper queue lock            mm-reaper: push on kill, pop in the reaper; never held with
 //!                              an mm lock.
 //! host guest registry          insert/remove/clone only; never held with an mm lock.
@@ -178,7 +188,10 @@ pub use mm::{
 pub use mmap_lock::{MmapLock, MmapReadGuard, MmapWriteGuard};
 pub use procfs::ProcessMemory;
 pub use sys::{HUGE_PAGE_SIZE, PAGE_SIZE};
-pub use tracked::{TrackedStats, DEFAULT_FAULT_AROUND, PRESSURE_ROUNDS};
+pub use tracked::{
+    set_uffd_handler_threads, uffd_handler_threads, TrackedStats, DEFAULT_FAULT_AROUND,
+    DEFAULT_UFFD_HANDLER_THREADS, PRESSURE_ROUNDS,
+};
 pub use types::{lock, BoxFuture};
 pub use vma::{Prot, VmFlags, Vma, VmaTree};
 

@@ -669,3 +669,70 @@ fn test_mmap_is_lowest_first_fit_with_the_hint() {
         }
     }
 }
+
+/// Issue 11 §3: dropping the last owning `Guest` without `exit` is its
+/// exit (before, its registry entry and its charge leaked for the host's
+/// lifetime); a handle from `Host::guest` is only a reference.
+#[test]
+fn test_guest_drop_is_exit() {
+    let host = host();
+    let g = host.create_guest("dropped");
+    let id = g.id();
+    let mm = g.mm().unwrap();
+    let a = mm.mmap_blocking(MapOptions::anon(MIB)).unwrap();
+    mm.fill_blocking(a, MIB, 1).unwrap();
+    assert_eq!(host.stats().charged_bytes, MIB);
+    let grab = mm.grab();
+    drop(mm);
+    let lookup = host.guest(id).unwrap();
+    let owner2 = g.clone();
+    drop(g);
+    assert!(host.guest(id).is_ok(), "a clone of the owner still owns it");
+    assert_eq!(host.stats().charged_bytes, MIB);
+    drop(owner2);
+    assert!(matches!(host.guest(id), Err(Error::NoSuchGuest { .. })));
+    assert_eq!(host.stats().charged_bytes, 0);
+    assert_eq!(host.stats().guests, 0);
+    assert!(grab.flags().test(MmFlag::OOM_SKIP));
+    assert!(!lookup.is_alive());
+    drop(lookup);
+}
+
+/// Issue 11 §3: `exit` while another holder (a vCPU thread) still uses the
+/// mm keeps the mm selectable by the OOM killer, as the kernel's mm stays
+/// visible through any task still using it. Before, the guest left the
+/// registry at once and the OOM killer killed the innocent guest.
+#[test]
+fn test_exited_guest_with_users_stays_selectable() {
+    let host = Host::with_budget(16 * MIB);
+    let big = host.create_guest("big");
+    let mm = big.mm().unwrap();
+    let a = mm.mmap_blocking(MapOptions::anon(10 * MIB)).unwrap();
+    mm.fill_blocking(a, 10 * MIB, 1).unwrap();
+    let vcpu = mm.clone();
+    drop(mm);
+    let innocent = host.create_guest("innocent");
+    let m2 = innocent.mm().unwrap();
+    let b = m2.mmap_blocking(MapOptions::anon(2 * MIB)).unwrap();
+    m2.fill_blocking(b, 2 * MIB, 2).unwrap();
+    big.exit_blocking(); // returns at once: the vCPU still uses the mm
+    assert_eq!(host.stats().charged_bytes, 12 * MIB);
+    let out = block_on(host.out_of_memory(None));
+    assert!(
+        !innocent.is_dying(),
+        "an innocent guest was killed: {out:?}"
+    );
+    assert_eq!(out, OomOutcome::Killed { guest: big.id() });
+    assert_eq!(host.stats().guests, 2, "the exited guest stays registered");
+    assert!(vcpu.flags().test(MmFlag::KILLED));
+    // The vCPU lets go: the last user runs the teardown; the record goes
+    // and the victim mark is cleared.
+    drop(vcpu);
+    assert_eq!(host.stats().guests, 1);
+    assert_eq!(host.stats().charged_bytes, 2 * MIB);
+    assert_eq!(host.oom_stats().victims_running, 0);
+    assert!(matches!(
+        host.guest(big.id()),
+        Err(Error::NoSuchGuest { .. })
+    ));
+}

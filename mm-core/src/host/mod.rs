@@ -160,6 +160,17 @@ impl Host {
     }
 
     /// Creates and registers a guest with a fresh address space.
+    ///
+    /// The `Guest` returned (and its clones) **owns** the guest: when the
+    /// last owning handle is dropped without [`Guest::exit`], the drop runs
+    /// the exit (blocking, like the kernel's last `mmput`: the teardown
+    /// runs in the dropping thread). Handles from [`Host::guest`] and
+    /// [`Host::guests`] are references (`get_task_struct`): they never keep
+    /// a guest alive and their drop does nothing. In async code, call
+    /// `guest.exit().await` before the last owner goes, as with
+    /// [`MmUser::exit`]: a blocking teardown inside an executor thread can
+    /// wait for an mmap lock that a task of the same executor holds.
+    #[must_use = "dropping the owning Guest runs its exit at once"]
     pub fn create_guest(&self, name: &str) -> Guest {
         let mm = self.new_mm(name);
         let guest = Guest {
@@ -177,23 +188,58 @@ impl Host {
                 memdie: AtomicBool::new(false),
                 unkillable: AtomicBool::new(false),
                 kill_hook: Mutex::new(None),
+                lingering: Mutex::new(None),
             }),
+            owner: None,
         };
         lock(&self.inner.guests).insert(guest.id(), guest.clone());
-        guest
+        Guest {
+            owner: Some(Arc::new(GuestOwner(guest.inner.clone()))),
+            ..guest
+        }
     }
 
-    /// The registered guest with this id.
+    /// The registered guest with this id (a reference, not an owner).
     pub fn guest(&self, id: u64) -> Result<Guest> {
+        self.prune_exited();
         lock(&self.inner.guests)
             .get(&id)
             .cloned()
             .ok_or(Error::NoSuchGuest { guest: id })
     }
 
-    /// All registered guests, by id.
+    /// All registered guests, by id (references, not owners).
     pub fn guests(&self) -> Vec<Guest> {
+        self.prune_exited();
         lock(&self.inner.guests).values().cloned().collect()
+    }
+
+    /// `release_task` of guests that exited while other holders still
+    /// used their mm ([`Guest::exit`]): once the last user is gone and the
+    /// teardown is through (`OOM_SKIP`), the record leaves the registry
+    /// and, if it was an OOM victim, clears its mark (`exit_oom_victim`,
+    /// after the teardown that freed its memory, as seed 4 requires). Run
+    /// by every registry reader, so the OOM killer never sees a stale one.
+    fn prune_exited(&self) {
+        let done: Vec<Guest> = lock(&self.inner.guests)
+            .values()
+            .filter(|g| {
+                lock(&g.inner.lingering)
+                    .as_ref()
+                    .is_some_and(|m| m.users() == 0 && m.flags().test(MmFlag::OOM_SKIP))
+            })
+            .cloned()
+            .collect();
+        for g in done {
+            *lock(&g.inner.lingering) = None;
+            // Every user is gone and the teardown is through: the mm is
+            // released, so the mark may go now (I-RP-8's order).
+            g.inner.mm_released.store(true, Ordering::SeqCst);
+            if g.inner.memdie.swap(false, Ordering::SeqCst) {
+                oom::exit_oom_victim(&self.inner, &g);
+            }
+            lock(&self.inner.guests).remove(&g.inner.id);
+        }
     }
 
     /// Adds a reclaim plug-in at the end of the list.
@@ -209,7 +255,10 @@ impl Host {
             charged_bytes: b.charged(),
             peak_charged_bytes: b.peak.load(Ordering::Relaxed),
             charge_failures: b.failures.load(Ordering::Relaxed),
-            guests: lock(&self.inner.guests).len(),
+            guests: {
+                self.prune_exited();
+                lock(&self.inner.guests).len()
+            },
         }
     }
 
@@ -321,13 +370,48 @@ pub(crate) struct GuestInner {
     pub(crate) unkillable: AtomicBool,
     /// The embedder's way to stop the guest (vCPUs, a wasm trap).
     pub(crate) kill_hook: Mutex<Option<Arc<dyn oom::Kill>>>,
+    /// Set by `exit` when other holders still use the mm (`MmUser` clones:
+    /// a vCPU thread, a device worker): the mm as those holders keep it,
+    /// by count. The kernel's mm stays visible to the OOM killer through
+    /// any task still using it; so does ours, through this: `mm_grab`
+    /// returns it while it has users, and the record stays registered
+    /// until `Host::prune_exited` sees the teardown done. Only held to
+    /// set, take or clone.
+    lingering: Mutex<Option<MmGrab>>,
 }
 
 /// A guest (the task / `signal_struct` analogue): a name, an OOM score, its
 /// address space while it lives, and the OOM victim slot.
+///
+/// The handle from [`Host::create_guest`] and its clones own the guest:
+/// the last one dropped runs [`Guest::exit`] (blocking). Handles from
+/// [`Host::guest`] / [`Host::guests`] only refer to it.
 #[derive(Clone)]
 pub struct Guest {
     inner: Arc<GuestInner>,
+    /// `Some` on owning handles (shared by their clones). Never read:
+    /// held for its drop.
+    #[allow(dead_code, reason = "held for its drop: the last owner runs the exit")]
+    owner: Option<Arc<GuestOwner>>,
+}
+
+/// The owners' share of a guest: dropped with the last owning handle.
+struct GuestOwner(Arc<GuestInner>);
+
+impl Drop for GuestOwner {
+    /// Drop = exit, like the kernel's last `mmput` of an exiting task: a
+    /// guest nobody owns any more leaves the registry and gives its memory
+    /// back (before this, its registry entry and its charge leaked for the
+    /// host's lifetime). Blocking: see [`Host::create_guest`] for async
+    /// owners. Nothing here can panic into a caller's unwinding drop: exit
+    /// is idempotent and returns no error.
+    fn drop(&mut self) {
+        let g = Guest {
+            inner: self.0.clone(),
+            owner: None,
+        };
+        g.exit_blocking();
+    }
 }
 
 impl std::fmt::Debug for Guest {
@@ -371,9 +455,17 @@ impl Guest {
 
     /// A count reference to the guest's address space while it has one
     /// (`find_lock_task_mm` + `mmgrab` under `task_lock`): never a user, so
-    /// dropping it can never run the teardown.
+    /// dropping it can never run the teardown. After [`exit`](Self::exit),
+    /// still the mm while other holders use it (another task of the
+    /// kernel's thread group keeping the mm).
     pub fn mm_grab(&self) -> Option<MmGrab> {
-        lock(&self.inner.mm).as_ref().map(MmUser::grab)
+        if let Some(g) = lock(&self.inner.mm).as_ref().map(MmUser::grab) {
+            return Some(g);
+        }
+        lock(&self.inner.lingering)
+            .as_ref()
+            .filter(|m| m.users() > 0)
+            .cloned()
     }
 
     /// Has the guest not yet passed `exit`?
@@ -413,11 +505,29 @@ impl Guest {
     /// OOM victim, clears its own victim mark (`exit_oom_victim`: only ever
     /// from here, the victim's own exit, after its own mmput — seed 4), and
     /// leaves the registry. Idempotent.
+    ///
+    /// When other holders still use the mm (`MmUser` clones), the guest
+    /// stays registered and selectable by the OOM killer through that mm
+    /// until they let go and its teardown is through (`Host::prune_exited`
+    /// then finishes the exit); before, it left the registry at once and
+    /// the OOM killer, blind to the memory it still held, killed an
+    /// innocent guest instead.
     pub async fn exit(&self) {
         self.inner.exiting.store(true, Ordering::SeqCst);
         let user = lock(&self.inner.mm).take();
         if let Some(user) = user {
+            let grab = user.grab();
             user.exit().await;
+            if grab.users() > 0 {
+                // Other holders: the mm lives on in them. Stay registered;
+                // the victim mark (if any) is cleared when they are gone.
+                *lock(&self.inner.lingering) = Some(grab);
+                return;
+            }
+        }
+        if lock(&self.inner.lingering).is_some() {
+            // A second exit of a guest whose mm still has users.
+            return;
         }
         self.inner.mm_released.store(true, Ordering::SeqCst);
         if let Some(h) = self.inner.host.upgrade() {

@@ -32,7 +32,9 @@ use crate::sys::PAGE_SIZE;
 
 /// The embedder's way to kill a guest: stop its vCPUs, trap the wasm
 /// instance. Called with `oom_lock` held; must not block on the guest (its
-/// mmap lock, its threads). A panic in it is caught and logged (and counted
+/// mmap lock, its threads): the thread running it may be the userfaultfd
+/// pool thread that serves the victim's own faults (`tracked/pool.rs`), so
+/// waiting there for a vCPU blocked in a tracked fault would never end. A panic in it is caught and logged (and counted
 /// in `OomStats::kill_hook_panics`): the kill stands, and the thread that
 /// ran the OOM killer (a userfaultfd handler serving another guest's
 /// fault, an allocation) goes on.
@@ -101,7 +103,9 @@ pub(crate) struct OomState {
     kill_hook_panics: AtomicU64,
 }
 
-/// `exit_oom_victim`: called only from the victim's own `Guest::exit`.
+/// `exit_oom_victim`: called only from the victim's own `Guest::exit`, or,
+/// when other holders kept its mm past that exit, by `Host::prune_exited`
+/// once their last user is gone and the teardown is through.
 pub(crate) fn exit_oom_victim(h: &HostInner, victim: &Guest) {
     // I-RP-8 / seed 4: only the victim, in its own exit, after its own
     // mmput; otherwise oom_killer_disable() could return while the victim

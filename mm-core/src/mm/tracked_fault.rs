@@ -360,6 +360,14 @@ impl Mm {
         if self.flags.test(MmFlag::UNSTABLE) {
             return self.poison_fault(t, addr);
         }
+        // The descriptor is shared by the shard's mms (`tracked/pool.rs`):
+        // without the page lock, re-check that the page is still ours just
+        // before the COPY, so it cannot land in a range another mm mapped
+        // at the same address after an unmap of ours.
+        if t.lookup(addr).is_none() {
+            let _ = t.with_uffd(|u| u.wake(addr, PAGE_SIZE));
+            return Outcome::Served;
+        }
         if let Ok(src) = zero_source() {
             let _ = t.with_uffd(|u| match u.copy(addr, src, PAGE_SIZE, true)? {
                 Fill::Done => Ok(()),

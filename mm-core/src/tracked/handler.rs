@@ -1,33 +1,20 @@
-//! The handler thread (steps 1, 3-6, 9): reads the userfaultfd, resolves
-//! queued faults, runs the pressure path as a polled future.
+//! One mm's part of the handler (steps 3-6, 9): its queues on the shard
+//! thread that serves it (`pool.rs` reads and routes the messages),
+//! resolving queued faults and running the pressure path as a polled
+//! future.
 
 use super::*;
 
-/// Wakes the handler's `poll` when a pressure future can make progress.
-struct HandlerWaker(Arc<Tracker>);
+/// Wakes the shard thread's `poll` when a pressure future can make
+/// progress.
+pub(super) struct ShardWaker(pub(super) Arc<Shard>);
 
-impl Wake for HandlerWaker {
+impl Wake for ShardWaker {
     fn wake(self: Arc<Self>) {
-        self.0.wake.signal();
+        self.0.wake();
     }
     fn wake_by_ref(self: &Arc<Self>) {
-        self.0.wake.signal();
-    }
-}
-
-pub(super) fn handler_main(t: Arc<Tracker>, mm: Weak<dyn FaultTarget>) {
-    let res = std::panic::catch_unwind(AssertUnwindSafe(|| handler_loop(&t, &mm)));
-    match res {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => t.die(&format!("handler error: {e}")),
-        Err(p) => {
-            let msg = p
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| p.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "panic".into());
-            t.die(&format!("handler panicked: {msg}"));
-        }
+        self.0.wake();
     }
 }
 
@@ -39,47 +26,10 @@ struct Queued {
     busy_since: Option<Instant>,
 }
 
-fn handler_loop(t: &Arc<Tracker>, mm_weak: &Weak<dyn FaultTarget>) -> std::io::Result<()> {
-    let mut h = Handler {
-        t: t.clone(),
-        waker: Waker::from(Arc::new(HandlerWaker(t.clone()))),
-        faults: VecDeque::new(),
-        removes: Vec::new(),
-        unmaps: Vec::new(),
-        settle: Vec::new(),
-        pressure: None,
-        failed_rounds: 0,
-    };
-    let mut events = Vec::new();
-    let raw = t.with_uffd(|u| Ok(u.raw()))?;
-    loop {
-        uffd::poll_readable(&[raw, t.wake.raw()], h.poll_timeout())?;
-        t.wake.drain();
-        if t.stop.load(Ordering::SeqCst) {
-            return Ok(());
-        }
-        events.clear();
-        // Before the read (step 6): a zap that ended before this point had
-        // its REMOVE read in an earlier round.
-        t.clear_retired_zaps();
-        t.with_uffd(|u| u.read_events(&mut events))?;
-        test_hooks::after_read(t, &events);
-        h.classify(&events);
-        let Some(mm) = mm_weak.upgrade() else {
-            return Ok(());
-        };
-        h.forget_foreign(&*mm);
-        h.settle.retain(|&a| !mm.settle(t, a));
-        if h.pressure_pending() {
-            continue;
-        }
-        h.serve_faults(&*mm);
-        drop(mm);
-    }
-}
-
-/// The handler loop's queues between rounds.
-struct Handler {
+/// One mm's queues between rounds on its shard thread (`pool.rs`): the
+/// per-mm half of the old per-mm handler loop. Exists only while the mm
+/// has work pending.
+pub(super) struct Handler {
     t: Arc<Tracker>,
     /// Wakes the loop's `poll` when the pressure future can progress.
     waker: Waker,
@@ -93,25 +43,49 @@ struct Handler {
     settle: Vec<usize>,
     /// The pressure path in progress (step 4), polled between rounds.
     pressure: Option<Pressure>,
-    /// Pressure runs in a row that freed nothing (fail-open at
-    /// [`PRESSURE_ROUNDS`]).
-    failed_rounds: u32,
 }
 
 impl Handler {
-    /// Block in `poll` until a message when idle, else retry every 1 ms.
-    fn poll_timeout(&self) -> i32 {
-        if self.faults.is_empty() && self.removes.is_empty() && self.settle.is_empty() {
-            -1
-        } else {
-            1
+    pub(super) fn new(t: Arc<Tracker>, waker: Waker) -> Handler {
+        Handler {
+            t,
+            waker,
+            faults: VecDeque::new(),
+            removes: Vec::new(),
+            unmaps: Vec::new(),
+            settle: Vec::new(),
+            pressure: None,
         }
+    }
+
+    /// Work that needs a retry in 1 ms (the shard's `poll` blocks without
+    /// a timeout when no mm has any).
+    pub(super) fn has_work(&self) -> bool {
+        !(self.faults.is_empty() && self.removes.is_empty() && self.settle.is_empty())
+    }
+
+    /// A pressure future is pending (woken through the shard's waker).
+    pub(super) fn pressure_in_flight(&self) -> bool {
+        self.pressure.is_some()
+    }
+
+    /// One round after a read (the old loop's body): foreign removes,
+    /// settlements, then the queued faults unless the pressure path is
+    /// still pending.
+    pub(super) fn round(&mut self, mm: &dyn FaultTarget) {
+        self.forget_foreign(mm);
+        let t = self.t.clone();
+        self.settle.retain(|&a| !mm.settle(&t, a));
+        if self.pressure_pending() {
+            return;
+        }
+        self.serve_faults(mm);
     }
 
     /// Sorts the messages of one read: missing faults are queued, WP faults
     /// stay blocked (step 7), our own zaps' REMOVE/UNMAP are ignored and
     /// foreign ones queued for clearing (step 6).
-    fn classify(&mut self, events: &[Event]) {
+    pub(super) fn classify(&mut self, events: &[Event]) {
         let t = &self.t;
         for ev in events {
             match *ev {
@@ -156,7 +130,11 @@ impl Handler {
         }
         self.removes = left;
         for (s, e) in self.unmaps.drain(..) {
+            // The kernel dropped the registration: drop the routing entry
+            // too (only ours: the munmapper returned when we read the
+            // message, and the range may already be another mm's).
             self.t.forget_registry(s, e);
+            self.t.shard.unroute(s, e, &self.t.me);
         }
     }
 
@@ -177,10 +155,11 @@ impl Handler {
     }
 
     fn pressure_done(&mut self, freed: bool) {
+        // Relaxed: only the shard thread serving this mm touches it.
         if freed {
-            self.failed_rounds = 0;
+            self.t.failed_rounds.store(0, Ordering::Relaxed);
         } else {
-            self.failed_rounds += 1;
+            self.t.failed_rounds.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -194,7 +173,7 @@ impl Handler {
                 break;
             };
             test_hooks::before_fault(&t);
-            let fail_open = self.failed_rounds >= PRESSURE_ROUNDS;
+            let fail_open = self.t.failed_rounds.load(Ordering::Relaxed) >= PRESSURE_ROUNDS;
             let force = q.busy_since.is_some_and(|s| s.elapsed() >= BUSY_TIMEOUT);
             match mm.resolve(&t, q.addr, fail_open, force) {
                 Outcome::Charged => {
@@ -204,7 +183,7 @@ impl Handler {
                     // about room, and resetting there would cost every
                     // further fault a full pressure cycle (up to `oom_wait`
                     // each with an OOM victim pending).
-                    self.failed_rounds = 0;
+                    self.t.failed_rounds.store(0, Ordering::Relaxed);
                 }
                 Outcome::Served => {}
                 Outcome::Unlocked => self.settle.push(q.addr),
@@ -237,6 +216,8 @@ impl Handler {
     }
 }
 
+pub(super) use test_hooks::after_read;
+
 /// Unit-test injection points of the handler loop (`tracked/tests.rs`),
 /// named here so the loop itself carries no test code; no-ops outside
 /// `cfg(test)`.
@@ -247,7 +228,7 @@ mod test_hooks {
     /// zappers whose REMOVE was just read have popped their `self_zap`
     /// entry before the messages are classified.
     #[cfg(test)]
-    pub(super) fn after_read(t: &Tracker, events: &[Event]) {
+    pub(in crate::tracked) fn after_read(t: &Tracker, events: &[Event]) {
         if t.hold_after_read.load(Ordering::SeqCst)
             && events.iter().any(|e| matches!(e, Event::Remove { .. }))
         {
@@ -270,7 +251,7 @@ mod test_hooks {
     }
 
     #[cfg(not(test))]
-    pub(super) fn after_read(_t: &Tracker, _events: &[Event]) {}
+    pub(in crate::tracked) fn after_read(_t: &Tracker, _events: &[Event]) {}
 
     /// Before each queued fault: with `panic_next_fault`, panic (step 9).
     #[cfg(test)]

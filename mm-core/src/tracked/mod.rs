@@ -1,9 +1,12 @@
-//! Tracked regions: guest mappings registered with a userfaultfd that the mm
-//! owns and serves from one handler thread, so that direct touches by the
-//! embedder (vCPUs through KVM, JIT code) are charged and seen.
+//! Tracked regions: guest mappings registered with a userfaultfd shared by
+//! the mms of one shard of the process's handler pool and served by that
+//! shard's thread, so that direct touches by the embedder (vCPUs through
+//! KVM, JIT code) are charged and seen.
 //!
 //! Files: this one holds the range registry, the [`Tracker`] itself and
-//! the [`FaultTarget`] hook; `handler.rs` the handler thread and its loop;
+//! the [`FaultTarget`] hook; `pool.rs` the pool (shards, shared
+//! descriptors, the routing map, the shard threads); `handler.rs` one
+//! mm's queues and round on its shard thread;
 //! `wp.rs` write-protect (step 7); `tests.rs` the unit tests. The fault
 //! resolution under the PTE locks (steps 3-6) is the mm's
 //! (`mm/tracked_fault.rs`), reached through [`FaultTarget`]: this module
@@ -11,12 +14,17 @@
 //!
 //! # The protocol
 //!
-//! 1. The first tracked `mmap` of an mm opens its userfaultfd (MISSING, WP
-//!    when offered, `EVENT_REMOVE`, `EVENT_UNMAP`, `POISON`) and starts the
-//!    handler thread: the only thread mm-core spawns besides the timer.
-//! 2. Each tracked host mapping is registered **before** it is published (no
-//!    one can touch it unregistered) and entered in the range registry
-//!    (host range → guest address, fault-around size) under the write lock.
+//! 1. The first tracked `mmap` of an mm creates its tracker on the next
+//!    shard of the pool (`pool.rs`), which opens the shard's descriptor of
+//!    the mm's mode (full or user-mode-only; MISSING, WP when offered,
+//!    `EVENT_REMOVE`, `EVENT_UNMAP`, `POISON`) and starts the shard's
+//!    thread if they are not open yet: the pool's threads are the only
+//!    threads mm-core spawns besides the timer. No descriptor and no thread
+//!    is the mm's own.
+//! 2. Each tracked host mapping is routed to the mm in its shard's routing
+//!    map and registered **before** it is published (no one can touch it
+//!    unregistered) and entered in the range registry (host range → guest
+//!    address, fault-around size) under the write lock.
 //! 3. A thread touching a missing page blocks in the kernel; the handler
 //!    reads the message and resolves it under the per-page locks, exactly as
 //!    the access path does: lock the PTEs of the fault-around window
@@ -70,27 +78,30 @@
 //!    page: it drops its PTE locks and the mmap lock and waits for the WP
 //!    generation to move (unprotect, a zap of the page, the handler's
 //!    death), so it never blocks in the kernel holding locks.
-//! 8. Teardown: `exit_mmap` unregisters every tracked range before it zaps
-//!    (`users == 0`, nobody may touch the memory any more, and a zap running
-//!    on the handler thread itself, from an OOM kill inside the pressure
-//!    path, must not wait for its own REMOVE message), then, after its write
-//!    unlock, stops and joins the handler; the descriptor closes when the
-//!    last region and the handler let go of the tracker.
-//! 9. A handler that panics does not hang the guest: the panic is caught, the
-//!    tracker is marked dead, every range is unregistered (which wakes the
-//!    blocked threads; they refault and the kernel serves them, uncharged:
-//!    the regions degrade to untracked), the queued messages are drained and
-//!    the descriptor is closed. Later tracked operations fail with
+//! 8. Teardown: `exit_mmap` unregisters every tracked range and drops its
+//!    routing entries before it zaps (`users == 0`, nobody may touch the
+//!    memory any more, and a zap running on a shard thread itself, from an
+//!    OOM kill inside the pressure path, must not wait for a REMOVE message
+//!    only that thread can read; the race the routing order closes is
+//!    drawn at [`Tracker::forget`]), then, after its write unlock, detaches
+//!    the mm from its shard (`Tracker::stop`, which never blocks: the shard
+//!    thread drops the mm's queue at its next round). The descriptor stays
+//!    open for the shard's other mms.
+//! 9. A handler that panics on one mm does not hang the guest nor the
+//!    shard: the panic is caught for that mm alone, the tracker is marked
+//!    dead, every range of the mm is unregistered and unrouted (which wakes
+//!    the blocked threads; they refault and the kernel serves them,
+//!    uncharged: the regions degrade to untracked), and the shard goes on
+//!    serving its other mms. Later tracked operations fail with
 //!    [`Error::TrackerDead`]; the access path falls back to the untracked
 //!    populate. The panic message is logged at `error` level.
 
 use crate::types::lock;
 use std::collections::{BTreeMap, VecDeque};
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::task::{Context, Poll, Wake, Waker};
-use std::thread::{JoinHandle, ThreadId};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
@@ -99,9 +110,13 @@ use crate::types::BoxFuture;
 use crate::uffd::{self, Event, EventFd, Fill, Uffd};
 
 mod handler;
+mod pool;
 #[cfg(test)]
 mod tests;
 mod wp;
+
+pub(crate) use pool::Shard;
+pub use pool::{set_uffd_handler_threads, uffd_handler_threads, DEFAULT_UFFD_HANDLER_THREADS};
 
 /// Default fault-around window: one 2 MiB chunk, clamped to the VMA.
 pub const DEFAULT_FAULT_AROUND: u64 = HUGE_PAGE_SIZE as u64;
@@ -183,22 +198,35 @@ pub(crate) struct Range {
 }
 
 /// The per-mm userfaultfd state shared by the handler, the access path and
-/// the tracked host regions.
+/// the tracked host regions. The descriptor and the handler thread are not
+/// the mm's: they belong to one shard of the process's handler pool
+/// (`pool.rs`), shared with the other mms of that shard and mode.
 pub(crate) struct Tracker {
     mm_id: u64,
-    /// The descriptor; `None` once the handler died (closing it releases
-    /// every waiter). Read-locked around each ioctl, write-locked only by
-    /// the death path.
-    uffd: RwLock<Option<Uffd>>,
+    /// This tracker, for the routing entries it enters in its shard.
+    me: Weak<Tracker>,
+    /// The pool shard (handler thread, routing map) serving this mm.
+    shard: Arc<Shard>,
+    /// The shard's descriptor of this mm's mode (full or user-mode-only),
+    /// shared with every other mm of the shard in that mode. Once `dead`,
+    /// no ioctl goes through it on this tracker's behalf (`with_uffd`
+    /// returns `EBADF`, as the closed per-mm descriptor did).
+    uffd: Arc<Uffd>,
     wp: bool,
     /// Write-protect also works on memfd mappings (KSM's merged pages).
     wp_shmem: bool,
     pub(crate) poison: bool,
     /// `UFFD_USER_MODE_ONLY`: kernel-mode faults never reach the handler.
     user_mode_only: bool,
-    wake: EventFd,
     stop: AtomicBool,
     dead: AtomicBool,
+    /// The mm the handler resolves faults on (set once by `start`).
+    target: OnceLock<Weak<dyn FaultTarget>>,
+    /// Pressure runs in a row that freed nothing (fail-open at
+    /// [`PRESSURE_ROUNDS`], step 4). Only the shard thread writes it; it
+    /// lives here, not in the shard's per-mm queue, because the queue is
+    /// dropped whenever the mm has nothing pending.
+    failed_rounds: AtomicU32,
     /// Host start → range. Leaf lock: held only to insert, remove or copy
     /// out an entry, never with a PTE lock held by the same thread.
     ranges: Mutex<BTreeMap<usize, Range>>,
@@ -212,8 +240,6 @@ pub(crate) struct Tracker {
     wp_gen: AtomicU64,
     wp_event: event_listener::Event,
     pub(crate) counters: Counters,
-    handler: Mutex<Option<JoinHandle<()>>>,
-    handler_id: OnceLock<ThreadId>,
     #[cfg(test)]
     pub(crate) panic_next_fault: AtomicBool,
     /// Test hook: panic in `tracked_fault` with the window locked and
@@ -238,13 +264,16 @@ pub(crate) struct Tracker {
 struct SelfZaps {
     /// Zaps in progress.
     live: Vec<(usize, usize)>,
-    /// Zaps that ended since the handler last started a read. A zapper's
-    /// madvise returns as soon as the handler has *read* its REMOVE, so it
-    /// can pop its entry before the handler looks the message up; keeping
-    /// popped entries until the next read closes that race (without it our
-    /// own REMOVE is taken as foreign and uncharges pages a fault
-    /// re-populated after our zap).
-    retired: Vec<(usize, usize)>,
+    /// Zaps that ended since the handler last started a read, with the
+    /// shard's read generation at their end. A zapper's madvise returns as
+    /// soon as the handler has *read* its REMOVE, so it can pop its entry
+    /// before the handler looks the message up; keeping popped entries
+    /// until the next read closes that race (without it our own REMOVE is
+    /// taken as foreign and uncharges pages a fault re-populated after our
+    /// zap). The handler serves many mms from one descriptor, so instead
+    /// of clearing every mm's list before each read it bumps the shard's
+    /// generation: an entry retired under an older generation is stale.
+    retired: Vec<(usize, usize, u64)>,
 }
 
 impl std::fmt::Debug for Tracker {
@@ -316,12 +345,10 @@ impl Tracker {
     /// `user_mode_only`: ask for `UFFD_USER_MODE_ONLY` even where a full
     /// descriptor is allowed.
     pub(crate) fn new(mm_id: u64, user_mode_only: bool) -> Result<Arc<Tracker>> {
-        let wanted = uffd::feature::PAGEFAULT_FLAG_WP
-            | uffd::feature::EVENT_REMOVE
-            | uffd::feature::EVENT_UNMAP
-            | uffd::feature::POISON
-            | uffd::feature::WP_HUGETLBFS_SHMEM;
-        let u = Uffd::open(wanted, user_mode_only).map_err(Error::host("userfaultfd"))?;
+        let shard = pool::pick()?;
+        let u = shard
+            .uffd(user_mode_only)
+            .map_err(Error::host("userfaultfd"))?;
         let wp = u.has(uffd::feature::PAGEFAULT_FLAG_WP);
         let wp_shmem = wp && u.has(uffd::feature::WP_HUGETLBFS_SHMEM);
         let poison = u.has(uffd::feature::POISON);
@@ -329,23 +356,24 @@ impl Tracker {
         if user_mode_only {
             tracing::info!(target: "mm_core::tracked", mm_id, "userfaultfd is user-mode-only here (no privilege for a full descriptor): faults the kernel takes on the guest's behalf (KVM, O_DIRECT) get EFAULT");
         }
-        Ok(Arc::new(Tracker {
+        Ok(Arc::new_cyclic(|me| Tracker {
             mm_id,
-            uffd: RwLock::new(Some(u)),
+            me: me.clone(),
+            shard,
+            uffd: u,
             wp,
             wp_shmem,
             poison,
             user_mode_only,
-            wake: EventFd::new().map_err(Error::host("eventfd"))?,
             stop: AtomicBool::new(false),
             dead: AtomicBool::new(false),
+            target: OnceLock::new(),
+            failed_rounds: AtomicU32::new(0),
             ranges: Mutex::new(BTreeMap::new()),
             self_zaps: Mutex::new(SelfZaps::default()),
             wp_gen: AtomicU64::new(0),
             wp_event: event_listener::Event::new(),
             counters: Counters::default(),
-            handler: Mutex::new(None),
-            handler_id: OnceLock::new(),
             #[cfg(test)]
             panic_next_fault: AtomicBool::new(false),
             #[cfg(test)]
@@ -359,28 +387,29 @@ impl Tracker {
         }))
     }
 
-    /// Starts the handler thread for `mm` (held weakly: the handler stops
-    /// when the mm is gone).
+    /// Hands the tracker to its shard's handler thread for `mm` (held
+    /// weakly: the handler drops the mm's queue when the mm is gone),
+    /// starting the thread if this is the shard's first tracker.
     pub(crate) fn start(self: &Arc<Self>, mm: Weak<dyn FaultTarget>) -> Result<()> {
-        let t = self.clone();
-        let h = std::thread::Builder::new()
-            .name(format!("guestmm-uffd-{}", self.mm_id))
-            .spawn(move || handler::handler_main(t, mm))
-            .map_err(Error::host("spawn uffd handler"))?;
-        let _ = self.handler_id.set(h.thread().id());
-        *lock(&self.handler) = Some(h);
-        Ok(())
+        let _ = self.target.set(mm);
+        self.shard.ensure_thread()
     }
 
+    /// Runs an ioctl on the shared descriptor on this mm's behalf;
+    /// `EBADF` once the tracker is dead (step 9).
     pub(crate) fn with_uffd<R>(
         &self,
         f: impl FnOnce(&Uffd) -> std::io::Result<R>,
     ) -> std::io::Result<R> {
-        let g = self.uffd.read().unwrap_or_else(|e| e.into_inner());
-        match g.as_ref() {
-            Some(u) => f(u),
-            None => Err(std::io::Error::from_raw_os_error(libc::EBADF)),
+        if self.is_dead() {
+            return Err(std::io::Error::from_raw_os_error(libc::EBADF));
         }
+        f(&self.uffd)
+    }
+
+    /// The mm the handler resolves this tracker's faults on.
+    fn target(&self) -> Option<Arc<dyn FaultTarget>> {
+        self.target.get().and_then(Weak::upgrade)
     }
 
     pub(crate) fn is_dead(&self) -> bool {
@@ -398,8 +427,23 @@ impl Tracker {
             return Err(Error::TrackerDead { mm_id: self.mm_id });
         }
         let mode = uffd::mode::MISSING | if self.wp { uffd::mode::WP } else { 0 };
-        self.with_uffd(|u| u.register(r, mode))
-            .map_err(Error::host("UFFDIO_REGISTER"))?;
+        self.register_routed(r, mode, "UFFDIO_REGISTER")
+    }
+
+    /// Enters the routing entry of `r` in the shard, **then** registers
+    /// it: a message from a registered range always finds its mm (an
+    /// unrouted fault would only be woken to refault, an unrouted REMOVE
+    /// lost). A failed registration takes the entry back out.
+    fn register_routed(&self, r: HostRange, mode: u64, op: &'static str) -> Result<()> {
+        let (s, e) = (r.ptr() as usize, r.ptr() as usize + r.len());
+        let added = self.shard.route(s, e, &self.me);
+        let res = self.with_uffd(|u| u.register(r, mode));
+        if let Err(err) = res {
+            if added {
+                self.shard.unroute(s, e, &self.me);
+            }
+            return Err(Error::host(op)(err));
+        }
         Ok(())
     }
 
@@ -415,10 +459,28 @@ impl Tracker {
         );
     }
 
-    /// Removes `[start, end)` from the registry (splitting entries) and
-    /// unregisters it. Callers: munmap (write lock, **before** its zap, so a
-    /// COPY racing it either lands before the zap, which then uncharges it,
-    /// or fails with ENOENT), a region's drop, and exit_mmap.
+    /// Removes `[start, end)` from the registry (splitting entries),
+    /// unregisters it and drops its routing entries. Callers: munmap
+    /// (write lock, **before** its zap, so a COPY racing it either lands
+    /// before the zap, which then uncharges it, or fails with ENOENT), a
+    /// region's drop (before its munmap), and exit_mmap (before its zap).
+    ///
+    /// The routing entry goes before the memory does, because the
+    /// descriptor and the routing map are shared by every mm of the shard:
+    ///
+    /// ```text
+    /// guest A exits (routing entry kept)  | guest B
+    /// unregister [x, x+len), munmap it    |
+    ///                                     | mmap gets [x, x+len) back,
+    ///                                     | registers it on the same uffd
+    /// handler reads B's fault at x:       |
+    /// routed to A (stale entry), A's      |
+    /// registry has no range: wake only    | refaults forever; B's REMOVE
+    ///                                     | messages uncharge nothing
+    /// ```
+    ///
+    /// A's entry is dropped here, before `HostRegion::drop` unmaps the
+    /// range, so the address can only be reused once it routes to nobody.
     pub(crate) fn forget(&self, start: usize, end: usize) {
         self.forget_registry(start, end);
         // Before the range can be unmapped and reused by another mapping.
@@ -427,6 +489,9 @@ impl Tracker {
         // refault and the kernel serves them (or SIGSEGV: munmap makes the
         // range PROT_NONE). A dead tracker has nothing registered.
         let _ = self.with_uffd(|u| u.unregister(start, end - start));
+        // After the unregister: a message read between the two is routed
+        // to us and finds no range in our registry (the faulter is woken).
+        self.shard.unroute(start, end, &self.me);
     }
 
     fn forget_registry(&self, start: usize, end: usize) {
@@ -481,28 +546,29 @@ impl Tracker {
     pub(crate) fn self_zap<R>(&self, start: usize, end: usize, f: impl FnOnce() -> R) -> R {
         lock(&self.self_zaps).live.push((start, end));
         let r = f();
+        let gen = self.shard.read_gen();
         let mut z = lock(&self.self_zaps);
         if let Some(i) = z.live.iter().position(|x| *x == (start, end)) {
             z.live.swap_remove(i);
         }
         // Kept until the handler's next read: it may have read our REMOVE
-        // (which let madvise return) and not looked it up yet.
-        z.retired.push((start, end));
+        // (which let madvise return) and not looked it up yet. Entries of
+        // older generations are stale (their REMOVE was read before the
+        // current read started): prune them here.
+        z.retired.retain(|&(_, _, g)| g >= gen);
+        z.retired.push((start, end, gen));
         r
     }
 
-    /// The handler is about to read messages: zaps that ended before this
-    /// point had their REMOVE read already, so their entries can go.
-    fn clear_retired_zaps(&self) {
-        lock(&self.self_zaps).retired.clear();
-    }
-
     fn is_self_zap(&self, start: usize, end: usize) -> bool {
+        // The generation of the read that returned this message: a zap
+        // that ended before that read started had its REMOVE read earlier.
+        let gen = self.shard.read_gen();
         let z = lock(&self.self_zaps);
-        z.live
-            .iter()
-            .chain(z.retired.iter())
-            .any(|&(s, e)| s <= start && end <= e)
+        z.live.iter().any(|&(s, e)| s <= start && end <= e)
+            || z.retired
+                .iter()
+                .any(|&(s, e, g)| g >= gen && s <= start && end <= e)
     }
 
     /// Wakes the threads blocked on `r` (a KSM merge, after the remap).
@@ -605,38 +671,33 @@ impl Tracker {
         })
     }
 
-    /// Stops and joins the handler (exit_mmap, after its write unlock).
-    /// From the handler thread itself (an OOM kill inside the pressure path
-    /// ran the teardown) it only asks it to stop: it exits when it returns.
+    /// Detaches the mm from its shard (exit_mmap, after its write
+    /// unlock): the shard thread drops the mm's queue (and any pressure
+    /// future) at its next round. Nothing is joined: the thread serves
+    /// other mms, and every range was unregistered and unrouted already
+    /// (step 8), so a fault still queued for this mm only finds no range
+    /// and is woken. Never blocks, so it is safe from the handler thread
+    /// itself (an OOM kill inside the pressure path ran the teardown).
     pub(crate) fn stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
-        self.wake.signal();
-        let h = lock(&self.handler).take();
-        if let Some(h) = h {
-            if Some(&std::thread::current().id()) == self.handler_id.get() {
-                return;
-            }
-            let _ = h.join();
-        }
+        self.shard.wake();
     }
 
-    /// Step 9: the handler died. Unregister, drain, close.
+    /// Step 9: the handler panicked on this mm. Unregister every range of
+    /// the mm and drop its routing entries; the shared descriptor stays
+    /// open for the shard's other mms.
     fn die(&self, why: &str) {
         tracing::error!(target: "mm_core::tracked", mm_id = self.mm_id, why, "userfaultfd handler died; tracked regions degrade to untracked");
         self.dead.store(true, Ordering::SeqCst);
-        let all: Vec<(usize, usize)> = lock(&self.ranges)
-            .iter()
-            .map(|(s, r)| (*s, r.host_end))
-            .collect();
-        for (s, e) in all {
-            let _ = self.with_uffd(|u| u.unregister(s, e - s));
+        // Every registration of this mm has a routing entry (tracked,
+        // write-protect-only and KSM merged ranges alike): unregistering
+        // them wakes the blocked threads, which refault and are served by
+        // the kernel. A message already queued for them is read by the
+        // shard and finds a dead tracker (dropped).
+        for (s, e) in self.shard.routes_of(&self.me) {
+            let _ = self.uffd.unregister(s, e - s);
+            self.shard.unroute(s, e, &self.me);
         }
-        let mut ev = Vec::new();
-        let _ = self.with_uffd(|u| u.read_events(&mut ev));
-        // Closing releases the context: any message queued after the drain
-        // (a REMOVE racing the unregister) is completed by the kernel.
-        let closed = self.uffd.write().unwrap_or_else(|e| e.into_inner()).take();
-        drop(closed);
         // API writers waiting for an unprotect: nobody will unprotect now,
         // and unregistering lifted the protection (step 9).
         self.wp_changed();

@@ -15,9 +15,7 @@ impl Tracker {
         if self.is_dead() || !self.wp_shmem {
             return Ok(());
         }
-        self.with_uffd(|u| u.register(r, uffd::mode::WP))
-            .map_err(Error::host("UFFDIO_REGISTER(WP)"))?;
-        Ok(())
+        self.register_routed(r, uffd::mode::WP, "UFFDIO_REGISTER(WP)")
     }
 
     /// Registers an untracked private anonymous mapping for write-protect
@@ -34,9 +32,7 @@ impl Tracker {
                 what: "userfaultfd write-protect (UFFD_FEATURE_PAGEFAULT_FLAG_WP)",
             });
         }
-        self.with_uffd(|u| u.register(r, uffd::mode::WP))
-            .map_err(Error::host("UFFDIO_REGISTER(WP)"))?;
-        Ok(())
+        self.register_routed(r, uffd::mode::WP, "UFFDIO_REGISTER(WP)")
     }
 
     /// The current generation of `Pte::WP` clearings (step 7). Read under
