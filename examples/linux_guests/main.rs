@@ -37,6 +37,7 @@
 //! machine: the ratio of medians in the same run is the number to read.
 
 mod initramfs;
+mod tiny;
 mod vmm;
 
 #[path = "../common/mod.rs"]
@@ -55,13 +56,31 @@ use kvm_ioctls::Kvm;
 use serde::Serialize;
 
 use common::MIB;
-use vmm::{BootImage, Vm};
+use vmm::{BootImage, GuestArgs, Vm};
+
+/// What the guests run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum GuestKind {
+    /// Debian's cloud kernel with a busybox initramfs.
+    Linux,
+    /// The tiny guest (`tiny.s`): the same line protocol without a kernel,
+    /// for a KVM that cannot boot Linux in reasonable time.
+    Tiny,
+}
 
 /// Real Linux VMs on guestmm memory: boot, OOM kill + reap, KSM, while
 /// they run (skipped, exit 0, without /dev/kvm or the fetched kernel).
 #[derive(Debug, Parser)]
 #[command(name = "linux_guests")]
 struct Args {
+    /// What the guests run.
+    #[arg(long, value_enum, default_value_t = GuestKind::Linux)]
+    guest: GuestKind,
+    /// Tiny guest: MiB of the check area, the same in every guest (what
+    /// KSM can merge, as the kernel image is for Linux guests).
+    #[arg(long, default_value_t = 16, value_parser = common::at_least(1))]
+    check_mib: u64,
     /// Guests (VMs).
     #[arg(long, default_value_t = 3, value_parser = common::at_least(2))]
     guests: u64,
@@ -126,15 +145,19 @@ fn kvm_flavour() -> &'static str {
     }
 }
 
+/// Where the tiny guest's check area starts (its code is at 1 MiB).
+const TINY_CHECK_BASE: u64 = 2 << 20;
+
 /// The `--json` line (.ci/run checks it).
 #[derive(Debug, Default, Serialize)]
 struct Report {
-    skipped: Option<String>,
+    guest: Option<GuestKind>,
     guests: u64,
     ram_bytes_per_guest: u64,
     budget_bytes: u64,
     kernel: String,
     kernel_image_bytes: u64,
+    shared_image_bytes: u64,
     guest_mips: f64,
     initramfs_bytes: u64,
     booted: u64,
@@ -335,48 +358,112 @@ struct Running {
 
 fn run(args: &Args) -> Result<Report, Failure> {
     let t_start = Instant::now();
-    let dir = args.kernel_dir.clone().unwrap_or_else(default_kernel_dir);
-    let (kpath, bpath) = (dir.join("vmlinuz"), dir.join("busybox"));
-    let (Ok(kernel), Ok(busybox)) = (std::fs::read(&kpath), std::fs::read(&bpath)) else {
-        return Err(Failure::Skip(format!(
-            "no guest kernel in {} (run: bash scripts/fetch-guest-kernel.sh)",
-            dir.display()
-        )));
-    };
     let kvm = Kvm::new().map_err(|e| Failure::Skip(format!("/dev/kvm not usable: {e}")))?;
-    // A KVM that emulates guest kernel code (a software hypervisor) is not
-    // usable for Linux guests: one boot takes many minutes.
-    let mips =
+    let (mips, tsc_khz) =
         vmm::probe_mips(&kvm).map_err(|e| Failure::Skip(format!("/dev/kvm not usable: {e}")))?;
-    if mips < MIN_GUEST_MIPS && !args.force {
-        return Err(Failure::Skip(format!(
-            "/dev/kvm runs guest kernel code at {mips:.1} M instructions/s ({}), not hardware virtualization: a Linux boot would take many minutes (--force boots anyway)",
-            kvm_flavour()
-        )));
-    }
     vmm::install_kick_handler().map_err(|e| format!("signal handler: {e}"))?;
-    let image = BootImage {
-        initramfs: initramfs::build(&busybox),
-        kernel,
+    let mut kernel_name = String::new();
+    let image = match args.guest {
+        GuestKind::Linux => {
+            let dir = args.kernel_dir.clone().unwrap_or_else(default_kernel_dir);
+            let (kpath, bpath) = (dir.join("vmlinuz"), dir.join("busybox"));
+            let (Ok(kernel), Ok(busybox)) = (std::fs::read(&kpath), std::fs::read(&bpath)) else {
+                return Err(Failure::Skip(format!(
+                    "no guest kernel in {} (run: bash scripts/fetch-guest-kernel.sh)",
+                    dir.display()
+                )));
+            };
+            // A KVM that emulates guest kernel code (a software
+            // hypervisor) is not usable for Linux guests: one boot takes
+            // many minutes.
+            if mips < MIN_GUEST_MIPS && !args.force {
+                return Err(Failure::Skip(format!(
+                    "/dev/kvm runs guest kernel code at {mips:.1} M instructions/s ({}), not hardware virtualization: a Linux boot would take many minutes (--force boots anyway; --guest tiny runs the same phases without a kernel)",
+                    kvm_flavour()
+                )));
+            }
+            kernel_name = std::fs::canonicalize(&kpath)
+                .unwrap_or(kpath.clone())
+                .file_name()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            BootImage::Linux {
+                initramfs: initramfs::build(&busybox),
+                kernel,
+            }
+        }
+        GuestKind::Tiny => BootImage::Tiny,
     };
     let n = args.guests as usize;
     let ram = args.ram_mib * MIB;
     let fill_bytes = args.steps * args.step_mib * MIB;
-    let budget = args.budget_mib.map(|m| m * MIB).unwrap_or(
-        args.guests * BOOT_FOOTPRINT_MIB * MIB * args.ram_mib / 256 + fill_bytes * 3 / 2,
-    );
+    let check_bytes = args.check_mib * MIB;
+    let base_bytes = match args.guest {
+        GuestKind::Linux => BOOT_FOOTPRINT_MIB * MIB * args.ram_mib / 256,
+        GuestKind::Tiny => TINY_CHECK_BASE + check_bytes + 2 * MIB,
+    };
+    if args.guest == GuestKind::Tiny && TINY_CHECK_BASE + check_bytes + fill_bytes > ram {
+        return Err(format!(
+            "--check-mib + --steps x --step-mib do not fit in --ram-mib {}",
+            args.ram_mib
+        )
+        .into());
+    }
+    // Over the budget with all guests filled, under it with one fewer: one
+    // kill, and the survivors fit.
+    let per_guest = base_bytes + fill_bytes;
+    let budget = args
+        .budget_mib
+        .map(|m| m * MIB)
+        .unwrap_or(per_guest * (2 * args.guests - 1) / 2);
+    let guest_args = |i: usize, fill: bool| -> GuestArgs {
+        // Guest 0 starts filling at once, the others a little later: the
+        // OOM kill meets one guest clearly larger than the rest.
+        let start_ms = if i == 0 { 0 } else { 1500 };
+        let (steps, start_ms) = if fill { (args.steps, start_ms) } else { (0, 0) };
+        match args.guest {
+            GuestKind::Linux => GuestArgs::Cmdline(cmdline(
+                args,
+                (steps, args.step_mib, args.step_ms, start_ms),
+            )),
+            GuestKind::Tiny => {
+                let per_ms = u64::from(tsc_khz);
+                GuestArgs::Tiny(tiny::TinyParams {
+                    steps,
+                    step_bytes: args.step_mib * MIB,
+                    start_delay: start_ms * per_ms,
+                    step_delay: args.step_ms * per_ms,
+                    hb_period: 100 * per_ms,
+                    fill_base: TINY_CHECK_BASE + check_bytes,
+                    check_base: TINY_CHECK_BASE,
+                    check_pages: check_bytes / guestmm::PAGE_SIZE as u64,
+                    seed: (i as u64 + 1) << 40,
+                    ck_period: 2000 * per_ms,
+                })
+            }
+        }
+    };
     let mut rep = Report {
         guests: args.guests,
         ram_bytes_per_guest: ram,
         budget_bytes: budget,
-        kernel: std::fs::canonicalize(&kpath)
-            .unwrap_or(kpath.clone())
-            .file_name()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        kernel_image_bytes: image.kernel.len() as u64,
+        guest: Some(args.guest),
+        kernel: kernel_name,
+        kernel_image_bytes: match &image {
+            BootImage::Linux { kernel, .. } => kernel.len() as u64,
+            BootImage::Tiny => 0,
+        },
+        // What is the same in every guest and so what KSM must at least
+        // give back: the kernel image, or the tiny guest's check area.
+        shared_image_bytes: match &image {
+            BootImage::Linux { kernel, .. } => kernel.len() as u64,
+            BootImage::Tiny => check_bytes,
+        },
         guest_mips: common::round(mips, 1),
-        initramfs_bytes: image.initramfs.len() as u64,
+        initramfs_bytes: match &image {
+            BootImage::Linux { initramfs, .. } => initramfs.len() as u64,
+            BootImage::Tiny => 0,
+        },
         ..Report::default()
     };
     let status = common::status_line(args.json);
@@ -402,7 +489,7 @@ fn run(args: &Args) -> Result<Report, Failure> {
                     ptr,
                     ram,
                     &image,
-                    &cmdline(args, (0, 0, 0, 0)),
+                    &guest_args(i, false),
                     echo,
                     Box::new(map),
                 )
@@ -429,7 +516,13 @@ fn run(args: &Args) -> Result<Report, Failure> {
     let mut guests: Vec<Running> = Vec::new();
     status.set_message("booting on tracked guestmm memory");
     for i in 0..n {
-        let name = format!("linux{i}");
+        let name = format!(
+            "{}{i}",
+            match args.guest {
+                GuestKind::Linux => "linux",
+                GuestKind::Tiny => "tiny",
+            }
+        );
         let guest = host.create_guest(&name);
         let mm = guest.mm().map_err(|e| e.to_string())?;
         let addr = match mm.mmap_blocking(MapOptions::anon(ram).tracked(true)) {
@@ -445,10 +538,7 @@ fn run(args: &Args) -> Result<Report, Failure> {
             .find_vma_blocking(addr)
             .map_err(|e| e.to_string())?
             .host_ptr();
-        // Guest 0 starts filling at once, the others a little later: the
-        // OOM kill meets one guest clearly larger than the rest.
-        let start_ms = if i == 0 { 0 } else { 1500 };
-        let cl = cmdline(args, (args.steps, args.step_mib, args.step_ms, start_ms));
+        let cl = guest_args(i, true);
         let echo = args.echo.then(|| name.clone());
         // SAFETY: the tracked mapping stays mapped while a user reference of
         // `mm` lives; the VM's keeper is such a reference (`mm.clone()`), so
@@ -774,7 +864,7 @@ fn print_table(r: &Report) {
     println!("| guest | boot (guestmm) | boot (plain mmap) |");
     println!("|---|---|---|");
     for (i, (a, b)) in r.boot_ms.iter().zip(&r.boot_ms_plain).enumerate() {
-        println!("| linux{i} | {a:.0} ms | {b:.0} ms |");
+        println!("| guest {i} | {a:.1} ms | {b:.1} ms |");
     }
     println!();
     println!("| what | value |");

@@ -69,13 +69,28 @@ pub const MARK_FILL: &str = "@@FILL ";
 /// Every fill step done.
 pub const MARK_FILLED: &str = "@@FILLED";
 
-/// The kernel and initramfs every guest boots.
+/// What every guest boots.
 #[derive(Debug)]
-pub struct BootImage {
-    /// The bzImage.
-    pub kernel: Vec<u8>,
-    /// The initramfs (cpio newc, uncompressed).
-    pub initramfs: Vec<u8>,
+pub enum BootImage {
+    /// A Linux kernel and its initramfs.
+    Linux {
+        /// The bzImage (or an uncompressed vmlinux ELF).
+        kernel: Vec<u8>,
+        /// The initramfs (cpio newc, uncompressed).
+        initramfs: Vec<u8>,
+    },
+    /// The tiny guest (`tiny.rs`); the parameters are per guest.
+    Tiny,
+}
+
+/// What one guest gets on top of the image: the kernel command line, or
+/// the tiny guest's parameters.
+#[derive(Debug, Clone)]
+pub enum GuestArgs {
+    /// The Linux command line.
+    Cmdline(String),
+    /// The tiny guest's parameter block.
+    Tiny(crate::tiny::TinyParams),
 }
 
 /// What the guest printed, parsed line by line by the serial's writer
@@ -315,7 +330,7 @@ impl Vm {
         host: *mut u8,
         ram: u64,
         image: &BootImage,
-        cmdline: &str,
+        guest_args: &GuestArgs,
         echo: Option<String>,
         keep: Box<dyn std::any::Any>,
     ) -> Result<Vm, String> {
@@ -345,7 +360,21 @@ impl Vm {
         // SAFETY: same mapping, same lifetime argument; `mem` is a local of
         // this function, gone when it returns.
         let mem = unsafe { guest_memory(host, ram) }?;
-        let entry = load(&mem, ram, image, cmdline)?;
+        let entry = match (image, guest_args) {
+            (BootImage::Linux { kernel, initramfs }, GuestArgs::Cmdline(c)) => {
+                load_linux(&mem, ram, kernel, initramfs, c)?
+            }
+            (BootImage::Tiny, GuestArgs::Tiny(p)) => {
+                mem.write_slice(&crate::tiny::TINY_CODE, GuestAddress(HIMEM))
+                    .and_then(|()| {
+                        mem.write_slice(&p.to_bytes(), GuestAddress(crate::tiny::PARAMS))
+                    })
+                    .map_err(|e| format!("loading the tiny guest: {e}"))?;
+                HIMEM
+            }
+            _ => return Err("guest arguments do not fit the image".into()),
+        };
+        write_boot_tables(&mem)?;
         let vcpu = vm.create_vcpu(0).map_err(e("KVM_CREATE_VCPU"))?;
         setup_vcpu(kvm, &vcpu, entry)?;
 
@@ -404,16 +433,22 @@ impl Drop for Vm {
     }
 }
 
-/// Loads the kernel, initramfs, command line, zero page and boot page
-/// tables into `mem`; returns the 64-bit entry point.
-fn load(mem: &GuestMemoryMmap, ram: u64, image: &BootImage, cmdline: &str) -> Result<u64, String> {
-    let (loaded, mut hdr, entry) = if image.kernel.starts_with(b"\x7fELF") {
+/// Loads the kernel, initramfs, command line and zero page into `mem`;
+/// returns the 64-bit entry point.
+fn load_linux(
+    mem: &GuestMemoryMmap,
+    ram: u64,
+    kernel: &[u8],
+    initramfs: &[u8],
+    cmdline: &str,
+) -> Result<u64, String> {
+    let (loaded, mut hdr, entry) = if kernel.starts_with(b"\x7fELF") {
         // An uncompressed vmlinux: its segments at their physical
         // addresses, the 64-bit boot protocol at its entry (startup_64).
         let loaded = Elf::load(
             mem,
             None,
-            &mut Cursor::new(&image.kernel),
+            &mut Cursor::new(kernel),
             Some(GuestAddress(HIMEM)),
         )
         .map_err(|e| format!("loading the vmlinux: {e}"))?;
@@ -430,7 +465,7 @@ fn load(mem: &GuestMemoryMmap, ram: u64, image: &BootImage, cmdline: &str) -> Re
         let loaded = BzImage::load(
             mem,
             None,
-            &mut Cursor::new(&image.kernel),
+            &mut Cursor::new(kernel),
             Some(GuestAddress(HIMEM)),
         )
         .map_err(|e| format!("loading the bzImage: {e}"))?;
@@ -444,7 +479,7 @@ fn load(mem: &GuestMemoryMmap, ram: u64, image: &BootImage, cmdline: &str) -> Re
     };
 
     let initrd_max = u64::from(hdr.initrd_addr_max).min(ram - 1);
-    let initrd_len = image.initramfs.len() as u64;
+    let initrd_len = initramfs.len() as u64;
     let initrd_at = (initrd_max + 1 - initrd_len) & !0xfff;
     if initrd_at < loaded.kernel_end + (64 << 20) {
         return Err(format!(
@@ -452,7 +487,7 @@ fn load(mem: &GuestMemoryMmap, ram: u64, image: &BootImage, cmdline: &str) -> Re
             ram >> 20
         ));
     }
-    mem.write_slice(&image.initramfs, GuestAddress(initrd_at))
+    mem.write_slice(&initramfs, GuestAddress(initrd_at))
         .map_err(|e| format!("writing the initramfs: {e}"))?;
 
     let mut cl = Cmdline::new(CMDLINE_MAX).map_err(|e| format!("command line: {e}"))?;
@@ -483,7 +518,11 @@ fn load(mem: &GuestMemoryMmap, ram: u64, image: &BootImage, cmdline: &str) -> Re
         mem,
     )
     .map_err(|e| format!("zero page: {e}"))?;
+    Ok(entry)
+}
 
+/// The GDT, an empty IDT and the identity page tables of the 64-bit entry.
+fn write_boot_tables(mem: &GuestMemoryMmap) -> Result<(), String> {
     // GDT: null, 64-bit code, data, TSS (the segment registers below are
     // loaded from the same values).
     let gdt: [u64; 4] = [
@@ -507,7 +546,7 @@ fn load(mem: &GuestMemoryMmap, ram: u64, image: &BootImage, cmdline: &str) -> Re
         mem.write_obj((i << 21) | 0x83, GuestAddress(PD + 8 * i))
             .map_err(|e| format!("page tables: {e}"))?;
     }
-    Ok(entry)
+    Ok(())
 }
 
 /// CPUID, long mode (page tables from `load`), registers for the 64-bit
@@ -677,7 +716,8 @@ const PROBE_LOOPS: u32 = 200_000;
 /// SVM) runs it at ~1000; a software hypervisor that emulates guest
 /// kernel code instruction by instruction (PVM without a PVM-enabled
 /// guest kernel) at ~1, where one Linux boot takes many minutes.
-pub fn probe_mips(kvm: &Kvm) -> Result<f64, String> {
+/// Also returns the vCPU's TSC rate, kHz.
+pub fn probe_mips(kvm: &Kvm) -> Result<(f64, u32), String> {
     // mov ecx, PROBE_LOOPS; 1: dec ecx; jnz 1b; hlt   (16-bit code)
     let mut code = vec![0x66, 0xb9];
     code.extend_from_slice(&PROBE_LOOPS.to_le_bytes());
@@ -719,10 +759,13 @@ pub fn probe_mips(kvm: &Kvm) -> Result<f64, String> {
         }
     }
     let secs = t.elapsed().as_secs_f64();
+    let tsc_khz = vcpu
+        .get_tsc_khz()
+        .map_err(|e| format!("KVM_GET_TSC_KHZ: {e}"))?;
     drop(vcpu);
     drop(vm);
     drop(map);
-    Ok(2.0 * f64::from(PROBE_LOOPS) / secs / 1e6)
+    Ok((2.0 * f64::from(PROBE_LOOPS) / secs / 1e6, tsc_khz))
 }
 
 /// Waits until `f` holds or `timeout` passes (polling every 10 ms).
