@@ -487,7 +487,7 @@ fn load_linux(
             ram >> 20
         ));
     }
-    mem.write_slice(&initramfs, GuestAddress(initrd_at))
+    mem.write_slice(initramfs, GuestAddress(initrd_at))
         .map_err(|e| format!("writing the initramfs: {e}"))?;
 
     let mut cl = Cmdline::new(CMDLINE_MAX).map_err(|e| format!("command line: {e}"))?;
