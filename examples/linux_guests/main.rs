@@ -53,6 +53,7 @@ use guestmm::ksm::{Ksm, KsmConfig, Run};
 use guestmm::reaper::{Reaper, ReaperConfig};
 use guestmm::{procfs, Advice, Guest, Host, Kill, MapOptions, MmUser, ProcessMemory};
 use kvm_ioctls::Kvm;
+use mm_vm_memory::{GuestMemoryMm, MmRegion};
 use serde::Serialize;
 
 use common::MIB;
@@ -480,14 +481,17 @@ fn run(args: &Args) -> Result<Report, Failure> {
                 .map_err(|e| format!("mmap of {} MiB: {e}", args.ram_mib))?;
             let ptr = map.ptr();
             let echo = args.echo.then(|| format!("plain{i}"));
-            // SAFETY: `map` is a live read-write mapping handed to the VM as
-            // its keeper (`Box::new(map)`): it is unmapped only when the VM
-            // drops it, after its VM file.
+            // SAFETY: `map` is a live read-write mapping of `ram` bytes,
+            // handed to the VM as its keeper: it is unmapped only when the VM
+            // drops it, after its VM file and after `mem`.
+            let mem = unsafe { vmm::plain_guest_memory(ptr, ram) }?;
+            // SAFETY: as above: `mem` is over `map`, which the VM keeps.
             let vm = unsafe {
                 Vm::boot(
                     &kvm,
                     ptr,
                     ram,
+                    mem,
                     &image,
                     &guest_args(i, false),
                     echo,
@@ -534,16 +538,33 @@ fn run(args: &Args) -> Result<Report, Failure> {
         if let Err(e) = mm.check_kernel_access_blocking(addr, ram) {
             return Err(Failure::Skip(format!("not usable as a KVM memslot: {e}")));
         }
-        let host_ptr = mm
-            .find_vma_blocking(addr)
-            .map_err(|e| e.to_string())?
-            .host_ptr();
+        // The guest's RAM through the adapter: one MmRegion (it holds a
+        // user reference, so the mapping outlives it; it refuses access
+        // once the guest is killed) in a vm-memory collection, which
+        // linux-loader writes the kernel through.
+        let region = MmRegion::<()>::new(&mm, addr, ram, vm_memory::GuestAddress(0))
+            .map_err(|e| format!("adapter region: {e}"))?;
+        let host_ptr = region.host_ptr();
+        let mem = GuestMemoryMm::from_regions(vec![region])
+            .map_err(|e| format!("adapter collection: {e}"))?;
         let cl = guest_args(i, true);
         let echo = args.echo.then(|| name.clone());
         // SAFETY: the tracked mapping stays mapped while a user reference of
-        // `mm` lives; the VM's keeper is such a reference (`mm.clone()`), so
-        // the mapping outlives the VM file (dropped first by `Vm`).
-        let vm = unsafe { Vm::boot(&kvm, host_ptr, ram, &image, &cl, echo, Box::new(mm.clone())) }?;
+        // `mm` lives; `mem`'s region holds one and the VM's keeper is one
+        // too (`mm.clone()`), so the mapping outlives the VM file (dropped
+        // first by `Vm`).
+        let vm = unsafe {
+            Vm::boot(
+                &kvm,
+                host_ptr,
+                ram,
+                mem,
+                &image,
+                &cl,
+                echo,
+                Box::new(mm.clone()),
+            )
+        }?;
         guest.set_kill_hook(Arc::new(StopVcpu {
             index: i,
             kick: vm.kick.clone(),

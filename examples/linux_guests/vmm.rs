@@ -36,7 +36,7 @@ use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bzimage::BzImage;
 use linux_loader::loader::elf::Elf;
 use linux_loader::loader::{load_cmdline, KernelLoader};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -260,15 +260,16 @@ pub fn install_kick_handler() -> std::io::Result<()> {
     Ok(())
 }
 
-/// vm-memory's view of one host mapping as guest RAM at guest address 0:
-/// a `GuestRegionMmap` over the raw pointer, not owned (vm-memory never
-/// unmaps it).
+/// vm-memory's view of one plain host mapping (the baseline's) as guest
+/// RAM at guest address 0: a `GuestRegionMmap` over the raw pointer, not
+/// owned (vm-memory never unmaps it). The tracked guests' memory comes
+/// from the adapter crate (`mm-vm-memory`) instead.
 ///
 /// # Safety
 ///
 /// `host..host+len` is a live read-write mapping that stays mapped for as
 /// long as the returned memory (and anything cloned from it) is used.
-unsafe fn guest_memory(host: *mut u8, len: u64) -> Result<GuestMemoryMmap, String> {
+pub unsafe fn plain_guest_memory(host: *mut u8, len: u64) -> Result<GuestMemoryMmap, String> {
     // SAFETY: the caller keeps the mapping alive and read-write for the
     // region's life; `with_raw_mmap_pointer` makes the region not owned.
     let region = unsafe {
@@ -318,17 +319,22 @@ impl std::fmt::Debug for Vm {
 }
 
 impl Vm {
-    /// Creates a VM over `host..host+ram`, loads the kernel, initramfs and
-    /// command line, and starts its vCPU thread (which runs at once).
+    /// Creates a VM whose RAM is `mem` (one region at guest address 0 of
+    /// `ram` bytes, host address `host`), loads the guest through `mem`,
+    /// and starts its vCPU thread (which runs at once). The VM keeps `mem`
+    /// and then `keep` until it drops, after its VM file.
     ///
     /// # Safety
     ///
-    /// `host..host+ram` is a live read-write mapping that `keep` keeps
-    /// mapped until it is dropped, and nothing else unmaps it meanwhile.
-    pub unsafe fn boot(
+    /// `host..host+ram` is the live read-write mapping behind `mem`, which
+    /// `mem` or `keep` keeps mapped until they are dropped, and nothing
+    /// else unmaps it meanwhile.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn boot<M: GuestMemoryBackend + 'static>(
         kvm: &Kvm,
         host: *mut u8,
         ram: u64,
+        mem: M,
         image: &BootImage,
         guest_args: &GuestArgs,
         echo: Option<String>,
@@ -357,9 +363,6 @@ impl Vm {
         // file goes first too (a local, dropped before the caller's
         // `keep`).
         unsafe { vm.set_user_memory_region(slot) }.map_err(e("KVM_SET_USER_MEMORY_REGION"))?;
-        // SAFETY: same mapping, same lifetime argument; `mem` is a local of
-        // this function, gone when it returns.
-        let mem = unsafe { guest_memory(host, ram) }?;
         let entry = match (image, guest_args) {
             (BootImage::Linux { kernel, initramfs }, GuestArgs::Cmdline(c)) => {
                 load_linux(&mem, ram, kernel, initramfs, c)?
@@ -401,7 +404,7 @@ impl Vm {
             vcpu: Some(thread),
             kick,
             console,
-            _keep: keep,
+            _keep: Box::new((mem, keep)),
         })
     }
 
@@ -435,8 +438,8 @@ impl Drop for Vm {
 
 /// Loads the kernel, initramfs, command line and zero page into `mem`;
 /// returns the 64-bit entry point.
-fn load_linux(
-    mem: &GuestMemoryMmap,
+fn load_linux<M: GuestMemoryBackend>(
+    mem: &M,
     ram: u64,
     kernel: &[u8],
     initramfs: &[u8],
@@ -513,7 +516,7 @@ fn load_linux(
         };
     }
     params.e820_entries = e820.len() as u8;
-    LinuxBootConfigurator::write_bootparams::<GuestMemoryMmap>(
+    LinuxBootConfigurator::write_bootparams::<M>(
         &BootParams::new::<boot_params>(&params, GuestAddress(ZERO_PAGE)),
         mem,
     )
@@ -522,7 +525,7 @@ fn load_linux(
 }
 
 /// The GDT, an empty IDT and the identity page tables of the 64-bit entry.
-fn write_boot_tables(mem: &GuestMemoryMmap) -> Result<(), String> {
+fn write_boot_tables<M: GuestMemoryBackend>(mem: &M) -> Result<(), String> {
     // GDT: null, 64-bit code, data, TSS (the segment registers below are
     // loaded from the same values).
     let gdt: [u64; 4] = [
