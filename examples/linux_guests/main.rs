@@ -173,6 +173,7 @@ struct Report {
     process_rss_before_reap_bytes: u64,
     process_rss_after_reap_bytes: u64,
     process_rss_after_reap_outside_bytes: u64,
+    survivors_rss_growth_during_reap_bytes: u64,
     reap_ms: f64,
     reaped_with_vm_alive: bool,
     oom_kills: u64,
@@ -199,6 +200,8 @@ struct KillRecord {
     victim: Option<usize>,
     victim_rss: u64,
     process_rss: u64,
+    /// Every guest's mapping RSS at the kill.
+    all_rss: Vec<u64>,
 }
 
 /// The kill hook: stops the victim's vCPU. The VM file and the memslot
@@ -207,12 +210,16 @@ struct StopVcpu {
     index: usize,
     kick: Arc<vmm::VcpuKick>,
     mapping: (usize, u64),
+    /// Every guest's mapping, for the survivors' RSS at the kill.
+    all: Arc<Mutex<Vec<(usize, u64)>>>,
     record: Arc<Mutex<KillRecord>>,
 }
 
 impl Kill for StopVcpu {
     fn kill(&self, _guest: &Guest) {
         let mut r = self.record.lock().unwrap_or_else(|e| e.into_inner());
+        let all = self.all.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        r.all_rss = mappings_rss(&all);
         r.victim_rss = mappings_rss(&[self.mapping])[0];
         r.process_rss = procfs::statm_rss().unwrap_or(0);
         r.at = Some(Instant::now());
@@ -517,6 +524,7 @@ fn run(args: &Args) -> Result<Report, Failure> {
     reaper.install(&host);
     let _reaper_thread = reaper.spawn().map_err(|e| format!("oom_reaper: {e}"))?;
     let record = Arc::new(Mutex::new(KillRecord::default()));
+    let all_mappings = Arc::new(Mutex::new(Vec::new()));
     let mut guests: Vec<Running> = Vec::new();
     status.set_message("booting on tracked guestmm memory");
     for i in 0..n {
@@ -569,8 +577,13 @@ fn run(args: &Args) -> Result<Report, Failure> {
             index: i,
             kick: vm.kick.clone(),
             mapping: (host_ptr as usize, ram),
+            all: all_mappings.clone(),
             record: record.clone(),
         }));
+        all_mappings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((host_ptr as usize, ram));
         guests.push(Running {
             name,
             guest,
@@ -666,12 +679,13 @@ fn run(args: &Args) -> Result<Report, Failure> {
     };
     rep.survivor_heartbeats_before_kill = survivors.iter().map(|&i| hb(i, &guests)).collect();
     rep.victim = Some(guests[v].name.clone());
-    let (killed_at, victim_rss, process_rss) = {
+    let (killed_at, victim_rss, process_rss, all_rss) = {
         let r = record.lock().unwrap_or_else(|e| e.into_inner());
         (
             r.at.unwrap_or_else(Instant::now),
             r.victim_rss,
             r.process_rss,
+            r.all_rss.clone(),
         )
     };
     rep.victim_rss_before_bytes = victim_rss;
@@ -687,7 +701,15 @@ fn run(args: &Args) -> Result<Report, Failure> {
     rep.reap_ms = common::round((reap_done - killed_at).as_secs_f64() * 1000.0, 1);
     rep.process_rss_after_reap_bytes = procfs::statm_rss().unwrap_or(0);
     rep.process_rss_after_reap_outside_bytes = rss_from_outside();
-    rep.victim_rss_after_reap_bytes = mappings_rss(&[guests[v].mapping])[0];
+    let rss_now = mappings_rss(&ranges);
+    rep.victim_rss_after_reap_bytes = rss_now[v];
+    // The survivors kept running (and filling) during the reap: what
+    // their mappings grew by meanwhile, so that the process RSS drop plus
+    // this is what the reap gave back.
+    rep.survivors_rss_growth_during_reap_bytes = survivors
+        .iter()
+        .map(|&i| rss_now[i].saturating_sub(all_rss.get(i).copied().unwrap_or(0)))
+        .sum();
     rep.reaped_with_vm_alive = guests[v].vm.as_ref().is_some_and(|vm| vm.vm_alive());
 
     // The survivors go on: their fill completes (within the budget now)
