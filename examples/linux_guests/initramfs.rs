@@ -96,12 +96,54 @@ pub fn build(busybox: &[u8]) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
+    /// Reads the archive back as the kernel's unpacker does: (name, mode,
+    /// rdev, data) per entry up to the trailer.
+    fn parse(a: &[u8]) -> Vec<(String, u32, (u32, u32), Vec<u8>)> {
+        let hex = |b: &[u8]| u32::from_str_radix(std::str::from_utf8(b).unwrap(), 16).unwrap();
+        let mut out = Vec::new();
+        let mut at = 0;
+        loop {
+            assert_eq!(&a[at..at + 6], b"070701", "magic at {at}");
+            let f = |i: usize| hex(&a[at + 6 + 8 * i..at + 14 + 8 * i]);
+            let (mode, size, rdev, namesize) = (f(1), f(6) as usize, (f(9), f(10)), f(11) as usize);
+            let name = std::str::from_utf8(&a[at + 110..at + 110 + namesize - 1])
+                .unwrap()
+                .to_owned();
+            assert_eq!(a[at + 110 + namesize - 1], 0, "name NUL-terminated");
+            let data_at = (at + 110 + namesize).next_multiple_of(4);
+            if name == "TRAILER!!!" {
+                return out;
+            }
+            out.push((name, mode, rdev, a[data_at..data_at + size].to_vec()));
+            at = (data_at + size).next_multiple_of(4);
+        }
+    }
+
     #[test]
-    fn test_header_layout() {
-        let a = super::build(b"xyz");
-        assert_eq!(&a[..6], b"070701");
-        // The first name follows the 110-byte header.
-        assert_eq!(&a[110..114], b"bin\0");
+    fn test_archive_reads_back() {
+        let a = super::build(b"busybox bytes");
         assert_eq!(a.len() % 512, 0);
+        let e = parse(&a);
+        let names: Vec<&str> = e.iter().map(|x| x.0.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "bin",
+                "dev",
+                "proc",
+                "sys",
+                "tmp",
+                "mnt",
+                "dev/console",
+                "bin/busybox",
+                "init"
+            ]
+        );
+        let console = &e[6];
+        assert_eq!((console.1, console.2), (0o020600, (5, 1)));
+        assert_eq!(e[7].3, b"busybox bytes");
+        assert_eq!(e[7].1, 0o100755);
+        assert_eq!(e[8].3, super::INIT.as_bytes());
+        assert!(super::INIT.starts_with("#!/bin/busybox sh\n"));
     }
 }

@@ -95,3 +95,21 @@ pub const TINY_CODE: [u8; 565] = [
     0x45, 0x44, 0x0a, 0x00, 0x40, 0x40, 0x43, 0x4b, 0x4f, 0x4b, 0x0a, 0x00, 0x40, 0x40, 0x43, 0x4b,
     0x42, 0x41, 0x44, 0x0a, 0x00,
 ];
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn test_params_at_the_offsets_tiny_s_reads() {
+        let p = super::TinyParams {
+            steps: 1,
+            check_pages: 8,
+            ck_period: 9,
+            ..Default::default()
+        }
+        .to_bytes();
+        let q = |off: usize| u64::from_le_bytes(p[off..off + 8].try_into().unwrap());
+        // tiny.s: 0x7000 steps, 0x7038 check_pages, 0x7048 ck_period.
+        assert_eq!((q(0), q(0x38), q(0x48)), (1, 8, 9));
+        assert!(p.len() <= 0x100, "below the guest's ck0 slot at 0x7100");
+    }
+}
