@@ -96,9 +96,12 @@ pub fn build(busybox: &[u8]) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
-    /// Reads the archive back as the kernel's unpacker does: (name, mode,
-    /// rdev, data) per entry up to the trailer.
-    fn parse(a: &[u8]) -> Vec<(String, u32, (u32, u32), Vec<u8>)> {
+    /// One entry read back: name, mode, rdev (major, minor), data.
+    type Entry = (String, u32, (u32, u32), Vec<u8>);
+
+    /// Reads the archive back as the kernel's unpacker does, up to the
+    /// trailer.
+    fn parse(a: &[u8]) -> Vec<Entry> {
         let hex = |b: &[u8]| u32::from_str_radix(std::str::from_utf8(b).unwrap(), 16).unwrap();
         let mut out = Vec::new();
         let mut at = 0;
