@@ -45,8 +45,8 @@ use std::time::Duration;
 use arbitrary::{Arbitrary, Unstructured};
 use futures_lite::future::block_on;
 use mm_core::{Advice, Host, HostConfig, MapOptions, MmFlag, MmUser, MmWatch, PAGE_SIZE};
-use mm_reaper::{Reaper, ReaperConfig};
 use mm_ksm::{Ksm, KsmConfig, Run};
+use mm_reaper::{Reaper, ReaperConfig};
 
 use crate::exec::Report;
 use crate::mode::{Mode, Runner};
