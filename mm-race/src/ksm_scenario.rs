@@ -262,19 +262,11 @@ fn run_setup_reaper(
             let _ = h.out_of_memory(None).await;
             done.store(true, Ordering::SeqCst);
         });
-        let (r, done, c) = (r.clone(), oom_done.clone(), clock.clone());
         let poll = sim.time(Duration::from_millis(50));
-        sim.spawn("reaper", async move {
-            loop {
-                if r.step().await {
-                    continue;
-                }
-                if done.load(Ordering::SeqCst) && r.pending() == 0 {
-                    break;
-                }
-                mm_core::Clock::sleep(&*c, poll).await;
-            }
-        });
+        sim.spawn(
+            "reaper",
+            crate::scenario::reaper_loop(r.clone(), oom_done.clone(), clock.clone(), poll),
+        );
     }
     for (i, g) in gs.iter().enumerate() {
         if i == 1 && setup.g1_stays {

@@ -421,19 +421,11 @@ pub fn run_setup_mode(
                 let _ = h.out_of_memory(Some(id)).await;
                 done.store(true, Ordering::SeqCst);
             });
-            let (r, done, c) = (reaper.clone(), oom_done.clone(), clock.clone());
             let poll = sim.time(Duration::from_millis(50));
-            sim.spawn("reaper", async move {
-                loop {
-                    if r.step().await {
-                        continue;
-                    }
-                    if done.load(Ordering::SeqCst) && r.pending() == 0 {
-                        break;
-                    }
-                    mm_core::Clock::sleep(&*c, poll).await;
-                }
-            });
+            sim.spawn(
+                "reaper",
+                reaper_loop(reaper.clone(), oom_done.clone(), clock.clone(), poll),
+            );
             if cancellable {
                 let (h, id) = (host.clone(), g0.guest.id());
                 sim.spawn_cancellable("mrelease", async move {
@@ -585,6 +577,26 @@ pub fn run_setup_mode(
     drop((g0, g1, reaper, exited));
     report.trace.shrink_to_fit();
     end_of_run_oracles(charged, host, &watches).and_then(|what| finding(&report, what))
+}
+
+/// The reaper's thread: reap what is queued; when nothing is, sleep `poll`
+/// (virtual time on the executor), until the OOM actor is `done` and the
+/// queue is empty. Shared by every scenario with a reaper.
+pub(crate) async fn reaper_loop(
+    r: Reaper,
+    done: Arc<AtomicBool>,
+    clock: Arc<dyn mm_core::Clock>,
+    poll: Duration,
+) {
+    loop {
+        if r.step().await {
+            continue;
+        }
+        if done.load(Ordering::SeqCst) && r.pending() == 0 {
+            break;
+        }
+        mm_core::Clock::sleep(&*clock, poll).await;
+    }
 }
 
 /// The run's own verdict: a deadlock, the step limit, or the first
