@@ -135,9 +135,9 @@ pub(super) fn pick() -> Result<Arc<Shard>> {
 }
 
 /// One routing entry: `[start, end)` belongs to `owner`.
-struct Route {
+pub(super) struct Route {
     end: usize,
-    owner: Weak<Tracker>,
+    pub(super) owner: Weak<Tracker>,
 }
 
 /// One shard of the pool: a handler thread, its descriptors, its routing
@@ -154,7 +154,7 @@ pub(crate) struct Shard {
     /// tracker stopped). Opened with the shard's first tracker.
     wake: OnceLock<EventFd>,
     /// Host start → route. Lock-free (point 5).
-    routes: SkipMap<usize, Route>,
+    pub(super) routes: SkipMap<usize, Route>,
     /// Bumped before every read of messages (see `SelfZaps::retired`).
     read_gen: AtomicU64,
     /// Is the thread running? Locked only to start it.
@@ -468,44 +468,5 @@ fn serve(sl: &mut Slot) -> bool {
             t.die(&format!("handler panicked: {msg}"));
             false
         }
-    }
-}
-
-#[cfg(test)]
-mod route_tests {
-    use super::*;
-    use crate::{Host, MapOptions};
-
-    /// Every routing entry of a guest goes with its exit (the pool is
-    /// process-wide: a stale entry would stay for the process's life).
-    #[test]
-    fn test_exit_leaves_no_route() {
-        let host = Host::with_budget(64 << 20);
-        let g = host.create_guest("r");
-        let mm = g.mm().unwrap();
-        let a = mm
-            .mmap_blocking(MapOptions::anon(16 << 12).tracked(true))
-            .unwrap();
-        mm.write_blocking(a, &[1u8; 4096]).unwrap();
-        let _b = mm
-            .mmap_blocking(MapOptions::anon(4 << 12).tracked(true))
-            .unwrap();
-        // A split: the entry of the first region becomes two.
-        mm.munmap_blocking(a + 4096, 4096).unwrap();
-        let t = mm.tracker().unwrap();
-        let owner = Arc::downgrade(&t);
-        let shard = t.shard.clone();
-        drop(t);
-        let mine = || {
-            shard
-                .routes
-                .iter()
-                .filter(|e| Weak::ptr_eq(&e.value().owner, &owner))
-                .count()
-        };
-        assert_eq!(mine(), 3, "two regions, the first split in two");
-        drop(mm);
-        g.exit_blocking();
-        assert_eq!(mine(), 0, "routes left after the guest's exit");
     }
 }

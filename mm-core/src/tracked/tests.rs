@@ -354,3 +354,36 @@ fn test_populate_error_keeps_present_pages() {
     drop(mm);
     assert_eq!(host.stats().charged_bytes, 0);
 }
+
+/// Every routing entry of a guest goes with its exit (the pool is
+/// process-wide: a stale entry would stay for the process's life).
+#[test]
+fn test_exit_leaves_no_route() {
+    let host = Host::with_budget(64 << 20);
+    let g = host.create_guest("r");
+    let mm = g.mm().unwrap();
+    let a = mm
+        .mmap_blocking(MapOptions::anon(16 << 12).tracked(true))
+        .unwrap();
+    mm.write_blocking(a, &[1u8; 4096]).unwrap();
+    let _b = mm
+        .mmap_blocking(MapOptions::anon(4 << 12).tracked(true))
+        .unwrap();
+    // A split: the entry of the first region becomes two.
+    mm.munmap_blocking(a + 4096, 4096).unwrap();
+    let t = mm.tracker().unwrap();
+    let owner = std::sync::Arc::downgrade(&t);
+    let shard = t.shard.clone();
+    drop(t);
+    let mine = || {
+        shard
+            .routes
+            .iter()
+            .filter(|e| std::sync::Weak::ptr_eq(&e.value().owner, &owner))
+            .count()
+    };
+    assert_eq!(mine(), 3, "two regions, the first split in two");
+    drop(mm);
+    g.exit_blocking();
+    assert_eq!(mine(), 0, "routes left after the guest's exit");
+}
