@@ -216,37 +216,9 @@ fn worker(
     drop(mm);
 }
 
-/// Rss of each host range `(base, len)`, from one read of
-/// /proc/self/smaps.
-fn mappings_rss(ranges: &[(usize, u64)]) -> Vec<u64> {
-    let mut total = vec![0; ranges.len()];
-    let Ok(text) = std::fs::read_to_string("/proc/self/smaps") else {
-        return total;
-    };
-    let mut inside = None;
-    for line in text.lines() {
-        if let Some((range, _)) = line.split_once(' ') {
-            if let Some((s, e)) = range.split_once('-') {
-                if let (Ok(s), Ok(e)) = (usize::from_str_radix(s, 16), usize::from_str_radix(e, 16))
-                {
-                    inside = ranges
-                        .iter()
-                        .position(|&(base, len)| s >= base && e <= base + len as usize);
-                    continue;
-                }
-            }
-        }
-        if let (Some(i), Some(v)) = (inside, line.strip_prefix("Rss:")) {
-            let kb = v.trim().trim_end_matches("kB").trim();
-            total[i] += kb.parse::<u64>().unwrap_or(0) * 1024;
-        }
-    }
-    total
-}
-
 /// Rss of the host mapping starting at `base`, from /proc/self/smaps.
 fn mapping_rss(base: usize, len: u64) -> u64 {
-    mappings_rss(&[(base, len)])[0]
+    common::mappings_rss(&[(base, len)])[0]
 }
 
 /// What the monitor recorded for the plot.
@@ -347,7 +319,7 @@ fn main() {
         }
         let want_guests = args.plot.is_some() || !status.is_hidden();
         if want_guests && samples.guests.last().is_none_or(|(t, _)| secs - t >= 0.05) {
-            let per_guest = mappings_rss(&ranges);
+            let per_guest = common::mappings_rss(&ranges);
             if !status.is_hidden() {
                 status.set_message(status_message(
                     rss, budget, &guests, &per_guest, &host, &reaper,

@@ -185,3 +185,31 @@ pub fn or_exit<T, E: std::fmt::Display>(r: Result<T, E>, what: &str) -> T {
         std::process::exit(1)
     })
 }
+
+/// Rss of each host range `(base, len)`, from one read of
+/// /proc/self/smaps.
+pub fn mappings_rss(ranges: &[(usize, u64)]) -> Vec<u64> {
+    let mut total = vec![0; ranges.len()];
+    let Ok(text) = std::fs::read_to_string("/proc/self/smaps") else {
+        return total;
+    };
+    let mut inside = None;
+    for line in text.lines() {
+        if let Some((range, _)) = line.split_once(' ') {
+            if let Some((s, e)) = range.split_once('-') {
+                if let (Ok(s), Ok(e)) = (usize::from_str_radix(s, 16), usize::from_str_radix(e, 16))
+                {
+                    inside = ranges
+                        .iter()
+                        .position(|&(base, len)| s >= base && e <= base + len as usize);
+                    continue;
+                }
+            }
+        }
+        if let (Some(i), Some(v)) = (inside, line.strip_prefix("Rss:")) {
+            let kb = v.trim().trim_end_matches("kB").trim();
+            total[i] += kb.parse::<u64>().unwrap_or(0) * 1024;
+        }
+    }
+    total
+}

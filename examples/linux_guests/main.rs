@@ -222,42 +222,14 @@ impl Kill for StopVcpu {
     fn kill(&self, _guest: &Guest) {
         let mut r = self.record.lock().unwrap_or_else(|e| e.into_inner());
         let all = self.all.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        r.all_rss = mappings_rss(&all);
-        r.victim_rss = mappings_rss(&[self.mapping])[0];
+        r.all_rss = common::mappings_rss(&all);
+        r.victim_rss = common::mappings_rss(&[self.mapping])[0];
         r.process_rss = procfs::statm_rss().unwrap_or(0);
         r.at = Some(Instant::now());
         r.victim = Some(self.index);
         drop(r);
         self.kick.stop();
     }
-}
-
-/// Rss of each host range `(base, len)`, from one read of
-/// `/proc/self/smaps`.
-fn mappings_rss(ranges: &[(usize, u64)]) -> Vec<u64> {
-    let mut total = vec![0; ranges.len()];
-    let Ok(text) = std::fs::read_to_string("/proc/self/smaps") else {
-        return total;
-    };
-    let mut inside = None;
-    for line in text.lines() {
-        if let Some((range, _)) = line.split_once(' ') {
-            if let Some((s, e)) = range.split_once('-') {
-                if let (Ok(s), Ok(e)) = (usize::from_str_radix(s, 16), usize::from_str_radix(e, 16))
-                {
-                    inside = ranges
-                        .iter()
-                        .position(|&(base, len)| s >= base && e <= base + len as usize);
-                    continue;
-                }
-            }
-        }
-        if let (Some(i), Some(v)) = (inside, line.strip_prefix("Rss:")) {
-            let kb = v.trim().trim_end_matches("kB").trim();
-            total[i] += kb.parse::<u64>().unwrap_or(0) * 1024;
-        }
-    }
-    total
 }
 
 /// This process's RSS as another process sees it: `cat /proc/<pid>/statm`
@@ -613,7 +585,7 @@ fn run(args: &Args) -> Result<Report, Failure> {
         if status.is_hidden() {
             return;
         }
-        let rss = mappings_rss(&ranges);
+        let rss = common::mappings_rss(&ranges);
         let mut msg = format!(
             "{phase}: budget {} / {} MiB charged, OOM kills {}{}",
             host.stats().charged_bytes >> 20,
@@ -704,7 +676,7 @@ fn run(args: &Args) -> Result<Report, Failure> {
     rep.reap_ms = common::round((reap_done - killed_at).as_secs_f64() * 1000.0, 1);
     rep.process_rss_after_reap_bytes = procfs::statm_rss().unwrap_or(0);
     rep.process_rss_after_reap_outside_bytes = rss_from_outside();
-    let rss_now = mappings_rss(&ranges);
+    let rss_now = common::mappings_rss(&ranges);
     rep.victim_rss_after_reap_bytes = rss_now[v];
     // The survivors kept running (and filling) during the reap: what
     // their mappings grew by meanwhile, so that the process RSS drop plus
