@@ -201,6 +201,13 @@ pub enum Error {
         /// The missing feature.
         what: &'static str,
     },
+    /// A reset to a snapshot refused: the guest's layout is not the
+    /// snapshot's any more (nothing was changed).
+    #[error("cannot reset to the snapshot: {why}")]
+    SnapshotLayout {
+        /// What changed.
+        why: &'static str,
+    },
     /// A host system call failed.
     #[error("host {op} failed: {source}")]
     Host {

@@ -182,8 +182,8 @@ pub use host::{
 pub use ksm::{KsmMerge, KsmMm, KsmPage, MergeRun, StableStore};
 pub use loop_thread::{LoopThread, StopLoop};
 pub use mm::{
-    Advice, ExitHook, MapKind, MapOptions, Mm, MmConfig, MmGrab, MmNotifier, MmState, MmUser,
-    MmWatch, WouldBlock, ZapReason,
+    Advice, ExitHook, GuestSnapshot, MapKind, MapOptions, Mm, MmConfig, MmGrab, MmNotifier,
+    MmState, MmUser, MmWatch, ResetStats, WouldBlock, ZapReason,
 };
 pub use mmap_lock::{MmapLock, MmapReadGuard, MmapWriteGuard};
 pub use procfs::ProcessMemory;

@@ -507,18 +507,23 @@ pub(crate) mod pagemap {
     pub(crate) const EXCLUSIVE: u64 = 1 << 56;
 }
 
-/// Reads the pagemap entries of `r` (one `u64` per page) into `out`.
-pub(crate) fn pagemap(r: HostRange, out: &mut [u64]) -> io::Result<()> {
-    use std::os::unix::fs::FileExt;
+/// `/proc/self/pagemap`, opened once for the process.
+fn pagemap_file() -> io::Result<&'static std::fs::File> {
     use std::sync::OnceLock;
     static FILE: OnceLock<std::fs::File> = OnceLock::new();
-    let f = match FILE.get() {
+    Ok(match FILE.get() {
         Some(f) => f,
         None => {
             let f = std::fs::File::open("/proc/self/pagemap")?;
             FILE.get_or_init(|| f)
         }
-    };
+    })
+}
+
+/// Reads the pagemap entries of `r` (one `u64` per page) into `out`.
+pub(crate) fn pagemap(r: HostRange, out: &mut [u64]) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let f = pagemap_file()?;
     let pages = r.len() / PAGE_SIZE;
     assert!(out.len() >= pages);
     let mut bytes = vec![0u8; pages * 8];
@@ -527,4 +532,85 @@ pub(crate) fn pagemap(r: HostRange, out: &mut [u64]) -> io::Result<()> {
         *o = u64::from_ne_bytes(c.try_into().expect("8-byte chunk"));
     }
     Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Dirty log (mm/dirty.rs): `PAGEMAP_SCAN` over ranges registered with a
+// `UFFD_FEATURE_WP_ASYNC` userfaultfd.
+
+/// `_IOC(dir, type, nr, size)` of the generic (x86-64, arm64) encoding.
+const fn ioc(dir: u32, ty: u32, num: u32, size: usize) -> u32 {
+    (dir << 30) | ((size as u32) << 16) | (ty << 8) | num
+}
+
+/// `PAGEMAP_SCAN` = `_IOWR('f', 16, struct pm_scan_arg)` (linux-raw-sys
+/// lacks the number; the encoding is checked against one it has).
+const PAGEMAP_SCAN: u32 = ioc(
+    3,
+    b'f' as u32,
+    16,
+    std::mem::size_of::<linux_raw_sys::general::pm_scan_arg>(),
+);
+const _: () = assert!(
+    ioc(
+        3,
+        linux_raw_sys::general::UFFDIO,
+        linux_raw_sys::general::_UFFDIO_API,
+        std::mem::size_of::<linux_raw_sys::general::uffdio_api>()
+    ) == linux_raw_sys::ioctl::UFFDIO_API
+);
+const _: () = assert!(std::mem::size_of::<linux_raw_sys::general::pm_scan_arg>() == 96);
+
+/// One run of pages a `PAGEMAP_SCAN` reported: `[start, end)` host addresses.
+pub(crate) type PageRegion = linux_raw_sys::general::page_region;
+
+/// One `PAGEMAP_SCAN` call over `[start, end)` for the pages written since
+/// they were last write-protected (`PAGE_IS_WRITTEN`, of a range registered
+/// with a `WP_ASYNC` userfaultfd: `PM_SCAN_CHECK_WPASYNC` fails with
+/// `EPERM` otherwise); with `reprotect` the matching pages are protected
+/// again in the same walk (`PM_SCAN_WP_MATCHING`, atomic per page against
+/// writers). Fills `out`; returns how many regions it filled and where the
+/// walk stopped (continue from there while it is below `end`).
+pub(crate) fn pagemap_scan_written(
+    start: usize,
+    end: usize,
+    reprotect: bool,
+    out: &mut [PageRegion],
+) -> io::Result<(usize, usize)> {
+    use linux_raw_sys::general as uapi;
+    let f = pagemap_file()?;
+    let mut flags = uapi::PM_SCAN_CHECK_WPASYNC as u64;
+    if reprotect {
+        flags |= uapi::PM_SCAN_WP_MATCHING as u64;
+    }
+    let mut arg = uapi::pm_scan_arg {
+        size: std::mem::size_of::<uapi::pm_scan_arg>() as u64,
+        flags,
+        start: start as u64,
+        end: end as u64,
+        walk_end: 0,
+        vec: out.as_mut_ptr() as u64,
+        vec_len: out.len() as u64,
+        max_pages: 0,
+        category_inverted: 0,
+        category_mask: uapi::PAGE_IS_WRITTEN as u64,
+        category_anyof_mask: 0,
+        return_mask: uapi::PAGE_IS_WRITTEN as u64,
+    };
+    // SAFETY: a pm_scan_arg with PAGEMAP_SCAN, the pair its number encodes;
+    // `vec` points to `out`, `vec_len` page_regions long, which the kernel
+    // fills (plain integers, any bit pattern is valid); the scan reads page
+    // tables and, with WP_MATCHING, changes page protections, never
+    // contents.
+    let n = unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(f),
+            PAGEMAP_SCAN as _,
+            &mut arg as *mut uapi::pm_scan_arg,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((n as usize, arg.walk_end as usize))
 }

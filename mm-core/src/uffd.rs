@@ -81,6 +81,9 @@ pub(crate) mod feature {
     pub(crate) const WP_HUGETLBFS_SHMEM: u64 = uapi::UFFD_FEATURE_WP_HUGETLBFS_SHMEM as u64;
     /// `UFFDIO_POISON` (Linux 6.6).
     pub(crate) const POISON: u64 = uapi::UFFD_FEATURE_POISON as u64;
+    /// Write faults on protected pages are resolved by the kernel itself
+    /// (the protection goes, the write goes on, no message): the dirty log.
+    pub(crate) const WP_ASYNC: u64 = uapi::UFFD_FEATURE_WP_ASYNC as u64;
 }
 
 /// Register modes.
@@ -336,15 +339,32 @@ impl Uffd {
         len: usize,
         wake: bool,
     ) -> io::Result<Fill> {
+        self.copy_mode(dst, src, len, wake, false)
+    }
+
+    /// [`Uffd::copy`], the new pages write-protected when `wp`
+    /// (`UFFDIO_COPY_MODE_WP`: a dirty log restoring a page it must not
+    /// report as written).
+    pub(crate) fn copy_mode(
+        &self,
+        dst: usize,
+        src: *const u8,
+        len: usize,
+        wake: bool,
+        wp: bool,
+    ) -> io::Result<Fill> {
+        let mut mode = 0u64;
+        if !wake {
+            mode |= u64::from(uapi::UFFDIO_COPY_MODE_DONTWAKE);
+        }
+        if wp {
+            mode |= u64::from(uapi::UFFDIO_COPY_MODE_WP);
+        }
         let mut c = uapi::uffdio_copy {
             dst: dst as u64,
             src: src as u64,
             len: len as u64,
-            mode: if wake {
-                0
-            } else {
-                u64::from(uapi::UFFDIO_COPY_MODE_DONTWAKE)
-            },
+            mode,
             copy: 0,
         };
         // SAFETY: a uffdio_copy with UFFDIO_COPY (writes only the registered dst range), the pair its number encodes.

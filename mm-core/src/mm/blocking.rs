@@ -72,4 +72,16 @@ impl MmUser {
     pub fn write_unprotect_blocking(&self, addr: u64, len: u64) -> Result<()> {
         block_on(self.write_unprotect(addr, len))
     }
+    /// Blocking [`take_dirty`](Self::take_dirty).
+    pub fn take_dirty_blocking(&self, addr: u64, len: u64) -> Result<Vec<std::ops::Range<u64>>> {
+        block_on(self.take_dirty(addr, len))
+    }
+    /// Blocking [`snapshot`](Self::snapshot).
+    pub fn snapshot_blocking(&self) -> Result<super::GuestSnapshot> {
+        block_on(self.snapshot())
+    }
+    /// Blocking [`reset`](Self::reset).
+    pub fn reset_blocking(&self, snap: &super::GuestSnapshot) -> Result<super::ResetStats> {
+        block_on(self.reset(snap))
+    }
 }

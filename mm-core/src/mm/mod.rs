@@ -9,6 +9,7 @@
 //! scanner exit hooks in `notifier.rs`. `exit_mmap` lives in `exit.rs`.
 
 mod blocking;
+mod dirty;
 mod fault;
 mod ksm_wp;
 mod notifier;
@@ -17,6 +18,7 @@ mod syscalls;
 mod tracked_fault;
 mod zap;
 
+pub use dirty::{GuestSnapshot, ResetStats};
 pub use ksm_wp::prepare_all;
 pub(crate) use ksm_wp::KsmMmState;
 pub use notifier::{ExitHook, MmNotifier, WouldBlock};
@@ -73,6 +75,18 @@ pub struct MmConfig {
     /// default fail-open (served over budget, recorded as debt, repaid by
     /// later zaps).
     pub hard_budget: bool,
+    /// Tracked regions of this mm keep a **dirty log**: they are registered
+    /// with a `UFFD_FEATURE_WP_ASYNC` userfaultfd, so a write to a page
+    /// protected by the last harvest only clears its protection, in the
+    /// kernel, with no message (a minor fault). [`MmUser::take_dirty`]
+    /// harvests the pages written since the last harvest (`PAGEMAP_SCAN`);
+    /// [`MmUser::snapshot`] and [`MmUser::reset`] build on it. The
+    /// synchronous write-protect is then unavailable for this mm:
+    /// [`MmUser::write_protect`] and merging its memory with KSM
+    /// ([`Advice::Mergeable`]) fail with [`Error::NotAllowed`]. Needs
+    /// Linux 6.7 ([`Error::Unsupported`] at the first tracked `mmap`
+    /// otherwise).
+    pub dirty_log: bool,
 }
 
 impl Default for MmConfig {
@@ -82,6 +96,7 @@ impl Default for MmConfig {
             mmap_floor: 1 << 20,
             user_mode_only_uffd: false,
             hard_budget: false,
+            dirty_log: false,
         }
     }
 }
@@ -616,7 +631,11 @@ impl MmUser {
             }
             return Ok(t.clone());
         }
-        let t = Tracker::new(self.id, self.config.user_mode_only_uffd)?;
+        let t = Tracker::new(
+            self.id,
+            self.config.user_mode_only_uffd,
+            self.config.dirty_log,
+        )?;
         if !usable(&t) {
             return Err(Error::Unsupported {
                 what: "userfaultfd write-protect (UFFD_FEATURE_PAGEFAULT_FLAG_WP)",

@@ -109,6 +109,12 @@ impl MmUser {
         if t.is_dead() {
             return Err(Error::TrackerDead { mm_id: self.id });
         }
+        if t.wp_async() {
+            return Err(Error::NotAllowed {
+                addr,
+                reason: "write_protect on a guest with a dirty log (MmConfig::dirty_log)",
+            });
+        }
         if !t.wp() {
             return Err(Error::Unsupported {
                 what: "userfaultfd write-protect (UFFD_FEATURE_PAGEFAULT_FLAG_WP)",
@@ -310,6 +316,14 @@ impl MmUser {
             self.check_not_killed()?;
         }
         let end = check_range(addr, len, self.config.va_limit)?;
+        if advice == Advice::Mergeable && self.config.dirty_log {
+            // A merge blocks writers with synchronous write-protect, which
+            // the dirty log's WP_ASYNC descriptor cannot give.
+            return Err(Error::NotAllowed {
+                addr,
+                reason: "madvise(MERGEABLE) on a guest with a dirty log (MmConfig::dirty_log)",
+            });
+        }
         match advice {
             Advice::DontNeed => {
                 // Read lock, like the kernel: DONTNEED only zaps pages and

@@ -213,6 +213,9 @@ pub(crate) struct Tracker {
     /// returns `EBADF`, as the closed per-mm descriptor did).
     uffd: Arc<Uffd>,
     wp: bool,
+    /// The descriptor is `WP_ASYNC` and ranges are registered for WP: the
+    /// dirty log of `MmConfig::dirty_log` (mm/dirty.rs).
+    wp_async: bool,
     /// Write-protect also works on memfd mappings (KSM's merged pages).
     wp_shmem: bool,
     pub(crate) poison: bool,
@@ -344,12 +347,22 @@ impl Tracker {
     /// [`Tracker::start`].
     /// `user_mode_only`: ask for `UFFD_USER_MODE_ONLY` even where a full
     /// descriptor is allowed.
-    pub(crate) fn new(mm_id: u64, user_mode_only: bool) -> Result<Arc<Tracker>> {
+    /// `dirty_log`: open the shard's `WP_ASYNC` descriptor
+    /// ([`Error::Unsupported`] where the kernel lacks it); its write
+    /// protection is a dirty log, not a barrier, so [`Tracker::wp`] is false.
+    pub(crate) fn new(mm_id: u64, user_mode_only: bool, dirty_log: bool) -> Result<Arc<Tracker>> {
         let shard = pool::pick()?;
         let u = shard
-            .uffd(user_mode_only)
+            .uffd(user_mode_only, dirty_log)
             .map_err(Error::host("userfaultfd"))?;
-        let wp = u.has(uffd::feature::PAGEFAULT_FLAG_WP);
+        let wp_async =
+            dirty_log && u.has(uffd::feature::WP_ASYNC) && u.has(uffd::feature::PAGEFAULT_FLAG_WP);
+        if dirty_log && !wp_async {
+            return Err(Error::Unsupported {
+                what: "a dirty log (UFFD_FEATURE_WP_ASYNC, Linux 6.7)",
+            });
+        }
+        let wp = !dirty_log && u.has(uffd::feature::PAGEFAULT_FLAG_WP);
         let wp_shmem = wp && u.has(uffd::feature::WP_HUGETLBFS_SHMEM);
         let poison = u.has(uffd::feature::POISON);
         let user_mode_only = u.user_mode_only();
@@ -362,6 +375,7 @@ impl Tracker {
             shard,
             uffd: u,
             wp,
+            wp_async,
             wp_shmem,
             poison,
             user_mode_only,
@@ -416,9 +430,16 @@ impl Tracker {
         self.dead.load(Ordering::SeqCst)
     }
 
-    /// Is write-protect mode available?
+    /// Is synchronous write-protect available (a write to a protected page
+    /// blocks until unprotected: `write_protect`, KSM's merge window)?
     pub(crate) fn wp(&self) -> bool {
         self.wp
+    }
+
+    /// Is this the dirty log's descriptor (`WP_ASYNC`: protection only
+    /// records writes)?
+    pub(crate) fn wp_async(&self) -> bool {
+        self.wp_async
     }
 
     /// Registers a fresh, unpublished host mapping (step 2).
@@ -426,7 +447,12 @@ impl Tracker {
         if self.is_dead() {
             return Err(Error::TrackerDead { mm_id: self.mm_id });
         }
-        let mode = uffd::mode::MISSING | if self.wp { uffd::mode::WP } else { 0 };
+        let mode = uffd::mode::MISSING
+            | if self.wp || self.wp_async {
+                uffd::mode::WP
+            } else {
+                0
+            };
         self.register_routed(r, mode, "UFFDIO_REGISTER")
     }
 

@@ -11,14 +11,17 @@
 //!    [`DEFAULT_UFFD_HANDLER_THREADS`]), created at the first tracked
 //!    `mmap` of the process. A new tracker is given the next shard, round
 //!    robin.
-//! 2. A shard owns at most two descriptors, one per mode: the full one
+//! 2. A shard owns at most four descriptors, one per mode: the full one
 //!    (or what `Uffd::open` falls back to when the process may not open
-//!    it) and the `UFFD_USER_MODE_ONLY` one (`MmConfig::user_mode_only_uffd`),
-//!    each opened when its first tracker asks, with the same feature
-//!    request as before, so a mm sees exactly the feature set (WP, POISON,
-//!    REMOVE/UNMAP) its own descriptor had. Plus one eventfd that wakes the
-//!    thread. At most `3 n` descriptors and `n` threads for the whole
-//!    process, whatever the number of guests.
+//!    it) or the `UFFD_USER_MODE_ONLY` one (`MmConfig::user_mode_only_uffd`),
+//!    each with synchronous write-protect or with `WP_ASYNC` (the dirty
+//!    log, `MmConfig::dirty_log`: a feature of the whole descriptor, so
+//!    those mms get descriptors of their own kind), each opened when its
+//!    first tracker asks, with the same feature request as before, so a mm
+//!    sees exactly the feature set (WP, POISON, REMOVE/UNMAP) its own
+//!    descriptor had. Plus one eventfd that wakes the thread. At most
+//!    `5 n` descriptors (`3 n` without dirty-logged guests) and `n`
+//!    threads for the whole process, whatever the number of guests.
 //! 3. Every registration of a tracker enters a **routing entry** (host
 //!    range → tracker, held weakly) in its shard's routing map **before**
 //!    the range is registered, and drops it **after** the range is
@@ -43,7 +46,7 @@
 //! 7. The threads live as long as the process (like the kernel threads
 //!    they stand for); an idle one sleeps in `poll` with no timeout.
 //!
-//! `poll(2)` over at most three descriptors rather than an epoll set: the
+//! `poll(2)` over at most five descriptors rather than an epoll set: the
 //! set per thread is fixed and tiny, and epoll would cost one more
 //! descriptor per shard for nothing.
 
@@ -144,12 +147,11 @@ pub(super) struct Route {
 /// map.
 pub(crate) struct Shard {
     idx: usize,
-    /// The descriptor asked without `UFFD_USER_MODE_ONLY` (possibly a
-    /// user-mode-only one after `Uffd::open`'s fallback). Locked only to
-    /// open or clone it.
-    full: Mutex<Option<Arc<Uffd>>>,
-    /// The `UFFD_USER_MODE_ONLY` descriptor.
-    user_only: Mutex<Option<Arc<Uffd>>>,
+    /// The descriptors by mode ([`Mode::slot`]): without or with
+    /// `UFFD_USER_MODE_ONLY` (a full one may be a user-mode-only one after
+    /// `Uffd::open`'s fallback), without or with `WP_ASYNC` (the dirty
+    /// log, `MmConfig::dirty_log`). Locked only to open or clone one.
+    slots: [Mutex<Option<Arc<Uffd>>>; 4],
     /// Wakes the thread (a new descriptor, a pressure future ready, a
     /// tracker stopped). Opened with the shard's first tracker.
     wake: OnceLock<EventFd>,
@@ -165,8 +167,7 @@ impl Shard {
     fn new(idx: usize) -> Shard {
         Shard {
             idx,
-            full: Mutex::new(None),
-            user_only: Mutex::new(None),
+            slots: Default::default(),
             wake: OnceLock::new(),
             routes: SkipMap::new(),
             read_gen: AtomicU64::new(0),
@@ -192,17 +193,18 @@ impl Shard {
     }
 
     /// The shard's descriptor for the mode asked, opened on first use.
-    pub(super) fn uffd(&self, user_mode_only: bool) -> std::io::Result<Arc<Uffd>> {
-        let slot = if user_mode_only {
-            &self.user_only
-        } else {
-            &self.full
-        };
+    pub(super) fn uffd(&self, user_mode_only: bool, dirty_log: bool) -> std::io::Result<Arc<Uffd>> {
+        let slot = &self.slots[usize::from(user_mode_only) | usize::from(dirty_log) << 1];
         let mut g = lock(slot);
         if let Some(u) = g.as_ref() {
             return Ok(u.clone());
         }
-        let u = Arc::new(Uffd::open(WANTED, user_mode_only)?);
+        let wanted = if dirty_log {
+            WANTED | uffd::feature::WP_ASYNC
+        } else {
+            WANTED
+        };
+        let u = Arc::new(Uffd::open(wanted, user_mode_only)?);
         *g = Some(u.clone());
         drop(g);
         // The thread polls the descriptors it finds at each round.
@@ -328,8 +330,8 @@ impl Shard {
 
     /// The descriptors open now (distinct).
     fn descriptors(&self) -> Vec<Arc<Uffd>> {
-        let mut v: Vec<Arc<Uffd>> = Vec::with_capacity(2);
-        for slot in [&self.full, &self.user_only] {
+        let mut v: Vec<Arc<Uffd>> = Vec::with_capacity(4);
+        for slot in &self.slots {
             if let Some(u) = lock(slot).as_ref() {
                 v.push(u.clone());
             }
