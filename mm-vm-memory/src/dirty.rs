@@ -33,9 +33,17 @@
 //! for the first write of every page in every round. `WP_ASYNC` costs a
 //! kernel-only minor fault (DESIGN-NOTES.md has the measurement).
 //!
+//! A **tracked** region of a guest with a dirty log
+//! (`MmConfig::dirty_log`) is already registered with a `WP_ASYNC`
+//! userfaultfd, mm-core's: there the bitmap reads the guest's own log
+//! (`MmUser::take_dirty` / `peek_dirty`), the same record that
+//! `MmUser::snapshot` / `reset` consume. One consumer per guest: a harvest
+//! by one hides the pages from the other.
+//!
 //! Limits:
 //! - a range can be registered with one userfaultfd only: a **tracked**
-//!   region (mm-core's userfaultfd) or an untracked one already
+//!   region of a guest without a dirty log (mm-core's userfaultfd) or an
+//!   untracked one already
 //!   write-protected for KSM merging gets [`Error::DirtyTrackingBusy`], and
 //!   marking a dirty-tracked region mergeable later fails in mm-core. Use
 //!   [`DirtyBitmap::marks_only`] there (the `AtomicBitmap` behaviour) and
@@ -47,7 +55,7 @@
 
 use std::num::NonZeroUsize;
 
-use mm_core::{MmUser, Vma, PAGE_SIZE};
+use mm_core::{MmUser, VmFlags, Vma, PAGE_SIZE};
 use vm_memory::bitmap::{AtomicBitmap, Bitmap, RefSlice, WithBitmapSlice};
 use vm_memory::GuestAddress;
 
@@ -58,9 +66,10 @@ use crate::{Error, MmRegion, Result};
 /// Page regions read per `PAGEMAP_SCAN` call.
 const SCAN_BATCH: usize = 256;
 
-/// The kernel side: the write-protect userfaultfd and the pagemap.
+/// The kernel side of an untracked region: its own write-protect
+/// userfaultfd and the pagemap.
 #[derive(Debug)]
-struct KernelSide {
+struct OwnLog {
     /// Dropped first: closing it unregisters the range while it is
     /// certainly still mapped.
     uffd: WpAsyncUffd,
@@ -74,7 +83,7 @@ struct KernelSide {
     _user: MmUser,
 }
 
-impl KernelSide {
+impl OwnLog {
     /// Calls `f(offset, len)` for each run of written pages, protecting
     /// them again when `reprotect`.
     fn scan(
@@ -119,6 +128,77 @@ impl KernelSide {
     }
 }
 
+/// The kernel side of a tracked region of a guest with a dirty log
+/// (`MmConfig::dirty_log`): mm-core's log, on the tracker's own `WP_ASYNC`
+/// userfaultfd (a range is registered with one userfaultfd only).
+#[derive(Debug)]
+struct MmLog {
+    user: MmUser,
+    addr: u64,
+    len: usize,
+    _vma: Vma,
+}
+
+/// Where the record of direct writes comes from.
+#[derive(Debug)]
+enum KernelSide {
+    /// An untracked region: a userfaultfd of the bitmap's own.
+    Own(OwnLog),
+    /// A tracked region of a dirty-logged guest: the guest's log.
+    Mm(MmLog),
+}
+
+impl KernelSide {
+    fn len(&self) -> usize {
+        match self {
+            KernelSide::Own(k) => k.len,
+            KernelSide::Mm(m) => m.len,
+        }
+    }
+
+    /// Calls `f(offset, len)` for each run written since the last harvest
+    /// and protects them again.
+    fn harvest(&self, mut f: impl FnMut(usize, usize)) -> Result<()> {
+        match self {
+            KernelSide::Own(k) => k.scan(k.host, k.host + k.len, true, f),
+            KernelSide::Mm(m) => {
+                for r in m.user.take_dirty_blocking(m.addr, m.len as u64)? {
+                    f((r.start - m.addr) as usize, (r.end - r.start) as usize);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn page_written(&self, offset: usize) -> bool {
+        match self {
+            KernelSide::Own(k) => k.page_written(offset),
+            KernelSide::Mm(m) => {
+                let page = m.addr + (offset / PAGE_SIZE * PAGE_SIZE) as u64;
+                // A failing scan answers "dirty": never a missed write.
+                m.user
+                    .peek_dirty_blocking(page, PAGE_SIZE as u64)
+                    .map_or(true, |d| !d.is_empty())
+            }
+        }
+    }
+
+    /// Protects the whole range (every page clean).
+    fn protect_all(&self) -> Result<()> {
+        match self {
+            KernelSide::Own(k) => k
+                .uffd
+                .protect(k.host, k.len)
+                .map_err(Error::host("UFFDIO_WRITEPROTECT")),
+            KernelSide::Mm(m) => m
+                .user
+                .take_dirty_blocking(m.addr, m.len as u64)
+                .map(drop)
+                .map_err(Error::from),
+        }
+    }
+}
+
 /// A dirty bitmap for one region: vm-memory's marks plus the kernel's
 /// record of direct writes (module docs).
 #[derive(Debug)]
@@ -139,11 +219,28 @@ impl DirtyBitmap {
     /// reference and the VMA, as a region does, so it can be used on its
     /// own (e.g. in a [`guest_region_mmap`](crate::guest_region_mmap)).
     ///
-    /// [`Error::DirtyTrackingBusy`] on a tracked or KSM-write-protected
-    /// range, [`Error::Unsupported`] before Linux 6.7.
+    /// On a tracked region of a guest with `MmConfig::dirty_log` the
+    /// guest's own log is used (module docs). [`Error::DirtyTrackingBusy`]
+    /// on another tracked or a KSM-write-protected range,
+    /// [`Error::Unsupported`] before Linux 6.7.
     pub fn new(user: &MmUser, addr: u64, len: u64) -> Result<DirtyBitmap> {
         let (vma, host) = find_range(user, addr, len, GuestAddress(0))?;
         let (host, len_b) = (host as usize, len as usize);
+        if user.config().dirty_log && vma.flags().contains(VmFlags::TRACKED) {
+            // The guest's own log; the first harvest reports the pages
+            // populated (and the holes) so far: start clean.
+            let kernel = KernelSide::Mm(MmLog {
+                user: user.clone(),
+                addr,
+                len: len_b,
+                _vma: vma,
+            });
+            kernel.protect_all()?;
+            return Ok(DirtyBitmap {
+                marks: AtomicBitmap::new(len_b, page_size()),
+                kernel: Some(kernel),
+            });
+        }
         let uffd = WpAsyncUffd::open()
             .map_err(|e| match e.raw_os_error() {
                 // No userfaultfd for this process at all.
@@ -171,7 +268,7 @@ impl DirtyBitmap {
         uffd.protect(host, len_b)
             .map_err(Error::host("UFFDIO_WRITEPROTECT"))?;
         let pagemap = Pagemap::open().map_err(Error::host("open /proc/self/pagemap"))?;
-        let kernel = KernelSide {
+        let kernel = OwnLog {
             uffd,
             pagemap,
             host,
@@ -183,7 +280,7 @@ impl DirtyBitmap {
         kernel.scan(host, host + PAGE_SIZE, false, |_, _| {})?;
         Ok(DirtyBitmap {
             marks: AtomicBitmap::new(len_b, page_size()),
-            kernel: Some(kernel),
+            kernel: Some(KernelSide::Own(kernel)),
         })
     }
 
@@ -205,9 +302,7 @@ impl DirtyBitmap {
     /// Did the kernel grant `WP_UNPOPULATED` (no false positives from
     /// pages first read after a harvest)?
     pub fn exact_for_unpopulated(&self) -> bool {
-        self.kernel
-            .as_ref()
-            .is_some_and(|k| k.uffd.has(sys::FEATURE_WP_UNPOPULATED))
+        matches!(&self.kernel, Some(KernelSide::Own(k)) if k.uffd.has(sys::FEATURE_WP_UNPOPULATED))
     }
 
     /// Number of pages (bits).
@@ -234,9 +329,7 @@ impl DirtyBitmap {
     /// pages again.
     fn harvest(&self) -> Result<()> {
         if let Some(k) = &self.kernel {
-            k.scan(k.host, k.host + k.len, true, |off, len| {
-                self.marks.set_addr_range(off, len)
-            })?;
+            k.harvest(|off, len| self.marks.set_addr_range(off, len))?;
         }
         Ok(())
     }
@@ -253,9 +346,7 @@ impl DirtyBitmap {
     /// Clears every page (protects the whole range again).
     pub fn reset(&self) -> Result<()> {
         if let Some(k) = &self.kernel {
-            k.uffd
-                .protect(k.host, k.len)
-                .map_err(Error::host("UFFDIO_WRITEPROTECT"))?;
+            k.protect_all()?;
         }
         self.marks.reset();
         Ok(())
@@ -276,7 +367,7 @@ impl Bitmap for DirtyBitmap {
             return true;
         }
         match &self.kernel {
-            Some(k) if offset < k.len => k.page_written(offset),
+            Some(k) if offset < k.len() => k.page_written(offset),
             _ => false,
         }
     }

@@ -231,3 +231,48 @@ fn test_starts_clean_over_populated_memory() {
     assert!(bm.is_page_dirty(6));
     assert_eq!(bits(&bm.get_and_reset().unwrap()), vec![6]);
 }
+
+/// A tracked region of a guest with a dirty log: the bitmap reads the
+/// guest's own log (no `DirtyTrackingBusy`), direct writes from another
+/// thread and device writes both reported, exactly, and the harvest
+/// protects again.
+#[test]
+fn test_tracked_region_of_a_dirty_logged_guest_uses_its_log() {
+    let host = mm_core::Host::new(mm_core::HostConfig {
+        mm: mm_core::MmConfig {
+            dirty_log: true,
+            ..mm_core::MmConfig::default()
+        },
+        ..mm_core::HostConfig::with_budget(1 << 30)
+    });
+    let guest = host.create_guest("dirty-logged");
+    let user = guest.mm().unwrap();
+    let a = match user.mmap_blocking(mm_core::MapOptions::anon(PAGES * PAGE).tracked(true)) {
+        Ok(a) => a,
+        Err(e @ mm_core::Error::Unsupported { .. }) => {
+            eprintln!("skipped: test_tracked_region_of_a_dirty_logged_guest_uses_its_log: {e}");
+            return;
+        }
+        Err(e) => panic!("{e}"),
+    };
+    user.fill_blocking(a, PAGES * PAGE, 0x11).unwrap();
+    let r = MmRegion::dirty_tracked(&user, a, PAGES * PAGE, GuestAddress(0)).unwrap();
+    let bm = r.bitmap_ref();
+    assert!(bm.sees_direct_writes());
+    assert!(
+        (0..PAGES as usize).all(|p| !bm.is_page_dirty(p)),
+        "starts clean"
+    );
+    let host_ptr = user.find_vma_blocking(a).unwrap().host_ptr() as usize;
+    direct_write(host_ptr, vec![3, 4, 200]);
+    r.write_obj(7u8, vm_memory::MemoryRegionAddress(9 * PAGE))
+        .unwrap();
+    assert!(bm.is_page_dirty(3) && bm.is_page_dirty(200) && !bm.is_page_dirty(5));
+    assert_eq!(bits(&bm.get_and_reset().unwrap()), vec![3, 4, 9, 200]);
+    assert!(bits(&bm.get_and_reset().unwrap()).is_empty());
+    direct_write(host_ptr, vec![5]);
+    assert_eq!(bits(&bm.get_and_reset().unwrap()), vec![5]);
+    drop(r);
+    drop(user);
+    guest.exit_blocking();
+}

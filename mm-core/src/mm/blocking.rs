@@ -76,6 +76,10 @@ impl MmUser {
     pub fn take_dirty_blocking(&self, addr: u64, len: u64) -> Result<Vec<std::ops::Range<u64>>> {
         block_on(self.take_dirty(addr, len))
     }
+    /// Blocking [`peek_dirty`](Self::peek_dirty).
+    pub fn peek_dirty_blocking(&self, addr: u64, len: u64) -> Result<Vec<std::ops::Range<u64>>> {
+        block_on(self.peek_dirty(addr, len))
+    }
     /// Blocking [`snapshot`](Self::snapshot).
     pub fn snapshot_blocking(&self) -> Result<super::GuestSnapshot> {
         block_on(self.snapshot())

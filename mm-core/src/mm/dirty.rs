@@ -200,6 +200,17 @@ impl MmUser {
     /// [`MmConfig::dirty_log`](super::MmConfig) and a tracked range
     /// ([`Error::NotTracked`], [`Error::NotAllowed`] otherwise).
     pub async fn take_dirty(&self, addr: u64, len: u64) -> Result<Vec<Range<u64>>> {
+        self.dirty(addr, len, true).await
+    }
+
+    /// [`take_dirty`](Self::take_dirty) without protecting anything: the
+    /// log is left as it is (the next `take_dirty` reports the same pages
+    /// and any later writes).
+    pub async fn peek_dirty(&self, addr: u64, len: u64) -> Result<Vec<Range<u64>>> {
+        self.dirty(addr, len, false).await
+    }
+
+    async fn dirty(&self, addr: u64, len: u64, reprotect: bool) -> Result<Vec<Range<u64>>> {
         let end = check_range(addr, len, self.config.va_limit)?;
         let state = self.lock.read().await;
         state.vmas.check_mapped(addr, end)?;
@@ -207,7 +218,7 @@ impl MmUser {
         for v in state.vmas.overlapping(addr, end) {
             self.check_dirty_logged(v)?;
             let (s, e) = (v.start.max(addr), v.end.min(end));
-            written_runs(v, s, e, true, &mut out)?;
+            written_runs(v, s, e, reprotect, &mut out)?;
         }
         Ok(out)
     }
