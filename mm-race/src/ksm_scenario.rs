@@ -38,7 +38,7 @@
 //! (I-KSM-4, I-KSM-9), no stable page left (I-KSM-7), nothing charged
 //! (I-RC-3) and every mm struct freed (I-RC-2).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -228,12 +228,33 @@ fn run_setup_reaper(
             }
         });
     }
+    // Every actor that may OOM-kill (the OOM actor, unmerge's pressure
+    // path, the vCPU's faults) counts down here; the reaper's loop stops
+    // only once all are done and its queue is empty. (Stopping after the
+    // OOM actor alone let a later kill by unmerge go unreaped: a false
+    // I-RP-6 on ksm_vs_reaper.)
+    let oom_done = Arc::new(AtomicBool::new(false));
+    let killers = Arc::new(AtomicUsize::new(0));
+    let killer = |killers: &Arc<AtomicUsize>, done: &Arc<AtomicBool>| {
+        killers.fetch_add(1, Ordering::SeqCst);
+        let (k, d) = (killers.clone(), done.clone());
+        move || {
+            if k.fetch_sub(1, Ordering::SeqCst) == 1 {
+                d.store(true, Ordering::SeqCst);
+            }
+        }
+    };
     // The admin writing run = 2.
+    let unmerged = Arc::new(AtomicBool::new(false));
     if setup.unmerge {
-        let k = ksm.clone();
+        let (k, done) = (ksm.clone(), unmerged.clone());
+        let finished = killer(&killers, &oom_done);
         sim.spawn("unmerge", async move {
             // ENOMEM is a legal outcome (run falls back to stop).
-            let _ = k.set_run(Run::Unmerge).await;
+            if k.set_run(Run::Unmerge).await.is_ok() {
+                done.store(true, Ordering::SeqCst);
+            }
+            finished();
         });
     }
     // Guest 0's vCPU, on its own user reference.
@@ -249,18 +270,20 @@ fn run_setup_reaper(
         }
         let (k, reads) = (ksm.clone(), reads.clone());
         let (addr, pages, fill) = (gs[0].addr, gs[0].pages, gs[0].fill.clone());
+        let finished = killer(&killers, &oom_done);
         sim.spawn("vcpu", async move {
             vcpu(&k, &user, addr, pages, &fill, &ops, &reads).await;
+            finished();
             user.exit().await;
         });
     }
     // The OOM killer (one kill) and the reaper's loop (ksm_vs_reaper).
-    let oom_done = Arc::new(AtomicBool::new(false));
     if let Some(r) = &reaper {
-        let (h, done) = (host.clone(), oom_done.clone());
+        let h = host.clone();
+        let finished = killer(&killers, &oom_done);
         sim.spawn("oom", async move {
             let _ = h.out_of_memory(None).await;
-            done.store(true, Ordering::SeqCst);
+            finished();
         });
         let poll = sim.time(Duration::from_millis(50));
         sim.spawn(
@@ -312,6 +335,26 @@ fn run_setup_reaper(
             if !m.flags().test(MmFlag::OOM_SKIP) {
                 return finding(&report, "I-RP-6: victim never got OOM_SKIP".into());
             }
+        }
+    }
+    // I-KSM-10: a run = 2 that succeeded left nothing merged (ksmd merges
+    // nothing after it: run is no longer "merge"), and every mapper of a
+    // merged page was either unshared or gone with its guest. Mutation
+    // testing (fuzz/mutants.sh) showed an unmerge that did nothing, or
+    // skipped slots, was caught by no other oracle: merged pages still read
+    // the right bytes.
+    if unmerged.load(Ordering::SeqCst) {
+        let st = ksm.stats();
+        if st.pages_shared != 0 || st.pages_sharing != 0 || ksm_pages_left(&gs) != 0 {
+            return finding(
+                &report,
+                format!(
+                    "I-KSM-10: run = 2 returned Ok but {} stable page(s), {} sharing, {} guest page(s) still merged",
+                    st.pages_shared,
+                    st.pages_sharing,
+                    ksm_pages_left(&gs)
+                ),
+            );
         }
     }
     // Guest 1 (alive if it stayed): its own contents, whatever guest 0
@@ -377,6 +420,25 @@ fn run_setup_reaper(
     let charged = host.stats().charged_bytes;
     crate::scenario::end_of_run_oracles(charged, host, &watches)
         .and_then(|what| finding(&report, what))
+}
+
+/// Pages of the guests still alive whose PTE says merged (KSM), read from
+/// their page tables after the run.
+fn ksm_pages_left(gs: &[G]) -> u64 {
+    let guard = crossbeam_epoch::pin();
+    let mut n = 0;
+    for g in gs {
+        let Ok(mm) = g.guest.mm() else { continue };
+        for p in 0..g.pages {
+            let gpn = g.addr / P + p;
+            if let Some(pte) = mm.page_table().pte(gpn, &guard) {
+                if mm_core::pgtable::Pte(pte.load(Ordering::SeqCst)).ksm() {
+                    n += 1;
+                }
+            }
+        }
+    }
+    n
 }
 
 async fn vcpu(

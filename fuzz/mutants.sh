@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# How much of the protocol code does the race harness really check?
+# Mutation testing (issue 16 §3) with cargo-mutants on the protocol files,
+# the committed corpus replay (`cargo test -p mm-race --test replay
+# replay_corpus_and_regressions`: fuzz/corpus + fuzz/regressions, every
+# oracle) as the only test. Then, with --fuzz SECS, each mutant the replay
+# missed is applied to a scratch tree and hunted from nothing (mm-race's
+# `hunt`: random inputs, SECS seconds on each target, seed 1).
+#
+# Usage: fuzz/mutants.sh [--fuzz SECS] [FILE...]
+#   FILE: a path from the repository root (default: the protocol files
+#   below). Installs cargo-mutants if missing. Writes cargo-mutants'
+#   results under target/mutants/<file>/mutants.out and prints, per file:
+#   mutants, caught by the replay (timeouts count as caught: a hang is a
+#   finding), missed, unviable (did not build), score = caught / viable;
+#   with --fuzz, how many of the missed ones the hunt caught.
+# Builds in a scratch worktree of HEAD with its own target directory
+# (target/mutants-build, kept between runs), never in the checkout.
+set -euo pipefail
+root=$(git rev-parse --show-toplevel)
+fuzz=0
+if [ "${1:-}" = "--fuzz" ]; then fuzz=$2; shift 2; fi
+files=("$@")
+if [ ${#files[@]} -eq 0 ]; then
+  files=(mm-reaper/src/lib.rs mm-ksm/src/slots.rs mm-ksm/src/scan/walk.rs
+         mm-ksm/src/scan/unmerge.rs mm-core/src/exit.rs mm-core/src/host/oom.rs
+         mm-core/src/ksm/unshare.rs mm-core/src/mm/zap.rs)
+fi
+command -v cargo-mutants >/dev/null || cargo install --locked cargo-mutants
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$root/target/mutants-build}
+out=$root/target/mutants
+mkdir -p "$out"
+scratch=$(mktemp -d)
+git -C "$root" worktree add -q --detach "$scratch" HEAD
+trap 'git -C "$root" worktree remove --force "$scratch"' EXIT
+# The corpus under test is the checkout's (committed or not).
+for d in corpus regressions; do
+  rm -rf "${scratch:?}/fuzz/$d" && cp -r "$root/fuzz/$d" "$scratch/fuzz/$d"
+done
+# Every race target (their names in mm-race's Target::name).
+targets=$(sed -n 's/.*Target::[A-Za-z]* => "\([a-z_]*\)",/\1/p' "$root/mm-race/src/scenario.rs")
+
+# The baseline, run here: cargo-mutants would build and run its baseline
+# on the mutated package instead of the test package (27.1), so it is
+# skipped there (`--baseline skip`) and checked once here, which also warms
+# the build directory for the first mutant.
+(cd "$scratch" && cargo test -q -p mm-race --test replay replay_corpus_and_regressions >&2) || {
+  echo "the corpus replay fails on the unmutated tree: nothing to measure" >&2
+  exit 1
+}
+
+for file in "${files[@]}"; do
+  pkg=${file%%/*}
+  name=$(echo "$file" | tr '/' '_')
+  res=$out/$name
+  rm -rf "$res"
+  echo "== $file" >&2
+  (cd "$scratch" && cargo mutants --in-place --no-shuffle -p "$pkg" -f "$file" \
+      --test-package mm-race --cargo-test-arg=--test=replay \
+      --baseline skip --timeout 600 --build-timeout 1200 \
+      -o "$res" -- replay_corpus_and_regressions >&2) || true
+  m=$res/mutants.out
+  caught=$(cat "$m/caught.txt" "$m/timeout.txt" 2>/dev/null | grep -c . || true)
+  missed=$(grep -c . "$m/missed.txt" 2>/dev/null || true)
+  unviable=$(grep -c . "$m/unviable.txt" 2>/dev/null || true)
+  viable=$((caught + missed))
+  score=$(python3 -c "print('%.0f%%' % (100.0 * $caught / $viable) if $viable else '-')")
+  line="$file: $((viable + unviable)) mutants, replay caught $caught, missed $missed, unviable $unviable, score $score"
+  if [ "$fuzz" != 0 ] && [ "$missed" -gt 0 ]; then
+    (cd "$scratch" && cargo build -q --release -p mm-race --example hunt)
+    hunted=0
+    for diff in "$m"/diff/*.diff; do
+      # Only the mutants the replay missed (their diff names the line).
+      desc=$(sed -n 's/^.*mutant: *//p' "$diff" | head -1)
+      key=$(basename "$diff" .diff)
+      if ! grep -q "$key" <(python3 - "$m/outcomes.json" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+for o in d["outcomes"]:
+    if o.get("summary") == "MissedMutant":
+        print(o["scenario"]["Mutant"].get("name", ""))
+PY
+      ); then continue; fi
+      git -C "$scratch" checkout -q -- . ':!fuzz'
+      if ! git -C "$scratch" apply "$diff"; then continue; fi
+      (cd "$scratch" && cargo build -q --release -p mm-race --example hunt) || continue
+      found=0
+      for t in $targets; do
+        if "$CARGO_TARGET_DIR/release/examples/hunt" "$t" "$fuzz" 1 2>/dev/null | grep -q found=1; then
+          found=1; break
+        fi
+      done
+      echo "  hunt $([ $found = 1 ] && echo caught || echo MISSED): $desc" >&2
+      hunted=$((hunted + found))
+    done
+    git -C "$scratch" checkout -q -- . ':!fuzz'
+    line="$line; hunt ${fuzz}s/target caught $hunted of the $missed missed"
+  fi
+  echo "$line"
+done
