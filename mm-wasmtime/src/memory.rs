@@ -102,7 +102,10 @@ impl GuestMemoryCreator {
             reserved,
             guard,
         };
-        if reserved % PAGE_SIZE != 0 || guard % PAGE_SIZE != 0 || minimum > reserved {
+        if !reserved.is_multiple_of(PAGE_SIZE)
+            || !guard.is_multiple_of(PAGE_SIZE)
+            || minimum > reserved
+        {
             return Err(bad_layout);
         }
         let total = reserved.checked_add(guard).ok_or(bad_layout)?;
