@@ -123,12 +123,10 @@ impl GuestMemoryCreator {
         let addr = mm.mmap_blocking(
             MapOptions::anon(total as u64)
                 .prot(Prot::NONE)
-                .tracked(true)
-                // One page: a fault-around window reaching into the
-                // PROT_NONE part of the mapping left the faulting thread
-                // blocked in the userfaultfd handler (seen with a small
-                // budget; not yet understood, see DESIGN-NOTES).
-                .fault_around(PAGE_SIZE as u64),
+                // mm-core's default fault-around (2 MiB windows, which
+                // stop at the read-write VMA: the PROT_NONE part above
+                // `size` is never populated).
+                .tracked(true),
         )?;
         let base = match mm.find_vma_blocking(addr) {
             Ok(v) => v.host_ptr() as usize,
