@@ -404,7 +404,13 @@ fn smaps_rss(start: usize, end: usize) -> u64 {
             }
         }
         if let (true, Some(v)) = (inside, line.strip_prefix("Rss:")) {
-            rss += v.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap() * 1024;
+            rss += v
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .unwrap()
+                * 1024;
         }
     }
     rss
