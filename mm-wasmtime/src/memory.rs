@@ -14,8 +14,9 @@
 //! The invariant is: `[base, base + round_up(size))` is read-write and
 //! everything after it, up to `base + reserved + guard`, is `PROT_NONE`;
 //! the base never moves. `grow_to` opens pages in place with guestmm's
-//! `mprotect`; pages are charged to the host budget page by page when they
-//! are first touched (JIT code, data-segment initialisation, host copies),
+//! `mprotect`; pages are charged to the host budget when they are first
+//! touched (JIT code, data-segment initialisation, host copies), in
+//! mm-core's fault-around windows, which stop at the read-write part,
 //! through the tracked region's userfaultfd, exactly once.
 
 use std::cell::RefCell;
