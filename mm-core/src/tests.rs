@@ -736,3 +736,28 @@ fn test_exited_guest_with_users_stays_selectable() {
         Err(Error::NoSuchGuest { .. })
     ));
 }
+
+/// The pressure path's last-second check under `oom_lock`: memory that
+/// came back while the caller waited for the lock, or while the selection
+/// walked the guests (an earlier victim reaped meanwhile), means no kill.
+/// Without it, mm-wasmtime's `wasm_fleet` killed a second, innocent
+/// instance: the selection (a `mincore` per 4 GiB reservation) took 0.8 s,
+/// the first victim was reaped during it, and the walk, past it already,
+/// picked the next largest guest though the charge fitted again.
+#[test]
+fn test_oom_last_second_check_kills_nobody() {
+    let host = Host::with_budget(16 * MIB);
+    let g = host.create_guest("big");
+    let mm = g.mm().unwrap();
+    let a = mm.mmap_blocking(MapOptions::anon(8 * MIB)).unwrap();
+    mm.fill_blocking(a, 8 * MIB, 1).unwrap();
+    let out = block_on(host.out_of_memory_unless(None, &|| true));
+    assert_eq!(out, OomOutcome::Fits);
+    assert!(!g.is_dying(), "killed though the charge fitted");
+    assert_eq!(host.oom_stats().kills, 0);
+    // And the plain call (no check) still kills.
+    assert_eq!(
+        block_on(host.out_of_memory(None)),
+        OomOutcome::Killed { guest: g.id() }
+    );
+}

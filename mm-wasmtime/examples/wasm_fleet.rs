@@ -22,7 +22,8 @@
 //! budget and recorded as debt, so `peak_charged_bytes` may pass the
 //! budget by the pages in flight.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -80,10 +81,19 @@ struct Report {
     grow_failures: u64,
     budget_bytes: u64,
     peak_charged_bytes: u64,
-    victim_resident_at_kill_bytes: u64,
-    victim_resident_after_reap_bytes: u64,
+    /// OOM kills (the must-show: 1).
+    kills: u64,
+    /// smaps Rss of the victim's linear memory at the kill.
+    victim_rss_before_reap_bytes: u64,
+    /// ... and after the reap.
+    victim_rss_after_reap_bytes: u64,
+    /// `/proc/self/statm` at the kill and after the reap (survivors paused
+    /// between steps).
     process_rss_before_reap_bytes: u64,
     process_rss_after_reap_bytes: u64,
+    /// `VmRSS` of this process read by a `cat` child after the reap.
+    process_rss_after_reap_outside_bytes: u64,
+    /// (process RSS before - after) / victim's smaps Rss before.
     rss_back_fraction: f64,
     reap_ms: f64,
     kill_to_reaped_ms: f64,
@@ -91,7 +101,7 @@ struct Report {
 }
 
 const WAT: &str = r#"(module
-  (memory 0)
+  (memory (export "memory") 0)
   ;; Grows by $pages and writes (offset + $seed) into every new word.
   ;; Returns the new size in pages, or -1 if the grow failed.
   (func (export "step") (param $pages i32) (param $seed i32) (result i32)
@@ -169,11 +179,17 @@ impl Gate {
     }
 }
 
+/// What the kill hook saw (of the first kill; `kills` counts them all).
 #[derive(Default)]
 struct KillInfo {
+    kills: u64,
     at: Option<Instant>,
     report: Option<KillReport>,
     rss_before: u64,
+    /// The victim's linear memory (host base, length).
+    range: Option<(usize, u64)>,
+    /// smaps Rss of that range at the kill.
+    victim_rss_before: u64,
 }
 
 fn describe(e: &wasmtime::Error) -> String {
@@ -194,21 +210,33 @@ fn main() {
         .unwrap_or((m - 1) * small + big / 2);
     let mut cfg = WasmHostConfig::with_budget(budget);
     cfg.reaper.delay = Duration::from_millis(args.reaper_delay_ms);
-    cfg.layout = MemoryLayout::default();
+    let layout = MemoryLayout::default();
+    cfg.layout = layout;
     let wasm = common::or_exit(WasmHost::new(cfg, wasmtime::Config::new()), "wasm host");
     let module = common::or_exit(Module::new(wasm.engine(), WAT), "module");
 
     let kill = Arc::new(Mutex::new(KillInfo::default()));
+    // Each instance's linear memory (host base, reservation + guard), for
+    // the victim's smaps Rss.
+    let ranges: Arc<Mutex<HashMap<String, (usize, u64)>>> = Arc::default();
     let gate = Arc::new(Gate::default());
     {
         let kill = kill.clone();
         let gate = gate.clone();
+        let ranges = ranges.clone();
         wasm.set_on_kill(move |r| {
-            // Under the OOM killer's lock, before the reap is queued.
+            // Under the OOM killer's lock, before the reap is queued: only
+            // /proc reads here (the kernel's mmap lock, not a guest's).
             gate.set(true);
             let mut k = guestmm::lock(&kill);
+            k.kills += 1;
+            if k.report.is_some() {
+                return;
+            }
             k.at = Some(Instant::now());
             k.rss_before = procfs::statm_rss().unwrap_or(0);
+            k.range = guestmm::lock(&ranges).get(&r.name).copied();
+            k.victim_rss_before = k.range.map_or(0, |rg| common::mappings_rss(&[rg])[0]);
             k.report = Some(r.clone());
         });
     }
@@ -234,6 +262,19 @@ fn main() {
             instance.get_typed_func::<(), i64>(&mut store, "checksum"),
             "checksum",
         );
+        let memory = common::or_exit(
+            instance
+                .get_memory(&mut store, "memory")
+                .ok_or("no exported memory"),
+            "memory",
+        );
+        guestmm::lock(&ranges).insert(
+            name.clone(),
+            (
+                memory.data_ptr(&store) as usize,
+                layout.reservation + layout.guard,
+            ),
+        );
         let bytes = if i == big_index { big } else { small };
         per_thread[(i % args.threads) as usize].push(Instance1 {
             name,
@@ -250,7 +291,6 @@ fn main() {
 
     let status = common::status_line(args.json);
     let steps_done = Arc::new(AtomicU64::new(0));
-    let finished = Arc::new(AtomicBool::new(false));
     let t0 = Instant::now();
     let steps = args.steps;
     let workers: Vec<_> = per_thread
@@ -296,9 +336,12 @@ fn main() {
         .clone();
     let mut reaped_at = None;
     let mut rss_after = 0;
-    let mut victim_after = 0;
+    let mut rss_after_outside = 0;
+    let mut victim_rss_after = 0;
     let total_steps = m * steps;
-    while !workers.iter().all(|w| w.is_finished()) || (kill_pending(&kill) && reaped_at.is_none()) {
+    // Until every worker is done and every kill's reap has ended (the gate
+    // is open again).
+    while !workers.iter().all(|w| w.is_finished()) || reaps_pending(&kill, &reaper) {
         let st = wasm.host().stats();
         status.set_message(format!(
             "steps {}/{}  charged {} MiB / {} MiB  kills {}",
@@ -308,9 +351,16 @@ fn main() {
             budget / MIB,
             wasm.host().oom_stats().kills
         ));
-        if reaped_at.is_none() && kill_pending(&kill) && reaper.stats().reaped >= 1 {
-            reaped_at = Some(Instant::now());
-            rss_after = procfs::statm_rss().unwrap_or(0);
+        if kill_pending(&kill) && !reaps_pending(&kill, &reaper) {
+            if reaped_at.is_none() {
+                // The first victim reaped; the others are still paused.
+                reaped_at = Some(Instant::now());
+                rss_after = procfs::statm_rss().unwrap_or(0);
+                rss_after_outside = rss_from_outside().unwrap_or(0);
+                victim_rss_after = guestmm::lock(&kill)
+                    .range
+                    .map_or(0, |rg| common::mappings_rss(&[rg])[0]);
+            }
             gate.set(false);
         }
         if t0.elapsed() > Duration::from_secs(300) {
@@ -320,7 +370,6 @@ fn main() {
         std::thread::sleep(Duration::from_millis(2));
     }
     gate.set(false);
-    finished.store(true, Ordering::SeqCst);
     let all: Vec<Instance1> = workers
         .into_iter()
         .flat_map(|w| w.join().expect("worker panicked"))
@@ -333,9 +382,6 @@ fn main() {
     let victim_inst = victim
         .as_ref()
         .and_then(|v| all.iter().find(|i| &i.name == v));
-    if let Some(v) = victim_inst {
-        victim_after = v.guest.resident_bytes().unwrap_or(u64::MAX);
-    }
     let victim_trap = victim_inst.and_then(|v| match &v.state {
         State::Trapped(t) => Some(t.clone()),
         _ => None,
@@ -350,11 +396,6 @@ fn main() {
         .count() as u64;
     let killed = all.iter().filter(|i| i.guest.is_killed()).count() as u64;
     let grow_failures = all.iter().filter(|i| i.state == State::GrowFailed).count() as u64;
-    let victim_resident = k
-        .report
-        .as_ref()
-        .and_then(|r| r.resident_bytes)
-        .unwrap_or(0);
     let back = k.rss_before.saturating_sub(rss_after);
     let report = Report {
         instances: m,
@@ -369,12 +410,14 @@ fn main() {
         grow_failures,
         budget_bytes: budget,
         peak_charged_bytes: wasm.host().stats().peak_charged_bytes,
-        victim_resident_at_kill_bytes: victim_resident,
-        victim_resident_after_reap_bytes: victim_after,
+        kills: k.kills,
+        victim_rss_before_reap_bytes: k.victim_rss_before,
+        victim_rss_after_reap_bytes: victim_rss_after,
         process_rss_before_reap_bytes: k.rss_before,
         process_rss_after_reap_bytes: rss_after,
-        rss_back_fraction: if victim_resident > 0 {
-            round(back as f64 / victim_resident as f64, 3)
+        process_rss_after_reap_outside_bytes: rss_after_outside,
+        rss_back_fraction: if k.victim_rss_before > 0 {
+            round(back as f64 / k.victim_rss_before as f64, 3)
         } else {
             0.0
         },
@@ -420,21 +463,22 @@ fn main() {
             victim_trap.as_deref().unwrap_or("-")
         );
         println!(
-            "victim resident at kill      {} MiB (mincore)",
-            victim_resident / MIB
+            "victim RSS at kill           {} MiB (its mapping in /proc/self/smaps)",
+            k.victim_rss_before / MIB
         );
         println!(
-            "victim resident after reap   {} MiB (mincore)",
-            victim_after / MIB
+            "victim RSS after reap        {} MiB",
+            victim_rss_after / MIB
         );
         println!(
             "process RSS before reap      {} MiB (/proc/self/statm)",
             k.rss_before / MIB
         );
         println!(
-            "process RSS after reap       {} MiB ({:.0} % of the victim back)",
+            "process RSS after reap       {} MiB ({:.0} % of the victim back; {} MiB seen by `cat /proc/PID/status`)",
             rss_after / MIB,
-            report.rss_back_fraction * 100.0
+            report.rss_back_fraction * 100.0,
+            rss_after_outside / MIB
         );
         println!(
             "reap                         {:.1} ms (kill to reaped {:.1} ms)",
@@ -446,5 +490,25 @@ fn main() {
 }
 
 fn kill_pending(k: &Arc<Mutex<KillInfo>>) -> bool {
-    guestmm::lock(k).at.is_some()
+    guestmm::lock(k).kills > 0
+}
+
+/// A kill whose reap has not ended yet (reaped, skipped or given up).
+fn reaps_pending(k: &Arc<Mutex<KillInfo>>, reaper: &mm_reaper::Reaper) -> bool {
+    let r = reaper.stats();
+    guestmm::lock(k).kills > r.reaped + r.skipped + r.gave_up + r.exited_before_reap
+}
+
+/// This process's `VmRSS` as another process sees it (`cat
+/// /proc/PID/status`).
+fn rss_from_outside() -> Option<u64> {
+    let out = std::process::Command::new("cat")
+        .arg(format!("/proc/{}/status", std::process::id()))
+        .output()
+        .ok()?;
+    let text = String::from_utf8(out.stdout).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
 }

@@ -168,7 +168,10 @@ impl Default for MemoryLayout {
 impl MemoryLayout {
     fn check(&self) -> Result<()> {
         let page = mm_core::PAGE_SIZE as u64;
-        if self.reservation < (64 << 10) || self.reservation % page != 0 || self.guard % page != 0 {
+        if self.reservation < (64 << 10)
+            || !self.reservation.is_multiple_of(page)
+            || !self.guard.is_multiple_of(page)
+        {
             return Err(Error::BadMemoryLayout {
                 reservation: self.reservation,
                 guard: self.guard,

@@ -14,8 +14,9 @@
 //! The invariant is: `[base, base + round_up(size))` is read-write and
 //! everything after it, up to `base + reserved + guard`, is `PROT_NONE`;
 //! the base never moves. `grow_to` opens pages in place with guestmm's
-//! `mprotect`; pages are charged to the host budget page by page when they
-//! are first touched (JIT code, data-segment initialisation, host copies),
+//! `mprotect`; pages are charged to the host budget when they are first
+//! touched (JIT code, data-segment initialisation, host copies), in
+//! mm-core's fault-around windows, which stop at the read-write part,
 //! through the tracked region's userfaultfd, exactly once.
 
 use std::cell::RefCell;
@@ -102,7 +103,10 @@ impl GuestMemoryCreator {
             reserved,
             guard,
         };
-        if reserved % PAGE_SIZE != 0 || guard % PAGE_SIZE != 0 || minimum > reserved {
+        if !reserved.is_multiple_of(PAGE_SIZE)
+            || !guard.is_multiple_of(PAGE_SIZE)
+            || minimum > reserved
+        {
             return Err(bad_layout);
         }
         let total = reserved.checked_add(guard).ok_or(bad_layout)?;
@@ -120,12 +124,10 @@ impl GuestMemoryCreator {
         let addr = mm.mmap_blocking(
             MapOptions::anon(total as u64)
                 .prot(Prot::NONE)
-                .tracked(true)
-                // One page: a fault-around window reaching into the
-                // PROT_NONE part of the mapping left the faulting thread
-                // blocked in the userfaultfd handler (seen with a small
-                // budget; not yet understood, see DESIGN-NOTES).
-                .fault_around(PAGE_SIZE as u64),
+                // mm-core's default fault-around (2 MiB windows, which
+                // stop at the read-write VMA: the PROT_NONE part above
+                // `size` is never populated).
+                .tracked(true),
         )?;
         let base = match mm.find_vma_blocking(addr) {
             Ok(v) => v.host_ptr() as usize,

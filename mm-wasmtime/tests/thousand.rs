@@ -1,24 +1,24 @@
 //! 1,000 live instances in one process on the adapter, each its own
 //! guestmm guest with a tracked linear memory, all touched and all alive
-//! at once. Threads and descriptors are read from `/proc/self`.
+//! at once, with the userfaultfd handler threads bounded.
 //!
-//! Today every tracked guest costs a userfaultfd handler thread and two
-//! descriptors (mm-core's `tracked/`), so 1,000 instances cost 1,000
-//! threads: [`thousand_live_instances`] checks they all work and prints
-//! the cost; [`thousand_instances_bounded_handler_threads`] asserts the
-//! bound the shared handler pool (branch h-pool) is to bring, and is
-//! ignored until it lands.
-
-use std::sync::Mutex;
+//! Every tracked guest of the process is served by mm-core's shared
+//! handler pool (`tracked/pool.rs`: `n` threads, at most `3 n`
+//! descriptors, whatever the number of guests), so 1,000 instances cost
+//! no thread and no descriptor of their own. The counts are the
+//! process's, read from `/proc/self` while all 1,000 live: its threads
+//! (`/proc/self/task`, by name for the pool's), its descriptors
+//! (`/proc/self/fd`), and its resident memory (`VmRSS`).
+//!
+//! One test in this binary: the counts are the whole process's.
 
 use mm_wasmtime::{MemoryLayout, WasmHost, WasmHostConfig};
 use wasmtime::{Config, Module};
 
 const N: usize = 1000;
 const MIB: u64 = 1 << 20;
-
-/// One at a time: both tests count the whole process's threads.
-static SERIAL: Mutex<()> = Mutex::new(());
+/// The pool size asked for (mm-core's default too).
+const HANDLER_THREADS: usize = 2;
 
 const WAT: &str = r#"(module
   (memory 1)
@@ -26,21 +26,31 @@ const WAT: &str = r#"(module
     (i32.store (i32.const 1024) (local.get $v))
     (i32.load (i32.const 1024))))"#;
 
-fn threads() -> usize {
-    let s = std::fs::read_to_string("/proc/self/status").expect("status");
-    s.lines()
-        .find_map(|l| l.strip_prefix("Threads:"))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("Threads: line")
+/// The names of the process's threads (`/proc/self/task/*/comm`).
+fn thread_names() -> Vec<String> {
+    std::fs::read_dir("/proc/self/task")
+        .expect("/proc/self/task")
+        .filter_map(|e| e.ok())
+        .filter_map(|e| std::fs::read_to_string(e.path().join("comm")).ok())
+        .map(|s| s.trim().to_owned())
+        .collect()
 }
 
 fn fds() -> usize {
     std::fs::read_dir("/proc/self/fd").expect("fd dir").count()
 }
 
-/// Runs N instances; returns (threads, fds) added while they all lived.
-fn run_thousand() -> (usize, usize) {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+fn vm_rss_kib() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").expect("status");
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS: line")
+}
+
+#[test]
+fn thousand_live_instances_bounded_handler_threads() {
+    mm_core::set_uffd_handler_threads(HANDLER_THREADS).expect("pool size before the first mmap");
     let mut cfg = WasmHostConfig::with_budget(1 << 30);
     // 1 MiB reservations: 1,000 x 4 GiB of address space is fine on
     // x86-64, but there is no need.
@@ -50,7 +60,7 @@ fn run_thousand() -> (usize, usize) {
     };
     let wasm = WasmHost::new(cfg, Config::new()).expect("wasm host");
     let module = Module::new(wasm.engine(), WAT).expect("module");
-    let (t0, f0) = (threads(), fds());
+    let fds0 = fds();
     let mut live = Vec::with_capacity(N);
     for i in 0..N {
         let guest = wasm.new_guest(&format!("i{i}")).expect("guest");
@@ -68,35 +78,32 @@ fn run_thousand() -> (usize, usize) {
     for (i, (_, store, touch)) in live.iter_mut().enumerate() {
         assert_eq!(touch.call(store, i as i32).expect("call"), i as i32);
     }
-    let (t1, f1) = (threads(), fds());
-    let charged = wasm.host().stats().charged_bytes;
-    assert!(
-        charged >= (N * 4096) as u64,
-        "each touched page charged: {charged}"
-    );
+    let names = thread_names();
+    let fds1 = fds();
+    let handlers = names
+        .iter()
+        .filter(|n| n.starts_with("guestmm-uffd"))
+        .count();
+    let rss = vm_rss_kib();
     println!(
-        "{N} live instances: +{} threads, +{} fds (/proc/self), {} KiB charged",
-        t1 - t0,
-        f1 - f0,
-        charged >> 10
+        "{N} live instances: {} threads in the process ({handlers} userfaultfd handlers), \
+         {fds1} fds ({fds0} before the first instance), VmRSS {} MiB",
+        names.len(),
+        rss >> 10
     );
+    // The pool's threads, whatever the number of guests.
+    assert_eq!(handlers, HANDLER_THREADS, "handler threads: {names:?}");
+    // The whole process: the test harness, the reaper, the pool, the
+    // runtime's own; nothing per instance.
+    assert!(names.len() <= 16, "{} threads: {names:?}", names.len());
+    // The pool's 3 n descriptors at most (opened by the first instance),
+    // nothing per instance.
+    assert!(
+        fds1 <= fds0 + 3 * HANDLER_THREADS + 2,
+        "{fds1} fds, {fds0} before"
+    );
+    // Each instance's touched page is resident (64 KiB-page memories,
+    // one 4 KiB page touched each): at least N pages.
+    assert!(rss >= (N as u64 * 4), "VmRSS {rss} KiB");
     drop(live);
-    (t1 - t0, f1 - f0)
-}
-
-#[test]
-fn thousand_live_instances() {
-    let (threads, fds) = run_thousand();
-    // Bounded by today's cost (one handler thread, two descriptors per
-    // guest), with room for the runtime's own.
-    assert!(threads <= N + 16, "{threads} threads");
-    assert!(fds <= 2 * N + 16, "{fds} fds");
-}
-
-#[test]
-#[ignore = "needs the shared userfaultfd handler pool (branch h-pool): today each tracked guest has its own handler thread"]
-fn thousand_instances_bounded_handler_threads() {
-    let (threads, fds) = run_thousand();
-    assert!(threads <= 64, "{threads} threads for {N} instances");
-    assert!(fds <= N + 64, "{fds} fds for {N} instances");
 }

@@ -322,8 +322,9 @@ async fn pressure(inner: &Arc<HostInner>, bytes: u64, requester: Option<u64>) ->
         if host.reclaim(bytes).await && fits() {
             return true;
         }
-        let victim = match host.out_of_memory(requester).await {
+        let victim = match host.out_of_memory_unless(requester, &fits).await {
             OomOutcome::Killed { guest } | OomOutcome::VictimPending { guest } => guest,
+            OomOutcome::Fits => return true,
             OomOutcome::Disabled | OomOutcome::NoVictim => return fits(),
         };
         if inner.clock.now() >= deadline {

@@ -68,6 +68,10 @@ pub enum OomOutcome {
     Disabled,
     /// No eligible guest.
     NoVictim,
+    /// The charge the pressure path asked for fits now (memory came back
+    /// while it waited for `oom_lock` or walked the guests): nothing
+    /// killed. Never returned by [`Host::out_of_memory`].
+    Fits,
 }
 
 /// OOM killer counters.
@@ -225,11 +229,31 @@ impl Host {
     /// `out_of_memory`: select a victim and kill it, unless an earlier
     /// victim is still dying. Takes `oom_lock`.
     pub async fn out_of_memory(&self, requester: Option<u64>) -> OomOutcome {
+        self.out_of_memory_unless(requester, &|| false).await
+    }
+
+    /// [`out_of_memory`](Self::out_of_memory) for the pressure path, with
+    /// the allocator's last-second check: `fits` (does the charge fit the
+    /// budget now?) is asked under `oom_lock`, once when it is taken (as
+    /// `__alloc_pages_may_oom` retries the allocation at the high watermark
+    /// after `mutex_trylock(&oom_lock)`) and once after the selection,
+    /// right before the kill, because the selection is not cheap here (it
+    /// samples each guest's resident pages with `mincore`): an earlier
+    /// victim can be reaped, and set `OOM_SKIP`, while the walk is past it,
+    /// and its memory back would make the kill a needless second one.
+    pub(crate) async fn out_of_memory_unless(
+        &self,
+        requester: Option<u64>,
+        fits: &(dyn Fn() -> bool + Sync),
+    ) -> OomOutcome {
         let oom = &self.inner().oom;
         let _oom_lock = oom.lock.lock().await;
         crate::sched::point("oom:locked").await;
         if oom.disabled.load(Ordering::SeqCst) {
             return OomOutcome::Disabled;
+        }
+        if fits() {
+            return OomOutcome::Fits;
         }
         // task_will_free_mem(current): the guest asking for memory is itself
         // dying. Mark it and queue its mm (at most once: OOM_REAP_QUEUED)
@@ -269,6 +293,9 @@ impl Host {
             tracing::warn!(target: "mm_core::oom", ?requester, "out of memory and no killable guest");
             return OomOutcome::NoVictim;
         };
+        if fits() {
+            return OomOutcome::Fits;
+        }
         self.oom_kill_process(&victim, points)
     }
 

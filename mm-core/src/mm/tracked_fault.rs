@@ -231,6 +231,7 @@ impl Mm {
         let selected = |i: usize| w.wants(i) && (!c.only_faulting || i == fi);
         let mut present = [false; PAGES_PER_LEAF as usize];
         let src = zero_source().ok();
+        let mut crossed = false;
         let mut i = 0;
         while i < n {
             if !selected(i) {
@@ -238,8 +239,26 @@ impl Mm {
                 continue;
             }
             let j = (i..n).find(|&j| !selected(j)).unwrap_or(n);
-            self.fill_run(t, host_lo + i * PAGE_SIZE, src, &mut present[i..j]);
+            crossed |= self.fill_run(t, host_lo + i * PAGE_SIZE, src, &mut present[i..j]);
             i = j;
+        }
+        if crossed && selected(fi) && !present[fi] {
+            // A run crossed a VMA boundary (see `fill_run`): the window is
+            // clipped to the registered range, not to the VMA, because the
+            // handler never takes the mmap lock to look the VMA up. Serve
+            // the faulting page and what follows it in its run, halving
+            // until the copy stays inside the faulting page's VMA (one page
+            // always does). Without this the faulter refaulted forever on
+            // the same ENOENT (a wasm linear memory, read-write below its
+            // size and PROT_NONE above, in one tracked range).
+            let end = (fi..n).find(|&j| !selected(j)).unwrap_or(n);
+            let mut len = end - fi;
+            while self.fill_run(t, host_lo + fi * PAGE_SIZE, src, &mut present[fi..fi + len])
+                && len > 1
+            {
+                t.counters.vma_clips.fetch_add(1, Ordering::Relaxed);
+                len /= 2;
+            }
         }
         let populated = (0..n).filter(|&i| present[i]).count() as u64;
         // Charged `missing`, populated `populated` (≤ missing): return the rest.
@@ -271,8 +290,19 @@ impl Mm {
     }
 
     /// `UFFDIO_COPY` of one run for the handler, marking `present` pages.
-    fn fill_run(&self, t: &Tracker, host: usize, src: Option<*const u8>, present: &mut [bool]) {
-        let Some(src) = src else { return };
+    /// Returns true when the copy of more than one page failed with
+    /// `ENOENT`: `mfill_atomic` wants the whole destination inside one
+    /// VMA, and the run crosses a VMA boundary (guestmm's `mprotect` split
+    /// the registered range; the kernel's own fault-around stops at the
+    /// VMA's end). The caller retries shorter.
+    fn fill_run(
+        &self,
+        t: &Tracker,
+        host: usize,
+        src: Option<*const u8>,
+        present: &mut [bool],
+    ) -> bool {
+        let Some(src) = src else { return false };
         let n = present.len();
         let mut i = 0;
         while i < n {
@@ -283,7 +313,7 @@ impl Mm {
             match t.with_uffd(|u| u.copy(at, src, (n - i) * PAGE_SIZE, false)) {
                 Ok(Fill::Done) => {
                     present[i..].iter_mut().for_each(|p| *p = true);
-                    return;
+                    return false;
                 }
                 Ok(Fill::Exists { done }) => {
                     // EEXIST under our lock on an empty PTE: a page the
@@ -302,14 +332,15 @@ impl Mm {
                     // retrying here cannot succeed. Give up on the rest of the
                     // run; the caller wakes the faulter, which refaults and is
                     // served after the next drain of the queue.
-                    return;
+                    return false;
                 }
                 Err(e) => {
                     tracing::debug!(target: "mm_core::tracked", mm_id = self.id(), error = %e, "UFFDIO_COPY failed");
-                    return;
+                    return e.raw_os_error() == Some(libc::ENOENT) && n - i > 1;
                 }
             }
         }
+        false
     }
 
     /// Hard budget, pressure exhausted: the guest is killed instead of

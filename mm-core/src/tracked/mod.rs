@@ -147,6 +147,9 @@ pub struct TrackedStats {
     pub foreign_removes: u64,
     /// `EAGAIN` retries (a REMOVE racing a COPY).
     pub eagain_retries: u64,
+    /// Fault-around copies retried shorter because the window crossed a
+    /// VMA boundary (`ENOENT`: an `mprotect` split the tracked range).
+    pub vma_clips: u64,
     /// Pressure-path runs started by the handler.
     pub pressure_runs: u64,
     /// Pages served over budget (fail-open) so far.
@@ -183,7 +186,7 @@ pub struct TrackedStats {
 crate::counters! {
     pub(crate) struct Counters -> TrackedStats {
         faults, pages_faulted, pages_populated_api, pages_poisoned, wp_faults,
-        foreign_removes, eagain_retries, pressure_runs, fail_open_pages,
+        foreign_removes, eagain_retries, vma_clips, pressure_runs, fail_open_pages,
         hard_limit_kills, busy_breaks, api_wp_waits,
     }
 }

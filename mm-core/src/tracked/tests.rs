@@ -387,3 +387,68 @@ fn test_exit_leaves_no_route() {
     g.exit_blocking();
     assert_eq!(mine(), 0, "routes left after the guest's exit");
 }
+
+/// Rss of `/proc/self/smaps` over the mappings inside `[start, end)`.
+fn smaps_rss(start: usize, end: usize) -> u64 {
+    let text = std::fs::read_to_string("/proc/self/smaps").unwrap();
+    let mut inside = false;
+    let mut rss = 0;
+    for line in text.lines() {
+        if let Some((range, _)) = line.split_once(' ') {
+            if let Some((s, e)) = range.split_once('-') {
+                if let (Ok(s), Ok(e)) = (usize::from_str_radix(s, 16), usize::from_str_radix(e, 16))
+                {
+                    inside = s >= start && e <= end;
+                    continue;
+                }
+            }
+        }
+        if let (true, Some(v)) = (inside, line.strip_prefix("Rss:")) {
+            rss += v
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .unwrap()
+                * 1024;
+        }
+    }
+    rss
+}
+
+/// The fault-around window stops at the faulting page's VMA. A tracked
+/// range read-write at its start and `PROT_NONE` above (a wasm linear
+/// memory, mm-wasmtime) used to livelock: the 2 MiB window's
+/// `UFFDIO_COPY` crossed the `mprotect` boundary, failed with `ENOENT`,
+/// and the faulter was woken only to refault on the same window. Now the
+/// copy is retried shorter until it fits the VMA; the `PROT_NONE` part
+/// stays unpopulated (smaps).
+#[test]
+fn test_fault_around_stops_at_the_vma() {
+    let host = Host::with_budget(64 << 20);
+    let mm = host.new_mm("t");
+    let len = 4u64 << 20;
+    let addr = mm
+        .mmap_blocking(MapOptions::anon(len).prot(crate::Prot::NONE).tracked(true))
+        .unwrap();
+    mm.mprotect_blocking(addr, 64 << 10, crate::Prot::READ_WRITE)
+        .unwrap();
+    let ptr = mm.find_vma_blocking(addr).unwrap().host_ptr() as usize;
+    let (tx, rx) = mpsc::channel();
+    let th = std::thread::spawn(move || {
+        touch(ptr as *mut u8, PAGE_SIZE, 5);
+        tx.send(()).unwrap();
+    });
+    rx.recv_timeout(HANG)
+        .expect("a fault next to a PROT_NONE part never resolved");
+    th.join().unwrap();
+    let rss = smaps_rss(ptr, ptr + len as usize);
+    assert!(
+        (PAGE..=64 << 10).contains(&rss),
+        "Rss {rss}: the read-write VMA only"
+    );
+    assert!(mm.compare_blocking(addr, &[5]).unwrap());
+    // The whole read-write part, touched: exactly it is resident.
+    touch(ptr as *mut u8, 64 << 10, 6);
+    assert_eq!(smaps_rss(ptr, ptr + len as usize), 64 << 10);
+}
