@@ -110,6 +110,9 @@ const DATA_ALIGN: u64 = HUGE_PAGE_SIZE as u64;
 /// Largest index `open` reads (bitmaps of 2 TiB of guest memory): a bad
 /// header must not make it allocate the file's size.
 const MAX_INDEX: u64 = 64 << 20;
+/// What `open` reads first: the header and the index of up to 8 GiB of
+/// guest memory.
+const FIRST_READ: u64 = 256 << 10;
 const PAGE: u64 = PAGE_SIZE as u64;
 
 const FLAG_TRACKED: u8 = 1;
@@ -213,9 +216,14 @@ impl Snapshot {
                 need: HEADER_LEN,
             }));
         }
-        let mut header = [0u8; HEADER_LEN as usize];
-        file.read_exact_at(&mut header, 0)
+        // One read for the header and, usually, the whole index (32 KiB of
+        // bitmaps per GiB of guest): on a cold cache each read is a disk
+        // round trip before the restore is usable.
+        let mut head = vec![0u8; len.min(FIRST_READ) as usize];
+        file.read_exact_at(&mut head, 0)
             .map_err(Error::host("pread(snapshot)"))?;
+        let mut header = [0u8; HEADER_LEN as usize];
+        header.copy_from_slice(&head[..HEADER_LEN as usize]);
         let mut magic = [0u8; 8];
         magic.copy_from_slice(&header[..8]);
         if magic != MAGIC {
@@ -256,8 +264,12 @@ impl Snapshot {
             }));
         }
         let mut index = vec![0u8; index_len as usize];
-        file.read_exact_at(&mut index, HEADER_LEN)
-            .map_err(Error::host("pread(snapshot)"))?;
+        let have = (head.len() - HEADER_LEN as usize).min(index.len());
+        index[..have].copy_from_slice(&head[HEADER_LEN as usize..HEADER_LEN as usize + have]);
+        if have < index.len() {
+            file.read_exact_at(&mut index[have..], HEADER_LEN + have as u64)
+                .map_err(Error::host("pread(snapshot)"))?;
+        }
         let computed = checksum(&header, &index);
         if computed != sum {
             return Err(bad(SnapshotError::BadChecksum {

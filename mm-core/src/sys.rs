@@ -533,7 +533,7 @@ pub(crate) fn pagemap(r: HostRange, out: &mut [u64]) -> io::Result<()> {
 /// the source of lazy restores' `UFFDIO_COPY`). Unmapped on drop. Nothing
 /// in this crate reads it from user mode: only the kernel does, on behalf
 /// of `UFFDIO_COPY` (which fails with `EFAULT` past a truncated end where
-/// a user-mode read would take `SIGBUS`) and `MADV_POPULATE_READ`.
+/// a user-mode read would take `SIGBUS`).
 #[derive(Debug)]
 pub(crate) struct FileMapping {
     base: NonNull<u8>,
@@ -583,25 +583,6 @@ impl FileMapping {
     pub(crate) fn at(&self, off: usize) -> *const u8 {
         assert!(off < self.len, "file mapping offset {off:#x} out of range");
         self.base.as_ptr().wrapping_add(off).cast_const()
-    }
-
-    /// `MADV_POPULATE_READ` of `[off, off + len)` (page aligned, in range):
-    /// maps the file's pages (reading them in when cold) so that a
-    /// `UFFDIO_COPY` from them takes no fault. Failures are the caller's to
-    /// ignore (the COPY then faults them in itself, or fails with `EFAULT`
-    /// past a truncated end).
-    pub(crate) fn populate(&self, off: usize, len: usize) -> io::Result<()> {
-        assert!(off % PAGE_SIZE == 0 && len % PAGE_SIZE == 0 && off + len <= self.len);
-        // SAFETY: in bounds of our own live read-only mapping (asserted);
-        // populating a file mapping reads pages in and maps them, it never
-        // changes bytes any Rust reference could see.
-        check(unsafe {
-            libc::madvise(
-                self.base.as_ptr().add(off).cast(),
-                len,
-                libc::MADV_POPULATE_READ,
-            )
-        })
     }
 
     /// `MADV_DONTNEED` of `[off, off + len)`: unmaps the file pages from

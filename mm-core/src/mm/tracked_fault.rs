@@ -318,7 +318,9 @@ impl Mm {
                 a = b;
                 continue;
             }
-            rs.prefault(first + a, first + b);
+            // The COPY faults the file pages in itself (measured no slower
+            // than a MADV_POPULATE_READ first, or a pread into a buffer:
+            // DESIGN-NOTES); `release` unmaps them again.
             let end = self.fill_run(t, host, data, &mut present[a..b]);
             for k in (a..b).filter(|&k| present[k]) {
                 rs.mark_served(first + k, first + k + 1);

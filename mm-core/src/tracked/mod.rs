@@ -663,7 +663,6 @@ impl Tracker {
                 .unwrap_or(n);
             let at = host + i * PAGE_SIZE;
             if data {
-                rs.prefault(first + i, first + j);
                 let src = rs.data(first + i);
                 let res = self.populate_api(at, &mut done[i..j], src, write);
                 for k in (i..j).filter(|&k| done[k]) {

@@ -180,21 +180,10 @@ impl Restore {
         }
     }
 
-    /// Maps the file pages of `[i, j)` in our process before a COPY from
-    /// them (one `MADV_POPULATE_READ` instead of a slow-path fault in the
-    /// COPY for every few pages). Best effort.
-    pub(crate) fn prefault(&self, i: usize, j: usize) {
-        let j = j.min(self.src.pages);
-        if i < j {
-            let _ = self
-                .src
-                .map
-                .populate(self.src.data_off + i * PAGE_SIZE, (j - i) * PAGE_SIZE);
-        }
-    }
-
     /// Drops the file pages of `[i, j)` from our process's page tables after
-    /// they were copied (they stay in the page cache). Best effort.
+    /// a COPY from them (which faulted them in: they stay in the page
+    /// cache), so the process does not map the snapshot twice over (its
+    /// file RSS would grow by every page served). Best effort.
     pub(crate) fn release(&self, i: usize, j: usize) {
         let j = j.min(self.src.pages);
         if i < j {
