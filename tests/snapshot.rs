@@ -694,3 +694,38 @@ fn run_child(name: &str) -> ExitStatus {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn test_partial_munmap_keeps_the_rest_restored() {
+    if std::env::var(CHILD_ENV).is_ok() {
+        return;
+    }
+    let file = TmpFile::new("split");
+    let host = Host::with_budget(64 * MIB);
+    let src = host.new_mm("src");
+    let a = src
+        .mmap_blocking(MapOptions::anon(4 * MIB).tracked(true))
+        .unwrap();
+    for p in 0..4 * MIB / PAGE {
+        src.write_blocking(a + p * PAGE, &pattern(0, p)).unwrap();
+    }
+    src.snapshot_blocking(&file.0).unwrap();
+    drop(src);
+    let snap = Snapshot::open(&file.0).unwrap();
+    let mm = host.new_mm("restored");
+    mm.restore_blocking(&snap).unwrap();
+    // A hole in the middle splits the registry entry: the upper part keeps
+    // its source from the right page on.
+    mm.munmap_blocking(a + MIB, MIB).unwrap();
+    let ptr = host_ptr(&mm, a);
+    for p in (0..4 * MIB / PAGE)
+        .filter(|p| !(256..512).contains(p))
+        .step_by(3)
+    {
+        let have = read_host(ptr + (p * PAGE) as usize, PAGE_SIZE);
+        assert!(have == pattern(0, p), "page {p}");
+    }
+    let mut buf = vec![0u8; PAGE_SIZE];
+    mm.read_blocking(a + 3 * MIB + PAGE, &mut buf).unwrap();
+    assert_eq!(buf, pattern(0, 769));
+}

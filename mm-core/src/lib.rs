@@ -107,12 +107,18 @@
 //!                              mprotect / mmap(MAP_FIXED) / uffd WP+WAKE / pwrite / pread
 //!                              of the pages they cover (the mmap of a merge waits for the
 //!                              uffd handler to read its UNMAP message; the handler never
-//!                              waits for a PTE lock).
+//!                              waits for a PTE lock). A lazy restore's COPY reads the
+//!                              snapshot file under them (disk I/O on a cold cache; waiters
+//!                              yield) and drops the file pages it read with a madvise of
+//!                              its own read-only file mapping (no uffd message).
 //!       Host budget (atomic)   try_charge under page locks; reclaim runs with NO lock held.
 //!       notifier / hook lists  std mutexes held only to push, take or clone.
 //!       tracked self-zap list  std mutex: pushed/popped by a zap of a tracked region.
 //!     tracked-range registry   std mutex: insert/remove under the write lock, lookup by
 //!                              the uffd handler; never held across a syscall that can block.
+//!                              A leaf: lazy restores (snapshot.rs, tracked/source.rs) also
+//!                              take it under PTE locks (populate_locked, a zap marking its
+//!                              range served); its holders never take a PTE lock.
 //!     uffd routing map         lock-free skip list per pool shard (tracked/pool.rs): no lock
 //!                              at all; entries inserted before UFFDIO_REGISTER, removed
 //!                              after UFFDIO_UNREGISTER (under the mm's write lock).

@@ -585,12 +585,24 @@ impl FileMapping {
         self.base.as_ptr().wrapping_add(off).cast_const()
     }
 
+    /// `MADV_WILLNEED` of `[off, off + len)` (page aligned, in range):
+    /// starts reading the file's pages into the page cache without waiting
+    /// for them.
+    pub(crate) fn will_need(&self, off: usize, len: usize) -> io::Result<()> {
+        assert!(off % PAGE_SIZE == 0 && len % PAGE_SIZE == 0 && off + len <= self.len);
+        // SAFETY: in bounds of our own live read-only mapping (asserted);
+        // read-ahead changes no byte any Rust reference could see.
+        check(unsafe {
+            libc::madvise(self.base.as_ptr().add(off).cast(), len, libc::MADV_WILLNEED)
+        })
+    }
+
     /// `MADV_DONTNEED` of `[off, off + len)`: unmaps the file pages from
     /// this mapping (they stay in the page cache; the mapping is read-only
     /// and private and never written, so nothing is lost).
     pub(crate) fn unmap_pages(&self, off: usize, len: usize) -> io::Result<()> {
         assert!(off % PAGE_SIZE == 0 && len % PAGE_SIZE == 0 && off + len <= self.len);
-        // SAFETY: as in `populate`: our own read-only file mapping, never
+        // SAFETY: as in `will_need`: our own read-only file mapping, never
         // written, so dropping its PTEs loses no data.
         check(unsafe {
             libc::madvise(self.base.as_ptr().add(off).cast(), len, libc::MADV_DONTNEED)

@@ -6,7 +6,8 @@
 //! Files: this one holds the range registry, the [`Tracker`] itself and
 //! the [`FaultTarget`] hook; `pool.rs` the pool (shards, shared
 //! descriptors, the routing map, the shard threads); `handler.rs` one
-//! mm's queues and round on its shard thread;
+//! mm's queues and round on its shard thread; `source.rs` where a lazy
+//! restore's pages come from;
 //! `wp.rs` write-protect (step 7); `tests.rs` the unit tests. The fault
 //! resolution under the PTE locks (steps 3-6) is the mm's
 //! (`mm/tracked_fault.rs`), reached through [`FaultTarget`]: this module
@@ -31,8 +32,10 @@
 //!    (try-locks only, see 6; held by a guard that unlocks on unwind),
 //!    re-check `UNSTABLE` once every lock of the window is held, charge the
 //!    budget for every missing page of the window,
-//!    `UFFDIO_COPY` each run of missing pages from a zero source (this also
-//!    wakes the faulter), set `PRESENT`, unlock. The access path populates
+//!    `UFFDIO_COPY` each run of missing pages from a zero source (or, in a
+//!    lazy restore, from the snapshot file for the pages it holds and never
+//!    served: `source.rs`) (this also wakes the faulter), set `PRESENT`,
+//!    unlock. The access path populates
 //!    tracked pages with the same ioctl under the same locks, so a page is
 //!    populated and charged once, by whoever holds its lock first; the other
 //!    sees `PRESENT` (or `EEXIST`) and only wakes.
@@ -246,7 +249,12 @@ pub(crate) struct Tracker {
     /// dropped whenever the mm has nothing pending.
     failed_rounds: AtomicU32,
     /// Host start → range. Leaf lock: held only to insert, remove or copy
-    /// out an entry, never with a PTE lock held by the same thread.
+    /// out an entry, or to mark a lazy restore's pages served
+    /// ([`Tracker::discarded`]); nothing is waited for while it is held.
+    /// Lazy restores take it under PTE locks (the access path's
+    /// `populate_locked`, a zap's `discarded`, the handler's poisoning of
+    /// a lost page); no holder ever takes a PTE lock, so that order is the
+    /// only one.
     ranges: Mutex<BTreeMap<usize, Range>>,
     /// Host ranges our own zaps are discarding right now, and those that
     /// finished since the handler's last read (step 6). Leaf lock, taken

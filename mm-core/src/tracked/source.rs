@@ -16,7 +16,7 @@
 //! file twice.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::sys::{FileMapping, PAGE_SIZE};
@@ -110,6 +110,7 @@ impl SnapshotSource {
         Arc::new(Restore {
             src: self.inner.clone(),
             served: (0..words).map(|_| AtomicU64::new(0)).collect(),
+            next: AtomicUsize::new(usize::MAX),
         })
     }
 }
@@ -122,6 +123,9 @@ pub(crate) struct Restore {
     /// PTE lock (or, without it, by `resolve_busy` after its COPY won: a
     /// second COPY of the page fails with `EEXIST`, so it is copied once).
     served: Box<[AtomicU64]>,
+    /// Where the last run copied from the file ended (read-ahead
+    /// heuristic of `release`).
+    next: AtomicUsize,
 }
 
 impl std::fmt::Debug for Restore {
@@ -186,11 +190,21 @@ impl Restore {
     /// file RSS would grow by every page served). Best effort.
     pub(crate) fn release(&self, i: usize, j: usize) {
         let j = j.min(self.src.pages);
-        if i < j {
-            let _ = self
-                .src
-                .map
-                .unmap_pages(self.src.data_off + i * PAGE_SIZE, (j - i) * PAGE_SIZE);
+        if i >= j {
+            return;
+        }
+        let map = &self.src.map;
+        let _ = map.unmap_pages(self.src.data_off + i * PAGE_SIZE, (j - i) * PAGE_SIZE);
+        // Sequential filling (this run starts where the last one ended):
+        // start reading the next READ_AHEAD pages now, so that on a cold
+        // cache the disk works while the next windows are copied (the
+        // COPY's own fault reads synchronously). Relaxed: a heuristic.
+        if self.next.swap(j, Ordering::Relaxed) == i && j < self.src.pages {
+            let end = (j + READ_AHEAD).min(self.src.pages);
+            let _ = map.will_need(self.src.data_off + j * PAGE_SIZE, (end - j) * PAGE_SIZE);
         }
     }
 }
+
+/// Pages a sequential restore asks the kernel to read ahead (8 MiB).
+const READ_AHEAD: usize = 2048;
