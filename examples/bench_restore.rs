@@ -326,7 +326,7 @@ fn make_snapshot(path: &Path, bytes: u64) -> f64 {
         common::fill_page(page, p as u64 + 1);
     }
     let t = Instant::now();
-    let st = mm.snapshot_blocking(path).expect("snapshot");
+    let st = mm.snapshot_to_file_blocking(path).expect("snapshot");
     let ms = t.elapsed().as_secs_f64() * 1e3;
     assert_eq!(st.pages * PAGE_SIZE as u64, bytes);
     File::open(path).and_then(|f| f.sync_all()).expect("fsync");

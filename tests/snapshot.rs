@@ -136,7 +136,7 @@ fn test_snapshot_restore_threads_and_api_byte_identical() {
     let file = TmpFile::new("identical");
     let src_host = Host::with_budget(256 * MIB);
     let (src, addrs) = source_guest(&src_host);
-    let stats = src.snapshot_blocking(&file.0).unwrap();
+    let stats = src.snapshot_to_file_blocking(&file.0).unwrap();
     assert_eq!(stats.vmas, 4);
     // The snapshot saves what the kernel has present: at least the written
     // pages, and of the one-page fault-around region exactly them.
@@ -254,7 +254,7 @@ fn test_zapped_after_served_reads_zeros() {
     for p in 0..4 * MIB / PAGE {
         src.write_blocking(a + p * PAGE, &pattern(0, p)).unwrap();
     }
-    src.snapshot_blocking(&file.0).unwrap();
+    src.snapshot_to_file_blocking(&file.0).unwrap();
     let snap = Snapshot::open(&file.0).unwrap();
 
     let host = Host::with_budget(64 * MIB);
@@ -311,7 +311,7 @@ fn test_prefetch_threads_serve_each_page_once() {
     for &p in &written {
         src.write_blocking(a + p * PAGE, &pattern(0, p)).unwrap();
     }
-    src.snapshot_blocking(&file.0).unwrap();
+    src.snapshot_to_file_blocking(&file.0).unwrap();
     let snap = Snapshot::open(&file.0).unwrap();
     let host = Host::with_budget(64 * MIB);
     let mm = host.new_mm("restored");
@@ -369,7 +369,7 @@ fn small_snapshot(file: &TmpFile) -> (Vec<u8>, u64) {
     mm.write_blocking(a, b"first").unwrap();
     let b = mm.mmap_blocking(MapOptions::anon(MIB)).unwrap();
     mm.write_blocking(b + 3 * PAGE, b"second").unwrap();
-    let st = mm.snapshot_blocking(&file.0).unwrap();
+    let st = mm.snapshot_to_file_blocking(&file.0).unwrap();
     let mut head = vec![0u8; 2 * PAGE_SIZE];
     let f = std::fs::File::open(&file.0).unwrap();
     f.read_exact_at(&mut head, 0).unwrap();
@@ -585,7 +585,7 @@ fn test_truncated_under_restore_api_error() {
     for p in 0..4 * MIB / PAGE {
         src.write_blocking(a + p * PAGE, &pattern(0, p)).unwrap();
     }
-    src.snapshot_blocking(&file.0).unwrap();
+    src.snapshot_to_file_blocking(&file.0).unwrap();
     drop(src);
     let snap = Snapshot::open(&file.0).unwrap();
     let mm = host.new_mm("restored");
@@ -630,7 +630,7 @@ fn truncated_under_restore_sigbus_child() {
     for p in 0..4 * MIB / PAGE {
         src.write_blocking(a + p * PAGE, &pattern(0, p)).unwrap();
     }
-    src.snapshot_blocking(&file.0).unwrap();
+    src.snapshot_to_file_blocking(&file.0).unwrap();
     drop(src);
     let snap = Snapshot::open(&file.0).unwrap();
     let mm = host.new_mm("restored");
@@ -709,7 +709,7 @@ fn test_partial_munmap_keeps_the_rest_restored() {
     for p in 0..4 * MIB / PAGE {
         src.write_blocking(a + p * PAGE, &pattern(0, p)).unwrap();
     }
-    src.snapshot_blocking(&file.0).unwrap();
+    src.snapshot_to_file_blocking(&file.0).unwrap();
     drop(src);
     let snap = Snapshot::open(&file.0).unwrap();
     let mm = host.new_mm("restored");

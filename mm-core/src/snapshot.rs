@@ -1,6 +1,6 @@
 //! Snapshots of a guest's memory and their lazy restore (issue 15).
 //!
-//! [`MmUser::snapshot`] writes the present pages of every VMA of a paused
+//! [`MmUser::snapshot_to_file`] writes the present pages of every VMA of a paused
 //! guest to a sparse file; [`Snapshot::open`] validates one (every bad
 //! input gets its named [`SnapshotError`], before anything is mapped);
 //! [`MmUser::restore`] maps its whole layout into another guest as tracked
@@ -145,7 +145,7 @@ pub struct SnapshotVma {
     pub data_off: u64,
 }
 
-/// What [`MmUser::snapshot`] wrote.
+/// What [`MmUser::snapshot_to_file`] wrote.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SnapshotStats {
     /// VMAs recorded.
@@ -505,7 +505,7 @@ impl MmUser {
     /// may be saved before or after the write. The data is written with
     /// one `pwrite` per run of present pages straight from guest memory,
     /// then the index; the file is not fsynced.
-    pub async fn snapshot(&self, path: impl AsRef<Path>) -> Result<SnapshotStats> {
+    pub async fn snapshot_to_file(&self, path: impl AsRef<Path>) -> Result<SnapshotStats> {
         let path = path.as_ref();
         let state = self.lock().write().await;
         let mut found = Vec::new();
@@ -758,9 +758,9 @@ impl MmUser {
         Ok(pages)
     }
 
-    /// Blocking [`snapshot`](Self::snapshot).
-    pub fn snapshot_blocking(&self, path: impl AsRef<Path>) -> Result<SnapshotStats> {
-        block_on(self.snapshot(path))
+    /// Blocking [`snapshot_to_file`](Self::snapshot_to_file).
+    pub fn snapshot_to_file_blocking(&self, path: impl AsRef<Path>) -> Result<SnapshotStats> {
+        block_on(self.snapshot_to_file(path))
     }
 
     /// Blocking [`restore`](Self::restore).
