@@ -208,6 +208,16 @@ pub enum Error {
         /// What changed.
         why: &'static str,
     },
+    /// A snapshot file could not be written, opened or restored from (see
+    /// [`SnapshotError`] and the `snapshot` module's format).
+    #[error("snapshot {path}: {source}")]
+    Snapshot {
+        /// The snapshot file.
+        path: std::path::PathBuf,
+        /// What was wrong with it.
+        #[source]
+        source: SnapshotError,
+    },
     /// A host system call failed.
     #[error("host {op} failed: {source}")]
     Host {
@@ -216,6 +226,87 @@ pub enum Error {
         /// What the kernel said.
         #[source]
         source: io::Error,
+    },
+}
+
+/// What is wrong with a snapshot file ([`Error::Snapshot`]). Each is
+/// found before anything is mapped, except [`SnapshotError::DataLost`],
+/// which a running lazy restore meets when the file shrank under it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SnapshotError {
+    /// The file is shorter than its header, its index, or the length its
+    /// header records.
+    #[error("truncated: {len} bytes, at least {need} needed")]
+    Truncated {
+        /// The file's length.
+        len: u64,
+        /// The length the header or index needs.
+        need: u64,
+    },
+    /// The first eight bytes are not the snapshot magic.
+    #[error("not a guestmm snapshot (magic {found:02x?})")]
+    BadMagic {
+        /// The bytes found.
+        found: [u8; 8],
+    },
+    /// A format version this build cannot read.
+    #[error("format version {found} (this build reads {supported})")]
+    BadVersion {
+        /// Version in the header.
+        found: u32,
+        /// The version this build writes and reads.
+        supported: u32,
+    },
+    /// Written with another page size.
+    #[error("page size {found} (this host uses {expected})")]
+    BadPageSize {
+        /// Page size in the header.
+        found: u32,
+        /// This host's.
+        expected: u32,
+    },
+    /// The checksum of the header and index does not match.
+    #[error("header/index checksum {found:#018x}, computed {computed:#018x}")]
+    BadChecksum {
+        /// Checksum in the header.
+        found: u64,
+        /// Checksum of the bytes read.
+        computed: u64,
+    },
+    /// An index entry points past the end of the file (or of the index).
+    #[error("index entry {vma} points past the end: {what} ends at {end:#x}, limit {limit:#x}")]
+    IndexPastEnd {
+        /// Index of the VMA record.
+        vma: usize,
+        /// Which part (`"data"`, `"bitmap"`, `"records"`).
+        what: &'static str,
+        /// Where that part ends.
+        end: u64,
+        /// Where it must end by.
+        limit: u64,
+    },
+    /// The recorded VMA layout is malformed or does not fit the guest it
+    /// is restored into (unaligned, overlapping, outside its address space).
+    #[error("layout does not fit: VMA {vma} at {addr:#x} + {len:#x}: {reason}")]
+    BadLayout {
+        /// Index of the VMA record.
+        vma: usize,
+        /// Its guest address.
+        addr: u64,
+        /// Its length.
+        len: u64,
+        /// Why it does not fit.
+        reason: &'static str,
+    },
+    /// A running lazy restore could not read a page the index says the file
+    /// holds (`UFFDIO_COPY` failed with `EFAULT`: the file was truncated
+    /// under the restore). Direct touches of such a page get `SIGBUS`
+    /// (poisoned), never zeros; the access API gets this error.
+    #[error("page at guest {addr:#x} is gone from the file (truncated under a running restore)")]
+    DataLost {
+        /// Guest address of the page.
+        addr: u64,
     },
 }
 

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 /// as in the table of `lib.rs`. A new module must be added here.
 const LAYERS: &[(&str, u8)] = &[
     ("host", 2),
+    ("snapshot", 1),
     ("exit", 1),
     ("ksm", 1),
     ("mm", 1),
@@ -44,6 +45,9 @@ const MIDDLE_EDGES: &[(&str, &str)] = &[
     ("ksm", "vma"),
     ("mm", "tracked"),
     ("mm", "vma"),
+    ("snapshot", "mm"),
+    ("snapshot", "tracked"),
+    ("snapshot", "vma"),
     ("vma", "tracked"),
 ];
 

@@ -39,7 +39,9 @@
 //!                      hands it ksm::KsmHooks); oom.rs: the OOM killer
 //!                      (select, kill, queue the reaper)
 //! ------------------------------------------------------------------------
-//! middle  exit.rs      exit_mmap, step by step
+//! middle  snapshot.rs  snapshot files (format, writer, validating opener)
+//!                      and the lazy restore of a guest layout from one
+//!         exit.rs      exit_mmap, step by step
 //!         ksm/         the KSM seam (break_ksm): KsmMm, StableStore,
 //!                      merge/snapshot/zero, unshare, KsmHooks
 //!         mm/          Mm + config + VmaHooks (mod), refs (MmUser/MmGrab/
@@ -50,7 +52,8 @@
 //!         vma.rs       VMAs, the tree, host regions
 //!         tracked/     userfaultfd regions: registry + FaultTarget (mod),
 //!                      pool (the process's handler threads, shared
-//!                      descriptors, routing map), handler, wp, tests
+//!                      descriptors, routing map), handler, wp, source
+//!                      (a lazy restore's pages: file or zeros), tests
 //! ------------------------------------------------------------------------
 //! bottom  types.rs     BoxFuture, the Pressure hook trait
 //!         budget.rs    Budget, OverBudget
@@ -66,9 +69,11 @@
 //! ```
 //!
 //! The edges inside the middle layer (all of them go down this list:
-//! exit, ksm, mm, vma, tracked):
+//! snapshot, exit, ksm, mm, vma, tracked):
 //!
 //! ```text
+//! snapshot → mm, vma, tracked the writer walks VMAs and pages; a restore
+//!                             maps tracked regions with a source
 //! exit → mm                   exit_mmap runs on the mm
 //! ksm  → mm, vma, tracked     the seam works on an mm's VMAs and pages
 //! mm   → vma, tracked         an mm owns its VMAs and its tracker
@@ -102,12 +107,18 @@
 //!                              mprotect / mmap(MAP_FIXED) / uffd WP+WAKE / pwrite / pread
 //!                              of the pages they cover (the mmap of a merge waits for the
 //!                              uffd handler to read its UNMAP message; the handler never
-//!                              waits for a PTE lock).
+//!                              waits for a PTE lock). A lazy restore's COPY reads the
+//!                              snapshot file under them (disk I/O on a cold cache; waiters
+//!                              yield) and drops the file pages it read with a madvise of
+//!                              its own read-only file mapping (no uffd message).
 //!       Host budget (atomic)   try_charge under page locks; reclaim runs with NO lock held.
 //!       notifier / hook lists  std mutexes held only to push, take or clone.
 //!       tracked self-zap list  std mutex: pushed/popped by a zap of a tracked region.
 //!     tracked-range registry   std mutex: insert/remove under the write lock, lookup by
 //!                              the uffd handler; never held across a syscall that can block.
+//!                              A leaf: lazy restores (snapshot.rs, tracked/source.rs) also
+//!                              take it under PTE locks (populate_locked, a zap marking its
+//!                              range served); its holders never take a PTE lock.
 //!     uffd routing map         lock-free skip list per pool shard (tracked/pool.rs): no lock
 //!                              at all; entries inserted before UFFDIO_REGISTER, removed
 //!                              after UFFDIO_UNREGISTER (under the mm's write lock).
@@ -166,6 +177,7 @@ pub mod mmap_lock;
 pub mod pgtable;
 pub mod procfs;
 pub mod sched;
+pub mod snapshot;
 mod sys;
 mod tracked;
 mod types;
@@ -174,7 +186,7 @@ mod vma;
 
 pub use budget::{Budget, OverBudget};
 pub use clock::{Clock, SystemClock};
-pub use error::{Access, Error, Result};
+pub use error::{Access, Error, Result, SnapshotError};
 pub use flags::{MmFlag, MmFlags};
 pub use host::{
     Guest, Host, HostConfig, HostStats, Kill, OomOutcome, OomReaperQueue, OomStats, Reclaim,
@@ -187,10 +199,11 @@ pub use mm::{
 };
 pub use mmap_lock::{MmapLock, MmapReadGuard, MmapWriteGuard};
 pub use procfs::ProcessMemory;
+pub use snapshot::{Snapshot, SnapshotStats, SnapshotVma};
 pub use sys::{HUGE_PAGE_SIZE, PAGE_SIZE};
 pub use tracked::{
-    set_uffd_handler_threads, uffd_handler_threads, TrackedStats, DEFAULT_FAULT_AROUND,
-    DEFAULT_UFFD_HANDLER_THREADS, PRESSURE_ROUNDS,
+    set_uffd_handler_threads, uffd_handler_threads, SnapshotSource, TrackedStats,
+    DEFAULT_FAULT_AROUND, DEFAULT_UFFD_HANDLER_THREADS, PRESSURE_ROUNDS,
 };
 pub use types::{lock, BoxFuture};
 pub use vma::{Prot, VmFlags, Vma, VmaTree};

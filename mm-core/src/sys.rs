@@ -614,3 +614,93 @@ pub(crate) fn pagemap_scan_written(
     }
     Ok((n as usize, arg.walk_end as usize))
 }
+
+/// A read-only `MAP_PRIVATE` mapping of a whole file (a snapshot's data,
+/// the source of lazy restores' `UFFDIO_COPY`). Unmapped on drop. Nothing
+/// in this crate reads it from user mode: only the kernel does, on behalf
+/// of `UFFDIO_COPY` (which fails with `EFAULT` past a truncated end where
+/// a user-mode read would take `SIGBUS`).
+#[derive(Debug)]
+pub(crate) struct FileMapping {
+    base: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is owned exclusively by this value, read-only, and
+// only ever handed to the kernel as an address; no Rust reference points
+// into it.
+unsafe impl Send for FileMapping {}
+// SAFETY: as for Send: shared use only passes addresses to syscalls.
+unsafe impl Sync for FileMapping {}
+
+impl FileMapping {
+    /// Maps the first `len` bytes of `file` (`len` > 0, page aligned).
+    pub(crate) fn new(file: &std::fs::File, len: usize) -> io::Result<FileMapping> {
+        if len == 0 || len % PAGE_SIZE != 0 {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        // SAFETY: a fresh mapping chosen by the kernel (no MAP_FIXED), so no
+        // existing memory is replaced; `file` is a valid open descriptor for
+        // the duration of the call.
+        let raw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if raw == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let base = NonNull::new(raw.cast::<u8>())
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
+        Ok(FileMapping { base, len })
+    }
+
+    /// Length of the mapping.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Address of byte `off` (`off < len`), for the kernel to read from.
+    pub(crate) fn at(&self, off: usize) -> *const u8 {
+        assert!(off < self.len, "file mapping offset {off:#x} out of range");
+        self.base.as_ptr().wrapping_add(off).cast_const()
+    }
+
+    /// `MADV_WILLNEED` of `[off, off + len)` (page aligned, in range):
+    /// starts reading the file's pages into the page cache without waiting
+    /// for them.
+    pub(crate) fn will_need(&self, off: usize, len: usize) -> io::Result<()> {
+        assert!(off % PAGE_SIZE == 0 && len % PAGE_SIZE == 0 && off + len <= self.len);
+        // SAFETY: in bounds of our own live read-only mapping (asserted);
+        // read-ahead changes no byte any Rust reference could see.
+        check(unsafe {
+            libc::madvise(self.base.as_ptr().add(off).cast(), len, libc::MADV_WILLNEED)
+        })
+    }
+
+    /// `MADV_DONTNEED` of `[off, off + len)`: unmaps the file pages from
+    /// this mapping (they stay in the page cache; the mapping is read-only
+    /// and private and never written, so nothing is lost).
+    pub(crate) fn unmap_pages(&self, off: usize, len: usize) -> io::Result<()> {
+        assert!(off % PAGE_SIZE == 0 && len % PAGE_SIZE == 0 && off + len <= self.len);
+        // SAFETY: as in `will_need`: our own read-only file mapping, never
+        // written, so dropping its PTEs loses no data.
+        check(unsafe {
+            libc::madvise(self.base.as_ptr().add(off).cast(), len, libc::MADV_DONTNEED)
+        })
+    }
+}
+
+impl Drop for FileMapping {
+    fn drop(&mut self) {
+        // SAFETY: we own the mapping; it is dropped with the last source
+        // that could hand its addresses to the kernel.
+        let res = unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
+        debug_assert!(res == 0 || std::thread::panicking(), "munmap failed");
+    }
+}

@@ -287,6 +287,9 @@ impl HostRegion {
             // would uncharge pages a fault re-populated after our zap).
             let (s, e) = (r.ptr() as usize, r.ptr() as usize + r.len());
             return t.self_zap(s, e, || {
+                // Under the zap's PTE locks: a lazy restore's pages of the
+                // range read zeros from now on, as discarded pages do.
+                t.discarded(s, e);
                 sys::discard(r).map_err(Error::host("madvise(DONTNEED)"))
             });
         }

@@ -82,7 +82,7 @@ pub(crate) fn register_wp(mm: &MmUser, vma: &Vma) -> Result<()> {
             // Guest address of the mapping's first byte: VMAs slice
             // their region at contiguous offsets.
             let guest = vma.start - vma.region_off as u64;
-            t.add_range(vma.region.base() as usize, len, guest, PAGE);
+            t.add_range(vma.region.base() as usize, len, guest, PAGE, None);
             vma.region.set_ksm_wp(t);
             Ok(())
         }

@@ -34,7 +34,7 @@ use crate::mmap_lock::MmapLock;
 use crate::pgtable::{PageTable, MAX_GPN};
 use crate::sched;
 use crate::sys::{self, PAGE_SIZE};
-use crate::tracked::{FaultTarget, TrackedStats, Tracker, DEFAULT_FAULT_AROUND};
+use crate::tracked::{FaultTarget, SnapshotSource, TrackedStats, Tracker, DEFAULT_FAULT_AROUND};
 use crate::types::Pressure;
 use crate::vma::{Prot, Vma, VmaTree};
 
@@ -112,7 +112,7 @@ pub enum MapKind {
 }
 
 /// Arguments of [`MmUser::mmap`].
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct MapOptions {
     /// Guest address, or `None` to let the mm choose.
     pub addr: Option<u64>,
@@ -132,6 +132,10 @@ pub struct MapOptions {
     /// Fault-around window of a tracked region, in bytes: a power of two
     /// from one page to 2 MiB (default 2 MiB), clamped to the VMA.
     pub fault_around: u64,
+    /// Lazy restore: the region's missing pages come from this snapshot
+    /// slice instead of zeros (a tracked region of exactly the source's
+    /// length; see the `snapshot` module). Nothing is read at `mmap`.
+    pub source: Option<SnapshotSource>,
 }
 
 impl MapOptions {
@@ -146,6 +150,7 @@ impl MapOptions {
             pinned: false,
             tracked: false,
             fault_around: DEFAULT_FAULT_AROUND,
+            source: None,
         }
     }
 
@@ -190,6 +195,15 @@ impl MapOptions {
     /// Fault-around window of a tracked region (bytes).
     pub fn fault_around(mut self, bytes: u64) -> Self {
         self.fault_around = bytes;
+        self
+    }
+
+    /// Lazily restored from `source`: a tracked region of the source's
+    /// length whose pages are served from the snapshot file on first touch.
+    pub fn restore_from(mut self, source: SnapshotSource) -> Self {
+        self.len = source.len();
+        self.tracked = true;
+        self.source = Some(source);
         self
     }
 }

@@ -73,7 +73,14 @@ impl MmUser {
                 .ok_or(Error::NoSpace { len: opts.len })?,
         };
         if let Some(t) = region.tracker() {
-            t.add_range(region.base() as usize, len, addr, opts.fault_around);
+            let restore = opts.source.as_ref().map(|s| s.restore());
+            t.add_range(
+                region.base() as usize,
+                len,
+                addr,
+                opts.fault_around,
+                restore,
+            );
         }
         let vma = Vma {
             start: addr,
@@ -524,6 +531,13 @@ fn check_map_options(opts: &MapOptions, limit: u64) -> Result<usize> {
         let fa = opts.fault_around;
         if !fa.is_power_of_two() || !(PAGE..=HUGE_PAGE_SIZE as u64).contains(&fa) {
             return Err(Error::BadFaultAround { bytes: fa });
+        }
+    }
+    if let Some(src) = &opts.source {
+        if !opts.tracked || src.len() != opts.len {
+            return Err(Error::InvalidArgument {
+                what: "a restored region is tracked and exactly as long as its snapshot source",
+            });
         }
     }
     Ok(len)

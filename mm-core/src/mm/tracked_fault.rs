@@ -10,7 +10,7 @@ use super::Mm;
 use crate::flags::MmFlag;
 use crate::pgtable::{Leaf, Pte, PAGES_PER_LEAF};
 use crate::sys::{self, PAGE_SIZE};
-use crate::tracked::{zero_source, FaultTarget, Outcome, Tracker};
+use crate::tracked::{zero_source, FaultTarget, Outcome, Restore, Tracker};
 use crate::types::BoxFuture;
 use crate::uffd::Fill;
 
@@ -177,7 +177,11 @@ impl Mm {
             panic!("injected handler panic with the window locked");
         }
         let host_lo = host_of(lo);
-        self.fill_window(t, w, fi, charge, host_lo, addr)
+        let restore = r
+            .restore
+            .as_deref()
+            .map(|rs| (rs, r.src_index(hs, host_lo)));
+        self.fill_window(t, w, fi, charge, host_lo, addr, restore)
     }
 
     /// Charges the missing pages of the locked window (step 3). Over
@@ -217,7 +221,9 @@ impl Mm {
     /// Fills the charged pages of the window run by run (`UFFDIO_COPY`,
     /// DONTWAKE), settles the charge with what was really populated,
     /// publishes the PTEs and wakes every thread blocked in the window.
-    /// `host_lo` is the host address of the window's first page.
+    /// `host_lo` is the host address of the window's first page; `restore`
+    /// the window's lazy restore and the restore's page index of that page.
+    #[allow(clippy::too_many_arguments)] // one call site, all of it state
     fn fill_window(
         &self,
         t: &Tracker,
@@ -226,11 +232,19 @@ impl Mm {
         c: WindowCharge,
         host_lo: usize,
         addr: usize,
+        restore: Option<(&Restore, usize)>,
     ) -> Outcome {
         let n = w.n;
         let selected = |i: usize| w.wants(i) && (!c.only_faulting || i == fi);
         let mut present = [false; PAGES_PER_LEAF as usize];
         let src = zero_source().ok();
+        // One run `[a, b)` of window slots: zeros, or the restore's file
+        // pages (and zeros where the snapshot holds none).
+        let fill = |a: usize, b: usize, present: &mut [bool; PAGES_PER_LEAF as usize]| match restore
+        {
+            None => self.fill_run(t, host_lo + a * PAGE_SIZE, src, &mut present[a..b]),
+            Some((rs, first)) => self.fill_restored(t, rs, first, host_lo, src, a, b, present),
+        };
         let mut crossed = false;
         let mut i = 0;
         while i < n {
@@ -239,7 +253,13 @@ impl Mm {
                 continue;
             }
             let j = (i..n).find(|&j| !selected(j)).unwrap_or(n);
-            crossed |= self.fill_run(t, host_lo + i * PAGE_SIZE, src, &mut present[i..j]);
+            let end = fill(i, j, &mut present);
+            // More than one page failing with ENOENT: the run crosses a VMA
+            // boundary (see `fill_run`); retried below.
+            crossed |= end == RunEnd::Failed(libc::ENOENT) && j - i > 1;
+            if end == RunEnd::Stop {
+                break;
+            }
             i = j;
         }
         if crossed && selected(fi) && !present[fi] {
@@ -253,9 +273,7 @@ impl Mm {
             // size and PROT_NONE above, in one tracked range).
             let end = (fi..n).find(|&j| !selected(j)).unwrap_or(n);
             let mut len = end - fi;
-            while self.fill_run(t, host_lo + fi * PAGE_SIZE, src, &mut present[fi..fi + len])
-                && len > 1
-            {
+            while fill(fi, fi + len, &mut present) == RunEnd::Failed(libc::ENOENT) && len > 1 {
                 t.counters.vma_clips.fetch_add(1, Ordering::Relaxed);
                 len /= 2;
             }
@@ -289,31 +307,115 @@ impl Mm {
         }
     }
 
-    /// `UFFDIO_COPY` of one run for the handler, marking `present` pages.
-    /// Returns true when the copy of more than one page failed with
-    /// `ENOENT`: `mfill_atomic` wants the whole destination inside one
-    /// VMA, and the run crosses a VMA boundary (guestmm's `mprotect` split
-    /// the registered range; the kernel's own fault-around stops at the
-    /// VMA's end). The caller retries shorter.
+    /// Fills window slots `[i, j)` of a lazy restore (`tracked/source.rs`):
+    /// each sub-run whose pages the snapshot holds (and never served) is
+    /// copied from the file mapping, the rest from the zero source; the
+    /// filled pages are marked served. A file page the COPY cannot read
+    /// (`EFAULT`: the file was truncated under us) is poisoned: its toucher
+    /// gets SIGBUS, never zeros (the page stays unserved, unpresent and
+    /// uncharged).
+    #[allow(clippy::too_many_arguments)] // the window's state, one caller
+    fn fill_restored(
+        &self,
+        t: &Tracker,
+        rs: &Restore,
+        first: usize,
+        host_lo: usize,
+        zero: Option<*const u8>,
+        i: usize,
+        j: usize,
+        present: &mut [bool],
+    ) -> RunEnd {
+        let mut a = i;
+        while a < j {
+            let data = rs.data(first + a);
+            let b = (a + 1..j)
+                .find(|&k| rs.data(first + k).is_some() != data.is_some())
+                .unwrap_or(j);
+            let host = host_lo + a * PAGE_SIZE;
+            if data.is_none() {
+                if self.fill_run(t, host, zero, &mut present[a..b]) == RunEnd::Stop {
+                    return RunEnd::Stop;
+                }
+                a = b;
+                continue;
+            }
+            // The COPY faults the file pages in itself (measured no slower
+            // than a MADV_POPULATE_READ first, or a pread into a buffer:
+            // DESIGN-NOTES); `release` unmaps them again.
+            let end = self.fill_run(t, host, data, &mut present[a..b]);
+            for k in (a..b).filter(|&k| present[k]) {
+                rs.mark_served(first + k, first + k + 1);
+            }
+            rs.release(first + a, first + b);
+            match end {
+                RunEnd::Done => a = b,
+                RunEnd::Stop => return RunEnd::Stop,
+                RunEnd::Failed(libc::EFAULT) => {
+                    // The first page not filled is the unreadable one.
+                    let bad = (a..b).find(|&k| !present[k]).unwrap_or(a);
+                    self.poison_lost(t, host_lo + bad * PAGE_SIZE);
+                    a = bad + 1;
+                }
+                // ENOENT: the run crosses a VMA boundary; the caller
+                // retries shorter (as for a run of zeros).
+                RunEnd::Failed(libc::ENOENT) => return RunEnd::Failed(libc::ENOENT),
+                RunEnd::Failed(_) => return RunEnd::Stop,
+            }
+        }
+        RunEnd::Done
+    }
+
+    /// A snapshot page the file no longer holds: SIGBUS for its touchers
+    /// (`UFFDIO_POISON`, contained like a reaped page when `contain` is
+    /// installed). Without POISON support the faulter stays blocked.
+    fn poison_lost(&self, t: &Tracker, host: usize) {
+        tracing::error!(target: "mm_core::tracked", mm_id = self.id(), host, "snapshot page unreadable (file truncated under a running restore): poisoned");
+        if !t.poison {
+            return;
+        }
+        if let Some((start, r)) = t.lookup(host) {
+            crate::contain::register(start, r.host_end);
+        }
+        if let Ok(Fill::Done) = t.with_uffd(|u| u.poison(host, PAGE_SIZE)) {
+            t.counters.pages_poisoned.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// `UFFDIO_COPY` of one run for the handler, marking `present` pages
+    /// (`src` covers the run: the zero source, or contiguous file pages).
+    /// `RunEnd::Failed(ENOENT)` for a run of more than one page:
+    /// `mfill_atomic` wants the whole destination inside one VMA, and the
+    /// run crosses a VMA boundary (guestmm's `mprotect` split the registered
+    /// range; the kernel's own fault-around stops at the VMA's end). The
+    /// caller retries shorter.
     fn fill_run(
         &self,
         t: &Tracker,
         host: usize,
         src: Option<*const u8>,
         present: &mut [bool],
-    ) -> bool {
-        let Some(src) = src else { return false };
+    ) -> RunEnd {
+        let Some(src) = src else {
+            return RunEnd::Done;
+        };
+        let zero = zero_source().ok() == Some(src);
         let n = present.len();
         let mut i = 0;
         while i < n {
             let at = host + i * PAGE_SIZE;
+            let from = if zero {
+                src
+            } else {
+                src.wrapping_add(i * PAGE_SIZE)
+            };
             // DONTWAKE: the faulters are woken after the PTEs say PRESENT
             // and the counters are updated, so a woken thread never sees
             // its page populated but not yet accounted.
-            match t.with_uffd(|u| u.copy(at, src, (n - i) * PAGE_SIZE, false)) {
+            match t.with_uffd(|u| u.copy(at, from, (n - i) * PAGE_SIZE, false)) {
                 Ok(Fill::Done) => {
                     present[i..].iter_mut().for_each(|p| *p = true);
-                    return false;
+                    return RunEnd::Done;
                 }
                 Ok(Fill::Exists { done }) => {
                     // EEXIST under our lock on an empty PTE: a page the
@@ -331,16 +433,18 @@ impl Mm {
                     // A REMOVE is queued and unread, and we are its reader:
                     // retrying here cannot succeed. Give up on the rest of the
                     // run; the caller wakes the faulter, which refaults and is
-                    // served after the next drain of the queue.
-                    return false;
+                    // served after the next drain of the queue. (A COPY that
+                    // stops short at an unreadable source page also says
+                    // EAGAIN; its retry says EFAULT.)
+                    return RunEnd::Stop;
                 }
                 Err(e) => {
                     tracing::debug!(target: "mm_core::tracked", mm_id = self.id(), error = %e, "UFFDIO_COPY failed");
-                    return e.raw_os_error() == Some(libc::ENOENT) && n - i > 1;
+                    return RunEnd::Failed(e.raw_os_error().unwrap_or(0));
                 }
             }
         }
-        false
+        RunEnd::Done
     }
 
     /// Hard budget, pressure exhausted: the guest is killed instead of
@@ -395,15 +499,23 @@ impl Mm {
         // without the page lock, re-check that the page is still ours just
         // before the COPY, so it cannot land in a range another mm mapped
         // at the same address after an unmap of ours.
-        if t.lookup(addr).is_none() {
+        let Some((hs, r)) = t.lookup(addr) else {
             let _ = t.with_uffd(|u| u.wake(addr, PAGE_SIZE));
             return Outcome::Served;
-        }
-        if let Ok(src) = zero_source() {
-            let _ = t.with_uffd(|u| match u.copy(addr, src, PAGE_SIZE, true)? {
-                Fill::Done => Ok(()),
-                _ => u.wake(addr, PAGE_SIZE),
+        };
+        // A lazy restore's unserved page comes from the file; without the
+        // lock another filler may copy it too: one COPY wins, the other
+        // gets EEXIST, so it is still served once.
+        let idx = r.src_index(hs, addr);
+        let data = r.restore.as_ref().and_then(|rs| rs.data(idx));
+        if let Some(src) = data.or_else(|| zero_source().ok()) {
+            let done = t.with_uffd(|u| match u.copy(addr, src, PAGE_SIZE, true)? {
+                Fill::Done => Ok(true),
+                _ => u.wake(addr, PAGE_SIZE).map(|()| false),
             });
+            if let (Ok(true), Some(rs)) = (done, &r.restore) {
+                rs.mark_served(idx, idx + 1);
+            }
         }
         Outcome::Unlocked
     }
@@ -497,6 +609,17 @@ fn try_lock(pte: &std::sync::atomic::AtomicU64) -> Option<u64> {
     } else {
         None
     }
+}
+
+/// How a run of `UFFDIO_COPY` ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RunEnd {
+    /// Every page of the run is filled (or was found present).
+    Done,
+    /// `EAGAIN`: a REMOVE is queued; stop filling this window.
+    Stop,
+    /// The ioctl failed with this errno.
+    Failed(i32),
 }
 
 /// What [`Mm::charge_window`] charged for a window.

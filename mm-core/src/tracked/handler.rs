@@ -100,6 +100,8 @@ impl Handler {
                 Event::Remove { start, end } => {
                     if !t.is_self_zap(start, end) {
                         t.counters.foreign_removes.fetch_add(1, Ordering::Relaxed);
+                        // Discarded pages of a lazy restore read zeros now.
+                        t.discarded(start, end);
                         self.removes.push((start, end));
                     }
                 }

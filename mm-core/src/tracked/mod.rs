@@ -6,7 +6,8 @@
 //! Files: this one holds the range registry, the [`Tracker`] itself and
 //! the [`FaultTarget`] hook; `pool.rs` the pool (shards, shared
 //! descriptors, the routing map, the shard threads); `handler.rs` one
-//! mm's queues and round on its shard thread;
+//! mm's queues and round on its shard thread; `source.rs` where a lazy
+//! restore's pages come from;
 //! `wp.rs` write-protect (step 7); `tests.rs` the unit tests. The fault
 //! resolution under the PTE locks (steps 3-6) is the mm's
 //! (`mm/tracked_fault.rs`), reached through [`FaultTarget`]: this module
@@ -31,8 +32,10 @@
 //!    (try-locks only, see 6; held by a guard that unlocks on unwind),
 //!    re-check `UNSTABLE` once every lock of the window is held, charge the
 //!    budget for every missing page of the window,
-//!    `UFFDIO_COPY` each run of missing pages from a zero source (this also
-//!    wakes the faulter), set `PRESENT`, unlock. The access path populates
+//!    `UFFDIO_COPY` each run of missing pages from a zero source (or, in a
+//!    lazy restore, from the snapshot file for the pages it holds and never
+//!    served: `source.rs`) (this also wakes the faulter), set `PRESENT`,
+//!    unlock. The access path populates
 //!    tracked pages with the same ioctl under the same locks, so a page is
 //!    populated and charged once, by whoever holds its lock first; the other
 //!    sees `PRESENT` (or `EEXIST`) and only wakes.
@@ -111,9 +114,13 @@ use crate::uffd::{self, Event, EventFd, Fill, Uffd};
 
 mod handler;
 mod pool;
+mod source;
 #[cfg(test)]
 mod tests;
 mod wp;
+
+pub(crate) use source::Restore;
+pub use source::SnapshotSource;
 
 pub(crate) use pool::Shard;
 pub use pool::{set_uffd_handler_threads, uffd_handler_threads, DEFAULT_UFFD_HANDLER_THREADS};
@@ -192,12 +199,26 @@ crate::counters! {
 }
 
 /// One registered host range.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct Range {
     pub(crate) host_end: usize,
     /// Guest address of the range's first host byte.
     pub(crate) guest_start: u64,
     pub(crate) fault_around: u64,
+    /// A lazy restore: where missing pages come from (`source.rs`); `None`
+    /// for the zero source.
+    pub(crate) restore: Option<Arc<Restore>>,
+    /// The restore's page index of the range's first page (a range split by
+    /// a partial unmap keeps its restore, from a later page).
+    pub(crate) src_first: usize,
+}
+
+impl Range {
+    /// The restore's page index of host address `host` of this range
+    /// (which starts at host address `start`).
+    pub(crate) fn src_index(&self, start: usize, host: usize) -> usize {
+        self.src_first + (host - start) / PAGE_SIZE
+    }
 }
 
 /// The per-mm userfaultfd state shared by the handler, the access path and
@@ -234,7 +255,12 @@ pub(crate) struct Tracker {
     /// dropped whenever the mm has nothing pending.
     failed_rounds: AtomicU32,
     /// Host start → range. Leaf lock: held only to insert, remove or copy
-    /// out an entry, never with a PTE lock held by the same thread.
+    /// out an entry, or to mark a lazy restore's pages served
+    /// ([`Tracker::discarded`]); nothing is waited for while it is held.
+    /// Lazy restores take it under PTE locks (the access path's
+    /// `populate_locked`, a zap's `discarded`, the handler's poisoning of
+    /// a lost page); no holder ever takes a PTE lock, so that order is the
+    /// only one.
     ranges: Mutex<BTreeMap<usize, Range>>,
     /// Host ranges our own zaps are discarding right now, and those that
     /// finished since the handler's last read (step 6). Leaf lock, taken
@@ -476,16 +502,43 @@ impl Tracker {
         Ok(())
     }
 
-    /// Enters a registered range in the registry, under the mmap write lock.
-    pub(crate) fn add_range(&self, host: usize, len: usize, guest: u64, fault_around: u64) {
+    /// Enters a registered range in the registry, under the mmap write lock
+    /// (`restore`: its missing pages come from a snapshot, `source.rs`).
+    pub(crate) fn add_range(
+        &self,
+        host: usize,
+        len: usize,
+        guest: u64,
+        fault_around: u64,
+        restore: Option<Arc<Restore>>,
+    ) {
         lock(&self.ranges).insert(
             host,
             Range {
                 host_end: host + len,
                 guest_start: guest,
                 fault_around,
+                restore,
+                src_first: 0,
             },
         );
+    }
+
+    /// `[start, end)` was discarded (our zap, under its PTE locks, or the
+    /// embedder's REMOVE as the handler reads it): its pages of a lazy
+    /// restore are served from now on, so they refault as zeros, as a
+    /// discarded anonymous page does (`source.rs`).
+    pub(crate) fn discarded(&self, start: usize, end: usize) {
+        let ranges = lock(&self.ranges);
+        for (s, r) in ranges.range(..end) {
+            if r.host_end <= start {
+                continue;
+            }
+            if let Some(rs) = &r.restore {
+                let (a, b) = (start.max(*s), end.min(r.host_end));
+                rs.mark_served(r.src_index(*s, a), r.src_index(*s, b));
+            }
+        }
     }
 
     /// Removes `[start, end)` from the registry (splitting entries),
@@ -528,7 +581,7 @@ impl Tracker {
         let hits: Vec<(usize, Range)> = ranges
             .range(..end)
             .filter(|(s, r)| **s < end && r.host_end > start)
-            .map(|(s, r)| (*s, *r))
+            .map(|(s, r)| (*s, r.clone()))
             .collect();
         for (s, r) in hits {
             ranges.remove(&s);
@@ -537,7 +590,7 @@ impl Tracker {
                     s,
                     Range {
                         host_end: start,
-                        ..r
+                        ..r.clone()
                     },
                 );
             }
@@ -546,6 +599,7 @@ impl Tracker {
                     end,
                     Range {
                         guest_start: r.guest_start + (end - s) as u64,
+                        src_first: r.src_index(s, end),
                         ..r
                     },
                 );
@@ -567,7 +621,7 @@ impl Tracker {
     pub(crate) fn lookup(&self, addr: usize) -> Option<(usize, Range)> {
         let ranges = lock(&self.ranges);
         let (s, r) = ranges.range(..=addr).next_back()?;
-        (addr < r.host_end).then_some((*s, *r))
+        (addr < r.host_end).then(|| (*s, r.clone()))
     }
 
     /// Runs `f` (a discard of `[start, end)`) announced as our own zap, so
@@ -610,7 +664,10 @@ impl Tracker {
     /// the caller's PTE locks; sets `done[i]` for each page now present
     /// (populated here or found present: `EEXIST`). Retries `EAGAIN` with
     /// backoff (step 6). Returns `Ok(false)` when the tracker is dead and
-    /// the caller must populate the untracked way.
+    /// the caller must populate the untracked way. In a lazy restore each
+    /// page comes from where [`Restore::data`] says: the snapshot's pages
+    /// are copied from the file (also for a read: no zero page where the
+    /// snapshot has data), the others as in any tracked region.
     pub(crate) fn populate_locked(
         &self,
         host: usize,
@@ -624,19 +681,79 @@ impl Tracker {
                 source: std::io::Error::from_raw_os_error(libc::EIO),
             });
         }
-        let src = zero_source()?;
+        let n = done.len();
+        let restore = self.lookup(host).and_then(|(s, r)| {
+            Some((
+                r.src_index(s, host),
+                r.guest_start + (host - s) as u64,
+                r.restore?,
+            ))
+        });
+        let Some((first, guest, rs)) = restore else {
+            return self.populate_api(host, done, None, write);
+        };
+        let mut i = 0;
+        while i < n {
+            let data = rs.data(first + i).is_some();
+            let j = (i + 1..n)
+                .find(|&k| rs.data(first + k).is_some() != data)
+                .unwrap_or(n);
+            let at = host + i * PAGE_SIZE;
+            if data {
+                let src = rs.data(first + i);
+                let res = self.populate_api(at, &mut done[i..j], src, write);
+                for k in (i..j).filter(|&k| done[k]) {
+                    rs.mark_served(first + k, first + k + 1);
+                }
+                rs.release(first + i, first + j);
+                match res {
+                    Ok(true) => {}
+                    // Never zeros where the snapshot has data: the regions
+                    // degraded to untracked (step 9) cannot be restored.
+                    Ok(false) => return Err(Error::TrackerDead { mm_id: self.mm_id }),
+                    Err(Error::Host { source, .. })
+                        if source.raw_os_error() == Some(libc::EFAULT) =>
+                    {
+                        let lost = (i..j).find(|&k| !done[k]).unwrap_or(i);
+                        return Err(Error::Snapshot {
+                            path: rs.path().to_path_buf(),
+                            source: crate::error::SnapshotError::DataLost {
+                                addr: guest + (lost * PAGE_SIZE) as u64,
+                            },
+                        });
+                    }
+                    Err(e) => return Err(e),
+                }
+            } else if !self.populate_api(at, &mut done[i..j], None, write)? {
+                return Ok(false);
+            }
+            i = j;
+        }
+        Ok(true)
+    }
+
+    /// One run of [`Tracker::populate_locked`] from one source: `src` (the
+    /// file address of the run's first page, contiguous), or the zero
+    /// source (`None`: COPY when `write`, else the zero page).
+    fn populate_api(
+        &self,
+        host: usize,
+        done: &mut [bool],
+        src: Option<*const u8>,
+        write: bool,
+    ) -> Result<bool> {
+        let zero = zero_source()?;
         let n = done.len();
         let mut i = 0;
         let mut tries = 0u32;
         while i < n {
             let at = host + i * PAGE_SIZE;
             let len = (n - i) * PAGE_SIZE;
-            let res = self.with_uffd(|u| {
-                if write {
-                    u.copy(at, src, len, true)
-                } else {
-                    u.zeropage(at, len)
-                }
+            let res = self.with_uffd(|u| match src {
+                // The file pages of the run are contiguous (`source.rs`).
+                Some(p) => u.copy(at, p.wrapping_add(i * PAGE_SIZE), len, true),
+                None if write => u.copy(at, zero, len, true),
+                None => u.zeropage(at, len),
             });
             match res {
                 Ok(Fill::Done) => {
