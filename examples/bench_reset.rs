@@ -25,7 +25,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use clap::Parser;
-use guestmm::{Host, HostConfig, MapOptions, MmConfig, PAGE_SIZE};
+use guestmm::PAGE_SIZE;
 use serde::{Deserialize, Serialize};
 
 mod common;
@@ -212,26 +212,8 @@ fn main() {
 
     // guestmm.
     status.set_message("guestmm: populate and snapshot");
-    let host = Host::new(HostConfig {
-        mm: MmConfig {
-            dirty_log: true,
-            ..MmConfig::default()
-        },
-        ..HostConfig::with_budget(3 * args.mib * MIB)
-    });
-    let guest = host.create_guest("fuzz-target");
-    let mm = common::or_exit(guest.mm(), "guest");
-    let addr = common::or_exit(
-        mm.mmap_blocking(MapOptions::anon(args.mib * MIB).tracked(true)),
-        "mmap",
-    );
-    let ptr = common::or_exit(mm.find_vma_blocking(addr), "vma").host_ptr();
-    for p in 0..len / PAGE_SIZE {
-        // SAFETY: inside the live tracked mapping (the handler serves the
-        // first touch of each 2 MiB); this thread is the guest.
-        let page = unsafe { std::slice::from_raw_parts_mut(ptr.add(p * PAGE_SIZE), PAGE_SIZE) };
-        common::fill_page(page, p as u64);
-    }
+    let (_host, guest, mm, addr, ptr) =
+        common::dirty_logged_guest(args.mib, |page, p| common::fill_page(page, p as u64));
     let t0 = Instant::now();
     let snap = common::or_exit(mm.snapshot_blocking(), "snapshot");
     let snapshot_ms = t0.elapsed().as_secs_f64() * 1e3;

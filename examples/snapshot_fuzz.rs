@@ -26,7 +26,7 @@
 use std::time::Instant;
 
 use clap::{Parser, ValueEnum};
-use guestmm::{Host, HostConfig, MapOptions, MmConfig, PAGE_SIZE};
+use guestmm::PAGE_SIZE;
 use serde::Serialize;
 
 mod common;
@@ -264,26 +264,7 @@ fn fork_campaign(args: &Args, status: &indicatif::ProgressBar) -> Campaign {
 /// snapshot after every input.
 fn reset_campaign(args: &Args, status: &indicatif::ProgressBar) -> Campaign {
     let len = (args.mib * MIB) as usize;
-    let host = Host::new(HostConfig {
-        mm: MmConfig {
-            dirty_log: true,
-            ..MmConfig::default()
-        },
-        ..HostConfig::with_budget(3 * args.mib * MIB)
-    });
-    let guest = host.create_guest("fuzz-target");
-    let mm = common::or_exit(guest.mm(), "guest");
-    let addr = common::or_exit(
-        mm.mmap_blocking(MapOptions::anon(args.mib * MIB).tracked(true)),
-        "mmap",
-    );
-    let ptr = common::or_exit(mm.find_vma_blocking(addr), "vma").host_ptr();
-    for p in 0..len / PAGE_SIZE {
-        // SAFETY: inside the live tracked mapping (its first touches are
-        // served by the handler); this thread is the guest.
-        let page = unsafe { std::slice::from_raw_parts_mut(ptr.add(p * PAGE_SIZE), PAGE_SIZE) };
-        initial_page(page, p);
-    }
+    let (_host, guest, mm, _addr, ptr) = common::dirty_logged_guest(args.mib, initial_page);
     let snap = common::or_exit(mm.snapshot_blocking(), "snapshot");
     let c = campaign("guestmm reset", args, status, |input| {
         // SAFETY: the live tracked mapping; this thread is the guest and

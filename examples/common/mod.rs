@@ -213,3 +213,35 @@ pub fn mappings_rss(ranges: &[(usize, u64)]) -> Vec<u64> {
     }
     total
 }
+
+/// A guest with a dirty log (`MmConfig::dirty_log`) and one tracked
+/// region of `mib` MiB, every page written by `fill(page, index)` through
+/// the host pointer (this thread is the guest), under a budget of three
+/// times that (the region, a snapshot, slack). Exits the process on error.
+pub fn dirty_logged_guest(
+    mib: u64,
+    fill: impl Fn(&mut [u8], usize),
+) -> (guestmm::Host, guestmm::Guest, guestmm::MmUser, u64, *mut u8) {
+    use guestmm::{Host, HostConfig, MapOptions, MmConfig};
+    let host = Host::new(HostConfig {
+        mm: MmConfig {
+            dirty_log: true,
+            ..MmConfig::default()
+        },
+        ..HostConfig::with_budget(3 * mib * MIB)
+    });
+    let guest = host.create_guest("fuzz-target");
+    let mm = or_exit(guest.mm(), "guest");
+    let addr = or_exit(
+        mm.mmap_blocking(MapOptions::anon(mib * MIB).tracked(true)),
+        "mmap",
+    );
+    let ptr = or_exit(mm.find_vma_blocking(addr), "vma").host_ptr();
+    for p in 0..(mib * MIB) as usize / PAGE_SIZE {
+        // SAFETY: inside the live tracked mapping (the handler serves the
+        // first touch of each 2 MiB); this thread is the guest.
+        let page = unsafe { std::slice::from_raw_parts_mut(ptr.add(p * PAGE_SIZE), PAGE_SIZE) };
+        fill(page, p);
+    }
+    (host, guest, mm, addr, ptr)
+}
