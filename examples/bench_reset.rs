@@ -29,7 +29,7 @@ use guestmm::PAGE_SIZE;
 use serde::{Deserialize, Serialize};
 
 mod common;
-use common::{median, round, AnonMap, MIB};
+use common::{median, round, AnonMap, Rng, MIB};
 
 /// Reset to a snapshot (guestmm's dirty log) against fork() per test case
 /// and a full memcpy, same run, medians.
@@ -90,18 +90,6 @@ struct Report {
 #[derive(Debug, Serialize, Deserialize)]
 struct ForkReport {
     fork_case_us: Vec<f64>,
-}
-
-/// xorshift64: the pages a test case writes.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
 }
 
 /// Writes one byte into each of `d` random pages of `ptr..ptr+len`.

@@ -30,7 +30,7 @@ use guestmm::PAGE_SIZE;
 use serde::Serialize;
 
 mod common;
-use common::{round, AnonMap, MIB};
+use common::{round, AnonMap, Rng, MIB};
 
 /// The planted bug: the program crashes once this word went by.
 const MAGIC: &[u8] = b"GUESTMM!";
@@ -126,21 +126,6 @@ unsafe fn program(mem: *mut u8, len: usize, input: &[u8]) -> Outcome {
     }
     // SAFETY: page 0 of the caller's mapping.
     Outcome::Ok(unsafe { stage.read_volatile() })
-}
-
-/// The fuzzer's random choices (xorshift64).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
 }
 
 /// A corpus entry (or nothing) with one to four mutations.

@@ -12,8 +12,8 @@ mod common;
 
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::process::{Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::process::ExitStatus;
+use std::time::Duration;
 
 use common::{serial, MIB};
 use guestmm::{
@@ -674,25 +674,7 @@ fn test_truncated_under_restore_sigbus() {
 /// Runs test `name` of this binary in a child process; killed (and
 /// failed) after [`HANG`].
 fn run_child(name: &str) -> ExitStatus {
-    let exe = std::env::current_exe().expect("current_exe");
-    let mut child = Command::new(exe)
-        .args([name, "--exact", "--nocapture", "--test-threads=1"])
-        .env(CHILD_ENV, name)
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("spawn child");
-    let deadline = Instant::now() + HANG;
-    loop {
-        if let Some(st) = child.try_wait().expect("wait child") {
-            return st;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("child {name} still running after {HANG:?}: killed");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::run_child(CHILD_ENV, name, HANG)
 }
 
 #[test]

@@ -9,7 +9,7 @@
 
 mod common;
 
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -61,25 +61,7 @@ const HANG: Duration = Duration::from_secs(120);
 /// A child still running after [`HANG`] is killed and the test fails, so a
 /// hang (a fault nobody answers) cannot hang `cargo test`.
 fn run_child(name: &str) -> ExitStatus {
-    let exe = std::env::current_exe().expect("current_exe");
-    let mut child = Command::new(exe)
-        .args([name, "--exact", "--nocapture", "--test-threads=1"])
-        .env(CHILD_ENV, name)
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("spawn child");
-    let deadline = Instant::now() + HANG;
-    loop {
-        if let Some(st) = child.try_wait().expect("wait child") {
-            return st;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("child {name} still running after {HANG:?}: killed");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::run_child(CHILD_ENV, name, HANG)
 }
 
 /// Spins until `cond` holds; panics (instead of hanging) after [`HANG`].

@@ -245,3 +245,22 @@ pub fn dirty_logged_guest(
     }
     (host, guest, mm, addr, ptr)
 }
+
+/// xorshift64: deterministic random choices (which pages a test case
+/// writes, a fuzzer's mutations). The state must not be 0.
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// The next value.
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// A value below `n` (`n` > 0).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}

@@ -53,3 +53,30 @@ pub fn thread_names() -> Vec<String> {
 pub fn maps_count() -> usize {
     myself().maps().expect("/proc/self/maps").len()
 }
+
+/// Runs test `name` of this test binary in a child process, with `env`
+/// set to `name` (the child's body runs only there). A child still running
+/// after `hang` is killed and the test fails, so a hang (a fault nobody
+/// answers) cannot hang `cargo test`.
+pub fn run_child(env: &str, name: &str, hang: std::time::Duration) -> std::process::ExitStatus {
+    use std::process::{Command, Stdio};
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut child = Command::new(exe)
+        .args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .env(env, name)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawn child");
+    let deadline = std::time::Instant::now() + hang;
+    loop {
+        if let Some(st) = child.try_wait().expect("wait child") {
+            return st;
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("child {name} still running after {hang:?}: killed");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
