@@ -48,7 +48,8 @@
 //!                      MmWatch), fault, tracked_fault (the handler's side,
 //!                      impl FaultTarget), ksm_wp (ksm_add_vma: WP
 //!                      registration of mergeable VMAs), zap, syscalls,
-//!                      blocking, notifier
+//!                      blocking, notifier, dirty (the dirty log,
+//!                      GuestSnapshot, reset)
 //!         vma.rs       VMAs, the tree, host regions
 //!         tracked/     userfaultfd regions: registry + FaultTarget (mod),
 //!                      pool (the process's handler threads, shared
