@@ -281,8 +281,46 @@ pub(crate) unsafe fn copy_from_host(src: *const u8, dst: &mut [u8]) {
 /// munmap, and the page locks of API-populated pages). A page discarded
 /// meanwhile by the embedder reads back as zeros or the stable page (a
 /// read fault the kernel serves), never as unmapped memory.
+///
+/// On x86-64 the copy is one `rep movsb` in inline assembly: memory an
+/// `asm!` block reads is opaque to the compiler (no Rust reference, no
+/// assumption that it is unchanging), and the string copy runs at memcpy
+/// speed, where the word-by-word volatile loop below cost 15 % of the
+/// scanner's CPU on scattered data (issue 12).
 pub(crate) unsafe fn copy_from_host_racy(src: *const u8, dst: &mut [u8]) {
     debug_assert!(src as usize % PAGE_SIZE == 0 && dst.len() % PAGE_SIZE == 0);
+    #[cfg(all(target_arch = "x86_64", not(miri)))]
+    {
+        // SAFETY: `src..src+len` is readable for the call (caller's
+        // guarantee) and `dst` is a writable buffer of `len` bytes we own
+        // exclusively; `rep movsb` reads and writes only those bytes,
+        // advancing rdi/rsi/rcx (declared clobbered) with the direction
+        // flag clear (the ABI's state at any call); no stack is used.
+        unsafe {
+            std::arch::asm!(
+                "rep movsb",
+                inout("rcx") dst.len() => _,
+                inout("rdi") dst.as_mut_ptr() => _,
+                inout("rsi") src => _,
+                options(nostack, preserves_flags)
+            );
+        }
+    }
+    // SAFETY: the caller's guarantee, passed on.
+    #[cfg(any(not(target_arch = "x86_64"), miri))]
+    unsafe {
+        copy_words_volatile(src, dst)
+    };
+}
+
+/// The portable form of [`copy_from_host_racy`]: one volatile load per
+/// aligned 8-byte word.
+///
+/// # Safety
+///
+/// As [`copy_from_host_racy`].
+#[cfg(any(not(target_arch = "x86_64"), miri, test))]
+unsafe fn copy_words_volatile(src: *const u8, dst: &mut [u8]) {
     let words = src.cast::<u64>();
     for (i, c) in dst.chunks_exact_mut(8).enumerate() {
         // SAFETY: `src + 8 * i` is 8-aligned (page-aligned base) and inside
@@ -479,6 +517,40 @@ pub(crate) unsafe fn host_equals(r: HostRange, expect: &[u8]) -> bool {
     // the caller's guarantee, not written while this shared slice exists.
     let have = unsafe { std::slice::from_raw_parts(r.ptr().cast_const(), r.len()) };
     have == expect
+}
+
+/// A read-only shared view of `len` bytes of `fd` from `off` (the KSM
+/// store's window, `ksm/mod.rs`), owned by memmap2 (unmapped on drop).
+pub(crate) fn map_view(fd: &OwnedFd, off: u64, len: usize) -> io::Result<memmap2::Mmap> {
+    // SAFETY: memmap2's contract is that the file is not changed while a
+    // slice of the mapping is alive. No slice is ever formed: the view is
+    // read only through raw pointers by `host_equals_view` (a C `memcmp`),
+    // over stable pages that nobody writes or punches while they are live.
+    unsafe {
+        memmap2::MmapOptions::new()
+            .offset(off)
+            .len(len)
+            .map(fd.as_raw_fd())
+    }
+}
+
+/// Do host pages `r` hold the same bytes as `r.len()` bytes of `view` from
+/// byte `at`?
+///
+/// # Safety
+///
+/// `r` is not written during the call (the caller's page locks and
+/// write-protect window), `at + r.len()` is inside `view`, and those bytes
+/// of the file are pages that exist (live stable pages: a hole would be
+/// filled with a new zero page by the read fault) and are not written or
+/// punched during the call.
+pub(crate) unsafe fn host_equals_view(r: HostRange, view: &memmap2::Mmap, at: usize) -> bool {
+    debug_assert!(at + r.len() <= view.len());
+    // SAFETY: both ranges are readable for `r.len()` bytes (HostRange
+    // invariant; `view` is mapped and `at + len` inside it, the caller's
+    // guarantee) and unchanged during the call; `memcmp` forms no Rust
+    // reference to either.
+    unsafe { libc::memcmp(r.ptr().cast(), view.as_ptr().add(at).cast(), r.len()) == 0 }
 }
 
 /// Is every byte of host pages `r` zero?
@@ -702,5 +774,29 @@ impl Drop for FileMapping {
         // that could hand its addresses to the kernel.
         let res = unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
         debug_assert!(res == 0 || std::thread::panicking(), "munmap failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[repr(C, align(4096))]
+    struct Pages([u8; 2 * PAGE_SIZE]);
+
+    #[test]
+    fn racy_copy_equals_the_bytes() {
+        let mut src = Box::new(Pages([0; 2 * PAGE_SIZE]));
+        for (i, b) in src.0.iter_mut().enumerate() {
+            *b = (i * 7 + i / 4096) as u8;
+        }
+        let (mut a, mut b) = (vec![0u8; 2 * PAGE_SIZE], vec![1u8; 2 * PAGE_SIZE]);
+        // SAFETY: `src` is a page-aligned, readable buffer of two pages
+        // nobody writes during the copies.
+        unsafe {
+            copy_from_host_racy(src.0.as_ptr(), &mut a);
+            copy_words_volatile(src.0.as_ptr(), &mut b);
+        }
+        assert!(a == src.0 && b == src.0);
     }
 }

@@ -328,11 +328,9 @@ fn frozen_run_matches(store: &StableStore, r: HostRange, first: u64, fill: bool)
             .map(|()| true)
             .map_err(host_err);
     }
-    let mut want = vec![0u8; r.len()];
-    sys::read_from(&store.fd, &mut want, first * PAGE).map_err(host_err)?;
-    // SAFETY: page locks held and the range write-protected (steps 1-2):
-    // nobody writes it during the compare.
-    Ok(unsafe { sys::host_equals(r, &want) })
+    // Page locks held and the range write-protected (steps 1-2): nobody
+    // writes it during the compare.
+    store.equals(r, first)
 }
 
 /// Step 4 failed (the window already aborted): `MapLimit` at

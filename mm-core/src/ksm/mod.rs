@@ -89,6 +89,11 @@ const PAGE: u64 = PAGE_SIZE as u64;
 /// Offsets of the store (in pages). The memfd is sparse; offsets are never
 /// reused, so this bounds the stable pages ever created (2^36 pages).
 const STORE_PAGES: u64 = 1 << 36;
+/// Pages of one window of the store's read-only view (1 GiB).
+const VIEW_PAGES: u64 = 1 << 18;
+/// Windows kept mapped; past it every window is unmapped (offsets only
+/// grow, so old windows are rarely needed again). Each costs one host map.
+const VIEW_MAX: usize = 8;
 
 /// The KSM memfd that holds the stable pages.
 #[derive(Debug)]
@@ -98,6 +103,10 @@ pub struct StableStore {
     next: AtomicU64,
     /// Pages released (hole punched).
     released: AtomicU64,
+    /// Read-only windows of the memfd by window index: the merge compares
+    /// guest pages with stable pages in place (one `memcmp`), instead of a
+    /// `pread` copy per merge (8 % of the scanner's CPU on scattered data).
+    views: std::sync::Mutex<std::collections::HashMap<u64, memmap2::Mmap>>,
 }
 
 impl StableStore {
@@ -108,6 +117,7 @@ impl StableStore {
             fd,
             next: AtomicU64::new(0),
             released: AtomicU64::new(0),
+            views: Default::default(),
         })
     }
 
@@ -135,6 +145,44 @@ impl StableStore {
     /// Reads stable pages from `id` into `buf` (a multiple of the page size).
     pub fn read(&self, id: u64, buf: &mut [u8]) -> Result<()> {
         sys::read_from(&self.fd, buf, id * PAGE).map_err(Error::host("pread"))
+    }
+
+    /// Does host range `r` hold the bytes of stable pages `first..` (as
+    /// many as `r` is long)? Compared in place through the store's view;
+    /// a run that crosses a window, or a window that cannot be mapped, is
+    /// compared through `pread`. The caller holds `r`'s page locks and its
+    /// write-protect window, and the stable pages are live.
+    pub(crate) fn equals(&self, r: sys::HostRange, first: u64) -> Result<bool> {
+        let n = r.len() as u64 / PAGE;
+        let (w, last) = (first / VIEW_PAGES, (first + n - 1) / VIEW_PAGES);
+        if w == last {
+            let mut views = self.views.lock().unwrap_or_else(|p| p.into_inner());
+            if !views.contains_key(&w) {
+                if views.len() >= VIEW_MAX {
+                    views.clear();
+                }
+                if let Ok(v) = sys::map_view(
+                    &self.fd,
+                    w * VIEW_PAGES * PAGE,
+                    (VIEW_PAGES * PAGE) as usize,
+                ) {
+                    views.insert(w, v);
+                }
+            }
+            if let Some(v) = views.get(&w) {
+                let at = ((first - w * VIEW_PAGES) * PAGE) as usize;
+                // SAFETY: the caller's page locks and write-protect window
+                // keep `r` unchanged; the run lies inside window `w` (checked
+                // above); its stable pages are live, and they are written
+                // only when created and punched only when released, never
+                // while a merge onto them runs (the scanner's mutex).
+                return Ok(unsafe { sys::host_equals_view(r, v, at) });
+            }
+        }
+        let mut want = vec![0u8; r.len()];
+        self.read(first, &mut want)?;
+        // SAFETY: as above: nobody writes `r` during the compare.
+        Ok(unsafe { sys::host_equals(r, &want) })
     }
 
     /// Stable pages allocated so far, and released so far.

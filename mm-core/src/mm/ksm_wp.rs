@@ -14,10 +14,7 @@ use super::{MmState, MmUser};
 use crate::error::{Error, Result};
 use crate::flags::MmFlag;
 use crate::sched;
-use crate::sys::PAGE_SIZE;
 use crate::vma::{VmFlags, Vma};
-
-const PAGE: u64 = PAGE_SIZE as u64;
 
 /// `ksm_add_vma`: called by `mmap` under the write lock for every new VMA,
 /// before it is published. With `prctl(PR_SET_MEMORY_MERGE)` on
@@ -82,7 +79,7 @@ pub(crate) fn register_wp(mm: &MmUser, vma: &Vma) -> Result<()> {
             // Guest address of the mapping's first byte: VMAs slice
             // their region at contiguous offsets.
             let guest = vma.start - vma.region_off as u64;
-            t.add_range(vma.region.base() as usize, len, guest, PAGE, None);
+            t.add_wp_range(vma.region.base() as usize, len, guest);
             vma.region.set_ksm_wp(t);
             Ok(())
         }

@@ -211,6 +211,9 @@ pub(crate) struct Range {
     /// The restore's page index of the range's first page (a range split by
     /// a partial unmap keeps its restore, from a later page).
     pub(crate) src_first: usize,
+    /// Registered on the tracker's quiet descriptor ([`Tracker::quiet`]):
+    /// an untracked mergeable region (write-protect only, no events).
+    pub(crate) quiet: bool,
 }
 
 impl Range {
@@ -236,6 +239,13 @@ pub(crate) struct Tracker {
     /// no ioctl goes through it on this tracker's behalf (`with_uffd`
     /// returns `EBADF`, as the closed per-mm descriptor did).
     uffd: Arc<Uffd>,
+    /// The shard's quiet descriptor (write-protect only, no REMOVE/UNMAP
+    /// messages), opened by the first write-protect-only registration of
+    /// an untracked mergeable region (`register_wp_anon`). Every ioctl on a
+    /// range goes through the descriptor the range is registered with
+    /// ([`Tracker::with_uffd_at`]): a wake or unprotect through the other
+    /// one would never wake the writers blocked on it.
+    quiet: OnceLock<Arc<Uffd>>,
     wp: bool,
     /// The descriptor is `WP_ASYNC` and ranges are registered for WP: the
     /// dirty log of `MmConfig::dirty_log` (mm/dirty.rs).
@@ -403,6 +413,7 @@ impl Tracker {
             me: me.clone(),
             shard,
             uffd: u,
+            quiet: OnceLock::new(),
             wp,
             wp_async,
             wp_shmem,
@@ -450,6 +461,57 @@ impl Tracker {
         f(&self.uffd)
     }
 
+    /// Runs an ioctl on the descriptor that host address `addr` is
+    /// registered with: the quiet one for an untracked mergeable region,
+    /// else the shared one. `EBADF` once the tracker is dead.
+    pub(crate) fn with_uffd_at<R>(
+        &self,
+        addr: usize,
+        f: impl FnOnce(&Uffd) -> std::io::Result<R>,
+    ) -> std::io::Result<R> {
+        if self.is_dead() {
+            return Err(std::io::Error::from_raw_os_error(libc::EBADF));
+        }
+        f(self.uffd_at(addr))
+    }
+
+    /// The descriptor `addr` is registered with (see `with_uffd_at`).
+    fn uffd_at(&self, addr: usize) -> &Uffd {
+        let quiet = {
+            let ranges = lock(&self.ranges);
+            ranges
+                .range(..=addr)
+                .next_back()
+                .is_some_and(|(_, r)| addr < r.host_end && r.quiet)
+        };
+        match self.quiet.get() {
+            Some(q) if quiet => q,
+            _ => &self.uffd,
+        }
+    }
+
+    /// Is host address `addr` in a range registered on the quiet
+    /// descriptor?
+    fn is_quiet(&self, addr: usize) -> bool {
+        self.quiet
+            .get()
+            .is_some_and(|q| std::ptr::eq(self.uffd_at(addr), &**q))
+    }
+
+    /// The quiet descriptor, opened on first use; `None` when the kernel
+    /// gives it no write-protect (the shared descriptor serves then, with
+    /// its messages).
+    pub(super) fn quiet(&self) -> Option<&Arc<Uffd>> {
+        if let Some(q) = self.quiet.get() {
+            return Some(q);
+        }
+        let q = self.shard.quiet_uffd(self.user_mode_only).ok()?;
+        if !q.has(uffd::feature::PAGEFAULT_FLAG_WP) {
+            return None;
+        }
+        Some(self.quiet.get_or_init(|| q))
+    }
+
     /// The mm the handler resolves this tracker's faults on.
     fn target(&self) -> Option<Arc<dyn FaultTarget>> {
         self.target.get().and_then(Weak::upgrade)
@@ -490,9 +552,26 @@ impl Tracker {
     /// unrouted fault would only be woken to refault, an unrouted REMOVE
     /// lost). A failed registration takes the entry back out.
     fn register_routed(&self, r: HostRange, mode: u64, op: &'static str) -> Result<()> {
+        let u = self.uffd_at(r.ptr() as usize);
+        self.register_routed_on(u, r, mode, op)
+    }
+
+    /// `register_routed` on descriptor `u` (the quiet one for a new
+    /// write-protect-only registration, not yet in the registry).
+    pub(super) fn register_routed_on(
+        &self,
+        u: &Uffd,
+        r: HostRange,
+        mode: u64,
+        op: &'static str,
+    ) -> Result<()> {
         let (s, e) = (r.ptr() as usize, r.ptr() as usize + r.len());
         let added = self.shard.route(s, e, &self.me);
-        let res = self.with_uffd(|u| u.register(r, mode));
+        let res = if self.is_dead() {
+            Err(std::io::Error::from_raw_os_error(libc::EBADF))
+        } else {
+            u.register(r, mode)
+        };
         if let Err(err) = res {
             if added {
                 self.shard.unroute(s, e, &self.me);
@@ -520,6 +599,25 @@ impl Tracker {
                 fault_around,
                 restore,
                 src_first: 0,
+                quiet: false,
+            },
+        );
+    }
+
+    /// Enters an untracked mergeable region registered by
+    /// [`Tracker::register_wp_anon`] in the registry, on the descriptor that
+    /// registration used (the quiet one when the kernel gave it WP).
+    pub(crate) fn add_wp_range(&self, host: usize, len: usize, guest: u64) {
+        let quiet = self.quiet.get().is_some();
+        lock(&self.ranges).insert(
+            host,
+            Range {
+                host_end: host + len,
+                guest_start: guest,
+                fault_around: PAGE_SIZE as u64,
+                restore: None,
+                src_first: 0,
+                quiet,
             },
         );
     }
@@ -564,13 +662,19 @@ impl Tracker {
     /// A's entry is dropped here, before `HostRegion::drop` unmaps the
     /// range, so the address can only be reused once it routes to nobody.
     pub(crate) fn forget(&self, start: usize, end: usize) {
+        // Read before the registry forgets it: which descriptor the
+        // range is registered with (a region is one or the other).
+        let quiet = self.is_quiet(start);
         self.forget_registry(start, end);
         // Before the range can be unmapped and reused by another mapping.
         crate::contain::unregister_overlapping(start, end);
         // Unregistering wakes every thread blocked in the range; they
         // refault and the kernel serves them (or SIGSEGV: munmap makes the
         // range PROT_NONE). A dead tracker has nothing registered.
-        let _ = self.with_uffd(|u| u.unregister(start, end - start));
+        let _ = self.with_uffd(|u| match self.quiet.get() {
+            Some(q) if quiet => q.unregister(start, end - start),
+            _ => u.unregister(start, end - start),
+        });
         // After the unregister: a message read between the two is routed
         // to us and finds no range in our registry (the faulter is woken).
         self.shard.unroute(start, end, &self.me);
@@ -627,6 +731,11 @@ impl Tracker {
     /// Runs `f` (a discard of `[start, end)`) announced as our own zap, so
     /// the handler ignores the REMOVE message it produces (step 6).
     pub(crate) fn self_zap<R>(&self, start: usize, end: usize, f: impl FnOnce() -> R) -> R {
+        if self.is_quiet(start) {
+            // No message comes from a quiet range: nothing to announce (an
+            // entry would stay in `retired` until a read that may never come).
+            return f();
+        }
         lock(&self.self_zaps).live.push((start, end));
         let r = f();
         let gen = self.shard.read_gen();
@@ -656,7 +765,7 @@ impl Tracker {
 
     /// Wakes the threads blocked on `r` (a KSM merge, after the remap).
     pub(crate) fn wake_range(&self, r: HostRange) -> Result<()> {
-        self.with_uffd(|u| u.wake(r.ptr() as usize, r.len()))
+        self.with_uffd_at(r.ptr() as usize, |u| u.wake(r.ptr() as usize, r.len()))
             .map_err(Error::host("UFFDIO_WAKE"))
     }
 
@@ -841,7 +950,7 @@ impl Tracker {
         // the kernel. A message already queued for them is read by the
         // shard and finds a dead tracker (dropped).
         for (s, e) in self.shard.routes_of(&self.me) {
-            let _ = self.uffd.unregister(s, e - s);
+            let _ = self.uffd_at(s).unregister(s, e - s);
             self.shard.unroute(s, e, &self.me);
         }
         // API writers waiting for an unprotect: nobody will unprotect now,

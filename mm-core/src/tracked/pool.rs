@@ -45,6 +45,11 @@
 //!    unrouted, and the thread goes on serving the others.
 //! 7. The threads live as long as the process (like the kernel threads
 //!    they stand for); an idle one sleeps in `poll` with no timeout.
+//! 8. Each shard also has a **quiet** descriptor per mode (write-protect
+//!    only, no events; [`Shard::quiet_uffd`]) for the untracked mergeable
+//!    regions KSM write-protects. It is never polled: nothing on it needs
+//!    a reader, and without `EVENT_UNMAP`/`EVENT_REMOVE` a merge's `mmap`
+//!    or a zero-page `DONTNEED` does not wait for one (issue 12).
 //!
 //! `poll(2)` over at most five descriptors rather than an epoll set: the
 //! set per thread is fixed and tiny, and epoll would cost one more
@@ -69,6 +74,14 @@ const WANTED: u64 = uffd::feature::PAGEFAULT_FLAG_WP
     | uffd::feature::EVENT_UNMAP
     | uffd::feature::POISON
     | uffd::feature::WP_HUGETLBFS_SHMEM;
+
+/// The features of a quiet descriptor ([`Shard::quiet_uffd`]): write-protect
+/// only, **no events**. With `EVENT_UNMAP`/`EVENT_REMOVE` every `mmap`
+/// over a registered range and every `DONTNEED` in it blocks its caller
+/// until a handler thread has read the message: two context switches per
+/// KSM merge or zero discard, which cost ~130 µs of CPU per saved page on
+/// scattered data here (issue 12).
+const QUIET: u64 = uffd::feature::PAGEFAULT_FLAG_WP | uffd::feature::WP_HUGETLBFS_SHMEM;
 
 /// The size asked with [`set_uffd_handler_threads`]; the pool is created
 /// under this lock, so a size set concurrently with the creation is
@@ -152,6 +165,12 @@ pub(crate) struct Shard {
     /// `Uffd::open`'s fallback), without or with `WP_ASYNC` (the dirty
     /// log, `MmConfig::dirty_log`). Locked only to open or clone one.
     slots: [Mutex<Option<Arc<Uffd>>>; 4],
+    /// The quiet descriptors (without, with `UFFD_USER_MODE_ONLY`): the
+    /// write-protect-only registrations of untracked mergeable regions
+    /// (`mm/ksm_wp.rs`). Never polled: they deliver no events, and a
+    /// write-protect fault needs no reader (the merge's unprotect or
+    /// `UFFDIO_WAKE` wakes the writer, read or not).
+    quiet: [Mutex<Option<Arc<Uffd>>>; 2],
     /// Wakes the thread (a new descriptor, a pressure future ready, a
     /// tracker stopped). Opened with the shard's first tracker.
     wake: OnceLock<EventFd>,
@@ -168,6 +187,7 @@ impl Shard {
         Shard {
             idx,
             slots: Default::default(),
+            quiet: Default::default(),
             wake: OnceLock::new(),
             routes: SkipMap::new(),
             read_gen: AtomicU64::new(0),
@@ -209,6 +229,18 @@ impl Shard {
         drop(g);
         // The thread polls the descriptors it finds at each round.
         self.wake();
+        Ok(u)
+    }
+
+    /// The shard's quiet descriptor (no events, see [`QUIET`]), opened on
+    /// first use.
+    pub(super) fn quiet_uffd(&self, user_mode_only: bool) -> std::io::Result<Arc<Uffd>> {
+        let mut g = lock(&self.quiet[usize::from(user_mode_only)]);
+        if let Some(u) = g.as_ref() {
+            return Ok(u.clone());
+        }
+        let u = Arc::new(Uffd::open(QUIET, user_mode_only)?);
+        *g = Some(u.clone());
         Ok(u)
     }
 

@@ -32,7 +32,10 @@ impl Tracker {
                 what: "userfaultfd write-protect (UFFD_FEATURE_PAGEFAULT_FLAG_WP)",
             });
         }
-        self.register_routed(r, uffd::mode::WP, "UFFDIO_REGISTER(WP)")
+        match self.quiet() {
+            Some(q) => self.register_routed_on(q, r, uffd::mode::WP, "UFFDIO_REGISTER(WP)"),
+            None => self.register_routed(r, uffd::mode::WP, "UFFDIO_REGISTER(WP)"),
+        }
     }
 
     /// The current generation of `Pte::WP` clearings (step 7). Read under
@@ -73,7 +76,9 @@ impl Tracker {
         }
         let mut tries = 0u32;
         loop {
-            match self.with_uffd(|u| u.writeprotect(r.ptr() as usize, r.len(), wp)) {
+            match self.with_uffd_at(r.ptr() as usize, |u| {
+                u.writeprotect(r.ptr() as usize, r.len(), wp)
+            }) {
                 Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && tries < API_EAGAIN_TRIES => {
                     tries += 1;
                     self.counters.eagain_retries.fetch_add(1, Ordering::Relaxed);
