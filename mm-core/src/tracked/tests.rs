@@ -472,10 +472,8 @@ fn test_untracked_mergeable_ranges_deliver_no_messages() {
     for p in [quiet, full] {
         // SAFETY: discards one page of a live mapping of ours (the
         // embedder's own madvise through the host pointer).
-        assert_eq!(
-            unsafe { libc::madvise(p.cast(), PAGE_SIZE, libc::MADV_DONTNEED) },
-            0
-        );
+        let rc = unsafe { libc::madvise(p.cast(), PAGE_SIZE, libc::MADV_DONTNEED) };
+        assert_eq!(rc, 0);
     }
     let removes = || mm.tracked_stats().unwrap().foreign_removes;
     wait_until("the tracked region's REMOVE", || removes() >= 1);
