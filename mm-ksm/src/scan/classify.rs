@@ -107,7 +107,7 @@ fn smart_skip(cx: &mut MmCtx<'_>, a: GuestAddr, n: usize) -> Vec<bool> {
             let Some(it) = cx.items.map.get_mut(&a.add_pages(i as u64)) else {
                 return true;
             };
-            if !smart || it.stable.is_some() || it.zero || it.checksum.is_none() {
+            if !smart || it.stable().is_some() || it.zero() || it.same_checksum(0).is_none() {
                 return true;
             }
             if it.skips > 0 {
@@ -141,15 +141,15 @@ fn note_page(cx: &mut MmCtx<'_>, addr: GuestAddr, page: KsmPage) {
             }
         }
         KsmPage::Zero => {
-            let it = items.map.entry(addr).or_default();
-            if !it.zero {
-                it.zero = true;
+            let it = items.map.entry(addr);
+            if !it.zero() {
+                it.set_zero(true);
                 items.zero += 1;
             }
         }
         KsmPage::Stable(id) => {
-            let it = items.map.entry(addr).or_default();
-            if it.stable != Some(StableId(id)) {
+            let it = items.map.entry(addr);
+            if it.stable() != Some(StableId(id)) {
                 // Not a merge we recorded (cannot happen while items are
                 // only dropped after an unshare): unshare rather than
                 // leave a mapping the stable tree does not count.
@@ -173,13 +173,13 @@ fn classify_private(
     plan: &mut Plan,
 ) -> (Class, u64) {
     let items = &mut *cx.items;
-    let mut it = *items.map.entry(addr).or_default();
-    if let Some(old) = it.stable.take() {
+    let mut it = *items.map.entry(addr);
+    if let Some(old) = it.set_stable(None) {
         items.merging -= 1;
         cx.sc.drop_mapper(cx.inner, old);
     }
-    if it.zero {
-        it.zero = false;
+    if it.zero() {
+        it.set_zero(false);
         items.zero -= 1;
     }
     let Some(page) = page else {
@@ -187,9 +187,9 @@ fn classify_private(
         return (Class::None, 0);
     };
     let sum = xxh3_64(page);
-    if it.checksum != Some(sum) {
+    if it.same_checksum(sum) != Some(true) {
         // Volatile (or first seen): remember and wait a pass.
-        it.checksum = Some(sum);
+        it.set_checksum(sum);
         it.age = 0;
         it.skips = 0;
         items.map.insert(addr, it);

@@ -110,9 +110,9 @@ fn merge_zero(cx: &mut MmCtx<'_>, addr: GuestAddr, n: PageCount) {
     match cx.ksm().and_then(|k| k.zero(addr.0, n.0)) {
         Ok(KsmMerge::Merged) => {
             for k in 0..n.0 {
-                let it = cx.items.map.entry(addr.add_pages(k)).or_default();
-                if !it.zero {
-                    it.zero = true;
+                let it = cx.items.map.entry(addr.add_pages(k));
+                if !it.zero() {
+                    it.set_zero(true);
                     cx.items.zero += 1;
                 }
                 it.age = 0;

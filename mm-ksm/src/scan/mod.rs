@@ -12,6 +12,7 @@
 //! * `unmerge.rs`: `unmerge_and_remove_all_rmap_items`.
 
 mod classify;
+mod items;
 mod maps;
 mod merge;
 mod stable;

@@ -4,7 +4,7 @@
 //! page without mappers is punched). Everything here runs under the scanner
 //! mutex.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -14,30 +14,18 @@ use super::Scanner;
 use crate::types::{GuestAddr, MmId, StableId, PAGE};
 use crate::Inner;
 
-/// One scanned page (`ksm_rmap_item`).
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct RmapItem {
-    /// Checksum at the last look (`oldchecksum`); `None` before the first.
-    pub(super) checksum: Option<u64>,
-    /// The stable page this page maps (when merged).
-    pub(super) stable: Option<StableId>,
-    /// Discarded as a zero page and not touched since.
-    pub(super) zero: bool,
-    /// Passes without a merge (smart scan).
-    pub(super) age: u8,
-    /// Passes left to skip (smart scan).
-    pub(super) skips: u8,
-}
+use super::items::ItemMap;
+pub(crate) use super::items::RmapItem;
 
-/// Memory cost of one rmap item, for `general_profit` (item + key + tree
-/// overhead, roughly).
-pub(crate) const RMAP_ITEM_BYTES: u64 = std::mem::size_of::<(GuestAddr, RmapItem)>() as u64 + 16;
+/// Memory cost of one rmap item, for `general_profit` (the packed item in
+/// its block; the block's map entry is shared by 64 pages).
+pub(crate) const RMAP_ITEM_BYTES: u64 = std::mem::size_of::<RmapItem>() as u64;
 
 /// The rmap items of one mm, by page address, with the counts a slot
 /// publishes.
 #[derive(Default)]
 pub(crate) struct SlotItems {
-    pub(super) map: BTreeMap<GuestAddr, RmapItem>,
+    pub(super) map: ItemMap,
     /// Items with `stable` set.
     pub(super) merging: u64,
     /// Items with `zero` set.
@@ -182,11 +170,11 @@ impl Scanner {
 
     /// Forgets what `item` held: its mapper, its zero page.
     pub(super) fn forget_item(&mut self, inner: &Inner, items: &mut SlotItems, item: RmapItem) {
-        if let Some(id) = item.stable {
+        if let Some(id) = item.stable() {
             items.merging -= 1;
             self.drop_mapper(inner, id);
         }
-        if item.zero {
+        if item.zero() {
             items.zero -= 1;
         }
     }
@@ -207,10 +195,11 @@ impl Scanner {
         if lo >= hi {
             return;
         }
-        let keys: Vec<GuestAddr> = items.map.range(lo..hi).map(|(k, _)| *k).collect();
-        for k in keys {
-            let it = items.map[&k];
-            if it.stable.is_some() {
+        for k in items.map.keys_in(lo, hi) {
+            let Some(&it) = items.map.get(&k) else {
+                continue;
+            };
+            if it.stable().is_some() {
                 if let Err(e) = KsmMm::new(mm, state).and_then(|ksm| ksm.unshare(k.0, PAGE)) {
                     // Keep the item (and the mapper): freeing the stable
                     // page under a mapping would lose its contents.
@@ -245,7 +234,7 @@ impl Scanner {
             let all = (GuestAddr(0), GuestAddr(u64::MAX));
             self.drop_items_range(inner, mm, state, items, all.0, all.1);
         } else {
-            for (_, it) in std::mem::take(&mut items.map) {
+            for it in items.map.take_all() {
                 self.forget_item(inner, items, it);
             }
         }
@@ -256,12 +245,12 @@ impl Scanner {
 
     /// Records that the page at `addr` now maps stable page `id`.
     pub(super) fn record_merged(&mut self, items: &mut SlotItems, addr: GuestAddr, id: StableId) {
-        let it = items.map.entry(addr).or_default();
-        if let Some(old) = it.stable {
+        let it = items.map.entry(addr);
+        if let Some(old) = it.stable() {
             debug_assert_eq!(old, id, "a merged page was merged again");
             return;
         }
-        it.stable = Some(id);
+        it.set_stable(Some(id));
         it.age = 0;
         it.skips = 0;
         items.merging += 1;
