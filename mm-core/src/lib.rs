@@ -192,7 +192,7 @@ pub use flags::{MmFlag, MmFlags};
 pub use host::{
     Guest, Host, HostConfig, HostStats, Kill, OomOutcome, OomReaperQueue, OomStats, Reclaim,
 };
-pub use ksm::{KsmMerge, KsmMm, KsmPage, MergeRun, StableStore};
+pub use ksm::{BatchOp, BatchOutcome, BatchRun, KsmMerge, KsmMm, KsmPage, MergeRun, StableStore};
 pub use loop_thread::{LoopThread, StopLoop};
 pub use mm::{
     Advice, ExitHook, GuestSnapshot, MapKind, MapOptions, Mm, MmConfig, MmGrab, MmNotifier,

@@ -257,7 +257,7 @@ impl Mm {
     /// beyond the mm's debt were really charged, and only their charge may
     /// move to a stable page or be given back (a debt moved as a charge
     /// would be uncharged later without ever being charged).
-    fn settle_merged_charges(&self, was_charged: &[bool], charged: &mut [bool]) {
+    pub(super) fn settle_merged_charges(&self, was_charged: &[bool], charged: &mut [bool]) {
         // Only the pages that were PRESENT were counted (and charged).
         let present = was_charged.iter().filter(|c| **c).count() as u64;
         let mut real = self.repay_debt(present * PAGE) / PAGE;
@@ -318,7 +318,12 @@ impl Mm {
 
 /// Step 3 of a merge, with the run locked and write-protected: fills new
 /// stable pages with the run (`fill`), or compares the run with them.
-fn frozen_run_matches(store: &StableStore, r: HostRange, first: u64, fill: bool) -> Result<bool> {
+pub(super) fn frozen_run_matches(
+    store: &StableStore,
+    r: HostRange,
+    first: u64,
+    fill: bool,
+) -> Result<bool> {
     let host_err = |source| Error::Host {
         op: "ksm fill/compare",
         source,
@@ -335,7 +340,7 @@ fn frozen_run_matches(store: &StableStore, r: HostRange, first: u64, fill: bool)
 
 /// Step 4 failed (the window already aborted): `MapLimit` at
 /// `vm.max_map_count` (`ENOMEM`), else the host error.
-fn map_failed(e: std::io::Error) -> Result<KsmMerge> {
+pub(super) fn map_failed(e: std::io::Error) -> Result<KsmMerge> {
     if e.raw_os_error() == Some(libc::ENOMEM) {
         return Ok(KsmMerge::MapLimit);
     }

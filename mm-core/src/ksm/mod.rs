@@ -68,8 +68,11 @@
 //! ever read a hole (zeros; shmem allocates a page there, uncharged, see
 //! DESIGN-NOTES.md), never another guest's data.
 
+mod batch;
 mod merge;
 mod unshare;
+
+pub use batch::{BatchOp, BatchOutcome, BatchRun};
 
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -284,6 +287,16 @@ impl<'a> KsmMm<'a> {
         self.mm.ksm_merge(self.state, run, charged)
     }
 
+    /// The merges and zero discards of one scanner chunk, sharing one
+    /// write-protect window where they can (see `ksm/batch.rs`); one
+    /// outcome per run, in order. `runs` sorted by address and disjoint
+    /// for the shared window (else they go one at a time, with the same
+    /// outcomes); a run onto stable pages that a `Fill` run of the batch
+    /// creates waits for that run and is `Changed` if it failed.
+    pub fn merge_batch(&self, store: &StableStore, runs: &[BatchRun]) -> Vec<Result<BatchOutcome>> {
+        self.mm.ksm_merge_batch(self.state, store, runs)
+    }
+
     /// `use_zero_pages`: discards the `n` pages from `addr` if all zeros.
     pub fn zero(&self, addr: u64, n: u64) -> Result<KsmMerge> {
         self.mm.ksm_zero(self.state, addr, n)
@@ -456,29 +469,35 @@ impl Mm {
     /// merge would unprotect it and wake its writers).
     fn run_charged(vma: &Vma, r: crate::sys::HostRange, olds: &[u64]) -> Result<Option<Vec<bool>>> {
         let untracked = !vma.flags.contains(VmFlags::TRACKED);
+        // The pagemap only when some page's PTE does not tell.
+        let need = untracked && olds.iter().any(|o| !Pte(*o).present());
         let mut pm = Vec::new();
+        if need {
+            pm.resize(olds.len(), 0);
+            sys::pagemap(r, &mut pm).map_err(Error::host("pagemap"))?;
+        }
+        Ok(Self::run_charged_with(vma, olds, need.then_some(&pm[..])))
+    }
+
+    /// `run_charged` with the run's pagemap entries already read (`pm`,
+    /// needed for an untracked run whose PTEs do not all say `PRESENT`).
+    fn run_charged_with(vma: &Vma, olds: &[u64], pm: Option<&[u64]>) -> Option<Vec<bool>> {
+        let untracked = !vma.flags.contains(VmFlags::TRACKED);
         let mut charged = Vec::with_capacity(olds.len());
         for (i, o) in olds.iter().enumerate() {
             let p = Pte(*o);
             if p.ksm() || *o & Pte::WP != 0 {
-                return Ok(None);
+                return None;
             }
             if p.present() {
                 charged.push(true);
                 continue;
             }
-            if !untracked {
-                return Ok(None);
-            }
-            if pm.is_empty() {
-                pm.resize(olds.len(), 0);
-                sys::pagemap(r, &mut pm).map_err(Error::host("pagemap"))?;
-            }
-            if !direct_private(pm[i]) {
-                return Ok(None);
+            if !untracked || !pm.is_some_and(|pm| direct_private(pm[i])) {
+                return None;
             }
             charged.push(false);
         }
-        Ok(Some(charged))
+        Some(charged)
     }
 }

@@ -492,7 +492,7 @@ impl Tracker {
 
     /// Is host address `addr` in a range registered on the quiet
     /// descriptor?
-    fn is_quiet(&self, addr: usize) -> bool {
+    pub(crate) fn is_quiet(&self, addr: usize) -> bool {
         self.quiet
             .get()
             .is_some_and(|q| std::ptr::eq(self.uffd_at(addr), &**q))

@@ -119,12 +119,18 @@ impl MapBudget {
 
 /// Step 2: the host maps a merge of `n` pages at `addr` of `cx`'s mm adds
 /// (0, 1 or 2).
-pub(super) fn run_cost(cx: &MmCtx<'_>, addr: GuestAddr, n: PageCount) -> u64 {
+pub(super) fn run_cost(
+    cx: &MmCtx<'_>,
+    addr: GuestAddr,
+    n: PageCount,
+    planned: &dyn Fn(GuestAddr) -> bool,
+) -> u64 {
     let Some(vma) = cx.state.vmas().find(addr.0) else {
         return 0;
     };
     let end = addr.add_pages(n.0);
-    let merged = |a: GuestAddr| cx.items.map.get(&a).is_some_and(|it| it.stable().is_some());
+    let merged =
+        |a: GuestAddr| planned(a) || cx.items.map.get(&a).is_some_and(|it| it.stable().is_some());
     let left = addr.0 > vma.start() && !merged(GuestAddr(addr.0 - PAGE));
     let right = end.0 < vma.end() && !merged(end);
     u64::from(left) + u64::from(right)
@@ -134,7 +140,19 @@ pub(super) fn run_cost(cx: &MmCtx<'_>, addr: GuestAddr, n: PageCount) -> u64 {
 /// front for a pair's other side): `true` if it may go ahead; else the
 /// pages are counted as starved.
 pub(super) fn allow(cx: &mut MmCtx<'_>, addr: GuestAddr, n: PageCount, extra: u64) -> bool {
-    let cost = run_cost(cx, addr, n) + extra;
+    allow_planned(cx, addr, n, extra, &|_| false)
+}
+
+/// [`allow`] for a run planned in a chunk's batch: `planned` says which
+/// neighbours the batch will have merged by then.
+pub(super) fn allow_planned(
+    cx: &mut MmCtx<'_>,
+    addr: GuestAddr,
+    n: PageCount,
+    extra: u64,
+    planned: &dyn Fn(GuestAddr) -> bool,
+) -> bool {
+    let cost = run_cost(cx, addr, n, planned) + extra;
     if cx.sc.maps.spend(cost, n.0) {
         return true;
     }

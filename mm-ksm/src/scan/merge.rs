@@ -3,7 +3,7 @@
 //! under the read lock of the mm it merges in, after its `users == 0`
 //! check.
 
-use mm_core::{sched, KsmMerge, MergeRun};
+use mm_core::{sched, BatchOp, BatchOutcome, BatchRun, KsmMerge, MergeRun};
 
 use super::classify::Class;
 use super::maps;
@@ -21,8 +21,34 @@ pub(super) struct Pending {
     first: StableId,
 }
 
+/// What to do with a run's outcome once the batch ran (`merge_runs`).
+enum Post {
+    Zero,
+    Stable(StableId),
+    /// A pair's first side, filling new stable pages `first..`; the other
+    /// side is `(om, oa)`.
+    New {
+        first: StableId,
+        om: MmId,
+        oa: GuestAddr,
+    },
+    /// A same-guest twin joining the pair run planned at chunk index `k`.
+    Twin(StableId),
+}
+
+/// One planned run of the chunk.
+struct Planned {
+    /// Chunk index of the run's first page.
+    i: usize,
+    addr: GuestAddr,
+    n: PageCount,
+    post: Post,
+}
+
 /// Step 4, the merges of one classified chunk at `a`: runs of consecutive
-/// hits, one `mmap` each (onto consecutive stable pages).
+/// hits (onto consecutive stable pages), planned first (map budget, new
+/// stable ids), then done in one batch (one write-protect window for the
+/// chunk, `mm_core::ksm` `batch.rs`; one `mmap` per run), then recorded.
 pub(super) fn merge_runs(
     cx: &mut MmCtx<'_>,
     a: GuestAddr,
@@ -31,8 +57,10 @@ pub(super) fn merge_runs(
     pending: &mut Vec<Pending>,
 ) {
     let n = class.len();
-    let me = MmId::of(cx.mm);
-    // The stable page each `Pair` page of the chunk now maps (for twins).
+    let mut plan: Vec<Planned> = Vec::new();
+    // Pages of the chunk a planned run will merge (the map budget's
+    // neighbours), and the stable page each planned pair page will map.
+    let mut merging = vec![false; n];
     let mut made: Vec<Option<StableId>> = vec![None; n];
     let mut i = 0;
     while i < n {
@@ -42,45 +70,40 @@ pub(super) fn merge_runs(
                 .find(|&j| !f((j - i) as u64, class[j]))
                 .unwrap_or(n)
         };
-        let j = match class[i] {
-            Class::None | Class::Twin(_) => i + 1,
-            Class::Zero => {
-                let j = run(&|_, c| c == Class::Zero);
-                merge_zero(cx, start, PageCount((j - i) as u64));
-                j
-            }
+        let (j, post) = match class[i] {
+            Class::None | Class::Twin(_) => (i + 1, None),
+            Class::Zero => (run(&|_, c| c == Class::Zero), Some(Post::Zero)),
             Class::Stable(id) => {
                 let j = run(&|k, c| c == Class::Stable(id.nth(k)));
-                merge_stable(cx, start, PageCount((j - i) as u64), id, false);
-                j
+                let ok = allowed(cx, a, &merging, i, j, 0);
+                (j, ok.then_some(Post::Stable(id)))
             }
             Class::Pair(om, oa) => {
                 let j = run(&|k, c| c == Class::Pair(om, oa.add_pages(k)));
-                let len = PageCount((j - i) as u64);
-                if let Some(first) = merge_new(cx, start, &sums[i..j]) {
+                // The other side's maps (at most two: a split and its run)
+                // are paid here too, so it is never refused after this
+                // side merged.
+                let first = allowed(cx, a, &merging, i, j, 2)
+                    .then(|| cx.inner.store.alloc((j - i) as u64))
+                    .flatten()
+                    .map(StableId);
+                if let Some(first) = first {
                     for (k, m) in made[i..j].iter_mut().enumerate() {
                         *m = Some(first.nth(k as u64));
                     }
-                    if om == me {
-                        // The other side is in this mm, whose lock we hold:
-                        // merge it now (the kernel's try_to_merge_two_pages
-                        // does both at once), so it counts at once.
-                        merge_stable(cx, oa, len, first, true);
-                    } else {
-                        // Its mapper is promised: counted against
-                        // max_page_sharing until step 7 merges it.
-                        cx.sc.queue_mappers(first, len.0, true);
-                        pending.push(Pending {
-                            mm_id: om,
-                            addr: oa,
-                            n: len,
-                            first,
-                        });
-                    }
                 }
-                j
+                (j, first.map(|first| Post::New { first, om, oa }))
             }
         };
+        if let Some(post) = post {
+            merging[i..j].fill(true);
+            plan.push(Planned {
+                i,
+                addr: start,
+                n: PageCount((j - i) as u64),
+                post,
+            });
+        }
         i = j;
     }
     // Twins join the stable page their chunk's pair made (one mapping
@@ -88,10 +111,121 @@ pub(super) fn merge_runs(
     for (i, c) in class.iter().enumerate() {
         if let Class::Twin(k) = *c {
             if let Some(id) = made[k] {
-                merge_stable(cx, a.add_pages(i as u64), PageCount(1), id, false);
+                if allowed(cx, a, &merging, i, i + 1, 0) {
+                    merging[i] = true;
+                    plan.push(Planned {
+                        i,
+                        addr: a.add_pages(i as u64),
+                        n: PageCount(1),
+                        post: Post::Twin(id),
+                    });
+                }
             }
         }
     }
+    if plan.is_empty() {
+        return;
+    }
+    let outcomes = run_batch(cx, &plan);
+    for (p, out) in plan.iter().zip(outcomes) {
+        let (addr, n) = (p.addr, p.n);
+        match p.post {
+            Post::Zero => after_zero(cx, addr, n, out),
+            Post::Stable(first) | Post::Twin(first) => after_stable(cx, addr, n, first, out),
+            Post::New { first, om, oa } => {
+                let sums = &sums[p.i..p.i + n.0 as usize];
+                if !after_new(cx, addr, sums, first, out) {
+                    continue;
+                }
+                if om == MmId::of(cx.mm) {
+                    // The other side is in this mm, whose lock we hold:
+                    // merge it now (the kernel's try_to_merge_two_pages
+                    // does both at once), so it counts at once.
+                    merge_stable(cx, oa, n, first, true);
+                } else {
+                    // Its mapper is promised: counted against
+                    // max_page_sharing until step 7 merges it.
+                    cx.sc.queue_mappers(first, n.0, true);
+                    pending.push(Pending {
+                        mm_id: om,
+                        addr: oa,
+                        n,
+                        first,
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// Map budget for the run of chunk pages `[i, j)` (`maps.rs`), counting
+/// the pages the chunk's planned runs will merge as merged neighbours.
+fn allowed(
+    cx: &mut MmCtx<'_>,
+    a: GuestAddr,
+    merging: &[bool],
+    i: usize,
+    j: usize,
+    extra: u64,
+) -> bool {
+    if cx.sc.map_limited {
+        return false;
+    }
+    let planned = |g: GuestAddr| {
+        g.0.checked_sub(a.0)
+            .map(|d| (d / crate::types::PAGE) as usize)
+            .is_some_and(|k| merging.get(k).copied().unwrap_or(false))
+    };
+    maps::allow_planned(
+        cx,
+        a.add_pages(i as u64),
+        PageCount((j - i) as u64),
+        extra,
+        &planned,
+    )
+}
+
+/// Runs the plan as one batch, sorted by address; the outcomes in plan
+/// order.
+fn run_batch(cx: &MmCtx<'_>, plan: &[Planned]) -> Vec<mm_core::Result<BatchOutcome>> {
+    let mut order: Vec<usize> = (0..plan.len()).collect();
+    order.sort_by_key(|&k| plan[k].addr);
+    let runs: Vec<BatchRun> = order
+        .iter()
+        .map(|&k| BatchRun {
+            addr: plan[k].addr.0,
+            n: plan[k].n.0,
+            op: match plan[k].post {
+                Post::Zero => BatchOp::Zero,
+                Post::Stable(id) | Post::Twin(id) => BatchOp::Onto(id.0),
+                Post::New { first, .. } => BatchOp::Fill(first.0),
+            },
+        })
+        .collect();
+    let done = match cx.ksm() {
+        Ok(k) => k.merge_batch(&cx.inner.store, &runs),
+        Err(e) => {
+            tracing::warn!(target: "mm_ksm", mm_id = cx.mm.id(), error = %e, "merge batch refused");
+            // Nothing was done: every run is as it was.
+            let changed = || BatchOutcome {
+                merge: KsmMerge::Changed,
+                charged: Vec::new(),
+            };
+            return plan.iter().map(|_| Ok(changed())).collect();
+        }
+    };
+    let mut out: Vec<Option<mm_core::Result<BatchOutcome>>> = plan.iter().map(|_| None).collect();
+    for (&k, o) in order.iter().zip(done) {
+        out[k] = Some(o);
+    }
+    out.into_iter()
+        .map(|o| {
+            o.unwrap_or(Ok(BatchOutcome {
+                merge: KsmMerge::Changed,
+                charged: Vec::new(),
+            }))
+        })
+        .collect()
 }
 
 fn map_limit(cx: &mut MmCtx<'_>) {
@@ -105,9 +239,14 @@ fn map_limit(cx: &mut MmCtx<'_>) {
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// Discards `n` all-zero pages from `addr` (`use_zero_pages`).
-fn merge_zero(cx: &mut MmCtx<'_>, addr: GuestAddr, n: PageCount) {
-    match cx.ksm().and_then(|k| k.zero(addr.0, n.0)) {
+/// `n` all-zero pages from `addr` were discarded, or not (`use_zero_pages`).
+fn after_zero(
+    cx: &mut MmCtx<'_>,
+    addr: GuestAddr,
+    n: PageCount,
+    out: mm_core::Result<BatchOutcome>,
+) {
+    match out.map(|o| o.merge) {
         Ok(KsmMerge::Merged) => {
             for k in 0..n.0 {
                 let it = cx.items.map.entry(addr.add_pages(k));
@@ -127,14 +266,14 @@ fn merge_zero(cx: &mut MmCtx<'_>, addr: GuestAddr, n: PageCount) {
 }
 
 /// Merges `n` pages from `addr` onto existing stable pages `first..`
-/// (`try_to_merge_with_ksm_page`); a changed run is retried page by page.
-/// `prepaid`: the maps were paid for by the pair that made the stable
-/// pages (`maps.rs`), else the budget is asked here.
+/// (`try_to_merge_with_ksm_page`), alone (not in a chunk's batch): the
+/// other side of a pair, a retry. `prepaid`: the maps were paid for by the
+/// pair that made the stable pages (`maps.rs`), else the budget is asked
+/// here.
 fn merge_stable(cx: &mut MmCtx<'_>, addr: GuestAddr, n: PageCount, first: StableId, prepaid: bool) {
     if cx.sc.map_limited || (!prepaid && !maps::allow(cx, addr, n, 0)) {
         return;
     }
-    let mm = cx.mm;
     let mut charged = vec![false; n.0 as usize];
     let run = MergeRun {
         addr: addr.0,
@@ -143,8 +282,28 @@ fn merge_stable(cx: &mut MmCtx<'_>, addr: GuestAddr, n: PageCount, first: Stable
         first: first.0,
         fill: false,
     };
-    match cx.ksm().and_then(|k| k.merge(run, &mut charged)) {
-        Ok(KsmMerge::Merged) => {
+    let out = cx
+        .ksm()
+        .and_then(|k| k.merge(run, &mut charged))
+        .map(|merge| BatchOutcome { merge, charged });
+    after_stable(cx, addr, n, first, out);
+}
+
+/// Records a merge onto existing stable pages; a changed run of several
+/// pages is retried page by page.
+fn after_stable(
+    cx: &mut MmCtx<'_>,
+    addr: GuestAddr,
+    n: PageCount,
+    first: StableId,
+    out: mm_core::Result<BatchOutcome>,
+) {
+    let mm = cx.mm;
+    match out {
+        Ok(BatchOutcome {
+            merge: KsmMerge::Merged,
+            charged,
+        }) => {
             // Budget: a charged page's charge moves to a stable page that
             // has none yet (it was filled by a never-charged page), else it
             // is given back; a never-charged page gives nothing back.
@@ -152,7 +311,7 @@ fn merge_stable(cx: &mut MmCtx<'_>, addr: GuestAddr, n: PageCount, first: Stable
             for k in 0..n.0 {
                 cx.sc
                     .record_merged(cx.items, addr.add_pages(k), first.nth(k));
-                if !charged[k as usize] {
+                if !charged.get(k as usize).copied().unwrap_or(false) {
                     continue;
                 }
                 match cx.sc.trees.stable.get_mut(&first.nth(k)) {
@@ -167,12 +326,18 @@ fn merge_stable(cx: &mut MmCtx<'_>, addr: GuestAddr, n: PageCount, first: Stable
             }
             tracing::trace!(target: "mm_ksm::ksm_merge_with_ksm_page", mm_id = mm.id(), addr = addr.0, pages = n.0, stable = first.0, "ksm_merge_with_ksm_page");
         }
-        Ok(KsmMerge::Changed) if n.0 > 1 => {
+        Ok(BatchOutcome {
+            merge: KsmMerge::Changed,
+            ..
+        }) if n.0 > 1 => {
             for k in 0..n.0 {
                 merge_stable(cx, addr.add_pages(k), PageCount(1), first.nth(k), true);
             }
         }
-        Ok(KsmMerge::MapLimit) => map_limit(cx),
+        Ok(BatchOutcome {
+            merge: KsmMerge::MapLimit,
+            ..
+        }) => map_limit(cx),
         Ok(_) => {}
         Err(e) => {
             tracing::warn!(target: "mm_ksm", mm_id = mm.id(), addr = addr.0, error = %e, "merge failed")
@@ -180,18 +345,43 @@ fn merge_stable(cx: &mut MmCtx<'_>, addr: GuestAddr, n: PageCount, first: Stable
     }
 }
 
-/// Makes new stable pages from the run at `addr` (the current page of an
-/// unstable-tree pair, `try_to_merge_two_pages` + `stable_tree_insert`);
-/// returns the first stable page for the other side.
+/// Makes new stable pages from the run at `addr` alone (the current page
+/// of an unstable-tree pair, `try_to_merge_two_pages` +
+/// `stable_tree_insert`); returns the first stable page for the other
+/// side. The chunk's runs do the same in a batch (`merge_runs`).
+#[cfg(test)]
 fn merge_new(cx: &mut MmCtx<'_>, addr: GuestAddr, sums: &[u64]) -> Option<StableId> {
     let n = sums.len() as u64;
-    // The other side's maps (at most two: a split and its run) are paid
-    // here too, so it is never refused after this side merged.
     if cx.sc.map_limited || !maps::allow(cx, addr, PageCount(n), 2) {
         return None;
     }
+    let first = StableId(cx.inner.store.alloc(n)?);
+    let mut charged = vec![false; n as usize];
+    let run = MergeRun {
+        addr: addr.0,
+        n,
+        store: &cx.inner.store,
+        first: first.0,
+        fill: true,
+    };
+    let out = cx
+        .ksm()
+        .and_then(|k| k.merge(run, &mut charged))
+        .map(|merge| BatchOutcome { merge, charged });
+    after_new(cx, addr, sums, first, out).then_some(first)
+}
+
+/// Records new stable pages `first..` filled by the run at `addr`, or
+/// releases their ids if the merge did not happen; whether it did.
+fn after_new(
+    cx: &mut MmCtx<'_>,
+    addr: GuestAddr,
+    sums: &[u64],
+    first: StableId,
+    out: mm_core::Result<BatchOutcome>,
+) -> bool {
     let (inner, mm) = (cx.inner, cx.mm);
-    let first = StableId(inner.store.alloc(n)?);
+    let n = sums.len() as u64;
     // Ids that end up unused (the merge did not happen) are released at
     // once: punching a hole that was never filled is harmless, and the
     // store's allocated-minus-released count stays the pages in use.
@@ -200,20 +390,19 @@ fn merge_new(cx: &mut MmCtx<'_>, addr: GuestAddr, sums: &[u64]) -> Option<Stable
             let _ = inner.store.release(first.nth(k).0);
         }
     };
-    let mut charged = vec![false; n as usize];
-    let run = MergeRun {
-        addr: addr.0,
-        n,
-        store: &inner.store,
-        first: first.0,
-        fill: true,
-    };
-    match cx.ksm().and_then(|k| k.merge(run, &mut charged)) {
-        Ok(KsmMerge::Merged) => {
+    match out {
+        Ok(BatchOutcome {
+            merge: KsmMerge::Merged,
+            charged,
+        }) => {
             for (k, sum) in sums.iter().enumerate() {
                 // The filling page's charge (if it had one) moves to the
                 // stable page: nothing is uncharged here.
-                let budget = charged[k].then(|| mm.budget().clone());
+                let budget = charged
+                    .get(k)
+                    .copied()
+                    .unwrap_or(false)
+                    .then(|| mm.budget().clone());
                 let id = first.nth(k as u64);
                 cx.sc.new_node(id, *sum, budget);
                 cx.sc.record_merged(cx.items, addr.add_pages(k as u64), id);
@@ -223,21 +412,24 @@ fn merge_new(cx: &mut MmCtx<'_>, addr: GuestAddr, sums: &[u64]) -> Option<Stable
                 cx.sc.release_if_unmapped(inner, id);
             }
             tracing::trace!(target: "mm_ksm::ksm_merge_one_page", mm_id = mm.id(), addr = addr.0, pages = n, stable = first.0, "ksm_merge_one_page");
-            Some(first)
+            true
         }
-        Ok(KsmMerge::MapLimit) => {
+        Ok(BatchOutcome {
+            merge: KsmMerge::MapLimit,
+            ..
+        }) => {
             release();
             map_limit(cx);
-            None
+            false
         }
         Ok(_) => {
             release();
-            None
+            false
         }
         Err(e) => {
             release();
             tracing::warn!(target: "mm_ksm", mm_id = mm.id(), addr = addr.0, error = %e, "merge failed");
-            None
+            false
         }
     }
 }
