@@ -35,6 +35,7 @@
 //! ```sh
 //! cargo run --release --example bench_ksm -- --json
 //! cargo run --release --example bench_ksm -- --pattern scattered --json
+//! cargo run --release --example bench_ksm -- --pattern scattered --rounds 5 --json
 //! cargo run --release --example bench_ksm -- --pattern scattered --guests 4 --mib 192
 //! ```
 #![allow(clippy::print_stdout)]
@@ -76,6 +77,16 @@ struct Args {
     /// `KsmConfig::raise_max_map_count`), restored at exit.
     #[arg(long)]
     raise_map_count: bool,
+    /// scattered: rounds, each ours then ksmd in a fresh process; the
+    /// report is the round with the median CPU ratio, plus every round's
+    /// ratios (this machine's noise moves both sides by ±30 % between
+    /// runs).
+    #[arg(long, default_value_t = 1, value_parser = common::at_least(1))]
+    rounds: u64,
+    /// scattered: run ksmd's side before ours (with `--rounds`, every
+    /// other round does, so the order favours neither).
+    #[arg(long)]
+    kernel_first: bool,
     /// Print one JSON line with the results.
     #[arg(long)]
     json: bool,
@@ -425,6 +436,14 @@ mod scattered {
         ours: SideReport,
         ours_stats: Stats,
         unrelated_mmap_ok: bool,
+        /// Teardown (exit_mmap of every guest) after the scans, and of the
+        /// same guests with nothing merged (issue 12: within 2x).
+        teardown_ms: f64,
+        teardown_unmerged_ms: f64,
+        teardown_ratio: f64,
+        rounds: u64,
+        cpu_ratio_rounds: Vec<f64>,
+        saved_ratio_rounds: Vec<f64>,
         kernel: Option<SideReport>,
         kernel_ksm_merging_pages: Option<u64>,
         saved_ratio: Option<f64>,
@@ -455,19 +474,14 @@ mod scattered {
         }
     }
 
-    fn ours(
+    /// The guests of one side: `args.guests` untracked mappings of `len`
+    /// bytes filled with the pattern, made mergeable when `ksm` is given.
+    fn guests(
+        host: &Host,
         args: &Args,
         len: u64,
-    ) -> Result<(SideReport, KsmStats, bool), Box<dyn std::error::Error>> {
-        let host = Host::with_budget(u64::MAX / 2);
-        let pages = args.guests * len / PAGE;
-        let ksm = Ksm::new(KsmConfig {
-            pages_to_scan: 4096,
-            sleep: Duration::ZERO,
-            // Room for two maps per page of every guest, when asked.
-            raise_max_map_count: args.raise_map_count.then_some(2 * pages + 65_536),
-            ..KsmConfig::default()
-        })?;
+        ksm: Option<&Ksm>,
+    ) -> Result<Vec<MmUser>, Box<dyn std::error::Error>> {
         let mut guests: Vec<MmUser> = Vec::new();
         for g in 0..args.guests {
             let mm = host.new_mm(&format!("scatter{g}"));
@@ -478,9 +492,39 @@ mod scattered {
             // scanner is not started yet).
             let mem = unsafe { std::slice::from_raw_parts_mut(v.host_ptr(), len as usize) };
             fill_guest(mem, g);
-            ksm.madvise_blocking(&mm, addr, len, Advice::Mergeable)?;
+            if let Some(ksm) = ksm {
+                ksm.madvise_blocking(&mm, addr, len, Advice::Mergeable)?;
+            }
             guests.push(mm);
         }
+        Ok(guests)
+    }
+
+    /// The teardown of the same guests with nothing merged.
+    fn teardown_unmerged(args: &Args, len: u64) -> Result<Duration, Box<dyn std::error::Error>> {
+        let host = Host::with_budget(u64::MAX / 2);
+        let guests = guests(&host, args, len, None)?;
+        let t = Instant::now();
+        drop(guests);
+        Ok(t.elapsed())
+    }
+
+    /// Our side: pages saved, CPU, maps; the stats; unrelated mmaps ok;
+    /// the teardown of the merged guests.
+    fn ours(
+        args: &Args,
+        len: u64,
+    ) -> Result<(SideReport, KsmStats, bool, Duration), Box<dyn std::error::Error>> {
+        let host = Host::with_budget(u64::MAX / 2);
+        let pages = args.guests * len / PAGE;
+        let ksm = Ksm::new(KsmConfig {
+            pages_to_scan: 4096,
+            sleep: Duration::ZERO,
+            // Room for two maps per page of every guest, when asked.
+            raise_max_map_count: args.raise_map_count.then_some(2 * pages + 65_536),
+            ..KsmConfig::default()
+        })?;
+        let guests = guests(&host, args, len, Some(&ksm))?;
         ksm.set_run_blocking(Run::Merge)?;
         let pss0 = pss();
         let (t0, c0) = (Instant::now(), process_cpu());
@@ -492,8 +536,10 @@ mod scattered {
         let maps = maps_lines();
         let ok = unrelated_mmaps_ok();
         let stats = ksm.stats();
+        let t = Instant::now();
         drop(guests);
-        Ok((SideReport::new(saved, cpu, wall, maps), stats, ok))
+        let teardown = t.elapsed();
+        Ok((SideReport::new(saved, cpu, wall, maps), stats, ok, teardown))
     }
 
     fn sysfs(knob: &str) -> u64 {
@@ -552,6 +598,65 @@ mod scattered {
         )))
     }
 
+    /// `--rounds N`: N runs of this example in fresh processes (in one
+    /// process later rounds drift: ours slower, ksmd faster, by up to 2x
+    /// over four rounds here), each ours then ksmd; the report is the run
+    /// with the median CPU ratio, with every run's ratios.
+    fn rounds_in_children(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
+        let mut argv: Vec<String> = Vec::new();
+        let mut it = std::env::args().skip(1);
+        while let Some(a) = it.next() {
+            match a.as_str() {
+                "--rounds" => {
+                    it.next();
+                }
+                "--json" | "--kernel-first" => {}
+                _ if a.starts_with("--rounds=") => {}
+                _ => argv.push(a),
+            }
+        }
+        let exe = std::env::current_exe()?;
+        let mut runs: Vec<serde_json::Value> = Vec::new();
+        for k in 0..args.rounds {
+            let order: &[&str] = if k % 2 == 1 { &["--kernel-first"] } else { &[] };
+            let out = std::process::Command::new(&exe)
+                .args(&argv)
+                .args(["--rounds", "1", "--json"])
+                .args(order)
+                .stderr(std::process::Stdio::inherit())
+                .output()?;
+            if !out.status.success() {
+                return Err(format!("round {k} failed: {}", out.status).into());
+            }
+            let text = String::from_utf8(out.stdout)?;
+            let line = text.lines().last().ok_or("a round printed nothing")?;
+            runs.push(serde_json::from_str(line)?);
+        }
+        let ratio = |v: &serde_json::Value, key: &str| v[key].as_f64();
+        let cpu: Vec<f64> = runs.iter().filter_map(|v| ratio(v, "cpu_ratio")).collect();
+        let saved: Vec<f64> = runs
+            .iter()
+            .filter_map(|v| ratio(v, "saved_ratio"))
+            .collect();
+        runs.sort_by(|a, b| {
+            let (a, b) = (ratio(a, "cpu_ratio"), ratio(b, "cpu_ratio"));
+            a.unwrap_or(0.0).total_cmp(&b.unwrap_or(0.0))
+        });
+        let mut median = runs.swap_remove(runs.len() / 2);
+        median["rounds"] = args.rounds.into();
+        median["cpu_ratio_rounds"] = cpu.into();
+        median["saved_ratio_rounds"] = saved.into();
+        if args.json {
+            println!("{median}");
+        } else {
+            println!(
+                "scattered, {} rounds in fresh processes; the median round:\n{:#}",
+                args.rounds, median
+            );
+        }
+        Ok(())
+    }
+
     pub(super) fn main(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         let mib = args.mib.unwrap_or(64);
         let len = mib * common::MIB;
@@ -559,17 +664,33 @@ mod scattered {
             .ok()
             .and_then(|s| s.trim().parse().ok())
             .unwrap_or(0);
-        let (o, stats, ok) = ours(args, len)?;
-        let k = kernel(args, len)?;
-        let saved_ratio = k
-            .as_ref()
-            .map(|(k, _)| round(o.pages_saved as f64 / k.pages_saved.max(1) as f64, 3));
-        let cpu_ratio = k.as_ref().map(|(k, _)| {
-            round(
-                o.cpu_us_per_saved_page / k.cpu_us_per_saved_page.max(1e-9),
-                3,
-            )
-        });
+        let ratios = |o: &SideReport, k: &Option<(SideReport, u64)>| {
+            let saved = k
+                .as_ref()
+                .map(|(k, _)| round(o.pages_saved as f64 / k.pages_saved.max(1) as f64, 3));
+            let cpu = k.as_ref().map(|(k, _)| {
+                round(
+                    o.cpu_us_per_saved_page / k.cpu_us_per_saved_page.max(1e-9),
+                    3,
+                )
+            });
+            (saved, cpu)
+        };
+        if args.rounds > 1 {
+            return rounds_in_children(args);
+        }
+        let (k, (o, stats, ok, teardown)) = if args.kernel_first {
+            let k = kernel(args, len)?;
+            (k, ours(args, len)?)
+        } else {
+            let o = ours(args, len)?;
+            (kernel(args, len)?, o)
+        };
+        let (saved_ratio, cpu_ratio) = ratios(&o, &k);
+        let cpu_ratio_rounds: Vec<f64> = cpu_ratio.into_iter().collect();
+        let saved_ratio_rounds: Vec<f64> = saved_ratio.into_iter().collect();
+        let unmerged = teardown_unmerged(args, len)?;
+        let ms = |d: Duration| round(d.as_secs_f64() * 1e3, 1);
         let r = Report {
             pattern: "scattered",
             guests: args.guests,
@@ -580,6 +701,12 @@ mod scattered {
             ours: o,
             ours_stats: stats.into(),
             unrelated_mmap_ok: ok,
+            teardown_ms: ms(teardown),
+            teardown_unmerged_ms: ms(unmerged),
+            teardown_ratio: round(teardown.as_secs_f64() / unmerged.as_secs_f64().max(1e-9), 3),
+            rounds: args.rounds,
+            cpu_ratio_rounds,
+            saved_ratio_rounds,
             kernel_ksm_merging_pages: k.as_ref().map(|(_, s)| *s),
             kernel: k.map(|(k, _)| k),
             saved_ratio,
@@ -610,6 +737,10 @@ mod scattered {
             if let (Some(s), Some(c)) = (r.saved_ratio, r.cpu_ratio) {
                 println!("ours/kernel: pages saved {s:.3}, CPU per saved page {c:.3}");
             }
+            println!(
+                "teardown: {} ms merged, {} ms with nothing merged ({:.2}x)",
+                r.teardown_ms, r.teardown_unmerged_ms, r.teardown_ratio
+            );
         }
         Ok(())
     }
