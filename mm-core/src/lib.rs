@@ -200,7 +200,7 @@ pub use mm::{
 };
 pub use mmap_lock::{MmapLock, MmapReadGuard, MmapWriteGuard};
 pub use procfs::ProcessMemory;
-pub use snapshot::{Snapshot, SnapshotStats, SnapshotVma};
+pub use snapshot::{Snapshot, SnapshotKind, SnapshotStats, SnapshotVma};
 pub use sys::{HUGE_PAGE_SIZE, PAGE_SIZE};
 pub use tracked::{
     set_uffd_handler_threads, uffd_handler_threads, SnapshotSource, TrackedStats,
