@@ -182,7 +182,13 @@ fn check_host_then_api(mm: &MmUser, img: &Image, what: &str) {
                     for p in (t..len / PAGE).step_by(2) {
                         let have = read_host(ptr + (p * PAGE) as usize, PAGE_SIZE);
                         let a = start + p * PAGE;
-                        assert!(have == img.page(a), "{what}: page {a:#x} differs (host)");
+                        assert!(
+                            have == img.page(a),
+                            "{what}: page {a:#x} differs (host): have {:?} want {:?} in image {}",
+                            &have[..16],
+                            &img.page(a)[..16],
+                            img.pages.contains_key(&a)
+                        );
                     }
                 }
             });
@@ -555,6 +561,23 @@ fn test_diff_needs_a_dirty_log_and_a_base() {
     for (off, want) in [(0, b"x"), (PAGE, b"y"), (2 * PAGE, b"z")] {
         assert!(m2.compare_blocking(a + off, want).unwrap());
     }
+
+    // A snapshot file harvests the log: an in-memory snapshot taken before
+    // it cannot be reset to (the reset would miss the writes before the
+    // file), and one taken after it can.
+    let mem = mm.snapshot_blocking().unwrap();
+    mm.write_blocking(a, b"w").unwrap();
+    mm.snapshot_to_file_blocking(&f2.0).unwrap();
+    match mm.reset_blocking(&mem) {
+        Err(Error::SnapshotLayout { why }) => assert!(why.contains("snapshot file"), "{why}"),
+        other => panic!("expected SnapshotLayout, got {other:?}"),
+    }
+    assert!(mm.compare_blocking(a, b"w").unwrap(), "nothing reset");
+    let mem = mm.snapshot_blocking().unwrap();
+    mm.write_blocking(a, b"v").unwrap();
+    mm.reset_blocking(&mem).unwrap();
+    assert!(mm.compare_blocking(a, b"w").unwrap());
+    drop(mem);
 
     // An untracked VMA keeps no log: no diff (the full file still works).
     mm.mmap_blocking(MapOptions::anon(MIB)).unwrap();

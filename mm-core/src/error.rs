@@ -202,7 +202,9 @@ pub enum Error {
         what: &'static str,
     },
     /// A reset to a snapshot refused: the guest's layout is not the
-    /// snapshot's any more (nothing was changed).
+    /// snapshot's any more, or a snapshot file was written since (its
+    /// harvest of the dirty log hid the writes before it); nothing was
+    /// changed.
     #[error("cannot reset to the snapshot: {why}")]
     SnapshotLayout {
         /// What changed.

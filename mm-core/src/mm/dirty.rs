@@ -116,6 +116,9 @@ pub struct GuestSnapshot {
     data: Vec<u8>,
     budget: Arc<Budget>,
     charged: u64,
+    /// [`DiffState::files`] when taken: a snapshot file written since
+    /// harvested the log, so a reset could not see the writes before it.
+    files: u64,
 }
 
 impl std::fmt::Debug for GuestSnapshot {
@@ -200,6 +203,10 @@ pub(crate) struct DiffState {
     /// Bumped by every harvest of the dirty log (ours included): a writer
     /// installs its base only if nobody harvested after it.
     pub(crate) gen: u64,
+    /// Bumped by every snapshot file writer's harvest: an in-memory
+    /// [`GuestSnapshot`] taken before one cannot be reset to (the writes
+    /// before the file are in no log any more).
+    pub(crate) files: u64,
     /// The base, or why a diff cannot be written now.
     pub(crate) base: std::result::Result<DiffBase, &'static str>,
 }
@@ -214,6 +221,7 @@ impl Default for DiffState {
     fn default() -> Self {
         DiffState {
             gen: 0,
+            files: 0,
             base: Err(NO_BASE),
         }
     }
@@ -258,6 +266,18 @@ impl Mm {
         self.diff.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// A reset to `snap` would miss the writes a snapshot file's harvest
+    /// took from the log since `snap` was taken: refused.
+    fn check_no_file_since(&self, snap: &GuestSnapshot) -> Result<()> {
+        if self.diff_state().files == snap.files {
+            return Ok(());
+        }
+        Err(Error::SnapshotLayout {
+            why: "a snapshot file was written since (its harvest of the dirty log hides \
+                  the writes before it): take a new snapshot",
+        })
+    }
+
     /// A harvest of the dirty log other than a snapshot file's: the next
     /// diff would miss what it took.
     fn diff_base_harvested(&self) {
@@ -282,6 +302,7 @@ impl Mm {
             }
         }
         d.gen += 1;
+        d.files += 1;
         let base = std::mem::replace(
             &mut d.base,
             Err("the last snapshot file was not completed: write a full one"),
@@ -377,6 +398,7 @@ impl MmUser {
     /// when it does not fit).
     pub async fn snapshot(&self) -> Result<GuestSnapshot> {
         self.check_not_killed()?;
+        let files;
         let (layout, present) = {
             let state = self.lock.read().await;
             let mut layout = Vec::new();
@@ -385,6 +407,7 @@ impl MmUser {
                 self.check_dirty_logged(v)?;
             }
             self.diff_base_harvested();
+            files = self.diff_state().files;
             for v in state.vmas.iter() {
                 layout.push(LayoutVma::of(v));
                 // Protect everything first: a write after this is logged.
@@ -418,6 +441,7 @@ impl MmUser {
             data: vec![0u8; (pages * PAGE) as usize],
             budget: self.budget.clone(),
             charged,
+            files,
         };
         for (k, runs) in present.iter().enumerate() {
             for r in runs {
@@ -453,6 +477,7 @@ impl MmUser {
         {
             let state = self.lock.read().await;
             check_layout(&state, snap)?;
+            self.check_no_file_since(snap)?;
             // The reset re-protects what it puts back: those changes are
             // in no log a diff snapshot file could read.
             self.diff_base_harvested();
@@ -486,6 +511,7 @@ impl MmUser {
             {
                 let state = self.lock.read().await;
                 check_layout(&state, snap)?;
+                self.check_no_file_since(snap)?;
                 for (k, v) in state.vmas.iter().enumerate() {
                     let now = present_runs(self, v);
                     let mut i = 0;
@@ -534,6 +560,7 @@ impl MmUser {
         }
         let state = self.lock.read().await;
         check_layout(&state, snap)?;
+        self.check_no_file_since(snap)?;
         let vmas: Vec<&Vma> = state.vmas.iter().collect();
         if runs.len() > WP_IOCTL_RUNS {
             // One walk per VMA over the span of its runs: each
