@@ -21,7 +21,7 @@
 //!
 //! # Diff snapshots and chains
 //!
-//! On a guest with a dirty log ([`MmConfig::dirty_log`]) every snapshot
+//! On a guest with a dirty log ([`MmConfig::dirty_log`](crate::MmConfig::dirty_log)) every snapshot
 //! file also harvests the log ([`MmUser::take_dirty`]'s `PAGEMAP_SCAN`)
 //! under the same mmap write lock, before any page is read, and the mm
 //! remembers the file's id and which pages it had present. Then
@@ -915,7 +915,11 @@ impl MmUser {
     /// On a guest with [`MmConfig::dirty_log`](crate::MmConfig) it also
     /// harvests the dirty log under the same lock, before reading any
     /// page, so that the next [`snapshot_diff_to_file`](Self::snapshot_diff_to_file)
-    /// holds exactly the pages written after this call.
+    /// holds exactly the pages written after this call. It is then the
+    /// log's consumer: a [`GuestSnapshot`](crate::GuestSnapshot) taken
+    /// before it can no longer be [`reset`](Self::reset) to
+    /// ([`Error::SnapshotLayout`]), and a harvest by anyone else
+    /// ([`take_dirty`](Self::take_dirty)) refuses the next diff.
     pub async fn snapshot_to_file(&self, path: impl AsRef<Path>) -> Result<SnapshotStats> {
         self.write_snapshot(path.as_ref(), false).await
     }

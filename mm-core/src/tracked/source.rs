@@ -2,14 +2,18 @@
 //! default), or a snapshot file (lazy restore, issue 15).
 //!
 //! A restored region's registry entry ([`super::Range`]) holds a
-//! [`Restore`]: the snapshot's read-only file mapping, the file offset of
-//! the region's first page, the snapshot's present-page bitmap, and a
+//! [`Restore`]: the snapshot's read-only file mapping(s) and where the
+//! region's pages are in them (one segment for a single file; for a chain
+//! of diff snapshots, a segment per file VMA that holds a newest copy of
+//! some page, and each page's segment), the merged present-page bitmap
+//! (a page a later diff marks absent is not present), and a
 //! **served** bit per page, fresh for each mapping. Under the page's PTE
 //! lock, whoever fills a missing page (the handler's fault-around, the
 //! access path, a prefetch) asks [`Restore::data`]: a page present in the
 //! snapshot and not yet served is copied from the file (`UFFDIO_COPY`
 //! straight from the file mapping); any other page is filled from the zero
-//! source. Every page that ends up filled, and every page a zap discards
+//! source. A COPY run never crosses a segment ([`Restore::run_end`]).
+//! Every page that ends up filled, and every page a zap discards
 //! (ours: `free_pages`; the embedder's: a foreign REMOVE), is marked served,
 //! so a page zapped after its first fill refaults as zeros (the `DONTNEED`
 //! semantics of the restored guest) and no page is ever served from the
@@ -54,7 +58,8 @@ pub(crate) struct Segment {
 }
 
 struct SourceInner {
-    /// Never empty. Segment 0 alone when `owner` is `None`.
+    /// Never empty. Segment 0 alone when `owner` is `None`; of a chain,
+    /// segment 0 is the newest file's.
     segments: Box<[Segment]>,
     /// Segment of each page that has data (`None`: segment 0 for all).
     owner: Option<Box<[u16]>>,
@@ -156,9 +161,9 @@ impl SnapshotSource {
             .sum()
     }
 
-    /// The snapshot file (the newest of a chain).
+    /// The snapshot file (the newest of a chain: its segment is first).
     pub fn path(&self) -> &Path {
-        &self.inner.segments[self.inner.segments.len() - 1].path
+        &self.inner.segments[0].path
     }
 
     /// A restore of this source for one new mapping (fresh served bits).
