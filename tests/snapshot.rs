@@ -22,6 +22,8 @@ use guestmm::{
 };
 
 const PAGE: u64 = PAGE_SIZE as u64;
+/// Header length of the version-2 format (the index follows it).
+const HEADER: usize = 128;
 const CHILD_ENV: &str = "GUESTMM_SNAPSHOT_CHILD";
 /// A bound on how long a child may run: reaching it is a failure.
 const HANG: Duration = Duration::from_secs(120);
@@ -383,7 +385,7 @@ fn rewrite(file: &TmpFile, head: &[u8], fix_checksum: bool) {
         let mut h = xxhash_rust::xxh3::Xxh3::new();
         h.update(&head[..48]);
         h.update(&[0u8; 8]);
-        h.update(&head[56..64 + index_len]);
+        h.update(&head[56..HEADER + index_len]);
         head[48..56].copy_from_slice(&h.digest().to_le_bytes());
     }
     let f = std::fs::OpenOptions::new()
@@ -437,13 +439,13 @@ fn test_bad_snapshots_get_named_errors() {
     rewrite(&file, &h, true);
     assert!(matches!(open_err(&file), SnapshotError::BadMagic { .. }));
     let mut h = head.clone();
-    h[8] = 2;
+    h[8] = 3;
     rewrite(&file, &h, true);
     assert!(matches!(
         open_err(&file),
         SnapshotError::BadVersion {
-            found: 2,
-            supported: 1
+            found: 3,
+            supported: 2
         }
     ));
     let mut h = head.clone();
@@ -456,13 +458,13 @@ fn test_bad_snapshots_get_named_errors() {
 
     // A flipped bit in the index: bad checksum.
     let mut h = head.clone();
-    h[64 + 7] ^= 0x10;
+    h[HEADER + 7] ^= 0x10;
     rewrite(&file, &h, false);
     assert!(matches!(open_err(&file), SnapshotError::BadChecksum { .. }));
 
     // An index entry pointing past the end: data, then bitmap.
     let mut h = head.clone();
-    h[64 + 16..64 + 24].copy_from_slice(&(len - PAGE).to_le_bytes()); // VMA 0 data_off
+    h[HEADER + 16..HEADER + 24].copy_from_slice(&(len - PAGE).to_le_bytes()); // VMA 0 data_off
     rewrite(&file, &h, true);
     assert!(matches!(
         open_err(&file),
@@ -473,7 +475,7 @@ fn test_bad_snapshots_get_named_errors() {
         }
     ));
     let mut h = head.clone();
-    h[128 + 32..128 + 40].copy_from_slice(&(1u64 << 40).to_le_bytes()); // VMA 1 bitmap_off
+    h[HEADER + 96..HEADER + 104].copy_from_slice(&(1u64 << 40).to_le_bytes()); // VMA 1 bitmap_off
     rewrite(&file, &h, true);
     assert!(matches!(
         open_err(&file),
@@ -494,8 +496,8 @@ fn test_bad_snapshots_get_named_errors() {
 
     // A malformed layout: overlapping VMAs.
     let mut h = head.clone();
-    let a0 = u64::from_le_bytes(h[64..72].try_into().unwrap());
-    h[128..136].copy_from_slice(&(a0 + PAGE).to_le_bytes());
+    let a0 = u64::from_le_bytes(h[HEADER..HEADER + 8].try_into().unwrap());
+    h[HEADER + 64..HEADER + 72].copy_from_slice(&(a0 + PAGE).to_le_bytes());
     rewrite(&file, &h, true);
     assert!(matches!(
         open_err(&file),

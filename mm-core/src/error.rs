@@ -202,10 +202,22 @@ pub enum Error {
         what: &'static str,
     },
     /// A reset to a snapshot refused: the guest's layout is not the
-    /// snapshot's any more (nothing was changed).
+    /// snapshot's any more, or a snapshot file was written since (its
+    /// harvest of the dirty log hid the writes before it); nothing was
+    /// changed.
     #[error("cannot reset to the snapshot: {why}")]
     SnapshotLayout {
         /// What changed.
+        why: &'static str,
+    },
+    /// A diff snapshot file cannot be written now: there is no previous
+    /// snapshot file of this guest to diff against (none was written, the
+    /// last one failed, or the dirty log was harvested since by
+    /// `take_dirty`, `snapshot` or `reset`). Write a full one
+    /// (`snapshot_to_file`) first.
+    #[error("no base for a diff snapshot: {why}")]
+    NoDiffBase {
+        /// Why there is none.
         why: &'static str,
     },
     /// A snapshot file could not be written, opened or restored from (see
@@ -298,6 +310,38 @@ pub enum SnapshotError {
         len: u64,
         /// Why it does not fit.
         reason: &'static str,
+    },
+    /// The snapshot kind in the header is neither full (0) nor diff (1).
+    #[error("unknown snapshot kind {found}")]
+    BadKind {
+        /// Kind in the header.
+        found: u32,
+    },
+    /// A chain of snapshot files does not start with a full snapshot: the
+    /// first file is a diff, and its full base (and any diffs between) are
+    /// missing.
+    #[error("the chain starts with a diff (of parent {parent:032x}): its full base is missing")]
+    NoBase {
+        /// The parent id the diff names.
+        parent: u128,
+    },
+    /// A full snapshot where the chain needs a diff (every file after the
+    /// first must be a diff of the one before it).
+    #[error("file {link} of the chain is a full snapshot, not a diff of file {prev}", prev = link - 1)]
+    NotADiff {
+        /// Position of the file in the chain.
+        link: usize,
+    },
+    /// A diff whose parent is not the file before it in the chain: a wrong
+    /// parent, a missing link between them, or files out of order.
+    #[error("file {link} of the chain is a diff of {parent:032x}, but file {prev} is {expected:032x} (wrong parent, missing link or wrong order)", prev = link - 1)]
+    WrongParent {
+        /// Position of the diff in the chain.
+        link: usize,
+        /// The parent id the diff names.
+        parent: u128,
+        /// The id of the file before it.
+        expected: u128,
     },
     /// A running lazy restore could not read a page the index says the file
     /// holds (`UFFDIO_COPY` failed with `EFAULT`: the file was truncated

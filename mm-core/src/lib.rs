@@ -39,8 +39,9 @@
 //!                      hands it ksm::KsmHooks); oom.rs: the OOM killer
 //!                      (select, kill, queue the reaper)
 //! ------------------------------------------------------------------------
-//! middle  snapshot.rs  snapshot files (format, writer, validating opener)
-//!                      and the lazy restore of a guest layout from one
+//! middle  snapshot.rs  snapshot files, full and diff (format, writer,
+//!                      validating opener, chains) and the lazy restore of
+//!                      a guest layout from one or a chain
 //!         exit.rs      exit_mmap, step by step
 //!         ksm/         the KSM seam (break_ksm): KsmMm, StableStore,
 //!                      merge/snapshot/zero, unshare, KsmHooks
@@ -49,7 +50,7 @@
 //!                      impl FaultTarget), ksm_wp (ksm_add_vma: WP
 //!                      registration of mergeable VMAs), zap, syscalls,
 //!                      blocking, notifier, dirty (the dirty log,
-//!                      GuestSnapshot, reset)
+//!                      GuestSnapshot, reset, the base of diff files)
 //!         vma.rs       VMAs, the tree, host regions
 //!         tracked/     userfaultfd regions: registry + FaultTarget (mod),
 //!                      pool (the process's handler threads, shared
@@ -114,6 +115,9 @@
 //!                              its own read-only file mapping (no uffd message).
 //!       Host budget (atomic)   try_charge under page locks; reclaim runs with NO lock held.
 //!       notifier / hook lists  std mutexes held only to push, take or clone.
+//!       Mm::diff (DiffState)   std mutex, a leaf: read or replaced whole by snapshot file
+//!                              writers (under the write lock) and by the dirty log's other
+//!                              harvesters (take_dirty, snapshot, reset: under the read lock).
 //!       tracked self-zap list  std mutex: pushed/popped by a zap of a tracked region.
 //!     tracked-range registry   std mutex: insert/remove under the write lock, lookup by
 //!                              the uffd handler; never held across a syscall that can block.
@@ -200,7 +204,7 @@ pub use mm::{
 };
 pub use mmap_lock::{MmapLock, MmapReadGuard, MmapWriteGuard};
 pub use procfs::ProcessMemory;
-pub use snapshot::{Snapshot, SnapshotStats, SnapshotVma};
+pub use snapshot::{Snapshot, SnapshotKind, SnapshotStats, SnapshotVma};
 pub use sys::{HUGE_PAGE_SIZE, PAGE_SIZE};
 pub use tracked::{
     set_uffd_handler_threads, uffd_handler_threads, SnapshotSource, TrackedStats,

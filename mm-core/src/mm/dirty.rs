@@ -50,6 +50,19 @@
 //!    written back (charged) and protected like step 3-4.
 //!
 //! The budget and the resident set end where they were at snapshot time.
+//!
+//! # The base of diff snapshot files
+//!
+//! A diff snapshot file (`snapshot.rs`) holds the pages written since the
+//! previous snapshot file of the guest, and marks the pages that became
+//! absent since. For that the mm keeps a [`DiffState`]: the id of the last
+//! snapshot file and which pages were present when it was written (one bit
+//! per page of its layout, by guest address), valid only while the dirty
+//! log was harvested by nobody else since. Every other harvest
+//! ([`MmUser::take_dirty`], [`MmUser::snapshot`], [`MmUser::reset`],
+//! which re-protects what it puts back) bumps its generation and drops the
+//! base, so a diff after one is refused ([`Error::NoDiffBase`]) instead of
+//! silently missing the pages that harvest took.
 
 use std::ops::Range;
 
@@ -103,6 +116,9 @@ pub struct GuestSnapshot {
     data: Vec<u8>,
     budget: Arc<Budget>,
     charged: u64,
+    /// [`DiffState::files`] when taken: a snapshot file written since
+    /// harvested the log, so a reset could not see the writes before it.
+    files: u64,
 }
 
 impl std::fmt::Debug for GuestSnapshot {
@@ -180,6 +196,139 @@ impl GuestSnapshot {
     }
 }
 
+/// The state a diff snapshot file is written against (module docs): the
+/// last snapshot file's id and presence, or why there is none.
+#[derive(Debug)]
+pub(crate) struct DiffState {
+    /// Bumped by every harvest of the dirty log (ours included): a writer
+    /// installs its base only if nobody harvested after it.
+    pub(crate) gen: u64,
+    /// Bumped by every snapshot file writer's harvest: an in-memory
+    /// [`GuestSnapshot`] taken before one cannot be reset to (the writes
+    /// before the file are in no log any more).
+    pub(crate) files: u64,
+    /// The base, or why a diff cannot be written now.
+    pub(crate) base: std::result::Result<DiffBase, &'static str>,
+}
+
+/// No full snapshot file was written yet.
+const NO_BASE: &str = "no full snapshot file of this guest was written (snapshot_to_file)";
+/// Someone else harvested the log.
+const HARVESTED: &str =
+    "the dirty log was harvested since the last snapshot file (take_dirty, snapshot or reset)";
+
+impl Default for DiffState {
+    fn default() -> Self {
+        DiffState {
+            gen: 0,
+            files: 0,
+            base: Err(NO_BASE),
+        }
+    }
+}
+
+/// The last snapshot file of a guest, as a diff needs it.
+#[derive(Debug, Clone)]
+pub(crate) struct DiffBase {
+    /// The file's snapshot id (a diff records it as its parent).
+    pub(crate) id: u128,
+    /// Each VMA of its layout, `[start, end)`, with one bit per page:
+    /// present (saved, or inherited from its own parent) in the file's
+    /// merged view. Ascending.
+    pub(crate) present: Vec<(u64, u64, Vec<u64>)>,
+}
+
+impl DiffBase {
+    /// The base's presence of the pages of `[start, end)`, one bit per
+    /// page (pages outside its layout: absent).
+    pub(crate) fn presence(&self, start: u64, end: u64) -> Vec<u64> {
+        let pages = ((end - start) / PAGE) as usize;
+        let mut out = vec![0u64; pages.div_ceil(64)];
+        for (s, e, bits) in &self.present {
+            let (lo, hi) = ((*s).max(start), (*e).min(end));
+            let mut a = lo;
+            while a < hi {
+                let q = ((a - s) / PAGE) as usize;
+                if bits[q / 64] & (1 << (q % 64)) != 0 {
+                    let p = ((a - start) / PAGE) as usize;
+                    out[p / 64] |= 1 << (p % 64);
+                }
+                a += PAGE;
+            }
+        }
+        out
+    }
+}
+
+impl Mm {
+    fn diff_state(&self) -> std::sync::MutexGuard<'_, DiffState> {
+        // Only read or replaced whole under it: a panic leaves it valid.
+        self.diff.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A reset to `snap` would miss the writes a snapshot file's harvest
+    /// took from the log since `snap` was taken: refused.
+    fn check_no_file_since(&self, snap: &GuestSnapshot) -> Result<()> {
+        if self.diff_state().files == snap.files {
+            return Ok(());
+        }
+        Err(Error::SnapshotLayout {
+            why: "a snapshot file was written since (its harvest of the dirty log hides \
+                  the writes before it): take a new snapshot",
+        })
+    }
+
+    /// A harvest of the dirty log other than a snapshot file's: the next
+    /// diff would miss what it took.
+    fn diff_base_harvested(&self) {
+        let mut d = self.diff_state();
+        d.gen += 1;
+        if d.base.is_ok() {
+            d.base = Err(HARVESTED);
+        }
+    }
+
+    /// A snapshot file writer is about to harvest the log (under the mmap
+    /// write lock): returns its generation and, for a diff (`need`), the
+    /// base it is written against. The base is taken: until
+    /// [`diff_base_install`](Self::diff_base_install) there is none, so a
+    /// writer that fails after its harvest leaves none. A diff without a
+    /// base gets [`Error::NoDiffBase`] and changes nothing.
+    pub(crate) fn diff_base_take(&self, need: bool) -> Result<(u64, Option<DiffBase>)> {
+        let mut d = self.diff_state();
+        if need {
+            if let Err(why) = d.base {
+                return Err(Error::NoDiffBase { why });
+            }
+        }
+        d.gen += 1;
+        d.files += 1;
+        let base = std::mem::replace(
+            &mut d.base,
+            Err("the last snapshot file was not completed: write a full one"),
+        );
+        Ok((d.gen, base.ok().filter(|_| need)))
+    }
+
+    /// The writer of generation `gen` finished: `base` (its file) becomes
+    /// the base of the next diff, unless the log was harvested since.
+    pub(crate) fn diff_base_install(&self, gen: u64, base: DiffBase) {
+        let mut d = self.diff_state();
+        if d.gen == gen {
+            d.base = Ok(base);
+        }
+    }
+
+    /// The writer of generation `gen` wrote a file no diff can follow (a
+    /// guest with a VMA that keeps no dirty log): say why.
+    pub(crate) fn diff_base_none(&self, gen: u64, why: &'static str) {
+        let mut d = self.diff_state();
+        if d.gen == gen {
+            d.base = Err(why);
+        }
+    }
+}
+
 /// What a [`MmUser::reset`] did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ResetStats {
@@ -214,6 +363,9 @@ impl MmUser {
         let end = check_range(addr, len, self.config.va_limit)?;
         let state = self.lock.read().await;
         state.vmas.check_mapped(addr, end)?;
+        if reprotect {
+            self.diff_base_harvested();
+        }
         let mut out = Vec::new();
         for v in state.vmas.overlapping(addr, end) {
             self.check_dirty_logged(v)?;
@@ -224,7 +376,7 @@ impl MmUser {
     }
 
     /// The VMA keeps a dirty log (tracked, on a live `WP_ASYNC` tracker).
-    fn check_dirty_logged(&self, v: &Vma) -> Result<()> {
+    pub(crate) fn check_dirty_logged(&self, v: &Vma) -> Result<()> {
         if !v.flags.contains(VmFlags::TRACKED) {
             return Err(Error::NotTracked { addr: v.start });
         }
@@ -246,12 +398,17 @@ impl MmUser {
     /// when it does not fit).
     pub async fn snapshot(&self) -> Result<GuestSnapshot> {
         self.check_not_killed()?;
+        let files;
         let (layout, present) = {
             let state = self.lock.read().await;
             let mut layout = Vec::new();
             let mut present = Vec::new();
             for v in state.vmas.iter() {
                 self.check_dirty_logged(v)?;
+            }
+            self.diff_base_harvested();
+            files = self.diff_state().files;
+            for v in state.vmas.iter() {
                 layout.push(LayoutVma::of(v));
                 // Protect everything first: a write after this is logged.
                 written_runs(v, v.start, v.end, true, &mut Vec::new())?;
@@ -284,6 +441,7 @@ impl MmUser {
             data: vec![0u8; (pages * PAGE) as usize],
             budget: self.budget.clone(),
             charged,
+            files,
         };
         for (k, runs) in present.iter().enumerate() {
             for r in runs {
@@ -319,6 +477,10 @@ impl MmUser {
         {
             let state = self.lock.read().await;
             check_layout(&state, snap)?;
+            self.check_no_file_since(snap)?;
+            // The reset re-protects what it puts back: those changes are
+            // in no log a diff snapshot file could read.
+            self.diff_base_harvested();
             let vmas: Vec<&Vma> = state.vmas.iter().collect();
             for (k, v) in vmas.into_iter().enumerate() {
                 let mut written = Vec::new();
@@ -349,6 +511,7 @@ impl MmUser {
             {
                 let state = self.lock.read().await;
                 check_layout(&state, snap)?;
+                self.check_no_file_since(snap)?;
                 for (k, v) in state.vmas.iter().enumerate() {
                     let now = present_runs(self, v);
                     let mut i = 0;
@@ -397,6 +560,7 @@ impl MmUser {
         }
         let state = self.lock.read().await;
         check_layout(&state, snap)?;
+        self.check_no_file_since(snap)?;
         let vmas: Vec<&Vma> = state.vmas.iter().collect();
         if runs.len() > WP_IOCTL_RUNS {
             // One walk per VMA over the span of its runs: each
@@ -451,7 +615,13 @@ fn check_layout(state: &MmState, snap: &GuestSnapshot) -> Result<()> {
 
 /// Appends the guest runs of `[s, e)` of `v` written since last protected
 /// (`PAGEMAP_SCAN`), protecting them again when `reprotect`.
-fn written_runs(v: &Vma, s: u64, e: u64, reprotect: bool, out: &mut Vec<Range<u64>>) -> Result<()> {
+pub(crate) fn written_runs(
+    v: &Vma,
+    s: u64,
+    e: u64,
+    reprotect: bool,
+    out: &mut Vec<Range<u64>>,
+) -> Result<()> {
     let h = v.host_range(s, e);
     let (hs, he) = (h.ptr() as usize, h.ptr() as usize + h.len());
     let to_guest = |a: usize| s + (a - hs) as u64;
@@ -489,7 +659,7 @@ fn written_runs(v: &Vma, s: u64, e: u64, reprotect: bool, out: &mut Vec<Range<u6
 /// cannot serve here: the dirty log's write-protect markers on never
 /// populated pages read as swapped entries, which an unprivileged process
 /// cannot tell from real ones (the swap offset is hidden).
-fn present_runs(mm: &Mm, v: &Vma) -> Vec<Range<u64>> {
+pub(crate) fn present_runs(mm: &Mm, v: &Vma) -> Vec<Range<u64>> {
     let mut out: Vec<Range<u64>> = Vec::new();
     let guard = crossbeam_epoch::pin();
     let (first, last) = (v.start / PAGE, v.end / PAGE);

@@ -18,6 +18,7 @@ mod syscalls;
 mod tracked_fault;
 mod zap;
 
+pub(crate) use dirty::{present_runs, written_runs, DiffBase, DiffState};
 pub use dirty::{GuestSnapshot, ResetStats};
 pub use ksm_wp::prepare_all;
 pub(crate) use ksm_wp::KsmMmState;
@@ -321,6 +322,9 @@ pub struct Mm {
     /// of I-KSM-2 reads it, to catch a scanner inside a teardown.
     exit_started: AtomicBool,
     config: MmConfig,
+    /// What the next diff snapshot file is written against (`dirty.rs`).
+    /// A leaf: held only to read or replace it, never across an await.
+    pub(crate) diff: Mutex<DiffState>,
 }
 
 impl std::fmt::Debug for Mm {
@@ -405,6 +409,7 @@ impl Mm {
             exit_hooks: Mutex::new(Vec::new()),
             exit_started: AtomicBool::new(false),
             config,
+            diff: Mutex::new(DiffState::default()),
         };
         MmUser {
             mm: Some(Arc::new(mm)),

@@ -329,9 +329,7 @@ impl Mm {
         let mut a = i;
         while a < j {
             let data = rs.data(first + a);
-            let b = (a + 1..j)
-                .find(|&k| rs.data(first + k).is_some() != data.is_some())
-                .unwrap_or(j);
+            let b = rs.run_end(first + a, first + j) - first;
             let host = host_lo + a * PAGE_SIZE;
             if data.is_none() {
                 if self.fill_run(t, host, zero, &mut present[a..b]) == RunEnd::Stop {

@@ -119,8 +119,8 @@ mod source;
 mod tests;
 mod wp;
 
-pub(crate) use source::Restore;
 pub use source::SnapshotSource;
+pub(crate) use source::{Restore, Segment};
 
 pub(crate) use pool::Shard;
 pub use pool::{set_uffd_handler_threads, uffd_handler_threads, DEFAULT_UFFD_HANDLER_THREADS};
@@ -804,9 +804,7 @@ impl Tracker {
         let mut i = 0;
         while i < n {
             let data = rs.data(first + i).is_some();
-            let j = (i + 1..n)
-                .find(|&k| rs.data(first + k).is_some() != data)
-                .unwrap_or(n);
+            let j = rs.run_end(first + i, first + n) - first;
             let at = host + i * PAGE_SIZE;
             if data {
                 let src = rs.data(first + i);
@@ -825,7 +823,7 @@ impl Tracker {
                     {
                         let lost = (i..j).find(|&k| !done[k]).unwrap_or(i);
                         return Err(Error::Snapshot {
-                            path: rs.path().to_path_buf(),
+                            path: rs.path(first + lost).to_path_buf(),
                             source: crate::error::SnapshotError::DataLost {
                                 addr: guest + (lost * PAGE_SIZE) as u64,
                             },

@@ -2,14 +2,18 @@
 //! default), or a snapshot file (lazy restore, issue 15).
 //!
 //! A restored region's registry entry ([`super::Range`]) holds a
-//! [`Restore`]: the snapshot's read-only file mapping, the file offset of
-//! the region's first page, the snapshot's present-page bitmap, and a
+//! [`Restore`]: the snapshot's read-only file mapping(s) and where the
+//! region's pages are in them (one segment for a single file; for a chain
+//! of diff snapshots, a segment per file VMA that holds a newest copy of
+//! some page, and each page's segment), the merged present-page bitmap
+//! (a page a later diff marks absent is not present), and a
 //! **served** bit per page, fresh for each mapping. Under the page's PTE
 //! lock, whoever fills a missing page (the handler's fault-around, the
 //! access path, a prefetch) asks [`Restore::data`]: a page present in the
 //! snapshot and not yet served is copied from the file (`UFFDIO_COPY`
 //! straight from the file mapping); any other page is filled from the zero
-//! source. Every page that ends up filled, and every page a zap discards
+//! source. A COPY run never crosses a segment ([`Restore::run_end`]).
+//! Every page that ends up filled, and every page a zap discards
 //! (ours: `free_pages`; the embedder's: a foreign REMOVE), is marked served,
 //! so a page zapped after its first fill refaults as zeros (the `DONTNEED`
 //! semantics of the restored guest) and no page is ever served from the
@@ -26,57 +30,115 @@ use crate::sys::{FileMapping, PAGE_SIZE};
 /// mapping made with it gets its own served bits, so two mappings restored
 /// from one source both read the snapshot's bytes.
 ///
+/// The region's pages come from one or more **segments**: a segment is a
+/// file mapping in which page `i` of the region sits at offset
+/// `base + i * PAGE_SIZE`. A single snapshot file gives one segment (the
+/// VMA's data area); a chain of diff snapshots gives one per (file, VMA of
+/// that file) that holds the newest copy of some page, and a per-page
+/// segment number.
+///
 /// [`MapOptions`]: crate::MapOptions
 #[derive(Clone)]
 pub struct SnapshotSource {
     inner: Arc<SourceInner>,
 }
 
+/// Where some of a region's pages are: page `i` at `map` offset
+/// `base + i * PAGE_SIZE` (wrapping: a segment of an older file whose VMA
+/// starts inside the region has a "negative" base; every page that uses
+/// the segment is checked in bounds by [`SnapshotSource::new`]).
+#[derive(Debug, Clone)]
+pub(crate) struct Segment {
+    /// The file (for errors).
+    pub(crate) path: Arc<PathBuf>,
+    /// Its read-only mapping.
+    pub(crate) map: Arc<FileMapping>,
+    /// File offset of the region's page 0, wrapping.
+    pub(crate) base: usize,
+}
+
 struct SourceInner {
-    path: Arc<PathBuf>,
-    map: Arc<FileMapping>,
-    /// File offset of the region's first page.
-    data_off: usize,
+    /// Never empty. Segment 0 alone when `owner` is `None`; of a chain,
+    /// segment 0 is the newest file's.
+    segments: Box<[Segment]>,
+    /// Segment of each page that has data (`None`: segment 0 for all).
+    owner: Option<Box<[u16]>>,
     pages: usize,
-    /// Bit `i`: page `i` has data in the file.
+    /// Bit `i`: page `i` has data in the snapshot.
     present: Box<[u64]>,
+}
+
+impl SourceInner {
+    fn segment(&self, i: usize) -> &Segment {
+        let s = self.owner.as_ref().map_or(0, |o| usize::from(o[i]));
+        &self.segments[s]
+    }
+
+    fn offset(&self, i: usize) -> usize {
+        self.segment(i).base.wrapping_add(i * PAGE_SIZE)
+    }
 }
 
 impl std::fmt::Debug for SnapshotSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SnapshotSource")
-            .field("path", &self.inner.path)
-            .field("data_off", &self.inner.data_off)
+            .field("path", &self.path())
+            .field("segments", &self.inner.segments.len())
             .field("pages", &self.inner.pages)
             .finish()
     }
 }
 
+fn bit(words: &[u64], i: usize) -> bool {
+    words.get(i / 64).is_some_and(|w| w & (1 << (i % 64)) != 0)
+}
+
 impl SnapshotSource {
-    /// A region of `pages` pages whose page `i` is at file offset
-    /// `data_off + i * PAGE_SIZE` when bit `i` of `present` is set.
-    /// `None` unless the data range lies inside `map` and `present` has a
-    /// bit per page (the opener validated both; checked again here because
-    /// a COPY source outside the mapping would read our own memory).
+    /// A region of `pages` pages whose page `i`, when bit `i` of `present`
+    /// is set, is in segment `owner[i]` (segment 0 for all when `owner` is
+    /// `None`). `None` unless every such page lies inside its segment's
+    /// mapping, page aligned, and `present` (and `owner`) have an entry per
+    /// page (the opener validated all that; checked again here because a
+    /// COPY source outside the mapping would read our own memory).
     pub(crate) fn new(
-        path: Arc<PathBuf>,
-        map: Arc<FileMapping>,
-        data_off: usize,
+        segments: Vec<Segment>,
+        owner: Option<Box<[u16]>>,
         pages: usize,
         present: Box<[u64]>,
     ) -> Option<SnapshotSource> {
-        let end = pages.checked_mul(PAGE_SIZE)?.checked_add(data_off)?;
-        if end > map.len() || data_off % PAGE_SIZE != 0 || present.len() != pages.div_ceil(64) {
+        if segments.is_empty()
+            || present.len() != pages.div_ceil(64)
+            || owner.as_ref().is_some_and(|o| o.len() != pages)
+            || segments.iter().any(|s| s.base % PAGE_SIZE != 0)
+        {
             return None;
         }
+        pages.checked_mul(PAGE_SIZE)?;
+        let inner = SourceInner {
+            segments: segments.into_boxed_slice(),
+            owner,
+            pages,
+            present,
+        };
+        if inner.owner.is_none() {
+            // One segment: its whole range must fit (the fast path).
+            let s = &inner.segments[0];
+            let end = s.base.checked_add(pages * PAGE_SIZE)?;
+            if end > s.map.len() {
+                return None;
+            }
+        } else {
+            for i in (0..pages).filter(|&i| bit(&inner.present, i)) {
+                let s = inner.owner.as_ref()?[i];
+                let seg = inner.segments.get(usize::from(s))?;
+                let off = inner.offset(i);
+                if off.checked_add(PAGE_SIZE)? > seg.map.len() {
+                    return None;
+                }
+            }
+        }
         Some(SnapshotSource {
-            inner: Arc::new(SourceInner {
-                path,
-                map,
-                data_off,
-                pages,
-                present,
-            }),
+            inner: Arc::new(inner),
         })
     }
 
@@ -99,9 +161,9 @@ impl SnapshotSource {
             .sum()
     }
 
-    /// The snapshot file.
+    /// The snapshot file (the newest of a chain: its segment is first).
     pub fn path(&self) -> &Path {
-        &self.inner.path
+        &self.inner.segments[0].path
     }
 
     /// A restore of this source for one new mapping (fresh served bits).
@@ -131,20 +193,20 @@ pub(crate) struct Restore {
 impl std::fmt::Debug for Restore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Restore")
-            .field("path", &self.src.path)
+            .field("segments", &self.src.segments.len())
             .field("pages", &self.src.pages)
             .finish()
     }
 }
 
 impl Restore {
-    /// The snapshot file (for errors).
-    pub(crate) fn path(&self) -> &Path {
-        &self.src.path
-    }
-
-    fn bit(words: &[u64], i: usize) -> bool {
-        words.get(i / 64).is_some_and(|w| w & (1 << (i % 64)) != 0)
+    /// The snapshot file that holds page `i` (for errors).
+    pub(crate) fn path(&self, i: usize) -> &Path {
+        if i < self.src.pages {
+            &self.src.segment(i).path
+        } else {
+            &self.src.segments[0].path
+        }
     }
 
     fn served(&self, i: usize) -> bool {
@@ -160,10 +222,29 @@ impl Restore {
     /// snapshot has data for it and it was never served; `None` for the
     /// zero source. Out-of-range pages get `None`.
     pub(crate) fn data(&self, i: usize) -> Option<*const u8> {
-        if i >= self.src.pages || !Self::bit(&self.src.present, i) || self.served(i) {
+        if i >= self.src.pages || !bit(&self.src.present, i) || self.served(i) {
             return None;
         }
-        Some(self.src.map.at(self.src.data_off + i * PAGE_SIZE))
+        Some(self.src.segment(i).map.at(self.src.offset(i)))
+    }
+
+    /// The end (at most `j`) of the run of pages from `i` that one COPY
+    /// can fill: all from the zero source, or all file pages contiguous in
+    /// one segment. Page `i`'s source is [`data`](Self::data)`(i)`.
+    pub(crate) fn run_end(&self, i: usize, j: usize) -> usize {
+        let first = self.data(i);
+        let seg = |k: usize| {
+            self.src
+                .owner
+                .as_ref()
+                .map_or(0, |o| o.get(k).copied().unwrap_or(0))
+        };
+        (i + 1..j)
+            .find(|&k| {
+                let d = self.data(k);
+                d.is_some() != first.is_some() || (first.is_some() && seg(k) != seg(i))
+            })
+            .unwrap_or(j)
     }
 
     /// Marks pages `[i, j)` served (filled, or discarded by a zap).
@@ -193,15 +274,36 @@ impl Restore {
         if i >= j {
             return;
         }
-        let map = &self.src.map;
-        let _ = map.unmap_pages(self.src.data_off + i * PAGE_SIZE, (j - i) * PAGE_SIZE);
+        let src = &self.src;
+        let in_file = |k: usize| bit(&src.present, k);
+        let seg = |k: usize| src.owner.as_ref().map_or(0, |o| o[k]);
+        // Only pages the snapshot holds have a place in a file; in a chain
+        // they may sit in several segments: one madvise per piece.
+        let mut a = i;
+        while a < j {
+            if !in_file(a) {
+                a += 1;
+                continue;
+            }
+            let b = (a + 1..j)
+                .find(|&k| !in_file(k) || seg(k) != seg(a))
+                .unwrap_or(j);
+            let map = &src.segment(a).map;
+            let _ = map.unmap_pages(src.offset(a), (b - a) * PAGE_SIZE);
+            a = b;
+        }
         // Sequential filling (this run starts where the last one ended):
         // start reading the next READ_AHEAD pages now, so that on a cold
         // cache the disk works while the next windows are copied (the
         // COPY's own fault reads synchronously). Relaxed: a heuristic.
-        if self.next.swap(j, Ordering::Relaxed) == i && j < self.src.pages {
-            let end = (j + READ_AHEAD).min(self.src.pages);
-            let _ = map.will_need(self.src.data_off + j * PAGE_SIZE, (end - j) * PAGE_SIZE);
+        // Single-segment sources only (a chain's next pages are scattered
+        // over its files).
+        if src.owner.is_none() && self.next.swap(j, Ordering::Relaxed) == i && j < src.pages {
+            let end = (j + READ_AHEAD).min(src.pages);
+            let s = &src.segments[0];
+            let _ = s
+                .map
+                .will_need(s.base + j * PAGE_SIZE, (end - j) * PAGE_SIZE);
         }
     }
 }
