@@ -6,8 +6,8 @@
 //! that: it never waits for the victim's lock (I-EX-6).
 //!
 //! Every acquire and release goes through this file, which calls
-//! [`sched::point`](crate::sched::point) before each acquire and
-//! [`sched::note`](crate::sched::note) on each release, so the race harness
+//! [`sched::point`] before each acquire and
+//! [`sched::note`] on each release, so the race harness
 //! can switch actors at every lock step.
 //!
 //! Guards are `Send` but must not be held across an `.await` of anything

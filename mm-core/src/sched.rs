@@ -4,7 +4,7 @@
 //! [`point`] (async context) or [`note`] (a guard's `Drop`, a sync step).
 //! Without the `sched` feature both compile to nothing.
 //!
-//! With `sched`, a thread may install a [`Hook`] (the harness does, on its
+//! With `sched`, a thread may install a `Hook` (the harness does, on its
 //! single-threaded executor). Then [`point`] reports the step to the hook
 //! and, if the hook says so, returns `Pending` once after waking itself, so
 //! the executor can poll another actor before this one continues: every
@@ -15,7 +15,7 @@
 //! broken protocol would first be visible (a page table touched after
 //! `free_pgtables`); the hook records the violation with the current step.
 //! A thread with no hook (the harness's OS-threads mode) can still have its
-//! violations recorded: [`record_unhooked`] turns on a process-global
+//! violations recorded: `record_unhooked` turns on a process-global
 //! fallback recorder instead of the debug assertion.
 //!
 //! [`fail`] marks a fallible site (a host mmap, a populate, a budget
