@@ -166,8 +166,22 @@ impl Zap<'_> {
     /// pages count as freed anyway: the host mapping under them is
     /// unmapped when its region goes (exit_mmap step 10; munmap once the
     /// last VMA slicing the region is gone), which frees them.
+    ///
+    /// At exit, an untracked mergeable region is not discarded page range
+    /// by page range but mapped over with fresh anonymous memory, one
+    /// `mmap(MAP_FIXED)` per leaf: it frees the same pages, and the
+    /// thousands of host VMAs KSM's merges split it into (one per merged
+    /// run on scattered data) collapse into one in the same kernel walk,
+    /// instead of one walk for the discard and another for the unmap at
+    /// step 10 (teardown of merged guests, issue 12). Its write-protect
+    /// registration goes with the old VMAs (quiet descriptor: no message).
     fn free_host(&self, s: u64, e: u64) -> Result<()> {
-        match (self.vma.free_host(s, e), self.reason) {
+        let res = if self.reason == ZapReason::Exit && self.vma.replace_at_exit() {
+            self.vma.replace_host(s, e)
+        } else {
+            self.vma.free_host(s, e)
+        };
+        match (res, self.reason) {
             (Err(err), ZapReason::Exit | ZapReason::Munmap) => {
                 tracing::warn!(target: "mm_core::zap", mm_id = self.mm.id, reason = ?self.reason, error = %err,
                     "host free failed; pages freed with the mapping");
@@ -263,6 +277,32 @@ impl Zap<'_> {
 
 impl Vma {
     /// Frees the host pages under guest `[start, end)` of this VMA.
+    /// Is this VMA's host memory mapped over at exit rather than
+    /// discarded (`Zap::free_host`)? An untracked anonymous region
+    /// registered for KSM's write-protect: its registration sends no
+    /// message on the way out (the quiet descriptor; or the shared one,
+    /// whose ranges exit_mmap unregistered before the zap).
+    fn replace_at_exit(&self) -> bool {
+        self.region.is_anon() && self.region.tracker().is_none() && self.region.ksm_wp().is_some()
+    }
+
+    /// Maps fresh anonymous memory over guest `[start, end)` (exit only:
+    /// the pages are freed and the range reads zeros until the region is
+    /// unmapped).
+    fn replace_host(&self, start: u64, end: u64) -> Result<()> {
+        if start >= end {
+            return Ok(());
+        }
+        if crate::sched::fail("fail:madvise(DONTNEED)") {
+            return Err(Error::Host {
+                op: "mmap(MAP_FIXED anon) at exit",
+                source: std::io::Error::other("injected failure"),
+            });
+        }
+        sys::map_anon_fixed(self.host_range(start, end), self.prot.bits())
+            .map_err(Error::host("mmap(MAP_FIXED anon) at exit"))
+    }
+
     pub(crate) fn free_host(&self, start: u64, end: u64) -> Result<()> {
         if start >= end {
             return Ok(());

@@ -662,6 +662,14 @@ impl Tracker {
     /// A's entry is dropped here, before `HostRegion::drop` unmaps the
     /// range, so the address can only be reused once it routes to nobody.
     pub(crate) fn forget(&self, start: usize, end: usize) {
+        self.forget_unregistering(start, end, true);
+    }
+
+    /// `forget`; `unregister_quiet: false` leaves a quiet range registered
+    /// (exit_mmap: its zap maps over it or its region is unmapped, which
+    /// drops the registration in the same kernel walk, and a quiet range
+    /// sends no message meanwhile).
+    fn forget_unregistering(&self, start: usize, end: usize, unregister_quiet: bool) {
         // Read before the registry forgets it: which descriptor the
         // range is registered with (a region is one or the other).
         let quiet = self.is_quiet(start);
@@ -672,6 +680,7 @@ impl Tracker {
         // refault and the kernel serves them (or SIGSEGV: munmap makes the
         // range PROT_NONE). A dead tracker has nothing registered.
         let _ = self.with_uffd(|u| match self.quiet.get() {
+            Some(_) if quiet && !unregister_quiet => Ok(()),
             Some(q) if quiet => q.unregister(start, end - start),
             _ => u.unregister(start, end - start),
         });
@@ -718,7 +727,7 @@ impl Tracker {
             .map(|(s, r)| (*s, r.host_end))
             .collect();
         for (s, e) in all {
-            self.forget(s, e);
+            self.forget_unregistering(s, e, false);
         }
     }
 
