@@ -3,7 +3,7 @@
 //! threads (no yield hook, real time, the real blocking mmap lock) until a
 //! finding or a time limit.
 //!
-//! `cargo run --release -p mm-race --example threads -- TARGET SECONDS SEED [TIMEOUT_MS]`
+//! `cargo run --release -p mm-race --example threads -- TARGET SECONDS SEED [TIMEOUT_MS] [--swarm]`
 //! prints one line: `found=1 after_s=X runs=N invariant=...` (plus the
 //! finding on stderr) or `found=0 after_s=SECONDS runs=N invariant=-`.
 //! A run still unfinished after TIMEOUT_MS (default 2000) is a
@@ -15,7 +15,7 @@ use mm_race::cli::{random_bytes, HuntArgs};
 use mm_race::{run_mode, Mode};
 
 fn main() {
-    let args = HuntArgs::from_env("threads TARGET SECONDS SEED [TIMEOUT_MS]");
+    let args = HuntArgs::from_env("threads TARGET SECONDS SEED [TIMEOUT_MS] [--swarm]");
     let mut x = args.state;
     let timeout_ms: u64 = args
         .rest
@@ -29,7 +29,8 @@ fn main() {
     let mut runs = 0u64;
     while t0.elapsed().as_secs_f64() < args.secs {
         let len = 32 + (x % 400) as usize;
-        let data = random_bytes(&mut x, len);
+        let body = random_bytes(&mut x, len);
+        let data = args.input(&mut x, body);
         runs += 1;
         if let Some(f) = run_mode(args.target, &data, &mode) {
             eprintln!("{f}");

@@ -17,6 +17,9 @@
 //! * `gN-exit`: each guest's exit (the last `mmput` runs `ksm_exit` then
 //!   `exit_mmap`); guest 1 may stay alive to be checked for leaks.
 //!
+//! A swarm header ([`crate::swarm`]) may turn ksmd, the unmerge, the
+//! vCPU's ops (or some kinds of them) and setup features off for one run.
+//!
 //! No reaper runs in `teardown_vs_ksm`: it would free the victim's memory
 //! without its exit and hide the seed-3 cycle (2009 had no reaper).
 //! `ksm_vs_reaper` (PROTOCOL.md §9.9) is the same setup with the reaper
@@ -51,6 +54,7 @@ use mm_reaper::{Reaper, ReaperConfig};
 use crate::exec::Report;
 use crate::mode::{Mode, Runner};
 use crate::scenario::Finding;
+use crate::swarm::Swarm;
 
 const P: u64 = PAGE_SIZE as u64;
 
@@ -93,6 +97,47 @@ pub struct KsmSetup {
     zero_dups: bool,
     g1_stays: bool,
     ops: Vec<KsmOp>,
+    /// The actors and features this run leaves out (swarm testing): read
+    /// from the input's swarm header, not decoded by `arbitrary`; 0 (none
+    /// off) for a plain input.
+    #[arbitrary(default)]
+    swarm: Swarm,
+}
+
+impl KsmSetup {
+    /// Forces what `self.swarm` turns off to `false` (or 0), and drops the
+    /// ops of a disabled kind. With mask 0 nothing changes.
+    fn apply_swarm(&mut self) {
+        let s = self.swarm;
+        if s.off(Swarm::NO_EXTRA_GUEST) {
+            self.guests = 0; // 2 + 0 % 2 guests
+        }
+        if s.off(Swarm::NO_EMPTY_REGION) {
+            self.empty_pages = 0;
+        }
+        if s.off(Swarm::NO_PRE_SCANS) {
+            self.pre_scans = 0;
+        }
+        self.unmerge &= !s.off(Swarm::NO_UNMERGE);
+        self.tight_budget &= !s.off(Swarm::NO_TIGHT_BUDGET);
+        self.use_zero_pages &= !s.off(Swarm::NO_ZERO_PAGES);
+        self.zero_dups &= !s.off(Swarm::NO_ZERO_DUPS);
+        self.g1_stays &= !s.off(Swarm::NO_G1_STAYS);
+    }
+}
+
+impl KsmOp {
+    /// Whether the swarm mask `s` lets this kind of op run.
+    fn allowed(&self, s: Swarm) -> bool {
+        let bit = match self {
+            KsmOp::Read { .. } => Swarm::NO_READ,
+            KsmOp::Write { .. } => Swarm::NO_WRITE,
+            KsmOp::DontNeed => Swarm::NO_DONTNEED,
+            KsmOp::Unmergeable => Swarm::NO_UNMERGEABLE,
+            KsmOp::Munmap => Swarm::NO_MUNMAP,
+        };
+        !s.off(bit | Swarm::NO_OPS)
+    }
 }
 
 struct G {
@@ -119,8 +164,16 @@ pub fn run_mode(data: &[u8], mode: &Mode) -> Option<Finding> {
 
 /// Runs one input in `mode`; `reaper`: the `ksm_vs_reaper` actors too.
 pub fn run_mode_reaper(data: &[u8], mode: &Mode, reaper: bool) -> Option<Finding> {
+    let target = if reaper {
+        crate::Target::KsmVsReaper
+    } else {
+        crate::Target::TeardownVsKsm
+    };
+    let (swarm, data) = crate::swarm::split(target, data);
     let mut u = Unstructured::new(data);
-    let setup = KsmSetup::arbitrary(&mut u).ok()?;
+    let mut setup = KsmSetup::arbitrary(&mut u).ok()?;
+    setup.swarm = swarm;
+    setup.apply_swarm();
     let schedule = u.take_rest().to_vec();
     run_setup_reaper(&setup, &schedule, mode, reaper)
 }
@@ -219,7 +272,7 @@ fn run_setup_reaper(
 
     let reads: Arc<Mutex<Vec<Read>>> = Arc::default();
     // ksmd.
-    {
+    if !setup.swarm.off(Swarm::NO_KSMD) {
         let k = ksm.clone();
         let steps = 1 + setup.scan_steps % 6;
         sim.spawn("ksmd", async move {
@@ -270,13 +323,21 @@ fn run_setup_reaper(
     // Guest 0's vCPU, on its own user reference.
     let vcpu_user: Option<MmUser> = gs[0].guest.mm().ok();
     if let Some(user) = vcpu_user {
-        let mut ops: Vec<KsmOp> = setup.ops.iter().take(6).cloned().collect();
-        if ops.is_empty() {
-            ops = vec![
+        // Ops of a kind the swarm mask turns off are dropped (all of
+        // them with NO_OPS; the read-back audit still runs); mask 0 keeps
+        // the first six as decoded.
+        let allowed = |op: &&KsmOp| op.allowed(setup.swarm);
+        let mut ops: Vec<KsmOp> = setup.ops.iter().filter(allowed).take(6).cloned().collect();
+        if setup.ops.is_empty() {
+            ops = [
                 KsmOp::Write { page: 0, byte: 1 },
                 KsmOp::Read { page: 0 },
                 KsmOp::Read { page: 1 },
-            ];
+            ]
+            .iter()
+            .filter(allowed)
+            .cloned()
+            .collect();
         }
         let (k, reads) = (ksm.clone(), reads.clone());
         let (addr, pages, fill) = (gs[0].addr, gs[0].pages, gs[0].fill.clone());

@@ -25,6 +25,8 @@ pub mod exec;
 pub mod ksm_scenario;
 pub mod mode;
 pub mod scenario;
+pub mod swarm;
 
 pub use mode::Mode;
 pub use scenario::{failures_injected, run, run_mode, steps_executed, Finding, Target};
+pub use swarm::Swarm;

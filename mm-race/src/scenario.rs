@@ -3,7 +3,9 @@
 //!
 //! Input layout (what the fuzz targets feed): an `arbitrary`-decoded
 //! [`Setup`] first, then (`kill_anywhere` only) one byte choosing the
-//! Nth-failure injection, then the remaining bytes are the schedule.
+//! Nth-failure injection, then the remaining bytes are the schedule. An
+//! input may start with a swarm header ([`crate::swarm`]) that turns some
+//! actors and features off; without one, nothing is off.
 //!
 //! The actors share only `Send` state (`Arc`, `Mutex`, atomics), so the
 //! same run can go on the executor or on OS threads ([`crate::mode`]).
@@ -21,6 +23,7 @@ use mm_reaper::{Reaper, ReaperConfig};
 
 use crate::exec::{Ending, Report};
 use crate::mode::{Mode, Runner};
+use crate::swarm::Swarm;
 
 const P: u64 = PAGE_SIZE as u64;
 
@@ -146,6 +149,48 @@ pub struct Setup {
     /// reaper gives up after 3 tries 100 ms apart.
     #[arbitrary(default)]
     hold: u8,
+    /// The actors and features this run leaves out (swarm testing): read
+    /// from the input's swarm header, not decoded by `arbitrary`; 0 (none
+    /// off) for a plain input.
+    #[arbitrary(default)]
+    swarm: Swarm,
+}
+
+impl Setup {
+    /// Forces the setup features that `self.swarm` turns off to `false`
+    /// (or 0). With mask 0 nothing changes.
+    fn apply_swarm(&mut self) {
+        let s = self.swarm;
+        for v in &mut self.vmas {
+            v.shared &= !s.off(Swarm::NO_SHARED);
+            v.locked &= !s.off(Swarm::NO_LOCKED);
+        }
+        self.notifier_refuses &= !s.off(Swarm::NO_NOTIFIER);
+        self.second_guest &= !s.off(Swarm::NO_EXTRA_GUEST);
+        if s.off(Swarm::NO_REAPER_DELAY) {
+            self.reaper_delay_ms = 0;
+        }
+        if s.off(Swarm::NO_FAIL) {
+            self.fail_nth = 0;
+        }
+        if s.off(Swarm::NO_HOLDER) {
+            self.hold = 0;
+        }
+    }
+}
+
+impl GuestOp {
+    /// Whether the swarm mask `s` lets this kind of op run.
+    fn allowed(&self, s: Swarm) -> bool {
+        let bit = match self {
+            GuestOp::Read { .. } => Swarm::NO_READ,
+            GuestOp::Write { .. } => Swarm::NO_WRITE,
+            GuestOp::DontNeed { .. } => Swarm::NO_DONTNEED,
+            GuestOp::Mlock { .. } | GuestOp::Munlock { .. } => Swarm::NO_MLOCK_OPS,
+            GuestOp::Munmap { .. } => Swarm::NO_MUNMAP,
+        };
+        !s.off(bit | Swarm::NO_OPS)
+    }
 }
 
 /// A finding: which invariant broke, and the trace that broke it.
@@ -275,6 +320,7 @@ pub fn run_mode(target: Target, data: &[u8], mode: &Mode) -> Option<Finding> {
     if target == Target::KsmVsReaper {
         return crate::ksm_scenario::run_mode_reaper(data, mode, true);
     }
+    let (swarm, data) = crate::swarm::split(target, data);
     let mut u = Unstructured::new(data);
     let Ok(mut setup) = Setup::arbitrary(&mut u) else {
         return None;
@@ -285,6 +331,8 @@ pub fn run_mode(target: Target, data: &[u8], mode: &Mode) -> Option<Finding> {
     if target == Target::OomDisableVsExit {
         setup.hold = u.int_in_range(0..=7).unwrap_or(0);
     }
+    setup.swarm = swarm;
+    setup.apply_swarm();
     let schedule = u.take_rest().to_vec();
     run_setup_mode(target, &setup, &schedule, mode)
 }
@@ -358,9 +406,12 @@ pub fn run_setup_mode(
         }
         let release = Release(done.clone());
         let slot = vcpu_slot.clone();
-        let mut ops: Vec<GuestOp> = setup.ops.iter().take(6).cloned().collect();
-        if ops.is_empty() {
-            ops = vec![
+        // Ops of a kind the swarm mask turns off are dropped (all of
+        // them with NO_OPS); mask 0 keeps the first six as decoded.
+        let allowed = |op: &&GuestOp| op.allowed(setup.swarm);
+        let mut ops: Vec<GuestOp> = setup.ops.iter().filter(allowed).take(6).cloned().collect();
+        if setup.ops.is_empty() {
+            ops = [
                 GuestOp::Write {
                     vma: 0,
                     page: 0,
@@ -368,7 +419,11 @@ pub fn run_setup_mode(
                 },
                 GuestOp::Read { vma: 0, page: 0 },
                 GuestOp::Read { vma: 0, page: 1 },
-            ];
+            ]
+            .iter()
+            .filter(allowed)
+            .cloned()
+            .collect();
         }
         let vmas = g0.vmas.clone();
         let obs = observed.clone();
@@ -414,11 +469,14 @@ pub fn run_setup_mode(
         }
         _ => {
             let (h, done, id) = (host.clone(), oom_done.clone(), g0.guest.mm_id());
+            let again = !setup.swarm.off(Swarm::NO_OOM_AGAIN);
             sim.spawn("oom", async move {
                 let _ = h.out_of_memory(None).await;
                 // The victim itself then runs short while dying
                 // (task_will_free_mem(current)): it must not be queued twice.
-                let _ = h.out_of_memory(Some(id)).await;
+                if again {
+                    let _ = h.out_of_memory(Some(id)).await;
+                }
                 done.store(true, Ordering::SeqCst);
             });
             let poll = sim.time(Duration::from_millis(50));
@@ -426,7 +484,7 @@ pub fn run_setup_mode(
                 "reaper",
                 reaper_loop(reaper.clone(), oom_done.clone(), clock.clone(), poll),
             );
-            if cancellable {
+            if cancellable && !setup.swarm.off(Swarm::NO_MRELEASE) {
                 let (h, id) = (host.clone(), g0.guest.id());
                 sim.spawn_cancellable("mrelease", async move {
                     let _ = mm_reaper::mrelease(&h, id).await;

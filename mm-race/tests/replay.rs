@@ -95,3 +95,54 @@ fn injected_failures_reach_the_fallible_sites_and_break_nothing() {
 // finds depends on OS timing (a mutant was caught in 2 of 4 runs of the
 // same inputs), so it lives in the bounded `threads` example instead
 // (FUZZING.md). Its oracles share the executor's code.
+
+/// The outcome of one run: the invariant broken (if any) and the protocol
+/// steps it executed.
+fn outcome(t: Target, data: &[u8]) -> (Option<String>, u64) {
+    let before = mm_race::steps_executed();
+    let f = run(t, data).map(|f| f.invariant);
+    (f, mm_race::steps_executed() - before)
+}
+
+/// `hunt --swarm` saves `swarm::encode(mask, body)`; those bytes must
+/// replay to the same outcome through plain `run`, a header with mask 0
+/// must run exactly the plain input, and a mask must really change runs.
+#[test]
+fn swarm_inputs_replay_to_the_same_outcome_through_run() {
+    use mm_race::swarm::{encode, Swarm};
+    let rounds = if cfg!(debug_assertions) { 20 } else { 100 };
+    for t in Target::ALL {
+        let mut x = (0xC0FF_EE00 ^ t.name().len() as u64) | 1;
+        let mut changed = 0;
+        for body in inputs(0x5A_4A12 ^ t.name().len() as u64, rounds) {
+            let plain = outcome(t, &body);
+            assert_eq!(outcome(t, &encode(Swarm(0), &body)), plain, "{}", t.name());
+            let data = encode(Swarm::draw(&mut x), &body);
+            let first = outcome(t, &data);
+            assert_eq!(outcome(t, &data), first, "{} {:02x?}", t.name(), data);
+            assert_eq!(first.0, None, "{} {:02x?}", t.name(), data);
+            changed += usize::from(first != plain);
+        }
+        eprintln!("{}: {changed} of {rounds} masks changed the run", t.name());
+        assert!(changed > 0, "{}: no swarm mask changed any run", t.name());
+    }
+}
+
+/// The committed inputs keep their meaning: none starts with the swarm
+/// header (so every one decodes with nothing turned off, as before swarm).
+#[test]
+fn no_committed_input_starts_with_the_swarm_header() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
+    for t in Target::ALL {
+        for sub in ["corpus", "regressions"] {
+            for f in files(&root.join(sub).join(t.name())) {
+                let data = std::fs::read(&f).unwrap();
+                assert!(
+                    !data.starts_with(mm_race::swarm::MAGIC),
+                    "{} starts with the swarm header",
+                    f.display()
+                );
+            }
+        }
+    }
+}
