@@ -15,6 +15,10 @@
 //! OS thread instead (no hook, real time), the baseline the executor is
 //! measured against.
 //!
+//! [`swarm`]: an input may start with a header that turns some actors and
+//! features off for that run (swarm testing, `hunt --swarm`); the input
+//! replays through [`run`] like any other.
+//!
 //! The same input always replays the same interleaving, so the fuzz targets
 //! in `fuzz/` are thin wrappers, and `cargo test` replays the committed
 //! corpus and bounded random schedules on stable.

@@ -25,7 +25,7 @@
 //! * **Actors.** A target's core actors (its namesake race: the guest's
 //!   exit, the OOM killer and the reaper, mrelease and its kill, the vCPU of
 //!   `fault_vs_reap`, KSM's guest exits and the vCPU's final read-back
-//!   audit) always run. Each optional actor ([`Swarm::OPTIONAL_ACTORS`] per
+//!   audit) always run. Each optional actor ([`Swarm::optional_actors`] per
 //!   target) is off when its bit is set, but never all of them: a mask that
 //!   turns off every optional actor of a target is read as turning off none
 //!   (so a target with one optional actor always runs it).
