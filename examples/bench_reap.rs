@@ -228,7 +228,10 @@ fn main() {
             thp_ratios: ph.ratios.clone(),
         });
     } else {
-        println!("reap of {mib} MiB touched, {rounds} paired rounds after {} warm-up", args.warmup);
+        println!(
+            "reap of {mib} MiB touched, {rounds} paired rounds after {} warm-up",
+            args.warmup
+        );
         println!(
             "  4 KiB pages: guestmm mrelease {o4:7.2} ms   kernel process_mrelease {k4:7.2} ms   ratio {:.2} (pairs {:.2}-{:.2}, middle half {:.2}-{:.2})",
             p4.quantile(0.5), p4.quantile(0.0), p4.quantile(1.0), p4.quantile(0.25), p4.quantile(0.75)

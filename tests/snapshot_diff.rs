@@ -16,23 +16,12 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
-use common::{serial, MIB};
+use common::{dirty_host, serial, MIB};
 use guestmm::{
-    Advice, Error, Host, HostConfig, MapOptions, MmConfig, MmUser, Prot, Snapshot, SnapshotError,
-    SnapshotKind, PAGE_SIZE,
+    Advice, Error, Host, MapOptions, MmUser, Prot, Snapshot, SnapshotError, SnapshotKind, PAGE_SIZE,
 };
 
 const PAGE: u64 = PAGE_SIZE as u64;
-
-fn dirty_host(budget: u64) -> Host {
-    Host::new(HostConfig {
-        mm: MmConfig {
-            dirty_log: true,
-            ..MmConfig::default()
-        },
-        ..HostConfig::with_budget(budget)
-    })
-}
 
 /// A fresh path in the temp dir (removed on drop).
 struct TmpFile(PathBuf);

@@ -6,20 +6,10 @@
 
 mod common;
 
-use common::{serial, MIB};
-use guestmm::{Advice, Error, Host, HostConfig, MapOptions, MmConfig, PAGE_SIZE};
+use common::{dirty_host, serial, MIB};
+use guestmm::{Advice, Error, Host, MapOptions, PAGE_SIZE};
 
 const PAGE: u64 = PAGE_SIZE as u64;
-
-fn dirty_host(budget: u64) -> Host {
-    Host::new(HostConfig {
-        mm: MmConfig {
-            dirty_log: true,
-            ..MmConfig::default()
-        },
-        ..HostConfig::with_budget(budget)
-    })
-}
 
 /// Rss of the host mappings overlapping `[ptr, ptr+len)`, from
 /// /proc/self/smaps, in bytes.

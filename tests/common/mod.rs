@@ -7,6 +7,17 @@ use guestmm::ProcessMemory;
 
 pub const MIB: u64 = 1 << 20;
 
+/// A host whose guests keep a dirty log (`MmConfig::dirty_log`).
+pub fn dirty_host(budget: u64) -> guestmm::Host {
+    guestmm::Host::new(guestmm::HostConfig {
+        mm: guestmm::MmConfig {
+            dirty_log: true,
+            ..guestmm::MmConfig::default()
+        },
+        ..guestmm::HostConfig::with_budget(budget)
+    })
+}
+
 /// Tests that read process-wide numbers (RSS, PSS) take this lock so that
 /// no other test of the same binary allocates meanwhile.
 pub fn serial() -> MutexGuard<'static, ()> {
