@@ -44,7 +44,8 @@
 //!                      a guest layout from one or a chain
 //!         exit.rs      exit_mmap, step by step
 //!         ksm/         the KSM seam (break_ksm): KsmMm, StableStore,
-//!                      merge/snapshot/zero, unshare, KsmHooks
+//!                      merge/snapshot/zero, batch (one write-protect
+//!                      window per scanner chunk), unshare, KsmHooks
 //!         mm/          Mm + config + VmaHooks (mod), refs (MmUser/MmGrab/
 //!                      MmWatch), fault, tracked_fault (the handler's side,
 //!                      impl FaultTarget), ksm_wp (ksm_add_vma: WP
@@ -104,16 +105,20 @@
 //!                              ksmd releases the mmap lock BEFORE this one when the slot
 //!                              stays listed (after the unlock ksm_exit may free the mm).
 //!     PTE page locks           fault path (populate + copy), zap_range, ksmd's merge
-//!                              (ksm/merge.rs). Taken in ascending page order, never held
+//!                              (ksm/merge.rs; ksm/batch.rs holds a chunk's runs at once,
+//!                              still ascending). Taken in ascending page order, never held
 //!                              across an await or a syscall other than the madvise /
-//!                              mprotect / mmap(MAP_FIXED) / uffd WP+WAKE / pwrite / pread
-//!                              of the pages they cover (the mmap of a merge waits for the
-//!                              uffd handler to read its UNMAP message; the handler never
-//!                              waits for a PTE lock). A lazy restore's COPY reads the
+//!                              mprotect / mmap(MAP_FIXED) / uffd WP+WAKE+REGISTER / pwrite /
+//!                              pread of the pages they cover (the mmap of a merge in a
+//!                              tracked region waits for the uffd handler to read its UNMAP
+//!                              message; the handler never waits for a PTE lock; untracked
+//!                              mergeable regions are on a quiet descriptor: no message). A lazy restore's COPY reads the
 //!                              snapshot file under them (disk I/O on a cold cache; waiters
 //!                              yield) and drops the file pages it read with a madvise of
 //!                              its own read-only file mapping (no uffd message).
 //!       Host budget (atomic)   try_charge under page locks; reclaim runs with NO lock held.
+//!       StableStore views      std mutex, a leaf: the merge's compare maps or finds a window
+//!                              of the store under it (ksm/mod.rs); no other lock inside.
 //!       notifier / hook lists  std mutexes held only to push, take or clone.
 //!       Mm::diff (DiffState)   std mutex, a leaf: read or replaced whole by snapshot file
 //!                              writers (under the write lock) and by the dirty log's other
@@ -128,7 +133,8 @@
 //!                              at all; entries inserted before UFFDIO_REGISTER, removed
 //!                              after UFFDIO_UNREGISTER (under the mm's write lock).
 //!     uffd shard descriptors   std mutexes: locked only to open or clone a shard's
-//!                              descriptor (a tracker's first mmap; the shard thread per round).
+//!                              descriptor (a tracker's first mmap; the shard thread per round;
+//!                              the quiet one at a tracker's first KSM registration).
 //! uffd handler (pool shard)    one thread serves every mm of its shard. Takes NO mmap lock,
 //!                              routes messages through the lock-free map (no guest thread can
 //!                              hold a lock it needs while blocked in a fault), only TRY-locks
