@@ -92,7 +92,8 @@
 //! Outer to inner; each line names who takes the lock.
 //!
 //! ```text
-//! ksm scanner mutex            mm-ksm: ksmd per batch, run=unmerge.  Never by ksm_exit
+//! ksm scanner mutex            mm-ksm: ksmd per batch, run=unmerge (a `sched::Mutex`, like
+//!                              oom_lock: no real-time fairness under the harness). Never by ksm_exit
 //!                              (seed 3), never by exit_mmap, never by the reaper.
 //!                              run=unmerge runs the pressure path (OOM kill + wait) under
 //!                              it, holding no mmap lock (`Mm::reserve`): safe only

@@ -209,3 +209,99 @@ pub fn fail(name: &'static str) -> bool {
     let _ = name;
     false
 }
+
+/// An async mutex whose order of acquisition depends only on the order in
+/// which its users are polled, under a harness.
+///
+/// `async_lock::Mutex` switches a waiter to a "starvation" mode once it has
+/// waited 0.5 ms of *real* time, and the mode changes who gets the lock
+/// next. In the race harness, where actors run one at a time and some do
+/// real syscalls (KSM's merges), that made the lock order, and so the
+/// interleaving of an input, depend on the machine's speed: 1-4 of 100
+/// identical `teardown_vs_ksm` inputs ran a different number of steps (a
+/// ksmd batch taking the scanner mutex before or after the admin's
+/// unmerge-all). Under an installed hook a waiter here tries the lock,
+/// listens for the next release and sleeps until it comes: no time
+/// involved. Without a hook it is `async_lock::Mutex`, fairness included.
+#[derive(Debug, Default)]
+pub struct Mutex<T> {
+    inner: async_lock::Mutex<T>,
+    released: event_listener::Event,
+}
+
+impl<T> Mutex<T> {
+    /// A new unlocked mutex.
+    pub fn new(value: T) -> Mutex<T> {
+        Mutex {
+            inner: async_lock::Mutex::new(value),
+            released: event_listener::Event::new(),
+        }
+    }
+
+    /// Locks the mutex (see the type's docs for the harness case).
+    pub async fn lock(&self) -> MutexGuard<'_, T> {
+        let guard = |g| MutexGuard {
+            guard: Some(g),
+            released: &self.released,
+        };
+        if !hooked() {
+            return guard(self.inner.lock().await);
+        }
+        loop {
+            if let Some(g) = self.inner.try_lock() {
+                return guard(g);
+            }
+            // Listen first, then retry: a release in between is not lost.
+            let l = self.released.listen();
+            if let Some(g) = self.inner.try_lock() {
+                return guard(g);
+            }
+            l.await;
+        }
+    }
+
+    /// Locks the mutex if it is free.
+    pub fn try_lock(&self) -> Option<MutexGuard<'_, T>> {
+        self.inner.try_lock().map(|g| MutexGuard {
+            guard: Some(g),
+            released: &self.released,
+        })
+    }
+}
+
+/// A held [`Mutex`]; the release wakes the harness's waiters.
+#[derive(Debug)]
+pub struct MutexGuard<'a, T> {
+    guard: Option<async_lock::MutexGuard<'a, T>>,
+    released: &'a event_listener::Event,
+}
+
+impl<T> std::ops::Deref for MutexGuard<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        self.guard.as_deref().expect("held until drop")
+    }
+}
+
+impl<T> std::ops::DerefMut for MutexGuard<'_, T> {
+    fn deref_mut(&mut self) -> &mut T {
+        self.guard.as_deref_mut().expect("held until drop")
+    }
+}
+
+impl<T> Drop for MutexGuard<'_, T> {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        self.released.notify(usize::MAX);
+    }
+}
+
+/// Is a harness hook installed on this thread?
+#[inline(always)]
+fn hooked() -> bool {
+    #[cfg(feature = "sched")]
+    if imp::current().is_some() {
+        return true;
+    }
+    false
+}

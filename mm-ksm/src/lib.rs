@@ -251,7 +251,7 @@ pub(crate) struct Inner {
     pub(crate) clock: Arc<dyn Clock>,
     /// `ksm_thread_mutex`: the trees and rmap items; held by the scanner for
     /// a batch and by unmerge-all. Never taken by `ksm_exit` (seed 3).
-    pub(crate) scanner: async_lock::Mutex<Scanner>,
+    pub(crate) scanner: mm_core::sched::Mutex<Scanner>,
     /// The slot hash (`mm_slots_hash`).
     pub(crate) slots: DashMap<MmId, Arc<Slot>>,
     /// The slot-list lock.
@@ -308,7 +308,7 @@ impl Ksm {
                 raised_map_count,
                 run: AtomicU8::new(Run::Stop.to_u8()),
                 clock: config.clock,
-                scanner: async_lock::Mutex::new(Scanner::default()),
+                scanner: mm_core::sched::Mutex::new(Scanner::default()),
                 slots: DashMap::new(),
                 list: Mutex::new(ScanList::default()),
                 store,

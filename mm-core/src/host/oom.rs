@@ -93,7 +93,7 @@ pub struct OomStats {
 #[derive(Default)]
 pub(crate) struct OomState {
     /// `oom_lock`: serialises selection, kill and `oom_killer_disable`.
-    lock: async_lock::Mutex<()>,
+    lock: crate::sched::Mutex<()>,
     disabled: AtomicBool,
     /// `oom_victims`: changed only under `lock` (+1, mark_oom_victim) or
     /// by the victim's own exit (-1, exit_oom_victim).
