@@ -11,11 +11,10 @@
 mod common;
 
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::time::Duration;
 
-use common::{serial, MIB};
+use common::{serial, TmpFile, MIB};
 use guestmm::{
     Advice, Error, Host, HostConfig, MapOptions, MmConfig, MmUser, ProcessMemory, Prot, Snapshot,
     SnapshotError, PAGE_SIZE,
@@ -27,25 +26,6 @@ const HEADER: usize = 128;
 const CHILD_ENV: &str = "GUESTMM_SNAPSHOT_CHILD";
 /// A bound on how long a child may run: reaching it is a failure.
 const HANG: Duration = Duration::from_secs(120);
-
-/// A fresh path in the temp dir (removed on drop).
-struct TmpFile(PathBuf);
-
-impl TmpFile {
-    fn new(name: &str) -> TmpFile {
-        TmpFile(std::env::temp_dir().join(format!(
-            "guestmm-snap-{}-{name}-{:?}",
-            std::process::id(),
-            std::thread::current().id()
-        )))
-    }
-}
-
-impl Drop for TmpFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
 
 /// The bytes test page `p` of region `r` holds when written.
 fn pattern(r: u64, p: u64) -> Vec<u8> {
@@ -135,7 +115,7 @@ fn test_snapshot_restore_threads_and_api_byte_identical() {
         return;
     }
     let _g = serial();
-    let file = TmpFile::new("identical");
+    let file = TmpFile::new("snap-identical");
     let src_host = Host::with_budget(256 * MIB);
     let (src, addrs) = source_guest(&src_host);
     let stats = src.snapshot_to_file_blocking(&file.0).unwrap();
@@ -247,7 +227,7 @@ fn test_zapped_after_served_reads_zeros() {
         return;
     }
     let _g = serial();
-    let file = TmpFile::new("zap");
+    let file = TmpFile::new("snap-zap");
     let src_host = Host::with_budget(64 * MIB);
     let src = src_host.new_mm("src");
     let a = src
@@ -303,7 +283,7 @@ fn test_prefetch_threads_serve_each_page_once() {
         return;
     }
     let _g = serial();
-    let file = TmpFile::new("prefetch");
+    let file = TmpFile::new("snap-prefetch");
     let src_host = Host::with_budget(64 * MIB);
     let src = src_host.new_mm("src");
     let a = src
@@ -407,7 +387,7 @@ fn test_bad_snapshots_get_named_errors() {
     if std::env::var(CHILD_ENV).is_ok() {
         return;
     }
-    let file = TmpFile::new("bad");
+    let file = TmpFile::new("snap-bad");
     let (head, len) = small_snapshot(&file);
     assert!(Snapshot::open(&file.0).is_ok());
 
@@ -513,7 +493,7 @@ fn test_layout_that_does_not_fit_maps_nothing() {
     if std::env::var(CHILD_ENV).is_ok() {
         return;
     }
-    let file = TmpFile::new("fit");
+    let file = TmpFile::new("snap-fit");
     small_snapshot(&file);
     let snap = Snapshot::open(&file.0).unwrap();
     let (a, b) = (snap.vmas()[0].start, snap.vmas()[1].start);
@@ -578,7 +558,7 @@ fn test_truncated_under_restore_api_error() {
     if std::env::var(CHILD_ENV).is_ok() {
         return;
     }
-    let file = TmpFile::new("trunc-api");
+    let file = TmpFile::new("snap-trunc-api");
     let host = Host::with_budget(64 * MIB);
     let src = host.new_mm("src");
     let a = src
@@ -623,7 +603,7 @@ fn truncated_under_restore_sigbus_child() {
     if std::env::var(CHILD_ENV).as_deref() != Ok("truncated_under_restore_sigbus_child") {
         return;
     }
-    let file = TmpFile::new("trunc-child");
+    let file = TmpFile::new("snap-trunc-child");
     let host = Host::with_budget(64 * MIB);
     let src = host.new_mm("src");
     let a = src
@@ -684,7 +664,7 @@ fn test_partial_munmap_keeps_the_rest_restored() {
     if std::env::var(CHILD_ENV).is_ok() {
         return;
     }
-    let file = TmpFile::new("split");
+    let file = TmpFile::new("snap-split");
     let host = Host::with_budget(64 * MIB);
     let src = host.new_mm("src");
     let a = src

@@ -16,31 +16,12 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
-use common::{dirty_host, serial, MIB};
+use common::{dirty_host, serial, TmpFile, MIB};
 use guestmm::{
     Advice, Error, Host, MapOptions, MmUser, Prot, Snapshot, SnapshotError, SnapshotKind, PAGE_SIZE,
 };
 
 const PAGE: u64 = PAGE_SIZE as u64;
-
-/// A fresh path in the temp dir (removed on drop).
-struct TmpFile(PathBuf);
-
-impl TmpFile {
-    fn new(name: &str) -> TmpFile {
-        TmpFile(std::env::temp_dir().join(format!(
-            "guestmm-diff-{}-{name}-{:?}",
-            std::process::id(),
-            std::thread::current().id()
-        )))
-    }
-}
-
-impl Drop for TmpFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
 
 /// The bytes page `addr` holds after a write of generation `gen`.
 fn pattern(gen: u8, addr: u64) -> Vec<u8> {
@@ -209,7 +190,7 @@ fn build_chain(tag: &str) -> Chain {
     let mut files = Vec::new();
     let mut images = Vec::new();
     let snap = |mm: &MmUser, n: usize, files: &mut Vec<TmpFile>, images: &mut Vec<Image>| {
-        let f = TmpFile::new(&format!("{tag}-{n}"));
+        let f = TmpFile::new(&format!("diff-{tag}-{n}"));
         let st = if n == 0 {
             mm.snapshot_to_file_blocking(&f.0).unwrap()
         } else {
@@ -441,7 +422,10 @@ fn test_bad_chains_get_named_errors() {
         .mmap_blocking(MapOptions::anon(MIB).tracked(true))
         .unwrap();
     other.write_blocking(x, b"other").unwrap();
-    let (g, gd) = (TmpFile::new("other-full"), TmpFile::new("other-diff"));
+    let (g, gd) = (
+        TmpFile::new("diff-other-full"),
+        TmpFile::new("diff-other-diff"),
+    );
     other.snapshot_to_file_blocking(&g.0).unwrap();
     other.write_blocking(x + PAGE, b"more").unwrap();
     let st = other.snapshot_diff_to_file_blocking(&gd.0).unwrap();
@@ -504,7 +488,7 @@ fn test_bad_chains_get_named_errors() {
 #[test]
 fn test_diff_needs_a_dirty_log_and_a_base() {
     let _g = serial();
-    let file = TmpFile::new("refused");
+    let file = TmpFile::new("diff-refused");
     // No dirty log.
     let plain = Host::with_budget(64 * MIB);
     let mm = plain.new_mm("plain");
@@ -529,7 +513,7 @@ fn test_diff_needs_a_dirty_log_and_a_base() {
     ));
     mm.snapshot_to_file_blocking(&file.0).unwrap();
     // Nothing changed: an empty diff.
-    let d = TmpFile::new("refused-empty");
+    let d = TmpFile::new("diff-refused-empty");
     let st = mm.snapshot_diff_to_file_blocking(&d.0).unwrap();
     assert_eq!((st.pages, st.absent_pages), (0, 0));
     // Someone else harvested the log: the next diff could miss pages.
@@ -540,7 +524,7 @@ fn test_diff_needs_a_dirty_log_and_a_base() {
         other => panic!("expected NoDiffBase, got {other:?}"),
     }
     // A full snapshot starts a new chain.
-    let f2 = TmpFile::new("refused-full2");
+    let f2 = TmpFile::new("diff-refused-full2");
     mm.snapshot_to_file_blocking(&f2.0).unwrap();
     mm.write_blocking(a + 2 * PAGE, b"z").unwrap();
     assert_eq!(mm.snapshot_diff_to_file_blocking(&d.0).unwrap().pages, 1);
@@ -586,7 +570,7 @@ fn test_diff_needs_a_dirty_log_and_a_base() {
 #[test]
 fn test_version_1_file_still_restores() {
     let _g = serial();
-    let file = TmpFile::new("v1");
+    let file = TmpFile::new("diff-v1");
     let host = Host::with_budget(64 * MIB);
     let mm = host.new_mm("src");
     let a = mm

@@ -7,6 +7,26 @@ use guestmm::ProcessMemory;
 
 pub const MIB: u64 = 1 << 20;
 
+/// A fresh path in the temp dir, unique to this process and thread,
+/// removed on drop.
+pub struct TmpFile(pub std::path::PathBuf);
+
+impl TmpFile {
+    pub fn new(name: &str) -> TmpFile {
+        TmpFile(std::env::temp_dir().join(format!(
+            "guestmm-{}-{name}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        )))
+    }
+}
+
+impl Drop for TmpFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// A host whose guests keep a dirty log (`MmConfig::dirty_log`).
 pub fn dirty_host(budget: u64) -> guestmm::Host {
     guestmm::Host::new(guestmm::HostConfig {

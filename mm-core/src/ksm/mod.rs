@@ -159,7 +159,7 @@ impl StableStore {
         let n = r.len() as u64 / PAGE;
         let (w, last) = (first / VIEW_PAGES, (first + n - 1) / VIEW_PAGES);
         if w == last {
-            let mut views = self.views.lock().unwrap_or_else(|p| p.into_inner());
+            let mut views = crate::types::lock(&self.views);
             if !views.contains_key(&w) {
                 if views.len() >= VIEW_MAX {
                     views.clear();

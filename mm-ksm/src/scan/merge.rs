@@ -345,32 +345,6 @@ fn after_stable(
     }
 }
 
-/// Makes new stable pages from the run at `addr` alone (the current page
-/// of an unstable-tree pair, `try_to_merge_two_pages` +
-/// `stable_tree_insert`); returns the first stable page for the other
-/// side. The chunk's runs do the same in a batch (`merge_runs`).
-#[cfg(test)]
-fn merge_new(cx: &mut MmCtx<'_>, addr: GuestAddr, sums: &[u64]) -> Option<StableId> {
-    let n = sums.len() as u64;
-    if cx.sc.map_limited || !maps::allow(cx, addr, PageCount(n), 2) {
-        return None;
-    }
-    let first = StableId(cx.inner.store.alloc(n)?);
-    let mut charged = vec![false; n as usize];
-    let run = MergeRun {
-        addr: addr.0,
-        n,
-        store: &cx.inner.store,
-        first: first.0,
-        fill: true,
-    };
-    let out = cx
-        .ksm()
-        .and_then(|k| k.merge(run, &mut charged))
-        .map(|merge| BatchOutcome { merge, charged });
-    after_new(cx, addr, sums, first, out).then_some(first)
-}
-
 /// Records new stable pages `first..` filled by the run at `addr`, or
 /// releases their ids if the merge did not happen; whether it did.
 fn after_new(
@@ -491,9 +465,19 @@ mod tests {
         let mut items = SlotItems::default();
         let state = futures_lite::future::block_on(mm.lock().read());
         let mut cx = MmCtx::new(&k.inner, &mut sc, &mm, &state, &mut items, 0);
-        // Never populated: the merge finds the pages absent (Changed).
-        let first = merge_new(&mut cx, GuestAddr(addr), &[1, 2]);
-        assert_eq!(first, None);
+        // A pair run of two pages, never populated: the plan allocates two
+        // stable ids, the batch finds the pages absent (Changed).
+        let other = Class::Pair(MmId(u64::MAX), GuestAddr(0x4000_0000));
+        let next = Class::Pair(MmId(u64::MAX), GuestAddr(0x4000_1000));
+        let mut pending = Vec::new();
+        merge_runs(
+            &mut cx,
+            GuestAddr(addr),
+            &[other, next],
+            &[1, 2],
+            &mut pending,
+        );
+        assert!(pending.is_empty(), "no other side queued");
         assert_eq!(k.inner.store.counts(), (2, 2), "allocated ids not released");
         assert!(sc.trees.stable.is_empty() && items.map.is_empty());
         drop(state);
