@@ -116,6 +116,10 @@ struct Report {
     process_rss_before_reap_bytes: u64,
     process_rss_after_reap_bytes: u64,
     reaped_bytes: u64,
+    /// What the other guests' mappings gained (smaps Rss) between the two
+    /// process readings: they keep filling while the victim is reaped, so
+    /// `reaped_bytes` alone undercounts what came back.
+    survivors_rss_growth_during_reap_bytes: u64,
     reap_ms: f64,
     oom_latency_ms: f64,
     oom_kills: u64,
@@ -217,6 +221,16 @@ fn worker(
 }
 
 /// Rss of the host mapping starting at `base`, from /proc/self/smaps.
+/// The sum of every guest's bytes but guest `skip`'s.
+fn others_sum(per_guest: &[u64], skip: usize) -> u64 {
+    per_guest
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| i != skip)
+        .map(|(_, b)| b)
+        .sum()
+}
+
 fn mapping_rss(base: usize, len: u64) -> u64 {
     common::mappings_rss(&[(base, len)])[0]
 }
@@ -307,6 +321,10 @@ fn main() {
     let mut victim_rss_before = 0;
     let mut rss_before_reap = 0;
     let mut rss_after_reap = 0;
+    // The other guests' resident bytes (smaps), read inside the window of
+    // the two process readings, so their growth is never overcounted.
+    let mut survivors_before: Option<u64> = None;
+    let mut survivors_growth = 0;
     let mut back_at: Option<Instant> = None;
     let mut victim_users_at_reap = 0;
     let finish_after = Duration::from_millis(args.fill_ms * 3 / 2 + 1000);
@@ -330,15 +348,18 @@ fn main() {
         if rss > budget && victim.is_none() {
             exceeded_at.get_or_insert(now);
             let before = procfs::statm_rss().unwrap_or(0);
+            let per_guest_before = common::mappings_rss(&ranges);
             if let OomOutcome::Killed { guest } =
                 futures_lite::future::block_on(host.out_of_memory(None))
             {
-                let v = guests
+                let i = guests
                     .iter()
-                    .find(|g| g.guest.id() == guest)
+                    .position(|g| g.guest.id() == guest)
                     .expect("a demo guest");
+                let v = &guests[i];
                 victim_rss_before = v.rss_at_kill.load(Ordering::SeqCst);
                 rss_before_reap = before;
+                survivors_before = Some(others_sum(&per_guest_before, i));
                 victim = Some(v.clone());
             }
         }
@@ -348,10 +369,12 @@ fn main() {
                 // "Back" = the victim's own mapping has lost >= 90% of what
                 // it had (smaps Rss of its host range): the other guests keep
                 // filling meanwhile, so the process total alone would not tell.
-                let rss_now = procfs::statm_rss().unwrap_or(0);
                 if mapping_rss(v.host_base, v.bytes) <= victim_rss_before / 10 {
                     back_at = Some(Instant::now());
-                    rss_after_reap = rss_now;
+                    let i = guests.iter().position(|g| Arc::ptr_eq(g, v)).unwrap_or(0);
+                    let after = others_sum(&common::mappings_rss(&ranges), i);
+                    survivors_growth = after.saturating_sub(survivors_before.unwrap_or(after));
+                    rss_after_reap = procfs::statm_rss().unwrap_or(0);
                     victim_users_at_reap = v.guest.oom_mm().map_or(0, |m| m.users()) as u64;
                 }
             }
@@ -435,6 +458,7 @@ fn main() {
             process_rss_before_reap_bytes: rss_before_reap,
             process_rss_after_reap_bytes: rss_after_reap,
             reaped_bytes: reaped,
+            survivors_rss_growth_during_reap_bytes: survivors_growth,
             reap_ms: round(rstats.last_reap_us as f64 / 1e3, 3),
             oom_latency_ms: round(latency_ms, 3),
             oom_kills: oom.kills,
@@ -460,9 +484,10 @@ fn main() {
         println!("victim                     {victim_name} ({} resident before the kill, /proc/self/smaps)", gib(victim_rss_before));
         println!("process RSS before reap    {}", gib(rss_before_reap));
         println!(
-            "process RSS after reap     {}  ({} returned)",
+            "process RSS after reap     {}  ({} returned; the other guests grew {} meanwhile)",
             gib(rss_after_reap),
-            gib(reaped)
+            gib(reaped + survivors_growth),
+            gib(survivors_growth)
         );
         println!("victim users at reap       {victim_users_at_reap} (teardown had not started)");
         println!(
