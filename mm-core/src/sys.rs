@@ -232,6 +232,15 @@ pub(crate) fn lock(r: HostRange, on: bool) -> io::Result<()> {
     })
 }
 
+/// `mlock2(MLOCK_ONFAULT)`: locks `r` without populating it. A plain
+/// `mlock` of a writable private mapping faults every page in for write,
+/// which would copy-on-write a merged (KSM) page right away; this locks
+/// the pages already mapped and each later fault's page.
+pub(crate) fn lock_on_fault(r: HostRange) -> io::Result<()> {
+    // SAFETY: a plain syscall on a range we own.
+    check(unsafe { libc::mlock2(r.ptr().cast(), r.len(), libc::MLOCK_ONFAULT) })
+}
+
 /// `fallocate(PUNCH_HOLE | KEEP_SIZE)`: free the memfd pages of `[off, off+len)`.
 pub(crate) fn punch_hole(fd: &OwnedFd, off: usize, len: usize) -> io::Result<()> {
     let off = libc::off_t::try_from(off).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;

@@ -316,14 +316,11 @@ impl Mm {
                 continue;
             }
             let hr = host(r);
-            let (hs, he) = (hr.ptr() as usize, hr.ptr() as usize + hr.len());
             // `Err(None)`: the map limit (`ENOMEM`).
             let res: std::result::Result<(), Option<Error>> = match r.op {
-                BatchOp::Zero => vma.free_host(r.addr, r.addr + r.n * PAGE).map_err(Some),
-                BatchOp::Onto(first) | BatchOp::Fill(first) => t
-                    .self_zap(hs, he, || {
-                        sys::map_file_private_fixed(hr, &store.fd, first * PAGE, vma.prot.bits())
-                    })
+                BatchOp::Zero => vma.discard_zero(r.addr, r.addr + r.n * PAGE).map_err(Some),
+                BatchOp::Onto(first) | BatchOp::Fill(first) => vma
+                    .map_stable(t, hr, store, first)
                     .map_err(|e| map_failed(e).err()),
             };
             match res {

@@ -216,11 +216,7 @@ impl Mm {
         }
         // 4. Map the stable pages over the run; the handler ignores the
         //    UNMAP message of our own replacement.
-        let (hs, he) = (r.ptr() as usize, r.ptr() as usize + r.len());
-        let mapped = t.self_zap(hs, he, || {
-            sys::map_file_private_fixed(r, &store.fd, first * PAGE, vma.prot.bits())
-        });
-        if let Err(e) = mapped {
+        if let Err(e) = vma.map_stable(t, r, store, first) {
             abort_window(t, r, locked)?;
             return map_failed(e);
         }
@@ -301,7 +297,7 @@ impl Mm {
         // Announced as our own zap (free_pages), so the handler ignores the
         // REMOVE message. Writers blocked on WP refault on an empty PTE and
         // the handler populates them once we unlock.
-        let res = vma.free_host(addr, end);
+        let res = vma.discard_zero(addr, end);
         let _ = t.wake_range(r);
         if let Err(e) = res {
             let _ = t.writeprotect(r, false);

@@ -331,25 +331,70 @@ impl VmaHooks for KsmHooks {
 
 impl Vma {
     /// Can the mechanism merge this VMA's pages? Private, 4 KiB, readable,
-    /// not locked or pinned, and registered with userfaultfd write-protect
+    /// not pinned (mlocked is fine), and registered with userfaultfd write-protect
     /// (step 2 needs it): a tracked region, or an untracked one registered
     /// for write-protect only when it became mergeable
     /// ([`MmUser::madvise`](crate::MmUser::madvise) `Mergeable`,
     /// [`prepare_all`], an mmap under `VM_MERGE_ANY`). Whether KSM
     /// *should* (`VM_MERGEABLE`) is the scanner's business.
     pub fn ksm_capable(&self) -> bool {
-        let no = [
-            VmFlags::SHARED,
-            VmFlags::HUGEPAGE,
-            VmFlags::LOCKED,
-            VmFlags::PINNED,
-        ];
+        // VM_LOCKED merges, as in the kernel (issue 12): `map_stable` and
+        // `discard_zero` keep the host range locked.
+        let no = [VmFlags::SHARED, VmFlags::HUGEPAGE, VmFlags::PINNED];
         !no.iter().any(|f| self.flags.contains(*f))
             && self.prot.contains(Prot::READ)
             && self
                 .region
                 .wp_tracker()
                 .is_some_and(|t| !t.is_dead() && t.wp())
+    }
+}
+
+impl Vma {
+    /// Step 4 of a merge: maps stable pages `first..` of `store` over the
+    /// host range `r` of this VMA (`MAP_FIXED | MAP_PRIVATE`), announced to
+    /// the handler as our own replacement.
+    fn map_stable(
+        &self,
+        t: &Tracker,
+        r: sys::HostRange,
+        store: &StableStore,
+        first: u64,
+    ) -> std::io::Result<()> {
+        let (hs, he) = (r.ptr() as usize, r.ptr() as usize + r.len());
+        t.self_zap(hs, he, || {
+            sys::map_file_private_fixed(r, &store.fd, first * PAGE, self.prot.bits())
+        })?;
+        self.relock(r);
+        Ok(())
+    }
+
+    /// A KSM zero page: frees the host pages of guest `[s, e)` (announced
+    /// as our own zap). The host refuses `DONTNEED` on mlocked memory, so
+    /// an mlocked VMA's range is unlocked first and locked again after.
+    fn discard_zero(&self, s: u64, e: u64) -> Result<()> {
+        let r = self.host_range(s, e);
+        if self.flags.contains(VmFlags::LOCKED) {
+            sys::lock(r, false).map_err(Error::host("munlock (KSM zero page)"))?;
+        }
+        let res = self.free_host(s, e);
+        self.relock(r);
+        res
+    }
+
+    /// After a merge replaced host pages of an mlocked VMA: a new mapping
+    /// does not inherit the lock. `mlock2(MLOCK_ONFAULT)` locks the merged
+    /// page without the write fault a plain `mlock` takes on a writable
+    /// private mapping (which would copy the page at once: the kernel too
+    /// mlocks a KSM page mapped in a `VM_LOCKED` VMA without copying it).
+    /// A failure (`RLIMIT_MEMLOCK` moved meanwhile) leaves the merged page
+    /// unlocked but correct: logged, not fatal.
+    fn relock(&self, r: sys::HostRange) {
+        if self.flags.contains(VmFlags::LOCKED) {
+            if let Err(e) = sys::lock_on_fault(r) {
+                tracing::warn!(target: "mm_core::ksm", error = %e, "merged pages of an mlocked VMA not locked again");
+            }
+        }
     }
 }
 
