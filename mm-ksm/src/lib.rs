@@ -15,9 +15,9 @@
 //! pointer are found with pagemap and, never having been charged, are not
 //! uncharged by their merge. Without userfaultfd write-protect such a VMA is
 //! registered but never merged (`mm_core::ksm::wp_failures`, a `warn` event).
-//! THP, shared and pinned VMAs never merge (mlocked ones do, and stay
-//! locked), but a mergeable one keeps its mm registered (and its merged
-//! pages) until it can again.
+//! Shared and pinned VMAs never merge (mlocked ones do, and stay locked;
+//! huge-page ones do, their huge page split), but a mergeable one keeps its
+//! mm registered (and its merged pages) until it can again.
 //! Guests can be kept apart in tenant domains ([`Ksm::enter_domain`]);
 //! merges are bounded by a host map-count budget (`scan/maps.rs`).
 //!

@@ -330,8 +330,9 @@ impl VmaHooks for KsmHooks {
 }
 
 impl Vma {
-    /// Can the mechanism merge this VMA's pages? Private, 4 KiB, readable,
-    /// not pinned (mlocked is fine), and registered with userfaultfd write-protect
+    /// Can the mechanism merge this VMA's pages? Private, readable, not
+    /// pinned (mlocked and huge-page are fine), and registered with
+    /// userfaultfd write-protect
     /// (step 2 needs it): a tracked region, or an untracked one registered
     /// for write-protect only when it became mergeable
     /// ([`MmUser::madvise`](crate::MmUser::madvise) `Mergeable`,
@@ -339,8 +340,11 @@ impl Vma {
     /// *should* (`VM_MERGEABLE`) is the scanner's business.
     pub fn ksm_capable(&self) -> bool {
         // VM_LOCKED merges, as in the kernel (issue 12): `map_stable` and
-        // `discard_zero` keep the host range locked.
-        let no = [VmFlags::SHARED, VmFlags::HUGEPAGE, VmFlags::PINNED];
+        // `discard_zero` keep the host range locked. So does VM_HUGEPAGE:
+        // the merge's 4 KiB mapping splits the host's huge page, and the
+        // fault path then faults that block 4 KiB at a time
+        // (`Mm::fault_chunk`).
+        let no = [VmFlags::SHARED, VmFlags::PINNED];
         !no.iter().any(|f| self.flags.contains(*f))
             && self.prot.contains(Prot::READ)
             && self

@@ -49,7 +49,21 @@ impl Mm {
             (start, end)
         };
         let guard = crossbeam_epoch::pin();
-        let w = Window::lock(self.pgtable.leaf_alloc(lo / PAGE, &guard), lo, hi);
+        let leaf = self.pgtable.leaf_alloc(lo / PAGE, &guard);
+        let mut w = Window::lock(leaf, lo, hi);
+        if (lo, hi) != (start, end)
+            && w.olds()
+                .iter()
+                .any(|o| o & (Pte::KSM | Pte::FILEMAP | Pte::KSM_ZERO) != 0)
+        {
+            // A merge split this block's huge page on the host (the kernel's
+            // KSM splits a THP to merge it, issue 12): from here on the
+            // block faults 4 KiB pages, as the kernel does under a PMD that
+            // became a page table. A 2 MiB window would charge and copy the
+            // block's other merged pages on a write to one of them.
+            w.unlock_all();
+            w = Window::lock(leaf, start, end);
+        }
         if write {
             if let Some(fault) = self.wp_backoff(vma, &w) {
                 return Err(fault);

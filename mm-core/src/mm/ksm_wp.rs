@@ -112,10 +112,9 @@ pub async fn prepare_all(mm: &MmUser) -> Result<u64> {
 
 impl Vma {
     /// Could this VMA be merged if its host range were registered for
-    /// write-protect (private anonymous 4 KiB, not tracked)?
+    /// write-protect (private anonymous, huge-page or not, not tracked)?
     pub(crate) fn ksm_wp_candidate(&self) -> bool {
         !self.flags.contains(VmFlags::SHARED)
-            && !self.flags.contains(VmFlags::HUGEPAGE)
             && !self.flags.contains(VmFlags::TRACKED)
             && self.region.is_anon()
             && self.region.tracker().is_none()

@@ -18,8 +18,8 @@ pub(super) async fn scan_mm(cx: &mut MmCtx<'_>, budget: u64, pending: &mut Vec<P
     let mut scanned = 0;
     // Like the kernel, an mm stays registered while it has a VM_MERGEABLE
     // VMA at all (or merge-any): a VMA that is only for a while not
-    // mergeable here (mlocked, PROT_NONE, huge-page, not write-protectable)
-    // keeps the mm's slot, so that undoing the mlock or mprotect brings
+    // mergeable here (PROT_NONE, pinned, not write-protectable)
+    // keeps the mm's slot, so that undoing the mprotect brings
     // merging back (issue 12).
     let mut saw = merge_any;
     let vmas: Vec<(GuestAddr, GuestAddr, bool)> = cx
