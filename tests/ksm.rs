@@ -1403,3 +1403,39 @@ fn test_huge_page_vmas_merge() {
     assert!(buf == shared_page(708));
     teardown(&k, &host, (a, b));
 }
+
+/// Issue 12 departure: per-guest counters (`ksm_stat`) were the scanner's
+/// and stayed stale after an unmerge until its next visit. They are read
+/// from the guest's page table now: `MADV_UNMERGEABLE`, a zap of merged or
+/// zero pages and a write to a zero page show at once.
+#[test]
+fn test_per_guest_counters_right_after_unmerge_and_zap() {
+    let (_serial, host, k) = setup(4096);
+    k.set_use_zero_pages(true);
+    let (a, aa) = guest(&host, &k, "ca", 16);
+    let (b, ba) = guest(&host, &k, "cb", 16);
+    for (mm, at) in [(&a, aa), (&b, ba)] {
+        mm.fill_blocking(at + 8 * PAGE, 4 * PAGE, 0).unwrap();
+    }
+    scan_until(&k, 8, |k| {
+        k.stats().pages_sharing >= 12 && k.stats().ksm_zero_pages >= 8
+    });
+    let stat = |mm: &MmUser| {
+        let s = k.process_stat(mm.id()).unwrap();
+        (s.merging_pages, s.zero_pages)
+    };
+    assert_eq!((stat(&a), stat(&b)), ((12, 4), (12, 4)));
+    k.madvise_blocking(&a, aa, 16 * PAGE, Advice::Unmergeable)
+        .unwrap();
+    assert_eq!(stat(&a), (0, 0), "a's counters right after its unmerge");
+    assert_eq!(stat(&b), (12, 4), "b still maps the stable pages");
+    // b: two merged pages and one zero page zapped, one zero page written.
+    b.madvise_blocking(ba, 2 * PAGE, Advice::DontNeed).unwrap();
+    b.madvise_blocking(ba + 8 * PAGE, PAGE, Advice::DontNeed)
+        .unwrap();
+    b.fill_blocking(ba + 9 * PAGE, PAGE, 7).unwrap();
+    assert_eq!(stat(&b), (10, 2));
+    assert_pattern(&a, aa, 0, 8);
+    assert_pattern(&b, ba + 2 * PAGE, 2, 6);
+    teardown(&k, &host, (a, b));
+}

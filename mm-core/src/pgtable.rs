@@ -99,6 +99,8 @@ trait Level: Send + Sync + Sized + 'static {
     /// Unlinks and defers the destruction of every node below `self`.
     /// Returns how many nodes were freed.
     fn free_children(&self, guard: &Guard) -> usize;
+    /// Calls `f` on every existing leaf below `self`.
+    fn each_leaf<'g>(&'g self, guard: &'g Guard, f: &mut dyn FnMut(&'g Leaf));
 }
 
 /// The bottom level: 512 PTE words.
@@ -143,6 +145,9 @@ impl Level for Leaf {
     }
     fn free_children(&self, _guard: &Guard) -> usize {
         0
+    }
+    fn each_leaf<'g>(&'g self, _guard: &'g Guard, f: &mut dyn FnMut(&'g Leaf)) {
+        f(self)
     }
 }
 
@@ -214,6 +219,17 @@ impl<C: Level> Level for Dir<C> {
             unsafe { guard.defer_destroy(old) };
         }
         freed
+    }
+    fn each_leaf<'g>(&'g self, guard: &'g Guard, f: &mut dyn FnMut(&'g Leaf)) {
+        for slot in &self.slots {
+            let cur = slot.load(Ordering::Acquire, guard);
+            if cur.is_null() {
+                continue;
+            }
+            // SAFETY: as in `child`: non-null, published with Release, and
+            // freed only through `defer_destroy`, which waits for `guard`.
+            unsafe { cur.deref() }.each_leaf(guard, f);
+        }
     }
 }
 
@@ -294,6 +310,21 @@ impl PageTable {
         self.nodes.fetch_sub(freed, Ordering::Relaxed);
         guard.flush();
         freed
+    }
+
+    /// Number of PTEs (in existing leaves) whose word satisfies `pred`, read
+    /// without their locks: a moment's picture, like a walk of smaps.
+    pub fn count_ptes(&self, pred: impl Fn(Pte) -> bool) -> u64 {
+        let guard = crossbeam_epoch::pin();
+        let mut n = 0;
+        self.root.each_leaf(&guard, &mut |leaf| {
+            n += leaf
+                .ptes
+                .iter()
+                .filter(|p| pred(Pte(p.load(Ordering::Acquire) & !Pte::LOCK)))
+                .count() as u64;
+        });
+        n
     }
 
     /// Number of present PTEs in `[first, end)`, walking only existing leaves.

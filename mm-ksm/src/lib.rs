@@ -552,12 +552,19 @@ impl Ksm {
         s
     }
 
-    /// Per-guest counters of a registered mm.
+    /// Per-guest counters of a registered mm. `merging_pages` and
+    /// `zero_pages` are read from its page table
+    /// ([`mm_core::ksm::page_counts`], a walk of its existing leaves): an
+    /// unmerge or a zap shows at once. `rmap_items` is the scanner's, as of
+    /// its last visit.
     pub fn process_stat(&self, mm_id: u64) -> Option<KsmProcessStat> {
-        self.inner.slots.get(&MmId(mm_id)).map(|s| KsmProcessStat {
-            rmap_items: s.rmap_items.load(Ordering::Relaxed),
-            merging_pages: s.merging_pages.load(Ordering::Relaxed),
-            zero_pages: s.zero_pages.load(Ordering::Relaxed),
+        self.inner.slots.get(&MmId(mm_id)).map(|s| {
+            let (merging_pages, zero_pages) = mm_core::ksm::page_counts(&s.mm);
+            KsmProcessStat {
+                rmap_items: s.rmap_items.load(Ordering::Relaxed),
+                merging_pages,
+                zero_pages,
+            }
         })
     }
 

@@ -19,8 +19,6 @@ pub(crate) struct Slot {
     /// Rmap items of this mm, published by the scanner before it moves the
     /// cursor past the slot; read by `ksm_exit` for its fast-path test.
     pub(crate) rmap_items: AtomicU64,
-    pub(crate) merging_pages: AtomicU64,
-    pub(crate) zero_pages: AtomicU64,
     /// The KSM domain (tenant) the mm joined at `enter`: pages never merge
     /// across domains. 0 is the default domain.
     pub(crate) domain: u64,
@@ -117,8 +115,6 @@ pub(crate) fn enter(inner: &Arc<Inner>, mm: &MmUser, run: Run, domain: Option<u6
         let slot = Arc::new(Slot {
             mm: mm.grab(),
             rmap_items: AtomicU64::new(0),
-            merging_pages: AtomicU64::new(0),
-            zero_pages: AtomicU64::new(0),
             domain: domain.unwrap_or(0),
         });
         was_empty = list.order.is_empty();

@@ -1,6 +1,7 @@
 //! The counters: the kernel's sysfs names (`/sys/kernel/mm/ksm/*`) and
-//! `/proc/<pid>/ksm_stat`, and the atomics the scanner publishes them
-//! through.
+//! `/proc/<pid>/ksm_stat`, and the atomics the scanner publishes the
+//! global ones through (the per-guest ones are read from the guest's page
+//! table, `Ksm::process_stat`).
 
 /// Counters with the kernel's sysfs names (`/sys/kernel/mm/ksm/*`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

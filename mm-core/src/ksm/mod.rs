@@ -232,6 +232,22 @@ pub fn wp_failures(mm: &Mm) -> u64 {
     mm.ksm.wp_failures.load(Ordering::Relaxed)
 }
 
+/// What `mm`'s page table says KSM holds of it right now: `(merging,
+/// zero)`, the pages mapping a stable page and the pages discarded as
+/// zero pages and not populated since (`/proc/<pid>/ksm_stat`'s
+/// `ksm_merging_pages` and `ksm_zero_pages`). Read from the PTEs, so an
+/// unmerge or a zap shows at once (issue 12), not after the scanner's next
+/// visit; a copy made by a direct write through the host pointer shows
+/// once the scanner saw it (the kernel's `ksm_merging_pages` too lags
+/// until then). Walks the existing page-table leaves: O(pages mapped).
+pub fn page_counts(mm: &Mm) -> (u64, u64) {
+    let merging = mm.pgtable.count_ptes(|p| p.ksm());
+    let zero = mm
+        .pgtable
+        .count_ptes(|p| p.0 & Pte::KSM_ZERO != 0 && !p.present());
+    (merging, zero)
+}
+
 /// A run of pages to merge onto stable pages ([`KsmMm::merge`]).
 #[derive(Debug, Clone, Copy)]
 pub struct MergeRun<'s> {

@@ -93,6 +93,12 @@ impl Mm {
         locked.unlock_with(|i, o| {
             if copied[i] {
                 (Pte(o).flags() & !Pte::KSM) | Pte::PRESENT
+            } else if o & Pte::KSM_ZERO != 0 && !Pte(o).present() {
+                // A discarded zero page leaves KSM with the range: nothing
+                // to copy (it reads zeros and is populated on touch), but
+                // it no longer counts as a KSM zero page (the kernel's
+                // unmerge decrements `ksm_zero_pages` here too).
+                o & !Pte::KSM_ZERO
             } else {
                 o
             }

@@ -125,8 +125,6 @@ fn publish_slot(slot: &Slot, items: &SlotItems) {
     // the list lock taken after this store orders it anyway.
     slot.rmap_items
         .store(items.map.len() as u64, Ordering::SeqCst);
-    slot.merging_pages.store(items.merging, Ordering::Relaxed);
-    slot.zero_pages.store(items.zero, Ordering::Relaxed);
 }
 
 fn publish(inner: &Inner, sc: &Scanner) {
