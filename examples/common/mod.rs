@@ -264,3 +264,26 @@ impl Rng {
         (self.next() % n as u64) as usize
     }
 }
+
+/// A file path under the temporary directory, unique to this process,
+/// whose file (if any) is removed on drop.
+#[derive(Debug)]
+pub struct TempPath(std::path::PathBuf);
+
+impl TempPath {
+    /// `$TMPDIR/<pid>-<name>` (not created).
+    pub fn new(name: &str) -> TempPath {
+        TempPath(std::env::temp_dir().join(format!("{}-{name}", std::process::id())))
+    }
+
+    /// The path.
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempPath {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}

@@ -307,7 +307,48 @@ pub struct Vm {
     pub kick: Arc<VcpuKick>,
     /// What the guest printed.
     pub console: Arc<Console>,
+    /// The vCPU's state when it was stopped (`--snapshot`).
+    pub saved: Arc<Mutex<Option<VcpuState>>>,
     _keep: Box<dyn std::any::Any>,
+}
+
+/// A stopped vCPU's state, as much as the tiny guest needs to go on in a
+/// new VM: its registers, segments and control registers, and its TSC
+/// (its timers are TSC deadlines). It takes no interrupts and touches no
+/// FPU, APIC or clock state; a Linux guest would need all of those
+/// (Firecracker saves about a dozen KVM state structures per vCPU).
+#[derive(Debug, Clone)]
+pub struct VcpuState {
+    regs: kvm_bindings::kvm_regs,
+    sregs: kvm_bindings::kvm_sregs,
+    tsc: u64,
+}
+
+/// `IA32_TIME_STAMP_COUNTER`.
+const MSR_TSC: u32 = 0x10;
+
+impl VcpuState {
+    fn read(vcpu: &VcpuFd) -> Result<VcpuState, String> {
+        let mut msrs = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+            index: MSR_TSC,
+            ..Default::default()
+        }])
+        .map_err(|e| format!("MSRs: {e:?}"))?;
+        if vcpu
+            .get_msrs(&mut msrs)
+            .map_err(|e| format!("KVM_GET_MSRS: {e}"))?
+            != 1
+        {
+            return Err("KVM_GET_MSRS: no TSC".into());
+        }
+        Ok(VcpuState {
+            regs: vcpu.get_regs().map_err(|e| format!("KVM_GET_REGS: {e}"))?,
+            sregs: vcpu
+                .get_sregs()
+                .map_err(|e| format!("KVM_GET_SREGS: {e}"))?,
+            tsc: msrs.as_slice()[0].data,
+        })
+    }
 }
 
 impl std::fmt::Debug for Vm {
@@ -341,28 +382,8 @@ impl Vm {
         keep: Box<dyn std::any::Any>,
     ) -> Result<Vm, String> {
         let e = |what: &'static str| move |err: kvm_ioctls::Error| format!("{what}: {err}");
-        let vm = kvm.create_vm().map_err(e("KVM_CREATE_VM"))?;
-        vm.set_tss_address(0xfffb_d000)
-            .map_err(e("KVM_SET_TSS_ADDR"))?;
-        vm.create_irq_chip().map_err(e("KVM_CREATE_IRQCHIP"))?;
-        vm.create_pit2(kvm_pit_config {
-            flags: kvm_bindings::KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        })
-        .map_err(e("KVM_CREATE_PIT2"))?;
-        let slot = kvm_userspace_memory_region {
-            slot: 0,
-            guest_phys_addr: 0,
-            memory_size: ram,
-            userspace_addr: host as u64,
-            flags: 0,
-        };
-        // SAFETY: the caller keeps `host..host+ram` mapped until `keep`
-        // drops; the returned `Vm` drops its VM file (and so the memslot)
-        // before `keep` (field order), and on an error return here the VM
-        // file goes first too (a local, dropped before the caller's
-        // `keep`).
-        unsafe { vm.set_user_memory_region(slot) }.map_err(e("KVM_SET_USER_MEMORY_REGION"))?;
+        // SAFETY: the caller's contract, passed on.
+        let vm = unsafe { create_vm(kvm, host, ram) }?;
         let entry = match (image, guest_args) {
             (BootImage::Linux { kernel, initramfs }, GuestArgs::Cmdline(c)) => {
                 load_linux(&mem, ram, kernel, initramfs, c)?
@@ -380,34 +401,124 @@ impl Vm {
         write_boot_tables(&mem)?;
         let vcpu = vm.create_vcpu(0).map_err(e("KVM_CREATE_VCPU"))?;
         setup_vcpu(kvm, &vcpu, entry)?;
-
-        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|err| format!("eventfd: {err}"))?;
-        vm.register_irqfd(&irq, COM1_GSI).map_err(e("KVM_IRQFD"))?;
-        let console = Arc::new(Console::default());
-        let kick = Arc::new(VcpuKick::default());
-        let (c, k) = (console.clone(), kick.clone());
-        let thread = std::thread::Builder::new()
-            .name("vcpu".into())
-            .spawn(move || {
-                let started = Instant::now();
-                let writer = LineWriter {
-                    console: c,
-                    buf: Vec::new(),
-                    started,
-                    echo,
-                };
-                run_vcpu(vcpu, Serial::new(IrqLine(irq), writer), &k)
-            })
-            .map_err(|err| format!("vCPU thread: {err}"))?;
-        Ok(Vm {
-            vm: Some(vm),
-            vcpu: Some(thread),
-            kick,
-            console,
-            _keep: Box::new((mem, keep)),
-        })
+        start(vm, vcpu, mem, echo, keep)
     }
 
+    /// Creates a VM over `mem` as [`boot`](Self::boot) does, but loads
+    /// nothing: the RAM already holds a stopped guest (restored from a
+    /// snapshot), and its vCPU starts from `state`.
+    ///
+    /// # Safety
+    ///
+    /// As for [`boot`](Self::boot).
+    pub unsafe fn restore<M: GuestMemoryBackend + 'static>(
+        kvm: &Kvm,
+        host: *mut u8,
+        ram: u64,
+        mem: M,
+        state: &VcpuState,
+        echo: Option<String>,
+        keep: Box<dyn std::any::Any>,
+    ) -> Result<Vm, String> {
+        // SAFETY: the caller's contract, passed on.
+        let vm = unsafe { create_vm(kvm, host, ram) }?;
+        let vcpu = vm
+            .create_vcpu(0)
+            .map_err(|e| format!("KVM_CREATE_VCPU: {e}"))?;
+        setup_vcpu(kvm, &vcpu, 0)?;
+        vcpu.set_sregs(&state.sregs)
+            .map_err(|e| format!("KVM_SET_SREGS: {e}"))?;
+        vcpu.set_regs(&state.regs)
+            .map_err(|e| format!("KVM_SET_REGS: {e}"))?;
+        let tsc = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+            index: MSR_TSC,
+            data: state.tsc,
+            ..Default::default()
+        }])
+        .map_err(|e| format!("MSRs: {e:?}"))?;
+        if vcpu
+            .set_msrs(&tsc)
+            .map_err(|e| format!("KVM_SET_MSRS: {e}"))?
+            != 1
+        {
+            return Err("KVM_SET_MSRS: TSC not set".into());
+        }
+        start(vm, vcpu, mem, echo, keep)
+    }
+}
+
+/// A VM with the in-kernel irqchip and PIT and one memslot: guest
+/// physical `0..ram` at `host`.
+///
+/// # Safety
+///
+/// As for [`Vm::boot`]: `host..host+ram` stays mapped until the VM file
+/// is dropped.
+unsafe fn create_vm(kvm: &Kvm, host: *mut u8, ram: u64) -> Result<VmFd, String> {
+    let e = |what: &'static str| move |err: kvm_ioctls::Error| format!("{what}: {err}");
+    let vm = kvm.create_vm().map_err(e("KVM_CREATE_VM"))?;
+    vm.set_tss_address(0xfffb_d000)
+        .map_err(e("KVM_SET_TSS_ADDR"))?;
+    vm.create_irq_chip().map_err(e("KVM_CREATE_IRQCHIP"))?;
+    vm.create_pit2(kvm_pit_config {
+        flags: kvm_bindings::KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    })
+    .map_err(e("KVM_CREATE_PIT2"))?;
+    let slot = kvm_userspace_memory_region {
+        slot: 0,
+        guest_phys_addr: 0,
+        memory_size: ram,
+        userspace_addr: host as u64,
+        flags: 0,
+    };
+    // SAFETY: the caller keeps `host..host+ram` mapped until `keep`
+    // drops; the `Vm` made of this file drops it (and so the memslot)
+    // before `keep` (field order), and on an error return the VM file goes
+    // first too (a local, dropped before the caller's `keep`).
+    unsafe { vm.set_user_memory_region(slot) }.map_err(e("KVM_SET_USER_MEMORY_REGION"))?;
+    Ok(vm)
+}
+
+/// The UART's irqfd, the console and the vCPU thread (which runs at once).
+fn start<M: GuestMemoryBackend + 'static>(
+    vm: VmFd,
+    vcpu: VcpuFd,
+    mem: M,
+    echo: Option<String>,
+    keep: Box<dyn std::any::Any>,
+) -> Result<Vm, String> {
+    let e = |what: &'static str| move |err: kvm_ioctls::Error| format!("{what}: {err}");
+    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|err| format!("eventfd: {err}"))?;
+    vm.register_irqfd(&irq, COM1_GSI).map_err(e("KVM_IRQFD"))?;
+    let console = Arc::new(Console::default());
+    let kick = Arc::new(VcpuKick::default());
+    let saved = Arc::new(Mutex::new(None));
+    let (c, k, sv) = (console.clone(), kick.clone(), saved.clone());
+    let thread = std::thread::Builder::new()
+        .name("vcpu".into())
+        .spawn(move || {
+            let started = Instant::now();
+            let writer = LineWriter {
+                console: c,
+                buf: Vec::new(),
+                started,
+                echo,
+            };
+            run_vcpu(vcpu, Serial::new(IrqLine(irq), writer), &k, &sv)
+        })
+        .map_err(|err| format!("vCPU thread: {err}"))?;
+    Ok(Vm {
+        vm: Some(vm),
+        vcpu: Some(thread),
+        kick,
+        console,
+        saved,
+        _keep: Box::new((mem, keep)),
+    })
+}
+
+impl Vm {
     /// Stops the vCPU thread (if running) and waits for it.
     pub fn stop(&mut self) -> Option<VcpuEnd> {
         self.kick.stop();
@@ -659,6 +770,7 @@ fn run_vcpu<W: Write>(
     mut vcpu: VcpuFd,
     mut serial: Serial<IrqLine, vm_superio::serial::NoEvents, W>,
     kick: &VcpuKick,
+    saved: &Mutex<Option<VcpuState>>,
 ) -> VcpuEnd {
     let run = std::ptr::addr_of_mut!(vcpu.get_kvm_run().immediate_exit) as usize;
     // SAFETY: `pthread_self` has no preconditions.
@@ -699,6 +811,15 @@ fn run_vcpu<W: Write>(
             Err(e) => break VcpuEnd::Failed(format!("KVM_RUN: {e}")),
         }
     };
+    if matches!(end, VcpuEnd::Stopped) {
+        // KVM finishes a port I/O it exited for on the next KVM_RUN: enter
+        // once more with `immediate_exit` set (it returns EINTR before
+        // running guest code), so the state read next is consistent.
+        // SAFETY: as in the loop: this thread's own live `kvm_run`.
+        unsafe { AtomicU8::from_ptr(run as *mut u8) }.store(1, Ordering::SeqCst);
+        let _ = vcpu.run();
+        *lock(saved) = VcpuState::read(&vcpu).ok();
+    }
     if std::env::var_os("LINUX_GUESTS_DEBUG").is_some() {
         if let (Ok(r), Ok(s)) = (vcpu.get_regs(), vcpu.get_sregs()) {
             eprintln!("vCPU end {end:?}: rip {:#x} rsp {:#x} cr0 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x} {:?}", r.rip, r.rsp, s.cr0, s.cr3, s.cr4, s.efer, r);
