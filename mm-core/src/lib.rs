@@ -109,7 +109,8 @@
 //!                              (ksm/merge.rs; ksm/batch.rs holds a chunk's runs at once,
 //!                              still ascending). Taken in ascending page order, never held
 //!                              across an await or a syscall other than the madvise /
-//!                              mprotect / mmap(MAP_FIXED) / uffd WP+WAKE+REGISTER / pwrite /
+//!                              mprotect / mmap(MAP_FIXED) / mlock2(ONFAULT) and munlock of a
+//!                              merge in an mlocked VMA / uffd WP+WAKE+REGISTER / pwrite /
 //!                              pread of the pages they cover (the mmap of a merge in a
 //!                              tracked region waits for the uffd handler to read its UNMAP
 //!                              message; the handler never waits for a PTE lock; untracked
