@@ -296,7 +296,7 @@ pub struct Mm {
     /// Present private pages (`MM_ANONPAGES`).
     pub(crate) rss_anon: AtomicU64,
     /// Present shared pages (`MM_SHMEMPAGES`).
-    rss_shmem: AtomicU64,
+    pub(crate) rss_shmem: AtomicU64,
     pub(crate) budget: Arc<Budget>,
     /// The pressure path (the host's reclaim + OOM killer), injected at
     /// creation: called with no lock held when a charge does not fit.
