@@ -648,6 +648,58 @@ mod tests {
         assert!(u.raw() >= 0);
     }
 
+    /// `fill_shmem` maps every page of a shared memfd range: zeroed pages
+    /// for the holes (UFFDIO_ZEROPAGE), and a page already in the memfd
+    /// (written through the fd, not mapped) is mapped as it is
+    /// (UFFDIO_CONTINUE), never zeroed: the fill of a tracked shared region
+    /// must not lose what another writer put in the memfd.
+    #[test]
+    fn test_fill_shmem_keeps_memfd_pages() {
+        use crate::sys::{self, PAGE_SIZE};
+        let u = Uffd::open(feature::MINOR_SHMEM, false).unwrap();
+        if !u.has(feature::MINOR_SHMEM) {
+            eprintln!("skipped: no UFFD_FEATURE_MINOR_SHMEM");
+            return;
+        }
+        let len = 8 * PAGE_SIZE;
+        let (p, fd) = sys::map_memfd("fill_shmem", len, PAGE_SIZE, (true, true, false)).unwrap();
+        let data = vec![7u8; PAGE_SIZE];
+        // SAFETY: pwrite reads `data.len()` bytes of a live Vec.
+        let n = unsafe {
+            libc::pwrite(
+                fd.as_raw_fd(),
+                data.as_ptr().cast(),
+                data.len(),
+                3 * PAGE_SIZE as i64,
+            )
+        };
+        assert_eq!(n, PAGE_SIZE as isize);
+        // SAFETY: in bounds of our live mapping of `len` bytes.
+        let r = unsafe { HostRange::new(p, len) };
+        u.register(r, mode::MISSING | mode::MINOR).unwrap();
+        let mut filled = 0;
+        let res = u.fill_shmem(p.as_ptr() as usize, len, true, &mut filled);
+        assert!(matches!(res, Ok(Fill::Done)), "{res:?}");
+        assert_eq!(filled, len);
+        // Every page is mapped here (pagemap) ...
+        let mut pm = vec![0u64; 8];
+        sys::pagemap(r, &mut pm).unwrap();
+        assert!(pm.iter().all(|e| e & sys::pagemap::PRESENT != 0), "{pm:x?}");
+        // ... and the memfd holds 7s at page 3, zeros elsewhere.
+        let mut back = vec![0xffu8; len];
+        sys::read_from(&fd, &mut back, 0).unwrap();
+        for (i, page) in back.chunks(PAGE_SIZE).enumerate() {
+            let want = if i == 3 { 7 } else { 0 };
+            assert!(page.iter().all(|b| *b == want), "page {i}");
+        }
+        // A second fill finds everything mapped: done, nothing changed.
+        let res = u.fill_shmem(p.as_ptr() as usize, len, true, &mut filled);
+        assert!(matches!(res, Ok(Fill::Done)), "{res:?}");
+        u.unregister(p.as_ptr() as usize, len).unwrap();
+        // SAFETY: our own mapping, no reference into it.
+        unsafe { sys::unmap(p, len) }.unwrap();
+    }
+
     #[test]
     fn test_ioctl_numbers() {
         assert_eq!(USERFAULTFD_IOC_NEW, 0xAA00);
