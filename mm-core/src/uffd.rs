@@ -21,10 +21,13 @@
 //! 2. `UFFDIO_API` once, asking for the features we want among those the
 //!    kernel offers (probed on a throwaway descriptor first, because the
 //!    handshake can only be done once per descriptor).
-//! 3. [`Uffd::register`] a range (MISSING, plus WP when offered); faults in it
-//!    now block the faulting thread and queue a message.
+//! 3. [`Uffd::register`] a range (MISSING, plus WP when offered; MISSING |
+//!    MINOR for a shared memfd range); faults in it now block the faulting
+//!    thread and queue a message.
 //! 4. The handler [`Uffd::read_events`] and resolves each fault with
-//!    [`Uffd::copy`] / [`Uffd::zeropage`] (which wake the faulter), or
+//!    [`Uffd::copy`] / [`Uffd::zeropage`] / [`Uffd::continue_`] (which
+//!    wake the faulter; [`Uffd::fill_shmem`] combines the last two for
+//!    shmem), or
 //!    [`Uffd::poison`] (the faulter gets SIGBUS), or leaves a write-protect
 //!    fault blocked until [`Uffd::writeprotect`] lifts the protection.
 //! 5. [`Uffd::unregister`] before the range is unmapped; closing the

@@ -18,7 +18,7 @@
 //! 1. The first tracked `mmap` of an mm creates its tracker on the next
 //!    shard of the pool (`pool.rs`), which opens the shard's descriptor of
 //!    the mm's mode (full or user-mode-only; MISSING, WP when offered,
-//!    `EVENT_REMOVE`, `EVENT_UNMAP`, `POISON`) and starts the shard's
+//!    `EVENT_REMOVE`, `EVENT_UNMAP`, `POISON`, `MINOR_SHMEM`) and starts the shard's
 //!    thread if they are not open yet: the pool's threads are the only
 //!    threads mm-core spawns besides the timer. No descriptor and no thread
 //!    is the mm's own.
@@ -34,7 +34,8 @@
 //!    budget for every missing page of the window,
 //!    `UFFDIO_COPY` each run of missing pages from a zero source (or, in a
 //!    lazy restore, from the snapshot file for the pages it holds and never
-//!    served: `source.rs`) (this also wakes the faulter), set `PRESENT`,
+//!    served: `source.rs`; in a shared region `UFFDIO_ZEROPAGE`: step 10)
+//!    (this also wakes the faulter), set `PRESENT`,
 //!    unlock. The access path populates
 //!    tracked pages with the same ioctl under the same locks, so a page is
 //!    populated and charged once, by whoever holds its lock first; the other
@@ -98,6 +99,35 @@
 //!    serving its other mms. Later tracked operations fail with
 //!    [`Error::TrackerDead`]; the access path falls back to the untracked
 //!    populate. The panic message is logged at `error` level.
+//! 10. Shared memfd regions (`MapKind::SharedMemfd`, issue 15 §3). The
+//!     host range is registered `MISSING | MINOR`, without WP
+//!     ([`Tracker::register_shared`]; [`Error::Unsupported`] at `mmap` when
+//!     the descriptor lacks `MINOR_SHMEM`, which the user-mode-only one has
+//!     here). A shared page's `PRESENT` means *in the memfd and charged*: a
+//!     page is charged once, when it enters the memfd. A fault on a page
+//!     that is not `PRESENT` (a `MISSING` fault, or a `MINOR` one on a page
+//!     some earlier fill left in the memfd uncharged) is step 3 with
+//!     `UFFDIO_ZEROPAGE` for the COPY (in a shmem mapping the kernel
+//!     allocates a zeroed page in the page cache and maps it), and
+//!     `UFFDIO_CONTINUE` for a page the memfd already holds (ZEROPAGE says
+//!     `EEXIST`): `Uffd::fill_shmem`, which the access path runs too,
+//!     under the same locks. A fault on a `PRESENT` page (the memfd holds
+//!     it, this mapping does not: a `MINOR` fault after a DONTNEED of the
+//!     mapping, or the copy of an accessor that holds the page's lock) is
+//!     answered by `UFFDIO_CONTINUE` of the run of `PRESENT` pages from it
+//!     to the window's end, charging nothing and taking **no** PTE lock
+//!     (`continue_present` in `mm/tracked_fault.rs`: munmap and exit
+//!     unregister a range before they zap it, so the range cannot change
+//!     under the ioctl unnoticed, and waiting for an accessor's lock would
+//!     stall it for [`BUSY_TIMEOUT`]). A DONTNEED (ours, announced as a self
+//!     zap, or the embedder's REMOVE) keeps the pages in the memfd and
+//!     charged; munmap and exit zap under the PTE locks with
+//!     `fallocate(PUNCH_HOLE)`, which frees the memfd's pages, unmaps them
+//!     and sends no message, and uncharge them (`rss_shmem`). An embedder's
+//!     munmap of the host range (UNMAP) only drops the registration: the
+//!     pages stay charged until our munmap or exit punches them. Refused by
+//!     name: huge pages, a lazy restore, a dirty log, `write_protect`,
+//!     `madvise(MERGEABLE)`.
 
 use crate::types::lock;
 use std::collections::{BTreeMap, VecDeque};
