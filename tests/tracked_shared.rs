@@ -130,7 +130,8 @@ fn shared_region_is_charged_once(user_mode_only: bool) {
         .unwrap();
     let p = host_ptr(&mm, addr);
     let st = mm.tracked_stats().unwrap();
-    assert_eq!(st.user_mode_only, user_mode_only, "{st:?}");
+    // Asked for, or the fallback of an unprivileged process.
+    assert!(st.user_mode_only || !user_mode_only, "{st:?}");
     assert_eq!(host.stats().charged_bytes, 0);
     assert_eq!(rss_shmem(p, LEN), 0);
 
