@@ -337,3 +337,96 @@ fn unsupported_combinations_get_named_errors() {
     drop(mm);
     assert_eq!(h.stats().charged_bytes, 0);
 }
+
+/// DONTNEED through the API, direct writes and reads from two threads and
+/// API reads, all at once on the same windows: every read sees 0 (never
+/// written) or the page's byte, and at the end each page is charged once
+/// (EAGAIN retries of fills racing our REMOVE messages, CONTINUE of pages
+/// a DONTNEED just unmapped, API copies taking MINOR faults under their
+/// locks). No fault may wait for a page lock (`busy_breaks == 0`): our
+/// DONTNEED holds the PTE locks (`Mm::discard_shared`), so it never
+/// unmaps a page an accessor filled and has not copied yet; without them
+/// the accessor's copy faulted on a page it held locked, and the handler
+/// served it only after `BUSY_TIMEOUT` (100 ms), hundreds of times.
+#[test]
+fn dontneed_races_touches_and_api() {
+    let _g = serial();
+    const LEN: u64 = 8 * MIB;
+    let pages = LEN / PAGE;
+    let host = host(64 * MIB, false);
+    let mm = host.new_mm("race");
+    let addr = mm
+        .mmap_blocking(MapOptions::shared(LEN).tracked(true))
+        .unwrap();
+    let p = host_ptr(&mm, addr);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let zapper = {
+            let mm = mm.clone();
+            let stop = &stop;
+            s.spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let chunk = (n * 7) % (LEN / (2 * MIB));
+                    mm.madvise_blocking(addr + chunk * 2 * MIB, 2 * MIB, Advice::DontNeed)
+                        .unwrap();
+                    n += 1;
+                }
+                n
+            })
+        };
+        let reader = {
+            let mm = mm.clone();
+            let stop = &stop;
+            s.spawn(move || {
+                let mut buf = vec![0u8; (64 * PAGE) as usize];
+                let mut k = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let first = (k * 61) % (pages - 64);
+                    mm.read_blocking(addr + first * PAGE, &mut buf).unwrap();
+                    for j in 0..64 {
+                        let b = buf[(j * PAGE) as usize];
+                        assert!(b == 0 || b == byte_of(first + j), "page {}", first + j);
+                    }
+                    k += 1;
+                }
+            })
+        };
+        let writers: Vec<_> = (0..2u64)
+            .map(|t| {
+                s.spawn(move || {
+                    for _pass in 0..3 {
+                        for i in (t..pages).step_by(2) {
+                            let at = (p + (i * PAGE) as usize) as *mut u8;
+                            unsafe { at.write_volatile(byte_of(i)) };
+                            assert_eq!(unsafe { at.read_volatile() }, byte_of(i), "page {i}");
+                        }
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.join().unwrap();
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(zapper.join().unwrap() > 0);
+        reader.join().unwrap();
+    });
+    let st = mm.tracked_stats().unwrap();
+    assert_eq!(st.busy_breaks, 0, "{st:?}");
+    assert_eq!(host.stats().charged_bytes, LEN, "each page charged once");
+    assert_eq!(mm.shmem_rss_pages(), pages);
+    check_page_bytes(&mm, addr, pages);
+    mm.munmap_blocking(addr, LEN).unwrap();
+    assert_eq!(host.stats().charged_bytes, 0);
+    assert_eq!(mm.shmem_rss_pages(), 0);
+}
+
+/// Every page holds its byte at offset 0 (read through the API).
+fn check_page_bytes(mm: &MmUser, addr: u64, pages: u64) {
+    let mut buf = vec![0u8; (pages * PAGE) as usize];
+    mm.read_blocking(addr, &mut buf).unwrap();
+    for i in 0..pages {
+        assert_eq!(buf[(i * PAGE) as usize], byte_of(i), "page {i}");
+    }
+}

@@ -375,20 +375,8 @@ impl MmUser {
                     let (s, e) = (v.start.max(addr), v.end.min(end));
                     if v.is_shared() {
                         // Shared contents stay in the memfd; only this
-                        // mapping's host PTEs go. The pages stay PRESENT
-                        // and charged; in a tracked region the next touch
-                        // is a MINOR fault mapped back with UFFDIO_CONTINUE
-                        // (tracked/ step 10), announced as our own so its
-                        // REMOVE is not counted as the embedder's.
-                        let r = v.host_range(s, e);
-                        let discard = || sys::discard(r).map_err(Error::host("madvise(DONTNEED)"));
-                        match v.region.tracker() {
-                            Some(t) => {
-                                let a = r.ptr() as usize;
-                                t.self_zap(a, a + r.len(), discard)?
-                            }
-                            None => discard()?,
-                        }
+                        // mapping's host PTEs go (`discard_shared`).
+                        self.discard_shared(v, s, e)?;
                     } else {
                         self.zap_range(&state, v, s, e, ZapReason::DontNeed)?;
                     }

@@ -120,8 +120,8 @@
 //!     unregister a range before they zap it, so the range cannot change
 //!     under the ioctl unnoticed, and waiting for an accessor's lock would
 //!     stall it for [`BUSY_TIMEOUT`]). A DONTNEED (ours, announced as a self
-//!     zap, or the embedder's REMOVE) keeps the pages in the memfd and
-//!     charged; munmap and exit zap under the PTE locks with
+//!     zap and run under the PTE locks like a zap, or the embedder's
+//!     REMOVE) keeps the pages in the memfd and charged; munmap and exit zap under the PTE locks with
 //!     `fallocate(PUNCH_HOLE)`, which frees the memfd's pages, unmaps them
 //!     and sends no message, and uncharge them (`rss_shmem`). An embedder's
 //!     munmap of the host range (UNMAP) only drops the registration: the
