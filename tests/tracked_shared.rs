@@ -430,3 +430,41 @@ fn check_page_bytes(mm: &MmUser, addr: u64, pages: u64) {
         assert_eq!(buf[(i * PAGE) as usize], byte_of(i), "page {i}");
     }
 }
+
+/// The embedder punches pages out of the memfd behind our back
+/// (`MADV_REMOVE` on the host pointer; its REMOVE message looks like a
+/// DONTNEED's): the next touch gets a zeroed page, not charged again (the
+/// pages stayed charged: an over-count until munmap, never an
+/// under-count), also for an API read whose copy takes that fault while it
+/// holds the page locks; munmap brings the budget back to 0.
+#[test]
+fn embedder_punch_refills_zeros_without_second_charge() {
+    let _g = serial();
+    const LEN: u64 = 4 * MIB;
+    let host = host(64 * MIB, false);
+    let mm = host.new_mm("punch");
+    let addr = mm
+        .mmap_blocking(MapOptions::shared(LEN).tracked(true))
+        .unwrap();
+    let p = host_ptr(&mm, addr);
+    for i in 0..LEN / PAGE {
+        unsafe { ((p + (i * PAGE) as usize) as *mut u8).write_volatile(byte_of(i)) };
+    }
+    assert_eq!(host.stats().charged_bytes, LEN);
+    let r = unsafe { libc::madvise(p as *mut _, MIB as usize, libc::MADV_REMOVE) };
+    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+    assert_eq!(in_memfd(p, MIB as usize), 0, "punched");
+    // A direct touch of the first page, an API read of the next 16.
+    let b = unsafe { (p as *const u8).read_volatile() };
+    assert_eq!(b, 0);
+    let mut buf = vec![0xffu8; (16 * PAGE) as usize];
+    mm.read_blocking(addr + PAGE, &mut buf).unwrap();
+    assert!(buf.iter().all(|b| *b == 0));
+    // Untouched pages keep their bytes.
+    assert!(mm
+        .compare_blocking(addr + MIB, &[byte_of(MIB / PAGE)])
+        .unwrap());
+    assert_eq!(host.stats().charged_bytes, LEN);
+    mm.munmap_blocking(addr, LEN).unwrap();
+    assert_eq!(host.stats().charged_bytes, 0);
+}

@@ -127,7 +127,7 @@ impl Mm {
         // PRESENT (a peek: the PRESENT bit of a shared page is only cleared
         // by a zap, which unregisters the range first).
         if r.shared && Pte(leaf.pte(gpn_f).load(Ordering::Acquire)).present() {
-            return self.continue_present(t, addr, leaf, gpn_f, hi / PAGE);
+            return self.continue_present(t, addr, leaf, gpn_f, hi / PAGE, force);
         }
 
         // Try-lock the faulting page first: the handler never waits for a
@@ -146,7 +146,7 @@ impl Mm {
         if Pte(old_f).present() {
             drop(w);
             if r.shared {
-                return self.continue_present(t, addr, leaf, gpn_f, hi / PAGE);
+                return self.continue_present(t, addr, leaf, gpn_f, hi / PAGE, force);
             }
             return refill_present(t, addr);
         }
@@ -211,7 +211,7 @@ impl Mm {
     /// before they zap it (CONTINUE then fails with `ENOENT`), and the
     /// range was looked up just before. A page the memfd lost (`EFAULT`:
     /// the embedder punched it with `MADV_REMOVE`) is refilled under its
-    /// lock, still charged.
+    /// lock, still charged (`force`: without it, see `refill_shared`).
     fn continue_present(
         &self,
         t: &Tracker,
@@ -219,6 +219,7 @@ impl Mm {
         leaf: &Leaf,
         gpn_f: u64,
         hi_gpn: u64,
+        force: bool,
     ) -> Outcome {
         let present = |g: u64| Pte(leaf.pte(g).load(Ordering::Relaxed)).present();
         let n = (gpn_f + 1..hi_gpn).find(|&g| !present(g)).unwrap_or(hi_gpn) - gpn_f;
@@ -236,7 +237,7 @@ impl Mm {
             Ok(Fill::Done) => n,
             Ok(Fill::Again { done }) | Ok(Fill::Exists { done }) => (done / PAGE_SIZE) as u64,
             Err(e) if e.raw_os_error() == Some(libc::EFAULT) => {
-                return self.refill_shared(t, addr, leaf, gpn_f);
+                return self.refill_shared(t, addr, leaf, gpn_f, force);
             }
             Err(_) => 0,
         };
@@ -249,15 +250,31 @@ impl Mm {
 
     /// A `PRESENT` shared page the memfd no longer holds (the embedder's
     /// `MADV_REMOVE`): a zeroed page back, under its lock, not charged
-    /// again (it stayed charged: DESIGN-NOTES). Busy while locked.
-    fn refill_shared(&self, t: &Tracker, addr: usize, leaf: &Leaf, gpn_f: u64) -> Outcome {
-        let Some(old) = try_lock(leaf.pte(gpn_f)) else {
-            return Outcome::Busy;
-        };
-        if Pte(old).present() {
-            let _ = t.with_uffd(|u| u.fill_shmem(addr, PAGE_SIZE, false, &mut 0));
+    /// again (it stayed charged: DESIGN-NOTES). Busy while locked; after
+    /// `BUSY_TIMEOUT` (`force`) without the lock, as `resolve_busy` does:
+    /// the holder may be an accessor whose copy took this very fault (the
+    /// page is charged either way, so nothing is left to settle).
+    fn refill_shared(
+        &self,
+        t: &Tracker,
+        addr: usize,
+        leaf: &Leaf,
+        gpn_f: u64,
+        force: bool,
+    ) -> Outcome {
+        match try_lock(leaf.pte(gpn_f)) {
+            Some(old) => {
+                if Pte(old).present() {
+                    let _ = t.with_uffd(|u| u.fill_shmem(addr, PAGE_SIZE, false, &mut 0));
+                }
+                crate::pgtable::pte_unlock(leaf.pte(gpn_f), old);
+            }
+            None if force => {
+                t.counters.busy_breaks.fetch_add(1, Ordering::Relaxed);
+                let _ = t.with_uffd(|u| u.fill_shmem(addr, PAGE_SIZE, false, &mut 0));
+            }
+            None => return Outcome::Busy,
         }
-        crate::pgtable::pte_unlock(leaf.pte(gpn_f), old);
         let _ = t.with_uffd(|u| u.wake(addr, PAGE_SIZE));
         Outcome::Served
     }
