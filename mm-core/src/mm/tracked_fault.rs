@@ -221,6 +221,9 @@ impl Mm {
         hi_gpn: u64,
         force: bool,
     ) -> Outcome {
+        // Relaxed: only how far the fault-around run goes; nothing is read
+        // through it, and CONTINUE checks each page itself (EFAULT outside
+        // the page cache, EEXIST where mapped).
         let present = |g: u64| Pte(leaf.pte(g).load(Ordering::Relaxed)).present();
         let n = (gpn_f + 1..hi_gpn).find(|&g| !present(g)).unwrap_or(hi_gpn) - gpn_f;
         let len = n as usize * PAGE_SIZE;
