@@ -368,7 +368,7 @@ fn bad_input_gets_named_errors() {
         Err(Error::NotTracked { .. })
     ));
     assert!(matches!(
-        mm.mmap_blocking(MapOptions::shared(MIB).tracked(true)),
+        mm.mmap_blocking(MapOptions::shared(2 * MIB).hugepage(true).tracked(true)),
         Err(Error::NotAllowed { .. })
     ));
     assert!(matches!(

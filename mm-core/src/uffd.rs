@@ -21,10 +21,13 @@
 //! 2. `UFFDIO_API` once, asking for the features we want among those the
 //!    kernel offers (probed on a throwaway descriptor first, because the
 //!    handshake can only be done once per descriptor).
-//! 3. [`Uffd::register`] a range (MISSING, plus WP when offered); faults in it
-//!    now block the faulting thread and queue a message.
+//! 3. [`Uffd::register`] a range (MISSING, plus WP when offered; MISSING |
+//!    MINOR for a shared memfd range); faults in it now block the faulting
+//!    thread and queue a message.
 //! 4. The handler [`Uffd::read_events`] and resolves each fault with
-//!    [`Uffd::copy`] / [`Uffd::zeropage`] (which wake the faulter), or
+//!    [`Uffd::copy`] / [`Uffd::zeropage`] / [`Uffd::continue_`] (which
+//!    wake the faulter; [`Uffd::fill_shmem`] combines the last two for
+//!    shmem), or
 //!    [`Uffd::poison`] (the faulter gets SIGBUS), or leaves a write-protect
 //!    fault blocked until [`Uffd::writeprotect`] lifts the protection.
 //! 5. [`Uffd::unregister`] before the range is unmapped; closing the
@@ -58,6 +61,8 @@ const fn uffdio_iowr<T>(num: u32) -> u32 {
 const UFFDIO_POISON: u32 = uffdio_iowr::<uapi::uffdio_poison>(uapi::_UFFDIO_POISON);
 /// `UFFDIO_WRITEPROTECT_MODE_WP` (`(__u64)1 << 0` in the uapi header).
 const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1;
+/// `UFFDIO_CONTINUE_MODE_DONTWAKE` (`(__u64)1 << 0` in the uapi header).
+const UFFDIO_CONTINUE_MODE_DONTWAKE: u64 = 1;
 /// `USERFAULTFD_IOC_NEW` = `_IO(0xAA, 0x00)` on `/dev/userfaultfd`.
 const USERFAULTFD_IOC_NEW: u32 = ioc(IOC_NONE, 0xAA, 0, 0);
 
@@ -65,6 +70,8 @@ const USERFAULTFD_IOC_NEW: u32 = ioc(IOC_NONE, 0xAA, 0, 0);
 const _: () = assert!(uffdio_iowr::<uapi::uffdio_copy>(uapi::_UFFDIO_COPY) == nr::UFFDIO_COPY);
 const _: () =
     assert!(uffdio_iowr::<uapi::uffdio_zeropage>(uapi::_UFFDIO_ZEROPAGE) == nr::UFFDIO_ZEROPAGE);
+const _: () =
+    assert!(uffdio_iowr::<uapi::uffdio_continue>(uapi::_UFFDIO_CONTINUE) == nr::UFFDIO_CONTINUE);
 const _: () = assert!(std::mem::size_of::<uapi::uffd_msg>() == 32);
 
 /// Feature bits (`UFFD_FEATURE_*`) used by guestmm.
@@ -84,6 +91,10 @@ pub(crate) mod feature {
     /// Write faults on protected pages are resolved by the kernel itself
     /// (the protection goes, the write goes on, no message): the dirty log.
     pub(crate) const WP_ASYNC: u64 = uapi::UFFD_FEATURE_WP_ASYNC as u64;
+    /// `MINOR` faults on shmem (Linux 5.14): a page already in a memfd's
+    /// page cache but not mapped in the faulting mapping is reported, and
+    /// `UFFDIO_CONTINUE` maps it (tracked shared regions).
+    pub(crate) const MINOR_SHMEM: u64 = uapi::UFFD_FEATURE_MINOR_SHMEM as u64;
 }
 
 /// Register modes.
@@ -93,6 +104,9 @@ pub(crate) mod mode {
     pub(crate) const MISSING: u64 = uapi::UFFDIO_REGISTER_MODE_MISSING as u64;
     /// Write faults on write-protected pages.
     pub(crate) const WP: u64 = uapi::UFFDIO_REGISTER_MODE_WP as u64;
+    /// Faults on pages in the page cache but not mapped (shmem, with
+    /// `feature::MINOR_SHMEM`).
+    pub(crate) const MINOR: u64 = uapi::UFFDIO_REGISTER_MODE_MINOR as u64;
 }
 
 /// One message read from the descriptor.
@@ -106,6 +120,9 @@ pub(crate) enum Event {
         write: bool,
         /// A write to a write-protected page (not a missing page).
         wp: bool,
+        /// A minor fault: the page is in the shmem page cache, only this
+        /// mapping lacks it (`UFFDIO_CONTINUE` resolves it).
+        minor: bool,
     },
     /// `madvise(DONTNEED)` (or REMOVE) of `[start, end)`; the caller waits
     /// until this message has been read, then zaps.
@@ -375,14 +392,88 @@ impl Uffd {
     /// `UFFDIO_ZEROPAGE`: maps the zero page at the missing pages of
     /// `[dst, dst+len)` and wakes the threads blocked there.
     pub(crate) fn zeropage(&self, dst: usize, len: usize) -> io::Result<Fill> {
+        self.zeropage_mode(dst, len, true)
+    }
+
+    /// [`Uffd::zeropage`], waking the threads blocked there only when
+    /// `wake`. In a shmem mapping the kernel allocates a zeroed page and
+    /// adds it to the page cache instead of mapping the zero page
+    /// (`shmem_mfill_atomic_pte`); `EEXIST` when the page cache already
+    /// holds the page (mapped here or not: see [`Uffd::continue_`]).
+    pub(crate) fn zeropage_mode(&self, dst: usize, len: usize, wake: bool) -> io::Result<Fill> {
         let mut z = uapi::uffdio_zeropage {
             range: range(dst, len),
-            mode: 0,
+            mode: if wake {
+                0
+            } else {
+                u64::from(uapi::UFFDIO_ZEROPAGE_MODE_DONTWAKE)
+            },
             zeropage: 0,
         };
         // SAFETY: a uffdio_zeropage with UFFDIO_ZEROPAGE (registered range only), the pair its number encodes.
         let ret = unsafe { ioctl(&self.fd, nr::UFFDIO_ZEROPAGE, &mut z) };
         Self::fill_result(ret, z.zeropage, len)
+    }
+
+    /// `UFFDIO_CONTINUE`: maps the pages of `[dst, dst+len)` that the
+    /// shmem page cache already holds (a `MINOR` fault's page) and, when
+    /// `wake`, wakes the threads blocked there. `EEXIST` at a page already
+    /// mapped here; `EFAULT` (an error) at a page the page cache lacks.
+    pub(crate) fn continue_(&self, dst: usize, len: usize, wake: bool) -> io::Result<Fill> {
+        let mut c = uapi::uffdio_continue {
+            range: range(dst, len),
+            mode: if wake {
+                0
+            } else {
+                UFFDIO_CONTINUE_MODE_DONTWAKE
+            },
+            mapped: 0,
+        };
+        // SAFETY: a uffdio_continue with UFFDIO_CONTINUE (maps page-cache
+        // pages into the registered range only), the pair its number encodes.
+        let ret = unsafe { ioctl(&self.fd, nr::UFFDIO_CONTINUE, &mut c) };
+        Self::fill_result(ret, c.mapped, len)
+    }
+
+    /// Fills `[dst, dst+len)` of a shmem mapping (a tracked shared region)
+    /// so that every page is in the page cache **and** mapped here:
+    /// `UFFDIO_ZEROPAGE` allocates zeroed pages for the holes; a page it
+    /// finds in the page cache (`EEXIST`: mapped here, or left unmapped by
+    /// an earlier fill) is mapped with `UFFDIO_CONTINUE` (`EEXIST` there:
+    /// it was mapped already). Never returns [`Fill::Exists`]. Wakes the
+    /// threads blocked in the range when `wake`. `filled` is set to the
+    /// bytes from `dst` filled, also when an error ends the fill.
+    pub(crate) fn fill_shmem(
+        &self,
+        dst: usize,
+        len: usize,
+        wake: bool,
+        filled: &mut usize,
+    ) -> io::Result<Fill> {
+        let page = crate::sys::PAGE_SIZE;
+        let off = filled;
+        *off = 0;
+        while *off < len {
+            match self.zeropage_mode(dst + *off, len - *off, wake)? {
+                Fill::Done => {
+                    *off = len;
+                    return Ok(Fill::Done);
+                }
+                // A fill that stops short after some pages says EAGAIN
+                // (`mfill_atomic` returns what it did; the ioctl turns a
+                // short count into EAGAIN): go on from there, and the
+                // next call names the reason (EEXIST, or EAGAIN with
+                // nothing done: an event is pending).
+                Fill::Again { done } if done > 0 => *off += done,
+                Fill::Again { .. } => return Ok(Fill::Again { done: *off }),
+                // Nothing done: the first page is in the page cache.
+                Fill::Exists { .. } => match self.continue_(dst + *off, page, wake)? {
+                    Fill::Done | Fill::Exists { .. } => *off += page,
+                    Fill::Again { .. } => return Ok(Fill::Again { done: *off }),
+                },
+            }
+        }
+        Ok(Fill::Done)
     }
 
     /// `UFFDIO_WRITEPROTECT`: protect (`wp`) or unprotect `[start, start+len)`.
@@ -468,6 +559,7 @@ fn decode(m: &uapi::uffd_msg) -> Event {
                 addr: (pf.address as usize) & !(crate::sys::PAGE_SIZE - 1),
                 write: pf.flags & u64::from(uapi::UFFD_PAGEFAULT_FLAG_WRITE) != 0,
                 wp: pf.flags & u64::from(uapi::UFFD_PAGEFAULT_FLAG_WP) != 0,
+                minor: pf.flags & u64::from(uapi::UFFD_PAGEFAULT_FLAG_MINOR) != 0,
             }
         }
         uapi::UFFD_EVENT_REMOVE => {
@@ -557,6 +649,58 @@ mod tests {
         let u = Uffd::open(feature::EVENT_REMOVE | feature::POISON, false).unwrap();
         assert!(u.has(feature::EVENT_REMOVE));
         assert!(u.raw() >= 0);
+    }
+
+    /// `fill_shmem` maps every page of a shared memfd range: zeroed pages
+    /// for the holes (UFFDIO_ZEROPAGE), and a page already in the memfd
+    /// (written through the fd, not mapped) is mapped as it is
+    /// (UFFDIO_CONTINUE), never zeroed: the fill of a tracked shared region
+    /// must not lose what another writer put in the memfd.
+    #[test]
+    fn test_fill_shmem_keeps_memfd_pages() {
+        use crate::sys::{self, PAGE_SIZE};
+        let u = Uffd::open(feature::MINOR_SHMEM, false).unwrap();
+        if !u.has(feature::MINOR_SHMEM) {
+            eprintln!("skipped: no UFFD_FEATURE_MINOR_SHMEM");
+            return;
+        }
+        let len = 8 * PAGE_SIZE;
+        let (p, fd) = sys::map_memfd("fill_shmem", len, PAGE_SIZE, (true, true, false)).unwrap();
+        let data = vec![7u8; PAGE_SIZE];
+        // SAFETY: pwrite reads `data.len()` bytes of a live Vec.
+        let n = unsafe {
+            libc::pwrite(
+                fd.as_raw_fd(),
+                data.as_ptr().cast(),
+                data.len(),
+                3 * PAGE_SIZE as i64,
+            )
+        };
+        assert_eq!(n, PAGE_SIZE as isize);
+        // SAFETY: in bounds of our live mapping of `len` bytes.
+        let r = unsafe { HostRange::new(p, len) };
+        u.register(r, mode::MISSING | mode::MINOR).unwrap();
+        let mut filled = 0;
+        let res = u.fill_shmem(p.as_ptr() as usize, len, true, &mut filled);
+        assert!(matches!(res, Ok(Fill::Done)), "{res:?}");
+        assert_eq!(filled, len);
+        // Every page is mapped here (pagemap) ...
+        let mut pm = vec![0u64; 8];
+        sys::pagemap(r, &mut pm).unwrap();
+        assert!(pm.iter().all(|e| e & sys::pagemap::PRESENT != 0), "{pm:x?}");
+        // ... and the memfd holds 7s at page 3, zeros elsewhere.
+        let mut back = vec![0xffu8; len];
+        sys::read_from(&fd, &mut back, 0).unwrap();
+        for (i, page) in back.chunks(PAGE_SIZE).enumerate() {
+            let want = if i == 3 { 7 } else { 0 };
+            assert!(page.iter().all(|b| *b == want), "page {i}");
+        }
+        // A second fill finds everything mapped: done, nothing changed.
+        let res = u.fill_shmem(p.as_ptr() as usize, len, true, &mut filled);
+        assert!(matches!(res, Ok(Fill::Done)), "{res:?}");
+        u.unregister(p.as_ptr() as usize, len).unwrap();
+        // SAFETY: our own mapping, no reference into it.
+        unsafe { sys::unmap(p, len) }.unwrap();
     }
 
     #[test]

@@ -281,6 +281,15 @@ impl HostRegion {
         if crate::sched::fail("fail:madvise(DONTNEED)") {
             return Err(injected("madvise(DONTNEED)"));
         }
+        if let (Some(_), Some(fd)) = (self.tracker(), &self.memfd) {
+            // A tracked shared region (`tracked/` step 10): the punch frees
+            // the memfd's pages and unmaps them from every mapping in one
+            // call, and sends no REMOVE message (only madvise does), so
+            // there is nothing to announce and no handler round trip.
+            // Callers are munmap and exit (a shared region is never reaped,
+            // and DONTNEED on it does not zap), under the zap's PTE locks.
+            return sys::punch_hole(fd, off, len).map_err(Error::host("fallocate(PUNCH_HOLE)"));
+        }
         if let Some(t) = self.wp_tracker() {
             // Our own discard: announce it, so the handler does not take the
             // REMOVE message it produces for an embedder's madvise (which

@@ -108,7 +108,9 @@ pub enum MapKind {
     /// Private anonymous memory (`MAP_PRIVATE | MAP_ANONYMOUS`).
     AnonPrivate,
     /// Shared memory backed by a memfd this mm owns (`MAP_SHARED`); never
-    /// reaped (the reaper skips `VM_SHARED`).
+    /// reaped (the reaper skips `VM_SHARED`). A DONTNEED drops only the
+    /// mapping's host PTEs: the contents stay in the memfd, charged. Can be
+    /// tracked (`MINOR` faults + `UFFDIO_CONTINUE`: `tracked/` step 10).
     SharedMemfd,
 }
 
@@ -128,7 +130,9 @@ pub struct MapOptions {
     /// Mark `VM_PFNMAP`-like pinned: never reaped.
     pub pinned: bool,
     /// A tracked region: registered with the mm's userfaultfd so direct
-    /// touches are charged (see `tracked/`). Private anonymous only.
+    /// touches are charged (see `tracked/`). Private anonymous, or shared
+    /// memfd (`tracked/` step 10: charged once when a page enters the
+    /// memfd); 4 KiB pages only.
     pub tracked: bool,
     /// Fault-around window of a tracked region, in bytes: a power of two
     /// from one page to 2 MiB (default 2 MiB), clamped to the VMA.
@@ -296,7 +300,7 @@ pub struct Mm {
     /// Present private pages (`MM_ANONPAGES`).
     pub(crate) rss_anon: AtomicU64,
     /// Present shared pages (`MM_SHMEMPAGES`).
-    rss_shmem: AtomicU64,
+    pub(crate) rss_shmem: AtomicU64,
     pub(crate) budget: Arc<Budget>,
     /// The pressure path (the host's reclaim + OOM killer), injected at
     /// creation: called with no lock held when a charge does not fit.

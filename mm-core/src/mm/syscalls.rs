@@ -46,12 +46,24 @@ impl MmUser {
         if self.flags.test(MmFlag::UNSTABLE) {
             return Err(Error::Unstable { mm_id: self.id });
         }
+        if opts.tracked && opts.kind == MapKind::SharedMemfd && self.config.dirty_log {
+            // The dirty log is WP_ASYNC on private anonymous memory; a
+            // shared region is registered MISSING | MINOR, without WP.
+            return Err(Error::NotAllowed {
+                addr: opts.addr.unwrap_or(0),
+                reason: "a tracked shared region on a guest with a dirty log (MmConfig::dirty_log)",
+            });
+        }
         if opts.tracked {
             // Registered before the VMA is published (tracked/ step 2): no
             // one can touch the host range unregistered. The tracker is
             // created under the write lock, so two tracked mmaps agree on it.
             let t = self.tracker_or_start()?;
-            t.register(region.range(0, len))?;
+            if opts.kind == MapKind::SharedMemfd {
+                t.register_shared(region.range(0, len))?;
+            } else {
+                t.register(region.range(0, len))?;
+            }
             region.set_tracked(t);
         }
         let region = Arc::new(region);
@@ -80,6 +92,7 @@ impl MmUser {
                 addr,
                 opts.fault_around,
                 restore,
+                opts.kind == MapKind::SharedMemfd,
             );
         }
         let vma = Vma {
@@ -137,6 +150,18 @@ impl MmUser {
                 .map(|v| v.start.max(addr));
             if let Some(addr) = untracked {
                 return Err(Error::NotTracked { addr });
+            }
+            let shared = state
+                .vmas
+                .overlapping(addr, end)
+                .find(|v| v.is_shared())
+                .map(|v| v.start.max(addr));
+            if let Some(addr) = shared {
+                // Registered MISSING | MINOR without WP (tracked/ step 10).
+                return Err(Error::NotAllowed {
+                    addr,
+                    reason: "write_protect of a shared region",
+                });
             }
         }
         if wp {
@@ -350,9 +375,8 @@ impl MmUser {
                     let (s, e) = (v.start.max(addr), v.end.min(end));
                     if v.is_shared() {
                         // Shared contents stay in the memfd; only this
-                        // mapping's host PTEs go.
-                        sys::discard(v.host_range(s, e))
-                            .map_err(Error::host("madvise(DONTNEED)"))?;
+                        // mapping's host PTEs go (`discard_shared`).
+                        self.discard_shared(v, s, e)?;
                     } else {
                         self.zap_range(&state, v, s, e, ZapReason::DontNeed)?;
                     }
@@ -394,6 +418,18 @@ impl MmUser {
                     }
                 }
                 if advice == Advice::Mergeable {
+                    if let Some(v) = state
+                        .vmas
+                        .overlapping(addr, end)
+                        .find(|v| v.is_shared() && v.region.tracker().is_some())
+                    {
+                        // KSM merges private anonymous pages only; a
+                        // tracked shared region asked for it explicitly.
+                        return Err(Error::NotAllowed {
+                            addr: v.start.max(addr),
+                            reason: "madvise(MERGEABLE) on a tracked shared region",
+                        });
+                    }
                     // Before the flag: advice KSM cannot honour is an error.
                     super::ksm_wp::on_madvise_mergeable(self, &state, addr, end)?;
                 }
@@ -522,10 +558,16 @@ fn check_map_options(opts: &MapOptions, limit: u64) -> Result<usize> {
         len: opts.len,
     })?;
     if opts.tracked {
-        if opts.kind != MapKind::AnonPrivate || opts.hugepage {
+        if opts.hugepage {
             return Err(Error::NotAllowed {
                 addr: probe,
-                reason: "tracked regions are private anonymous 4 KiB mappings",
+                reason: "tracked regions are 4 KiB mappings (no MADV_HUGEPAGE)",
+            });
+        }
+        if opts.kind == MapKind::SharedMemfd && opts.source.is_some() {
+            return Err(Error::NotAllowed {
+                addr: probe,
+                reason: "a lazy restore maps private anonymous memory, not a shared region",
             });
         }
         let fa = opts.fault_around;

@@ -123,6 +123,12 @@ impl Mm {
         let leaf = self.pgtable.leaf_alloc(lo / PAGE, &guard);
         let gpn_f = guest / PAGE;
         t.counters.faults.fetch_add(1, Ordering::Relaxed);
+        // Acquire: pairs with the Release of `pte_unlock` that published
+        // PRESENT (a peek: the PRESENT bit of a shared page is only cleared
+        // by a zap, which unregisters the range first).
+        if r.shared && Pte(leaf.pte(gpn_f).load(Ordering::Acquire)).present() {
+            return self.continue_present(t, addr, leaf, gpn_f, hi / PAGE, force);
+        }
 
         // Try-lock the faulting page first: the handler never waits for a
         // PTE lock (step 6). A zapper holding it is blocked in madvise until
@@ -139,6 +145,9 @@ impl Mm {
         w.held[fi] = old_f;
         if Pte(old_f).present() {
             drop(w);
+            if r.shared {
+                return self.continue_present(t, addr, leaf, gpn_f, hi / PAGE, force);
+            }
             return refill_present(t, addr);
         }
         #[cfg(test)]
@@ -181,7 +190,96 @@ impl Mm {
             .restore
             .as_deref()
             .map(|rs| (rs, r.src_index(hs, host_lo)));
-        self.fill_window(t, w, fi, charge, host_lo, addr, restore)
+        let src = if r.shared {
+            WindowSrc::Shmem
+        } else {
+            WindowSrc::Anon(restore)
+        };
+        self.fill_window(t, w, fi, charge, host_lo, addr, src)
+    }
+
+    /// Step 10: a fault on a shared page that is `PRESENT` (charged: it is
+    /// in the memfd) but not mapped here: a `MINOR` fault after a DONTNEED
+    /// of this mapping, or an API access whose copy faults while it holds
+    /// the page's lock. `UFFDIO_CONTINUE` maps it from the page cache,
+    /// with the run of `PRESENT` pages after it up to the window's end
+    /// (`hi_gpn`) as fault-around, charging nothing. No PTE lock is taken:
+    /// nothing changes in the page table, the page is charged already, and
+    /// the faulter may be an accessor holding the lock (waiting for it
+    /// would stall that accessor for `BUSY_TIMEOUT`). The range cannot go
+    /// under the ioctl unnoticed: munmap and exit unregister a range
+    /// before they zap it (CONTINUE then fails with `ENOENT`), and the
+    /// range was looked up just before. A page the memfd lost (`EFAULT`:
+    /// the embedder punched it with `MADV_REMOVE`) is refilled under its
+    /// lock, still charged (`force`: without it, see `refill_shared`).
+    fn continue_present(
+        &self,
+        t: &Tracker,
+        addr: usize,
+        leaf: &Leaf,
+        gpn_f: u64,
+        hi_gpn: u64,
+        force: bool,
+    ) -> Outcome {
+        // Relaxed: only how far the fault-around run goes; nothing is read
+        // through it, and CONTINUE checks each page itself (EFAULT outside
+        // the page cache, EEXIST where mapped).
+        let present = |g: u64| Pte(leaf.pte(g).load(Ordering::Relaxed)).present();
+        let n = (gpn_f + 1..hi_gpn).find(|&g| !present(g)).unwrap_or(hi_gpn) - gpn_f;
+        let len = n as usize * PAGE_SIZE;
+        // DONTWAKE and one wake below: a CONTINUE that stops short (a page
+        // of the run mapped already) wakes nobody past that page.
+        let mut res = t.with_uffd(|u| u.continue_(addr, len, false));
+        if n > 1 && matches!(res, Err(_) | Ok(Fill::Exists { done: 0 })) {
+            // ENOENT: the run crosses a VMA boundary (`fill_run`); EFAULT:
+            // a page of it left the memfd; EEXIST: a page is mapped. The
+            // faulting page alone says which.
+            res = t.with_uffd(|u| u.continue_(addr, PAGE_SIZE, false));
+        }
+        let mapped = match res {
+            Ok(Fill::Done) => n,
+            Ok(Fill::Again { done }) | Ok(Fill::Exists { done }) => (done / PAGE_SIZE) as u64,
+            Err(e) if e.raw_os_error() == Some(libc::EFAULT) => {
+                return self.refill_shared(t, addr, leaf, gpn_f, force);
+            }
+            Err(_) => 0,
+        };
+        t.counters
+            .pages_continued
+            .fetch_add(mapped, Ordering::Relaxed);
+        let _ = t.with_uffd(|u| u.wake(addr, len.max(PAGE_SIZE)));
+        Outcome::Served
+    }
+
+    /// A `PRESENT` shared page the memfd no longer holds (the embedder's
+    /// `MADV_REMOVE`): a zeroed page back, under its lock, not charged
+    /// again (it stayed charged: DESIGN-NOTES). Busy while locked; after
+    /// `BUSY_TIMEOUT` (`force`) without the lock, as `resolve_busy` does:
+    /// the holder may be an accessor whose copy took this very fault (the
+    /// page is charged either way, so nothing is left to settle).
+    fn refill_shared(
+        &self,
+        t: &Tracker,
+        addr: usize,
+        leaf: &Leaf,
+        gpn_f: u64,
+        force: bool,
+    ) -> Outcome {
+        match try_lock(leaf.pte(gpn_f)) {
+            Some(old) => {
+                if Pte(old).present() {
+                    let _ = t.with_uffd(|u| u.fill_shmem(addr, PAGE_SIZE, false, &mut 0));
+                }
+                crate::pgtable::pte_unlock(leaf.pte(gpn_f), old);
+            }
+            None if force => {
+                t.counters.busy_breaks.fetch_add(1, Ordering::Relaxed);
+                let _ = t.with_uffd(|u| u.fill_shmem(addr, PAGE_SIZE, false, &mut 0));
+            }
+            None => return Outcome::Busy,
+        }
+        let _ = t.with_uffd(|u| u.wake(addr, PAGE_SIZE));
+        Outcome::Served
     }
 
     /// Charges the missing pages of the locked window (step 3). Over
@@ -218,11 +316,13 @@ impl Mm {
         Ok(c)
     }
 
-    /// Fills the charged pages of the window run by run (`UFFDIO_COPY`,
-    /// DONTWAKE), settles the charge with what was really populated,
+    /// Fills the charged pages of the window run by run (`UFFDIO_COPY`, or
+    /// in a shared region `UFFDIO_ZEROPAGE`; DONTWAKE), settles the charge
+    /// with what was really populated,
     /// publishes the PTEs and wakes every thread blocked in the window.
-    /// `host_lo` is the host address of the window's first page; `restore`
-    /// the window's lazy restore and the restore's page index of that page.
+    /// `host_lo` is the host address of the window's first page; `src`
+    /// where the pages come from (for a lazy restore, the restore and its
+    /// page index of that page).
     #[allow(clippy::too_many_arguments)] // one call site, all of it state
     fn fill_window(
         &self,
@@ -232,18 +332,23 @@ impl Mm {
         c: WindowCharge,
         host_lo: usize,
         addr: usize,
-        restore: Option<(&Restore, usize)>,
+        src: WindowSrc<'_>,
     ) -> Outcome {
         let n = w.n;
         let selected = |i: usize| w.wants(i) && (!c.only_faulting || i == fi);
         let mut present = [false; PAGES_PER_LEAF as usize];
-        let src = zero_source().ok();
+        let zero = zero_source().ok();
         // One run `[a, b)` of window slots: zeros, or the restore's file
-        // pages (and zeros where the snapshot holds none).
-        let fill = |a: usize, b: usize, present: &mut [bool; PAGES_PER_LEAF as usize]| match restore
-        {
-            None => self.fill_run(t, host_lo + a * PAGE_SIZE, src, &mut present[a..b]),
-            Some((rs, first)) => self.fill_restored(t, rs, first, host_lo, src, a, b, present),
+        // pages (and zeros where the snapshot holds none), or zeroed memfd
+        // pages.
+        let fill = |a: usize, b: usize, present: &mut [bool; PAGES_PER_LEAF as usize]| match src {
+            WindowSrc::Anon(None) => {
+                self.fill_run(t, host_lo + a * PAGE_SIZE, zero, &mut present[a..b])
+            }
+            WindowSrc::Anon(Some((rs, first))) => {
+                self.fill_restored(t, rs, first, host_lo, zero, a, b, present)
+            }
+            WindowSrc::Shmem => fill_run_shmem(t, host_lo + a * PAGE_SIZE, &mut present[a..b]),
         };
         let mut crossed = false;
         let mut i = 0;
@@ -290,7 +395,11 @@ impl Mm {
         } else if c.missing > populated {
             self.budget.uncharge((c.missing - populated) * PAGE);
         }
-        self.rss_anon.fetch_add(populated, Ordering::Relaxed);
+        if matches!(src, WindowSrc::Shmem) {
+            self.rss_shmem.fetch_add(populated, Ordering::Relaxed);
+        } else {
+            self.rss_anon.fetch_add(populated, Ordering::Relaxed);
+        }
         t.counters
             .pages_faulted
             .fetch_add(populated, Ordering::Relaxed);
@@ -504,6 +613,15 @@ impl Mm {
         // A lazy restore's unserved page comes from the file; without the
         // lock another filler may copy it too: one COPY wins, the other
         // gets EEXIST, so it is still served once.
+        if r.shared {
+            // The memfd's page, allocated or found (step 10); settled like
+            // an anonymous page (`settle_busy`).
+            let _ = t.with_uffd(|u| match u.fill_shmem(addr, PAGE_SIZE, true, &mut 0)? {
+                Fill::Done => Ok(()),
+                _ => u.wake(addr, PAGE_SIZE),
+            });
+            return Outcome::Unlocked;
+        }
         let idx = r.src_index(hs, addr);
         let data = r.restore.as_ref().and_then(|rs| rs.data(idx));
         if let Some(src) = data.or_else(|| zero_source().ok()) {
@@ -543,7 +661,11 @@ impl Mm {
                 self.debt.fetch_add(PAGE, Ordering::Relaxed);
                 t.counters.fail_open_pages.fetch_add(1, Ordering::Relaxed);
             }
-            self.rss_anon.fetch_add(1, Ordering::Relaxed);
+            if r.shared {
+                self.rss_shmem.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.rss_anon.fetch_add(1, Ordering::Relaxed);
+            }
             t.counters.pages_faulted.fetch_add(1, Ordering::Relaxed);
             new |= Pte::PRESENT;
         }
@@ -606,6 +728,38 @@ fn try_lock(pte: &std::sync::atomic::AtomicU64) -> Option<u64> {
         Some(old | Pte::LOCK)
     } else {
         None
+    }
+}
+
+/// Where [`Mm::fill_window`] takes a window's pages from.
+#[derive(Clone, Copy)]
+enum WindowSrc<'a> {
+    /// A private anonymous region: zeros, or a lazy restore and the
+    /// restore's page index of the window's first page.
+    Anon(Option<(&'a Restore, usize)>),
+    /// A shared memfd region (step 10): `UFFDIO_ZEROPAGE`, which allocates
+    /// zeroed pages in the memfd (`Uffd::fill_shmem`).
+    Shmem,
+}
+
+/// `fill_run` for a shared region's run (step 10): zeroed memfd pages
+/// (`UFFDIO_ZEROPAGE`, DONTWAKE), `UFFDIO_CONTINUE` for a page the memfd
+/// already holds. Every page of the run is then in the memfd and mapped.
+fn fill_run_shmem(t: &Tracker, host: usize, present: &mut [bool]) -> RunEnd {
+    let mut filled = 0;
+    let res = t.with_uffd(|u| u.fill_shmem(host, present.len() * PAGE_SIZE, false, &mut filled));
+    // Filled pages are in the memfd and mapped, whatever ended the fill.
+    present[..filled / PAGE_SIZE]
+        .iter_mut()
+        .for_each(|p| *p = true);
+    match res {
+        Ok(Fill::Done) | Ok(Fill::Exists { .. }) => RunEnd::Done,
+        Ok(Fill::Again { .. }) => {
+            t.counters.eagain_retries.fetch_add(1, Ordering::Relaxed);
+            // A REMOVE is queued and we are its reader (see `fill_run`).
+            RunEnd::Stop
+        }
+        Err(e) => RunEnd::Failed(e.raw_os_error().unwrap_or(0)),
     }
 }
 

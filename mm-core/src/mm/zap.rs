@@ -94,6 +94,50 @@ impl Mm {
         zap.finish(res, start, end)
     }
 
+    /// `madvise(DONTNEED)` of guest `[start, end)` of a shared VMA: this
+    /// mapping's host PTEs go, the pages stay in the memfd, `PRESENT` and
+    /// charged (the next touch of a tracked one is a `MINOR` fault,
+    /// `tracked/` step 10). In a tracked region the discard is announced
+    /// as our own zap and runs under the PTE locks of each leaf, as a zap
+    /// does (step 6): an accessor between its fill of a page and its copy
+    /// holds that page's lock, so its pages are never unmapped under it
+    /// (its copy would fault on a page it holds locked but not yet
+    /// `PRESENT`, which the handler only serves after `BUSY_TIMEOUT`).
+    /// A leafless run gets its leaf (as a fault would): a discard without
+    /// the locks could race an accessor that allocates the leaf, fills
+    /// and copies meanwhile.
+    pub(super) fn discard_shared(&self, vma: &Vma, start: u64, end: u64) -> Result<()> {
+        let tracker = vma.region.tracker();
+        let discard = |s: u64, e: u64| -> Result<()> {
+            let r = vma.host_range(s, e);
+            let f = || sys::discard(r).map_err(Error::host("madvise(DONTNEED)"));
+            match tracker {
+                Some(t) => {
+                    let a = r.ptr() as usize;
+                    t.self_zap(a, a + r.len(), f)
+                }
+                None => f(),
+            }
+        };
+        if tracker.is_none() {
+            return discard(start, end);
+        }
+        let guard = crossbeam_epoch::pin();
+        let (mut gpn, last) = (start / PAGE, end / PAGE);
+        while gpn < last {
+            let stop = ((gpn / PAGES_PER_LEAF + 1) * PAGES_PER_LEAF).min(last);
+            let leaf = self.pgtable.leaf_alloc(gpn, &guard);
+            let olds: Vec<u64> = (gpn..stop).map(|p| pte_lock(leaf.pte(p))).collect();
+            let res = discard(gpn * PAGE, stop * PAGE);
+            for (i, p) in (gpn..stop).enumerate() {
+                pte_unlock(leaf.pte(p), olds[i]);
+            }
+            res?;
+            gpn = stop;
+        }
+        Ok(())
+    }
+
     /// Maps anonymous memory back over every run of `FILEMAP` pages among
     /// `olds` (the locked PTE words of the pages from `first_gpn`), and
     /// registers the runs with the tracker again in a tracked region.

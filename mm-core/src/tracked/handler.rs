@@ -100,9 +100,14 @@ impl Handler {
                 Event::Remove { start, end } => {
                     if !t.is_self_zap(start, end) {
                         t.counters.foreign_removes.fetch_add(1, Ordering::Relaxed);
-                        // Discarded pages of a lazy restore read zeros now.
-                        t.discarded(start, end);
-                        self.removes.push((start, end));
+                        // A shared region's DONTNEED drops only this
+                        // mapping's PTEs; the pages stay in the memfd,
+                        // charged (step 10): nothing to clear.
+                        if !t.is_shared(start) {
+                            // Discarded pages of a lazy restore read zeros now.
+                            t.discarded(start, end);
+                            self.removes.push((start, end));
+                        }
                     }
                 }
                 Event::Unmap { start, end } if t.is_self_zap(start, end) => {
@@ -113,7 +118,11 @@ impl Handler {
                 }
                 Event::Unmap { start, end } => {
                     t.counters.foreign_removes.fetch_add(1, Ordering::Relaxed);
-                    self.removes.push((start, end));
+                    // A shared region's pages stay in its memfd (and
+                    // charged) until our munmap or exit punches them out.
+                    if !t.is_shared(start) {
+                        self.removes.push((start, end));
+                    }
                     self.unmaps.push((start, end));
                 }
                 Event::Other(_) => {}

@@ -18,7 +18,7 @@
 //! 1. The first tracked `mmap` of an mm creates its tracker on the next
 //!    shard of the pool (`pool.rs`), which opens the shard's descriptor of
 //!    the mm's mode (full or user-mode-only; MISSING, WP when offered,
-//!    `EVENT_REMOVE`, `EVENT_UNMAP`, `POISON`) and starts the shard's
+//!    `EVENT_REMOVE`, `EVENT_UNMAP`, `POISON`, `MINOR_SHMEM`) and starts the shard's
 //!    thread if they are not open yet: the pool's threads are the only
 //!    threads mm-core spawns besides the timer. No descriptor and no thread
 //!    is the mm's own.
@@ -34,7 +34,8 @@
 //!    budget for every missing page of the window,
 //!    `UFFDIO_COPY` each run of missing pages from a zero source (or, in a
 //!    lazy restore, from the snapshot file for the pages it holds and never
-//!    served: `source.rs`) (this also wakes the faulter), set `PRESENT`,
+//!    served: `source.rs`; in a shared region `UFFDIO_ZEROPAGE`: step 10)
+//!    (this also wakes the faulter), set `PRESENT`,
 //!    unlock. The access path populates
 //!    tracked pages with the same ioctl under the same locks, so a page is
 //!    populated and charged once, by whoever holds its lock first; the other
@@ -98,6 +99,35 @@
 //!    serving its other mms. Later tracked operations fail with
 //!    [`Error::TrackerDead`]; the access path falls back to the untracked
 //!    populate. The panic message is logged at `error` level.
+//! 10. Shared memfd regions (`MapKind::SharedMemfd`, issue 15 §3). The
+//!     host range is registered `MISSING | MINOR`, without WP
+//!     ([`Tracker::register_shared`]; [`Error::Unsupported`] at `mmap` when
+//!     the descriptor lacks `MINOR_SHMEM`, which the user-mode-only one has
+//!     here). A shared page's `PRESENT` means *in the memfd and charged*: a
+//!     page is charged once, when it enters the memfd. A fault on a page
+//!     that is not `PRESENT` (a `MISSING` fault, or a `MINOR` one on a page
+//!     some earlier fill left in the memfd uncharged) is step 3 with
+//!     `UFFDIO_ZEROPAGE` for the COPY (in a shmem mapping the kernel
+//!     allocates a zeroed page in the page cache and maps it), and
+//!     `UFFDIO_CONTINUE` for a page the memfd already holds (ZEROPAGE says
+//!     `EEXIST`): `Uffd::fill_shmem`, which the access path runs too,
+//!     under the same locks. A fault on a `PRESENT` page (the memfd holds
+//!     it, this mapping does not: a `MINOR` fault after a DONTNEED of the
+//!     mapping, or the copy of an accessor that holds the page's lock) is
+//!     answered by `UFFDIO_CONTINUE` of the run of `PRESENT` pages from it
+//!     to the window's end, charging nothing and taking **no** PTE lock
+//!     (`continue_present` in `mm/tracked_fault.rs`: munmap and exit
+//!     unregister a range before they zap it, so the range cannot change
+//!     under the ioctl unnoticed, and waiting for an accessor's lock would
+//!     stall it for [`BUSY_TIMEOUT`]). A DONTNEED (ours, announced as a self
+//!     zap and run under the PTE locks like a zap, or the embedder's
+//!     REMOVE) keeps the pages in the memfd and charged; munmap and exit zap under the PTE locks with
+//!     `fallocate(PUNCH_HOLE)`, which frees the memfd's pages, unmaps them
+//!     and sends no message, and uncharge them (`rss_shmem`). An embedder's
+//!     munmap of the host range (UNMAP) only drops the registration: the
+//!     pages stay charged until our munmap or exit punches them. Refused by
+//!     name: huge pages, a lazy restore, a dirty log, `write_protect`,
+//!     `madvise(MERGEABLE)`.
 
 use crate::types::lock;
 use std::collections::{BTreeMap, VecDeque};
@@ -146,6 +176,10 @@ pub struct TrackedStats {
     pub pages_faulted: u64,
     /// Pages the access API populated in tracked regions.
     pub pages_populated_api: u64,
+    /// Pages of shared regions mapped with `UFFDIO_CONTINUE` from the
+    /// memfd they were already in (a `MINOR` fault: the page was charged
+    /// when it entered the memfd; step 10).
+    pub pages_continued: u64,
     /// Faults answered with `UFFDIO_POISON` (SIGBUS) after `UNSTABLE`.
     pub pages_poisoned: u64,
     /// Write-protect faults seen (left blocked until unprotect).
@@ -192,9 +226,29 @@ pub struct TrackedStats {
 
 crate::counters! {
     pub(crate) struct Counters -> TrackedStats {
-        faults, pages_faulted, pages_populated_api, pages_poisoned, wp_faults,
+        faults, pages_faulted, pages_populated_api, pages_continued, pages_poisoned, wp_faults,
         foreign_removes, eagain_retries, vma_clips, pressure_runs, fail_open_pages,
         hard_limit_kills, busy_breaks, api_wp_waits,
+    }
+}
+
+/// Where the access path's pages of one run come from
+/// ([`Tracker::populate_locked`]).
+#[derive(Debug, Clone, Copy)]
+enum PageSrc {
+    /// A lazy restore's file pages, contiguous from this address.
+    File(*const u8),
+    /// Zeros: `UFFDIO_COPY` from the zero source for a write, the zero
+    /// page for a read (private anonymous).
+    Zero,
+    /// A shared region's memfd (step 10): zeroed pages for its holes,
+    /// `UFFDIO_CONTINUE` for the pages it holds ([`Uffd::fill_shmem`]).
+    Shmem,
+}
+
+impl From<Option<*const u8>> for PageSrc {
+    fn from(p: Option<*const u8>) -> PageSrc {
+        p.map_or(PageSrc::Zero, PageSrc::File)
     }
 }
 
@@ -214,6 +268,10 @@ pub(crate) struct Range {
     /// Registered on the tracker's quiet descriptor ([`Tracker::quiet`]):
     /// an untracked mergeable region (write-protect only, no events).
     pub(crate) quiet: bool,
+    /// A shared memfd-backed region (`MISSING | MINOR`, step 10): a page
+    /// is charged when it enters the memfd, and a discard of the mapping
+    /// (DONTNEED) keeps it there, charged.
+    pub(crate) shared: bool,
 }
 
 impl Range {
@@ -252,6 +310,9 @@ pub(crate) struct Tracker {
     wp_async: bool,
     /// Write-protect also works on memfd mappings (KSM's merged pages).
     wp_shmem: bool,
+    /// `MINOR` faults on shmem (`UFFD_FEATURE_MINOR_SHMEM`): tracked shared
+    /// regions can be registered (step 10).
+    minor_shmem: bool,
     pub(crate) poison: bool,
     /// `UFFD_USER_MODE_ONLY`: kernel-mode faults never reach the handler.
     user_mode_only: bool,
@@ -404,6 +465,7 @@ impl Tracker {
         let wp = !dirty_log && u.has(uffd::feature::PAGEFAULT_FLAG_WP);
         let wp_shmem = wp && u.has(uffd::feature::WP_HUGETLBFS_SHMEM);
         let poison = u.has(uffd::feature::POISON);
+        let minor_shmem = u.has(uffd::feature::MINOR_SHMEM);
         let user_mode_only = u.user_mode_only();
         if user_mode_only {
             tracing::info!(target: "mm_core::tracked", mm_id, "userfaultfd is user-mode-only here (no privilege for a full descriptor): faults the kernel takes on the guest's behalf (KVM, O_DIRECT) get EFAULT");
@@ -417,6 +479,7 @@ impl Tracker {
             wp,
             wp_async,
             wp_shmem,
+            minor_shmem,
             poison,
             user_mode_only,
             stop: AtomicBool::new(false),
@@ -547,6 +610,24 @@ impl Tracker {
         self.register_routed(r, mode, "UFFDIO_REGISTER")
     }
 
+    /// Registers a fresh, unpublished shared memfd mapping (step 10) for
+    /// `MISSING | MINOR` faults: a page missing from the memfd and a page
+    /// in the memfd but not mapped here both reach the handler. No WP:
+    /// write-protect and the dirty log are refused on shared regions.
+    /// [`Error::Unsupported`] where the descriptor has no `MINOR_SHMEM`.
+    pub(crate) fn register_shared(&self, r: HostRange) -> Result<()> {
+        if self.is_dead() {
+            return Err(Error::TrackerDead { mm_id: self.mm_id });
+        }
+        if !self.minor_shmem {
+            return Err(Error::Unsupported {
+                what: "userfaultfd minor faults on shmem (UFFD_FEATURE_MINOR_SHMEM, Linux 5.14) for a tracked shared region",
+            });
+        }
+        let mode = uffd::mode::MISSING | uffd::mode::MINOR;
+        self.register_routed(r, mode, "UFFDIO_REGISTER(MISSING|MINOR)")
+    }
+
     /// Enters the routing entry of `r` in the shard, **then** registers
     /// it: a message from a registered range always finds its mm (an
     /// unrouted fault would only be woken to refault, an unrouted REMOVE
@@ -582,7 +663,8 @@ impl Tracker {
     }
 
     /// Enters a registered range in the registry, under the mmap write lock
-    /// (`restore`: its missing pages come from a snapshot, `source.rs`).
+    /// (`restore`: its missing pages come from a snapshot, `source.rs`;
+    /// `shared`: a memfd-backed region, step 10).
     pub(crate) fn add_range(
         &self,
         host: usize,
@@ -590,6 +672,7 @@ impl Tracker {
         guest: u64,
         fault_around: u64,
         restore: Option<Arc<Restore>>,
+        shared: bool,
     ) {
         lock(&self.ranges).insert(
             host,
@@ -600,6 +683,7 @@ impl Tracker {
                 restore,
                 src_first: 0,
                 quiet: false,
+                shared,
             },
         );
     }
@@ -618,6 +702,7 @@ impl Tracker {
                 restore: None,
                 src_first: 0,
                 quiet,
+                shared: false,
             },
         );
     }
@@ -737,6 +822,11 @@ impl Tracker {
         (addr < r.host_end).then(|| (*s, r.clone()))
     }
 
+    /// Is host address `addr` in a shared (memfd) range (step 10)?
+    pub(crate) fn is_shared(&self, addr: usize) -> bool {
+        self.lookup(addr).is_some_and(|(_, r)| r.shared)
+    }
+
     /// Runs `f` (a discard of `[start, end)`) announced as our own zap, so
     /// the handler ignores the REMOVE message it produces (step 6).
     pub(crate) fn self_zap<R>(&self, start: usize, end: usize, f: impl FnOnce() -> R) -> R {
@@ -800,7 +890,13 @@ impl Tracker {
             });
         }
         let n = done.len();
-        let restore = self.lookup(host).and_then(|(s, r)| {
+        let found = self.lookup(host);
+        if found.as_ref().is_some_and(|(_, r)| r.shared) {
+            // Step 10: zeroed memfd pages (ZEROPAGE), CONTINUE for a page
+            // the memfd already holds; the same fill as the handler's.
+            return self.populate_api(host, done, PageSrc::Shmem, write);
+        }
+        let restore = found.and_then(|(s, r)| {
             Some((
                 r.src_index(s, host),
                 r.guest_start + (host - s) as u64,
@@ -808,7 +904,7 @@ impl Tracker {
             ))
         });
         let Some((first, guest, rs)) = restore else {
-            return self.populate_api(host, done, None, write);
+            return self.populate_api(host, done, PageSrc::Zero, write);
         };
         let mut i = 0;
         while i < n {
@@ -817,7 +913,7 @@ impl Tracker {
             let at = host + i * PAGE_SIZE;
             if data {
                 let src = rs.data(first + i);
-                let res = self.populate_api(at, &mut done[i..j], src, write);
+                let res = self.populate_api(at, &mut done[i..j], PageSrc::from(src), write);
                 for k in (i..j).filter(|&k| done[k]) {
                     rs.mark_served(first + k, first + k + 1);
                 }
@@ -840,7 +936,7 @@ impl Tracker {
                     }
                     Err(e) => return Err(e),
                 }
-            } else if !self.populate_api(at, &mut done[i..j], None, write)? {
+            } else if !self.populate_api(at, &mut done[i..j], PageSrc::Zero, write)? {
                 return Ok(false);
             }
             i = j;
@@ -848,14 +944,12 @@ impl Tracker {
         Ok(true)
     }
 
-    /// One run of [`Tracker::populate_locked`] from one source: `src` (the
-    /// file address of the run's first page, contiguous), or the zero
-    /// source (`None`: COPY when `write`, else the zero page).
+    /// One run of [`Tracker::populate_locked`] from one source (`src`).
     fn populate_api(
         &self,
         host: usize,
         done: &mut [bool],
-        src: Option<*const u8>,
+        src: PageSrc,
         write: bool,
     ) -> Result<bool> {
         let zero = zero_source()?;
@@ -867,9 +961,10 @@ impl Tracker {
             let len = (n - i) * PAGE_SIZE;
             let res = self.with_uffd(|u| match src {
                 // The file pages of the run are contiguous (`source.rs`).
-                Some(p) => u.copy(at, p.wrapping_add(i * PAGE_SIZE), len, true),
-                None if write => u.copy(at, zero, len, true),
-                None => u.zeropage(at, len),
+                PageSrc::File(p) => u.copy(at, p.wrapping_add(i * PAGE_SIZE), len, true),
+                PageSrc::Zero if write => u.copy(at, zero, len, true),
+                PageSrc::Zero => u.zeropage(at, len),
+                PageSrc::Shmem => u.fill_shmem(at, len, true, &mut 0),
             });
             match res {
                 Ok(Fill::Done) => {
@@ -904,7 +999,10 @@ impl Tracker {
                 Err(_) if self.is_dead() => return Ok(false),
                 Err(e) => {
                     return Err(Error::Host {
-                        op: "UFFDIO_COPY",
+                        op: match src {
+                            PageSrc::Shmem => "UFFDIO_ZEROPAGE/CONTINUE (shmem)",
+                            _ => "UFFDIO_COPY",
+                        },
                         source: e,
                     })
                 }

@@ -73,7 +73,8 @@ const WANTED: u64 = uffd::feature::PAGEFAULT_FLAG_WP
     | uffd::feature::EVENT_REMOVE
     | uffd::feature::EVENT_UNMAP
     | uffd::feature::POISON
-    | uffd::feature::WP_HUGETLBFS_SHMEM;
+    | uffd::feature::WP_HUGETLBFS_SHMEM
+    | uffd::feature::MINOR_SHMEM;
 
 /// The features of a quiet descriptor ([`Shard::quiet_uffd`]): write-protect
 /// only, **no events**. With `EVENT_UNMAP`/`EVENT_REMOVE` every `mmap`

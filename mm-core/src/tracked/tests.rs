@@ -43,7 +43,14 @@ fn tracked_mm(len: u64) -> (Host, crate::MmUser, u64) {
 #[test]
 fn test_registry_split() {
     let t = Tracker::new(1, false, false).unwrap();
-    t.add_range(0x10000, 0x10000, 0x100000, DEFAULT_FAULT_AROUND, None);
+    t.add_range(
+        0x10000,
+        0x10000,
+        0x100000,
+        DEFAULT_FAULT_AROUND,
+        None,
+        false,
+    );
     t.forget_registry(0x14000, 0x18000);
     let r: Vec<_> = lock(&t.ranges)
         .iter()
