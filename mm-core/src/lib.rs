@@ -53,10 +53,12 @@
 //!                      blocking, notifier, dirty (the dirty log,
 //!                      GuestSnapshot, reset, the base of diff files)
 //!         vma.rs       VMAs, the tree, host regions
-//!         tracked/     userfaultfd regions: registry + FaultTarget (mod),
-//!                      pool (the process's handler threads, shared
-//!                      descriptors, routing map), handler, wp, source
-//!                      (a lazy restore's pages: file or zeros), tests
+//!         tracked/     userfaultfd regions (private anonymous: MISSING +
+//!                      WP; shared memfd: MISSING + MINOR, step 10):
+//!                      registry + FaultTarget (mod), pool (the process's
+//!                      handler threads, shared descriptors, routing map),
+//!                      handler, wp, source (a lazy restore's pages: file
+//!                      or zeros), tests
 //! ------------------------------------------------------------------------
 //! bottom  types.rs     BoxFuture, the Pressure hook trait
 //!         budget.rs    Budget, OverBudget
@@ -110,7 +112,8 @@
 //!                              still ascending). Taken in ascending page order, never held
 //!                              across an await or a syscall other than the madvise /
 //!                              mprotect / mmap(MAP_FIXED) / mlock2(ONFAULT) and munlock of a
-//!                              merge in an mlocked VMA / uffd WP+WAKE+REGISTER / pwrite /
+//!                              merge in an mlocked VMA / uffd COPY+ZEROPAGE+CONTINUE fills,
+//!                              WP+WAKE+REGISTER / pwrite /
 //!                              pread of the pages they cover (the mmap of a merge in a
 //!                              tracked region waits for the uffd handler to read its UNMAP
 //!                              message; the handler never waits for a PTE lock; untracked
