@@ -28,6 +28,8 @@ if [ ${#files[@]} -eq 0 ]; then
 fi
 command -v cargo-mutants >/dev/null || cargo install --locked cargo-mutants
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$root/target/mutants-build}
+# No debug info in the per-mutant test builds: linking is most of a rebuild.
+export CARGO_PROFILE_DEV_DEBUG=${CARGO_PROFILE_DEV_DEBUG:-0}
 out=$root/target/mutants
 mkdir -p "$out"
 scratch=$(mktemp -d)
@@ -69,20 +71,11 @@ for file in "${files[@]}"; do
   if [ "$fuzz" != 0 ] && [ "$missed" -gt 0 ]; then
     (cd "$scratch" && cargo build -q --release -p mm-race --example hunt)
     hunted=0
-    for diff in "$m"/diff/*.diff; do
-      # Only the mutants the replay missed (their diff names the line).
-      desc=$(sed -n 's/^.*mutant: *//p' "$diff" | head -1)
-      key=$(basename "$diff" .diff)
-      if ! grep -q "$key" <(python3 - "$m/outcomes.json" <<'PY'
-import json, sys
-d = json.load(open(sys.argv[1]))
-for o in d["outcomes"]:
-    if o.get("summary") == "MissedMutant":
-        print(o["scenario"]["Mutant"].get("name", ""))
-PY
-      ); then continue; fi
+    # The mutants the replay missed: name, file and diff (outcomes.json).
+    while IFS=$'\t' read -r desc mfile diff; do
       git -C "$scratch" checkout -q -- . ':!fuzz'
-      if ! git -C "$scratch" apply "$diff"; then continue; fi
+      # The diff's `+++` line names the mutation, not a file: patch that file.
+      if ! (cd "$scratch" && patch -s -p0 "$mfile" < "$m/$diff"); then continue; fi
       (cd "$scratch" && cargo build -q --release -p mm-race --example hunt) || continue
       found=0
       for t in $targets; do
@@ -92,7 +85,14 @@ PY
       done
       echo "  hunt $([ $found = 1 ] && echo caught || echo MISSED): $desc" >&2
       hunted=$((hunted + found))
-    done
+    done < <(python3 - "$m/outcomes.json" <<'PY'
+import json, sys
+for o in json.load(open(sys.argv[1]))["outcomes"]:
+    if o.get("summary") == "MissedMutant":
+        mu = o["scenario"]["Mutant"]
+        print("\t".join((mu["name"], mu["file"], o["diff_path"])))
+PY
+    )
     git -C "$scratch" checkout -q -- . ':!fuzz'
     line="$line; hunt ${fuzz}s/target caught $hunted of the $missed missed"
   fi
