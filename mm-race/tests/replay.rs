@@ -27,9 +27,20 @@ fn replay_corpus_and_regressions() {
         for sub in ["corpus", "regressions"] {
             for f in files(&root.join(sub).join(t.name())) {
                 let data = std::fs::read(&f).unwrap();
+                let before = mm_race::steps_executed();
                 if let Some(finding) = run(t, &data) {
                     panic!("{} on {}:\n{finding}", t.name(), f.display());
                 }
+                // Every committed input reaches its race: one that now
+                // bails out in setup checks nothing. (Mutation testing: a
+                // KSM whose every enter after the first fails made every
+                // teardown_vs_ksm input bail out, and the replay passed.)
+                assert!(
+                    mm_race::steps_executed() > before,
+                    "{} on {}: no protocol step ran (the setup bailed out)",
+                    t.name(),
+                    f.display()
+                );
                 n += 1;
             }
         }
