@@ -13,7 +13,9 @@
 #   results under target/mutants/<file>/mutants.out and prints, per file:
 #   mutants, caught by the replay (timeouts count as caught: a hang is a
 #   finding), missed, unviable (did not build), score = caught / viable;
-#   with --fuzz, how many of the missed ones the hunt caught.
+#   with --fuzz, how many of the missed ones the hunt caught (the input
+#   it found is kept in target/mutants/<file>/found/<mutant>.<target>,
+#   a candidate for fuzz/corpus/<target>/).
 # Builds in a scratch worktree of HEAD with its own target directory
 # (target/mutants-build, kept between runs), never in the checkout.
 set -euo pipefail
@@ -74,6 +76,7 @@ for file in "${files[@]}"; do
   if [ "$fuzz" != 0 ] && [ "$missed" -gt 0 ]; then
     (cd "$scratch" && cargo build -q --release -p mm-race --example hunt)
     hunted=0
+    mkdir -p "$res/found"
     # The mutants the replay missed: name, file and diff (outcomes.json).
     while IFS=$'\t' read -r desc mfile diff; do
       git -C "$scratch" checkout -q -- . ':!fuzz'
@@ -82,7 +85,8 @@ for file in "${files[@]}"; do
       (cd "$scratch" && cargo build -q --release -p mm-race --example hunt) || continue
       found=0
       for t in $targets; do
-        if "$CARGO_TARGET_DIR/release/examples/hunt" "$t" "$fuzz" 1 2>/dev/null | grep -q found=1; then
+        save=$res/found/$(basename "$diff" .diff).$t
+        if "$CARGO_TARGET_DIR/release/examples/hunt" "$t" "$fuzz" 1 "$save" 2>/dev/null | grep -q found=1; then
           found=1; break
         fi
       done
