@@ -48,9 +48,9 @@ targets=$(sed -n 's/.*Target::[A-Za-z]* => "\([a-z_]*\)",/\1/p' "$root/mm-race/s
 # on the mutated package instead of the test package (27.1), so it is
 # skipped there (`--baseline skip`) and checked once here, which also warms
 # the build directory for the first mutant. Without a baseline the timeout
-# is ours: 60 s, where the replay takes well under a second (a mutant that
-# spins without a yield point hangs the executor: a timeout, counted as
-# caught).
+# is ours: MUTANTS_TIMEOUT (20 s), where the replay takes well under a
+# second (a mutant that spins without a yield point hangs the executor: a
+# timeout, counted as caught; they made most of the run time at 600 s).
 (cd "$scratch" && cargo test -q -p mm-race --test replay replay_corpus_and_regressions >&2) || {
   echo "the corpus replay fails on the unmutated tree: nothing to measure" >&2
   exit 1
@@ -64,7 +64,7 @@ for file in "${files[@]}"; do
   echo "== $file" >&2
   (cd "$scratch" && cargo mutants --in-place --no-shuffle -p "$pkg" -f "$file" \
       --test-package mm-race --cargo-test-arg=--test=replay \
-      --baseline skip --timeout 60 --build-timeout 1200 \
+      --baseline skip --timeout "${MUTANTS_TIMEOUT:-20}" --build-timeout 1200 \
       -o "$res" -- replay_corpus_and_regressions >&2) || true
   m=$res/mutants.out
   caught=$(cat "$m/caught.txt" "$m/timeout.txt" 2>/dev/null | grep -c . || true)
