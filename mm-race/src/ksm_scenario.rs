@@ -453,6 +453,7 @@ fn run_setup_reaper(
 
     let report = sim.run(20_000);
     crate::scenario::count_steps(report.trace.len() as u64);
+    crate::scenario::count_kills(host.oom_stats().kills);
     let finding = |report: &Report, what: String| {
         Some(Finding {
             invariant: what,
