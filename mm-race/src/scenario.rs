@@ -490,6 +490,12 @@ pub fn run_setup_mode(
                     !(dying && matches!(r, Err(mm_reaper::MreleaseError::NotDying { .. }))),
                     "§7.1: process_mrelease of a killed guest returned EINVAL (not dying)",
                 );
+                // ... and it never reaps a guest that is not dying (its
+                // memory is still in use).
+                mm_core::sched::check(
+                    dying || !matches!(r, Ok(mm_reaper::MreleaseOutcome::Reaped { .. })),
+                    "§7.1: process_mrelease reaped a guest that was not dying",
+                );
             });
         }
         Target::FaultVsReap => {
@@ -504,7 +510,18 @@ pub fn run_setup_mode(
             let (h, done, id) = (host.clone(), oom_done.clone(), g0.guest.mm_id());
             let again = !setup.swarm.off(Swarm::NO_OOM_AGAIN);
             sim.spawn("oom", async move {
-                let _ = h.out_of_memory(None).await;
+                // mark_oom_victim (I-RP-9): a guest reported killed has its
+                // oom_mm, which the reaper and the selection go by. Catches
+                // the oom.rs mutant `mark_oom_victim` -> `()`
+                // (fuzz/mutants.sh): with no victim marked nothing was
+                // reaped, and every reaper oracle held vacuously.
+                if let mm_core::OomOutcome::Killed { guest } = h.out_of_memory(None).await {
+                    let g = h.guests().into_iter().find(|g| g.id() == guest);
+                    mm_core::sched::check(
+                        g.is_none_or(|g| g.is_oom_victim()),
+                        "I-RP-9: the OOM killer reported a kill but the victim has no oom_mm",
+                    );
+                }
                 // The victim itself then runs short while dying
                 // (task_will_free_mem(current)): it must not be queued twice.
                 if again {
