@@ -32,5 +32,5 @@ pub mod scenario;
 pub mod swarm;
 
 pub use mode::Mode;
-pub use scenario::{failures_injected, run, run_mode, steps_executed, Finding, Target};
+pub use scenario::{failures_injected, kills_made, run, run_mode, steps_executed, Finding, Target};
 pub use swarm::Swarm;

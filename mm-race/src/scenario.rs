@@ -288,6 +288,19 @@ fn build_guest(host: &Host, name: &str, setup: &Setup) -> Option<GuestSetup> {
 thread_local! {
     static STEPS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
     static INJECTED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    static KILLS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// OOM kills made by the runs on this thread so far (the corpus replay
+/// checks that the targets with an OOM killer really kill: with
+/// `Host::badness` -> `None`, no guest is ever chosen, and every reaper
+/// oracle held vacuously; fuzz/mutants.sh).
+pub fn kills_made() -> u64 {
+    KILLS.with(|s| s.get())
+}
+
+pub(crate) fn count_kills(n: u64) {
+    KILLS.with(|s| s.set(s.get() + n));
 }
 
 /// Runs on this thread so far in which a failure was injected (the tests
@@ -453,10 +466,36 @@ pub fn run_setup_mode(
     match target {
         Target::MreleaseVsExit => {
             let g = g0.guest.clone();
-            sim.spawn("kill", async move { g.kill() });
+            sim.spawn("kill", async move {
+                g.kill();
+                // SIGKILL delivered: from now on the guest is dying (what
+                // process_mrelease requires, §7.1). Catches the oom.rs
+                // mutant `Guest::kill` -> `()` (fuzz/mutants.sh): a kill
+                // that did nothing passed every other oracle here.
+                mm_core::sched::check(g.is_dying(), "§7.1: a killed guest is not dying");
+            });
             let (h, id) = (host.clone(), g0.guest.id());
             sim.spawn("mrelease", async move {
-                let _ = mm_reaper::mrelease(&h, id).await;
+                // PROTOCOL §7.1 step 5: -EINVAL ("not dying") only for a
+                // target that is not dying. Read here, with no yield point
+                // before mrelease's own test: a guest killed by now is
+                // dying there too. Catches the mm-reaper mutant
+                // `!guest.is_dying()` -> `guest.is_dying()` (every dying
+                // guest refused, a live one reaped; fuzz/mutants.sh), which
+                // no other oracle saw: the victim's exit frees its memory
+                // anyway.
+                let dying = h.guest(id).is_ok_and(|g| g.is_dying());
+                let r = mm_reaper::mrelease(&h, id).await;
+                mm_core::sched::check(
+                    !(dying && matches!(r, Err(mm_reaper::MreleaseError::NotDying { .. }))),
+                    "§7.1: process_mrelease of a killed guest returned EINVAL (not dying)",
+                );
+                // ... and it never reaps a guest that is not dying (its
+                // memory is still in use).
+                mm_core::sched::check(
+                    dying || !matches!(r, Ok(mm_reaper::MreleaseOutcome::Reaped { .. })),
+                    "§7.1: process_mrelease reaped a guest that was not dying",
+                );
             });
         }
         Target::FaultVsReap => {
@@ -471,7 +510,18 @@ pub fn run_setup_mode(
             let (h, done, id) = (host.clone(), oom_done.clone(), g0.guest.mm_id());
             let again = !setup.swarm.off(Swarm::NO_OOM_AGAIN);
             sim.spawn("oom", async move {
-                let _ = h.out_of_memory(None).await;
+                // mark_oom_victim (I-RP-9): a guest reported killed has its
+                // oom_mm, which the reaper and the selection go by. Catches
+                // the oom.rs mutant `mark_oom_victim` -> `()`
+                // (fuzz/mutants.sh): with no victim marked nothing was
+                // reaped, and every reaper oracle held vacuously.
+                if let mm_core::OomOutcome::Killed { guest } = h.out_of_memory(None).await {
+                    let g = h.guests().into_iter().find(|g| g.id() == guest);
+                    mm_core::sched::check(
+                        g.is_none_or(|g| g.is_oom_victim()),
+                        "I-RP-9: the OOM killer reported a kill but the victim has no oom_mm",
+                    );
+                }
                 // The victim itself then runs short while dying
                 // (task_will_free_mem(current)): it must not be queued twice.
                 if again {
@@ -553,6 +603,7 @@ pub fn run_setup_mode(
 
     let mut report = sim.run(20_000);
     STEPS.with(|s| s.set(s.get() + report.trace.len() as u64));
+    count_kills(host.oom_stats().kills);
     if report.injected.is_some() {
         INJECTED.with(|s| s.set(s.get() + 1));
     }
@@ -634,6 +685,20 @@ pub fn run_setup_mode(
     let charged = host.stats().charged_bytes;
     drop((g0, g1, reaper, exited));
     report.trace.shrink_to_fit();
+    // I-RP-8: `oom_victims` is balanced: every marked victim, once through
+    // its own exit, was counted out. Catches the oom.rs mutant
+    // `exit_oom_victim` -> `()` (fuzz/mutants.sh): the count never going
+    // down only makes oom_killer_disable time out, a legal outcome there.
+    // (A victim whose mm outlived its exit is counted out when the host
+    // next prunes exited guests: once its last user is gone.)
+    drop(host.guests());
+    let victims = host.oom_stats().victims_running;
+    if victims != 0 {
+        return finding(
+            &report,
+            format!("I-RP-8: {victims} OOM victim(s) still counted after every exit"),
+        );
+    }
     end_of_run_oracles(charged, host, &watches).and_then(|what| finding(&report, what))
 }
 

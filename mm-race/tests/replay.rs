@@ -24,15 +24,37 @@ fn replay_corpus_and_regressions() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
     let mut n = 0;
     for t in Target::ALL {
+        let kills = mm_race::kills_made();
         for sub in ["corpus", "regressions"] {
             for f in files(&root.join(sub).join(t.name())) {
                 let data = std::fs::read(&f).unwrap();
+                let before = mm_race::steps_executed();
                 if let Some(finding) = run(t, &data) {
                     panic!("{} on {}:\n{finding}", t.name(), f.display());
                 }
+                // Every committed input reaches its race: one that now
+                // bails out in setup checks nothing. (Mutation testing: a
+                // KSM whose every enter after the first fails made every
+                // teardown_vs_ksm input bail out, and the replay passed.)
+                assert!(
+                    mm_race::steps_executed() > before,
+                    "{} on {}: no protocol step ran (the setup bailed out)",
+                    t.name(),
+                    f.display()
+                );
                 n += 1;
             }
         }
+        // The targets with an OOM killer really kill in their corpus (the
+        // other two kill with Guest::kill): with `Host::badness` -> `None`
+        // (no guest ever eligible) every reaper oracle held vacuously.
+        let kills = mm_race::kills_made() - kills;
+        eprintln!("{}: {kills} OOM kills", t.name());
+        assert!(
+            kills > 0 || matches!(t, Target::MreleaseVsExit | Target::FaultVsReap),
+            "{}: no OOM kill in its whole corpus",
+            t.name()
+        );
     }
     eprintln!("replayed {n} inputs");
 }
