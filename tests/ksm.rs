@@ -1236,9 +1236,10 @@ fn test_map_budget_refuses_and_reports() {
     drop((a, b, z));
 }
 
-/// The `VmFlags` of every host mapping inside `[addr, addr + len)` of
-/// `mm` (/proc/self/smaps): one entry per host VMA.
-fn host_vma_flags(mm: &MmUser, addr: u64, len: u64) -> Vec<String> {
+/// The value of smaps field `key` (e.g. `"VmFlags:"`) of every host
+/// mapping inside `[addr, addr + len)` of `mm` (/proc/self/smaps): one
+/// entry per host VMA.
+fn smaps_field(mm: &MmUser, addr: u64, len: u64, key: &str) -> Vec<String> {
     let (lo, hi) = (
         host_ptr(mm, addr) as usize,
         host_ptr(mm, addr) as usize + len as usize,
@@ -1256,7 +1257,7 @@ fn host_vma_flags(mm: &MmUser, addr: u64, len: u64) -> Vec<String> {
                 }
             }
         }
-        if let (true, Some(f)) = (inside, line.strip_prefix("VmFlags:")) {
+        if let (true, Some(f)) = (inside, line.strip_prefix(key)) {
             out.push(f.trim().to_owned());
         }
     }
@@ -1296,7 +1297,7 @@ fn test_mlocked_vmas_merge_and_stay_locked() {
         eprintln!("skipped: pagemap PFNs need root (frame count not checked)");
     }
     for (mm, at) in [(&a, aa), (&b, ba)] {
-        let flags = host_vma_flags(mm, at, 16 * PAGE);
+        let flags = smaps_field(mm, at, 16 * PAGE, "VmFlags:");
         assert!(flags.len() > 1, "merges mapped new host VMAs: {flags:?}");
         assert!(
             flags.iter().all(|f| f.split(' ').any(|x| x == "lo")),
@@ -1315,33 +1316,10 @@ fn test_mlocked_vmas_merge_and_stay_locked() {
 
 /// The `AnonHugePages` of the host mappings inside `[addr, addr + len)`.
 fn anon_huge_bytes(mm: &MmUser, addr: u64, len: u64) -> u64 {
-    let (lo, hi) = (
-        host_ptr(mm, addr) as usize,
-        host_ptr(mm, addr) as usize + len as usize,
-    );
-    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
-    let (mut inside, mut total) = (false, 0);
-    for line in smaps.lines() {
-        if let Some((range, _)) = line.split_once(' ') {
-            if let Some((s, e)) = range.split_once('-') {
-                if let (Ok(s), Ok(e)) = (usize::from_str_radix(s, 16), usize::from_str_radix(e, 16))
-                {
-                    inside = s < hi && e > lo;
-                    continue;
-                }
-            }
-        }
-        if let (true, Some(v)) = (inside, line.strip_prefix("AnonHugePages:")) {
-            total += v
-                .trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse::<u64>()
-                .unwrap_or(0)
-                * 1024;
-        }
-    }
-    total
+    smaps_field(mm, addr, len, "AnonHugePages:")
+        .iter()
+        .map(|v| v.trim_end_matches("kB").trim().parse::<u64>().unwrap_or(0) * 1024)
+        .sum()
 }
 
 /// Issue 12 departure: the kernel splits a huge page to merge its 4 KiB
