@@ -317,7 +317,8 @@ fn main() {
     let t0 = Instant::now();
     let mut samples = Samples::default();
     let mut exceeded_at: Option<Instant> = None;
-    let mut victim: Option<Arc<DemoGuest>> = None;
+    // The victim and its index in `guests` (for the others' smaps sums).
+    let mut victim: Option<(usize, Arc<DemoGuest>)> = None;
     let mut victim_rss_before = 0;
     let mut rss_before_reap = 0;
     let mut rss_after_reap = 0;
@@ -360,10 +361,10 @@ fn main() {
                 victim_rss_before = v.rss_at_kill.load(Ordering::SeqCst);
                 rss_before_reap = before;
                 survivors_before = Some(others_sum(&per_guest_before, i));
-                victim = Some(v.clone());
+                victim = Some((i, v.clone()));
             }
         }
-        if let (Some(v), None) = (&victim, back_at) {
+        if let (Some((i, v)), None) = (&victim, back_at) {
             let stats = reaper.stats();
             if stats.reaped + stats.gave_up > 0 {
                 // "Back" = the victim's own mapping has lost >= 90% of what
@@ -371,8 +372,7 @@ fn main() {
                 // filling meanwhile, so the process total alone would not tell.
                 if mapping_rss(v.host_base, v.bytes) <= victim_rss_before / 10 {
                     back_at = Some(Instant::now());
-                    let i = guests.iter().position(|g| Arc::ptr_eq(g, v)).unwrap_or(0);
-                    let after = others_sum(&common::mappings_rss(&ranges), i);
+                    let after = others_sum(&common::mappings_rss(&ranges), *i);
                     survivors_growth = after.saturating_sub(survivors_before.unwrap_or(after));
                     rss_after_reap = procfs::statm_rss().unwrap_or(0);
                     victim_users_at_reap = v.guest.oom_mm().map_or(0, |m| m.users()) as u64;
@@ -430,13 +430,13 @@ fn main() {
     };
     let victim_name = victim
         .as_ref()
-        .map_or("none".to_owned(), |v| v.guest.name().to_owned());
+        .map_or("none".to_owned(), |(_, v)| v.guest.name().to_owned());
     let reaped = rss_before_reap.saturating_sub(rss_after_reap);
 
     if let Some(path) = &args.plot {
         let kill_t = victim
             .as_ref()
-            .and_then(|v| *v.killed_at.lock().unwrap())
+            .and_then(|(_, v)| *v.killed_at.lock().unwrap())
             .map(|t| (t - t0).as_secs_f64());
         let names: Vec<String> = guests.iter().map(|g| g.guest.name().to_owned()).collect();
         let marks = Marks {

@@ -895,7 +895,8 @@ fn snapshot_and_restore(
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .clone()
-        .ok_or("the stopped vCPU's state could not be read")?;
+        .ok_or("the vCPU did not stop")?
+        .map_err(|e| format!("the stopped vCPU's state: {e}"))?;
     let file = common::TempPath::new(&format!("linux_guests-{}.snap", g.name));
     let t = Instant::now();
     let st =

@@ -307,8 +307,9 @@ pub struct Vm {
     pub kick: Arc<VcpuKick>,
     /// What the guest printed.
     pub console: Arc<Console>,
-    /// The vCPU's state when it was stopped (`--snapshot`).
-    pub saved: Arc<Mutex<Option<VcpuState>>>,
+    /// The vCPU's state when it was stopped (`--snapshot`), or why it
+    /// could not be read.
+    pub saved: Arc<Mutex<Option<Result<VcpuState, String>>>>,
     _keep: Box<dyn std::any::Any>,
 }
 
@@ -770,7 +771,7 @@ fn run_vcpu<W: Write>(
     mut vcpu: VcpuFd,
     mut serial: Serial<IrqLine, vm_superio::serial::NoEvents, W>,
     kick: &VcpuKick,
-    saved: &Mutex<Option<VcpuState>>,
+    saved: &Mutex<Option<Result<VcpuState, String>>>,
 ) -> VcpuEnd {
     let run = std::ptr::addr_of_mut!(vcpu.get_kvm_run().immediate_exit) as usize;
     // SAFETY: `pthread_self` has no preconditions.
@@ -818,7 +819,7 @@ fn run_vcpu<W: Write>(
         // SAFETY: as in the loop: this thread's own live `kvm_run`.
         unsafe { AtomicU8::from_ptr(run as *mut u8) }.store(1, Ordering::SeqCst);
         let _ = vcpu.run();
-        *lock(saved) = VcpuState::read(&vcpu).ok();
+        *lock(saved) = Some(VcpuState::read(&vcpu));
     }
     if std::env::var_os("LINUX_GUESTS_DEBUG").is_some() {
         if let (Ok(r), Ok(s)) = (vcpu.get_regs(), vcpu.get_sregs()) {

@@ -312,19 +312,16 @@ impl PageTable {
         freed
     }
 
-    /// Number of PTEs (in existing leaves) whose word satisfies `pred`, read
-    /// without their locks: a moment's picture, like a walk of smaps.
-    pub fn count_ptes(&self, pred: impl Fn(Pte) -> bool) -> u64 {
+    /// Calls `f` on every PTE word of the existing leaves (its lock bit
+    /// cleared), read without the locks: a moment's picture, like a walk
+    /// of smaps.
+    pub fn each_pte(&self, mut f: impl FnMut(Pte)) {
         let guard = crossbeam_epoch::pin();
-        let mut n = 0;
         self.root.each_leaf(&guard, &mut |leaf| {
-            n += leaf
-                .ptes
-                .iter()
-                .filter(|p| pred(Pte(p.load(Ordering::Acquire) & !Pte::LOCK)))
-                .count() as u64;
+            for p in &leaf.ptes {
+                f(Pte(p.load(Ordering::Acquire) & !Pte::LOCK));
+            }
         });
-        n
     }
 
     /// Number of present PTEs in `[first, end)`, walking only existing leaves.

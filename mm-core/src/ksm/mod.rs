@@ -241,10 +241,11 @@ pub fn wp_failures(mm: &Mm) -> u64 {
 /// once the scanner saw it (the kernel's `ksm_merging_pages` too lags
 /// until then). Walks the existing page-table leaves: O(pages mapped).
 pub fn page_counts(mm: &Mm) -> (u64, u64) {
-    let merging = mm.pgtable.count_ptes(|p| p.ksm());
-    let zero = mm
-        .pgtable
-        .count_ptes(|p| p.0 & Pte::KSM_ZERO != 0 && !p.present());
+    let (mut merging, mut zero) = (0, 0);
+    mm.pgtable.each_pte(|p| {
+        merging += u64::from(p.ksm());
+        zero += u64::from(p.0 & Pte::KSM_ZERO != 0 && !p.present());
+    });
     (merging, zero)
 }
 
