@@ -136,7 +136,11 @@
 //!                              range served); its holders never take a PTE lock.
 //!     uffd routing map         lock-free skip list per pool shard (tracked/pool.rs): no lock
 //!                              at all; entries inserted before UFFDIO_REGISTER, removed
-//!                              after UFFDIO_UNREGISTER (under the mm's write lock).
+//!                              after UFFDIO_UNREGISTER (under the mm's write lock). The
+//!                              remover then waits (bounded) until the shard thread has
+//!                              routed every message it already read (route barrier, pool
+//!                              point 9), holding no PTE lock, registry or self-zap lock:
+//!                              the routing step takes only those leaves, never an mmap lock.
 //!     uffd shard descriptors   std mutexes: locked only to open or clone a shard's
 //!                              descriptor (a tracker's first mmap; the shard thread per round;
 //!                              the quiet one at a tracker's first KSM registration).

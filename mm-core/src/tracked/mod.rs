@@ -746,6 +746,22 @@ impl Tracker {
     ///
     /// A's entry is dropped here, before `HostRegion::drop` unmaps the
     /// range, so the address can only be reused once it routes to nobody.
+    ///
+    /// And the entry's drop waits for the messages already read (pool
+    /// point 9), because the shard looks a message up after reading it:
+    ///
+    /// ```text
+    /// shard thread                 | guest A            | guest B
+    /// reads A's UNMAP (a merge's   |                    |
+    /// own remap, or the embedder's | mmap returns;      |
+    /// REMOVE) ... preempted        | exit: forget,      |
+    ///                              | munmap [x, x+len)  |
+    ///                              |                    | mmap gets x back,
+    ///                              |                    | routes, fills
+    /// looks x up: B. Foreign to B: |                    |
+    /// B's PTEs cleared, uncharged, | registration dropped while B's pages
+    /// stay in the host (`ksm_vs_reaper`, issue 16: "absent" pages)
+    /// ```
     pub(crate) fn forget(&self, start: usize, end: usize) {
         self.forget_unregistering(start, end, true);
     }
@@ -772,6 +788,10 @@ impl Tracker {
         // After the unregister: a message read between the two is routed
         // to us and finds no range in our registry (the faulter is woken).
         self.shard.unroute(start, end, &self.me);
+        // Before the range can be unmapped and mapped again (pool point 9):
+        // a message the shard read before the unroute but has not looked
+        // up yet must not be routed to the next mm at these addresses.
+        self.shard.route_barrier();
     }
 
     fn forget_registry(&self, start: usize, end: usize) {

@@ -51,6 +51,11 @@
 //!    a reader, and without `EVENT_UNMAP`/`EVENT_REMOVE` a merge's `mmap`
 //!    or a zero-page `DONTNEED` does not wait for one (issue 12).
 //!
+//! 9. A message is looked up after the read that returned it, so a
+//!    tracker that unroutes a range waits ([`Shard::route_barrier`]) until
+//!    the messages already read are routed, before the range can be
+//!    unmapped and mapped again by another mm (`Tracker::forget`).
+//!
 //! `poll(2)` over at most five descriptors rather than an epoll set: the
 //! set per thread is fixed and tiny, and epoll would cost one more
 //! descriptor per shard for nothing.
@@ -65,6 +70,9 @@ use super::*;
 /// Handler threads of the pool when [`set_uffd_handler_threads`] was not
 /// called.
 pub const DEFAULT_UFFD_HANDLER_THREADS: usize = 2;
+/// The longest [`Shard::route_barrier`] waits for the shard thread to
+/// finish routing one round's messages (it takes microseconds).
+const ROUTE_BARRIER_WAIT: Duration = Duration::from_secs(5);
 /// Upper bound of the pool size.
 const MAX_THREADS: usize = 64;
 
@@ -179,6 +187,13 @@ pub(crate) struct Shard {
     pub(super) routes: SkipMap<usize, Route>,
     /// Bumped before every read of messages (see `SelfZaps::retired`).
     read_gen: AtomicU64,
+    /// The read generation whose messages are all routed (point 9): set
+    /// after the last descriptor's messages of a round went to their mms.
+    routed_gen: AtomicU64,
+    /// Notified whenever `routed_gen` moves ([`Shard::route_barrier`]).
+    routed: event_listener::Event,
+    /// The shard thread, once started: it never waits for itself.
+    thread: OnceLock<std::thread::ThreadId>,
     /// Is the thread running? Locked only to start it.
     started: Mutex<bool>,
 }
@@ -192,6 +207,9 @@ impl Shard {
             wake: OnceLock::new(),
             routes: SkipMap::new(),
             read_gen: AtomicU64::new(0),
+            routed_gen: AtomicU64::new(0),
+            routed: event_listener::Event::new(),
+            thread: OnceLock::new(),
             started: Mutex::new(false),
         }
     }
@@ -250,6 +268,43 @@ impl Shard {
     /// because that read took its REMOVE sees the bumped value.
     pub(super) fn read_gen(&self) -> u64 {
         self.read_gen.load(Ordering::SeqCst)
+    }
+
+    /// Point 9: returns once every message the shard thread has read so
+    /// far went to the mm its address was routed to **at the time of this
+    /// call**. A caller that just unrouted a range calls it before the
+    /// range can be unmapped and reused: a message read for the old range
+    /// (our own merge's UNMAP, the embedder's REMOVE) but not yet looked
+    /// up would otherwise be routed to the next mm mapped at the same
+    /// address, which then clears and uncharges pages it never lost (the
+    /// race is drawn at [`Tracker::forget`]). The thread only routes
+    /// between its read and `routed_gen` (no lock, no fault, no pressure
+    /// future), so the wait is short; bounded by [`ROUTE_BARRIER_WAIT`]
+    /// all the same (a stuck shard is reported, never waited for forever).
+    /// A no-op on the shard thread itself (a teardown run by its pressure
+    /// path: its own round's messages are routed already).
+    pub(super) fn route_barrier(&self) {
+        if self.thread.get() == Some(&std::thread::current().id()) {
+            return;
+        }
+        // SeqCst, against the bump in `shard_main`: a round that read after
+        // this load started after the caller's unroute, so it finds no
+        // route for the caller's range.
+        let target = self.read_gen.load(Ordering::SeqCst);
+        let deadline = Instant::now() + ROUTE_BARRIER_WAIT;
+        while self.routed_gen.load(Ordering::SeqCst) < target {
+            // Listen, then re-check: a store and notify between the load
+            // and the listen would otherwise be missed.
+            let l = self.routed.listen();
+            use event_listener::Listener as _;
+            if self.routed_gen.load(Ordering::SeqCst) >= target {
+                break;
+            }
+            if l.wait_deadline(deadline).is_none() {
+                tracing::error!(target: "mm_core::tracked", shard = self.idx, "uffd shard did not route its messages in {ROUTE_BARRIER_WAIT:?}; a range is reused without the barrier");
+                break;
+            }
+        }
     }
 
     /// Starts the thread if it is not running.
@@ -390,6 +445,7 @@ struct Slot {
 
 /// The shard thread (point 4). Never returns.
 fn shard_main(s: Arc<Shard>) {
+    let _ = s.thread.set(std::thread::current().id());
     let waker = Waker::from(Arc::new(ShardWaker(s.clone())));
     // Key: the tracker's address (stable while the slot holds it).
     let mut slots: HashMap<usize, Slot> = HashMap::new();
@@ -417,15 +473,19 @@ fn shard_main(s: Arc<Shard>) {
         // Before the reads (step 6): a zap that ended before this point had
         // its REMOVE read in an earlier round. SeqCst: ordered before the
         // reads below, and against the load in `Tracker::self_zap`.
-        s.read_gen.fetch_add(1, Ordering::SeqCst);
+        let gen = s.read_gen.fetch_add(1, Ordering::SeqCst) + 1;
         for u in &uffds {
             events.clear();
             if let Err(e) = u.read_events(&mut events) {
                 tracing::error!(target: "mm_core::tracked", shard = s.idx, error = %e, "read of a shared userfaultfd failed");
                 continue;
             }
+            test_hooks::before_route(&events);
             route_events(&s, u, &events, &mut slots, &waker);
         }
+        // Point 9: this round's messages all went to their mms.
+        s.routed_gen.store(gen, Ordering::SeqCst);
+        s.routed.notify(usize::MAX);
         slots.retain(|_, sl| serve(sl));
     }
 }
@@ -504,4 +564,44 @@ fn serve(sl: &mut Slot) -> bool {
             false
         }
     }
+}
+
+/// Test hooks of the shard thread (no-ops outside `cfg(test)`).
+pub(super) mod test_hooks {
+    use super::*;
+
+    /// With a range set, the shard thread stops between a read that
+    /// returned a REMOVE/UNMAP starting inside it and the routing of that
+    /// read's messages, until the range is cleared (bounded).
+    #[cfg(test)]
+    pub(in crate::tracked) static HOLD_ROUTE: Mutex<Option<(usize, usize)>> = Mutex::new(None);
+    /// The shard thread is held by [`HOLD_ROUTE`] right now.
+    #[cfg(test)]
+    pub(in crate::tracked) static ROUTE_HELD: AtomicBool = AtomicBool::new(false);
+
+    #[cfg(test)]
+    pub(super) fn before_route(events: &[Event]) {
+        let held = |hold: Option<(usize, usize)>| {
+            hold.is_some_and(|(s, e)| {
+                events.iter().any(|ev| match *ev {
+                    Event::Remove { start, .. } | Event::Unmap { start, .. } => {
+                        s <= start && start < e
+                    }
+                    _ => false,
+                })
+            })
+        };
+        if !held(*lock(&HOLD_ROUTE)) {
+            return;
+        }
+        ROUTE_HELD.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while lock(&HOLD_ROUTE).is_some() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        ROUTE_HELD.store(false, Ordering::SeqCst);
+    }
+
+    #[cfg(not(test))]
+    pub(super) fn before_route(_events: &[Event]) {}
 }
