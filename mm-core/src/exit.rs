@@ -126,6 +126,12 @@ impl Mm {
         //     mmap locks. Its ranges were unregistered at 5a and their
         //     regions unmapped at 10, so no fault can be waiting for it.
         self.tracker_stop();
+        // Through: a lingering guest's exit may now clear its victim mark
+        // (`Host::prune_exited`). Not OOM_SKIP, which step 4 never sets: a
+        // victim that had unmapped everything before its last user exited
+        // stayed counted for ever, and every later OOM selection aborted
+        // on it (a victim without OOM_SKIP, I-RP-7).
+        self.mark_exit_done();
         sched::point("exit_mmap:done").await;
     }
 }

@@ -737,6 +737,53 @@ fn test_exited_guest_with_users_stays_selectable() {
     ));
 }
 
+/// The lingering exit ends when the teardown is through, not at
+/// `OOM_SKIP`: a teardown of an empty tree (the vCPU had unmapped
+/// everything) never sets that flag (exit_mmap step 4, as in the kernel).
+/// Waiting for it left the victim counted for ever with no reaper
+/// installed, and every later OOM selection aborted on it (a victim
+/// without `OOM_SKIP`, I-RP-7): the host could never kill again. Found by
+/// the I-RP-8 balance oracle on `teardown_vs_ksm`'s regression input
+/// `killed_guest_that_stays_lacks_oom_skip`.
+#[test]
+fn test_lingering_victim_with_an_empty_tree_is_counted_out() {
+    let host = Host::with_budget(16 * MIB);
+    let big = host.create_guest("big");
+    let mm = big.mm().unwrap();
+    let a = mm.mmap_blocking(MapOptions::anon(10 * MIB)).unwrap();
+    mm.fill_blocking(a, 10 * MIB, 1).unwrap();
+    let vcpu = mm.clone();
+    drop(mm);
+    let innocent = host.create_guest("innocent");
+    let m2 = innocent.mm().unwrap();
+    let b = m2.mmap_blocking(MapOptions::anon(2 * MIB)).unwrap();
+    m2.fill_blocking(b, 2 * MIB, 2).unwrap();
+    big.exit_blocking(); // lingers: the vCPU still uses the mm
+    let out = block_on(host.out_of_memory(None));
+    assert_eq!(out, OomOutcome::Killed { guest: big.id() });
+    // No reaper. The vCPU unmaps everything, then lets go: the teardown
+    // finds an empty tree.
+    vcpu.munmap_blocking(a, 10 * MIB).unwrap();
+    drop(vcpu);
+    assert_eq!(
+        host.oom_stats().victims_running,
+        0,
+        "the victim is still counted"
+    );
+    assert_eq!(
+        host.stats().guests,
+        1,
+        "the exited guest is still registered"
+    );
+    // And the OOM killer can kill again.
+    assert_eq!(
+        block_on(host.out_of_memory(None)),
+        OomOutcome::Killed {
+            guest: innocent.id()
+        }
+    );
+}
+
 /// The pressure path's last-second check under `oom_lock`: memory that
 /// came back while the caller waited for the lock, or while the selection
 /// walked the guests (an earlier victim reaped meanwhile), means no kill.

@@ -216,7 +216,9 @@ impl Host {
 
     /// `release_task` of guests that exited while other holders still
     /// used their mm ([`Guest::exit`]): once the last user is gone and the
-    /// teardown is through (`OOM_SKIP`), the record leaves the registry
+    /// teardown is through ([`Mm::exit_done`](crate::Mm::exit_done); not
+    /// `OOM_SKIP`, which the teardown of an empty tree never sets), the
+    /// record leaves the registry
     /// and, if it was an OOM victim, clears its mark (`exit_oom_victim`,
     /// after the teardown that freed its memory, as seed 4 requires). Run
     /// by every registry reader, so the OOM killer never sees a stale one.
@@ -226,7 +228,7 @@ impl Host {
             .filter(|g| {
                 lock(&g.inner.lingering)
                     .as_ref()
-                    .is_some_and(|m| m.users() == 0 && m.flags().test(MmFlag::OOM_SKIP))
+                    .is_some_and(|m| m.users() == 0 && m.exit_done())
             })
             .cloned()
             .collect();

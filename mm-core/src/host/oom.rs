@@ -189,8 +189,11 @@ impl Host {
         *lock(&self.inner().oom.reaper) = Some(q);
     }
 
-    /// Counters of the OOM killer.
+    /// Counters of the OOM killer. Like every registry reader, first
+    /// finishes the lingering exits that are through, so
+    /// `victims_running` counts no victim whose teardown is done.
     pub fn oom_stats(&self) -> OomStats {
+        self.prune_exited();
         let o = &self.inner().oom;
         OomStats {
             kills: o.kills.load(Ordering::Relaxed),

@@ -325,6 +325,11 @@ pub struct Mm {
     /// kernel has none: `ksm_test_exit` is `users == 0`); only the oracle
     /// of I-KSM-2 reads it, to catch a scanner inside a teardown.
     exit_started: AtomicBool,
+    /// exit_mmap is through (set after its write unlock, step 12): what
+    /// the lingering exit of a guest waits for before it clears the
+    /// victim mark (`Host::prune_exited`). Not `OOM_SKIP`: a teardown of
+    /// an empty tree never sets that flag (step 4, as in the kernel).
+    exit_done: AtomicBool,
     config: MmConfig,
     /// What the next diff snapshot file is written against (`dirty.rs`).
     /// A leaf: held only to read or replace it, never across an await.
@@ -412,6 +417,7 @@ impl Mm {
             notifiers: Mutex::new(Vec::new()),
             exit_hooks: Mutex::new(Vec::new()),
             exit_started: AtomicBool::new(false),
+            exit_done: AtomicBool::new(false),
             config,
             diff: Mutex::new(DiffState::default()),
         };
@@ -438,6 +444,16 @@ impl Mm {
 
     pub(crate) fn mark_exit_started(&self) {
         self.exit_started.store(true, Ordering::SeqCst);
+    }
+
+    /// Is exit_mmap through (every page freed, the tree empty, the write
+    /// lock released)?
+    pub fn exit_done(&self) -> bool {
+        self.exit_done.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn mark_exit_done(&self) {
+        self.exit_done.store(true, Ordering::SeqCst);
     }
 
     /// `mm_users`.
