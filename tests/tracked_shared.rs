@@ -468,3 +468,101 @@ fn embedder_punch_refills_zeros_without_second_charge() {
     mm.munmap_blocking(addr, LEN).unwrap();
     assert_eq!(host.stats().charged_bytes, 0);
 }
+
+/// `f` on a thread of its own (a guest's direct touch, which blocks in
+/// its fault until the handler answers), bounded: a fault never answered
+/// fails the test instead of hanging it.
+fn bounded<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(60))
+        .expect("a direct touch was not answered in 60 s")
+}
+
+/// A device backend maps the region's memfd ([`guestmm::Vma::memfd`], what
+/// vhost-user's `SET_MEM_TABLE` hands it) and shares pages with the guest
+/// both ways. A page the backend writes into a hole is charged when the
+/// guest first touches it (its fault finds the page in the memfd and maps
+/// it), once; munmap punches the backend's pages too.
+fn device_backend_shares_the_memfd(user_mode_only: bool) {
+    let host = host(64 * MIB, user_mode_only);
+    let mm = host.new_mm("vhost");
+    const PAGES: u64 = 64;
+    const LEN: u64 = PAGES * PAGE;
+    let addr = mm
+        .mmap_blocking(
+            MapOptions::shared(LEN)
+                .tracked(true)
+                .fault_around(16 * PAGE),
+        )
+        .unwrap();
+    let p = host_ptr(&mm, addr);
+    assert!(
+        mm.mmap_blocking(MapOptions::anon(LEN))
+            .map(|a| mm.find_vma_blocking(a).unwrap().memfd().is_none())
+            .unwrap(),
+        "private memory has no memfd"
+    );
+    // The backend's own mapping of the memfd, as a vhost-user device
+    // process maps what SET_MEM_TABLE sent it.
+    let vma = mm.find_vma_blocking(addr).unwrap();
+    let (fd, off) = vma.memfd().expect("a shared region has a memfd");
+    let fd = fd.try_clone_to_owned().unwrap();
+    use std::os::fd::AsRawFd as _;
+    let dev = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            LEN as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd.as_raw_fd(),
+            off as libc::off_t,
+        )
+    };
+    assert_ne!(dev, libc::MAP_FAILED, "{}", std::io::Error::last_os_error());
+    let dev = dev as usize;
+    // The backend writes page 40 (a hole: nobody touched it): in the
+    // memfd now, not charged.
+    unsafe { ((dev + 40 * PAGE_SIZE) as *mut u8).write_volatile(0xd0) };
+    assert_eq!(host.stats().charged_bytes, 0);
+    // A guest thread reads it through the host pointer: the fault maps
+    // the backend's page (not a zero page) and charges its window once.
+    let got = bounded(move || unsafe { ((p + 40 * PAGE_SIZE) as *const u8).read_volatile() });
+    assert_eq!(got, 0xd0, "the guest saw a fresh page, not the backend's");
+    assert_eq!(host.stats().charged_bytes, 16 * PAGE, "one window");
+    assert!(mm.compare_blocking(addr + 40 * PAGE, &[0xd0]).unwrap());
+    // The guest writes (a thread, the API); the backend reads.
+    bounded(move || unsafe { ((p + 3 * PAGE_SIZE) as *mut u8).write_volatile(0x33) });
+    mm.write_blocking(addr + 50 * PAGE, &[0x55]).unwrap();
+    unsafe {
+        assert_eq!(((dev + 3 * PAGE_SIZE) as *const u8).read_volatile(), 0x33);
+        assert_eq!(((dev + 50 * PAGE_SIZE) as *const u8).read_volatile(), 0x55);
+    }
+    assert_eq!(
+        host.stats().charged_bytes,
+        32 * PAGE + PAGE,
+        "two windows and a page"
+    );
+    // munmap punches the memfd: nothing charged, the backend reads zeros.
+    mm.munmap_blocking(addr, LEN).unwrap();
+    assert_eq!(host.stats().charged_bytes, 0);
+    assert_eq!(in_memfd(dev, LEN as usize), 0, "pages left in the memfd");
+    unsafe {
+        assert_eq!(((dev + 40 * PAGE_SIZE) as *const u8).read_volatile(), 0);
+        libc::munmap(dev as *mut _, LEN as usize);
+    }
+}
+
+#[test]
+fn device_backend_shares_the_memfd_full_descriptor() {
+    let _g = serial();
+    device_backend_shares_the_memfd(false);
+}
+
+#[test]
+fn device_backend_shares_the_memfd_user_mode_only() {
+    let _g = serial();
+    device_backend_shares_the_memfd(true);
+}

@@ -274,8 +274,9 @@ impl HostRegion {
     }
 
     /// Frees the host pages of `[off, off+len)`: DONTNEED for anonymous
-    /// memory, PUNCH_HOLE for the memfd (nobody else maps our memfd, so the
-    /// range is dead once the VMA over it goes).
+    /// memory, PUNCH_HOLE for the memfd (the range is dead once the VMA
+    /// over it goes; a device backend that maps the memfd too, through
+    /// [`Vma::memfd`], reads zeros there from now on).
     pub(crate) fn free_pages(&self, off: usize, len: usize) -> Result<()> {
         let r = self.range(off, len);
         if crate::sched::fail("fail:madvise(DONTNEED)") {
@@ -392,6 +393,30 @@ impl Vma {
     /// Is this a shared (memfd) mapping?
     pub fn is_shared(&self) -> bool {
         self.flags.contains(VmFlags::SHARED)
+    }
+
+    /// The memfd behind a shared mapping ([`MapOptions::shared`](crate::MapOptions::shared)),
+    /// and the file offset of [`start`](Self::start): what a vhost-user
+    /// `SET_MEM_TABLE` region hands a device backend (the descriptor and
+    /// `mmap_offset`; `memory_size` is [`len`](Self::len),
+    /// `userspace_addr` the [`host_ptr`](Self::host_ptr)). `None` for
+    /// private anonymous memory. The descriptor lives as long as the host
+    /// mapping: `try_clone_to_owned` keeps a copy past this `Vma`.
+    ///
+    /// What another mapping of it does to the accounting: a page it writes
+    /// where the memfd had none is in the memfd, uncharged, until the guest
+    /// first touches it; in a tracked region that touch's fault finds it in
+    /// the page cache, maps it (`UFFDIO_CONTINUE`) and charges it then,
+    /// once, like any first touch. munmap and exit punch the whole range
+    /// out of the memfd, the other mapping's pages included: it reads
+    /// zeros afterwards (a VMM removes the region from its backends first,
+    /// as vhost-user's `REM_MEM_REG` asks).
+    pub fn memfd(&self) -> Option<(std::os::fd::BorrowedFd<'_>, u64)> {
+        use std::os::fd::AsFd as _;
+        self.region
+            .memfd
+            .as_ref()
+            .map(|fd| (fd.as_fd(), self.region_off as u64))
     }
     /// Host address of `start`. Valid while a user reference is held: host
     /// mappings are unmapped only by munmap or teardown, never by the reaper.
