@@ -693,3 +693,65 @@ fn test_partial_munmap_keeps_the_rest_restored() {
     mm.read_blocking(a + 3 * MIB + PAGE, &mut buf).unwrap();
     assert_eq!(buf, pattern(0, 769));
 }
+
+/// A snapshot of a shared memfd VMA saves every page its memfd holds:
+/// pages this mapping dropped with DONTNEED (still in the memfd) and a
+/// page a device backend wrote through its own mapping of the memfd and
+/// the guest never touched; holes stay out of the file. Before, presence
+/// came from pagemap (mapped pages only) and the file lost both. Both
+/// descriptors: the pages are read from the memfd, never through the
+/// mapping (a user-mode-only descriptor would refuse the kernel's fault).
+#[test]
+fn snapshot_of_a_shared_region_saves_every_memfd_page() {
+    let _g = serial();
+    for user_mode_only in [false, true] {
+        let host = Host::new(HostConfig {
+            mm: MmConfig {
+                user_mode_only_uffd: user_mode_only,
+                ..MmConfig::default()
+            },
+            ..HostConfig::with_budget(64 * MIB)
+        });
+        let mm = host.new_mm("shared");
+        const PAGES: u64 = 32;
+        let addr = mm
+            .mmap_blocking(
+                MapOptions::shared(PAGES * PAGE)
+                    .tracked(true)
+                    .fault_around(PAGE),
+            )
+            .unwrap();
+        // Pages 0..4 written through the API, then dropped from the
+        // mapping (they stay in the memfd).
+        for p in 0..4 {
+            mm.write_blocking(addr + p * PAGE, &pattern(0, p)).unwrap();
+        }
+        mm.madvise_blocking(addr, 4 * PAGE, Advice::DontNeed)
+            .unwrap();
+        // Page 9: mapped and written through the API.
+        mm.write_blocking(addr + 9 * PAGE, &pattern(0, 9)).unwrap();
+        // Page 20: written by a device backend's own mapping of the memfd.
+        let vma = mm.find_vma_blocking(addr).unwrap();
+        let (fd, off) = vma.memfd().unwrap();
+        let dev = std::fs::File::from(fd.try_clone_to_owned().unwrap());
+        dev.write_all_at(&pattern(0, 20), off + 20 * PAGE).unwrap();
+        let f = TmpFile::new("shared-snap");
+        let stats = mm.snapshot_to_file_blocking(&f.0).unwrap();
+        assert_eq!(stats.pages, 6, "{stats:?}");
+        let snap = Snapshot::open(&f.0).unwrap();
+        let v = &snap.vmas()[0];
+        assert_eq!(v.present_pages, 6);
+        let file = std::fs::File::open(&f.0).unwrap();
+        let mut buf = vec![0u8; PAGE_SIZE];
+        for p in [0, 1, 2, 3, 9, 20] {
+            file.read_exact_at(&mut buf, v.data_off + p * PAGE).unwrap();
+            assert!(
+                buf == pattern(0, p),
+                "page {p} (user_mode_only {user_mode_only})"
+            );
+        }
+        // A hole is not in the file (the data region is sparse: zeros).
+        file.read_exact_at(&mut buf, v.data_off + 5 * PAGE).unwrap();
+        assert!(buf.iter().all(|b| *b == 0));
+    }
+}

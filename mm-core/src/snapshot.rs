@@ -15,9 +15,13 @@
 //! The kernel's view, not the library's counters (except with a dirty log,
 //! below): a page is saved when
 //! `/proc/self/pagemap` says it is present or swapped in the VMA's host
-//! range. A shared memfd VMA's pages that are in the memfd but not mapped
-//! are not seen (and such a VMA cannot be restored lazily yet: it needs
-//! the memfd MINOR-fault regions of issue 15 §3).
+//! range. For a shared memfd VMA it is every page the memfd holds
+//! (`lseek` `SEEK_DATA`/`SEEK_HOLE`: in the page cache or swapped out,
+//! mapped here or not: a DONTNEED of the mapping keeps the page, and a
+//! device backend mapping the memfd may have written pages the guest never
+//! touched), read from the memfd itself, not through the mapping. Such a
+//! VMA cannot be restored lazily yet ([`MmUser::restore`] names it
+//! `Unsupported`).
 //!
 //! # Diff snapshots and chains
 //!
@@ -856,6 +860,8 @@ fn prot_bits(p: Prot) -> u8 {
 struct Found {
     rec: SnapshotVma,
     host: sys::HostRange,
+    /// A shared VMA: its pages are read from the memfd, not the mapping.
+    shared: Option<crate::vma::Vma>,
     /// Pages written to the file.
     saved: Vec<u64>,
     /// Pages marked absent (a diff).
@@ -1029,6 +1035,14 @@ impl MmUser {
                     }
                     None => (present.clone(), Vec::new(), present),
                 }
+            } else if let Some((fd, off)) = v.memfd() {
+                // A shared VMA: every page its memfd holds, mapped here or
+                // not (a DONTNEED of this mapping keeps the page in the
+                // memfd, and a device backend may have written pages this
+                // mapping never touched). pagemap sees only the mapped ones.
+                let p = sys::data_pages(fd, off, v.end - v.start)
+                    .map_err(Error::host("lseek(SEEK_DATA) of the memfd"))?;
+                (p.clone(), Vec::new(), p)
             } else {
                 let p = present_bitmap(host).map_err(Error::host("pread(pagemap)"))?;
                 (p.clone(), Vec::new(), p)
@@ -1064,6 +1078,7 @@ impl MmUser {
                     data_off: 0,
                 },
                 host,
+                shared: v.is_shared().then(|| v.clone()),
                 saved,
                 absent,
                 present,
@@ -1121,6 +1136,19 @@ impl MmUser {
                     continue;
                 }
                 let j = (i..pages).find(|&j| !bit(j)).unwrap_or(pages);
+                let at = f.rec.data_off + (i * PAGE_SIZE) as u64;
+                if let Some((mfd, moff)) = f.shared.as_ref().and_then(|v| v.memfd()) {
+                    // From the memfd: its pages need not be mapped here
+                    // (and a kernel-mode fault on this mapping would not
+                    // reach a user-mode-only userfaultfd).
+                    let len = ((j - i) * PAGE_SIZE) as u64;
+                    sys::copy_file(mfd, moff + (i * PAGE_SIZE) as u64, &fd, at, len)
+                        .map_err(Error::host("pread(memfd)/pwrite(snapshot)"))?;
+                    stats.pages += (j - i) as u64;
+                    stats.writes += 1;
+                    i = j;
+                    continue;
+                }
                 // SAFETY: pages [i, j) of the VMA's host range: page
                 // aligned and inside the same live mapping (we hold the
                 // write lock, so it is not unmapped).

@@ -434,6 +434,88 @@ pub(crate) fn read_from(fd: &OwnedFd, dst: &mut [u8], off: u64) -> io::Result<()
 /// `off`: `op(done, at)` moves the bytes from `done` on at offset `at` and
 /// returns the syscall's result; retried on `EINTR`, `EIO` if it moves
 /// nothing, `EFBIG` past `off_t`.
+/// The pages of `[off, off + len)` (page aligned) of a memfd that hold
+/// data, as a bitmap (bit `i`: page `off / PAGE_SIZE + i`): `lseek`
+/// `SEEK_DATA` / `SEEK_HOLE`, which for shmem count every page the file
+/// has, in the page cache or swapped out, mapped anywhere or not; holes
+/// were never written or were punched. Moves the descriptor's file
+/// position (nothing of ours reads or writes through it).
+pub(crate) fn data_pages(
+    fd: std::os::fd::BorrowedFd<'_>,
+    off: u64,
+    len: u64,
+) -> io::Result<Vec<u64>> {
+    let page = PAGE_SIZE as u64;
+    let pages = (len / page) as usize;
+    let mut bitmap = vec![0u64; pages.div_ceil(64)];
+    let end = off + len;
+    let seek = |at: u64, whence: libc::c_int| -> io::Result<Option<u64>> {
+        let at =
+            libc::off_t::try_from(at).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+        // SAFETY: plain syscall on a valid descriptor; no memory is passed.
+        let r = unsafe { libc::lseek(fd.as_raw_fd(), at, whence) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            // ENXIO: no data at or after `at` (SEEK_DATA).
+            return if e.raw_os_error() == Some(libc::ENXIO) {
+                Ok(None)
+            } else {
+                Err(e)
+            };
+        }
+        Ok(Some(r as u64))
+    };
+    let mut at = off;
+    while at < end {
+        let Some(d) = seek(at, libc::SEEK_DATA)? else {
+            break;
+        };
+        if d >= end {
+            break;
+        }
+        let h = seek(d, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
+        for p in (d - off) / page..(h - off).div_ceil(page) {
+            bitmap[p as usize / 64] |= 1 << (p % 64);
+        }
+        at = h;
+    }
+    Ok(bitmap)
+}
+
+/// Copies `len` bytes of `src` at `src_off` to `dst` at `dst_off` through
+/// a bounce buffer (`pread` + `pwrite`): file to file, never through a
+/// mapping, so no page of ours faults (a user-mode-only userfaultfd would
+/// refuse the kernel's fault on an unmapped shared page).
+pub(crate) fn copy_file(
+    src: std::os::fd::BorrowedFd<'_>,
+    src_off: u64,
+    dst: &OwnedFd,
+    dst_off: u64,
+    len: u64,
+) -> io::Result<()> {
+    const BUF: usize = 1 << 20;
+    let mut buf = vec![0u8; BUF.min(len as usize)];
+    let mut done = 0u64;
+    while done < len {
+        let n = buf.len().min((len - done) as usize);
+        let chunk = &mut buf[..n];
+        io_all(n, src_off + done, |d, at| {
+            let rest = &mut chunk[d..];
+            // SAFETY: `rest` is a live, writable buffer of `rest.len()` bytes.
+            unsafe { libc::pread(src.as_raw_fd(), rest.as_mut_ptr().cast(), rest.len(), at) }
+        })?;
+        let chunk = &buf[..n];
+        io_all(n, dst_off + done, |d, at| {
+            let rest = &chunk[d..];
+            // SAFETY: `rest` is a live buffer of `rest.len()` bytes; the
+            // kernel only reads it.
+            unsafe { libc::pwrite(dst.as_raw_fd(), rest.as_ptr().cast(), rest.len(), at) }
+        })?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
 fn io_all(len: usize, off: u64, mut op: impl FnMut(usize, libc::off_t) -> isize) -> io::Result<()> {
     let mut done = 0usize;
     while done < len {
