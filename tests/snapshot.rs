@@ -753,5 +753,61 @@ fn snapshot_of_a_shared_region_saves_every_memfd_page() {
         // A hole is not in the file (the data region is sparse: zeros).
         file.read_exact_at(&mut buf, v.data_off + 5 * PAGE).unwrap();
         assert!(buf.iter().all(|b| *b == 0));
+
+        // Restored lazily into a new guest as a tracked shared region:
+        // nothing read up front; a thread's touch and the API read the
+        // snapshot's bytes; each page is charged once, and a page served,
+        // dropped with DONTNEED and touched again keeps its bytes (it is
+        // in the memfd), while one never served still comes from the file.
+        let host2 = Host::new(HostConfig {
+            mm: MmConfig {
+                user_mode_only_uffd: user_mode_only,
+                ..MmConfig::default()
+            },
+            ..HostConfig::with_budget(64 * MIB)
+        });
+        let mm2 = host2.new_mm("restored-shared");
+        let got = mm2.restore_blocking(&snap).unwrap();
+        assert_eq!(got, vec![addr]);
+        assert_eq!(host2.stats().charged_bytes, 0, "nothing read up front");
+        let v2 = mm2.find_vma_blocking(addr).unwrap();
+        assert!(v2.is_shared() && v2.memfd().is_some());
+        let p2 = v2.host_ptr() as usize;
+        let first = std::thread::spawn(move || {
+            let mut b = vec![0u8; PAGE_SIZE];
+            // SAFETY: page 0 of the restored guest's live shared mapping.
+            unsafe { std::ptr::copy_nonoverlapping(p2 as *const u8, b.as_mut_ptr(), PAGE_SIZE) };
+            b
+        })
+        .join()
+        .unwrap();
+        assert!(first == pattern(0, 0), "a thread's first touch");
+        assert_eq!(
+            host2.stats().charged_bytes,
+            PAGE,
+            "fault-around of one page"
+        );
+        for p in [1, 2, 3, 9, 20] {
+            let mut b = vec![0u8; PAGE_SIZE];
+            mm2.read_blocking(addr + p * PAGE, &mut b).unwrap();
+            assert!(b == pattern(0, p), "page {p} through the API");
+        }
+        let mut b = vec![1u8; PAGE_SIZE];
+        mm2.read_blocking(addr + 5 * PAGE, &mut b).unwrap();
+        assert!(
+            b.iter().all(|x| *x == 0),
+            "a page the snapshot lacks reads zeros"
+        );
+        assert_eq!(host2.stats().charged_bytes, 7 * PAGE);
+        // DONTNEED keeps the shared pages: still the snapshot's bytes, no
+        // second charge.
+        mm2.madvise_blocking(addr, PAGES * PAGE, Advice::DontNeed)
+            .unwrap();
+        let mut b = vec![0u8; PAGE_SIZE];
+        mm2.read_blocking(addr + 9 * PAGE, &mut b).unwrap();
+        assert!(b == pattern(0, 9));
+        assert_eq!(host2.stats().charged_bytes, 7 * PAGE);
+        drop(mm2);
+        assert_eq!(host2.stats().charged_bytes, 0);
     }
 }

@@ -19,9 +19,10 @@
 //! (`lseek` `SEEK_DATA`/`SEEK_HOLE`: in the page cache or swapped out,
 //! mapped here or not: a DONTNEED of the mapping keeps the page, and a
 //! device backend mapping the memfd may have written pages the guest never
-//! touched), read from the memfd itself, not through the mapping. Such a
-//! VMA cannot be restored lazily yet ([`MmUser::restore`] names it
-//! `Unsupported`).
+//! touched), read from the memfd itself, not through the mapping. It is
+//! restored lazily as a tracked shared region: each page is copied into
+//! the new memfd on first touch (`UFFDIO_COPY` on shmem), charged once,
+//! and stays there over a DONTNEED of the mapping.
 //!
 //! # Diff snapshots and chains
 //!
@@ -769,12 +770,18 @@ impl Snapshot {
     }
 
     /// How to map VMA `k` restored lazily at its recorded address: a tracked
-    /// private region with its protection, fault-around and pinning.
+    /// region (private, or shared memfd as it was) with its protection,
+    /// fault-around and pinning.
     pub fn map_options(&self, k: usize) -> Option<MapOptions> {
         let v = self.vmas.get(k)?;
+        let opts = match v.kind {
+            MapKind::AnonPrivate => MapOptions::anon(v.len),
+            // A tracked shared region (`tracked/` step 10): each page is
+            // copied into the memfd on first touch.
+            MapKind::SharedMemfd => MapOptions::shared(v.len),
+        };
         Some(
-            MapOptions::anon(v.len)
-                .at(v.start)
+            opts.at(v.start)
                 .prot(v.prot)
                 .pinned(v.pinned)
                 .fault_around(v.fault_around)
@@ -1258,12 +1265,6 @@ impl MmUser {
                     .is_some()
                 {
                     return Err(bad(k, v, "overlaps a mapping of the guest"));
-                }
-                if v.kind == MapKind::SharedMemfd {
-                    return Err(Error::Unsupported {
-                        what:
-                            "lazy restore of a shared memfd VMA (needs memfd MINOR-fault regions)",
-                    });
                 }
             }
         }

@@ -564,12 +564,6 @@ fn check_map_options(opts: &MapOptions, limit: u64) -> Result<usize> {
                 reason: "tracked regions are 4 KiB mappings (no MADV_HUGEPAGE)",
             });
         }
-        if opts.kind == MapKind::SharedMemfd && opts.source.is_some() {
-            return Err(Error::NotAllowed {
-                addr: probe,
-                reason: "a lazy restore maps private anonymous memory, not a shared region",
-            });
-        }
         let fa = opts.fault_around;
         if !fa.is_power_of_two() || !(PAGE..=HUGE_PAGE_SIZE as u64).contains(&fa) {
             return Err(Error::BadFaultAround { bytes: fa });

@@ -190,10 +190,10 @@ impl Mm {
             .restore
             .as_deref()
             .map(|rs| (rs, r.src_index(hs, host_lo)));
-        let src = if r.shared {
-            WindowSrc::Shmem
-        } else {
-            WindowSrc::Anon(restore)
+        let src = match (r.shared, restore) {
+            (true, Some((rs, first))) => WindowSrc::ShmemRestore(rs, first),
+            (true, None) => WindowSrc::Shmem,
+            (false, restore) => WindowSrc::Anon(restore),
         };
         self.fill_window(t, w, fi, charge, host_lo, addr, src)
     }
@@ -345,7 +345,7 @@ impl Mm {
             WindowSrc::Anon(None) => {
                 self.fill_run(t, host_lo + a * PAGE_SIZE, zero, &mut present[a..b])
             }
-            WindowSrc::Anon(Some((rs, first))) => {
+            WindowSrc::Anon(Some((rs, first))) | WindowSrc::ShmemRestore(rs, first) => {
                 self.fill_restored(t, rs, first, host_lo, zero, a, b, present)
             }
             WindowSrc::Shmem => fill_run_shmem(t, host_lo + a * PAGE_SIZE, &mut present[a..b]),
@@ -395,7 +395,7 @@ impl Mm {
         } else if c.missing > populated {
             self.budget.uncharge((c.missing - populated) * PAGE);
         }
-        if matches!(src, WindowSrc::Shmem) {
+        if matches!(src, WindowSrc::Shmem | WindowSrc::ShmemRestore(..)) {
             self.rss_shmem.fetch_add(populated, Ordering::Relaxed);
         } else {
             self.rss_anon.fetch_add(populated, Ordering::Relaxed);
@@ -740,6 +740,12 @@ enum WindowSrc<'a> {
     /// A shared memfd region (step 10): `UFFDIO_ZEROPAGE`, which allocates
     /// zeroed pages in the memfd (`Uffd::fill_shmem`).
     Shmem,
+    /// A shared memfd region restored lazily: as `Anon(Some(..))`, whose
+    /// `UFFDIO_COPY` allocates each page in the memfd with the snapshot's
+    /// bytes (or zeros). A page the memfd holds already (`EEXIST`: a device
+    /// backend wrote it) is not overwritten: the faulter refaults, takes a
+    /// `MINOR` fault on the now `PRESENT` page and gets it mapped as it is.
+    ShmemRestore(&'a Restore, usize),
 }
 
 /// `fill_run` for a shared region's run (step 10): zeroed memfd pages

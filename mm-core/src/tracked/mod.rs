@@ -911,11 +911,18 @@ impl Tracker {
         }
         let n = done.len();
         let found = self.lookup(host);
-        if found.as_ref().is_some_and(|(_, r)| r.shared) {
+        let shared = found.as_ref().is_some_and(|(_, r)| r.shared);
+        if shared && found.as_ref().is_some_and(|(_, r)| r.restore.is_none()) {
             // Step 10: zeroed memfd pages (ZEROPAGE), CONTINUE for a page
             // the memfd already holds; the same fill as the handler's.
             return self.populate_api(host, done, PageSrc::Shmem, write);
         }
+        // Where a restore has no data: zeros, in the memfd for a shared one.
+        let empty = if shared {
+            PageSrc::Shmem
+        } else {
+            PageSrc::Zero
+        };
         let restore = found.and_then(|(s, r)| {
             Some((
                 r.src_index(s, host),
@@ -924,7 +931,7 @@ impl Tracker {
             ))
         });
         let Some((first, guest, rs)) = restore else {
-            return self.populate_api(host, done, PageSrc::Zero, write);
+            return self.populate_api(host, done, empty, write);
         };
         let mut i = 0;
         while i < n {
@@ -956,7 +963,7 @@ impl Tracker {
                     }
                     Err(e) => return Err(e),
                 }
-            } else if !self.populate_api(at, &mut done[i..j], PageSrc::Zero, write)? {
+            } else if !self.populate_api(at, &mut done[i..j], empty, write)? {
                 return Ok(false);
             }
             i = j;
