@@ -698,12 +698,10 @@ fn test_guest_drop_is_exit() {
     drop(lookup);
 }
 
-/// Issue 11 §3: `exit` while another holder (a vCPU thread) still uses the
-/// mm keeps the mm selectable by the OOM killer, as the kernel's mm stays
-/// visible through any task still using it. Before, the guest left the
-/// registry at once and the OOM killer killed the innocent guest.
-#[test]
-fn test_exited_guest_with_users_stays_selectable() {
+/// A 16 MiB host with guest "big" (10 MiB written at `a`, its mm held
+/// only by `vcpu`, a vCPU thread's user reference) and guest "innocent"
+/// (2 MiB written).
+fn big_with_vcpu_and_innocent() -> (Host, Guest, MmUser, u64, Guest) {
     let host = Host::with_budget(16 * MIB);
     let big = host.create_guest("big");
     let mm = big.mm().unwrap();
@@ -715,6 +713,16 @@ fn test_exited_guest_with_users_stays_selectable() {
     let m2 = innocent.mm().unwrap();
     let b = m2.mmap_blocking(MapOptions::anon(2 * MIB)).unwrap();
     m2.fill_blocking(b, 2 * MIB, 2).unwrap();
+    (host, big, vcpu, a, innocent)
+}
+
+/// Issue 11 §3: `exit` while another holder (a vCPU thread) still uses the
+/// mm keeps the mm selectable by the OOM killer, as the kernel's mm stays
+/// visible through any task still using it. Before, the guest left the
+/// registry at once and the OOM killer killed the innocent guest.
+#[test]
+fn test_exited_guest_with_users_stays_selectable() {
+    let (host, big, vcpu, a, innocent) = big_with_vcpu_and_innocent();
     big.exit_blocking(); // returns at once: the vCPU still uses the mm
     assert_eq!(host.stats().charged_bytes, 12 * MIB);
     let out = block_on(host.out_of_memory(None));
@@ -747,17 +755,7 @@ fn test_exited_guest_with_users_stays_selectable() {
 /// `killed_guest_that_stays_lacks_oom_skip`.
 #[test]
 fn test_lingering_victim_with_an_empty_tree_is_counted_out() {
-    let host = Host::with_budget(16 * MIB);
-    let big = host.create_guest("big");
-    let mm = big.mm().unwrap();
-    let a = mm.mmap_blocking(MapOptions::anon(10 * MIB)).unwrap();
-    mm.fill_blocking(a, 10 * MIB, 1).unwrap();
-    let vcpu = mm.clone();
-    drop(mm);
-    let innocent = host.create_guest("innocent");
-    let m2 = innocent.mm().unwrap();
-    let b = m2.mmap_blocking(MapOptions::anon(2 * MIB)).unwrap();
-    m2.fill_blocking(b, 2 * MIB, 2).unwrap();
+    let (host, big, vcpu, a, innocent) = big_with_vcpu_and_innocent();
     big.exit_blocking(); // lingers: the vCPU still uses the mm
     let out = block_on(host.out_of_memory(None));
     assert_eq!(out, OomOutcome::Killed { guest: big.id() });
