@@ -722,7 +722,7 @@ fn big_with_vcpu_and_innocent() -> (Host, Guest, MmUser, u64, Guest) {
 /// registry at once and the OOM killer killed the innocent guest.
 #[test]
 fn test_exited_guest_with_users_stays_selectable() {
-    let (host, big, vcpu, a, innocent) = big_with_vcpu_and_innocent();
+    let (host, big, vcpu, _, innocent) = big_with_vcpu_and_innocent();
     big.exit_blocking(); // returns at once: the vCPU still uses the mm
     assert_eq!(host.stats().charged_bytes, 12 * MIB);
     let out = block_on(host.out_of_memory(None));
