@@ -21,8 +21,8 @@ seed=${2:-1}
 shift $(($# > 2 ? 2 : $#)) || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-  targets=(teardown_vs_reaper mrelease_vs_exit fault_vs_reap kill_anywhere full_system
-    teardown_vs_ksm oom_disable_vs_exit ksm_vs_reaper)
+  # Every target mm-race names (as fuzz/mutants.sh reads them).
+  mapfile -t targets < <(sed -n 's/.*Target::[A-Za-z]* => "\([a-z_]*\)",/\1/p' "$root/mm-race/src/scenario.rs")
 fi
 out=$root/target/campaign
 mkdir -p "$out"
