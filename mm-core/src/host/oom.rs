@@ -189,11 +189,11 @@ impl Host {
         *lock(&self.inner().oom.reaper) = Some(q);
     }
 
-    /// Counters of the OOM killer. Like every registry reader, first
-    /// finishes the lingering exits that are through, so
-    /// `victims_running` counts no victim whose teardown is done.
+    /// Counters of the OOM killer. `victims_running` counts a victim whose
+    /// exit lingered (other holders kept its mm) until a registry reader
+    /// ([`Host::guests`], [`Host::stats`], the OOM killer) finds its
+    /// teardown through; this read alone does not finish it.
     pub fn oom_stats(&self) -> OomStats {
-        self.prune_exited();
         let o = &self.inner().oom;
         OomStats {
             kills: o.kills.load(Ordering::Relaxed),
