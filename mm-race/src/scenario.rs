@@ -49,11 +49,15 @@ pub enum Target {
     /// victim's exit and a victim that holds its mmap lock for a long
     /// (virtual) time, so the reaper gives up (seed 4's story, I-RP-8).
     OomDisableVsExit,
+    /// `teardown_vs_reaper` with two guests whose OOM standing differs
+    /// (`oom_score_adj`, unkillable, an extra page-table leaf): the
+    /// victim choice (§7 `select_bad_process`).
+    OomChoice,
 }
 
 impl Target {
     /// All targets, in order.
-    pub const ALL: [Target; 8] = [
+    pub const ALL: [Target; 9] = [
         Target::TeardownVsReaper,
         Target::MreleaseVsExit,
         Target::FaultVsReap,
@@ -62,6 +66,7 @@ impl Target {
         Target::TeardownVsKsm,
         Target::OomDisableVsExit,
         Target::KsmVsReaper,
+        Target::OomChoice,
     ];
 
     /// Name used by the fuzz targets and the corpus directories.
@@ -75,6 +80,7 @@ impl Target {
             Target::TeardownVsKsm => "teardown_vs_ksm",
             Target::OomDisableVsExit => "oom_disable_vs_exit",
             Target::KsmVsReaper => "ksm_vs_reaper",
+            Target::OomChoice => "oom_choice",
         }
     }
 }
@@ -149,6 +155,13 @@ pub struct Setup {
     /// reaper gives up after 3 tries 100 ms apart.
     #[arbitrary(default)]
     hold: u8,
+    /// `oom_choice` only (decoded after the setup, like `hold`): each
+    /// guest's OOM standing, 4 bits each (guest 0 low, guest 1 high): an
+    /// `oom_score_adj` from [`ADJ`] (0..=14) or unkillable (15); bit 8:
+    /// guest 1 maps and fills one more page far from the others (its own
+    /// page-table leaf, so the two guests' page-table pages differ).
+    #[arbitrary(default)]
+    choice: u16,
     /// The actors and features this run leaves out (swarm testing): read
     /// from the input's swarm header, not decoded by `arbitrary`; 0 (none
     /// off) for a plain input.
@@ -224,6 +237,13 @@ impl MmNotifier for Refuse {
         }
     }
 }
+
+/// `oom_choice`'s `oom_score_adj` values. With its 2 MiB budget one unit
+/// is about half a page of badness, so small values compete with the
+/// guests' few pages and the large ones decide alone.
+const ADJ: [i32; 15] = [
+    0, 1, -1, 4, -4, 10, -10, 25, -25, 60, -60, 300, -300, 1000, -1000,
+];
 
 /// One read of the vCPU: (vma, page, expected byte if known, result).
 type Read = (usize, u64, Option<u8>, Result<u8, String>);
@@ -373,6 +393,9 @@ pub fn run_mode(target: Target, data: &[u8], mode: &Mode) -> Option<Finding> {
     if target == Target::OomDisableVsExit {
         setup.hold = u.int_in_range(0..=7).unwrap_or(0);
     }
+    if target == Target::OomChoice {
+        setup.choice = u.arbitrary().unwrap_or(0);
+    }
     setup.swarm = swarm;
     setup.apply_swarm();
     let schedule = u.take_rest().to_vec();
@@ -398,7 +421,13 @@ pub fn run_setup_mode(
     let host = Host::new(HostConfig {
         clock: clock.clone(),
         oom_wait: sim.time(Duration::from_millis(300)),
-        ..HostConfig::with_budget(1 << 30)
+        // oom_choice: small enough that oom_score_adj competes with the
+        // guests' pages (one unit ~ half a page), large enough for both.
+        ..HostConfig::with_budget(if target == Target::OomChoice {
+            2 << 20
+        } else {
+            1 << 30
+        })
     });
     let reaper_delay = sim.time(Duration::from_millis(
         u64::from(setup.reaper_delay_ms % 4) * 100,
@@ -416,12 +445,37 @@ pub fn run_setup_mode(
     // too), outside any actor: nothing yields.
     let hook = sim.install_for_setup();
     let g0 = build_guest(&host, "g0", setup)?;
-    let g1 =
-        if matches!(target, Target::FullSystem | Target::OomDisableVsExit) && setup.second_guest {
-            build_guest(&host, "g1", setup)
-        } else {
-            None
-        };
+    let g1 = if target == Target::OomChoice
+        || matches!(target, Target::FullSystem | Target::OomDisableVsExit) && setup.second_guest
+    {
+        build_guest(&host, "g1", setup)
+    } else {
+        None
+    };
+    let mut unkillable = Vec::new();
+    if target == Target::OomChoice {
+        for (i, g) in [Some(&g0), g1.as_ref()].into_iter().flatten().enumerate() {
+            match ADJ.get(usize::from(setup.choice >> (4 * i) & 15)) {
+                Some(&adj) => g.guest.set_oom_score_adj(adj),
+                None => {
+                    g.guest.set_unkillable(true);
+                    unkillable.push(g.guest.id());
+                }
+            }
+        }
+        if let (Some(g), true) = (&g1, setup.choice & 0x100 != 0) {
+            // A failed mmap (only by injection) just leaves it out.
+            if let Ok(mm) = g.guest.mm() {
+                let far = MapOptions {
+                    addr: Some(64 << 20),
+                    ..MapOptions::anon(P)
+                };
+                if let Ok(a) = futures_lite::future::block_on(mm.mmap(far)) {
+                    let _ = futures_lite::future::block_on(mm.fill(a, P, 0x77));
+                }
+            }
+        }
+    }
     let watches: Vec<MmWatch> = [Some(&g0), g1.as_ref()]
         .into_iter()
         .flatten()
@@ -535,7 +589,9 @@ pub fn run_setup_mode(
                 // no other oracle saw: the victim's exit frees its memory
                 // anyway.
                 let dying = h.guest(id).is_ok_and(|g| g.is_dying());
+                let before = MreleaseWatch::new(&h, id);
                 let r = mm_reaper::mrelease(&h, id).await;
+                before.check(&r);
                 mm_core::sched::check(
                     !(dying && matches!(r, Err(mm_reaper::MreleaseError::NotDying { .. }))),
                     "§7.1: process_mrelease of a killed guest returned EINVAL (not dying)",
@@ -562,8 +618,15 @@ pub fn run_setup_mode(
         _ => {
             let (h, done, id) = (host.clone(), oom_done.clone(), g0.guest.mm_id());
             let again = !setup.swarm.off(Swarm::NO_OOM_AGAIN);
-            let (r, c, at) = (reaper.clone(), clock.clone(), queued_at.clone());
-            let (killed, g0_id, zero) = (g0_killed.clone(), g0.guest.id(), zero_at.clone());
+            let w = OomWatch {
+                reaper: reaper.clone(),
+                clock: clock.clone(),
+                queued_at: queued_at.clone(),
+                zero_at: zero_at.clone(),
+                g0_killed: g0_killed.clone(),
+                g0: g0.guest.id(),
+                unkillable: unkillable.clone(),
+            };
             sim.spawn("oom", async move {
                 // mark_oom_victim (I-RP-9): a guest reported killed has its
                 // oom_mm, which the reaper and the selection go by. Catches
@@ -571,7 +634,7 @@ pub fn run_setup_mode(
                 // (fuzz/mutants.sh): with no victim marked nothing was
                 // reaped, and every reaper oracle held vacuously.
                 let first = h.out_of_memory(None).await;
-                after_oom(&h, first, &r, &*c, [&at, &zero], &killed, g0_id);
+                after_oom(&h, first, &w);
                 if let mm_core::OomOutcome::Killed { guest } = first {
                     let g = h.guests().into_iter().find(|g| g.id() == guest);
                     mm_core::sched::check(
@@ -583,7 +646,7 @@ pub fn run_setup_mode(
                 // (task_will_free_mem(current)): it must not be queued twice.
                 if again {
                     let again = h.out_of_memory(Some(id)).await;
-                    after_oom(&h, again, &r, &*c, [&at, &zero], &killed, g0_id);
+                    after_oom(&h, again, &w);
                 }
                 done.store(true, Ordering::SeqCst);
             });
@@ -602,7 +665,9 @@ pub fn run_setup_mode(
             if cancellable && !setup.swarm.off(Swarm::NO_MRELEASE) {
                 let (h, id) = (host.clone(), g0.guest.id());
                 sim.spawn_cancellable("mrelease", async move {
-                    let _ = mm_reaper::mrelease(&h, id).await;
+                    let before = MreleaseWatch::new(&h, id);
+                    let r = mm_reaper::mrelease(&h, id).await;
+                    before.check(&r);
                 });
             }
         }
@@ -828,36 +893,100 @@ pub fn run_setup_mode(
     end_of_run_oracles(charged, host, &watches).and_then(|what| finding(&report, what))
 }
 
+/// What a `process_mrelease` caller knows at its call, to judge the
+/// outcome's label (§7.1) in the poll where the call returned.
+struct MreleaseWatch {
+    /// The target's mm (a count, as mrelease's own pin).
+    mm: Option<mm_core::MmGrab>,
+    /// `UNSTABLE` was set at the call: an earlier reap ran.
+    unstable: bool,
+}
+
+impl MreleaseWatch {
+    fn new(h: &Host, id: u64) -> MreleaseWatch {
+        let mm = h.guest(id).ok().and_then(|g| g.mm_grab());
+        let unstable = mm
+            .as_ref()
+            .is_some_and(|m| m.flags().test(MmFlag::UNSTABLE));
+        MreleaseWatch { mm, unstable }
+    }
+
+    /// §7.1 outcome labels: `Reaped { pages: 0 }` never follows an earlier
+    /// reap (a second process_mrelease that frees nothing says
+    /// `AlreadyDone`); `AlreadyDone` means the work is done: `OOM_SKIP`
+    /// set, or no present page left in a reapable VMA (not shared, not
+    /// pinned; checked in the same poll as the return, when the read lock
+    /// can be had). Catches the mm-reaper mutants of `complete && pages ==
+    /// 0 && reaped_before` (fuzz/mutants.sh): `&&` -> `||` (a partial
+    /// reap, refused by a notifier, reported `AlreadyDone`) and `==` ->
+    /// `!=`.
+    fn check(&self, r: &Result<mm_reaper::MreleaseOutcome, mm_reaper::MreleaseError>) {
+        let Some(mm) = &self.mm else { return };
+        match r {
+            Ok(mm_reaper::MreleaseOutcome::Reaped { pages: 0 }) => mm_core::sched::check(
+                !self.unstable,
+                "§7.1: process_mrelease after an earlier reap freed nothing but said Reaped, not AlreadyDone",
+            ),
+            Ok(mm_reaper::MreleaseOutcome::AlreadyDone) => {
+                if mm.flags().test(MmFlag::OOM_SKIP) {
+                    return;
+                }
+                let Some(st) = mm.lock().try_read() else {
+                    return;
+                };
+                let left: u64 = st
+                    .vmas()
+                    .iter()
+                    .filter(|v| !v.is_shared() && !v.flags().contains(mm_core::VmFlags::PINNED))
+                    .map(|v| mm.page_table().count_present(v.start() / P, v.end() / P))
+                    .sum();
+                mm_core::sched::check(
+                    left == 0,
+                    "§7.1: process_mrelease said AlreadyDone with pages left to reap and no OOM_SKIP",
+                );
+            }
+            _ => {}
+        }
+    }
+}
+
 /// An instant of the virtual clock, recorded by one actor for another.
 pub(crate) type QueuedAt = Arc<Mutex<Option<std::time::Instant>>>;
 
+/// What the OOM actor records for the other oracles, and what it needs
+/// to judge a choice.
+struct OomWatch {
+    reaper: Reaper,
+    clock: Arc<dyn mm_core::Clock>,
+    /// When the first mm was queued for reaping.
+    queued_at: QueuedAt,
+    /// The last instant the victim count was seen at 0.
+    zero_at: QueuedAt,
+    /// Guest 0 was killed (by the OOM killer, with its mm).
+    g0_killed: Arc<AtomicBool>,
+    g0: u64,
+    /// Guests the harness made unkillable (`oom_choice`).
+    unkillable: Vec<u64>,
+}
+
 /// Right after an `out_of_memory` call returned, in the same poll: nothing
 /// else ran since its selection and kill. Checks the choice, and records
-/// for the other oracles when the first mm was queued for reaping
-/// (`instants[0]`), whether the victim count is 0 now (`instants[1]`: a
-/// registry read may have counted an exited victim out) and whether guest
-/// 0 was killed.
-fn after_oom(
-    h: &Host,
-    r: mm_core::OomOutcome,
-    reaper: &Reaper,
-    clock: &dyn mm_core::Clock,
-    instants: [&QueuedAt; 2],
-    g0_killed: &AtomicBool,
-    g0: u64,
-) {
+/// when the first mm was queued for reaping, whether the victim count is
+/// 0 now (a registry read may have counted an exited victim out) and
+/// whether guest 0 was killed.
+fn after_oom(h: &Host, r: mm_core::OomOutcome, w: &OomWatch) {
     mm_core::sched::check(
-        victim_choice_ok(h, r),
+        victim_choice_ok(h, r, &w.unkillable),
         "§7 select_bad_process: the victim is not the eligible guest with the highest badness (the first by id on a tie), or an eligible guest was left",
     );
-    if r == (mm_core::OomOutcome::Killed { guest: g0 }) {
-        g0_killed.store(true, Ordering::SeqCst);
+    if r == (mm_core::OomOutcome::Killed { guest: w.g0 }) {
+        w.g0_killed.store(true, Ordering::SeqCst);
     }
-    if reaper.stats().queued > 0 {
-        lock(instants[0]).get_or_insert(clock.now());
+    if w.reaper.stats().queued > 0 {
+        lock(&w.queued_at).get_or_insert(w.clock.now());
     }
     if h.oom_stats().victims_running == 0 {
-        *lock(instants[1]) = Some(clock.now());
+        *lock(&w.zero_at) = Some(w.clock.now());
     }
 }
 
@@ -866,9 +995,11 @@ fn after_oom(
 /// the guest just killed (its `oom_mm` was set by this kill; any other
 /// guest with one was a victim before and is skipped, or made the
 /// selection abort).
-fn harness_badness(h: &Host, g: &Guest, victim: Option<u64>) -> Option<i64> {
-    // (The harness never calls `set_unkillable`.)
-    if g.oom_score_adj() == -1000 || (Some(g.id()) != victim && g.oom_mm().is_some()) {
+fn harness_badness(h: &Host, g: &Guest, victim: Option<u64>, unkillable: &[u64]) -> Option<i64> {
+    if unkillable.contains(&g.id())
+        || g.oom_score_adj() == -1000
+        || (Some(g.id()) != victim && g.oom_mm().is_some())
+    {
         return None;
     }
     let mm = g.mm_grab()?;
@@ -894,7 +1025,7 @@ fn harness_badness(h: &Host, g: &Guest, victim: Option<u64>) -> Option<i64> {
 /// catches the oom.rs mutants of `badness` (`Some(0)` / `Some(1)` /
 /// `Some(-1)`, its arithmetic and eligibility tests) and of the `points >
 /// p` comparison (fuzz/mutants.sh).
-fn victim_choice_ok(h: &Host, r: mm_core::OomOutcome) -> bool {
+fn victim_choice_ok(h: &Host, r: mm_core::OomOutcome, unkillable: &[u64]) -> bool {
     let victim = match r {
         mm_core::OomOutcome::Killed { guest } => Some(guest),
         mm_core::OomOutcome::NoVictim => None,
@@ -902,7 +1033,7 @@ fn victim_choice_ok(h: &Host, r: mm_core::OomOutcome) -> bool {
     };
     let mut best: Option<(i64, u64)> = None;
     for g in h.guests() {
-        if let Some(b) = harness_badness(h, &g, victim) {
+        if let Some(b) = harness_badness(h, &g, victim, unkillable) {
             if best.is_none_or(|(p, _)| b > p) {
                 best = Some((b, g.id()));
             }
