@@ -159,7 +159,9 @@ pub struct Setup {
     /// guest's OOM standing, 4 bits each (guest 0 low, guest 1 high): an
     /// `oom_score_adj` from [`ADJ`] (0..=14) or unkillable (15); bit 8:
     /// guest 1 maps and fills one more page far from the others (its own
-    /// page-table leaf, so the two guests' page-table pages differ).
+    /// page-table leaf, so the two guests' page-table pages differ); bit 9:
+    /// the OOM actor's first call is made by guest 0 itself (its
+    /// requester path, `task_will_free_mem(current)`).
     #[arbitrary(default)]
     choice: u16,
     /// The actors and features this run leaves out (swarm testing): read
@@ -618,6 +620,9 @@ pub fn run_setup_mode(
         _ => {
             let (h, done, id) = (host.clone(), oom_done.clone(), g0.guest.mm_id());
             let again = !setup.swarm.off(Swarm::NO_OOM_AGAIN);
+            // oom_choice, bit 9: guest 0 itself runs short first (its own
+            // allocation calls the OOM killer), dying or not by then.
+            let first_requester = (setup.choice & 0x200 != 0).then_some(id);
             let w = OomWatch {
                 reaper: reaper.clone(),
                 clock: clock.clone(),
@@ -633,8 +638,8 @@ pub fn run_setup_mode(
                 // the oom.rs mutant `mark_oom_victim` -> `()`
                 // (fuzz/mutants.sh): with no victim marked nothing was
                 // reaped, and every reaper oracle held vacuously.
-                let first = h.out_of_memory(None).await;
-                after_oom(&h, first, &w);
+                let first = h.out_of_memory(first_requester).await;
+                after_oom(&h, first, first_requester, &w);
                 if let mm_core::OomOutcome::Killed { guest } = first {
                     let g = h.guests().into_iter().find(|g| g.id() == guest);
                     mm_core::sched::check(
@@ -646,7 +651,7 @@ pub fn run_setup_mode(
                 // (task_will_free_mem(current)): it must not be queued twice.
                 if again {
                     let again = h.out_of_memory(Some(id)).await;
-                    after_oom(&h, again, &w);
+                    after_oom(&h, again, Some(id), &w);
                 }
                 done.store(true, Ordering::SeqCst);
             });
@@ -974,10 +979,14 @@ struct OomWatch {
 /// when the first mm was queued for reaping, whether the victim count is
 /// 0 now (a registry read may have counted an exited victim out) and
 /// whether guest 0 was killed.
-fn after_oom(h: &Host, r: mm_core::OomOutcome, w: &OomWatch) {
+fn after_oom(h: &Host, r: mm_core::OomOutcome, requester: Option<u64>, w: &OomWatch) {
     mm_core::sched::check(
         victim_choice_ok(h, r, &w.unkillable),
         "§7 select_bad_process: the victim is not the eligible guest with the highest badness (the first by id on a tie), or an eligible guest was left",
+    );
+    mm_core::sched::check(
+        requester_ok(h, r, requester, w.g0, w.g0_killed.load(Ordering::SeqCst)),
+        "§7 task_will_free_mem(current): a dying requester without OOM_SKIP was not made the pending victim itself, or a guest that is not dying was reported pending",
     );
     if r == (mm_core::OomOutcome::Killed { guest: w.g0 }) {
         w.g0_killed.store(true, Ordering::SeqCst);
@@ -988,6 +997,48 @@ fn after_oom(h: &Host, r: mm_core::OomOutcome, w: &OomWatch) {
     if h.oom_stats().victims_running == 0 {
         *lock(&w.zero_at) = Some(w.clock.now());
     }
+}
+
+/// §7 step 2's exception (`task_will_free_mem(current)`): an `out_of_memory`
+/// call whose requester (by mm id) is dying and whose mm lacks `OOM_SKIP`
+/// kills nobody: it marks the requester and reports it pending. And a
+/// pending victim is always dying (killed or exiting): only a kill or that
+/// exception marks one. Read in the same poll as the call's return; dying
+/// never goes back, but a kill of the requester by this very call made it
+/// dying: then only what made it dying before counts (its exit had begun:
+/// it no longer holds its mm; or the harness saw an earlier kill of guest
+/// 0, `g0_killed`). Catches the oom.rs mutants of the requester test
+/// (`mm_id() == id` -> `!=`, `is_dying() && !OOM_SKIP` -> `||`, its `!`
+/// deleted; fuzz/mutants.sh), with `oom_choice`'s first call made by
+/// guest 0.
+fn requester_ok(
+    h: &Host,
+    r: mm_core::OomOutcome,
+    requester: Option<u64>,
+    g0: u64,
+    g0_killed: bool,
+) -> bool {
+    let guests = h.guests();
+    if let mm_core::OomOutcome::VictimPending { guest } = r {
+        if !guests.iter().any(|g| g.id() == guest && g.is_dying()) {
+            return false;
+        }
+    }
+    let Some(req) = requester.and_then(|id| guests.iter().find(|g| g.mm_id() == id)) else {
+        return true;
+    };
+    let dying = if r == (mm_core::OomOutcome::Killed { guest: req.id() }) {
+        !req.is_alive() || (req.id() == g0 && g0_killed)
+    } else {
+        req.is_dying()
+    };
+    let takes_itself = dying
+        && req
+            .mm_grab()
+            .is_some_and(|m| !m.flags().test(MmFlag::OOM_SKIP));
+    r == mm_core::OomOutcome::Disabled
+        || !takes_itself
+        || (r == mm_core::OomOutcome::VictimPending { guest: req.id() } && req.is_oom_victim())
 }
 
 /// `oom_badness` as the harness computes it, from the guest's state (read
