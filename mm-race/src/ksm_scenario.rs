@@ -442,7 +442,7 @@ fn run_setup_reaper(
         let poll = sim.time(Duration::from_millis(50));
         sim.spawn(
             "reaper",
-            crate::scenario::reaper_loop(r.clone(), oom_done.clone(), clock.clone(), poll),
+            crate::scenario::reaper_loop(r.clone(), oom_done.clone(), clock.clone(), poll, None),
         );
     }
     for (i, g) in gs.iter().enumerate() {

@@ -49,11 +49,15 @@ pub enum Target {
     /// victim's exit and a victim that holds its mmap lock for a long
     /// (virtual) time, so the reaper gives up (seed 4's story, I-RP-8).
     OomDisableVsExit,
+    /// `teardown_vs_reaper` with two guests whose OOM standing differs
+    /// (`oom_score_adj`, unkillable, an extra page-table leaf): the
+    /// victim choice (§7 `select_bad_process`).
+    OomChoice,
 }
 
 impl Target {
     /// All targets, in order.
-    pub const ALL: [Target; 8] = [
+    pub const ALL: [Target; 9] = [
         Target::TeardownVsReaper,
         Target::MreleaseVsExit,
         Target::FaultVsReap,
@@ -62,6 +66,7 @@ impl Target {
         Target::TeardownVsKsm,
         Target::OomDisableVsExit,
         Target::KsmVsReaper,
+        Target::OomChoice,
     ];
 
     /// Name used by the fuzz targets and the corpus directories.
@@ -75,6 +80,7 @@ impl Target {
             Target::TeardownVsKsm => "teardown_vs_ksm",
             Target::OomDisableVsExit => "oom_disable_vs_exit",
             Target::KsmVsReaper => "ksm_vs_reaper",
+            Target::OomChoice => "oom_choice",
         }
     }
 }
@@ -149,6 +155,15 @@ pub struct Setup {
     /// reaper gives up after 3 tries 100 ms apart.
     #[arbitrary(default)]
     hold: u8,
+    /// `oom_choice` only (decoded after the setup, like `hold`): each
+    /// guest's OOM standing, 4 bits each (guest 0 low, guest 1 high): an
+    /// `oom_score_adj` from [`ADJ`] (0..=14) or unkillable (15); bit 8:
+    /// guest 1 maps and fills one more page far from the others (its own
+    /// page-table leaf, so the two guests' page-table pages differ); bit 9:
+    /// the OOM actor's first call is made by guest 0 itself (its
+    /// requester path, `task_will_free_mem(current)`).
+    #[arbitrary(default)]
+    choice: u16,
     /// The actors and features this run leaves out (swarm testing): read
     /// from the input's swarm header, not decoded by `arbitrary`; 0 (none
     /// off) for a plain input.
@@ -225,6 +240,13 @@ impl MmNotifier for Refuse {
     }
 }
 
+/// `oom_choice`'s `oom_score_adj` values. With its 2 MiB budget one unit
+/// is about half a page of badness, so small values compete with the
+/// guests' few pages and the large ones decide alone.
+const ADJ: [i32; 15] = [
+    0, 1, -1, 4, -4, 10, -10, 25, -25, 60, -60, 300, -300, 1000, -1000,
+];
+
 /// One read of the vCPU: (vma, page, expected byte if known, result).
 type Read = (usize, u64, Option<u8>, Result<u8, String>);
 
@@ -240,6 +262,29 @@ struct GuestSetup {
     vmas: Vec<(u64, u64)>, // (addr, pages)
 }
 
+/// Refuses nothing; checks that a nonblocking
+/// invalidation (a reap: the OOM reaper's or `process_mrelease`'s, the only
+/// callers with `blockable == false`) never covers one of the guest's
+/// shared VMAs. I-RP-3: shared memory is not the victim's alone and is
+/// never reaped. Catches the mm-reaper mutant `is_shared() || PINNED` ->
+/// `&&` in `reap_locked` (fuzz/mutants.sh): a reaped shared VMA reads its
+/// memfd's bytes back on the next fault, so no content oracle sees it.
+struct SharedNotReaped(Vec<std::ops::Range<u64>>);
+impl MmNotifier for SharedNotReaped {
+    fn release(&self, _mm: &Mm) {}
+    fn invalidate_range_start(
+        &self,
+        r: std::ops::Range<u64>,
+        blockable: bool,
+    ) -> Result<(), WouldBlock> {
+        mm_core::sched::check(
+            blockable || !self.0.iter().any(|s| s.start < r.end && r.start < s.end),
+            "I-RP-3: a reap invalidated (zapped) a shared VMA",
+        );
+        Ok(())
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -249,6 +294,7 @@ fn build_guest(host: &Host, name: &str, setup: &Setup) -> Option<GuestSetup> {
     let mm = guest.mm().ok()?;
     let watch = mm.watch();
     let mut vmas = Vec::new();
+    let mut shared = Vec::new();
     let default = [VmaSpec {
         pages: 2,
         shared: false,
@@ -276,7 +322,12 @@ fn build_guest(host: &Host, name: &str, setup: &Setup) -> Option<GuestSetup> {
             let _ = futures_lite::future::block_on(mm.mlock(a, pages * P));
         }
         vmas.push((a, pages));
+        if v.shared {
+            shared.push(a..a + pages * P);
+        }
     }
+    // First, so a refusing notifier after it cannot hide a reap from it.
+    mm.register_notifier(Arc::new(SharedNotReaped(shared)));
     if setup.notifier_refuses {
         mm.register_notifier(Arc::new(Refuse));
     }
@@ -344,6 +395,9 @@ pub fn run_mode(target: Target, data: &[u8], mode: &Mode) -> Option<Finding> {
     if target == Target::OomDisableVsExit {
         setup.hold = u.int_in_range(0..=7).unwrap_or(0);
     }
+    if target == Target::OomChoice {
+        setup.choice = u.arbitrary().unwrap_or(0);
+    }
     setup.swarm = swarm;
     setup.apply_swarm();
     let schedule = u.take_rest().to_vec();
@@ -369,12 +423,19 @@ pub fn run_setup_mode(
     let host = Host::new(HostConfig {
         clock: clock.clone(),
         oom_wait: sim.time(Duration::from_millis(300)),
-        ..HostConfig::with_budget(1 << 30)
+        // oom_choice: small enough that oom_score_adj competes with the
+        // guests' pages (one unit ~ half a page), large enough for both.
+        ..HostConfig::with_budget(if target == Target::OomChoice {
+            2 << 20
+        } else {
+            1 << 30
+        })
     });
+    let reaper_delay = sim.time(Duration::from_millis(
+        u64::from(setup.reaper_delay_ms % 4) * 100,
+    ));
     let reaper = Reaper::new(ReaperConfig {
-        delay: sim.time(Duration::from_millis(
-            u64::from(setup.reaper_delay_ms % 4) * 100,
-        )),
+        delay: reaper_delay,
         max_retries: 3,
         retry_interval: sim.time(Duration::from_millis(100)),
         zap_threads: 1,
@@ -386,12 +447,37 @@ pub fn run_setup_mode(
     // too), outside any actor: nothing yields.
     let hook = sim.install_for_setup();
     let g0 = build_guest(&host, "g0", setup)?;
-    let g1 =
-        if matches!(target, Target::FullSystem | Target::OomDisableVsExit) && setup.second_guest {
-            build_guest(&host, "g1", setup)
-        } else {
-            None
-        };
+    let g1 = if target == Target::OomChoice
+        || matches!(target, Target::FullSystem | Target::OomDisableVsExit) && setup.second_guest
+    {
+        build_guest(&host, "g1", setup)
+    } else {
+        None
+    };
+    let mut unkillable = Vec::new();
+    if target == Target::OomChoice {
+        for (i, g) in [Some(&g0), g1.as_ref()].into_iter().flatten().enumerate() {
+            match ADJ.get(usize::from(setup.choice >> (4 * i) & 15)) {
+                Some(&adj) => g.guest.set_oom_score_adj(adj),
+                None => {
+                    g.guest.set_unkillable(true);
+                    unkillable.push(g.guest.id());
+                }
+            }
+        }
+        if let (Some(g), true) = (&g1, setup.choice & 0x100 != 0) {
+            // A failed mmap (only by injection) just leaves it out.
+            if let Ok(mm) = g.guest.mm() {
+                let far = MapOptions {
+                    addr: Some(64 << 20),
+                    ..MapOptions::anon(P)
+                };
+                if let Ok(a) = futures_lite::future::block_on(mm.mmap(far)) {
+                    let _ = futures_lite::future::block_on(mm.fill(a, P, 0x77));
+                }
+            }
+        }
+    }
     let watches: Vec<MmWatch> = [Some(&g0), g1.as_ref()]
         .into_iter()
         .flatten()
@@ -401,6 +487,18 @@ pub fn run_setup_mode(
     let observed = Arc::new(Mutex::new(Observed::default()));
     let oom_done = Arc::new(AtomicBool::new(false));
     let cancellable = target == Target::KillAnywhere || target == Target::FullSystem;
+    // When the first mm was queued for reaping (virtual time; I-RP-2).
+    let queued_at: Arc<Mutex<Option<std::time::Instant>>> = Arc::new(Mutex::new(None));
+    // Guest 0 was killed (SIGKILL with its mm still there to mark): set by
+    // the killing actor in the same poll as the kill.
+    let g0_killed = Arc::new(AtomicBool::new(false));
+    // The stuck holder saw the reaper set OOM_SKIP while it held the lock:
+    // the reaper gave up (oom_disable_vs_exit).
+    let expect_gave_up = Arc::new(AtomicBool::new(false));
+    // The last instant an actor saw the victim count at 0 right after a
+    // step that can count a victim out (a guest's exit, a registry read
+    // in the OOM actor).
+    let zero_at: Arc<Mutex<Option<std::time::Instant>>> = Arc::new(Mutex::new(None));
 
     // The vCPU: its own user reference in a slot the harness can take back
     // if the actor is cancelled (the killed task's exit still runs).
@@ -440,13 +538,14 @@ pub fn run_setup_mode(
         }
         let vmas = g0.vmas.clone();
         let obs = observed.clone();
+        let killed = g0_killed.clone();
         let fut = async move {
             let _release = release;
             let user = lock(&slot).clone();
             let Some(user) = user else {
                 return;
             };
-            vcpu(&user, &vmas, &ops, &obs).await;
+            vcpu(&user, &vmas, &ops, &obs, &killed).await;
         };
         if cancellable {
             sim.spawn_cancellable("vcpu", fut);
@@ -466,8 +565,15 @@ pub fn run_setup_mode(
     match target {
         Target::MreleaseVsExit => {
             let g = g0.guest.clone();
+            let killed = g0_killed.clone();
             sim.spawn("kill", async move {
+                // A kill while the guest's exit has dropped its own user
+                // but not yet published the mm as lingering finds no mm to
+                // mark KILLED (Guest::mm_grab is None there): only a kill
+                // that found it promises failing syscalls.
+                let marks = g.mm_grab().is_some();
                 g.kill();
+                killed.store(marks, Ordering::SeqCst);
                 // SIGKILL delivered: from now on the guest is dying (what
                 // process_mrelease requires, §7.1). Catches the oom.rs
                 // mutant `Guest::kill` -> `()` (fuzz/mutants.sh): a kill
@@ -485,7 +591,9 @@ pub fn run_setup_mode(
                 // no other oracle saw: the victim's exit frees its memory
                 // anyway.
                 let dying = h.guest(id).is_ok_and(|g| g.is_dying());
+                let before = MreleaseWatch::new(&h, id);
                 let r = mm_reaper::mrelease(&h, id).await;
+                before.check(&r);
                 mm_core::sched::check(
                     !(dying && matches!(r, Err(mm_reaper::MreleaseError::NotDying { .. }))),
                     "§7.1: process_mrelease of a killed guest returned EINVAL (not dying)",
@@ -501,21 +609,38 @@ pub fn run_setup_mode(
         Target::FaultVsReap => {
             let grab = g0.guest.mm_grab()?;
             let g = g0.guest.clone();
+            let killed = g0_killed.clone();
             sim.spawn("reaper", async move {
+                let marks = g.mm_grab().is_some();
                 g.kill();
+                killed.store(marks, Ordering::SeqCst);
                 let _ = mm_reaper::oom_reap_task_mm(&grab, 1).await;
             });
         }
         _ => {
             let (h, done, id) = (host.clone(), oom_done.clone(), g0.guest.mm_id());
             let again = !setup.swarm.off(Swarm::NO_OOM_AGAIN);
+            // oom_choice, bit 9: guest 0 itself runs short first (its own
+            // allocation calls the OOM killer), dying or not by then.
+            let first_requester = (setup.choice & 0x200 != 0).then_some(id);
+            let w = OomWatch {
+                reaper: reaper.clone(),
+                clock: clock.clone(),
+                queued_at: queued_at.clone(),
+                zero_at: zero_at.clone(),
+                g0_killed: g0_killed.clone(),
+                g0: g0.guest.id(),
+                unkillable: unkillable.clone(),
+            };
             sim.spawn("oom", async move {
                 // mark_oom_victim (I-RP-9): a guest reported killed has its
                 // oom_mm, which the reaper and the selection go by. Catches
                 // the oom.rs mutant `mark_oom_victim` -> `()`
                 // (fuzz/mutants.sh): with no victim marked nothing was
                 // reaped, and every reaper oracle held vacuously.
-                if let mm_core::OomOutcome::Killed { guest } = h.out_of_memory(None).await {
+                let first = h.out_of_memory(first_requester).await;
+                after_oom(&h, first, first_requester, &w);
+                if let mm_core::OomOutcome::Killed { guest } = first {
                     let g = h.guests().into_iter().find(|g| g.id() == guest);
                     mm_core::sched::check(
                         g.is_none_or(|g| g.is_oom_victim()),
@@ -525,19 +650,29 @@ pub fn run_setup_mode(
                 // The victim itself then runs short while dying
                 // (task_will_free_mem(current)): it must not be queued twice.
                 if again {
-                    let _ = h.out_of_memory(Some(id)).await;
+                    let again = h.out_of_memory(Some(id)).await;
+                    after_oom(&h, again, Some(id), &w);
                 }
                 done.store(true, Ordering::SeqCst);
             });
             let poll = sim.time(Duration::from_millis(50));
+            let not_before = Some((queued_at.clone(), reaper_delay));
             sim.spawn(
                 "reaper",
-                reaper_loop(reaper.clone(), oom_done.clone(), clock.clone(), poll),
+                reaper_loop(
+                    reaper.clone(),
+                    oom_done.clone(),
+                    clock.clone(),
+                    poll,
+                    not_before,
+                ),
             );
             if cancellable && !setup.swarm.off(Swarm::NO_MRELEASE) {
                 let (h, id) = (host.clone(), g0.guest.id());
                 sim.spawn_cancellable("mrelease", async move {
-                    let _ = mm_reaper::mrelease(&h, id).await;
+                    let before = MreleaseWatch::new(&h, id);
+                    let r = mm_reaper::mrelease(&h, id).await;
+                    before.check(&r);
                 });
             }
         }
@@ -559,10 +694,34 @@ pub fn run_setup_mode(
         // exit actor sets its flag in the same poll as exit_oom_victim);
         // on OS threads the freezer may run between the two.
         let exact = !sim.is_threads();
+        let (c, zero) = (clock.clone(), zero_at.clone());
         sim.spawn("freezer", async move {
-            if !h.oom_killer_disable(wait).await {
+            let t0 = c.now();
+            let frozen = h.oom_killer_disable(wait).await;
+            let now = c.now();
+            if !frozen {
+                // I-RP-8's other half: `false` only for a timeout, with a
+                // victim still counted when it expired (read in the same
+                // poll). Catches the oom.rs mutant `oom_killer_disable` ->
+                // `false` (fuzz/mutants.sh): a disable that gave up at once
+                // was a legal outcome for every other oracle.
+                mm_core::sched::check(
+                    !exact || (now >= t0 + wait && h.oom_stats().victims_running != 0),
+                    "I-RP-8: oom_killer_disable returned false before its timeout or with no victim left",
+                );
                 return;
             }
+            // ... and `true` as soon as the last victim is counted out:
+            // virtual time does not move while the woken freezer can run,
+            // so a `true` at or after the deadline is only right if the
+            // last count-out happened at this very instant. Catches the
+            // lost wakeups of `exit_oom_victim` (`left - 1` -> `+` / `/`,
+            // `left == 0` -> `!=`; fuzz/mutants.sh): the freezer then slept
+            // to its timeout and still returned true.
+            mm_core::sched::check(
+                !exact || now < t0 + wait || *lock(&zero) == Some(now),
+                "I-RP-8: oom_killer_disable slept past the last victim's exit (lost wakeup)",
+            );
             // I-RP-8: true only when no marked victim is still running: each
             // has finished its own exit (mmput, then exit_oom_victim).
             for (g, done) in &guests {
@@ -579,9 +738,18 @@ pub fn run_setup_mode(
             let grab = g0.guest.mm_grab()?;
             let (c, r) = (clock.clone(), reaper.clone());
             let hold = sim.time(Duration::from_millis(150 * u64::from(setup.hold)));
+            let expect = expect_gave_up.clone();
             sim.spawn("stuck-holder", async move {
                 let guard = grab.lock().write().await;
+                // With users left, exit_mmap has not begun, and it needs
+                // the read lock before it can set OOM_SKIP: during this
+                // hold only the reaper can set it, and a reaper that cannot
+                // get the lock sets it only when it gives up.
+                let reaper_only = grab.users() > 0 && !grab.flags().test(MmFlag::OOM_SKIP);
                 mm_core::Clock::sleep(&*c, hold).await;
+                if reaper_only && grab.flags().test(MmFlag::OOM_SKIP) {
+                    expect.store(true, Ordering::SeqCst);
+                }
                 // I-RP-6: a reaper that gave up set OOM_SKIP first, so the
                 // OOM killer can move on while this holder is still stuck
                 // (only the reaper can have set it: exit waits for us).
@@ -595,9 +763,14 @@ pub fn run_setup_mode(
     }
     for (i, (g, done)) in exited.iter().cloned().enumerate() {
         let name = if i == 0 { "exit" } else { "g1-exit" };
+        let (h, c, zero) = (host.clone(), clock.clone(), zero_at.clone());
         sim.spawn(name, async move {
             g.exit().await;
             done.store(true, Ordering::SeqCst);
+            // exit_oom_victim ran in this poll if it ran in the exit.
+            if h.oom_stats().victims_running == 0 {
+                *lock(&zero) = Some(c.now());
+            }
         });
     }
 
@@ -680,6 +853,29 @@ pub fn run_setup_mode(
             "I-RP-1: an mm was queued for reaping more than once".into(),
         );
     }
+    if let Some(what) = reaper_accounting(reaper.stats(), 3) {
+        return finding(&report, what);
+    }
+    // I-RP-6 / oom_reap_task: the reaper set OOM_SKIP while the stuck
+    // holder kept it out, so it gave up, and says so. Catches the mm-reaper
+    // mutant deleting the second `!` of `gave_up` (fuzz/mutants.sh).
+    if expect_gave_up.load(Ordering::SeqCst) && reaper.stats().gave_up == 0 {
+        return finding(
+            &report,
+            "I-RP-6: the reaper gave up on a stuck victim (set OOM_SKIP under its holder) without counting it".into(),
+        );
+    }
+    // A reap that no notifier refused and no injected failure broke is
+    // complete (§7 step 4: only a refusing secondary MMU, or a failed
+    // zap, makes it partial). Catches the mm-reaper mutants `reap_locked`
+    // -> `(false, _)` (fuzz/mutants.sh): every reap partial, retried, and
+    // given up with OOM_SKIP; the victim's exit freed the memory anyway.
+    if !setup.notifier_refuses && report.injected.is_none() && reaper.stats().partial != 0 {
+        return finding(
+            &report,
+            "§7: a reap with no refusing notifier was partial".into(),
+        );
+    }
     // Everything returned: budget 0, no guest left, every struct freed at
     // count 0 once the last holders (guest records, reaper) are gone.
     let charged = host.stats().charged_bytes;
@@ -702,17 +898,228 @@ pub fn run_setup_mode(
     end_of_run_oracles(charged, host, &watches).and_then(|what| finding(&report, what))
 }
 
+/// What a `process_mrelease` caller knows at its call, to judge the
+/// outcome's label (§7.1) in the poll where the call returned.
+struct MreleaseWatch {
+    /// The target's mm (a count, as mrelease's own pin).
+    mm: Option<mm_core::MmGrab>,
+    /// `UNSTABLE` was set at the call: an earlier reap ran.
+    unstable: bool,
+}
+
+impl MreleaseWatch {
+    fn new(h: &Host, id: u64) -> MreleaseWatch {
+        let mm = h.guest(id).ok().and_then(|g| g.mm_grab());
+        let unstable = mm
+            .as_ref()
+            .is_some_and(|m| m.flags().test(MmFlag::UNSTABLE));
+        MreleaseWatch { mm, unstable }
+    }
+
+    /// §7.1 outcome labels: `Reaped { pages: 0 }` never follows an earlier
+    /// reap (a second process_mrelease that frees nothing says
+    /// `AlreadyDone`); `AlreadyDone` means the work is done: `OOM_SKIP`
+    /// set, or no present page left in a reapable VMA (not shared, not
+    /// pinned; checked in the same poll as the return, when the read lock
+    /// can be had). Catches the mm-reaper mutants of `complete && pages ==
+    /// 0 && reaped_before` (fuzz/mutants.sh): `&&` -> `||` (a partial
+    /// reap, refused by a notifier, reported `AlreadyDone`) and `==` ->
+    /// `!=`.
+    fn check(&self, r: &Result<mm_reaper::MreleaseOutcome, mm_reaper::MreleaseError>) {
+        let Some(mm) = &self.mm else { return };
+        match r {
+            Ok(mm_reaper::MreleaseOutcome::Reaped { pages: 0 }) => mm_core::sched::check(
+                !self.unstable,
+                "§7.1: process_mrelease after an earlier reap freed nothing but said Reaped, not AlreadyDone",
+            ),
+            Ok(mm_reaper::MreleaseOutcome::AlreadyDone) => {
+                if mm.flags().test(MmFlag::OOM_SKIP) {
+                    return;
+                }
+                let Some(st) = mm.lock().try_read() else {
+                    return;
+                };
+                let left: u64 = st
+                    .vmas()
+                    .iter()
+                    .filter(|v| !v.is_shared() && !v.flags().contains(mm_core::VmFlags::PINNED))
+                    .map(|v| mm.page_table().count_present(v.start() / P, v.end() / P))
+                    .sum();
+                mm_core::sched::check(
+                    left == 0,
+                    "§7.1: process_mrelease said AlreadyDone with pages left to reap and no OOM_SKIP",
+                );
+            }
+            _ => {}
+        }
+    }
+}
+
+/// An instant of the virtual clock, recorded by one actor for another.
+pub(crate) type QueuedAt = Arc<Mutex<Option<std::time::Instant>>>;
+
+/// What the OOM actor records for the other oracles, and what it needs
+/// to judge a choice.
+struct OomWatch {
+    reaper: Reaper,
+    clock: Arc<dyn mm_core::Clock>,
+    /// When the first mm was queued for reaping.
+    queued_at: QueuedAt,
+    /// The last instant the victim count was seen at 0.
+    zero_at: QueuedAt,
+    /// Guest 0 was killed (by the OOM killer, with its mm).
+    g0_killed: Arc<AtomicBool>,
+    g0: u64,
+    /// Guests the harness made unkillable (`oom_choice`).
+    unkillable: Vec<u64>,
+}
+
+/// Right after an `out_of_memory` call returned, in the same poll: nothing
+/// else ran since its selection and kill. Checks the choice, and records
+/// when the first mm was queued for reaping, whether the victim count is
+/// 0 now (a registry read may have counted an exited victim out) and
+/// whether guest 0 was killed.
+fn after_oom(h: &Host, r: mm_core::OomOutcome, requester: Option<u64>, w: &OomWatch) {
+    mm_core::sched::check(
+        victim_choice_ok(h, r, &w.unkillable),
+        "§7 select_bad_process: the victim is not the eligible guest with the highest badness (the first by id on a tie), or an eligible guest was left",
+    );
+    mm_core::sched::check(
+        requester_ok(h, r, requester, w.g0, w.g0_killed.load(Ordering::SeqCst)),
+        "§7 task_will_free_mem(current): a dying requester without OOM_SKIP was not made the pending victim itself, or a guest that is not dying was reported pending",
+    );
+    if r == (mm_core::OomOutcome::Killed { guest: w.g0 }) {
+        w.g0_killed.store(true, Ordering::SeqCst);
+    }
+    if w.reaper.stats().queued > 0 {
+        lock(&w.queued_at).get_or_insert(w.clock.now());
+    }
+    if h.oom_stats().victims_running == 0 {
+        *lock(&w.zero_at) = Some(w.clock.now());
+    }
+}
+
+/// §7 step 2's exception (`task_will_free_mem(current)`): an `out_of_memory`
+/// call whose requester (by mm id) is dying and whose mm lacks `OOM_SKIP`
+/// kills nobody: it marks the requester and reports it pending. And a
+/// pending victim is always dying (killed or exiting): only a kill or that
+/// exception marks one. Read in the same poll as the call's return; dying
+/// never goes back, but a kill of the requester by this very call made it
+/// dying: then only what made it dying before counts (its exit had begun:
+/// it no longer holds its mm; or the harness saw an earlier kill of guest
+/// 0, `g0_killed`). Catches the oom.rs mutants of the requester test
+/// (`mm_id() == id` -> `!=`, `is_dying() && !OOM_SKIP` -> `||`, its `!`
+/// deleted; fuzz/mutants.sh), with `oom_choice`'s first call made by
+/// guest 0.
+fn requester_ok(
+    h: &Host,
+    r: mm_core::OomOutcome,
+    requester: Option<u64>,
+    g0: u64,
+    g0_killed: bool,
+) -> bool {
+    let guests = h.guests();
+    if let mm_core::OomOutcome::VictimPending { guest } = r {
+        if !guests.iter().any(|g| g.id() == guest && g.is_dying()) {
+            return false;
+        }
+    }
+    let Some(req) = requester.and_then(|id| guests.iter().find(|g| g.mm_id() == id)) else {
+        return true;
+    };
+    let dying = if r == (mm_core::OomOutcome::Killed { guest: req.id() }) {
+        !req.is_alive() || (req.id() == g0 && g0_killed)
+    } else {
+        req.is_dying()
+    };
+    let takes_itself = dying
+        && req
+            .mm_grab()
+            .is_some_and(|m| !m.flags().test(MmFlag::OOM_SKIP));
+    r == mm_core::OomOutcome::Disabled
+        || !takes_itself
+        || (r == mm_core::OomOutcome::VictimPending { guest: req.id() } && req.is_oom_victim())
+}
+
+/// `oom_badness` as the harness computes it, from the guest's state (read
+/// in the same poll as the selection): `None` if not eligible. `victim` is
+/// the guest just killed (its `oom_mm` was set by this kill; any other
+/// guest with one was a victim before and is skipped, or made the
+/// selection abort).
+fn harness_badness(h: &Host, g: &Guest, victim: Option<u64>, unkillable: &[u64]) -> Option<i64> {
+    if unkillable.contains(&g.id())
+        || g.oom_score_adj() == -1000
+        || (Some(g.id()) != victim && g.oom_mm().is_some())
+    {
+        return None;
+    }
+    let mm = g.mm_grab()?;
+    if mm.users() == 0 || mm.flags().test(MmFlag::OOM_SKIP) {
+        return None;
+    }
+    let sampled = mm
+        .lock()
+        .try_read()
+        .and_then(|st| Mm::resident_bytes(&mm, &st).ok())
+        .unwrap_or(0)
+        / P;
+    let pages = mm.rss_pages().max(sampled) + mm.pgtables_bytes() / P;
+    let total = (h.budget().limit() / P).max(1) as i64;
+    Some(pages as i64 + i64::from(g.oom_score_adj()) * total / 1000)
+}
+
+/// §7 victim choice (`select_bad_process`): a kill took the eligible guest
+/// with the highest badness, the first in id order on a tie (the registry
+/// is id-ordered and only a strictly higher score replaces the choice);
+/// `NoVictim` only when no guest is eligible. A policy rather than a
+/// protocol step, but mutation testing showed any victim passed:
+/// catches the oom.rs mutants of `badness` (`Some(0)` / `Some(1)` /
+/// `Some(-1)`, its arithmetic and eligibility tests) and of the `points >
+/// p` comparison (fuzz/mutants.sh).
+fn victim_choice_ok(h: &Host, r: mm_core::OomOutcome, unkillable: &[u64]) -> bool {
+    let victim = match r {
+        mm_core::OomOutcome::Killed { guest } => Some(guest),
+        mm_core::OomOutcome::NoVictim => None,
+        _ => return true,
+    };
+    let mut best: Option<(i64, u64)> = None;
+    for g in h.guests() {
+        if let Some(b) = harness_badness(h, &g, victim, unkillable) {
+            if best.is_none_or(|(p, _)| b > p) {
+                best = Some((b, g.id()));
+            }
+        }
+    }
+    best.map(|(_, id)| id) == victim
+}
+
 /// The reaper's thread: reap what is queued; when nothing is, sleep `poll`
 /// (virtual time on the executor), until the OOM actor is `done` and the
 /// queue is empty. Shared by every scenario with a reaper.
+///
+/// With `not_before` (when the first mm was queued, the reaper's delay):
+/// I-RP-2, no reap begins earlier than the delay after the kill that
+/// queued it (`wake_oom_reaper`'s timer: the victim's own exit gets that
+/// long first). A step that pops an entry starts its first attempt at
+/// the instant it began. Catches the mm-reaper mutant `now + delay` ->
+/// `now - delay` (fuzz/mutants.sh), which reaped at once.
 pub(crate) async fn reaper_loop(
     r: Reaper,
     done: Arc<AtomicBool>,
     clock: Arc<dyn mm_core::Clock>,
     poll: Duration,
+    not_before: Option<(QueuedAt, Duration)>,
 ) {
     loop {
+        let began = clock.now();
         if r.step().await {
+            if let Some((at, delay)) = &not_before {
+                let queued = *lock(at);
+                mm_core::sched::check(
+                    queued.is_some_and(|q| began >= q + *delay),
+                    "I-RP-2: a reap began earlier than the reaper's delay after the kill",
+                );
+            }
             continue;
         }
         if done.load(Ordering::SeqCst) && r.pending() == 0 {
@@ -731,6 +1138,39 @@ pub(crate) fn ending_verdict(report: &Report) -> Option<String> {
         Ending::StepLimit => return Some("livelock: step limit".into()),
     }
     report.violations.first().map(|(v, _)| v.clone())
+}
+
+/// `oom_reap_task`'s retry policy, from the reaper's counters once its
+/// queue is empty: every entry that was not dropped at its delay had at
+/// most `max_retries` attempts (each attempt counts as exactly one of
+/// contended, partial, reaped, skipped) and ended at most one way (reaped,
+/// skipped, or given up), and a give-up came after `max_retries` failed
+/// attempts. Catches the mm-reaper mutants `attempts += 1` -> `*=`
+/// (retries for ever), `attempts >= max_retries` -> `<` (gives up after
+/// one try), and the `gave_up` test's `&&` -> `||` and first `!` deleted
+/// (a reaped mm counted as given up too; fuzz/mutants.sh).
+pub(crate) fn reaper_accounting(s: mm_reaper::ReaperStats, max_retries: u64) -> Option<String> {
+    let entries = s.queued.saturating_sub(s.exited_before_reap);
+    let failed = s.contended + s.partial;
+    let attempts = failed + s.reaped + s.skipped;
+    if attempts > max_retries * entries {
+        return Some(format!(
+            "oom_reap_task: {attempts} reap attempts for {entries} queued mm(s), at most {max_retries} each"
+        ));
+    }
+    if s.reaped + s.skipped + s.gave_up > entries {
+        return Some(format!(
+            "oom_reap_task: {} reaped + {} skipped + {} given up > {entries} queued mm(s)",
+            s.reaped, s.skipped, s.gave_up
+        ));
+    }
+    if failed < max_retries * s.gave_up {
+        return Some(format!(
+            "oom_reap_task: gave up {} time(s) after only {failed} failed attempt(s) ({max_retries} each)",
+            s.gave_up
+        ));
+    }
+    None
 }
 
 /// I-RP-7: the OOM killer never picks a second victim while the first
@@ -771,7 +1211,26 @@ pub(crate) fn end_of_run_oracles(charged: u64, host: Host, watches: &[MmWatch]) 
     }
 }
 
-async fn vcpu(user: &MmUser, vmas: &[(u64, u64)], ops: &[GuestOp], obs: &Mutex<Observed>) {
+/// `killed`: the guest was killed (its mm marked `KILLED`) by now. §7.1:
+/// a killed guest's own writes and mlocks fail (`Killed`, or `Unstable`
+/// once reaped), never succeed; they test the flag before their first
+/// yield point, so one that starts after the kill sees it. Catches the
+/// oom.rs mutant that deletes the `!` in `Guest::kill` (fuzz/mutants.sh):
+/// the first kill then marked the guest dying but left its mm unmarked,
+/// and its vCPU wrote on into memory being reaped.
+async fn vcpu(
+    user: &MmUser,
+    vmas: &[(u64, u64)],
+    ops: &[GuestOp],
+    obs: &Mutex<Observed>,
+    killed: &AtomicBool,
+) {
+    let after_kill = |ok: bool, was_killed: bool| {
+        mm_core::sched::check(
+            !(ok && was_killed),
+            "§7.1: a write or mlock of a killed guest succeeded",
+        );
+    };
     if vmas.is_empty() {
         return;
     }
@@ -799,7 +1258,10 @@ async fn vcpu(user: &MmUser, vmas: &[(u64, u64)], ops: &[GuestOp], obs: &Mutex<O
                 let (a, pages) = vmas[i];
                 let p = u64::from(page) % pages;
                 let byte = byte | 1;
-                match user.write(a + p * P, &[byte]).await {
+                let was_killed = killed.load(Ordering::SeqCst);
+                let r = user.write(a + p * P, &[byte]).await;
+                after_kill(r.is_ok(), was_killed);
+                match r {
                     Ok(()) => {
                         model.insert((i, p), Some(byte));
                     }
@@ -819,11 +1281,13 @@ async fn vcpu(user: &MmUser, vmas: &[(u64, u64)], ops: &[GuestOp], obs: &Mutex<O
             GuestOp::Mlock { vma } | GuestOp::Munlock { vma } => {
                 let i = pick(vma);
                 let (a, pages) = vmas[i];
-                let _ = if matches!(op, GuestOp::Mlock { .. }) {
-                    user.mlock(a, pages * P).await
+                if matches!(op, GuestOp::Mlock { .. }) {
+                    let was_killed = killed.load(Ordering::SeqCst);
+                    let r = user.mlock(a, pages * P).await;
+                    after_kill(r.is_ok(), was_killed);
                 } else {
-                    user.munlock(a, pages * P).await
-                };
+                    let _ = user.munlock(a, pages * P).await;
+                }
             }
             GuestOp::Munmap { vma } => {
                 let i = pick(vma);

@@ -117,7 +117,7 @@ impl Swarm {
     /// core and always run).
     pub fn optional_actors(target: Target) -> u32 {
         match target {
-            Target::TeardownVsReaper | Target::OomDisableVsExit => {
+            Target::TeardownVsReaper | Target::OomDisableVsExit | Target::OomChoice => {
                 Swarm::NO_OPS | Swarm::NO_OOM_AGAIN
             }
             Target::KillAnywhere | Target::FullSystem => {
