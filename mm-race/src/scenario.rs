@@ -567,13 +567,13 @@ pub fn run_setup_mode(
             let g = g0.guest.clone();
             let killed = g0_killed.clone();
             sim.spawn("kill", async move {
-                // A kill while the guest's exit has dropped its own user
-                // but not yet published the mm as lingering finds no mm to
-                // mark KILLED (Guest::mm_grab is None there): only a kill
-                // that found it promises failing syscalls.
-                let marks = g.mm_grab().is_some();
+                // Every kill counts: `Guest::mm_grab` finds the mm while
+                // anybody (the vCPU) still uses it, also inside the
+                // guest's own exit. It did not between the exit's take of
+                // its user and the lingering publish, and a vCPU wrote on
+                // after the kill (fixed in `Guest::exit`).
                 g.kill();
-                killed.store(marks, Ordering::SeqCst);
+                killed.store(true, Ordering::SeqCst);
                 // SIGKILL delivered: from now on the guest is dying (what
                 // process_mrelease requires, §7.1). Catches the oom.rs
                 // mutant `Guest::kill` -> `()` (fuzz/mutants.sh): a kill
@@ -611,9 +611,8 @@ pub fn run_setup_mode(
             let g = g0.guest.clone();
             let killed = g0_killed.clone();
             sim.spawn("reaper", async move {
-                let marks = g.mm_grab().is_some();
                 g.kill();
-                killed.store(marks, Ordering::SeqCst);
+                killed.store(true, Ordering::SeqCst);
                 let _ = mm_reaper::oom_reap_task_mm(&grab, 1).await;
             });
         }

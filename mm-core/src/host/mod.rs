@@ -517,16 +517,33 @@ impl Guest {
     /// innocent guest instead.
     pub async fn exit(&self) {
         self.inner.exiting.store(true, Ordering::SeqCst);
-        let user = lock(&self.inner.mm).take();
+        let user = {
+            let mut slot = lock(&self.inner.mm);
+            let user = slot.take();
+            // The mm goes to `lingering` in the same critical section that
+            // takes it out of `mm`, before our user goes: `mm_grab` always
+            // finds it while anybody still uses it. A kill landing inside
+            // the `MmUser::exit` below found neither and left the mm
+            // without `KILLED`; a vCPU still holding a user wrote on into
+            // memory the OOM killer counted as its victim's (the race
+            // harness's killed-writes oracle, issue 16).
+            if let Some(u) = &user {
+                *lock(&self.inner.lingering) = Some(u.grab());
+            }
+            user
+        };
         if let Some(user) = user {
             let grab = user.grab();
             user.exit().await;
-            if grab.users() > 0 {
-                // Other holders: the mm lives on in them. Stay registered;
-                // the victim mark (if any) is cleared when they are gone.
-                *lock(&self.inner.lingering) = Some(grab);
+            if grab.users() > 0 || !grab.exit_done() {
+                // Other holders: the mm lives on in them (or the last of
+                // them is tearing it down right now). Stay registered
+                // (`lingering`); the victim mark (if any) is cleared when
+                // they are gone and the teardown is through.
                 return;
             }
+            // Ours was the last user: the teardown ran in our exit.
+            *lock(&self.inner.lingering) = None;
         }
         if lock(&self.inner.lingering).is_some() {
             // A second exit of a guest whose mm still has users.
