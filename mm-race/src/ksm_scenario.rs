@@ -604,19 +604,8 @@ fn run_setup_reaper(
     let watches: Vec<MmWatch> = gs.iter().map(|g| g.watch.clone()).collect();
     drop((gs, ksm, reaper));
     let charged = host.stats().charged_bytes;
-    // I-RP-8: `oom_victims` is balanced here too: every victim of
-    // unmerge's pressure path, once through its own exit, was counted out.
-    // Found a victim whose last user's teardown met an empty tree (it had
-    // unmapped everything) and never set OOM_SKIP, which the lingering
-    // exit waited for: counted for ever, and every later selection aborted
-    // on it (`killed_guest_that_stays_lacks_oom_skip`; now `Mm::exit_done`).
-    drop(host.guests());
-    let victims = host.oom_stats().victims_running;
-    if victims != 0 {
-        return finding(
-            &report,
-            format!("I-RP-8: {victims} OOM victim(s) still counted after every exit"),
-        );
+    if let Some(what) = crate::scenario::victims_balanced(&host) {
+        return finding(&report, what);
     }
     crate::scenario::end_of_run_oracles(charged, host, &watches)
         .and_then(|what| finding(&report, what))

@@ -880,21 +880,28 @@ pub fn run_setup_mode(
     let charged = host.stats().charged_bytes;
     drop((g0, g1, reaper, exited));
     report.trace.shrink_to_fit();
-    // I-RP-8: `oom_victims` is balanced: every marked victim, once through
-    // its own exit, was counted out. Catches the oom.rs mutant
-    // `exit_oom_victim` -> `()` (fuzz/mutants.sh): the count never going
-    // down only makes oom_killer_disable time out, a legal outcome there.
-    // (A victim whose mm outlived its exit is counted out when the host
-    // next prunes exited guests: once its last user is gone.)
-    drop(host.guests());
-    let victims = host.oom_stats().victims_running;
-    if victims != 0 {
-        return finding(
-            &report,
-            format!("I-RP-8: {victims} OOM victim(s) still counted after every exit"),
-        );
+    if let Some(what) = victims_balanced(&host) {
+        return finding(&report, what);
     }
     end_of_run_oracles(charged, host, &watches).and_then(|what| finding(&report, what))
+}
+
+/// I-RP-8: `oom_victims` is balanced once every guest exited: every marked
+/// victim, once through its own exit, was counted out. Catches the oom.rs
+/// mutant `exit_oom_victim` -> `()` (fuzz/mutants.sh): the count never
+/// going down only makes oom_killer_disable time out, a legal outcome
+/// there. A victim whose mm outlived its exit is counted out when the host
+/// next prunes exited guests (this registry read), once its last user is
+/// gone and its teardown is through. On the KSM targets it found such a
+/// victim whose teardown met an empty tree and never set OOM_SKIP, which
+/// the lingering exit waited for: counted for ever, and every later
+/// selection aborted on it (`killed_guest_that_stays_lacks_oom_skip`; now
+/// `Mm::exit_done`). Shared by every scenario.
+pub(crate) fn victims_balanced(host: &Host) -> Option<String> {
+    drop(host.guests());
+    let victims = host.oom_stats().victims_running;
+    (victims != 0)
+        .then(|| format!("I-RP-8: {victims} OOM victim(s) still counted after every exit"))
 }
 
 /// What a `process_mrelease` caller knows at its call, to judge the
