@@ -189,6 +189,7 @@ impl Host {
                 unkillable: AtomicBool::new(false),
                 kill_hook: Mutex::new(None),
                 lingering: Mutex::new(None),
+                exiting_mm: Mutex::new(None),
             }),
             owner: None,
         };
@@ -381,6 +382,12 @@ pub(crate) struct GuestInner {
     /// until `Host::prune_exited` sees the teardown done. Only held to
     /// set, take or clone.
     lingering: Mutex<Option<MmGrab>>,
+    /// The mm while `exit` lets go of its own user: `mm_grab` finds it
+    /// there (a kill inside the exit still marks it `KILLED`), but
+    /// `prune_exited` does not (only the exit itself may finish a record
+    /// whose exit is still running: the victim mark goes after its
+    /// mmput). Only held to set, take or clone.
+    exiting_mm: Mutex<Option<MmGrab>>,
 }
 
 /// A guest (the task / `signal_struct` analogue): a name, an OOM score, its
@@ -465,6 +472,12 @@ impl Guest {
         if let Some(g) = lock(&self.inner.mm).as_ref().map(MmUser::grab) {
             return Some(g);
         }
+        if let Some(g) = lock(&self.inner.exiting_mm)
+            .as_ref()
+            .filter(|m| m.users() > 0)
+        {
+            return Some(g.clone());
+        }
         lock(&self.inner.lingering)
             .as_ref()
             .filter(|m| m.users() > 0)
@@ -520,15 +533,17 @@ impl Guest {
         let user = {
             let mut slot = lock(&self.inner.mm);
             let user = slot.take();
-            // The mm goes to `lingering` in the same critical section that
+            // The mm goes to `exiting_mm` in the same critical section that
             // takes it out of `mm`, before our user goes: `mm_grab` always
             // finds it while anybody still uses it. A kill landing inside
             // the `MmUser::exit` below found neither and left the mm
             // without `KILLED`; a vCPU still holding a user wrote on into
             // memory the OOM killer counted as its victim's (the race
-            // harness's killed-writes oracle, issue 16).
+            // harness's killed-writes oracle, issue 16). Not `lingering`
+            // yet: a registry reader would then finish this exit (and
+            // clear the victim mark) before its mmput returned.
             if let Some(u) = &user {
-                *lock(&self.inner.lingering) = Some(u.grab());
+                *lock(&self.inner.exiting_mm) = Some(u.grab());
             }
             user
         };
@@ -538,12 +553,15 @@ impl Guest {
             if grab.users() > 0 || !grab.exit_done() {
                 // Other holders: the mm lives on in them (or the last of
                 // them is tearing it down right now). Stay registered
-                // (`lingering`); the victim mark (if any) is cleared when
-                // they are gone and the teardown is through.
+                // (`lingering`, published before `exiting_mm` goes, so
+                // `mm_grab` never misses it); the victim mark (if any) is
+                // cleared when they are gone and the teardown is through.
+                *lock(&self.inner.lingering) = Some(grab);
+                *lock(&self.inner.exiting_mm) = None;
                 return;
             }
             // Ours was the last user: the teardown ran in our exit.
-            *lock(&self.inner.lingering) = None;
+            *lock(&self.inner.exiting_mm) = None;
         }
         if lock(&self.inner.lingering).is_some() {
             // A second exit of a guest whose mm still has users.
