@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::{CommandFactory as _, Parser};
-use guestmm::reaper::{Reaper, ReaperConfig};
+use guestmm::reaper::{Reaper, ReaperConfig, ZapSplit};
 use guestmm::{procfs, Guest, Host, Kill, MapOptions, OomOutcome, ProcessMemory};
 use serde::Serialize;
 
@@ -256,7 +256,7 @@ fn main() {
     let host = Host::with_budget(budget);
     let reaper = Reaper::new(ReaperConfig {
         delay: Duration::from_millis(args.reaper_delay_ms),
-        zap_threads: 2,
+        zap: ZapSplit::with_threads(2),
         ..ReaperConfig::default()
     });
     reaper.install(&host);

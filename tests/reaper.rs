@@ -11,7 +11,7 @@ use common::{rss, serial, MIB};
 use futures_lite::future::block_on;
 use guestmm::reaper::{
     mrelease_blocking, mrelease_interruptible, oom_reap_task_mm, MreleaseError, MreleaseOutcome,
-    ReapOutcome, Reaper, ReaperConfig,
+    ReapOutcome, Reaper, ReaperConfig, ZapSplit,
 };
 use guestmm::{
     Error, Guest, Host, HostConfig, MapOptions, Mm, MmFlag, MmNotifier, OomOutcome, WouldBlock,
@@ -299,7 +299,7 @@ fn test_blocking_notifier_makes_reap_partial() {
         Err(MreleaseError::Partial { guest: g.id() })
     );
     assert!(matches!(
-        block_on(oom_reap_task_mm(&mm, 1)),
+        block_on(oom_reap_task_mm(&mm, ZapSplit::default())),
         ReapOutcome::Partial { pages: 0 }
     ));
     assert_eq!(
@@ -334,10 +334,10 @@ fn test_stress_reaper_vs_teardown() {
         let t = std::thread::spawn(move || {
             b2.wait();
             if reaper_first {
-                block_on(oom_reap_task_mm(&grab2, 1))
+                block_on(oom_reap_task_mm(&grab2, ZapSplit::default()))
             } else {
                 std::thread::yield_now();
-                block_on(oom_reap_task_mm(&grab2, 1))
+                block_on(oom_reap_task_mm(&grab2, ZapSplit::default()))
             }
         });
         barrier.wait();
@@ -356,7 +356,10 @@ fn test_stress_reaper_vs_teardown() {
         assert!(grab.flags().test(MmFlag::OOM_SKIP));
         assert_eq!(grab.rss_pages(), 0);
         // After the teardown a reader sees the flag and an empty tree.
-        assert_eq!(block_on(oom_reap_task_mm(&grab, 1)), ReapOutcome::Skipped);
+        assert_eq!(
+            block_on(oom_reap_task_mm(&grab, ZapSplit::default())),
+            ReapOutcome::Skipped
+        );
         assert_eq!(grab.lock().read_blocking().vmas().len(), 0);
         drop(grab);
         assert!(watch.is_freed());

@@ -61,7 +61,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use guestmm::ksm::{Ksm, KsmConfig, Run};
-use guestmm::reaper::{Reaper, ReaperConfig};
+use guestmm::reaper::{Reaper, ReaperConfig, ZapSplit};
 use guestmm::{procfs, Advice, Guest, Host, Kill, MapOptions, MmUser, ProcessMemory, Snapshot};
 use kvm_ioctls::Kvm;
 use mm_vm_memory::{GuestMemoryMm, MmRegion};
@@ -543,7 +543,7 @@ fn run(args: &Args) -> Result<Report, Failure> {
     let host = Host::with_budget(budget);
     let reaper = Reaper::new(ReaperConfig {
         delay: Duration::ZERO,
-        zap_threads: 2,
+        zap: ZapSplit::with_threads(2),
         ..ReaperConfig::default()
     });
     reaper.install(&host);

@@ -212,7 +212,7 @@ fn run_setup_reaper(
             delay: Duration::ZERO,
             max_retries: 3,
             retry_interval: sim.time(Duration::from_millis(100)),
-            zap_threads: 1,
+            zap: mm_reaper::ZapSplit::default(),
             clock: clock.clone(),
         });
         r.install(&host);

@@ -10,6 +10,7 @@
 //! The actors share only `Send` state (`Arc`, `Mutex`, atomics), so the
 //! same run can go on the executor or on OS threads ([`crate::mode`]).
 
+use std::num::NonZeroU64;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -19,7 +20,7 @@ use mm_core::{
     Advice, Error, Guest, Host, HostConfig, MapOptions, Mm, MmFlag, MmNotifier, MmUser, MmWatch,
     WouldBlock, PAGE_SIZE,
 };
-use mm_reaper::{Reaper, ReaperConfig};
+use mm_reaper::{Reaper, ReaperConfig, ZapSplit};
 
 use crate::exec::{Ending, Report};
 use crate::mode::{Mode, Runner};
@@ -140,6 +141,8 @@ pub enum GuestOp {
 pub struct Setup {
     vmas: Vec<VmaSpec>,
     ops: Vec<GuestOp>,
+    /// Bits 0-1: the reaper's delay (0-300 virtual ms); bits 2-3: its zap
+    /// threads (1-3, split at every page).
     reaper_delay_ms: u8,
     notifier_refuses: bool,
     second_guest: bool,
@@ -434,11 +437,25 @@ pub fn run_setup_mode(
     let reaper_delay = sim.time(Duration::from_millis(
         u64::from(setup.reaper_delay_ms % 4) * 100,
     ));
+    // Bits 2-3 of the same byte: the reap's zap over 1-3 real threads,
+    // split at every page (`min_len` 0, `align_pages` 1), so the split's
+    // part arithmetic runs on these VMAs of a few pages (production splits
+    // only VMAs of 128 MiB or more on 2 MiB boundaries). Added for the
+    // mm-reaper `zap_vma` mutants the harness could not reach
+    // (fuzz/mutants.sh): a part left out leaves pages present after a
+    // complete reap (I-RP-10), a part outside the VMA fails and makes the
+    // reap partial. The zap threads have no hook: the reaping thread
+    // zaps the first part, so injected failures and checks still reach it.
+    let zap = ZapSplit {
+        threads: 1 + usize::from(setup.reaper_delay_ms >> 2 & 3).min(2),
+        min_len: 0,
+        align_pages: NonZeroU64::MIN,
+    };
     let reaper = Reaper::new(ReaperConfig {
         delay: reaper_delay,
         max_retries: 3,
         retry_interval: sim.time(Duration::from_millis(100)),
-        zap_threads: 1,
+        zap,
         clock: clock.clone(),
     });
     reaper.install(&host);
@@ -613,7 +630,7 @@ pub fn run_setup_mode(
             sim.spawn("reaper", async move {
                 g.kill();
                 killed.store(true, Ordering::SeqCst);
-                let _ = mm_reaper::oom_reap_task_mm(&grab, 1).await;
+                let _ = mm_reaper::oom_reap_task_mm(&grab, zap).await;
             });
         }
         _ => {
@@ -707,6 +724,14 @@ pub fn run_setup_mode(
                 mm_core::sched::check(
                     !exact || (now >= t0 + wait && h.oom_stats().victims_running != 0),
                     "I-RP-8: oom_killer_disable returned false before its timeout or with no victim left",
+                );
+                // A disable that timed out leaves the OOM killer enabled
+                // (the kernel's oom_killer_disable calls
+                // oom_killer_enable): a later OOM must still kill. Catches
+                // oom.rs `oom_killer_enable` -> `()` (fuzz/mutants.sh).
+                mm_core::sched::check(
+                    !h.oom_stats().disabled,
+                    "I-RP-8: oom_killer_disable timed out and left the OOM killer disabled",
                 );
                 return;
             }

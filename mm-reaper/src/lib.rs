@@ -49,6 +49,7 @@
 
 use mm_core::lock;
 use std::future::Future;
+use std::num::NonZeroU64;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -69,8 +70,9 @@ pub struct ReaperConfig {
     pub max_retries: u32,
     /// Sleep between attempts (kernel: 100 ms).
     pub retry_interval: Duration,
-    /// Threads that zap one large VMA in parallel (1 = the kernel's way).
-    pub zap_threads: usize,
+    /// How one large VMA's zap is spread over threads (default: one
+    /// thread, the kernel's way).
+    pub zap: ZapSplit,
     /// Time source for the delay and the retry sleeps.
     pub clock: Arc<dyn Clock>,
 }
@@ -81,8 +83,46 @@ impl Default for ReaperConfig {
             delay: Duration::from_secs(2),
             max_retries: 10,
             retry_interval: Duration::from_millis(100),
-            zap_threads: 1,
+            zap: ZapSplit::default(),
             clock: Arc::new(SystemClock),
+        }
+    }
+}
+
+/// How a reap spreads one large VMA's zap over threads (the kernel zaps on
+/// one; a userspace reaper's `madvise(DONTNEED)` of a large VMA is freed
+/// faster by several, beside the victim's still running threads).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ZapSplit {
+    /// Threads zapping one VMA, the reaping thread included; 0 and 1 mean
+    /// one (no split).
+    pub threads: usize,
+    /// Only a VMA at least this long is split (default 128 MiB: a smaller
+    /// one is zapped before another thread would have started).
+    pub min_len: u64,
+    /// The parts' boundaries are host-address multiples of this many pages
+    /// (default 512, 2 MiB: two threads never share a page-table leaf, so
+    /// never its lock). The race harness uses 1, so its VMAs of a few
+    /// pages take the split path.
+    pub align_pages: NonZeroU64,
+}
+
+impl ZapSplit {
+    /// `threads` threads with the default thresholds.
+    pub fn with_threads(threads: usize) -> ZapSplit {
+        ZapSplit {
+            threads,
+            ..ZapSplit::default()
+        }
+    }
+}
+
+impl Default for ZapSplit {
+    fn default() -> Self {
+        ZapSplit {
+            threads: 1,
+            min_len: 128 << 20,
+            align_pages: NonZeroU64::new(512).expect("512 is not zero"),
         }
     }
 }
@@ -335,7 +375,7 @@ async fn oom_reap_task(config: &ReaperConfig, stats: &Counters, entry: Entry) {
     let done = loop {
         attempts += 1;
         let t = Instant::now();
-        match oom_reap_task_mm(mm, config.zap_threads).await {
+        match oom_reap_task_mm(mm, config.zap).await {
             ReapOutcome::Reaped { pages } => {
                 stats
                     .last_reap_us
@@ -381,7 +421,7 @@ async fn oom_reap_task(config: &ReaperConfig, stats: &Counters, entry: Entry) {
 }
 
 /// `oom_reap_task_mm`: one attempt. Never waits for the victim's lock.
-pub async fn oom_reap_task_mm(mm: &Mm, zap_threads: usize) -> ReapOutcome {
+pub async fn oom_reap_task_mm(mm: &Mm, zap: ZapSplit) -> ReapOutcome {
     mm_core::sched::point("oom_reap_task_mm:try_read").await;
     let Some(state) = mm.lock().try_read() else {
         tracing::debug!(target: "mm_reaper::skip_task_reaping", mm_id = mm.id(), "skip_task_reaping (contended)");
@@ -404,7 +444,7 @@ pub async fn oom_reap_task_mm(mm: &Mm, zap_threads: usize) -> ReapOutcome {
     mm_core::sched::point("oom_reap_task_mm:checked").await;
     tracing::debug!(target: "mm_reaper::start_task_reaping", mm_id = mm.id(), "start_task_reaping");
     let start = Instant::now();
-    let (complete, pages) = reap_locked(mm, &state, zap_threads).await;
+    let (complete, pages) = reap_locked(mm, &state, zap).await;
     check_reaped(mm, &state, complete);
     mm_core::sched::point("oom_reap_task_mm:after_reap").await;
     drop(state);
@@ -460,7 +500,7 @@ fn check_reaped(mm: &Mm, state: &MmState, complete: bool) {
 /// A named yield point follows the `UNSTABLE` publish and each VMA's zap,
 /// so a race harness can run a fault (or an exit) between any two steps:
 /// a reordering of the publish and the zaps is then visible.
-pub async fn reap_locked(mm: &Mm, state: &MmState, zap_threads: usize) -> (bool, u64) {
+pub async fn reap_locked(mm: &Mm, state: &MmState, zap: ZapSplit) -> (bool, u64) {
     // I-RP-4: UNSTABLE before the first zap. The fault path re-checks it
     // under the page lock after finding a PTE empty, so no access ever
     // sees a zero page where the victim's data was (6b31d5955cb2).
@@ -483,7 +523,7 @@ pub async fn reap_locked(mm: &Mm, state: &MmState, zap_threads: usize) -> (bool,
             complete = false;
             continue;
         }
-        match zap_vma(mm, state, vma, zap_threads) {
+        match zap_vma(mm, state, vma, zap) {
             Ok(n) => pages += n,
             Err(e) => {
                 complete = false;
@@ -496,28 +536,21 @@ pub async fn reap_locked(mm: &Mm, state: &MmState, zap_threads: usize) -> (bool,
     (complete, pages)
 }
 
-/// Zaps one VMA, splitting a large one over `threads` scoped threads.
-fn zap_vma(mm: &Mm, state: &MmState, vma: &mm_core::Vma, threads: usize) -> mm_core::Result<u64> {
-    const MIN_SPLIT: u64 = 128 << 20;
-    // THP-backed VMAs free 2 MiB per PMD and are done before extra threads
-    // would start.
-    if threads <= 1 || vma.len() < MIN_SPLIT || vma.flags().contains(mm_core::VmFlags::HUGEPAGE) {
-        return mm.zap_range(state, vma, vma.start(), vma.end(), ZapReason::Reap);
+/// Zaps one VMA, splitting a large one over `zap.threads` threads (scoped:
+/// they end before the caller's read lock can). The calling thread zaps the
+/// first part itself: under a race harness it is the one whose hook sees
+/// the zap's checks and injected failures (the others have none).
+fn zap_vma(mm: &Mm, state: &MmState, vma: &mm_core::Vma, zap: ZapSplit) -> mm_core::Result<u64> {
+    let cuts = split_points(vma.start(), vma.end(), vma.flags(), zap);
+    let part =
+        move |(start, end): (u64, u64)| mm.zap_range(state, vma, start, end, ZapReason::Reap);
+    if cuts.len() <= 1 {
+        return part((vma.start(), vma.end()));
     }
-    let per = (vma.len() / threads as u64).next_multiple_of(2 << 20);
-    let zap = move |start: u64, end: u64| {
-        if start < end {
-            mm.zap_range(state, vma, start, end, ZapReason::Reap)
-        } else {
-            Ok(0)
-        }
-    };
     std::thread::scope(|s| {
-        let mut total = 0;
         let mut handles = Vec::new();
-        for i in 0..threads as u64 {
-            let start = vma.start() + i * per;
-            let end = (start + per).min(vma.end());
+        let mut inline = Vec::new();
+        for &range in &cuts[1..] {
             // A thread the OS refuses (EAGAIN: RLIMIT_NPROC, memory) is no
             // reason to leave the victim unreaped: zap that part here.
             let spawned = if mm_core::sched::fail("fail:zap_thread") {
@@ -525,20 +558,61 @@ fn zap_vma(mm: &Mm, state: &MmState, vma: &mm_core::Vma, threads: usize) -> mm_c
             } else {
                 std::thread::Builder::new()
                     .name("oom_reaper-zap".into())
-                    .spawn_scoped(s, move || zap(start, end))
+                    .spawn_scoped(s, move || part(range))
                     .ok()
             };
             match spawned {
                 Some(h) => handles.push(h),
-                None => total += zap(start, end)?,
+                None => inline.push(range),
             }
         }
+        let mut results = vec![part(cuts[0])];
+        results.extend(inline.into_iter().map(part));
         for h in handles {
             // A panic in a zap thread is a bug in mm-core's zap: pass it on.
-            total += h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))?;
+            results.push(h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
         }
-        Ok(total)
+        // Every part was zapped (or failed) before the first error is
+        // returned: a failed part makes the reap partial, not the others.
+        results.into_iter().sum()
     })
+}
+
+/// The parts of `[start, end)` for [`ZapSplit`]: one part unless the split
+/// applies; else up to `zap.threads` non-empty, adjacent parts covering it
+/// exactly, each inner boundary rounded up to a multiple of the alignment.
+fn split_points(start: u64, end: u64, flags: mm_core::VmFlags, zap: ZapSplit) -> Vec<(u64, u64)> {
+    let len = end - start;
+    // THP-backed VMAs free 2 MiB per PMD and are done before extra threads
+    // would start.
+    if zap.threads <= 1 || len < zap.min_len || flags.contains(mm_core::VmFlags::HUGEPAGE) {
+        return vec![(start, end)];
+    }
+    let align = zap
+        .align_pages
+        .get()
+        .saturating_mul(mm_core::PAGE_SIZE as u64);
+    // No more parts than pages (a thread count beyond that adds nothing).
+    let threads = (zap.threads as u64)
+        .min(len / mm_core::PAGE_SIZE as u64)
+        .max(1);
+    let per = len / threads;
+    let mut parts = Vec::new();
+    let mut from = start;
+    for i in 1..=threads {
+        let to = if i == threads {
+            end
+        } else {
+            (start + i * per)
+                .checked_next_multiple_of(align)
+                .map_or(end, |c| c.min(end))
+        };
+        if to > from {
+            parts.push((from, to));
+            from = to;
+        }
+    }
+    parts
 }
 
 /// Why [`Reaper::spawn`] did not start a thread.
@@ -649,7 +723,7 @@ pub async fn mrelease_interruptible(
     // Synchronous and user-requested: use the CPUs we have (the kernel's
     // call runs beside the victim's own exit, which zaps too).
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
-    let (complete, pages) = reap_locked(&grab, &state, threads).await;
+    let (complete, pages) = reap_locked(&grab, &state, ZapSplit::with_threads(threads)).await;
     check_reaped(&grab, &state, complete);
     drop(state);
     if complete && pages == 0 && reaped_before {
@@ -660,5 +734,90 @@ pub async fn mrelease_interruptible(
         Ok(MreleaseOutcome::Reaped { pages })
     } else {
         Err(MreleaseError::Partial { guest: guest_id })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mm_core::VmFlags;
+
+    const P: u64 = mm_core::PAGE_SIZE as u64;
+
+    fn split(threads: usize, min_len: u64, align_pages: u64) -> ZapSplit {
+        ZapSplit {
+            threads,
+            min_len,
+            align_pages: NonZeroU64::new(align_pages).unwrap(),
+        }
+    }
+
+    /// Adjacent, non-empty, in order, covering `[start, end)` exactly.
+    fn assert_covers(parts: &[(u64, u64)], start: u64, end: u64) {
+        assert_eq!(parts.first().map(|p| p.0), Some(start));
+        assert_eq!(parts.last().map(|p| p.1), Some(end));
+        for w in parts.windows(2) {
+            assert_eq!(w[0].1, w[1].0, "{parts:x?}");
+        }
+        assert!(parts.iter().all(|&(a, b)| a < b), "{parts:x?}");
+    }
+
+    #[test]
+    fn test_split_points_cover_the_vma_on_aligned_boundaries() {
+        let (start, end) = (0x7f00_0000_1000, 0x7f00_0000_1000 + (256 << 20) + 5 * P);
+        for threads in 2..=5 {
+            let parts = split_points(start, end, VmFlags::EMPTY, ZapSplit::with_threads(threads));
+            assert_covers(&parts, start, end);
+            assert_eq!(parts.len(), threads);
+            for &(a, _) in &parts[1..] {
+                assert_eq!(a % (2 << 20), 0, "inner boundary {a:x} not on 2 MiB");
+            }
+        }
+        // Per page: 14 pages over 3 threads.
+        let parts = split_points(
+            0x10_0000,
+            0x10_0000 + 14 * P,
+            VmFlags::EMPTY,
+            split(3, 0, 1),
+        );
+        assert_eq!(
+            parts,
+            [
+                (0x10_0000, 0x10_0000 + 5 * P),
+                (0x10_0000 + 5 * P, 0x10_0000 + 10 * P),
+                (0x10_0000 + 10 * P, 0x10_0000 + 14 * P)
+            ]
+        );
+    }
+
+    #[test]
+    fn test_split_points_one_part_when_the_split_does_not_apply() {
+        let (start, end) = (0x20_0000, 0x20_0000 + (200 << 20));
+        let one = vec![(start, end)];
+        let flags = VmFlags::EMPTY;
+        assert_eq!(split_points(start, end, flags, ZapSplit::default()), one);
+        assert_eq!(split_points(start, end, flags, split(0, 0, 1)), one);
+        assert_eq!(
+            split_points(start, start + P, flags, split(4, 0, 1)),
+            vec![(start, start + P)]
+        );
+        assert_eq!(
+            split_points(start, end, flags, split(4, end - start + 1, 512)),
+            one
+        );
+        assert_eq!(
+            split_points(start, end, VmFlags::HUGEPAGE, ZapSplit::with_threads(4)),
+            one
+        );
+        // An alignment beyond the VMA: no inner boundary fits.
+        assert_eq!(split_points(start, end, flags, split(4, 0, u64::MAX)), one);
+    }
+
+    #[test]
+    fn test_split_points_never_more_parts_than_pages() {
+        let (start, end) = (0x10_0000, 0x10_0000 + 3 * P);
+        let parts = split_points(start, end, VmFlags::EMPTY, split(usize::MAX, 0, 1));
+        assert_covers(&parts, start, end);
+        assert_eq!(parts.len(), 3);
     }
 }

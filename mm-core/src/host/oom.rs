@@ -86,6 +86,9 @@ pub struct OomStats {
     pub second_kills: u64,
     /// Marked victims that have not finished their own exit.
     pub victims_running: usize,
+    /// The OOM killer is disabled ([`Host::oom_killer_disable`] returned
+    /// `true`, or waits; a disable that timed out enabled it again).
+    pub disabled: bool,
     /// Kill hooks that panicked (caught; the kill stood).
     pub kill_hook_panics: u64,
 }
@@ -200,6 +203,7 @@ impl Host {
             aborted: o.aborted.load(Ordering::Relaxed),
             second_kills: o.second_kills.load(Ordering::Relaxed),
             victims_running: o.victims.load(Ordering::SeqCst),
+            disabled: o.disabled.load(Ordering::SeqCst),
             kill_hook_panics: o.kill_hook_panics.load(Ordering::Relaxed),
         }
     }
