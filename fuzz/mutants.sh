@@ -3,25 +3,40 @@
 # Mutation testing (issue 16 §3) with cargo-mutants on the protocol files,
 # the committed corpus replay (`cargo test -p mm-race --test replay
 # replay_corpus_and_regressions`: fuzz/corpus + fuzz/regressions, every
-# oracle) as the only test. Then, with --fuzz SECS, each mutant the replay
-# missed is applied to a scratch tree and hunted from nothing (mm-race's
-# `hunt`: random inputs, SECS seconds on each target, seed 1).
+# oracle) as the only test. Then, with --fuzz SECS, the fuzzers' score: a
+# second cargo-mutants pass whose test hunts from nothing (`cargo test -p
+# mm-race --test hunt -- --ignored`: random inputs, plain and swarm in
+# turn, SECS seconds in all over the file's targets, seed 1), on every
+# mutant of the file or, with --shard K/N, on cargo-mutants' shard K of N
+# (a sample: every mutant costs a build, and a missed one SECS).
 #
-# Usage: fuzz/mutants.sh [--fuzz SECS] [FILE...]
+# Usage: fuzz/mutants.sh [--fuzz SECS] [--shard K/N] [FILE...]
 #   FILE: a path from the repository root (default: the protocol files
 #   below). Installs cargo-mutants if missing. Writes cargo-mutants'
-#   results under target/mutants/<file>/mutants.out and prints, per file:
-#   mutants, caught by the replay (timeouts count as caught: a hang is a
-#   finding), missed, unviable (did not build), score = caught / viable;
-#   with --fuzz, how many of the missed ones the hunt caught (the input
-#   it found is kept in target/mutants/<file>/found/<mutant>.<target>,
-#   a candidate for fuzz/corpus/<target>/).
+#   results under target/mutants/<file>/mutants.out (the hunt's under
+#   target/mutants/<file>/fuzz.out) and prints, per file: mutants, caught
+#   by the replay (timeouts count as caught: a hang is a finding), missed,
+#   unviable (did not build), score = caught / viable; with --fuzz, the
+#   same for the hunt (a finding's input, in base64, is in its log).
+#   Targets hunted per file: the KSM targets for mm-ksm and
+#   mm-core/src/ksm, the reaper and OOM targets for mm-reaper and
+#   mm-core/src/host, every target otherwise (MUTANTS_TARGETS overrides);
+#   the hunt runs once on the unmutated tree first, per set of targets (a
+#   finding there would make every mutant "caught"). MUTANTS_SKIP_REPLAY=1
+#   keeps a file's last replay results instead of running the replay again.
 # Builds in a scratch worktree of HEAD with its own target directory
 # (target/mutants-build, kept between runs), never in the checkout.
 set -euo pipefail
 root=$(git rev-parse --show-toplevel)
 fuzz=0
-if [ "${1:-}" = "--fuzz" ]; then fuzz=$2; shift 2; fi
+shard=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --fuzz) fuzz=$2; shift 2 ;;
+    --shard) shard=(--shard "$2"); shift 2 ;;
+    *) break ;;
+  esac
+done
 files=("$@")
 if [ ${#files[@]} -eq 0 ]; then
   files=(mm-reaper/src/lib.rs mm-ksm/src/slots.rs mm-ksm/src/scan/walk.rs
@@ -42,7 +57,22 @@ for d in corpus regressions; do
   rm -rf "${scratch:?}/fuzz/$d" && cp -r "$root/fuzz/$d" "$scratch/fuzz/$d"
 done
 # Every race target (their names in mm-race's Target::name).
-targets=$(sed -n 's/.*Target::[A-Za-z]* => "\([a-z_]*\)",/\1/p' "$root/mm-race/src/scenario.rs")
+all_targets=$(sed -n 's/.*Target::[A-Za-z]* => "\([a-z_]*\)",/\1/p' "$root/mm-race/src/scenario.rs" | paste -sd,)
+targets_for() {
+  if [ -n "${MUTANTS_TARGETS:-}" ]; then echo "$MUTANTS_TARGETS"; return; fi
+  case "$1" in
+    mm-ksm/*|mm-core/src/ksm/*) echo teardown_vs_ksm,ksm_vs_reaper ;;
+    mm-reaper/*|mm-core/src/host/*)
+      echo "$all_targets" | tr , '\n' | grep -v teardown_vs_ksm | paste -sd, ;;
+    *) echo "$all_targets" ;;
+  esac
+}
+score() { # caught viable -> "NN%" or "-"
+  python3 -c "print('%.0f%%' % (100.0 * $1 / $2) if $2 else '-')"
+}
+count() { # file... -> non-empty lines
+  cat "$@" 2>/dev/null | grep -c . || true
+}
 
 # The baseline, run here: cargo-mutants would build and run its baseline
 # on the mutated package instead of the test package (27.1), so it is
@@ -60,48 +90,44 @@ for file in "${files[@]}"; do
   pkg=${file%%/*}
   name=$(echo "$file" | tr '/' '_')
   res=$out/$name
-  rm -rf "$res"
+  mkdir -p "$res"
   echo "== $file" >&2
-  (cd "$scratch" && cargo mutants --in-place --no-shuffle -p "$pkg" -f "$file" \
-      --test-package mm-race --cargo-test-arg=--test=replay \
-      --baseline skip --timeout "${MUTANTS_TIMEOUT:-20}" --build-timeout 1200 \
-      -o "$res" -- replay_corpus_and_regressions >&2) || true
+  # MUTANTS_SKIP_REPLAY=1: keep the replay's last results (a --fuzz run
+  # after a replay run of the same tree).
+  if [ "${MUTANTS_SKIP_REPLAY:-0}" != 1 ] || [ ! -d "$res/mutants.out" ]; then
+    rm -rf "$res/mutants.out"
+    (cd "$scratch" && cargo mutants --in-place --no-shuffle -p "$pkg" -f "$file" \
+        --test-package mm-race --cargo-test-arg=--test=replay \
+        --baseline skip --timeout "${MUTANTS_TIMEOUT:-20}" --build-timeout 1200 \
+        -o "$res" -- replay_corpus_and_regressions >&2) || true
+  fi
   m=$res/mutants.out
-  caught=$(cat "$m/caught.txt" "$m/timeout.txt" 2>/dev/null | grep -c . || true)
-  missed=$(grep -c . "$m/missed.txt" 2>/dev/null || true)
-  unviable=$(grep -c . "$m/unviable.txt" 2>/dev/null || true)
+  caught=$(count "$m/caught.txt" "$m/timeout.txt")
+  missed=$(count "$m/missed.txt")
+  unviable=$(count "$m/unviable.txt")
   viable=$((caught + missed))
-  score=$(python3 -c "print('%.0f%%' % (100.0 * $caught / $viable) if $viable else '-')")
-  line="$file: $((viable + unviable)) mutants, replay caught $caught, missed $missed, unviable $unviable, score $score"
-  if [ "$fuzz" != 0 ] && [ "$missed" -gt 0 ]; then
-    (cd "$scratch" && cargo build -q --release -p mm-race --example hunt)
-    hunted=0
-    mkdir -p "$res/found"
-    # The mutants the replay missed: name, file and diff (outcomes.json).
-    while IFS=$'\t' read -r desc mfile diff; do
-      git -C "$scratch" checkout -q -- . ':!fuzz'
-      # The diff's `+++` line names the mutation, not a file: patch that file.
-      if ! (cd "$scratch" && patch -s -p0 "$mfile" < "$m/$diff"); then continue; fi
-      (cd "$scratch" && cargo build -q --release -p mm-race --example hunt) || continue
-      found=0
-      for t in $targets; do
-        save=$res/found/$(basename "$diff" .diff).$t
-        if "$CARGO_TARGET_DIR/release/examples/hunt" "$t" "$fuzz" 1 "$save" 2>/dev/null | grep -q found=1; then
-          found=1; break
-        fi
-      done
-      echo "  hunt $([ $found = 1 ] && echo caught || echo MISSED): $desc" >&2
-      hunted=$((hunted + found))
-    done < <(python3 - "$m/outcomes.json" <<'PY'
-import json, sys
-for o in json.load(open(sys.argv[1]))["outcomes"]:
-    if o.get("summary") == "MissedMutant":
-        mu = o["scenario"]["Mutant"]
-        print("\t".join((mu["name"], mu["file"], o["diff_path"])))
-PY
-    )
-    git -C "$scratch" checkout -q -- . ':!fuzz'
-    line="$line; hunt ${fuzz}s/target caught $hunted of the $missed missed"
+  line="$file: $((viable + unviable)) mutants, replay caught $caught, missed $missed, unviable $unviable, score $(score "$caught" "$viable")"
+  if [ "$fuzz" != 0 ]; then
+    f=$res/fuzz.out
+    ts=$(targets_for "$file")
+    if [[ " ${clean_hunts:-} " != *" $ts "* ]]; then
+      (cd "$scratch" && MM_RACE_HUNT_SECS=$fuzz MM_RACE_HUNT_TARGETS=$ts \
+        cargo test -q -p mm-race --test hunt -- --ignored hunt_from_nothing >&2) || {
+        echo "the hunt finds something on the unmutated tree ($ts): no fuzz score" >&2
+        exit 1
+      }
+      clean_hunts="${clean_hunts:-} $ts"
+    fi
+    (cd "$scratch" && MM_RACE_HUNT_SECS=$fuzz MM_RACE_HUNT_TARGETS=$(targets_for "$file") \
+      cargo mutants --in-place --no-shuffle -p "$pkg" -f "$file" "${shard[@]}" \
+        --test-package mm-race --cargo-test-arg=--test=hunt \
+        --baseline skip --timeout $((fuzz + 60)) --build-timeout 1200 \
+        -o "$f.tmp" -- --ignored hunt_from_nothing >&2) || true
+    rm -rf "$f" && mv "$f.tmp/mutants.out" "$f" && rm -rf "$f.tmp"
+    fc=$(count "$f/caught.txt" "$f/timeout.txt")
+    fm=$(count "$f/missed.txt")
+    fu=$(count "$f/unviable.txt")
+    line="$line; hunt ${fuzz}s ($(targets_for "$file")${shard[1]:+, shard ${shard[1]}}): $((fc + fm + fu)) mutants, caught $fc, missed $fm, unviable $fu, score $(score "$fc" $((fc + fm)))"
   fi
   echo "$line"
 done
