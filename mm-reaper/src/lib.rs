@@ -805,6 +805,11 @@ mod tests {
             split_points(start, end, flags, split(4, end - start + 1, 512)),
             one
         );
+        // A VMA of exactly `min_len` is split.
+        assert_eq!(
+            split_points(start, end, flags, split(4, end - start, 512)).len(),
+            4
+        );
         assert_eq!(
             split_points(start, end, VmFlags::HUGEPAGE, ZapSplit::with_threads(4)),
             one
