@@ -122,7 +122,7 @@ for file in "${files[@]}"; do
       cargo mutants --in-place --no-shuffle -p "$pkg" -f "$file" "${shard[@]}" \
         --test-package mm-race --cargo-test-arg=--test=hunt \
         --baseline skip --timeout $((fuzz + 60)) --build-timeout 1200 \
-        -o "$f.tmp" -- --ignored hunt_from_nothing >&2) || true
+        -o "$f.tmp" -- hunt_from_nothing -- --ignored >&2) || true
     rm -rf "$f" && mv "$f.tmp/mutants.out" "$f" && rm -rf "$f.tmp"
     fc=$(count "$f/caught.txt" "$f/timeout.txt")
     fm=$(count "$f/missed.txt")
