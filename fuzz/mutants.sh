@@ -8,7 +8,8 @@
 # mm-race --test hunt -- --ignored`: random inputs, plain and swarm in
 # turn, SECS seconds in all over the file's targets, seed 1), on every
 # mutant of the file or, with --shard K/N, on cargo-mutants' shard K of N
-# (a sample: every mutant costs a build, and a missed one SECS).
+# (round-robin: every Nth mutant; a sample, as every mutant costs a build,
+# and a missed one SECS).
 #
 # Usage: fuzz/mutants.sh [--fuzz SECS] [--shard K/N] [FILE...]
 #   FILE: a path from the repository root (default: the protocol files
@@ -33,7 +34,7 @@ shard=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --fuzz) fuzz=$2; shift 2 ;;
-    --shard) shard=(--shard "$2"); shift 2 ;;
+    --shard) shard=(--shard "$2" --sharding round-robin); shift 2 ;;
     *) break ;;
   esac
 done
