@@ -47,7 +47,7 @@ use std::time::Duration;
 
 use arbitrary::{Arbitrary, Unstructured};
 use futures_lite::future::block_on;
-use mm_core::{Advice, Host, HostConfig, MapOptions, MmFlag, MmUser, MmWatch, PAGE_SIZE};
+use mm_core::{Advice, Host, HostConfig, MapOptions, MmFlag, MmUser, MmWatch, Prot, PAGE_SIZE};
 use mm_ksm::{Ksm, KsmConfig, Run};
 use mm_reaper::{Reaper, ReaperConfig};
 
@@ -140,6 +140,70 @@ impl KsmOp {
     }
 }
 
+/// The bytes of a 2 MiB page-table leaf (`mm_core::pgtable`: one leaf
+/// maps 512 pages).
+const LEAF: u64 = 2 << 20;
+
+/// Setup features read from bits of the setup bytes that decoded nothing
+/// before (`guests` uses only bit 0, `dup_pages` bits 0-2, `unique_pages`
+/// bits 0-1). Each feature needs two of those bits set together, a pair
+/// chosen so that no committed input (`fuzz/corpus/{teardown_vs_ksm,
+/// ksm_vs_reaper}`, `fuzz/regressions/teardown_vs_ksm`) turns it on: the
+/// committed inputs keep their meaning. A random input gets each feature
+/// one time in four.
+#[derive(Debug, Clone, Copy, Default)]
+struct Extras {
+    /// `guests` bits 1 and 4: every guest's region is mapped at this fixed
+    /// address, across the first 2 MiB leaf boundary (`dup_pages` bits 3-5
+    /// pick how many of its pages lie below it, at least one on each side;
+    /// a one-page region starts at the boundary). Without it every region
+    /// lies inside the first leaf (the mmap floor is 1 MiB), and the leaf
+    /// arithmetic (walk.rs `leaf_end`, unshare.rs `stop` and its start
+    /// `s / PAGE`) had surviving mutants.
+    straddle_at: Option<u64>,
+    /// `unique_pages` bits 2 and 6: the first `read_only` pages of every
+    /// guest's region are made read-only (`mprotect`) after `madvise
+    /// (Mergeable)` (`unique_pages` bits 3-4 give 1-4 pages; the VMA splits
+    /// when that is less than the region). 0: none. KSM merges read-only
+    /// pages too, and unshare must copy them all the same (unshare.rs's
+    /// `!writable` mutants survived: no read-only mergeable VMA existed).
+    read_only: u64,
+    /// `guests` bits 3 and 7: the last guest joins this KSM domain
+    /// (`Ksm::enter_domain`, 1-4 from `dup_pages` bits 6-7) before its
+    /// madvise; 0: everyone in the default domain.
+    domain: u64,
+    /// The guest in `domain`.
+    domain_guest: Option<u64>,
+}
+
+impl Extras {
+    fn of(setup: &KsmSetup, pages: u64, nguests: u64) -> Extras {
+        let (g, d, u) = (setup.guests, setup.dup_pages, setup.unique_pages);
+        let below = if pages > 1 {
+            1 + u64::from(d >> 3 & 7) % (pages - 1)
+        } else {
+            0
+        };
+        let straddle_at = (g & 0x12 == 0x12).then_some(LEAF - below * P);
+        let read_only = if u & 0x44 == 0x44 {
+            1 + u64::from(u >> 3 & 3)
+        } else {
+            0
+        };
+        let domain = if g & 0x88 == 0x88 {
+            1 + u64::from(d >> 6)
+        } else {
+            0
+        };
+        Extras {
+            straddle_at,
+            read_only,
+            domain,
+            domain_guest: (domain != 0).then_some(nguests - 1),
+        }
+    }
+}
+
 struct G {
     guest: mm_core::Guest,
     watch: MmWatch,
@@ -228,13 +292,21 @@ fn run_setup_reaper(
     })
     .ok()?;
 
+    let x = Extras::of(setup, dup + unique, nguests);
     let mut gs = Vec::new();
     for g in 0..nguests {
         let guest = host.create_guest(&format!("g{g}"));
         let mm = guest.mm().ok()?;
         let watch = mm.watch();
         let pages = dup + unique;
-        let addr = block_on(mm.mmap(MapOptions::anon(pages * P).tracked(true))).ok()?;
+        let mut opts = MapOptions::anon(pages * P).tracked(true);
+        if let Some(at) = x.straddle_at {
+            opts = opts.at(at);
+        }
+        let addr = block_on(mm.mmap(opts)).ok()?;
+        if x.domain_guest == Some(g) {
+            ksm.enter_domain(&mm, x.domain).ok()?;
+        }
         let dup_byte = if setup.zero_dups { 0 } else { 0x5a };
         let fill: Vec<u8> = (0..pages)
             .map(|i| {
@@ -249,8 +321,43 @@ fn run_setup_reaper(
             block_on(mm.fill(addr + i as u64 * P, P, *b)).ok()?;
         }
         block_on(ksm.madvise(&mm, addr, pages * P, Advice::Mergeable)).ok()?;
+        if x.read_only > 0 {
+            let ro = x.read_only.min(pages);
+            block_on(mm.mprotect(addr, ro * P, Prot::READ)).ok()?;
+        }
+        // mm-ksm's tenant domains (`Ksm::enter_domain`): an mm joins one
+        // domain once; entering again into the same domain is a no-op,
+        // into another one is refused with `OtherDomain` (and madvise's
+        // enter, with no domain, keeps whichever it joined). Added for the
+        // three `enter` domain-check mutants of slots.rs (`d != s.domain`
+        // -> `==`, the guard -> `true` / `false`), which no input reached:
+        // the harness only used the default domain.
+        if x.domain != 0 {
+            let mine = if x.domain_guest == Some(g) { x.domain } else { 0 };
+            let again = ksm.enter_domain(&mm, mine);
+            let other = ksm.enter_domain(&mm, mine ^ x.domain);
+            if again.is_err() || !matches!(other, Err(mm_ksm::Error::OtherDomain { domain, .. }) if domain == mine) {
+                return Some(Finding {
+                    invariant: format!(
+                        "domains: guest {g} in ksm domain {mine}: entering it again gave {again:?}, entering domain {} gave {other:?} (want Ok, then OtherDomain)",
+                        mine ^ x.domain
+                    ),
+                    trace: "(setup, before the race)".into(),
+                });
+            }
+        }
         if empty > 0 {
-            let e = block_on(mm.mmap(MapOptions::anon(empty * P).tracked(true))).ok()?;
+            // Above the region, as the mmap floor puts it without
+            // `straddle_at` (the lowest gap). Below it, a vCPU's
+            // UNMERGEABLE or munmap of the region between two ksmd batches
+            // makes ksmd free the slot of this live guest, which still has
+            // the empty mergeable region: a production bug, reported
+            // separately and not reached here.
+            let mut e_opts = MapOptions::anon(empty * P).tracked(true);
+            if x.straddle_at.is_some() {
+                e_opts = e_opts.at(addr + pages * P);
+            }
+            let e = block_on(mm.mmap(e_opts)).ok()?;
             block_on(ksm.madvise(&mm, e, empty * P, Advice::Mergeable)).ok()?;
         }
         drop(mm);
@@ -311,16 +418,40 @@ fn run_setup_reaper(
         ));
     }
     if st.full_scans >= 2 {
-        let dups = nguests * dup;
-        let merged = if setup.zero_dups && setup.use_zero_pages {
+        let zero_merge = setup.zero_dups && setup.use_zero_pages;
+        // The duplicates of each KSM domain: a domain's pages merge among
+        // themselves only (mm-ksm's tenant domains; the KSM zero page is
+        // the exception, shared by every domain), so a domain holding one
+        // duplicate page leaves it unmerged, and each domain with two or
+        // more gets its own stable page.
+        let per_domain = if x.domain != 0 && !zero_merge {
+            vec![(nguests - 1) * dup, dup]
+        } else {
+            vec![nguests * dup]
+        };
+        let dups: u64 = per_domain.iter().filter(|n| **n >= 2).sum();
+        let stable = per_domain.iter().filter(|n| **n >= 2).count() as u64;
+        let merged = if zero_merge {
             st.ksm_zero_pages
         } else {
             st.pages_shared + st.pages_sharing
         };
         if merged != dups {
             return setup_finding(format!(
-                "merging: after {} full passes before the race, {merged} of the {dups} duplicate pages merged (shared {}, sharing {}, zero {})",
+                "merging: after {} full passes before the race, {merged} of the {dups} duplicate pages merged (shared {}, sharing {}, zero {}; domains {per_domain:?})",
                 st.full_scans, st.pages_shared, st.pages_sharing, st.ksm_zero_pages
+            ));
+        }
+        // Pages never merge across KSM domains (mm-ksm, `Ksm::enter_domain`:
+        // the trees' keys fold in the domain, `Slot::salt`): one stable
+        // page per domain for the one duplicated content. Added for
+        // slots.rs `Slot::salt` -> 0 / 1 (every domain keyed alike: the
+        // last guest's duplicates joined the other domain's stable page),
+        // which no input reached with the default domain alone.
+        if !zero_merge && st.pages_shared != stable {
+            return setup_finding(format!(
+                "domains: after {} full passes, {} stable page(s) for one duplicated content in {} domain(s) with duplicates (pages merged across domains?)",
+                st.full_scans, st.pages_shared, stable
             ));
         }
     }
@@ -379,7 +510,18 @@ fn run_setup_reaper(
             .collect();
         sim.spawn("unmerge", async move {
             // ENOMEM is a legal outcome (run falls back to stop).
-            if k.set_run(Run::Unmerge).await.is_ok() {
+            let res = k.set_run(Run::Unmerge).await;
+            // §9.7: unmerge-all copies every merged page of a live mm,
+            // read-only VMAs included (the host range is made writable for
+            // the copy only); a host syscall failing there is a bug, not
+            // an outcome. Added for unshare.rs's first `!writable` ->
+            // `writable` (no mprotect before MADV_POPULATE_WRITE on a
+            // read-only range: EFAULT), reached with `Extras::read_only`.
+            mm_core::sched::check(
+                !res.as_ref().is_err_and(host_failure),
+                "§9.7: run = 2 failed on a host syscall (unshare of a read-only VMA?)",
+            );
+            if res.is_ok() {
                 done.store(true, Ordering::SeqCst);
                 // I-KSM-10 at once (no yield in between): a guest still
                 // alive now was alive when its slot was unmerged.
@@ -544,6 +686,22 @@ fn run_setup_reaper(
             }
         }
     }
+    // A read-only VMA stays read-only on the host: unshare makes the range
+    // writable for its copy only (unshare.rs `unshare_leaf`), so guest 1,
+    // if it stayed, has no writable host page under a read-only VMA after
+    // whatever run = 2 unshared. Added for unshare.rs's second `!writable`
+    // -> `writable` (the protection never restored), reached with
+    // `Extras::read_only`.
+    if setup.g1_stays && x.read_only > 0 {
+        if let Ok(mm) = gs[1].guest.mm() {
+            if let Some((at, perms)) = host_writable_read_only(&mm) {
+                return finding(
+                    &report,
+                    format!("protection: guest 1's read-only page {at:#x} is mapped {perms} on the host"),
+                );
+            }
+        }
+    }
     // I-KSM-9 (§9.5's fast path is required, not just faster): after an
     // Ok run = 2, with run still "unmerge" (the scanner stopped), guest 1,
     // if it stayed, has no rmap item and its slot is not at the cursor, so
@@ -609,6 +767,47 @@ fn run_setup_reaper(
     }
     crate::scenario::end_of_run_oracles(charged, host, &watches)
         .and_then(|what| finding(&report, what))
+}
+
+/// An error of a KSM operation that comes from a failed host syscall
+/// (not from the budget, a kill or the guest's own range).
+fn host_failure(e: &mm_ksm::Error) -> bool {
+    matches!(
+        e,
+        mm_ksm::Error::Mm {
+            source: mm_core::Error::Host { .. },
+            ..
+        }
+    )
+}
+
+/// The first VMA of `mm` whose host mapping is writable while the VMA is
+/// not (read from `/proc/self/maps`), as `(start, host perms)`.
+fn host_writable_read_only(mm: &MmUser) -> Option<(u64, String)> {
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    let ranges: Vec<(u64, u64, String)> = maps
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (a, b) = f.next()?.split_once('-')?;
+            let a = u64::from_str_radix(a, 16).ok()?;
+            let b = u64::from_str_radix(b, 16).ok()?;
+            Some((a, b, f.next()?.to_string()))
+        })
+        .collect();
+    mm.vmas_blocking()
+        .iter()
+        .filter(|v| !v.prot().contains(Prot::WRITE) && v.prot().contains(Prot::READ))
+        .find_map(|v| {
+            (0..v.len() / P).find_map(|i| {
+                let h = v.host_ptr() as u64 + i * P;
+                ranges
+                    .iter()
+                    .find(|(a, b, _)| *a <= h && h < *b)
+                    .filter(|(_, _, perms)| perms.as_bytes().get(1) == Some(&b'w'))
+                    .map(|(_, _, perms)| (v.start() + i * P, perms.clone()))
+            })
+        })
 }
 
 /// The first guest alive now (`users > 0`), among those that `keep` a
@@ -678,8 +877,14 @@ async fn vcpu(
                 model.iter_mut().for_each(|m| *m = None);
             }
             KsmOp::Unmergeable => {
-                // Contents stay; an error (e.g. out of memory) changes nothing.
-                let _ = ksm.madvise(user, addr, len, Advice::Unmergeable).await;
+                // Contents stay; an error (e.g. out of memory) changes
+                // nothing. A host syscall failing is a bug (as for run = 2
+                // above: the unshare of a read-only VMA).
+                let res = ksm.madvise(user, addr, len, Advice::Unmergeable).await;
+                mm_core::sched::check(
+                    !res.as_ref().is_err_and(host_failure),
+                    "§9.6: madvise(UNMERGEABLE) failed on a host syscall (unshare of a read-only VMA?)",
+                );
             }
             KsmOp::Munmap => {
                 let _ = user.munmap(addr, len).await;
