@@ -17,6 +17,12 @@
 //! * `gN-exit`: each guest's exit (the last `mmput` runs `ksm_exit` then
 //!   `exit_mmap`); guest 1 may stay alive to be checked for leaks.
 //!
+//! Some inputs also (bits of the setup bytes that decoded nothing before,
+//! see `Extras`): map every region across the first 2 MiB page-table leaf
+//! boundary (the untouched region then sits right above it), make the
+//! first pages of every region read-only after its madvise, or put the
+//! last guest into another KSM domain (`Ksm::enter_domain`).
+//!
 //! A swarm header ([`crate::swarm`]) may turn ksmd, the unmerge, the
 //! vCPU's ops (or some kinds of them) and setup features off for one run.
 //!
@@ -30,13 +36,23 @@
 //! above must all still hold (stale stable pages pruned, every charge
 //! returned).
 //!
-//! Oracles: the run ends (a deadlock prints each actor's last step); the
+//! Oracles, in setup: each batch scans at most `pages_to_scan` (§9.4),
+//! the passes walk every mergeable page once (I-KSM-8), two passes merge
+//! every duplicate within its domain and make one stable page per domain
+//! (no merge across domains), and an mm re-entering its own domain is
+//! accepted while entering another one is refused (`OtherDomain`). During
+//! the race: the run ends (a deadlock prints each actor's last step); the
 //! `sched::check`s of I-KSM-1 (the victim's exit makes no progress while an
 //! allocation waits for it), I-KSM-2 (a KSM operation after exit_mmap
 //! began) and I-KSM-5 (exit frees a slot ksmd still uses); no second OOM
 //! victim while the first lacks OOM_SKIP (I-RP-7); guest 0's reads
 //! (its `Read`s, then a read-back of every page before its vCPU's user
 //! exits) match the model; guest 1 reads its own contents (no cross-guest leak);
+//! run = 2 and `madvise(UNMERGEABLE)` never fail on a host syscall (a
+//! read-only VMA is unshared like any other: §9.7 `break_ksm`), and a run = 2
+//! that returned `Ok` left no merged page mapped in a live guest (I-KSM-10)
+//! and no live guest that keeps a mergeable VMA without its slot (I-KSM-4);
+//! guest 1, if it stayed, has no writable host page under a read-only VMA;
 //! then, once every guest exited and ksmd ran: every slot freed exactly once
 //! (I-KSM-4, I-KSM-9), no stable page left (I-KSM-7), nothing charged
 //! (I-RC-3) and every mm struct freed (I-RC-2).
@@ -566,9 +582,17 @@ fn run_setup_reaper(
         }
         let (k, reads) = (ksm.clone(), reads.clone());
         let (addr, pages, fill) = (gs[0].addr, gs[0].pages, gs[0].fill.clone());
+        // With a read-only head (`Extras::read_only`), the vCPU's
+        // UNMERGEABLE covers only the writable VMA above it: an unshare
+        // whose range starts above another VMA's merged pages in the same
+        // leaf. Added for unshare.rs's start `s / PAGE` -> `s % PAGE` (the
+        // walk then starts at page 0 and unshares the read-only VMA's pages
+        // with the writable VMA's protection: the host copy fails).
+        let ro = x.read_only.min(pages);
+        let unmerge_from = if ro < pages { ro } else { 0 };
         let finished = killer(&killers, &oom_done);
         sim.spawn("vcpu", async move {
-            vcpu(&k, &user, addr, pages, &fill, &ops, &reads).await;
+            vcpu(&k, &user, addr, pages, unmerge_from, &fill, &ops, &reads).await;
             finished();
             user.exit().await;
         });
@@ -852,6 +876,7 @@ async fn vcpu(
     user: &MmUser,
     addr: u64,
     pages: u64,
+    unmerge_from: u64,
     fill: &[u8],
     ops: &[KsmOp],
     reads: &Mutex<Vec<Read>>,
@@ -880,10 +905,13 @@ async fn vcpu(
                 // Contents stay; an error (e.g. out of memory) changes
                 // nothing. A host syscall failing is a bug (as for run = 2
                 // above: the unshare of a read-only VMA).
-                let res = ksm.madvise(user, addr, len, Advice::Unmergeable).await;
+                let from = addr + unmerge_from * P;
+                let res = ksm
+                    .madvise(user, from, len - unmerge_from * P, Advice::Unmergeable)
+                    .await;
                 mm_core::sched::check(
                     !res.as_ref().is_err_and(host_failure),
-                    "§9.6: madvise(UNMERGEABLE) failed on a host syscall (unshare of a read-only VMA?)",
+                    "§9.7 break_ksm: madvise(UNMERGEABLE) failed on a host syscall (unshare of a read-only VMA?)",
                 );
             }
             KsmOp::Munmap => {
