@@ -713,15 +713,16 @@ fn run_setup_reaper(
     // A read-only VMA stays read-only on the host: unshare makes the range
     // writable for its copy only (unshare.rs `unshare_leaf`), so guest 1,
     // if it stayed, has no writable host page under a read-only VMA after
-    // whatever run = 2 unshared. Added for unshare.rs's second `!writable`
-    // -> `writable` (the protection never restored), reached with
-    // `Extras::read_only`.
+    // whatever run = 2 unshared, and no read-only host page under a
+    // writable one (the host protection is the VMA's, `mprotect`). Added
+    // for unshare.rs's second `!writable` -> `writable` (the protection
+    // never restored), reached with `Extras::read_only`.
     if setup.g1_stays && x.read_only > 0 {
         if let Ok(mm) = gs[1].guest.mm() {
-            if let Some((at, perms)) = host_writable_read_only(&mm) {
+            if let Some((at, perms)) = host_protection_mismatch(&mm) {
                 return finding(
                     &report,
-                    format!("protection: guest 1's read-only page {at:#x} is mapped {perms} on the host"),
+                    format!("protection: guest 1's page {at:#x} is mapped {perms} on the host, its VMA says otherwise"),
                 );
             }
         }
@@ -805,9 +806,10 @@ fn host_failure(e: &mm_ksm::Error) -> bool {
     )
 }
 
-/// The first VMA of `mm` whose host mapping is writable while the VMA is
-/// not (read from `/proc/self/maps`), as `(start, host perms)`.
-fn host_writable_read_only(mm: &MmUser) -> Option<(u64, String)> {
+/// The first page of a readable VMA of `mm` whose host mapping is
+/// writable while the VMA is not, or the other way round (read from
+/// `/proc/self/maps`), as `(guest address, host perms)`.
+fn host_protection_mismatch(mm: &MmUser) -> Option<(u64, String)> {
     let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
     let ranges: Vec<(u64, u64, String)> = maps
         .lines()
@@ -821,14 +823,15 @@ fn host_writable_read_only(mm: &MmUser) -> Option<(u64, String)> {
         .collect();
     mm.vmas_blocking()
         .iter()
-        .filter(|v| !v.prot().contains(Prot::WRITE) && v.prot().contains(Prot::READ))
+        .filter(|v| v.prot().contains(Prot::READ))
         .find_map(|v| {
+            let w = v.prot().contains(Prot::WRITE);
             (0..v.len() / P).find_map(|i| {
                 let h = v.host_ptr() as u64 + i * P;
                 ranges
                     .iter()
                     .find(|(a, b, _)| *a <= h && h < *b)
-                    .filter(|(_, _, perms)| perms.as_bytes().get(1) == Some(&b'w'))
+                    .filter(|(_, _, perms)| (perms.as_bytes().get(1) == Some(&b'w')) != w)
                     .map(|(_, _, perms)| (v.start() + i * P, perms.clone()))
             })
         })
@@ -847,6 +850,18 @@ fn live_unregistered(
                 .mm_grab()
                 .is_some_and(|mm| mm.users() > 0 && !ksm.is_registered(mm.id()))
     })
+}
+
+/// Pages of `[addr, addr + pages * P)` of `mm` whose PTE says merged (KSM).
+fn ksm_pages_in(mm: &MmUser, addr: u64, pages: u64) -> u64 {
+    let guard = crossbeam_epoch::pin();
+    (0..pages)
+        .filter(|p| {
+            mm.page_table()
+                .pte(addr / P + p, &guard)
+                .is_some_and(|pte| mm_core::pgtable::Pte(pte.load(Ordering::SeqCst)).ksm())
+        })
+        .count() as u64
 }
 
 /// Pages of the guests alive now (`users > 0`) whose PTE says merged
@@ -913,6 +928,22 @@ async fn vcpu(
                     !res.as_ref().is_err_and(host_failure),
                     "§9.7 break_ksm: madvise(UNMERGEABLE) failed on a host syscall (unshare of a read-only VMA?)",
                 );
+                // §9.7 break_ksm (`unmerge_ksm_pages`): an UNMERGEABLE that
+                // returned Ok left no page of its range mapping a KSM page
+                // (read from the page table at once, before any yield).
+                // The scanner drops the range's rmap items later, unsharing
+                // each page on its own, which hid a wrong leaf walk in the
+                // range unshare. Added for unshare.rs's leaf `stop`
+                // mutants (`gpn / PAGES_PER_LEAF` -> `%` / `*`, `+ 1` ->
+                // `* 1`-like `+ PAGES_PER_LEAF`), reached by a region across
+                // the 2 MiB leaf boundary (`Extras::straddle_at`).
+                if res.is_ok() {
+                    let n = ksm_pages_in(user, from, pages - unmerge_from);
+                    mm_core::sched::check(
+                        n == 0,
+                        "§9.7 break_ksm: madvise(UNMERGEABLE) returned Ok while a page of its range still maps a KSM page",
+                    );
+                }
             }
             KsmOp::Munmap => {
                 let _ = user.munmap(addr, len).await;
