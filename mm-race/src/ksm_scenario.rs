@@ -349,10 +349,16 @@ fn run_setup_reaper(
         // -> `==`, the guard -> `true` / `false`), which no input reached:
         // the harness only used the default domain.
         if x.domain != 0 {
-            let mine = if x.domain_guest == Some(g) { x.domain } else { 0 };
+            let mine = if x.domain_guest == Some(g) {
+                x.domain
+            } else {
+                0
+            };
             let again = ksm.enter_domain(&mm, mine);
             let other = ksm.enter_domain(&mm, mine ^ x.domain);
-            if again.is_err() || !matches!(other, Err(mm_ksm::Error::OtherDomain { domain, .. }) if domain == mine) {
+            if again.is_err()
+                || !matches!(other, Err(mm_ksm::Error::OtherDomain { domain, .. }) if domain == mine)
+            {
                 return Some(Finding {
                     invariant: format!(
                         "domains: guest {g} in ksm domain {mine}: entering it again gave {again:?}, entering domain {} gave {other:?} (want Ok, then OtherDomain)",
@@ -592,7 +598,7 @@ fn run_setup_reaper(
         let unmerge_from = if ro < pages { ro } else { 0 };
         let finished = killer(&killers, &oom_done);
         sim.spawn("vcpu", async move {
-            vcpu(&k, &user, addr, pages, unmerge_from, &fill, &ops, &reads).await;
+            vcpu(&k, &user, addr, unmerge_from, &fill, &ops, &reads).await;
             finished();
             user.exit().await;
         });
@@ -890,12 +896,13 @@ async fn vcpu(
     ksm: &Ksm,
     user: &MmUser,
     addr: u64,
-    pages: u64,
     unmerge_from: u64,
     fill: &[u8],
     ops: &[KsmOp],
     reads: &Mutex<Vec<Read>>,
 ) {
+    // The region's pages: one initial byte each.
+    let pages = fill.len() as u64;
     let mut model: Vec<Option<u8>> = fill.iter().map(|b| Some(*b)).collect();
     let len = pages * P;
     for op in ops {
