@@ -373,8 +373,9 @@ fn run_setup_reaper(
             // `straddle_at` (the lowest gap). Below it, a vCPU's
             // UNMERGEABLE or munmap of the region between two ksmd batches
             // makes ksmd free the slot of this live guest, which still has
-            // the empty mergeable region: a production bug, reported
-            // separately and not reached here.
+            // the empty mergeable region: a production bug, not fixed
+            // yet and not reached here (`tests/known_bugs.rs`,
+            // `ksmd_keeps_the_slot_of_a_mergeable_vma_below_the_resume_address`).
             let mut e_opts = MapOptions::anon(empty * P).tracked(true);
             if x.straddle_at.is_some() {
                 e_opts = e_opts.at(addr + pages * P);
@@ -940,10 +941,11 @@ async fn vcpu(
                 // (read from the page table at once, before any yield).
                 // The scanner drops the range's rmap items later, unsharing
                 // each page on its own, which hid a wrong leaf walk in the
-                // range unshare. Added for unshare.rs's leaf `stop`
-                // mutants (`gpn / PAGES_PER_LEAF` -> `%` / `*`, `+ 1` ->
-                // `* 1`-like `+ PAGES_PER_LEAF`), reached by a region across
-                // the 2 MiB leaf boundary (`Extras::straddle_at`).
+                // range unshare. Added for unshare.rs's leaf `stop` with
+                // `gpn / PAGES_PER_LEAF` -> `gpn * PAGES_PER_LEAF` (one
+                // unshare_leaf over both leaves: the pages past the
+                // boundary are read in the wrong leaf), reached by a region
+                // across the 2 MiB leaf boundary (`Extras::straddle_at`).
                 if res.is_ok() {
                     let n = ksm_pages_in(user, from, pages - unmerge_from);
                     mm_core::sched::check(
