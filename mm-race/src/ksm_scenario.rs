@@ -17,6 +17,12 @@
 //! * `gN-exit`: each guest's exit (the last `mmput` runs `ksm_exit` then
 //!   `exit_mmap`); guest 1 may stay alive to be checked for leaks.
 //!
+//! Some inputs also (bits of the setup bytes that decoded nothing before,
+//! see `Extras`): map every region across the first 2 MiB page-table leaf
+//! boundary (the untouched region then sits right above it), make the
+//! first pages of every region read-only after its madvise, or put the
+//! last guest into another KSM domain (`Ksm::enter_domain`).
+//!
 //! A swarm header ([`crate::swarm`]) may turn ksmd, the unmerge, the
 //! vCPU's ops (or some kinds of them) and setup features off for one run.
 //!
@@ -30,13 +36,23 @@
 //! above must all still hold (stale stable pages pruned, every charge
 //! returned).
 //!
-//! Oracles: the run ends (a deadlock prints each actor's last step); the
+//! Oracles, in setup: each batch scans at most `pages_to_scan` (§9.4),
+//! the passes walk every mergeable page once (I-KSM-8), two passes merge
+//! every duplicate within its domain and make one stable page per domain
+//! (no merge across domains), and an mm re-entering its own domain is
+//! accepted while entering another one is refused (`OtherDomain`). During
+//! the race: the run ends (a deadlock prints each actor's last step); the
 //! `sched::check`s of I-KSM-1 (the victim's exit makes no progress while an
 //! allocation waits for it), I-KSM-2 (a KSM operation after exit_mmap
 //! began) and I-KSM-5 (exit frees a slot ksmd still uses); no second OOM
 //! victim while the first lacks OOM_SKIP (I-RP-7); guest 0's reads
 //! (its `Read`s, then a read-back of every page before its vCPU's user
 //! exits) match the model; guest 1 reads its own contents (no cross-guest leak);
+//! run = 2 and `madvise(UNMERGEABLE)` never fail on a host syscall (a
+//! read-only VMA is unshared like any other: §9.7 `break_ksm`), and a run = 2
+//! that returned `Ok` left no merged page mapped in a live guest (I-KSM-10)
+//! and no live guest that keeps a mergeable VMA without its slot (I-KSM-4);
+//! guest 1, if it stayed, has no writable host page under a read-only VMA;
 //! then, once every guest exited and ksmd ran: every slot freed exactly once
 //! (I-KSM-4, I-KSM-9), no stable page left (I-KSM-7), nothing charged
 //! (I-RC-3) and every mm struct freed (I-RC-2).
@@ -47,7 +63,7 @@ use std::time::Duration;
 
 use arbitrary::{Arbitrary, Unstructured};
 use futures_lite::future::block_on;
-use mm_core::{Advice, Host, HostConfig, MapOptions, MmFlag, MmUser, MmWatch, PAGE_SIZE};
+use mm_core::{Advice, Host, HostConfig, MapOptions, MmFlag, MmUser, MmWatch, Prot, PAGE_SIZE};
 use mm_ksm::{Ksm, KsmConfig, Run};
 use mm_reaper::{Reaper, ReaperConfig};
 
@@ -140,6 +156,70 @@ impl KsmOp {
     }
 }
 
+/// The bytes of a 2 MiB page-table leaf (`mm_core::pgtable`: one leaf
+/// maps 512 pages).
+const LEAF: u64 = 2 << 20;
+
+/// Setup features read from bits of the setup bytes that decoded nothing
+/// before (`guests` uses only bit 0, `dup_pages` bits 0-2, `unique_pages`
+/// bits 0-1). Each feature needs two of those bits set together, a pair
+/// chosen so that no committed input (`fuzz/corpus/{teardown_vs_ksm,
+/// ksm_vs_reaper}`, `fuzz/regressions/teardown_vs_ksm`) turns it on: the
+/// committed inputs keep their meaning. A random input gets each feature
+/// one time in four.
+#[derive(Debug, Clone, Copy, Default)]
+struct Extras {
+    /// `guests` bits 1 and 4: every guest's region is mapped at this fixed
+    /// address, across the first 2 MiB leaf boundary (`dup_pages` bits 3-5
+    /// pick how many of its pages lie below it, at least one on each side;
+    /// a one-page region starts at the boundary). Without it every region
+    /// lies inside the first leaf (the mmap floor is 1 MiB), and the leaf
+    /// arithmetic (walk.rs `leaf_end`, unshare.rs `stop` and its start
+    /// `s / PAGE`) had surviving mutants.
+    straddle_at: Option<u64>,
+    /// `unique_pages` bits 2 and 6: the first `read_only` pages of every
+    /// guest's region are made read-only (`mprotect`) after `madvise
+    /// (Mergeable)` (`unique_pages` bits 3-4 give 1-4 pages; the VMA splits
+    /// when that is less than the region). 0: none. KSM merges read-only
+    /// pages too, and unshare must copy them all the same (unshare.rs's
+    /// `!writable` mutants survived: no read-only mergeable VMA existed).
+    read_only: u64,
+    /// `guests` bits 3 and 7: the last guest joins this KSM domain
+    /// (`Ksm::enter_domain`, 1-4 from `dup_pages` bits 6-7) before its
+    /// madvise; 0: everyone in the default domain.
+    domain: u64,
+    /// The guest in `domain`.
+    domain_guest: Option<u64>,
+}
+
+impl Extras {
+    fn of(setup: &KsmSetup, pages: u64, nguests: u64) -> Extras {
+        let (g, d, u) = (setup.guests, setup.dup_pages, setup.unique_pages);
+        let below = if pages > 1 {
+            1 + u64::from(d >> 3 & 7) % (pages - 1)
+        } else {
+            0
+        };
+        let straddle_at = (g & 0x12 == 0x12).then_some(LEAF - below * P);
+        let read_only = if u & 0x44 == 0x44 {
+            1 + u64::from(u >> 3 & 3)
+        } else {
+            0
+        };
+        let domain = if g & 0x88 == 0x88 {
+            1 + u64::from(d >> 6)
+        } else {
+            0
+        };
+        Extras {
+            straddle_at,
+            read_only,
+            domain,
+            domain_guest: (domain != 0).then_some(nguests - 1),
+        }
+    }
+}
+
 struct G {
     guest: mm_core::Guest,
     watch: MmWatch,
@@ -228,13 +308,21 @@ fn run_setup_reaper(
     })
     .ok()?;
 
+    let x = Extras::of(setup, dup + unique, nguests);
     let mut gs = Vec::new();
     for g in 0..nguests {
         let guest = host.create_guest(&format!("g{g}"));
         let mm = guest.mm().ok()?;
         let watch = mm.watch();
         let pages = dup + unique;
-        let addr = block_on(mm.mmap(MapOptions::anon(pages * P).tracked(true))).ok()?;
+        let mut opts = MapOptions::anon(pages * P).tracked(true);
+        if let Some(at) = x.straddle_at {
+            opts = opts.at(at);
+        }
+        let addr = block_on(mm.mmap(opts)).ok()?;
+        if x.domain_guest == Some(g) {
+            ksm.enter_domain(&mm, x.domain).ok()?;
+        }
         let dup_byte = if setup.zero_dups { 0 } else { 0x5a };
         let fill: Vec<u8> = (0..pages)
             .map(|i| {
@@ -249,8 +337,50 @@ fn run_setup_reaper(
             block_on(mm.fill(addr + i as u64 * P, P, *b)).ok()?;
         }
         block_on(ksm.madvise(&mm, addr, pages * P, Advice::Mergeable)).ok()?;
+        if x.read_only > 0 {
+            let ro = x.read_only.min(pages);
+            block_on(mm.mprotect(addr, ro * P, Prot::READ)).ok()?;
+        }
+        // mm-ksm's tenant domains (`Ksm::enter_domain`): an mm joins one
+        // domain once; entering again into the same domain is a no-op,
+        // into another one is refused with `OtherDomain` (and madvise's
+        // enter, with no domain, keeps whichever it joined). Added for the
+        // three `enter` domain-check mutants of slots.rs (`d != s.domain`
+        // -> `==`, the guard -> `true` / `false`), which no input reached:
+        // the harness only used the default domain.
+        if x.domain != 0 {
+            let mine = if x.domain_guest == Some(g) {
+                x.domain
+            } else {
+                0
+            };
+            let again = ksm.enter_domain(&mm, mine);
+            let other = ksm.enter_domain(&mm, mine ^ x.domain);
+            if again.is_err()
+                || !matches!(other, Err(mm_ksm::Error::OtherDomain { domain, .. }) if domain == mine)
+            {
+                return Some(Finding {
+                    invariant: format!(
+                        "domains: guest {g} in ksm domain {mine}: entering it again gave {again:?}, entering domain {} gave {other:?} (want Ok, then OtherDomain)",
+                        mine ^ x.domain
+                    ),
+                    trace: "(setup, before the race)".into(),
+                });
+            }
+        }
         if empty > 0 {
-            let e = block_on(mm.mmap(MapOptions::anon(empty * P).tracked(true))).ok()?;
+            // Above the region, as the mmap floor puts it without
+            // `straddle_at` (the lowest gap). Below it, a vCPU's
+            // UNMERGEABLE or munmap of the region between two ksmd batches
+            // makes ksmd free the slot of this live guest, which still has
+            // the empty mergeable region: a production bug, not fixed
+            // yet and not reached here (`tests/known_bugs.rs`,
+            // `ksmd_keeps_the_slot_of_a_mergeable_vma_below_the_resume_address`).
+            let mut e_opts = MapOptions::anon(empty * P).tracked(true);
+            if x.straddle_at.is_some() {
+                e_opts = e_opts.at(addr + pages * P);
+            }
+            let e = block_on(mm.mmap(e_opts)).ok()?;
             block_on(ksm.madvise(&mm, e, empty * P, Advice::Mergeable)).ok()?;
         }
         drop(mm);
@@ -311,16 +441,40 @@ fn run_setup_reaper(
         ));
     }
     if st.full_scans >= 2 {
-        let dups = nguests * dup;
-        let merged = if setup.zero_dups && setup.use_zero_pages {
+        let zero_merge = setup.zero_dups && setup.use_zero_pages;
+        // The duplicates of each KSM domain: a domain's pages merge among
+        // themselves only (mm-ksm's tenant domains; the KSM zero page is
+        // the exception, shared by every domain), so a domain holding one
+        // duplicate page leaves it unmerged, and each domain with two or
+        // more gets its own stable page.
+        let per_domain = if x.domain != 0 && !zero_merge {
+            vec![(nguests - 1) * dup, dup]
+        } else {
+            vec![nguests * dup]
+        };
+        let dups: u64 = per_domain.iter().filter(|n| **n >= 2).sum();
+        let stable = per_domain.iter().filter(|n| **n >= 2).count() as u64;
+        let merged = if zero_merge {
             st.ksm_zero_pages
         } else {
             st.pages_shared + st.pages_sharing
         };
         if merged != dups {
             return setup_finding(format!(
-                "merging: after {} full passes before the race, {merged} of the {dups} duplicate pages merged (shared {}, sharing {}, zero {})",
+                "merging: after {} full passes before the race, {merged} of the {dups} duplicate pages merged (shared {}, sharing {}, zero {}; domains {per_domain:?})",
                 st.full_scans, st.pages_shared, st.pages_sharing, st.ksm_zero_pages
+            ));
+        }
+        // Pages never merge across KSM domains (mm-ksm, `Ksm::enter_domain`:
+        // the trees' keys fold in the domain, `Slot::salt`): one stable
+        // page per domain for the one duplicated content. Added for
+        // slots.rs `Slot::salt` -> 0 / 1 (every domain keyed alike: the
+        // last guest's duplicates joined the other domain's stable page),
+        // which no input reached with the default domain alone.
+        if !zero_merge && st.pages_shared != stable {
+            return setup_finding(format!(
+                "domains: after {} full passes, {} stable page(s) for one duplicated content in {} domain(s) with duplicates (pages merged across domains?)",
+                st.full_scans, st.pages_shared, stable
             ));
         }
     }
@@ -379,7 +533,18 @@ fn run_setup_reaper(
             .collect();
         sim.spawn("unmerge", async move {
             // ENOMEM is a legal outcome (run falls back to stop).
-            if k.set_run(Run::Unmerge).await.is_ok() {
+            let res = k.set_run(Run::Unmerge).await;
+            // §9.7: unmerge-all copies every merged page of a live mm,
+            // read-only VMAs included (the host range is made writable for
+            // the copy only); a host syscall failing there is a bug, not
+            // an outcome. Added for unshare.rs's first `!writable` ->
+            // `writable` (no mprotect before MADV_POPULATE_WRITE on a
+            // read-only range: EFAULT), reached with `Extras::read_only`.
+            mm_core::sched::check(
+                !res.as_ref().is_err_and(host_failure),
+                "§9.7: run = 2 failed on a host syscall (unshare of a read-only VMA?)",
+            );
+            if res.is_ok() {
                 done.store(true, Ordering::SeqCst);
                 // I-KSM-10 at once (no yield in between): a guest still
                 // alive now was alive when its slot was unmerged.
@@ -424,9 +589,17 @@ fn run_setup_reaper(
         }
         let (k, reads) = (ksm.clone(), reads.clone());
         let (addr, pages, fill) = (gs[0].addr, gs[0].pages, gs[0].fill.clone());
+        // With a read-only head (`Extras::read_only`), the vCPU's
+        // UNMERGEABLE covers only the writable VMA above it: an unshare
+        // whose range starts above another VMA's merged pages in the same
+        // leaf. Added for unshare.rs's start `s / PAGE` -> `s % PAGE` (the
+        // walk then starts at page 0 and unshares the read-only VMA's pages
+        // with the writable VMA's protection: the host copy fails).
+        let ro = x.read_only.min(pages);
+        let unmerge_from = if ro < pages { ro } else { 0 };
         let finished = killer(&killers, &oom_done);
         sim.spawn("vcpu", async move {
-            vcpu(&k, &user, addr, pages, &fill, &ops, &reads).await;
+            vcpu(&k, &user, addr, unmerge_from, &fill, &ops, &reads).await;
             finished();
             user.exit().await;
         });
@@ -544,6 +717,23 @@ fn run_setup_reaper(
             }
         }
     }
+    // A read-only VMA stays read-only on the host: unshare makes the range
+    // writable for its copy only (unshare.rs `unshare_leaf`), so guest 1,
+    // if it stayed, has no writable host page under a read-only VMA after
+    // whatever run = 2 unshared, and no read-only host page under a
+    // writable one (the host protection is the VMA's, `mprotect`). Added
+    // for unshare.rs's second `!writable` -> `writable` (the protection
+    // never restored), reached with `Extras::read_only`.
+    if setup.g1_stays && x.read_only > 0 {
+        if let Ok(mm) = gs[1].guest.mm() {
+            if let Some((at, perms)) = host_protection_mismatch(&mm) {
+                return finding(
+                    &report,
+                    format!("protection: guest 1's page {at:#x} is mapped {perms} on the host, its VMA says otherwise"),
+                );
+            }
+        }
+    }
     // I-KSM-9 (§9.5's fast path is required, not just faster): after an
     // Ok run = 2, with run still "unmerge" (the scanner stopped), guest 1,
     // if it stayed, has no rmap item and its slot is not at the cursor, so
@@ -611,6 +801,49 @@ fn run_setup_reaper(
         .and_then(|what| finding(&report, what))
 }
 
+/// An error of a KSM operation that comes from a failed host syscall
+/// (not from the budget, a kill or the guest's own range).
+fn host_failure(e: &mm_ksm::Error) -> bool {
+    matches!(
+        e,
+        mm_ksm::Error::Mm {
+            source: mm_core::Error::Host { .. },
+            ..
+        }
+    )
+}
+
+/// The first page of a readable VMA of `mm` whose host mapping is
+/// writable while the VMA is not, or the other way round (read from
+/// `/proc/self/maps`), as `(guest address, host perms)`.
+fn host_protection_mismatch(mm: &MmUser) -> Option<(u64, String)> {
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    let ranges: Vec<(u64, u64, String)> = maps
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (a, b) = f.next()?.split_once('-')?;
+            let a = u64::from_str_radix(a, 16).ok()?;
+            let b = u64::from_str_radix(b, 16).ok()?;
+            Some((a, b, f.next()?.to_string()))
+        })
+        .collect();
+    mm.vmas_blocking()
+        .iter()
+        .filter(|v| v.prot().contains(Prot::READ))
+        .find_map(|v| {
+            let w = v.prot().contains(Prot::WRITE);
+            (0..v.len() / P).find_map(|i| {
+                let h = v.host_ptr() as u64 + i * P;
+                ranges
+                    .iter()
+                    .find(|(a, b, _)| *a <= h && h < *b)
+                    .filter(|(_, _, perms)| (perms.as_bytes().get(1) == Some(&b'w')) != w)
+                    .map(|(_, _, perms)| (v.start() + i * P, perms.clone()))
+            })
+        })
+}
+
 /// The first guest alive now (`users > 0`), among those that `keep` a
 /// mergeable VMA while they live, that has no KSM slot.
 fn live_unregistered(
@@ -624,6 +857,18 @@ fn live_unregistered(
                 .mm_grab()
                 .is_some_and(|mm| mm.users() > 0 && !ksm.is_registered(mm.id()))
     })
+}
+
+/// Pages of `[addr, addr + pages * P)` of `mm` whose PTE says merged (KSM).
+fn ksm_pages_in(mm: &MmUser, addr: u64, pages: u64) -> u64 {
+    let guard = crossbeam_epoch::pin();
+    (0..pages)
+        .filter(|p| {
+            mm.page_table()
+                .pte(addr / P + p, &guard)
+                .is_some_and(|pte| mm_core::pgtable::Pte(pte.load(Ordering::SeqCst)).ksm())
+        })
+        .count() as u64
 }
 
 /// Pages of the guests alive now (`users > 0`) whose PTE says merged
@@ -652,11 +897,13 @@ async fn vcpu(
     ksm: &Ksm,
     user: &MmUser,
     addr: u64,
-    pages: u64,
+    unmerge_from: u64,
     fill: &[u8],
     ops: &[KsmOp],
     reads: &Mutex<Vec<Read>>,
 ) {
+    // The region's pages: one initial byte each.
+    let pages = fill.len() as u64;
     let mut model: Vec<Option<u8>> = fill.iter().map(|b| Some(*b)).collect();
     let len = pages * P;
     for op in ops {
@@ -678,8 +925,34 @@ async fn vcpu(
                 model.iter_mut().for_each(|m| *m = None);
             }
             KsmOp::Unmergeable => {
-                // Contents stay; an error (e.g. out of memory) changes nothing.
-                let _ = ksm.madvise(user, addr, len, Advice::Unmergeable).await;
+                // Contents stay; an error (e.g. out of memory) changes
+                // nothing. A host syscall failing is a bug (as for run = 2
+                // above: the unshare of a read-only VMA).
+                let from = addr + unmerge_from * P;
+                let res = ksm
+                    .madvise(user, from, len - unmerge_from * P, Advice::Unmergeable)
+                    .await;
+                mm_core::sched::check(
+                    !res.as_ref().is_err_and(host_failure),
+                    "§9.7 break_ksm: madvise(UNMERGEABLE) failed on a host syscall (unshare of a read-only VMA?)",
+                );
+                // §9.7 break_ksm (`unmerge_ksm_pages`): an UNMERGEABLE that
+                // returned Ok left no page of its range mapping a KSM page
+                // (read from the page table at once, before any yield).
+                // The scanner drops the range's rmap items later, unsharing
+                // each page on its own, which hid a wrong leaf walk in the
+                // range unshare. Added for unshare.rs's leaf `stop` with
+                // `gpn / PAGES_PER_LEAF` -> `gpn * PAGES_PER_LEAF` (one
+                // unshare_leaf over both leaves: the pages past the
+                // boundary are read in the wrong leaf), reached by a region
+                // across the 2 MiB leaf boundary (`Extras::straddle_at`).
+                if res.is_ok() {
+                    let n = ksm_pages_in(user, from, pages - unmerge_from);
+                    mm_core::sched::check(
+                        n == 0,
+                        "§9.7 break_ksm: madvise(UNMERGEABLE) returned Ok while a page of its range still maps a KSM page",
+                    );
+                }
             }
             KsmOp::Munmap => {
                 let _ = user.munmap(addr, len).await;
