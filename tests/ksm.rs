@@ -1417,3 +1417,49 @@ fn test_per_guest_counters_right_after_unmerge_and_zap() {
     assert_pattern(&b, ba + 2 * PAGE, 2, 6);
     teardown(&k, &host, (a, b));
 }
+
+/// I-KSM-4 (b): ksmd keeps the slot of a live mm while it has a mergeable
+/// VMA anywhere, not only above where its last batch stopped. A batch
+/// stops inside the upper region, which then leaves KSM; the next visit
+/// resumes above the lower mergeable VMA. mm-ksm judged "still mergeable"
+/// from the VMAs above that address alone and freed the slot: the lower
+/// VMA was never scanned again (found by the race harness's KSM targets
+/// with a region across the 2 MiB leaf boundary). And once nothing is
+/// mergeable anywhere, the slot goes.
+#[test]
+fn ksmd_keeps_the_slot_of_a_mergeable_vma_below_the_resume_address() {
+    let (_serial, host, k) = setup(2);
+    let mm = host.new_mm("resume");
+    let id = mm.id();
+    // An untouched mergeable page at the mmap floor, then a populated
+    // mergeable region above it.
+    let low = mm
+        .mmap_blocking(MapOptions::anon(PAGE).tracked(true))
+        .unwrap();
+    let high = map_pattern(
+        &mm,
+        MapOptions::anon(8 * PAGE).at(2 << 20).tracked(true),
+        0,
+        false,
+    );
+    assert!(low < high);
+    k.madvise_blocking(&mm, low, PAGE, Advice::Mergeable)
+        .unwrap();
+    k.madvise_blocking(&mm, high, 8 * PAGE, Advice::Mergeable)
+        .unwrap();
+    // One batch of 2 pages: the low page and the first high one; it stops
+    // inside the high region.
+    k.scan_step_blocking();
+    k.madvise_blocking(&mm, high, 8 * PAGE, Advice::Unmergeable)
+        .unwrap();
+    k.scan_step_blocking();
+    assert!(
+        k.is_registered(id),
+        "ksmd freed the slot of a live mm that still has a mergeable VMA (below where its last batch stopped)"
+    );
+    // Nothing mergeable left anywhere: the next visit frees the slot.
+    k.madvise_blocking(&mm, low, PAGE, Advice::Unmergeable)
+        .unwrap();
+    scan_until(&k, 2, |k| !k.is_registered(id));
+    assert!(!k.is_registered(id), "a slot with nothing mergeable stayed");
+}

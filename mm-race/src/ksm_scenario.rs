@@ -190,6 +190,15 @@ struct Extras {
     domain: u64,
     /// The guest in `domain`.
     domain_guest: Option<u64>,
+    /// With `straddle_at`, `pages_to_scan` bits 6 and 7: the untouched
+    /// mergeable region lies right below the region instead of above it.
+    /// A vCPU's UNMERGEABLE or munmap of the region between two ksmd
+    /// batches then leaves this live guest's only mergeable VMA below the
+    /// address where the last batch stopped, and ksmd freed its slot
+    /// (walk.rs judged from the VMAs above that address alone; I-KSM-4's
+    /// "live mms keep their slots" after run = 2 caught it; fixed, test
+    /// `ksmd_keeps_the_slot_of_a_mergeable_vma_below_the_resume_address`).
+    empty_below: bool,
 }
 
 impl Extras {
@@ -216,6 +225,7 @@ impl Extras {
             read_only,
             domain,
             domain_guest: (domain != 0).then_some(nguests - 1),
+            empty_below: straddle_at.is_some() && setup.pages_to_scan & 0xc0 == 0xc0,
         }
     }
 }
@@ -370,15 +380,16 @@ fn run_setup_reaper(
         }
         if empty > 0 {
             // Above the region, as the mmap floor puts it without
-            // `straddle_at` (the lowest gap). Below it, a vCPU's
-            // UNMERGEABLE or munmap of the region between two ksmd batches
-            // makes ksmd free the slot of this live guest, which still has
-            // the empty mergeable region: a production bug, not fixed
-            // yet and not reached here (`tests/known_bugs.rs`,
-            // `ksmd_keeps_the_slot_of_a_mergeable_vma_below_the_resume_address`).
+            // `straddle_at` (the lowest gap), or right below it
+            // (`empty_below`).
             let mut e_opts = MapOptions::anon(empty * P).tracked(true);
             if x.straddle_at.is_some() {
-                e_opts = e_opts.at(addr + pages * P);
+                let at = if x.empty_below {
+                    addr - empty * P
+                } else {
+                    addr + pages * P
+                };
+                e_opts = e_opts.at(at);
             }
             let e = block_on(mm.mmap(e_opts)).ok()?;
             block_on(ksm.madvise(&mm, e, empty * P, Advice::Mergeable)).ok()?;

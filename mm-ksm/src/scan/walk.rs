@@ -21,7 +21,25 @@ pub(super) async fn scan_mm(cx: &mut MmCtx<'_>, budget: u64, pending: &mut Vec<P
     // mergeable here (PROT_NONE, pinned, not write-protectable)
     // keeps the mm's slot, so that undoing the mprotect brings
     // merging back (issue 12).
-    let mut saw = merge_any;
+    //
+    // I-KSM-4 (b): "at all" means anywhere in the tree, not only above the
+    // address where the last batch stopped. A batch that stopped inside a
+    // region that then left KSM (UNMERGEABLE, munmap) resumes above the
+    // mm's other mergeable VMAs: judged from the VMAs above that address
+    // alone, the slot of a live mm with a mergeable VMA was freed and the
+    // VMA never scanned again (found by the race harness with a region
+    // across the 2 MiB leaf boundary; test
+    // `ksmd_keeps_the_slot_of_a_mergeable_vma_below_the_resume_address`).
+    // The kernel frees a slot only after a walk from address 0 found
+    // nothing, at the next visit; this frees it at the visit that finds
+    // nothing mergeable anywhere (`drop_all_items` unshares a live mm's
+    // pages over its whole address space first).
+    let saw = merge_any
+        || cx
+            .state
+            .vmas()
+            .iter()
+            .any(|v| v.flags().contains(VmFlags::MERGEABLE));
     let vmas: Vec<(GuestAddr, GuestAddr, bool)> = cx
         .state
         .vmas()
@@ -31,7 +49,6 @@ pub(super) async fn scan_mm(cx: &mut MmCtx<'_>, budget: u64, pending: &mut Vec<P
         .map(|v| (GuestAddr(v.start()), GuestAddr(v.end()), v.ksm_capable()))
         .collect();
     for (vs, ve, capable) in vmas {
-        saw = true;
         let mut a = addr.max(vs);
         // Items between two mergeable VMAs: their pages left KSM.
         cx.sc
