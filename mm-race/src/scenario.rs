@@ -142,7 +142,8 @@ pub struct Setup {
     vmas: Vec<VmaSpec>,
     ops: Vec<GuestOp>,
     /// Bits 0-1: the reaper's delay (0-300 virtual ms); bits 2-3: its zap
-    /// threads (1-3, split at every page).
+    /// threads (1-3, split at every page); bits 4-7 reading 3: the
+    /// reaper's own loop (`Reaper::run`) instead of the harness's steps.
     reaper_delay_ms: u8,
     notifier_refuses: bool,
     second_guest: bool,
@@ -672,17 +673,40 @@ pub fn run_setup_mode(
                 done.store(true, Ordering::SeqCst);
             });
             let poll = sim.time(Duration::from_millis(50));
-            let not_before = Some((queued_at.clone(), reaper_delay));
-            sim.spawn(
-                "reaper",
-                reaper_loop(
-                    reaper.clone(),
-                    oom_done.clone(),
-                    clock.clone(),
-                    poll,
-                    not_before,
-                ),
-            );
+            if setup.reaper_delay_ms >> 4 == 3 {
+                // Bits 4-7 of the same byte read 3 (a value no earlier
+                // committed input has; a random one, 1 in 16): the
+                // reaper's own loop, `Reaper::run` (the `oom_reaper`
+                // kthread's body, which `Reaper::spawn` runs on a thread),
+                // and an actor that stops it once the OOM actor is done
+                // and nothing is pending. Catches mm-reaper `Reaper::run` -> `()`, its
+                // `!` deleted and `Reaper::stop` -> `()` (fuzz/mutants.sh;
+                // the harness drove only `Reaper::step`): the queue is
+                // never served, or the loop never ends (the step limit).
+                // The loop's own wait decides when it steps, so I-RP-2's
+                // timing check stays with `reaper_loop`.
+                let r = reaper.clone();
+                sim.spawn("reaper", async move { r.run().await });
+                let (r, done, c) = (reaper.clone(), oom_done.clone(), clock.clone());
+                sim.spawn("reaper-stop", async move {
+                    while !(done.load(Ordering::SeqCst) && r.pending() == 0) {
+                        mm_core::Clock::sleep(&*c, poll).await;
+                    }
+                    r.stop();
+                });
+            } else {
+                let not_before = Some((queued_at.clone(), reaper_delay));
+                sim.spawn(
+                    "reaper",
+                    reaper_loop(
+                        reaper.clone(),
+                        oom_done.clone(),
+                        clock.clone(),
+                        poll,
+                        not_before,
+                    ),
+                );
+            }
             if cancellable && !setup.swarm.off(Swarm::NO_MRELEASE) {
                 let (h, id) = (host.clone(), g0.guest.id());
                 sim.spawn_cancellable("mrelease", async move {
