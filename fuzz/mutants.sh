@@ -24,13 +24,17 @@
 #   mm-core/src/host, every target otherwise (MUTANTS_TARGETS overrides);
 #   the hunt runs once on the unmutated tree first, per set of targets (a
 #   finding there would make every mutant "caught"). MUTANTS_SKIP_REPLAY=1
-#   keeps a file's last replay results instead of running the replay again.
+#   keeps a file's last replay results instead of running the replay again;
+#   MUTANTS_FILTER (a regex) keeps only the mutants whose names match it
+#   (cargo-mutants' -F), e.g. the functions of a file that matter.
 # Builds in a scratch worktree of HEAD with its own target directory
 # (target/mutants-build, kept between runs), never in the checkout.
 set -euo pipefail
 root=$(git rev-parse --show-toplevel)
 fuzz=0
 shard=()
+filter=()
+if [ -n "${MUTANTS_FILTER:-}" ]; then filter=(-F "$MUTANTS_FILTER"); fi
 while [ $# -gt 0 ]; do
   case "$1" in
     --fuzz) fuzz=$2; shift 2 ;;
@@ -97,7 +101,7 @@ for file in "${files[@]}"; do
   # after a replay run of the same tree).
   if [ "${MUTANTS_SKIP_REPLAY:-0}" != 1 ] || [ ! -d "$res/mutants.out" ]; then
     rm -rf "$res/mutants.out"
-    (cd "$scratch" && cargo mutants --in-place --no-shuffle -p "$pkg" -f "$file" \
+    (cd "$scratch" && cargo mutants --in-place --no-shuffle -p "$pkg" -f "$file" "${filter[@]}" \
         --test-package mm-race --cargo-test-arg=--test=replay \
         --baseline skip --timeout "${MUTANTS_TIMEOUT:-20}" --build-timeout 1200 \
         -o "$res" -- replay_corpus_and_regressions >&2) || true
@@ -120,7 +124,7 @@ for file in "${files[@]}"; do
       clean_hunts="${clean_hunts:-} $ts"
     fi
     (cd "$scratch" && MM_RACE_HUNT_SECS=$fuzz MM_RACE_HUNT_TARGETS=$(targets_for "$file") \
-      cargo mutants --in-place --no-shuffle -p "$pkg" -f "$file" "${shard[@]}" \
+      cargo mutants --in-place --no-shuffle -p "$pkg" -f "$file" "${filter[@]}" "${shard[@]}" \
         --test-package mm-race --cargo-test-arg=--test=hunt \
         --baseline skip --timeout $((fuzz + 60)) --build-timeout 1200 \
         -o "$f.tmp" -- hunt_from_nothing -- --ignored >&2) || true
