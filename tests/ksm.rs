@@ -1463,3 +1463,31 @@ fn ksmd_keeps_the_slot_of_a_mergeable_vma_below_the_resume_address() {
     scan_until(&k, 2, |k| !k.is_registered(id));
     assert!(!k.is_registered(id), "a slot with nothing mergeable stayed");
 }
+
+/// `MADV_UNMERGEABLE` of a guest whose only KSM pages are discarded zero
+/// pages: their marks go, and `ksm_stat`'s `zero_pages` reads 0 at once
+/// (the unshare looked only at leaves with a merged page, and left the
+/// marks of a leaf of zero pages; found by the race harness).
+#[test]
+fn test_unmergeable_drops_the_zero_marks_of_a_leaf_of_zero_pages() {
+    let (_serial, host, k) = setup(4096);
+    k.set_use_zero_pages(true);
+    let mm = host.new_mm("zeros");
+    let at = mm
+        .mmap_blocking(MapOptions::anon(4 * PAGE).tracked(true))
+        .unwrap();
+    mm.fill_blocking(at, 4 * PAGE, 0).unwrap();
+    k.madvise_blocking(&mm, at, 4 * PAGE, Advice::Mergeable)
+        .unwrap();
+    let zero = |k: &Ksm| k.process_stat(mm.id()).map_or(0, |s| s.zero_pages);
+    scan_until(&k, 8, |k| zero(k) == 4);
+    assert_eq!(zero(&k), 4, "the zero pages were merged");
+    k.madvise_blocking(&mm, at, 4 * PAGE, Advice::Unmergeable)
+        .unwrap();
+    assert_eq!(zero(&k), 0, "zero marks left after the unmerge");
+    for i in 0..4 {
+        assert!(mm
+            .compare_blocking(at + i * PAGE, &[0u8; PAGE_SIZE])
+            .unwrap());
+    }
+}

@@ -38,7 +38,16 @@ impl Mm {
                     gpn = stop;
                     continue;
                 };
-                let peek = (gpn..stop).any(|g| Pte(leaf.pte(g).load(Ordering::Relaxed)).ksm());
+                // A leaf with a merged page, or with only the mark of a
+                // discarded KSM zero page (which the unshare drops, as the
+                // kernel's unmerge decrements `ksm_zero_pages`): asking for
+                // merged pages alone left the marks of a leaf of zero pages
+                // and `ksm_stat`'s `zero_pages` counting them after the
+                // unmerge (found by the race harness's UNMERGEABLE oracle).
+                let peek = (gpn..stop).any(|g| {
+                    let o = Pte(leaf.pte(g).load(Ordering::Relaxed));
+                    o.ksm() || (o.0 & Pte::KSM_ZERO != 0 && !o.present())
+                });
                 if peek {
                     done += self.unshare_leaf(vma, leaf, gpn, stop)?;
                 }
