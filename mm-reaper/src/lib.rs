@@ -100,9 +100,9 @@ pub struct ZapSplit {
     /// Only a VMA at least this long is split (default 128 MiB: a smaller
     /// one is zapped before another thread would have started).
     pub min_len: u64,
-    /// The parts' boundaries are host-address multiples of this many pages
-    /// (default 512, 2 MiB: two threads never share a page-table leaf, so
-    /// never its lock). The race harness uses 1, so its VMAs of a few
+    /// The parts' inner boundaries are guest-address multiples of this
+    /// many pages (default 512, 2 MiB: two threads never share a leaf of
+    /// the guest's page table, so never its PTE locks). The race harness uses 1, so its VMAs of a few
     /// pages take the split path.
     pub align_pages: NonZeroU64,
 }
