@@ -18,7 +18,7 @@
 #   target/mutants/<file>/fuzz.out) and prints, per file: mutants, caught
 #   by the replay (timeouts count as caught: a hang is a finding), missed,
 #   unviable (did not build), score = caught / viable; with --fuzz, the
-#   same for the hunt (a finding's input, in base64, is in its log).
+#   same for the hunt (a finding's input, in hex, is in its log).
 #   Targets hunted per file: the KSM targets for mm-ksm and
 #   mm-core/src/ksm, the reaper and OOM targets for mm-reaper and
 #   mm-core/src/host, every target otherwise (MUTANTS_TARGETS overrides);

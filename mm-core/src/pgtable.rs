@@ -73,6 +73,12 @@ impl Pte {
         self.0 & Self::KSM != 0
     }
 
+    /// Is it a discarded KSM zero page, not populated since (what
+    /// `ksm_stat`'s `ksm_zero_pages` counts, and an unmerge drops)?
+    pub fn ksm_zero(self) -> bool {
+        self.0 & Self::KSM_ZERO != 0 && !self.present()
+    }
+
     /// The stable page id of a `KSM` page.
     pub fn stable_id(self) -> u64 {
         self.0 >> Self::STABLE_SHIFT

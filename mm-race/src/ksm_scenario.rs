@@ -881,7 +881,7 @@ fn ksm_pages_in(mm: &MmUser, addr: u64, pages: u64) -> u64 {
                 .pte(addr / P + p, &guard)
                 .is_some_and(|pte| {
                     let pte = Pte(pte.load(Ordering::SeqCst));
-                    pte.ksm() || (pte.0 & Pte::KSM_ZERO != 0 && !pte.present())
+                    pte.ksm() || pte.ksm_zero()
                 })
         })
         .count() as u64

@@ -244,7 +244,7 @@ pub fn page_counts(mm: &Mm) -> (u64, u64) {
     let (mut merging, mut zero) = (0, 0);
     mm.pgtable.each_pte(|p| {
         merging += u64::from(p.ksm());
-        zero += u64::from(p.0 & Pte::KSM_ZERO != 0 && !p.present());
+        zero += u64::from(p.ksm_zero());
     });
     (merging, zero)
 }

@@ -46,7 +46,7 @@ impl Mm {
                 // unmerge (found by the race harness's UNMERGEABLE oracle).
                 let peek = (gpn..stop).any(|g| {
                     let o = Pte(leaf.pte(g).load(Ordering::Relaxed));
-                    o.ksm() || (o.0 & Pte::KSM_ZERO != 0 && !o.present())
+                    o.ksm() || o.ksm_zero()
                 });
                 if peek {
                     done += self.unshare_leaf(vma, leaf, gpn, stop)?;
@@ -102,7 +102,7 @@ impl Mm {
         locked.unlock_with(|i, o| {
             if copied[i] {
                 (Pte(o).flags() & !Pte::KSM) | Pte::PRESENT
-            } else if o & Pte::KSM_ZERO != 0 && !Pte(o).present() {
+            } else if Pte(o).ksm_zero() {
                 // A discarded zero page leaves KSM with the range: nothing
                 // to copy (it reads zeros and is populated on touch), but
                 // it no longer counts as a KSM zero page (the kernel's
