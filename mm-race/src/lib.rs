@@ -30,6 +30,7 @@ pub mod ksm_scenario;
 pub mod mode;
 pub mod scenario;
 pub mod swarm;
+pub mod touch_scenario;
 
 pub use mode::Mode;
 pub use scenario::{failures_injected, kills_made, run, run_mode, steps_executed, Finding, Target};

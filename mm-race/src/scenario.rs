@@ -54,11 +54,15 @@ pub enum Target {
     /// (`oom_score_adj`, unkillable, an extra page-table leaf): the
     /// victim choice (§7 `select_bad_process`).
     OomChoice,
+    /// Direct touches of tracked memory (the uffd handler's fault path)
+    /// vs the kill and reap, the embedder's discards and the access API
+    /// ([`crate::touch_scenario`]).
+    TouchVsReap,
 }
 
 impl Target {
     /// All targets, in order.
-    pub const ALL: [Target; 9] = [
+    pub const ALL: [Target; 10] = [
         Target::TeardownVsReaper,
         Target::MreleaseVsExit,
         Target::FaultVsReap,
@@ -68,6 +72,7 @@ impl Target {
         Target::OomDisableVsExit,
         Target::KsmVsReaper,
         Target::OomChoice,
+        Target::TouchVsReap,
     ];
 
     /// Name used by the fuzz targets and the corpus directories.
@@ -82,6 +87,7 @@ impl Target {
             Target::OomDisableVsExit => "oom_disable_vs_exit",
             Target::KsmVsReaper => "ksm_vs_reaper",
             Target::OomChoice => "oom_choice",
+            Target::TouchVsReap => "touch_vs_reap",
         }
     }
 }
@@ -387,6 +393,9 @@ pub fn run_mode(target: Target, data: &[u8], mode: &Mode) -> Option<Finding> {
     }
     if target == Target::KsmVsReaper {
         return crate::ksm_scenario::run_mode_reaper(data, mode, true);
+    }
+    if target == Target::TouchVsReap {
+        return crate::touch_scenario::run_mode(data, mode);
     }
     let (swarm, data) = crate::swarm::split(target, data);
     let mut u = Unstructured::new(data);

@@ -125,7 +125,7 @@ impl Swarm {
             }
             Target::MreleaseVsExit => Swarm::NO_OPS,
             // The vCPU's faults are the race.
-            Target::FaultVsReap => 0,
+            Target::FaultVsReap | Target::TouchVsReap => 0,
             Target::TeardownVsKsm | Target::KsmVsReaper => {
                 Swarm::NO_OPS | Swarm::NO_KSMD | Swarm::NO_UNMERGE
             }

@@ -1,0 +1,644 @@
+//! `touch_vs_reap`: *direct* touches of tracked guest memory (a vCPU's or
+//! JIT code's loads and stores, which the userfaultfd handler serves) vs
+//! the OOM kill and reap (or `process_mrelease`), the embedder's own
+//! discards and the access API. The other targets touch guest memory
+//! only through the access API, so the handler's fault path
+//! (`mm/tracked_fault.rs`: the fault-around window, the `UNSTABLE` check
+//! under the window's locks, poison, busy pages, foreign removes) ran in
+//! none of them (issue 16: 0 of its 38 mutants caught).
+//!
+//! # How a direct touch stays deterministic
+//!
+//! A touch is one step of the vCPU actor: a helper thread reads or writes
+//! one byte of the guest's host mapping with `process_vm_readv` /
+//! `process_vm_writev` on this very process ([`direct`]). The kernel takes
+//! the fault on the process's behalf (GUP), exactly as it does for a KVM
+//! vCPU: a missing page sends the handler a fault message, and a page the
+//! handler poisons makes the call fail with `EFAULT`, where a CPU load
+//! would take `SIGBUS` and the thread would be parked for good
+//! (`mm_core::contain`). The executor waits for the touch to finish (at
+//! most [`TOUCH_WAIT`]: longer is a finding, a fault nobody served), and
+//! nothing else runs on it meanwhile. So the uffd shard thread serves the
+//! fault while every actor is stopped at a yield point: the interleaving
+//! is still the schedule's alone, and a replay has the same outcome. What
+//! a touch meets is what the other actors left between two yield points:
+//! `UNSTABLE` set and pages reaped (poison), pages the embedder discarded
+//! behind the mm's back (its foreign-remove path), PTEs of a fault-around
+//! window present or missing.
+//!
+//! A touch needs a full userfaultfd descriptor (root, or
+//! `vm.unprivileged_userfaultfd = 1`): a `UFFD_USER_MODE_ONLY` one refuses
+//! the faults the kernel takes for the process (`EFAULT`), so there the
+//! touches are skipped and the rest of the race still runs.
+//!
+//! # Input layout
+//!
+//! An `arbitrary`-decoded [`TouchSetup`], then the schedule. An input may
+//! start with a swarm header ([`crate::swarm`]).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arbitrary::{Arbitrary, Unstructured};
+use mm_core::pgtable::Pte;
+use mm_core::{Advice, Host, HostConfig, MapOptions, MmUser, PAGE_SIZE};
+use mm_reaper::ZapSplit;
+
+use crate::mode::{Mode, Runner};
+use crate::scenario::{end_of_run_oracles, ending_verdict, Finding, Target};
+use crate::swarm::Swarm;
+
+const P: u64 = PAGE_SIZE as u64;
+
+/// The longest the executor waits for one direct touch: the handler serves
+/// a fault within microseconds, or within its busy timeout (100 ms) when
+/// the page is locked.
+pub const TOUCH_WAIT: Duration = Duration::from_secs(5);
+
+/// One tracked mapping of the guest.
+#[derive(Debug, Clone, Arbitrary)]
+pub struct TouchVma {
+    /// 1-16 pages.
+    pages: u8,
+    /// A shared memfd region (`tracked/` step 10) instead of private
+    /// anonymous memory.
+    shared: bool,
+    /// Fault-around window: 1, 2, 4 or 8 pages (bits 0-1).
+    fault_around: u8,
+    /// Which pages the setup fills through the API (bit i: page i; the
+    /// others are missing until touched).
+    filled: u16,
+    /// The fill byte (made odd: never zero).
+    fill: u8,
+}
+
+/// One operation of the vCPU.
+#[derive(Debug, Clone, Arbitrary)]
+pub enum TouchOp {
+    /// A direct load of one byte (the handler serves the fault).
+    Load {
+        /// Which VMA.
+        vma: u8,
+        /// Which page of it.
+        page: u8,
+    },
+    /// A direct store of one byte.
+    Store {
+        /// Which VMA.
+        vma: u8,
+        /// Which page of it.
+        page: u8,
+        /// The byte (made odd).
+        byte: u8,
+    },
+    /// A read through the access API.
+    Read {
+        /// Which VMA.
+        vma: u8,
+        /// Which page of it.
+        page: u8,
+    },
+    /// A write through the access API.
+    Write {
+        /// Which VMA.
+        vma: u8,
+        /// Which page of it.
+        page: u8,
+        /// The byte (made odd).
+        byte: u8,
+    },
+    /// The embedder's own `madvise(DONTNEED)` of the whole host mapping,
+    /// behind the mm's back (a foreign REMOVE for the handler).
+    Discard {
+        /// Which VMA.
+        vma: u8,
+    },
+    /// `madvise(DONTNEED)` through the mm.
+    DontNeed {
+        /// Which VMA.
+        vma: u8,
+    },
+}
+
+/// The decoded setup.
+#[derive(Debug, Clone, Arbitrary)]
+pub struct TouchSetup {
+    vmas: Vec<TouchVma>,
+    ops: Vec<TouchOp>,
+    /// Bits 0-1: who kills and reaps: 0 and 3 the OOM reaper's
+    /// `oom_reap_task_mm`, 1 `process_mrelease`, 2 nobody.
+    kill: u8,
+    #[arbitrary(default)]
+    swarm: Swarm,
+}
+
+impl TouchOp {
+    fn allowed(&self, s: Swarm) -> bool {
+        let bit = match self {
+            TouchOp::Load { .. } | TouchOp::Read { .. } => Swarm::NO_READ,
+            TouchOp::Store { .. } | TouchOp::Write { .. } => Swarm::NO_WRITE,
+            TouchOp::Discard { .. } | TouchOp::DontNeed { .. } => Swarm::NO_DONTNEED,
+        };
+        !s.off(bit | Swarm::NO_OPS)
+    }
+
+    fn vma(&self) -> u8 {
+        match *self {
+            TouchOp::Load { vma, .. }
+            | TouchOp::Store { vma, .. }
+            | TouchOp::Read { vma, .. }
+            | TouchOp::Write { vma, .. }
+            | TouchOp::Discard { vma }
+            | TouchOp::DontNeed { vma } => vma,
+        }
+    }
+}
+
+/// A mapped VMA: guest address, pages, shared, fault-around pages, host
+/// address of its first byte.
+#[derive(Debug, Clone, Copy)]
+struct Mapped {
+    addr: u64,
+    pages: u64,
+    shared: bool,
+    fa: u64,
+    host: usize,
+}
+
+/// What one op saw, checked after the run.
+#[derive(Debug)]
+struct Seen {
+    op: &'static str,
+    vma: usize,
+    page: u64,
+    /// The model's byte, if known.
+    want: Option<u8>,
+    /// The guest was killed before the op started.
+    killed: bool,
+    got: Result<u8, String>,
+}
+
+/// Direct access to this process's own memory through the kernel.
+mod direct {
+    /// Reads (`store` = None) or writes one byte at host address `at` of
+    /// this process with `process_vm_readv` / `process_vm_writev`: the
+    /// kernel faults the page in on our behalf (a uffd fault the handler
+    /// serves) and reports a poisoned or unmapped page as an errno
+    /// instead of a signal.
+    pub(super) fn access(at: usize, store: Option<u8>) -> Result<u8, i32> {
+        let mut b = [store.unwrap_or(0)];
+        let local = libc::iovec {
+            iov_base: b.as_mut_ptr().cast(),
+            iov_len: 1,
+        };
+        let remote = libc::iovec {
+            iov_base: at as *mut libc::c_void,
+            iov_len: 1,
+        };
+        // SAFETY: the kernel copies one byte between `b` (ours, live for
+        // the call) and address `at` of this process, which it checks
+        // itself (EFAULT when unmapped or poisoned); no Rust reference to
+        // the guest byte exists, so nothing aliases it.
+        let n = unsafe {
+            if store.is_some() {
+                libc::process_vm_writev(libc::getpid(), &local, 1, &remote, 1, 0)
+            } else {
+                libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0)
+            }
+        };
+        if n == 1 {
+            Ok(b[0])
+        } else {
+            Err(std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO))
+        }
+    }
+
+    /// Is the host page at `at` (page-aligned) resident?
+    pub(super) fn resident(at: usize) -> bool {
+        let mut v = 0u8;
+        // SAFETY: mincore writes one byte to `v` (one page queried) and
+        // only reads the page tables of `[at, at + 4096)`, which it checks
+        // itself (ENOMEM when unmapped).
+        let r = unsafe { libc::mincore(at as *mut libc::c_void, 4096, &mut v) };
+        r == 0 && v & 1 != 0
+    }
+
+    /// The embedder's own `madvise(DONTNEED)` of `[at, at + len)`.
+    pub(super) fn discard(at: usize, len: usize) -> bool {
+        // SAFETY: drops the pages of a range of the guest's own host
+        // mapping (the embedder's right: its contents read back as zeros,
+        // or from the memfd); no Rust reference into guest memory exists.
+        unsafe { libc::madvise(at as *mut libc::c_void, len, libc::MADV_DONTNEED) == 0 }
+    }
+}
+
+/// One direct touch on a helper thread, waited for at most
+/// [`TOUCH_WAIT`]: `Err("hung")` when nobody served its fault (the thread
+/// stays blocked until the range is unregistered, then refaults).
+fn touch(at: usize, store: Option<u8>) -> Result<u8, String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let spawned = std::thread::Builder::new()
+        .name("direct-touch".into())
+        .spawn(move || {
+            let _ = tx.send(direct::access(at, store));
+        });
+    if spawned.is_err() {
+        return Err("no thread".into());
+    }
+    match rx.recv_timeout(TOUCH_WAIT) {
+        Ok(Ok(b)) => Ok(b),
+        Ok(Err(e)) => Err(format!("errno {e}")),
+        Err(_) => Err("hung".into()),
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The PTE of guest page `gpn`, if its leaf exists.
+fn pte(user: &MmUser, gpn: u64) -> Pte {
+    let guard = crossbeam_epoch::pin();
+    user.page_table()
+        .pte(gpn, &guard)
+        .map_or(Pte(0), |p| Pte(p.load(Ordering::SeqCst)))
+}
+
+/// Runs one input.
+pub fn run_mode(data: &[u8], mode: &Mode) -> Option<Finding> {
+    let (swarm, data) = crate::swarm::split(Target::TouchVsReap, data);
+    let mut u = Unstructured::new(data);
+    let mut setup = TouchSetup::arbitrary(&mut u).ok()?;
+    setup.swarm = swarm;
+    if swarm.off(Swarm::NO_SHARED) {
+        setup.vmas.iter_mut().for_each(|v| v.shared = false);
+    }
+    let schedule = u.take_rest().to_vec();
+    run_setup_mode(&setup, &schedule, mode)
+}
+
+fn run_setup_mode(setup: &TouchSetup, schedule: &[u8], mode: &Mode) -> Option<Finding> {
+    let mut sim = Runner::new(mode, schedule);
+    let clock = sim.clock();
+    let host = Host::new(HostConfig {
+        clock: clock.clone(),
+        oom_wait: sim.time(Duration::from_millis(300)),
+        // Room for every page: a direct fault never needs the pressure
+        // path, whose OOM kill would wait for actors stopped while the
+        // executor waits for the touch.
+        ..HostConfig::with_budget(1 << 30)
+    });
+    let hook = sim.install_for_setup();
+    let guest = host.create_guest("g0");
+    let mm = guest.mm().ok()?;
+    let watch = mm.watch();
+    let default = [TouchVma {
+        pages: 3,
+        shared: false,
+        fault_around: 2,
+        filled: 0b001,
+        fill: 0x5a,
+    }];
+    let specs = if setup.vmas.is_empty() {
+        &default[..]
+    } else {
+        &setup.vmas[..]
+    };
+    let mut vmas = Vec::new();
+    let mut model: HashMap<(usize, u64), Option<u8>> = HashMap::new();
+    let mut direct_ok = true;
+    for v in specs.iter().take(3) {
+        let pages = u64::from(v.pages % 16) + 1;
+        let fa = 1u64 << (v.fault_around & 3);
+        let opts = if v.shared {
+            MapOptions::shared(pages * P)
+        } else {
+            MapOptions::anon(pages * P)
+        }
+        .tracked(true)
+        .fault_around(fa * P);
+        let Ok(addr) = futures_lite::future::block_on(mm.mmap(opts)) else {
+            continue;
+        };
+        let host_at = {
+            let state = futures_lite::future::block_on(mm.lock().read());
+            let v = state.vmas().find(addr);
+            let at = v.map(|v| (v.host_ptr() as usize, v.user_mode_only()));
+            drop(state);
+            at
+        };
+        let Some((host_at, umo)) = host_at else {
+            continue;
+        };
+        direct_ok &= !umo;
+        let i = vmas.len();
+        for p in 0..pages {
+            let byte = if v.filled >> p & 1 != 0 {
+                let b = v.fill | 1;
+                futures_lite::future::block_on(mm.fill(addr + p * P, P, b)).ok()?;
+                b
+            } else {
+                0
+            };
+            model.insert((i, p), Some(byte));
+        }
+        vmas.push(Mapped {
+            addr,
+            pages,
+            shared: v.shared,
+            fa,
+            host: host_at,
+        });
+    }
+    drop(hook);
+    if vmas.is_empty() {
+        return None;
+    }
+    let exact = !sim.is_threads();
+    let killed = Arc::new(AtomicBool::new(false));
+    let seen: Arc<Mutex<Vec<Seen>>> = Arc::new(Mutex::new(Vec::new()));
+    let broken: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
+
+    // The vCPU: its own user reference (the guest's exit is not its last
+    // user while it runs, so the host mappings stay: `Vma::host_ptr`).
+    let mut ops: Vec<TouchOp> = setup
+        .ops
+        .iter()
+        .filter(|op| op.allowed(setup.swarm))
+        .take(8)
+        .cloned()
+        .collect();
+    if setup.ops.is_empty() {
+        ops = vec![
+            TouchOp::Load { vma: 0, page: 1 },
+            TouchOp::Store {
+                vma: 0,
+                page: 2,
+                byte: 0x43,
+            },
+            TouchOp::Load { vma: 0, page: 0 },
+        ];
+    }
+    {
+        let (vmas, seen, killed, broken) =
+            (vmas.clone(), seen.clone(), killed.clone(), broken.clone());
+        let user = mm.clone();
+        sim.spawn("vcpu", async move {
+            vcpu(
+                &user, &vmas, &ops, model, direct_ok, exact, &killed, &seen, &broken,
+            )
+            .await;
+            user.exit().await;
+        });
+    }
+    drop(mm);
+    match setup.kill & 3 {
+        2 => {}
+        1 => {
+            let (g, h, k) = (guest.clone(), host.clone(), killed.clone());
+            sim.spawn("mrelease", async move {
+                g.kill();
+                k.store(true, Ordering::SeqCst);
+                let _ = mm_reaper::mrelease(&h, g.id()).await;
+            });
+        }
+        _ => {
+            let grab = guest.mm_grab()?;
+            let (g, k) = (guest.clone(), killed.clone());
+            let zap = ZapSplit::default();
+            sim.spawn("reaper", async move {
+                g.kill();
+                k.store(true, Ordering::SeqCst);
+                let _ = mm_reaper::oom_reap_task_mm(&grab, zap).await;
+            });
+        }
+    }
+    {
+        let g = guest.clone();
+        sim.spawn("exit", async move { g.exit().await });
+    }
+
+    let report = sim.run(20_000);
+    crate::scenario::count_steps(report.trace.len() as u64);
+    let threads = sim.is_threads();
+    let finding = |what: String| {
+        Some(Finding {
+            invariant: what,
+            trace: if threads {
+                "(thread mode: no step trace)\n".to_owned()
+            } else {
+                report.trace_table(60)
+            },
+        })
+    };
+    if threads {
+        if let crate::exec::Ending::Deadlock(last) = &report.ending {
+            return finding(format!("deadlock/hang: {last:?}"));
+        }
+    }
+    if let Some(what) = ending_verdict(&report) {
+        return finding(what);
+    }
+    if let Some(what) = lock(&broken).take() {
+        return finding(what);
+    }
+    for s in lock(&seen).iter() {
+        let at = format!("{} of vma {} page {}", s.op, s.vma, s.page);
+        match (&s.got, s.want) {
+            (Err(e), _) if e == "hung" => {
+                return finding(format!(
+                    "tracked: {at} never returned ({TOUCH_WAIT:?}): a direct fault nobody served"
+                ));
+            }
+            // §5 / I-RP-5: a killed guest's touch may fail (poisoned:
+            // SIGBUS for a vCPU), a live guest's never.
+            (Err(e), _) if !s.killed && exact => {
+                return finding(format!("tracked: {at} of a live guest failed: {e}"));
+            }
+            (Ok(b), Some(w)) if *b != w => {
+                return finding(format!(
+                    "I-RP-5: {at} returned {b:#x}, expected {w:#x} (zeros after UNSTABLE, or lost data)"
+                ));
+            }
+            _ => {}
+        }
+    }
+    let charged = host.stats().charged_bytes;
+    drop(guest);
+    end_of_run_oracles(charged, host, &[watch]).and_then(finding)
+}
+
+/// The vCPU's ops, then (guest never killed) the accounting audit.
+#[allow(clippy::too_many_arguments)] // the actor's whole state
+async fn vcpu(
+    user: &MmUser,
+    vmas: &[Mapped],
+    ops: &[TouchOp],
+    mut model: HashMap<(usize, u64), Option<u8>>,
+    direct_ok: bool,
+    exact: bool,
+    killed: &AtomicBool,
+    seen: &Mutex<Vec<Seen>>,
+    broken: &Mutex<Option<String>>,
+) {
+    let fail = |what: String| {
+        let mut b = lock(broken);
+        if b.is_none() {
+            *b = Some(what);
+        }
+    };
+    for op in ops {
+        let i = usize::from(op.vma()) % vmas.len();
+        let m = vmas[i];
+        let want = |p: u64| model.get(&(i, p)).copied().flatten();
+        match *op {
+            TouchOp::Load { page, .. } | TouchOp::Store { page, .. } => {
+                if !direct_ok {
+                    continue;
+                }
+                mm_core::sched::point("touch:direct").await;
+                let was_killed = killed.load(Ordering::SeqCst);
+                let p = u64::from(page) % m.pages;
+                let gpn = m.addr / P + p;
+                let missing = !pte(user, gpn).present();
+                let store = match *op {
+                    TouchOp::Store { byte, .. } => Some(byte | 1),
+                    _ => None,
+                };
+                let got = touch(m.host + (p * P) as usize, store);
+                let (name, expect) = match store {
+                    Some(b) => ("direct store", got.as_ref().ok().map(|_| b)),
+                    None => ("direct load", want(p)),
+                };
+                if store.is_some() {
+                    model.insert((i, p), got.as_ref().ok().copied());
+                }
+                // The fault-around window (`tracked/` step 3): a served
+                // fault on a missing page populates every missing page of
+                // its aligned window of `fa` pages, clipped to the VMA, and
+                // marks them PRESENT (the budget has room for all).
+                if exact && got.is_ok() && missing && !was_killed && !killed.load(Ordering::SeqCst)
+                {
+                    let (first, end) = (m.addr / P, m.addr / P + m.pages);
+                    let lo = (gpn & !(m.fa - 1)).max(first);
+                    let hi = ((gpn & !(m.fa - 1)) + m.fa).min(end);
+                    for g in lo..hi {
+                        let q = g - first;
+                        if !pte(user, g).present() {
+                            fail(format!(
+                                "tracked step 3: a {name} of vma {i} page {p} (window of {} pages) left page {q} of its window not PRESENT",
+                                m.fa
+                            ));
+                        }
+                    }
+                }
+                lock(seen).push(Seen {
+                    op: name,
+                    vma: i,
+                    page: p,
+                    want: expect,
+                    killed: was_killed,
+                    got,
+                });
+            }
+            TouchOp::Read { page, .. } => {
+                let p = u64::from(page) % m.pages;
+                let mut b = [0u8];
+                let r = user.read(m.addr + p * P, &mut b).await;
+                lock(seen).push(Seen {
+                    op: "API read",
+                    vma: i,
+                    page: p,
+                    want: want(p),
+                    // The read yields: a kill during it counts.
+                    killed: killed.load(Ordering::SeqCst),
+                    got: r.map(|()| b[0]).map_err(|e| e.to_string()),
+                });
+            }
+            TouchOp::Write { page, byte, .. } => {
+                let p = u64::from(page) % m.pages;
+                let b = byte | 1;
+                let r = user.write(m.addr + p * P, &[b]).await;
+                model.insert((i, p), r.as_ref().ok().map(|()| b));
+                if let Err(e) = r {
+                    lock(seen).push(Seen {
+                        op: "API write",
+                        vma: i,
+                        page: p,
+                        want: None,
+                        killed: killed.load(Ordering::SeqCst),
+                        got: Err(e.to_string()),
+                    });
+                }
+            }
+            TouchOp::Discard { .. } => {
+                if !direct::discard(m.host, (m.pages * P) as usize) {
+                    fail(format!("embedder's madvise(DONTNEED) of vma {i} failed"));
+                }
+                if !m.shared {
+                    // Private pages read back as zeros. The handler
+                    // clears their PTEs when it reads the REMOVE (the
+                    // madvise returned once it was read): wait for that
+                    // (bounded), so what comes next does not race the
+                    // shard thread.
+                    for p in 0..m.pages {
+                        model.insert((i, p), Some(0));
+                    }
+                    let deadline = std::time::Instant::now() + TOUCH_WAIT;
+                    while (0..m.pages).any(|p| pte(user, m.addr / P + p).present())
+                        && std::time::Instant::now() < deadline
+                    {
+                        std::thread::sleep(Duration::from_micros(50));
+                    }
+                    if exact && (0..m.pages).any(|p| pte(user, m.addr / P + p).present()) {
+                        fail(format!(
+                            "tracked step 6: the embedder discarded vma {i}, and a PTE stayed PRESENT (a foreign REMOVE not cleared)"
+                        ));
+                    }
+                }
+                // Shared: only this mapping's PTEs go; the memfd keeps
+                // the pages (and their charge).
+            }
+            TouchOp::DontNeed { .. } => {
+                let r = user.madvise(m.addr, m.pages * P, Advice::DontNeed).await;
+                if !m.shared {
+                    for p in 0..m.pages {
+                        model.insert((i, p), if r.is_ok() { Some(0) } else { None });
+                    }
+                }
+            }
+        }
+    }
+    // The audit of a guest nobody killed: every PRESENT private page is
+    // resident on the host and every resident one PRESENT (charged once,
+    // by whoever populated it: the handler, the access path), and the
+    // charge is the PRESENT pages' (`charged = present − debt`, no debt
+    // with this budget).
+    if !exact || killed.load(Ordering::SeqCst) {
+        return;
+    }
+    let mut present = 0;
+    for (i, m) in vmas.iter().enumerate() {
+        for p in 0..m.pages {
+            let pte = pte(user, m.addr / P + p);
+            present += u64::from(pte.present());
+            if !m.shared && pte.present() != direct::resident(m.host + (p * P) as usize) {
+                fail(format!(
+                    "accounting: vma {i} page {p}: PTE PRESENT {} but host page resident {}",
+                    pte.present(),
+                    !pte.present()
+                ));
+            }
+        }
+    }
+    if user.rss_pages() != present {
+        fail(format!(
+            "accounting: rss {} pages, {present} PRESENT",
+            user.rss_pages()
+        ));
+    }
+}
