@@ -221,6 +221,8 @@ pub use mmap_lock::{MmapLock, MmapReadGuard, MmapWriteGuard};
 pub use procfs::ProcessMemory;
 pub use snapshot::{Snapshot, SnapshotKind, SnapshotStats, SnapshotVma};
 pub use sys::{HUGE_PAGE_SIZE, PAGE_SIZE};
+#[cfg(feature = "sched")]
+pub use tracked::set_busy_timeout;
 pub use tracked::{
     set_uffd_handler_threads, uffd_handler_threads, SnapshotSource, TrackedStats,
     DEFAULT_FAULT_AROUND, DEFAULT_UFFD_HANDLER_THREADS, PRESSURE_ROUNDS,

@@ -54,8 +54,9 @@ const P: u64 = PAGE_SIZE as u64;
 
 /// The longest the executor waits for one direct touch: the handler serves
 /// a fault within microseconds, or within its busy timeout (100 ms) when
-/// the page is locked.
-pub const TOUCH_WAIT: Duration = Duration::from_secs(5);
+/// the page is locked. A run stops touching after the first touch that
+/// waited this long (a finding), so a hang costs one wait.
+pub const TOUCH_WAIT: Duration = Duration::from_secs(2);
 
 /// One tracked mapping of the guest.
 #[derive(Debug, Clone, Arbitrary)]
@@ -128,7 +129,13 @@ pub struct TouchSetup {
     vmas: Vec<TouchVma>,
     ops: Vec<TouchOp>,
     /// Bits 0-1: who kills and reaps: 0 and 3 the OOM reaper's
-    /// `oom_reap_task_mm`, 1 `process_mrelease`, 2 nobody.
+    /// `oom_reap_task_mm`, 1 `process_mrelease`, 2 nobody. Bits 2-4
+    /// reading 7 (1 in 8): the first direct touch of a missing page is
+    /// made while the harness holds that page's PTE lock, as an API
+    /// accessor on another thread does during its copy: the handler finds
+    /// the page busy and, after the busy timeout, serves it without the
+    /// lock (`resolve_busy`), then accounts it once the lock is free
+    /// (`settle_busy`).
     kill: u8,
     #[arbitrary(default)]
     swarm: Swarm,
@@ -359,6 +366,10 @@ fn run_setup_mode(setup: &TouchSetup, schedule: &[u8], mode: &Mode) -> Option<Fi
         return None;
     }
     let exact = !sim.is_threads();
+    // Each locked touch waits this long for the handler (the default,
+    // 100 ms, would slow the hunt down 10-fold).
+    mm_core::set_busy_timeout(Duration::from_millis(2));
+    let lock_first = setup.kill >> 2 & 7 == 7;
     let killed = Arc::new(AtomicBool::new(false));
     let seen: Arc<Mutex<Vec<Seen>>> = Arc::new(Mutex::new(Vec::new()));
     let broken: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
@@ -388,10 +399,12 @@ fn run_setup_mode(setup: &TouchSetup, schedule: &[u8], mode: &Mode) -> Option<Fi
             (vmas.clone(), seen.clone(), killed.clone(), broken.clone());
         let user = mm.clone();
         sim.spawn("vcpu", async move {
-            vcpu(
-                &user, &vmas, &ops, model, direct_ok, exact, &killed, &seen, &broken,
-            )
-            .await;
+            let how = How {
+                direct_ok,
+                exact,
+                lock_first,
+            };
+            vcpu(&user, &vmas, &ops, model, how, &killed, &seen, &broken).await;
             user.exit().await;
         });
     }
@@ -472,6 +485,48 @@ fn run_setup_mode(setup: &TouchSetup, schedule: &[u8], mode: &Mode) -> Option<Fi
     end_of_run_oracles(charged, host, &[watch]).and_then(finding)
 }
 
+/// How the vCPU runs its ops.
+#[derive(Debug, Clone, Copy)]
+struct How {
+    /// Direct touches work here (a full uffd descriptor).
+    direct_ok: bool,
+    /// On the executor (not OS threads): the exact oracles hold.
+    exact: bool,
+    /// The first direct touch of a missing page holds the page's lock.
+    lock_first: bool,
+}
+
+/// A direct touch of host address `at` (guest page `gpn`) while the
+/// harness holds the page's PTE lock, as an API accessor on another thread
+/// does during its copy: the handler must not wait for the lock (it
+/// try-locks), finds the page busy, and after the busy timeout serves it
+/// without the lock (`resolve_busy`: a page, or poison after `UNSTABLE`);
+/// once the lock is free it accounts the page it mapped (`settle_busy`:
+/// charged, `PRESENT`). Waits (bounded) for that account, so the next step
+/// does not race the shard thread. `None` when the page's leaf does not
+/// exist (nothing to hold).
+fn locked_touch(
+    user: &MmUser,
+    gpn: u64,
+    at: usize,
+    store: Option<u8>,
+) -> Option<Result<u8, String>> {
+    let guard = crossbeam_epoch::pin();
+    let pte = user.page_table().pte(gpn, &guard)?;
+    let old = mm_core::pgtable::pte_lock(pte);
+    let got = touch(at, store);
+    // Back as it was (not PRESENT): the handler mapped the page without
+    // the lock and accounts it itself.
+    mm_core::pgtable::pte_unlock(pte, old);
+    if got.is_ok() {
+        let deadline = std::time::Instant::now() + TOUCH_WAIT;
+        while !Pte(pte.load(Ordering::SeqCst)).present() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    }
+    Some(got)
+}
+
 /// The vCPU's ops, then (guest never killed) the accounting audit.
 #[allow(clippy::too_many_arguments)] // the actor's whole state
 async fn vcpu(
@@ -479,8 +534,7 @@ async fn vcpu(
     vmas: &[Mapped],
     ops: &[TouchOp],
     mut model: HashMap<(usize, u64), Option<u8>>,
-    direct_ok: bool,
-    exact: bool,
+    how: How,
     killed: &AtomicBool,
     seen: &Mutex<Vec<Seen>>,
     broken: &Mutex<Option<String>>,
@@ -491,13 +545,16 @@ async fn vcpu(
             *b = Some(what);
         }
     };
+    let exact = how.exact;
+    // The one locked touch of `How::lock_first` was made.
+    let mut held_once = false;
     for op in ops {
         let i = usize::from(op.vma()) % vmas.len();
         let m = vmas[i];
         let want = |p: u64| model.get(&(i, p)).copied().flatten();
         match *op {
             TouchOp::Load { page, .. } | TouchOp::Store { page, .. } => {
-                if !direct_ok {
+                if !how.direct_ok {
                     continue;
                 }
                 mm_core::sched::point("touch:direct").await;
@@ -509,7 +566,14 @@ async fn vcpu(
                     TouchOp::Store { byte, .. } => Some(byte | 1),
                     _ => None,
                 };
-                let got = touch(m.host + (p * P) as usize, store);
+                let at = m.host + (p * P) as usize;
+                let mut locked = None;
+                if how.lock_first && missing && !held_once {
+                    held_once = true;
+                    locked = locked_touch(user, gpn, at, store);
+                }
+                let was_locked = locked.is_some();
+                let got = locked.unwrap_or_else(|| touch(at, store));
                 let (name, expect) = match store {
                     Some(b) => ("direct store", got.as_ref().ok().map(|_| b)),
                     None => ("direct load", want(p)),
@@ -521,11 +585,19 @@ async fn vcpu(
                 // fault on a missing page populates every missing page of
                 // its aligned window of `fa` pages, clipped to the VMA, and
                 // marks them PRESENT (the budget has room for all).
+                // A busy page is served alone (`resolve_busy`), then
+                // accounted (`settle_busy`): its window is the page.
                 if exact && got.is_ok() && missing && !was_killed && !killed.load(Ordering::SeqCst)
                 {
                     let (first, end) = (m.addr / P, m.addr / P + m.pages);
-                    let lo = (gpn & !(m.fa - 1)).max(first);
-                    let hi = ((gpn & !(m.fa - 1)) + m.fa).min(end);
+                    let (lo, hi) = if was_locked {
+                        (gpn, gpn + 1)
+                    } else {
+                        (
+                            (gpn & !(m.fa - 1)).max(first),
+                            ((gpn & !(m.fa - 1)) + m.fa).min(end),
+                        )
+                    };
                     for g in lo..hi {
                         let q = g - first;
                         if !pte(user, g).present() {
@@ -536,6 +608,7 @@ async fn vcpu(
                         }
                     }
                 }
+                let hung = got.as_ref().is_err_and(|e| e == "hung");
                 lock(seen).push(Seen {
                     op: name,
                     vma: i,
@@ -544,6 +617,11 @@ async fn vcpu(
                     killed: was_killed,
                     got,
                 });
+                if hung {
+                    // Reported after the run; a second one would only
+                    // cost another wait.
+                    break;
+                }
             }
             TouchOp::Read { page, .. } => {
                 let p = u64::from(page) % m.pages;

@@ -185,7 +185,7 @@ impl Handler {
             };
             test_hooks::before_fault(&t);
             let fail_open = self.t.failed_rounds.load(Ordering::Relaxed) >= PRESSURE_ROUNDS;
-            let force = q.busy_since.is_some_and(|s| s.elapsed() >= BUSY_TIMEOUT);
+            let force = q.busy_since.is_some_and(|s| s.elapsed() >= busy_timeout());
             match mm.resolve(&t, q.addr, fail_open, force) {
                 Outcome::Charged => {
                     // A real charge succeeded: memory is back, leave

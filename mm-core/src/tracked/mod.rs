@@ -164,6 +164,36 @@ pub const PRESSURE_ROUNDS: u32 = 3;
 /// rounds: a round can be a 1 ms poll or a burst of messages, and a
 /// legitimate zapper holds the lock for one madvise of at most 2 MiB.
 const BUSY_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// [`BUSY_TIMEOUT`], or the race harness's shorter one
+/// ([`set_busy_timeout`], `sched` feature only).
+fn busy_timeout() -> Duration {
+    #[cfg(feature = "sched")]
+    {
+        let us = BUSY_TIMEOUT_US.load(Ordering::Relaxed);
+        if us != 0 {
+            return Duration::from_micros(us);
+        }
+    }
+    BUSY_TIMEOUT
+}
+
+#[cfg(feature = "sched")]
+static BUSY_TIMEOUT_US: AtomicU64 = AtomicU64::new(0);
+
+/// Race harness only (`sched` feature): how long a fault may find its page
+/// locked before the handler serves it without the lock, for the whole
+/// process (`Duration::ZERO`: the default, 100 ms). The harness's
+/// `touch_vs_reap` holds a page's lock across a direct touch of it (as an
+/// API accessor on another thread does during its copy) and waits for the
+/// handler, so each such touch costs this long.
+#[cfg(feature = "sched")]
+pub fn set_busy_timeout(d: Duration) {
+    BUSY_TIMEOUT_US.store(
+        d.as_micros().min(u128::from(u64::MAX)) as u64,
+        Ordering::Relaxed,
+    );
+}
 /// `EAGAIN` retries of the access path before it gives up.
 const API_EAGAIN_TRIES: u32 = 20_000;
 
