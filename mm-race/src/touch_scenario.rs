@@ -51,6 +51,8 @@ use crate::scenario::{end_of_run_oracles, ending_verdict, Finding, Target};
 use crate::swarm::Swarm;
 
 const P: u64 = PAGE_SIZE as u64;
+/// Guest bytes mapped by one page-table leaf.
+const LEAF_BYTES: u64 = mm_core::pgtable::PAGES_PER_LEAF * P;
 
 /// The longest the executor waits for one direct touch: the handler serves
 /// a fault within microseconds, or within its busy timeout (100 ms) when
@@ -135,7 +137,8 @@ pub struct TouchSetup {
     /// accessor on another thread does during its copy: the handler finds
     /// the page busy and, after the busy timeout, serves it without the
     /// lock (`resolve_busy`), then accounts it once the lock is free
-    /// (`settle_busy`).
+    /// (`settle_busy`). Bits 5-6 reading 3: the first VMA straddles the
+    /// first page-table leaf's end.
     kill: u8,
     #[arbitrary(default)]
     swarm: Swarm,
@@ -318,16 +321,24 @@ fn run_setup_mode(setup: &TouchSetup, schedule: &[u8], mode: &Mode) -> Option<Fi
     let mut vmas = Vec::new();
     let mut model: HashMap<(usize, u64), Option<u8>> = HashMap::new();
     let mut direct_ok = true;
-    for v in specs.iter().take(3) {
+    // Kill bits 5-6 reading 3: the first VMA straddles the boundary of
+    // the first 2 MiB page-table leaf (its second half in the second
+    // leaf), so the handler's window and leaf arithmetic runs on a leaf
+    // other than the first (the others' VMAs all lie in the first).
+    let straddle = setup.kill >> 5 & 3 == 3;
+    for (k, v) in specs.iter().take(3).enumerate() {
         let pages = u64::from(v.pages % 16) + 1;
         let fa = 1u64 << (v.fault_around & 3);
-        let opts = if v.shared {
+        let mut opts = if v.shared {
             MapOptions::shared(pages * P)
         } else {
             MapOptions::anon(pages * P)
         }
         .tracked(true)
         .fault_around(fa * P);
+        if straddle && k == 0 {
+            opts = opts.at(LEAF_BYTES - (pages / 2).max(1) * P);
+        }
         let Ok(addr) = futures_lite::future::block_on(mm.mmap(opts)) else {
             continue;
         };
@@ -516,14 +527,10 @@ fn locked_touch(
     let old = mm_core::pgtable::pte_lock(pte);
     let got = touch(at, store);
     // Back as it was (not PRESENT): the handler mapped the page without
-    // the lock and accounts it itself.
+    // the lock and accounts it itself, in its next round.
     mm_core::pgtable::pte_unlock(pte, old);
-    if got.is_ok() {
-        let deadline = std::time::Instant::now() + TOUCH_WAIT;
-        while !Pte(pte.load(Ordering::SeqCst)).present() && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_micros(50));
-        }
-    }
+    drop(guard);
+    user.tracked_round_barrier();
     Some(got)
 }
 
@@ -573,7 +580,13 @@ async fn vcpu(
                     locked = locked_touch(user, gpn, at, store);
                 }
                 let was_locked = locked.is_some();
-                let got = locked.unwrap_or_else(|| touch(at, store));
+                let got = locked.unwrap_or_else(|| {
+                    let got = touch(at, store);
+                    // The handler's follow-up of this fault (wakes,
+                    // counters) ends before the next step.
+                    user.tracked_round_barrier();
+                    got
+                });
                 let (name, expect) = match store {
                     Some(b) => ("direct store", got.as_ref().ok().map(|_| b)),
                     None => ("direct load", want(p)),
@@ -657,20 +670,17 @@ async fn vcpu(
                 if !direct::discard(m.host, (m.pages * P) as usize) {
                     fail(format!("embedder's madvise(DONTNEED) of vma {i} failed"));
                 }
+                // The handler clears the PTEs of private pages when it
+                // reads the REMOVE (the madvise returned once it was
+                // read); wait for that round to end, so what comes next
+                // does not race the shard thread.
+                if !user.tracked_round_barrier() && exact {
+                    fail("tracked: the handler's shard did not finish a round in 2 s".into());
+                }
                 if !m.shared {
-                    // Private pages read back as zeros. The handler
-                    // clears their PTEs when it reads the REMOVE (the
-                    // madvise returned once it was read): wait for that
-                    // (bounded), so what comes next does not race the
-                    // shard thread.
+                    // Private pages read back as zeros.
                     for p in 0..m.pages {
                         model.insert((i, p), Some(0));
-                    }
-                    let deadline = std::time::Instant::now() + TOUCH_WAIT;
-                    while (0..m.pages).any(|p| pte(user, m.addr / P + p).present())
-                        && std::time::Instant::now() < deadline
-                    {
-                        std::thread::sleep(Duration::from_micros(50));
                     }
                     if exact && (0..m.pages).any(|p| pte(user, m.addr / P + p).present()) {
                         fail(format!(

@@ -609,6 +609,19 @@ impl Mm {
             .map(|t| t.stats(self.debt.load(Ordering::Relaxed)))
     }
 
+    /// Race harness only (`sched` feature): returns once the handler's
+    /// shard thread ran a whole round that started after this call (woken
+    /// if it was idle), so the work of every message read before (a
+    /// foreign REMOVE's clearing, a busy page's settlement once its lock
+    /// is free) is done; false after a bounded wait (2 s) or with no
+    /// tracker. The harness's direct touches
+    /// run while every actor is stopped; this keeps the shard thread's
+    /// follow-up work out of the next step too.
+    #[cfg(feature = "sched")]
+    pub fn tracked_round_barrier(&self) -> bool {
+        self.tracker().is_some_and(|t| t.round_barrier())
+    }
+
     /// exit_mmap: unregister every tracked range before the zap (see
     /// `tracked/` step 8).
     pub(crate) fn tracker_forget_all(&self) {

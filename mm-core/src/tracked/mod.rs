@@ -1077,6 +1077,26 @@ impl Tracker {
         self.user_mode_only
     }
 
+    /// [`Mm::tracked_round_barrier`](crate::Mm::tracked_round_barrier):
+    /// a whole round of the shard starts and ends after this call, seen
+    /// as its read generation moving two past the one current now (a
+    /// round bumps it, reads, routes and serves every mm, then the next
+    /// round bumps it again: `pool.rs`). Woken each time, as an idle shard
+    /// sleeps in `poll`.
+    #[cfg(feature = "sched")]
+    pub(crate) fn round_barrier(&self) -> bool {
+        let g = self.shard.read_gen();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while self.shard.read_gen() <= g + 1 {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            self.shard.wake();
+            std::thread::sleep(Duration::from_micros(20));
+        }
+        true
+    }
+
     pub(crate) fn stats(&self, debt: u64) -> TrackedStats {
         self.counters.snapshot(TrackedStats {
             overcommit_bytes: debt,
