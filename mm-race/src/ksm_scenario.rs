@@ -20,8 +20,10 @@
 //! Some inputs also (bits of the setup bytes that decoded nothing before,
 //! see `Extras`): map every region across the first 2 MiB page-table leaf
 //! boundary (the untouched region then sits right above it), make the
-//! first pages of every region read-only after its madvise, or put the
-//! last guest into another KSM domain (`Ksm::enter_domain`).
+//! first pages of every region read-only after its madvise, put the
+//! last guest into another KSM domain (`Ksm::enter_domain`), or fail the
+//! Nth host call of the KSM unshare (Nth-failure injection: run = 2, the
+//! vCPU's UNMERGEABLE or ksmd then meet a failed copy-back).
 //!
 //! A swarm header ([`crate::swarm`]) may turn ksmd, the unmerge, the
 //! vCPU's ops (or some kinds of them) and setup features off for one run.
@@ -49,7 +51,11 @@
 //! (its `Read`s, then a read-back of every page before its vCPU's user
 //! exits) match the model; guest 1 reads its own contents (no cross-guest leak);
 //! run = 2 and `madvise(UNMERGEABLE)` never fail on a host syscall (a
-//! read-only VMA is unshared like any other: §9.7 `break_ksm`), and a run = 2
+//! read-only VMA is unshared like any other: §9.7 `break_ksm`) but for
+//! the harness's own injected ENOMEM, a run = 2 that failed leaves `run`
+//! at stop, right after every run = 2 and at the end of the race every
+//! page a live guest still has merged keeps its rmap item and mapper
+//! (I-KSM-7), and a run = 2
 //! that returned `Ok` left no merged page mapped in a live guest (I-KSM-10)
 //! and no live guest that keeps a mergeable VMA without its slot (I-KSM-4);
 //! guest 1, if it stayed, has no writable host page under a read-only VMA;
