@@ -120,7 +120,10 @@ fn injected_failures_reach_the_fallible_sites_and_break_nothing() {
 /// of the pages still merged, slots, stable pages, charges) still holds.
 #[test]
 fn ksm_injected_unshare_failures_break_nothing() {
-    let rounds = if cfg!(debug_assertions) { 200 } else { 2000 };
+    // About 1 % of random inputs reach an injected failure (the trigger
+    // is on one time in eight, and N must not exceed the run's unshare
+    // calls): enough rounds for a handful even in a debug build.
+    let rounds = if cfg!(debug_assertions) { 1000 } else { 2000 };
     for t in [Target::TeardownVsKsm, Target::KsmVsReaper] {
         let before = mm_race::failures_injected();
         for (i, data) in inputs(0x5EED_0C0F ^ t.name().len() as u64, rounds).enumerate() {
@@ -134,7 +137,7 @@ fn ksm_injected_unshare_failures_break_nothing() {
             t.name()
         );
         assert!(
-            injected >= rounds as u64 / 100,
+            injected >= rounds as u64 / 200,
             "{}: only {injected} of {rounds} runs reached an injected unshare failure",
             t.name()
         );
