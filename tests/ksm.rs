@@ -1464,6 +1464,52 @@ fn ksmd_keeps_the_slot_of_a_mergeable_vma_below_the_resume_address() {
     assert!(!k.is_registered(id), "a slot with nothing mergeable stayed");
 }
 
+/// A stable page a chunk's classification picked for one page, and whose
+/// last mapper a later page of the same chunk then dropped (its sharing
+/// broken: zapped and refaulted), is freed before the chunk's merges run:
+/// no page may be merged onto it. With zero-filled duplicates the merge's
+/// compare even succeeded against the punched hole, and the page mapped a
+/// stable page the tree no longer counted (more merged pages than mappers,
+/// an uncharged shmem page; found by the race harness's I-KSM-7 check).
+#[test]
+fn ksmd_never_merges_onto_a_stable_page_freed_in_the_same_chunk() {
+    let (_serial, host, k) = setup(4);
+    // Zero-filled duplicates merge onto a stable page, as any others.
+    k.set_use_zero_pages(false);
+    let mm = host.new_mm("refault");
+    let at = mm
+        .mmap_blocking(MapOptions::anon(4 * PAGE).tracked(true))
+        .unwrap();
+    mm.fill_blocking(at, 4 * PAGE, 0).unwrap();
+    k.madvise_blocking(&mm, at, 4 * PAGE, Advice::Mergeable)
+        .unwrap();
+    let merging = |k: &Ksm| k.process_stat(mm.id()).map_or(0, |s| s.merging_pages);
+    scan_until(&k, 8, |k| merging(k) == 4);
+    assert_eq!(merging(&k), 4, "the four zero-filled pages merged");
+    assert_eq!(k.stats().pages_shared, 1);
+    // Every page's sharing broken behind the scanner's back: zapped and
+    // populated again, before ksmd looks. The next visit drops each old
+    // mapper as it meets the page, after it classified the first page onto
+    // the stable page (which still had three mappers then).
+    mm.madvise_blocking(at, 4 * PAGE, Advice::DontNeed).unwrap();
+    mm.fill_blocking(at, 4 * PAGE, 0).unwrap();
+    for _ in 0..4 {
+        k.scan_step_blocking();
+        let st = k.stats();
+        assert!(
+            merging(&k) <= st.pages_shared + st.pages_sharing,
+            "{} merged pages, {} mappers: a page merged onto a freed stable page",
+            merging(&k),
+            st.pages_shared + st.pages_sharing
+        );
+    }
+    for i in 0..4 {
+        assert!(mm
+            .compare_blocking(at + i * PAGE, &[0u8; PAGE_SIZE])
+            .unwrap());
+    }
+}
+
 /// `MADV_UNMERGEABLE` of a guest whose only KSM pages are discarded zero
 /// pages: their marks go, and `ksm_stat`'s `zero_pages` reads 0 at once
 /// (the unshare looked only at leaves with a merged page, and left the

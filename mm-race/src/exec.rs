@@ -63,7 +63,22 @@ struct Shared {
     /// (1-based; 0 = never).
     fail_nth: u32,
     fail_calls: u32,
+    /// Only the sites this accepts count and may fail (`None`: every
+    /// site), so that a target can aim its N at one protocol path.
+    fail_sites: Option<fn(&str) -> bool>,
     injected: Option<&'static str>,
+}
+
+thread_local! {
+    /// Failures injected on this thread so far (every run): an actor reads
+    /// it before and after an operation to tell an injected failure from a
+    /// real one in the poll where the operation returned.
+    static INJECTIONS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Failures injected on this thread so far, by every [`Sim`] run on it.
+pub fn injections() -> u64 {
+    INJECTIONS.with(|c| c.get())
 }
 
 struct Hook(Rc<RefCell<Shared>>);
@@ -94,11 +109,15 @@ impl mm_core::sched::Hook for Hook {
     }
     fn fail(&self, name: &'static str) -> bool {
         let mut s = self.0.borrow_mut();
+        if s.fail_sites.is_some_and(|f| !f(name)) {
+            return false;
+        }
         s.fail_calls = s.fail_calls.saturating_add(1);
         if s.fail_nth == 0 || s.fail_calls != s.fail_nth {
             return false;
         }
         s.injected = Some(name);
+        INJECTIONS.with(|c| c.set(c.get() + 1));
         // Shown as a step of the actor that got the failure (none during
         // the setup, which runs outside the actors).
         if let Some(a) = s.current {
@@ -171,6 +190,11 @@ impl Sim {
     /// 0 = none.
     pub fn fail_nth(&mut self, n: u32) {
         self.shared.borrow_mut().fail_nth = n;
+    }
+
+    /// Counts (and fails) only the `sched::fail` sites `sites` accepts.
+    pub fn fail_sites(&mut self, sites: fn(&str) -> bool) {
+        self.shared.borrow_mut().fail_sites = Some(sites);
     }
 
     /// Installs this run's hook outside [`Sim::run`] (for the setup): no

@@ -20,8 +20,10 @@
 //! Some inputs also (bits of the setup bytes that decoded nothing before,
 //! see `Extras`): map every region across the first 2 MiB page-table leaf
 //! boundary (the untouched region then sits right above it), make the
-//! first pages of every region read-only after its madvise, or put the
-//! last guest into another KSM domain (`Ksm::enter_domain`).
+//! first pages of every region read-only after its madvise, put the
+//! last guest into another KSM domain (`Ksm::enter_domain`), or fail the
+//! Nth host call of the KSM unshare (Nth-failure injection: run = 2, the
+//! vCPU's UNMERGEABLE or ksmd then meet a failed copy-back).
 //!
 //! A swarm header ([`crate::swarm`]) may turn ksmd, the unmerge, the
 //! vCPU's ops (or some kinds of them) and setup features off for one run.
@@ -49,7 +51,11 @@
 //! (its `Read`s, then a read-back of every page before its vCPU's user
 //! exits) match the model; guest 1 reads its own contents (no cross-guest leak);
 //! run = 2 and `madvise(UNMERGEABLE)` never fail on a host syscall (a
-//! read-only VMA is unshared like any other: §9.7 `break_ksm`), and a run = 2
+//! read-only VMA is unshared like any other: §9.7 `break_ksm`) but for
+//! the harness's own injected ENOMEM, a run = 2 that failed leaves `run`
+//! at stop, right after every run = 2 and at the end of the race every
+//! page a live guest still has merged keeps its rmap item and mapper
+//! (I-KSM-7), and a run = 2
 //! that returned `Ok` left no merged page mapped in a live guest (I-KSM-10)
 //! and no live guest that keeps a mergeable VMA without its slot (I-KSM-4);
 //! guest 1, if it stayed, has no writable host page under a read-only VMA;
@@ -199,6 +205,17 @@ struct Extras {
     /// "live mms keep their slots" after run = 2 caught it; fixed, test
     /// `ksmd_keeps_the_slot_of_a_mergeable_vma_below_the_resume_address`).
     empty_below: bool,
+    /// `pre_scans` bits 4 and 5 with `pages_to_scan` bit 5 (the only
+    /// triple of free bits no committed input sets; no free pair was left):
+    /// Nth-failure injection on the KSM unshare path, N = 1-4 from
+    /// `pre_scans` bits 2-3 (a run makes a few unshare calls: one per
+    /// run of merged pages a page-table leaf holds, per guest); 0: none. Only the
+    /// unshare's host calls count (`fail:mprotect(unshare)`,
+    /// `fail:madvise(POPULATE_WRITE) unshare`, mm-core `ksm/unshare.rs`):
+    /// run = 2, UNMERGEABLE and ksmd's unshare of an item's page then meet
+    /// a host failure. Added for unmerge.rs's error paths, which no input
+    /// reached (the targets injected no failures).
+    fail_nth: u32,
 }
 
 impl Extras {
@@ -226,6 +243,11 @@ impl Extras {
             domain,
             domain_guest: (domain != 0).then_some(nguests - 1),
             empty_below: straddle_at.is_some() && setup.pages_to_scan & 0xc0 == 0xc0,
+            fail_nth: if setup.pre_scans & 0x30 == 0x30 && setup.pages_to_scan & 0x20 != 0 {
+                1 + u32::from(setup.pre_scans >> 2 & 3)
+            } else {
+                0
+            },
         }
     }
 }
@@ -319,6 +341,11 @@ fn run_setup_reaper(
     .ok()?;
 
     let x = Extras::of(setup, dup + unique, nguests);
+    // Only the unshare's host calls count: the setup runs with no hook
+    // (nothing there counts), and N then names the Nth copy-back (or its
+    // mprotect) of the race, whoever does it.
+    sim.fail_sites(unshare_site);
+    sim.fail_nth(x.fail_nth);
     let mut gs = Vec::new();
     for g in 0..nguests {
         let guest = host.create_guest(&format!("g{g}"));
@@ -544,17 +571,43 @@ fn run_setup_reaper(
             .collect();
         sim.spawn("unmerge", async move {
             // ENOMEM is a legal outcome (run falls back to stop).
+            let before = crate::exec::injections();
             let res = k.set_run(Run::Unmerge).await;
+            let injected = crate::exec::injections() != before;
             // §9.7: unmerge-all copies every merged page of a live mm,
             // read-only VMAs included (the host range is made writable for
             // the copy only); a host syscall failing there is a bug, not
             // an outcome. Added for unshare.rs's first `!writable` ->
             // `writable` (no mprotect before MADV_POPULATE_WRITE on a
             // read-only range: EFAULT), reached with `Extras::read_only`.
+            // Unless the harness failed that syscall itself (`fail_nth`):
+            // then the error is the injected ENOMEM.
             mm_core::sched::check(
-                !res.as_ref().is_err_and(host_failure),
+                !res.as_ref().is_err_and(|e| host_failure(e) && !(injected && enomem(e))),
                 "§9.7: run = 2 failed on a host syscall (unshare of a read-only VMA?)",
             );
+            if res.is_err() {
+                // A failed run = 2 stops the scanner (`set_run`: run falls
+                // back to stop, as the sysfs write leaves ksm_run at its
+                // old value but ksmd idle): a ksmd that merged again would
+                // undo what the admin asked for.
+                mm_core::sched::check(
+                    k.run_mode() == Run::Stop,
+                    "§9.7: run = 2 failed but the scanner did not fall back to stop",
+                );
+            }
+            // I-KSM-7, after run = 2 whatever it returned (at once: the
+            // scanner mutex was just released, no batch is half done and
+            // every count is published): a page of a live guest that
+            // still maps a stable page (its unshare failed, or its slot
+            // was never reached) keeps its rmap item and its mapper, or a
+            // later pass frees the stable page under it (its reads turn to
+            // zeros) or never frees it (a leak). Catches an unmerge-all
+            // that drops the items of a slot whose unshare failed (the
+            // unmerge.rs `!all_gone` and `retain` paths).
+            if let Some(what) = unaccounted_merged(&k, &guests) {
+                mm_core::sched::check(false, what);
+            }
             if res.is_ok() {
                 done.store(true, Ordering::SeqCst);
                 // I-KSM-10 at once (no yield in between): a guest still
@@ -641,7 +694,14 @@ fn run_setup_reaper(
     let report = sim.run(20_000);
     crate::scenario::count_steps(report.trace.len() as u64);
     crate::scenario::count_kills(host.oom_stats().kills);
+    if report.injected.is_some() {
+        crate::scenario::count_injected();
+    }
     let finding = |report: &Report, what: String| {
+        let what = match report.injected {
+            Some(site) => format!("{what} (after an injected failure at {site})"),
+            None => what,
+        };
         Some(Finding {
             invariant: what,
             trace: report.trace_table(60),
@@ -674,6 +734,20 @@ fn run_setup_reaper(
             if !m.flags().test(MmFlag::OOM_SKIP) {
                 return finding(&report, "I-RP-6: victim never got OOM_SKIP".into());
             }
+        }
+    }
+    // I-KSM-7 at the end of the race (every actor done, so no batch is
+    // half done): a live guest's page that still maps a stable page has
+    // its rmap item (see `unaccounted_merged`). Guest 1, if it stayed,
+    // is the one still alive; with an injected failure its unshare may
+    // have failed in run = 2 or under ksmd.
+    {
+        let live: Vec<(mm_core::Guest, u64, u64)> = gs
+            .iter()
+            .map(|g| (g.guest.clone(), g.addr, g.pages))
+            .collect();
+        if let Some(what) = unaccounted_merged(&ksm, &live) {
+            return finding(&report, what.into());
         }
     }
     // I-KSM-10: a run = 2 that succeeded left nothing merged (ksmd merges
@@ -812,6 +886,66 @@ fn run_setup_reaper(
         .and_then(|what| finding(&report, what))
 }
 
+/// The `sched::fail` sites of the KSM unshare (mm-core `ksm/unshare.rs`):
+/// the only ones the KSM targets' `fail_nth` counts.
+fn unshare_site(name: &str) -> bool {
+    name == "fail:mprotect(unshare)" || name == "fail:madvise(POPULATE_WRITE) unshare"
+}
+
+/// A host syscall's ENOMEM: what an injected failure returns.
+fn enomem(e: &mm_ksm::Error) -> bool {
+    matches!(
+        e,
+        mm_ksm::Error::Mm {
+            source: mm_core::Error::Host { source, .. },
+            ..
+        } if source.kind() == std::io::ErrorKind::OutOfMemory
+    )
+}
+
+/// I-KSM-7 (an rmap item is dropped only after its page was unshared,
+/// mm-ksm `scan/stable.rs`), read while no ksmd batch is half done: the
+/// pages of the guests alive now (`users > 0`) whose PTE maps a stable
+/// page (`mm_core::ksm::page_counts`, what `ksm_stat`'s
+/// `ksm_merging_pages` says) each still have their rmap item and their
+/// stable page's mapper: the guest is registered, its slot's items and
+/// the scanner's (`rmap_items`, `pages_shared + pages_sharing`) are at
+/// least its merged pages. Without them a later pass frees the stable
+/// page under the guest (its reads turn to zeros) or never frees it (a
+/// leak). Merged pages of exited guests and items of unmerged pages
+/// only add to the scanner's side. `(guest, addr, pages)`.
+fn unaccounted_merged(ksm: &Ksm, guests: &[(mm_core::Guest, u64, u64)]) -> Option<&'static str> {
+    let st = ksm.stats();
+    let mut merged = 0;
+    for (guest, _, _) in guests {
+        let Some(mm) = guest.mm_grab() else { continue };
+        if mm.users() == 0 {
+            continue;
+        }
+        let (m, _) = mm_core::ksm::page_counts(&mm);
+        if m == 0 {
+            continue;
+        }
+        merged += m;
+        match ksm.process_stat(mm.id()) {
+            None => {
+                return Some("I-KSM-7: a live guest maps merged pages but has no KSM slot (its rmap items were dropped before its pages were unshared)")
+            }
+            Some(ps) if ps.rmap_items < m => {
+                return Some("I-KSM-7: a live guest maps more merged pages than its slot has rmap items (items dropped before their pages were unshared)")
+            }
+            Some(_) => {}
+        }
+    }
+    if st.rmap_items < merged {
+        return Some("I-KSM-7: live guests map more merged pages than the scanner has rmap items (items dropped before their pages were unshared)");
+    }
+    if st.pages_shared + st.pages_sharing < merged {
+        return Some("I-KSM-7: live guests map more merged pages than the stable pages have mappers (a stable page freed or due to be freed under a mapper)");
+    }
+    None
+}
+
 /// An error of a KSM operation that comes from a failed host syscall
 /// (not from the budget, a kill or the guest's own range).
 fn host_failure(e: &mm_ksm::Error) -> bool {
@@ -945,11 +1079,19 @@ async fn vcpu(
                 // nothing. A host syscall failing is a bug (as for run = 2
                 // above: the unshare of a read-only VMA).
                 let from = addr + unmerge_from * P;
+                let before = crate::exec::injections();
                 let res = ksm
                     .madvise(user, from, len - unmerge_from * P, Advice::Unmergeable)
                     .await;
+                let injected = crate::exec::injections() != before;
+                // Unless the harness failed the unshare's syscall itself
+                // (`Extras::fail_nth`, the injected ENOMEM): then the
+                // madvise fails before `VM_MERGEABLE` goes (the kernel's
+                // order), the range's merged pages stay merged and keep
+                // their rmap items, and the read-back audit below checks
+                // their contents.
                 mm_core::sched::check(
-                    !res.as_ref().is_err_and(host_failure),
+                    !res.as_ref().is_err_and(|e| host_failure(e) && !(injected && enomem(e))),
                     "§9.7 break_ksm: madvise(UNMERGEABLE) failed on a host syscall (unshare of a read-only VMA?)",
                 );
                 // §9.7 break_ksm (`unmerge_ksm_pages`): an UNMERGEABLE that

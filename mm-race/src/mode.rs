@@ -141,6 +141,14 @@ impl Runner {
         }
     }
 
+    /// Counts (and fails) only the sites `sites` accepts (see
+    /// [`Sim::fail_sites`]); thread mode ignores it.
+    pub fn fail_sites(&mut self, sites: fn(&str) -> bool) {
+        if let Inner::Sim(sim) = &mut self.inner {
+            sim.fail_sites(sites);
+        }
+    }
+
     /// The run's hook for the setup (Sim only; see [`Sim::install`]).
     pub fn install_for_setup(&self) -> Option<mm_core::sched::Installed> {
         match &self.inner {

@@ -360,6 +360,11 @@ pub fn kills_made() -> u64 {
     KILLS.with(|s| s.get())
 }
 
+/// One more run with an injected failure (see [`failures_injected`]).
+pub(crate) fn count_injected() {
+    INJECTED.with(|s| s.set(s.get() + 1));
+}
+
 pub(crate) fn count_kills(n: u64) {
     KILLS.with(|s| s.set(s.get() + n));
 }

@@ -117,6 +117,37 @@ fn injected_failures_reach_the_fallible_sites_and_break_nothing() {
     );
 }
 
+/// The KSM targets' failure injection (`Extras::fail_nth` in
+/// `ksm_scenario.rs`: the unshare's host calls) is reached by random
+/// inputs, and an injected failure is no finding by itself: run = 2 or
+/// UNMERGEABLE fail with ENOMEM, and every oracle (contents, rmap items
+/// of the pages still merged, slots, stable pages, charges) still holds.
+#[test]
+fn ksm_injected_unshare_failures_break_nothing() {
+    // About 1 % of random inputs reach an injected failure (the trigger
+    // is on one time in eight, and N must not exceed the run's unshare
+    // calls): enough rounds for a handful even in a debug build.
+    let rounds = if cfg!(debug_assertions) { 1000 } else { 2000 };
+    for t in [Target::TeardownVsKsm, Target::KsmVsReaper] {
+        let before = mm_race::failures_injected();
+        for (i, data) in inputs(0x5EED_0C0F ^ t.name().len() as u64, rounds).enumerate() {
+            if let Some(finding) = run(t, &data) {
+                panic!("{} input #{i} {:02x?}:\n{finding}", t.name(), data);
+            }
+        }
+        let injected = mm_race::failures_injected() - before;
+        eprintln!(
+            "{}: {injected} of {rounds} runs had an injected failure",
+            t.name()
+        );
+        assert!(
+            injected >= rounds as u64 / 200,
+            "{}: only {injected} of {rounds} runs reached an injected unshare failure",
+            t.name()
+        );
+    }
+}
+
 // The OS-threads mode is not replayed here: what a run on real threads
 // finds depends on OS timing (a mutant was caught in 2 of 4 runs of the
 // same inputs), so it lives in the bounded `threads` example instead

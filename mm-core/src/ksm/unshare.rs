@@ -9,6 +9,13 @@ use crate::vma::Prot;
 
 const PAGE: u64 = PAGE_SIZE as u64;
 
+/// The errno of a host call failed by the race harness's injection
+/// (`sched::fail`): the ENOMEM a real `mprotect` or
+/// `MADV_POPULATE_WRITE` returns when the host is out of memory.
+fn injected_errno() -> std::io::Error {
+    std::io::Error::from_raw_os_error(libc::ENOMEM)
+}
+
 impl Mm {
     /// Gives back the charge of `pages` merged pages of this mm, as
     /// reported by [`KsmMm::merge`] (which already repaid the mm's
@@ -81,9 +88,22 @@ impl Mm {
             let rw = (true, true, vma.prot.contains(Prot::EXEC));
             res = (|| {
                 if !writable {
+                    // Nth-failure injection (the race harness): the host
+                    // refusing the temporary mprotect (ENOMEM: a VMA split
+                    // past `vm.max_map_count`), before anything was copied.
+                    if sched::fail("fail:mprotect(unshare)") {
+                        return Err(injected_errno());
+                    }
                     sys::protect(r, rw)?;
                 }
-                let p = sys::populate_write(r);
+                // Nth-failure injection: the copy-back failing (ENOMEM, no
+                // page copied); the range gets its protection back and the
+                // run keeps its KSM PTEs, as after a real failure.
+                let p = if sched::fail("fail:madvise(POPULATE_WRITE) unshare") {
+                    Err(injected_errno())
+                } else {
+                    sys::populate_write(r)
+                };
                 if !writable {
                     sys::protect(r, vma.prot.bits())?;
                 }

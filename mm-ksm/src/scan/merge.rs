@@ -75,7 +75,19 @@ pub(super) fn merge_runs(
             Class::Zero => (run(&|_, c| c == Class::Zero), Some(Post::Zero)),
             Class::Stable(id) => {
                 let j = run(&|k, c| c == Class::Stable(id.nth(k)));
-                let ok = allowed(cx, a, &merging, i, j, 0);
+                // I-KSM-7: a stable page the classification picked may
+                // have lost its last mapper since, to a later page of
+                // this same chunk whose sharing was broken (zapped and
+                // refaulted, or copied: `classify_private` drops its old
+                // mapper), and then was freed, its memfd range punched.
+                // A merge onto it would map a hole (a zero page's
+                // compare even succeeds) that no node counts: a mapper
+                // the stable tree does not know of, an uncharged shmem
+                // page. Found by the race harness (I-KSM-7 after a
+                // failed run = 2: more merged pages than mappers) with
+                // zero-filled duplicates and `use_zero_pages` off.
+                let live = (0..(j - i) as u64).all(|k| cx.sc.trees.stable.contains_key(&id.nth(k)));
+                let ok = live && allowed(cx, a, &merging, i, j, 0);
                 (j, ok.then_some(Post::Stable(id)))
             }
             Class::Pair(om, oa) => {
