@@ -189,6 +189,37 @@ fn test_pressure_kills_and_the_charge_then_fits() {
     assert_eq!(host.stats().charged_bytes, 0);
 }
 
+/// An allocation whose OOM kill chose its own guest fails at once: it
+/// never waits `oom_wait` for memory only its own exit can give back (the
+/// page allocator's `tsk_is_oom_victim(current)`). It waited the whole
+/// 30 s here before the fix.
+#[test]
+fn test_a_victims_own_allocation_does_not_wait_for_its_own_death() {
+    let host = Host::new(HostConfig {
+        oom_wait: Duration::from_secs(30),
+        ..HostConfig::with_budget(8 * MIB)
+    });
+    let (g, _) = guest_with(&host, "only", 6 * MIB);
+    let mm = g.mm().unwrap();
+    let b = mm.mmap_blocking(MapOptions::anon(4 * MIB)).unwrap();
+    let t0 = Instant::now();
+    // Over budget: the fault path's OOM kill can only choose this guest.
+    let r = mm.fill_blocking(b, 4 * MIB, 1);
+    let took = t0.elapsed();
+    assert!(
+        r.is_err(),
+        "the fill of a guest killed for its own allocation succeeded"
+    );
+    assert!(g.is_oom_victim());
+    assert!(
+        took < Duration::from_secs(15),
+        "the victim's own allocation waited {took:?} for its own death (oom_wait 30 s)"
+    );
+    drop(mm);
+    g.exit_blocking();
+    assert_eq!(host.stats().charged_bytes, 0);
+}
+
 #[test]
 fn test_oom_killer_disable_waits_for_the_victims_own_exit() {
     let host = Host::with_budget(1 << 30);

@@ -60,6 +60,15 @@ const LEAF_BYTES: u64 = mm_core::pgtable::PAGES_PER_LEAF * P;
 /// waited this long (a finding), so a hang costs one wait.
 pub const TOUCH_WAIT: Duration = Duration::from_secs(2);
 
+/// The VMA of an input that decodes none.
+const DEFAULT_VMA: [TouchVma; 1] = [TouchVma {
+    pages: 3,
+    shared: false,
+    fault_around: 2,
+    filled: 0b001,
+    fill: 0x5a,
+}];
+
 /// One tracked mapping of the guest.
 #[derive(Debug, Clone, Arbitrary)]
 pub struct TouchVma {
@@ -138,7 +147,8 @@ pub struct TouchSetup {
     /// the page busy and, after the busy timeout, serves it without the
     /// lock (`resolve_busy`), then accounts it once the lock is free
     /// (`settle_busy`). Bits 5-6 reading 3: the first VMA straddles the
-    /// first page-table leaf's end.
+    /// first page-table leaf's end. Bit 7: a tight budget (see
+    /// `run_setup_mode`).
     kill: u8,
     #[arbitrary(default)]
     swarm: Swarm,
@@ -294,30 +304,40 @@ pub fn run_mode(data: &[u8], mode: &Mode) -> Option<Finding> {
 fn run_setup_mode(setup: &TouchSetup, schedule: &[u8], mode: &Mode) -> Option<Finding> {
     let mut sim = Runner::new(mode, schedule);
     let clock = sim.clock();
+    let specs = if setup.vmas.is_empty() {
+        &DEFAULT_VMA[..]
+    } else {
+        &setup.vmas[..]
+    };
+    // Kill bit 7: a budget of the filled pages and one more, so the
+    // handler's charge of a window shrinks to the faulting page, then
+    // finds no room: the pressure path runs on the shard thread. Its OOM
+    // kill can only choose this guest, and an OOM victim's own allocation
+    // fails at once (mm-core `pressure`), so nothing waits on virtual time
+    // the stopped executor cannot advance; after `PRESSURE_ROUNDS` rounds
+    // the handler fails open (the page served over budget, as debt) or,
+    // with a hard budget (the first VMA's fill bit 1), kills the guest
+    // and poisons the page (`hard_limit`). Otherwise room for every page.
+    let tight = setup.kill & 0x80 != 0;
+    let hard = tight && specs.first().is_some_and(|v| v.fill & 2 != 0);
+    let filled: u64 = specs
+        .iter()
+        .take(3)
+        .map(|v| u64::from((v.filled & ((1u32 << (v.pages % 16 + 1)) - 1) as u16).count_ones()))
+        .sum();
+    let budget = if tight { (filled + 1) * P } else { 1 << 30 };
+    let mut mm_config = mm_core::MmConfig::default();
+    mm_config.hard_budget = hard;
     let host = Host::new(HostConfig {
         clock: clock.clone(),
         oom_wait: sim.time(Duration::from_millis(300)),
-        // Room for every page: a direct fault never needs the pressure
-        // path, whose OOM kill would wait for actors stopped while the
-        // executor waits for the touch.
-        ..HostConfig::with_budget(1 << 30)
+        mm: mm_config,
+        ..HostConfig::with_budget(budget)
     });
     let hook = sim.install_for_setup();
     let guest = host.create_guest("g0");
     let mm = guest.mm().ok()?;
     let watch = mm.watch();
-    let default = [TouchVma {
-        pages: 3,
-        shared: false,
-        fault_around: 2,
-        filled: 0b001,
-        fill: 0x5a,
-    }];
-    let specs = if setup.vmas.is_empty() {
-        &default[..]
-    } else {
-        &setup.vmas[..]
-    };
     let mut vmas = Vec::new();
     let mut model: HashMap<(usize, u64), Option<u8>> = HashMap::new();
     let mut direct_ok = true;
@@ -414,6 +434,8 @@ fn run_setup_mode(setup: &TouchSetup, schedule: &[u8], mode: &Mode) -> Option<Fi
                 direct_ok,
                 exact,
                 lock_first,
+                tight,
+                hard,
             };
             vcpu(&user, &vmas, &ops, model, how, &killed, &seen, &broken).await;
             user.exit().await;
@@ -479,8 +501,12 @@ fn run_setup_mode(setup: &TouchSetup, schedule: &[u8], mode: &Mode) -> Option<Fi
                 ));
             }
             // §5 / I-RP-5: a killed guest's touch may fail (poisoned:
-            // SIGBUS for a vCPU), a live guest's never.
-            (Err(e), _) if !s.killed && exact => {
+            // SIGBUS for a vCPU), a live guest's never, while the budget
+            // has room (a tight one: an API access may fail `OverBudget`
+            // when the OOM killer finds no victim, a guest that exited
+            // with its vCPU still running; a hard budget poisons the
+            // fault it cannot charge).
+            (Err(e), _) if !s.killed && !tight && exact => {
                 return finding(format!("tracked: {at} of a live guest failed: {e}"));
             }
             (Ok(b), Some(w)) if *b != w => {
@@ -505,6 +531,10 @@ struct How {
     exact: bool,
     /// The first direct touch of a missing page holds the page's lock.
     lock_first: bool,
+    /// The budget has room for one more page only.
+    tight: bool,
+    /// `MmConfig::hard_budget`.
+    hard: bool,
 }
 
 /// A direct touch of host address `at` (guest page `gpn`) while the
@@ -553,6 +583,9 @@ async fn vcpu(
         }
     };
     let exact = how.exact;
+    // Killed by the kill actor, or by the OOM killer for an allocation of
+    // its own (a tight budget), by now.
+    let dead = || killed.load(Ordering::SeqCst) || user.flags().test(mm_core::MmFlag::KILLED);
     // The one locked touch of `How::lock_first` was made.
     let mut held_once = false;
     for op in ops {
@@ -565,7 +598,7 @@ async fn vcpu(
                     continue;
                 }
                 mm_core::sched::point("touch:direct").await;
-                let was_killed = killed.load(Ordering::SeqCst);
+                let was_killed = dead();
                 let p = u64::from(page) % m.pages;
                 let gpn = m.addr / P + p;
                 let missing = !pte(user, gpn).present();
@@ -599,11 +632,12 @@ async fn vcpu(
                 // its aligned window of `fa` pages, clipped to the VMA, and
                 // marks them PRESENT (the budget has room for all).
                 // A busy page is served alone (`resolve_busy`), then
-                // accounted (`settle_busy`): its window is the page.
-                if exact && got.is_ok() && missing && !was_killed && !killed.load(Ordering::SeqCst)
-                {
+                // accounted (`settle_busy`), and so is a window the budget
+                // has no room for (`charge_window`): the window is the
+                // page.
+                if exact && got.is_ok() && missing && !was_killed && !dead() {
                     let (first, end) = (m.addr / P, m.addr / P + m.pages);
-                    let (lo, hi) = if was_locked {
+                    let (lo, hi) = if was_locked || how.tight {
                         (gpn, gpn + 1)
                     } else {
                         (
@@ -627,7 +661,9 @@ async fn vcpu(
                     vma: i,
                     page: p,
                     want: expect,
-                    killed: was_killed,
+                    // The touch itself may have run the OOM killer on its
+                    // own guest (a tight budget).
+                    killed: was_killed || dead(),
                     got,
                 });
                 if hung {
@@ -646,7 +682,7 @@ async fn vcpu(
                     page: p,
                     want: want(p),
                     // The read yields: a kill during it counts.
-                    killed: killed.load(Ordering::SeqCst),
+                    killed: dead(),
                     got: r.map(|()| b[0]).map_err(|e| e.to_string()),
                 });
             }
@@ -661,7 +697,7 @@ async fn vcpu(
                         vma: i,
                         page: p,
                         want: None,
-                        killed: killed.load(Ordering::SeqCst),
+                        killed: dead(),
                         got: Err(e.to_string()),
                     });
                 }
@@ -701,12 +737,30 @@ async fn vcpu(
             }
         }
     }
+    // `tracked/` step 4: past the pressure path a fault fails open (served
+    // over budget, as debt) unless the budget is hard, where it kills the
+    // guest and poisons the page instead: never the other way round. A
+    // busy page (the locked touch) is the exception: `resolve_busy` maps
+    // it without its lock for the accessor whose copy faulted (which
+    // must not take a poisoned fault), and `settle_busy` records it as
+    // debt when the budget is full, hard or not.
+    if let (true, Some(st)) = (exact, user.tracked_stats()) {
+        if how.hard && !held_once && st.fail_open_pages != 0 {
+            fail(format!(
+                "tracked step 4: a hard budget served {} pages over budget (fail-open)",
+                st.fail_open_pages
+            ));
+        }
+        if !how.hard && st.hard_limit_kills != 0 {
+            fail("tracked step 4: a soft budget's fault killed the guest (hard limit)".into());
+        }
+    }
     // The audit of a guest nobody killed: every PRESENT private page is
     // resident on the host and every resident one PRESENT (charged once,
     // by whoever populated it: the handler, the access path), and the
     // charge is the PRESENT pages' (`charged = present − debt`, no debt
     // with this budget).
-    if !exact || killed.load(Ordering::SeqCst) {
+    if !exact || dead() {
         return;
     }
     let mut present = 0;

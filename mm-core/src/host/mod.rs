@@ -330,6 +330,20 @@ async fn pressure(inner: &Arc<HostInner>, bytes: u64, requester: Option<u64>) ->
             OomOutcome::Fits => return true,
             OomOutcome::Disabled | OomOutcome::NoVictim => return fits(),
         };
+        // The victim is the requester's own guest (the killer chose it, or
+        // it was dying already: `task_will_free_mem(current)`): its memory
+        // comes back only through its own exit, which this very
+        // allocation's task must reach. The page allocator never lets an
+        // OOM victim wait for its own death (`tsk_is_oom_victim(current)`:
+        // the reserves, `ALLOC_OOM`, else `nopage`): fail now. Waiting the
+        // whole `oom_wait` here held the victim's fault, and with it its
+        // exit, while every other allocation waited on that same victim
+        // (I-KSM-1, found by `teardown_vs_ksm`: unmerge-all's wait ran out
+        // just after the victim's exit began).
+        let own = requester.is_some_and(|id| host.guest(victim).is_ok_and(|g| g.mm_id() == id));
+        if own {
+            return fits();
+        }
         if inner.clock.now() >= deadline {
             // Oracle of I-KSM-1 (a wait-for cycle; PROTOCOL §10.1): the
             // victim's teardown started (users == 0) but never reached
