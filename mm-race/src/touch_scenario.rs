@@ -326,8 +326,10 @@ fn run_setup_mode(setup: &TouchSetup, schedule: &[u8], mode: &Mode) -> Option<Fi
         .map(|v| u64::from((v.filled & ((1u32 << (v.pages % 16 + 1)) - 1) as u16).count_ones()))
         .sum();
     let budget = if tight { (filled + 1) * P } else { 1 << 30 };
-    let mut mm_config = mm_core::MmConfig::default();
-    mm_config.hard_budget = hard;
+    let mm_config = mm_core::MmConfig {
+        hard_budget: hard,
+        ..Default::default()
+    };
     let host = Host::new(HostConfig {
         clock: clock.clone(),
         oom_wait: sim.time(Duration::from_millis(300)),
