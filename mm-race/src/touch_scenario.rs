@@ -756,6 +756,15 @@ async fn vcpu(
         if !how.hard && st.hard_limit_kills != 0 {
             fail("tracked step 4: a soft budget's fault killed the guest (hard limit)".into());
         }
+        // ... and only after `PRESSURE_ROUNDS` runs of the pressure path
+        // freed nothing (a kill elsewhere might have made room).
+        if st.hard_limit_kills != 0 && st.pressure_runs < u64::from(mm_core::PRESSURE_ROUNDS) {
+            fail(format!(
+                "tracked step 4: a hard limit killed the guest after {} pressure runs (< {})",
+                st.pressure_runs,
+                mm_core::PRESSURE_ROUNDS
+            ));
+        }
     }
     // The audit of a guest nobody killed: every PRESENT private page is
     // resident on the host and every resident one PRESENT (charged once,
