@@ -431,6 +431,7 @@ fn run_setup_mode(setup: &TouchSetup, schedule: &[u8], mode: &Mode) -> Option<Fi
         let (vmas, seen, killed, broken) =
             (vmas.clone(), seen.clone(), killed.clone(), broken.clone());
         let user = mm.clone();
+        let g = guest.clone();
         sim.spawn("vcpu", async move {
             let how = How {
                 direct_ok,
@@ -439,7 +440,7 @@ fn run_setup_mode(setup: &TouchSetup, schedule: &[u8], mode: &Mode) -> Option<Fi
                 tight,
                 hard,
             };
-            vcpu(&user, &vmas, &ops, model, how, &killed, &seen, &broken).await;
+            vcpu(&user, &g, &vmas, &ops, model, how, &killed, &seen, &broken).await;
             user.exit().await;
         });
     }
@@ -570,6 +571,7 @@ fn locked_touch(
 #[allow(clippy::too_many_arguments)] // the actor's whole state
 async fn vcpu(
     user: &MmUser,
+    guest: &mm_core::Guest,
     vmas: &[Mapped],
     ops: &[TouchOp],
     mut model: HashMap<(usize, u64), Option<u8>>,
@@ -588,6 +590,24 @@ async fn vcpu(
     // Killed by the kill actor, or by the OOM killer for an allocation of
     // its own (a tight budget), by now.
     let dead = || killed.load(Ordering::SeqCst) || user.flags().test(mm_core::MmFlag::KILLED);
+    // The access path's pressure loop (`Mm::access`): an access that finds
+    // no room asks the OOM killer before it gives up. With one guest, the
+    // killer's only candidate is this guest (killed, or marked as the
+    // dying requester): an access that failed out of memory while its
+    // guest lives left it an OOM victim. Catches fault.rs's retry-policy
+    // mutants (`pressure_rounds <= 3` -> `>`, `+= 1` -> `-= 1`: the access
+    // gave up without asking).
+    let asked_oom = |r: &Result<(), mm_core::Error>, what: &str| {
+        if exact
+            && matches!(r, Err(mm_core::Error::OutOfMemory { .. }))
+            && guest.is_alive()
+            && !guest.is_oom_victim()
+        {
+            fail(format!(
+                "access: an {what} failed out of memory without the OOM killer choosing its guest (its only candidate)"
+            ));
+        }
+    };
     // The one locked touch of `How::lock_first` was made.
     let mut held_once = false;
     for op in ops {
@@ -678,6 +698,7 @@ async fn vcpu(
                 let p = u64::from(page) % m.pages;
                 let mut b = [0u8];
                 let r = user.read(m.addr + p * P, &mut b).await;
+                asked_oom(&r, "API read");
                 lock(seen).push(Seen {
                     op: "API read",
                     vma: i,
@@ -692,6 +713,7 @@ async fn vcpu(
                 let p = u64::from(page) % m.pages;
                 let b = byte | 1;
                 let r = user.write(m.addr + p * P, &[b]).await;
+                asked_oom(&r, "API write");
                 model.insert((i, p), r.as_ref().ok().map(|()| b));
                 if let Err(e) = r {
                     lock(seen).push(Seen {
