@@ -247,6 +247,17 @@ mod direct {
         r == 0 && v & 1 != 0
     }
 
+    /// Is the host page at `at` (page-aligned) mapped in this process's
+    /// page table (`/proc/self/pagemap` bit 63; readable unprivileged, the
+    /// frame numbers are not needed)? `None` when pagemap cannot be read.
+    pub(super) fn mapped(at: usize) -> Option<bool> {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::open("/proc/self/pagemap").ok()?;
+        let mut e = [0u8; 8];
+        f.read_exact_at(&mut e, (at / 4096 * 8) as u64).ok()?;
+        Some(u64::from_le_bytes(e) >> 63 & 1 != 0)
+    }
+
     /// The embedder's own `madvise(DONTNEED)` of `[at, at + len)`.
     pub(super) fn discard(at: usize, len: usize) -> bool {
         // SAFETY: drops the pages of a range of the guest's own host
@@ -753,6 +764,19 @@ async fn vcpu(
             }
             TouchOp::DontNeed { .. } => {
                 let r = user.madvise(m.addr, m.pages * P, Advice::DontNeed).await;
+                // A shared VMA's DONTNEED keeps the pages in the memfd
+                // (and charged) but drops this mapping's PTEs of the
+                // whole range: the kernel's page table says so
+                // (`discard_shared`, under the PTE locks of each leaf).
+                if exact && m.shared && r.is_ok() {
+                    let left = (0..m.pages)
+                        .find(|&p| direct::mapped(m.host + (p * P) as usize) == Some(true));
+                    if let Some(p) = left {
+                        fail(format!(
+                            "tracked step 10: DONTNEED of shared vma {i} returned Ok and left page {p} mapped (pagemap)"
+                        ));
+                    }
+                }
                 if !m.shared {
                     for p in 0..m.pages {
                         model.insert((i, p), if r.is_ok() { Some(0) } else { None });
