@@ -768,6 +768,13 @@ async fn vcpu(
                 // (and charged) but drops this mapping's PTEs of the
                 // whole range: the kernel's page table says so
                 // (`discard_shared`, under the PTE locks of each leaf).
+                // A DONTNEED of a mapped VMA fails only for a killed
+                // (reaped) guest.
+                if exact && !dead() {
+                    if let Err(e) = &r {
+                        fail(format!("DONTNEED of vma {i} of a live guest failed: {e}"));
+                    }
+                }
                 if exact && m.shared && r.is_ok() {
                     let left = (0..m.pages)
                         .find(|&p| direct::mapped(m.host + (p * P) as usize) == Some(true));
