@@ -91,6 +91,19 @@ fn write_pattern(mm: &MmUser, addr: u64, first: u64, pages: u64, direct: bool) {
 }
 
 /// Scans until `done` or `max_passes` more full passes (never by time).
+/// A new mm with a tracked region of four zero-filled pages, made
+/// mergeable: `(mm, address)`.
+fn four_zero_pages(host: &Host, k: &Ksm, name: &str) -> (MmUser, u64) {
+    let mm = host.new_mm(name);
+    let at = mm
+        .mmap_blocking(MapOptions::anon(4 * PAGE).tracked(true))
+        .unwrap();
+    mm.fill_blocking(at, 4 * PAGE, 0).unwrap();
+    k.madvise_blocking(&mm, at, 4 * PAGE, Advice::Mergeable)
+        .unwrap();
+    (mm, at)
+}
+
 fn scan_until(k: &Ksm, max_passes: u64, done: impl Fn(&Ksm) -> bool) {
     let stop = k.stats().full_scans + max_passes;
     while !done(k) && k.stats().full_scans < stop {
@@ -1476,13 +1489,7 @@ fn ksmd_never_merges_onto_a_stable_page_freed_in_the_same_chunk() {
     let (_serial, host, k) = setup(4);
     // Zero-filled duplicates merge onto a stable page, as any others.
     k.set_use_zero_pages(false);
-    let mm = host.new_mm("refault");
-    let at = mm
-        .mmap_blocking(MapOptions::anon(4 * PAGE).tracked(true))
-        .unwrap();
-    mm.fill_blocking(at, 4 * PAGE, 0).unwrap();
-    k.madvise_blocking(&mm, at, 4 * PAGE, Advice::Mergeable)
-        .unwrap();
+    let (mm, at) = four_zero_pages(&host, &k, "refault");
     let merging = |k: &Ksm| k.process_stat(mm.id()).map_or(0, |s| s.merging_pages);
     scan_until(&k, 8, |k| merging(k) == 4);
     assert_eq!(merging(&k), 4, "the four zero-filled pages merged");
@@ -1518,13 +1525,7 @@ fn ksmd_never_merges_onto_a_stable_page_freed_in_the_same_chunk() {
 fn test_unmergeable_drops_the_zero_marks_of_a_leaf_of_zero_pages() {
     let (_serial, host, k) = setup(4096);
     k.set_use_zero_pages(true);
-    let mm = host.new_mm("zeros");
-    let at = mm
-        .mmap_blocking(MapOptions::anon(4 * PAGE).tracked(true))
-        .unwrap();
-    mm.fill_blocking(at, 4 * PAGE, 0).unwrap();
-    k.madvise_blocking(&mm, at, 4 * PAGE, Advice::Mergeable)
-        .unwrap();
+    let (mm, at) = four_zero_pages(&host, &k, "zeros");
     let zero = |k: &Ksm| k.process_stat(mm.id()).map_or(0, |s| s.zero_pages);
     scan_until(&k, 8, |k| zero(k) == 4);
     assert_eq!(zero(&k), 4, "the zero pages were merged");
