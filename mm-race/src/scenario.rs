@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use arbitrary::{Arbitrary, Unstructured};
 use mm_core::{
-    Advice, Error, Guest, Host, HostConfig, MapOptions, Mm, MmFlag, MmNotifier, MmUser, MmWatch,
-    WouldBlock, PAGE_SIZE,
+    lock, Advice, Error, Guest, Host, HostConfig, MapOptions, Mm, MmFlag, MmNotifier, MmUser,
+    MmWatch, WouldBlock, PAGE_SIZE,
 };
 use mm_reaper::{Reaper, ReaperConfig, ZapSplit};
 
@@ -293,10 +293,6 @@ impl MmNotifier for SharedNotReaped {
         );
         Ok(())
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn build_guest(host: &Host, name: &str, setup: &Setup) -> Option<GuestSetup> {

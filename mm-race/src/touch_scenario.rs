@@ -42,6 +42,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arbitrary::{Arbitrary, Unstructured};
+use mm_core::lock;
 use mm_core::pgtable::Pte;
 use mm_core::{Advice, Host, HostConfig, MapOptions, MmUser, PAGE_SIZE};
 use mm_reaper::ZapSplit;
@@ -285,10 +286,6 @@ fn touch(at: usize, store: Option<u8>) -> Result<u8, String> {
         Ok(Err(e)) => Err(format!("errno {e}")),
         Err(_) => Err("hung".into()),
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The PTE of guest page `gpn`, if its leaf exists.
