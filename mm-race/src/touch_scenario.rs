@@ -637,6 +637,11 @@ async fn vcpu(
                     _ => None,
                 };
                 let at = m.host + (p * P) as usize;
+                // `EAGAIN` retries so far: the descriptor is shared by the
+                // shard's mms (other tests' too, in one process), and a
+                // REMOVE unread on it makes the window's COPY stop short.
+                let eagain = || user.tracked_stats().map_or(0, |st| st.eagain_retries);
+                let eagain_before = eagain();
                 let mut locked = None;
                 if how.lock_first && missing && !held_once {
                     held_once = true;
@@ -667,7 +672,11 @@ async fn vcpu(
                 // page.
                 if exact && got.is_ok() && missing && !was_killed && !dead() {
                     let (first, end) = (m.addr / P, m.addr / P + m.pages);
-                    let (lo, hi) = if was_locked || how.tight {
+                    // ... and so is a window whose fill met a queued REMOVE
+                    // (`EAGAIN`: the handler stops filling and the faulter
+                    // refaults).
+                    let short = eagain() != eagain_before;
+                    let (lo, hi) = if was_locked || how.tight || short {
                         (gpn, gpn + 1)
                     } else {
                         (
